@@ -1,0 +1,494 @@
+//! The consumer-group runtime.
+//!
+//! A worker binds one durable pull consumer named after it. Every copy of the
+//! worker, in this process or another, pulls from that same consumer, so the
+//! copies share the work and a dead copy's unacknowledged messages go to the
+//! others after `ack_wait`.
+//!
+//! Inside one copy, messages run in *lanes*: a message goes to the lane its
+//! entity hashes to (`ce-subject`, or the entity token of an event subject),
+//! so messages about one entity run one after another while different
+//! entities run in parallel, up to `lanes` at a time.
+//!
+//! The handler's result decides the acknowledgement, in one place
+//! ([`Worker`]'s `settle`):
+//!
+//! | outcome | action |
+//! |---|---|
+//! | `Ok` | ack |
+//! | transient error, deliveries < `max_deliver` | nak with backoff |
+//! | transient error at `max_deliver`, permanent error, undecodable message | dead letter, then ack |
+//!
+//! While a handler runs, the runtime sends "in progress" to the server every
+//! third of `ack_wait`, so a slow handler is not redelivered to another copy.
+//! The server itself redelivers without limit (`max_deliver = -1` on the
+//! consumer): the runtime counts deliveries and dead-letters a message that
+//! exceeded the limit *before* running it, so a message whose handler kills
+//! its process every time still ends in the DLQ.
+
+use std::collections::hash_map::DefaultHasher;
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, AckKind};
+use futures::StreamExt;
+use skein_message::Envelope;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::connect::Bus;
+use crate::dlq::{publish_dead_letter, DeadLetterInfo};
+use crate::error::{ErrorKind, HandlerError, Result};
+use crate::provision::{apply_consumer, ConsumerSpec};
+use crate::publish::Publisher;
+use crate::stats::WorkerStats;
+
+/// Where a message came from and how often it has been delivered.
+#[derive(Debug, Clone)]
+pub struct DeliveryInfo {
+    /// The stream.
+    pub stream: String,
+    /// The consumer (worker) name.
+    pub consumer: String,
+    /// Sequence in the stream.
+    pub stream_sequence: u64,
+    /// 1 on first delivery.
+    pub delivered: u64,
+}
+
+/// A message handed to a [`Handler`].
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The decoded envelope.
+    pub envelope: Envelope,
+    /// Delivery metadata.
+    pub info: DeliveryInfo,
+}
+
+/// Handles one message. Must be safe to call again with the same message
+/// (redelivery): use the inbox for that.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles `delivery`. The returned error decides between redelivery and
+    /// dead-lettering.
+    fn handle(&self, delivery: &Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Configuration of a worker's consumer and runtime.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Durable consumer name, by convention the worker's name. A contract:
+    /// renaming it makes the worker consume the stream again from the start.
+    pub name: String,
+    /// Stream to consume.
+    pub stream: String,
+    /// Subjects to take from the stream.
+    pub filter_subjects: Vec<String>,
+    /// Parallel lanes (concurrency) in this copy.
+    pub lanes: usize,
+    /// Deliveries before a transiently failing message is dead-lettered.
+    pub max_deliver: u64,
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Nak delays by delivery count; the last one repeats.
+    pub backoff: Vec<Duration>,
+    /// Messages pulled per request.
+    pub batch: usize,
+}
+
+impl WorkerConfig {
+    /// Defaults: 16 lanes, 5 deliveries, 30 s ack wait, backoff 100 ms doubling to 5 s.
+    pub fn new(
+        name: impl Into<String>,
+        stream: impl Into<String>,
+        filter_subjects: Vec<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            stream: stream.into(),
+            filter_subjects,
+            lanes: 16,
+            max_deliver: 5,
+            ack_wait: Duration::from_secs(30),
+            backoff: [100, 200, 400, 800, 1600, 3200, 5000]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            batch: 128,
+        }
+    }
+
+    fn delay_for(&self, delivered: u64) -> Duration {
+        let i = usize::try_from(delivered.saturating_sub(1)).unwrap_or(usize::MAX);
+        self.backoff
+            .get(i)
+            .or(self.backoff.last())
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// A worker: a handler bound to a consumer group.
+#[derive(Debug)]
+pub struct Worker;
+
+/// A running worker copy.
+#[derive(Debug)]
+pub struct RunningWorker {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    stats: Arc<WorkerStats>,
+    name: String,
+}
+
+impl Worker {
+    /// Binds (creating or updating) the worker's durable consumer and starts
+    /// pulling. Returns once the consumer exists.
+    pub async fn start<H: Handler>(
+        bus: &Bus,
+        config: WorkerConfig,
+        handler: H,
+    ) -> Result<RunningWorker> {
+        Self::start_with_stats(bus, config, handler, Arc::new(WorkerStats::default())).await
+    }
+
+    /// Like [`Worker::start`], reporting into the given stats (shared with
+    /// the service endpoint and other components).
+    pub async fn start_with_stats<H: Handler>(
+        bus: &Bus,
+        config: WorkerConfig,
+        handler: H,
+        stats: Arc<WorkerStats>,
+    ) -> Result<RunningWorker> {
+        let spec = ConsumerSpec {
+            stream: config.stream.clone(),
+            durable: config.name.clone(),
+            filter_subjects: config.filter_subjects.clone(),
+            ack_wait: Some(config.ack_wait),
+            max_ack_pending: None,
+        };
+        let (consumer, change) = apply_consumer(bus.jetstream(), &spec).await?;
+        tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
+        let shutdown = CancellationToken::new();
+        let runtime = Arc::new(Runtime {
+            config,
+            handler,
+            publisher: bus.publisher(),
+            stats: stats.clone(),
+        });
+        let name = runtime.config.name.clone();
+        let task = tokio::spawn(run(runtime, bus.clone(), spec, consumer, shutdown.clone()));
+        Ok(RunningWorker {
+            shutdown,
+            task,
+            stats,
+            name,
+        })
+    }
+}
+
+impl RunningWorker {
+    /// Stops pulling, lets in-flight and queued messages finish, and returns.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!(worker = %self.name, error = %e, "worker task failed");
+        }
+    }
+
+    /// A token that stops the worker when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops at once without finishing anything, as a crash would: in-flight
+    /// messages stay unacknowledged and are redelivered after `ack_wait`.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+
+    /// This copy's figures.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+}
+
+struct Runtime<H> {
+    config: WorkerConfig,
+    handler: H,
+    publisher: Publisher,
+    stats: Arc<WorkerStats>,
+}
+
+async fn run<H: Handler>(
+    runtime: Arc<Runtime<H>>,
+    bus: Bus,
+    spec: ConsumerSpec,
+    mut consumer: jetstream::consumer::Consumer<pull::Config>,
+    shutdown: CancellationToken,
+) {
+    let lanes = runtime.config.lanes.max(1);
+    let mut senders = Vec::with_capacity(lanes);
+    let mut lane_tasks = Vec::with_capacity(lanes);
+    for _ in 0..lanes {
+        // A short queue per lane: the pull batch, not the lanes, is the buffer.
+        let (tx, mut rx) = mpsc::channel::<jetstream::Message>(8);
+        senders.push(tx);
+        let runtime = runtime.clone();
+        lane_tasks.push(tokio::spawn(async move {
+            while let Some(message) = rx.recv().await {
+                runtime.process(message).await;
+            }
+        }));
+    }
+
+    let mut backoff = Duration::from_millis(100);
+    'pull: while !shutdown.is_cancelled() {
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(runtime.config.batch)
+            .heartbeat(Duration::from_secs(5))
+            .expires(Duration::from_secs(30))
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(worker = %runtime.config.name, error = %e, "cannot pull, retrying");
+                if sleep_or_shutdown(&shutdown, backoff).await {
+                    break;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break 'pull,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(message)) => {
+                    backoff = Duration::from_millis(100);
+                    let lane = lane_of(&message, lanes);
+                    if senders[lane].send(message).await.is_err() {
+                        break 'pull;
+                    }
+                }
+                Some(Err(e)) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                    match e.kind() {
+                        K::MissingHeartbeat | K::Pull | K::Other => {
+                            tracing::debug!(worker = %runtime.config.name, error = %e, "pull interrupted, continuing");
+                        }
+                        _ => {
+                            tracing::warn!(worker = %runtime.config.name, error = %e, "consumer lost, binding again");
+                            if sleep_or_shutdown(&shutdown, backoff).await {
+                                break 'pull;
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                            match apply_consumer(bus.jetstream(), &spec).await {
+                                Ok((c, _)) => consumer = c,
+                                Err(e) => {
+                                    tracing::warn!(worker = %runtime.config.name, error = %e, "cannot bind consumer")
+                                }
+                            }
+                            continue 'pull;
+                        }
+                    }
+                }
+                None => continue 'pull,
+            }
+        }
+    }
+    // Stop pulling first (dropping the stream ends the pull request), then let
+    // the lanes drain what they hold.
+    drop(senders);
+    for task in lane_tasks {
+        let _ = task.await;
+    }
+    tracing::info!(worker = %runtime.config.name, "worker stopped");
+}
+
+/// Sleeps for `delay`; returns true when shutdown was requested meanwhile.
+async fn sleep_or_shutdown(shutdown: &CancellationToken, delay: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(delay) => false,
+    }
+}
+
+/// The lane of a message: its entity (`ce-subject` header, else the entity
+/// token of an event subject, else the whole subject) hashed over the lanes.
+fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
+    let key = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(skein_message::envelope::headers::SUBJECT))
+        .map(|v| v.as_str())
+        .or_else(|| skein_message::subject::entity_of_event(&message.subject))
+        .unwrap_or(message.subject.as_str());
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
+}
+
+impl<H: Handler> Runtime<H> {
+    async fn process(&self, message: jetstream::Message) {
+        let (stream, stream_sequence, delivered) = match message.info() {
+            Ok(i) => (
+                i.stream.to_owned(),
+                i.stream_sequence,
+                i.delivered.max(1) as u64,
+            ),
+            Err(e) => {
+                tracing::error!(worker = %self.config.name, error = %e, "message without JetStream metadata, ignoring");
+                return;
+            }
+        };
+        let info = DeliveryInfo {
+            stream,
+            consumer: self.config.name.clone(),
+            stream_sequence,
+            delivered,
+        };
+        let envelope = match Envelope::from_parts(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                return self
+                    .dead_letter(&message, &info, format!("undecodable message: {e}"))
+                    .await;
+            }
+        };
+        if delivered > self.config.max_deliver {
+            let reason = format!(
+                "delivered {delivered} times, more than max_deliver {}; an earlier delivery did not finish",
+                self.config.max_deliver
+            );
+            return self.dead_letter(&message, &info, reason).await;
+        }
+        let span = tracing::info_span!(
+            "handle",
+            worker = %self.config.name,
+            kind = %envelope.kind,
+            id = %envelope.id,
+            correlation_id = %envelope.correlation_id,
+            delivered,
+        );
+        let delivery = Delivery { envelope, info };
+        self.stats.started();
+        let result = self
+            .run_with_progress(&message, &delivery)
+            .instrument(span)
+            .await;
+        self.stats.finished();
+        self.settle(&message, &delivery.info, result).await;
+    }
+
+    /// Runs the handler, telling the server "in progress" while it runs so
+    /// that a long handler keeps its message.
+    async fn run_with_progress(
+        &self,
+        message: &jetstream::Message,
+        delivery: &Delivery,
+    ) -> Result<(), HandlerError> {
+        let handle = self.handler.handle(delivery);
+        tokio::pin!(handle);
+        let period = (self.config.ack_wait / 3).max(Duration::from_millis(100));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                result = &mut handle => return result,
+                _ = ticker.tick() => {
+                    if let Err(e) = message.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "cannot send in-progress");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ack decision.
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        info: &DeliveryInfo,
+        result: Result<(), HandlerError>,
+    ) {
+        match result {
+            Ok(()) => {
+                self.stats.handled();
+                if let Err(e) = message.ack().await {
+                    // The message will be redelivered; the inbox absorbs it.
+                    tracing::warn!(worker = %self.config.name, seq = info.stream_sequence, error = %e, "ack failed");
+                }
+            }
+            Err(e)
+                if e.kind() == ErrorKind::Transient && info.delivered < self.config.max_deliver =>
+            {
+                self.stats.transient_failure();
+                let delay = e
+                    .requested_delay()
+                    .unwrap_or_else(|| self.config.delay_for(info.delivered));
+                tracing::warn!(
+                    worker = %self.config.name, seq = info.stream_sequence, delivered = info.delivered,
+                    retry_in_ms = delay.as_millis() as u64, reason = %e.reason(), "transient failure, will retry"
+                );
+                if let Err(e) = message.ack_with(AckKind::Nak(Some(delay))).await {
+                    tracing::warn!(error = %e, "nak failed; the server redelivers after ack_wait");
+                }
+            }
+            Err(e) => {
+                let reason = match e.kind() {
+                    ErrorKind::Permanent => e.reason().to_owned(),
+                    ErrorKind::Transient => format!(
+                        "gave up after {} deliveries: {}",
+                        info.delivered,
+                        e.reason()
+                    ),
+                };
+                self.dead_letter(message, info, reason).await;
+            }
+        }
+    }
+
+    async fn dead_letter(&self, message: &jetstream::Message, info: &DeliveryInfo, reason: String) {
+        let dead = DeadLetterInfo {
+            reason,
+            handler: self.config.name.clone(),
+            deliveries: info.delivered,
+            stream: info.stream.clone(),
+            stream_sequence: info.stream_sequence,
+            subject: message.subject.to_string(),
+        };
+        match publish_dead_letter(
+            &self.publisher,
+            message.headers.as_ref(),
+            message.payload.clone(),
+            &dead,
+        )
+        .await
+        {
+            Ok(_) => {
+                self.stats.dead_lettered();
+                tracing::warn!(worker = %dead.handler, seq = dead.stream_sequence, reason = %dead.reason, "dead-lettered");
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(error = %e, "ack after dead-lettering failed; the DLQ de-duplicates the retry");
+                }
+            }
+            Err(e) => {
+                tracing::error!(worker = %dead.handler, error = %e, "cannot dead-letter, will retry");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+}

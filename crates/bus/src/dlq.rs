@@ -1,0 +1,132 @@
+//! Dead letters: messages that could not be handled, kept with why.
+//!
+//! A dead letter is published to `dlq.<stream>.<consumer>` with the original
+//! headers and payload unchanged, plus `Skein-Dlq-*` headers saying which
+//! handler gave up, why, after how many deliveries, and where the message came
+//! from (stream, sequence, subject), so it can be inspected and redriven.
+
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::publish::{Outgoing, Publisher};
+
+/// Header names of dead letters. Part of the wire contract.
+pub mod headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "Skein-Dlq-Reason";
+    /// The consumer (worker) that gave up.
+    pub const HANDLER: &str = "Skein-Dlq-Handler";
+    /// How many times it was delivered.
+    pub const DELIVERIES: &str = "Skein-Dlq-Deliveries";
+    /// The stream it came from.
+    pub const STREAM: &str = "Skein-Dlq-Stream";
+    /// Its sequence in that stream.
+    pub const STREAM_SEQ: &str = "Skein-Dlq-Stream-Seq";
+    /// The subject it was published on.
+    pub const SUBJECT: &str = "Skein-Dlq-Subject";
+    /// When it was dead-lettered, RFC 3339.
+    pub const TIME: &str = "Skein-Dlq-Time";
+}
+
+/// Why, where and by whom a message was dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterInfo {
+    /// The reason, e.g. the handler's error or the decode error.
+    pub reason: String,
+    /// The consumer that gave up.
+    pub handler: String,
+    /// Deliveries so far.
+    pub deliveries: u64,
+    /// Origin stream.
+    pub stream: String,
+    /// Origin stream sequence.
+    pub stream_sequence: u64,
+    /// Origin subject.
+    pub subject: String,
+}
+
+impl DeadLetterInfo {
+    /// The DLQ subject for this dead letter: `dlq.<stream>.<handler>`.
+    pub fn dlq_subject(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            skein_message::subject::DLQ_PREFIX,
+            self.stream,
+            self.handler
+        )
+    }
+
+    /// Reads the dead-letter headers back, `None` if they are missing.
+    pub fn from_headers(h: &HeaderMap) -> Option<Self> {
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_owned());
+        Some(Self {
+            reason: get(headers::REASON)?,
+            handler: get(headers::HANDLER)?,
+            deliveries: get(headers::DELIVERIES)?.parse().ok()?,
+            stream: get(headers::STREAM)?,
+            stream_sequence: get(headers::STREAM_SEQ)?.parse().ok()?,
+            subject: get(headers::SUBJECT)?,
+        })
+    }
+}
+
+/// Publishes a dead letter: the original headers and payload plus the
+/// dead-letter headers, and awaits the DLQ stream's ack.
+///
+/// Its `Nats-Msg-Id` is `<original id or stream:seq>:<handler>`, so the same
+/// message dead-lettered by two consumers is kept twice, but the same
+/// consumer retrying the dead-lettering is not.
+pub async fn publish_dead_letter(
+    publisher: &Publisher,
+    original_headers: Option<&HeaderMap>,
+    payload: Bytes,
+    info: &DeadLetterInfo,
+) -> Result<PublishAck> {
+    let mut h = original_headers.cloned().unwrap_or_default();
+    let origin_id = h
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
+    // NATS headers are single-line.
+    let reason: String = info
+        .reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1024)
+        .collect();
+    h.insert(headers::REASON, reason.as_str());
+    h.insert(headers::HANDLER, info.handler.as_str());
+    h.insert(headers::DELIVERIES, info.deliveries.to_string().as_str());
+    h.insert(headers::STREAM, info.stream.as_str());
+    h.insert(
+        headers::STREAM_SEQ,
+        info.stream_sequence.to_string().as_str(),
+    );
+    h.insert(headers::SUBJECT, info.subject.as_str());
+    h.insert(
+        headers::TIME,
+        skein_message::envelope::format_time(OffsetDateTime::now_utc()).as_str(),
+    );
+    h.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{origin_id}:{}", info.handler).as_str(),
+    );
+    let outgoing = Outgoing {
+        subject: info.dlq_subject(),
+        headers: h,
+        payload,
+    };
+    publisher
+        .publish_outgoing(&outgoing)
+        .await
+        .map_err(|e| match e {
+            Error::Publish { subject, source } => Error::Publish {
+                subject: format!("{subject} (dead letter)"),
+                source,
+            },
+            other => other,
+        })
+}

@@ -1,0 +1,336 @@
+//! Idempotent provisioning of streams and consumers from the JSON definitions
+//! in `nats/`.
+//!
+//! Stream names (`EVENTS`, `COMMANDS`, `DLQ`) and consumer durable names are
+//! contracts: renaming a stream orphans its history, renaming a durable
+//! consumer makes its worker consume everything again from the start.
+//!
+//! Definitions use the server's own JSON (the `nats stream add --config`
+//! format). Applying compares each field a definition sets with what the
+//! server has and updates only on a difference, so start-up can apply them
+//! every time.
+
+use std::path::Path;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// Name of the stream of domain events.
+pub const EVENTS: &str = "EVENTS";
+/// Name of the work-queue stream of commands.
+pub const COMMANDS: &str = "COMMANDS";
+/// Name of the dead-letter stream.
+pub const DLQ: &str = "DLQ";
+
+const BUILTIN_STREAMS: [(&str, &str); 3] = [
+    (
+        "nats/streams/EVENTS.json",
+        include_str!("../../../nats/streams/EVENTS.json"),
+    ),
+    (
+        "nats/streams/COMMANDS.json",
+        include_str!("../../../nats/streams/COMMANDS.json"),
+    ),
+    (
+        "nats/streams/DLQ.json",
+        include_str!("../../../nats/streams/DLQ.json"),
+    ),
+];
+const WORKER_CONSUMER: (&str, &str) = (
+    "nats/consumers/worker.json",
+    include_str!("../../../nats/consumers/worker.json"),
+);
+
+/// What applying a definition did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist and was created.
+    Created,
+    /// It existed with different settings; these fields were updated.
+    Updated(Vec<String>),
+    /// It existed as defined.
+    Unchanged,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Created => f.write_str("created"),
+            Change::Updated(fields) => write!(f, "updated ({})", fields.join(", ")),
+            Change::Unchanged => f.write_str("unchanged"),
+        }
+    }
+}
+
+/// Options applied on top of the definitions.
+#[derive(Debug, Clone, Default)]
+pub struct ProvisionOptions {
+    /// Replicas of every stream (3 on a 3-node cluster); the definitions say 1.
+    pub replicas: Option<usize>,
+}
+
+/// The stream definitions shipped in `nats/streams/`, compiled in.
+pub fn builtin_streams() -> Result<Vec<stream::Config>> {
+    BUILTIN_STREAMS
+        .iter()
+        .map(|(file, text)| parse(file, text))
+        .collect()
+}
+
+/// The stream definitions in a directory (`*.json`), sorted by file name.
+pub fn streams_from_dir(dir: &Path) -> Result<Vec<stream::Config>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        context: format!("cannot read stream definitions in {}", dir.display()),
+        source,
+    })?;
+    let mut files: Vec<_> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                context: format!("cannot read {}", path.display()),
+                source,
+            })?;
+            parse(&path.display().to_string(), &text)
+        })
+        .collect()
+}
+
+fn parse<T: serde::de::DeserializeOwned>(file: &str, text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|source| Error::Definition {
+        file: file.to_owned(),
+        source,
+    })
+}
+
+/// Creates or updates every built-in stream; returns what changed per stream.
+pub async fn apply_builtin_streams(
+    js: &jetstream::Context,
+    options: &ProvisionOptions,
+) -> Result<Vec<(String, Change)>> {
+    let mut changes = Vec::new();
+    for config in builtin_streams()? {
+        let name = config.name.clone();
+        changes.push((name, apply_stream(js, config, options).await?));
+    }
+    Ok(changes)
+}
+
+/// Creates `config`'s stream, or updates it where it differs.
+pub async fn apply_stream(
+    js: &jetstream::Context,
+    mut config: stream::Config,
+    options: &ProvisionOptions,
+) -> Result<Change> {
+    if let Some(replicas) = options.replicas {
+        config.num_replicas = replicas;
+    }
+    let what = format!("stream {}", config.name);
+    match js.get_stream(&config.name).await {
+        Ok(mut existing) => {
+            let current = existing
+                .info()
+                .await
+                .map_err(|e| Error::Provision {
+                    what: what.clone(),
+                    source: e.into(),
+                })?
+                .config
+                .clone();
+            let differences = differing_fields(&config, &current);
+            if differences.is_empty() {
+                return Ok(Change::Unchanged);
+            }
+            js.update_stream(&config)
+                .await
+                .map_err(|e| Error::Provision {
+                    what,
+                    source: e.into(),
+                })?;
+            Ok(Change::Updated(differences))
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                    if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+            ) =>
+        {
+            js.create_stream(config)
+                .await
+                .map_err(|e| Error::Provision {
+                    what,
+                    source: e.into(),
+                })?;
+            Ok(Change::Created)
+        }
+        Err(e) => Err(Error::Provision {
+            what,
+            source: e.into(),
+        }),
+    }
+}
+
+/// A worker's durable pull consumer: the consumer group all its copies share.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    /// The stream consumed.
+    pub stream: String,
+    /// The durable name, by convention the worker's name. A contract: a new
+    /// name starts a new consumer from the beginning of the stream.
+    pub durable: String,
+    /// Subjects this consumer takes.
+    pub filter_subjects: Vec<String>,
+    /// Time the server waits for an ack (or progress) before redelivering.
+    pub ack_wait: Option<std::time::Duration>,
+    /// Most unacknowledged messages in flight across all copies.
+    pub max_ack_pending: Option<i64>,
+}
+
+/// The consumer template in `nats/consumers/worker.json`.
+pub fn consumer_template() -> Result<pull::Config> {
+    parse(WORKER_CONSUMER.0, WORKER_CONSUMER.1)
+}
+
+/// Creates the durable consumer of `spec`, or updates it where it differs.
+pub async fn apply_consumer(
+    js: &jetstream::Context,
+    spec: &ConsumerSpec,
+) -> Result<(jetstream::consumer::Consumer<pull::Config>, Change)> {
+    let mut config = consumer_template()?;
+    config.durable_name = Some(spec.durable.clone());
+    config.name = Some(spec.durable.clone());
+    config.description = Some(format!("skein worker {}", spec.durable));
+    match spec.filter_subjects.as_slice() {
+        [one] => config.filter_subject = one.clone(),
+        many => config.filter_subjects = many.to_vec(),
+    }
+    if let Some(ack_wait) = spec.ack_wait {
+        config.ack_wait = ack_wait;
+    }
+    if let Some(max) = spec.max_ack_pending {
+        config.max_ack_pending = max;
+    }
+    let what = format!("consumer {} on stream {}", spec.durable, spec.stream);
+    let stream = js
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| Error::Provision {
+            what: what.clone(),
+            source: e.into(),
+        })?;
+    match stream.get_consumer::<pull::Config>(&spec.durable).await {
+        Ok(mut existing) => {
+            let current = existing
+                .info()
+                .await
+                .map_err(|e| Error::Provision {
+                    what: what.clone(),
+                    source: e.into(),
+                })?
+                .config
+                .clone();
+            let mut differences = differing_fields(&config, &current);
+            // The server keeps one of filter_subject/filter_subjects.
+            differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
+            if !same_filters(&config, &current) {
+                differences.push("filter_subjects".into());
+            }
+            if differences.is_empty() {
+                return Ok((existing, Change::Unchanged));
+            }
+            let updated = stream
+                .update_consumer(config)
+                .await
+                .map_err(|e| Error::Provision {
+                    what,
+                    source: e.into(),
+                })?;
+            Ok((updated, Change::Updated(differences)))
+        }
+        Err(_) => {
+            let created = stream
+                .create_consumer(config)
+                .await
+                .map_err(|e| Error::Provision {
+                    what,
+                    source: e.into(),
+                })?;
+            Ok((created, Change::Created))
+        }
+    }
+}
+
+fn same_filters(wanted: &pull::Config, current: &jetstream::consumer::Config) -> bool {
+    let set = |one: &str, many: &[String]| {
+        let mut v: Vec<String> = many.to_vec();
+        if !one.is_empty() {
+            v.push(one.to_owned());
+        }
+        v.sort();
+        v
+    };
+    set(&wanted.filter_subject, &wanted.filter_subjects)
+        == set(&current.filter_subject, &current.filter_subjects)
+}
+
+/// The top-level fields `wanted` sets (non-null) whose value differs on the
+/// server. Fields the definition leaves out are the server's business.
+fn differing_fields<A: serde::Serialize, B: serde::Serialize>(
+    wanted: &A,
+    current: &B,
+) -> Vec<String> {
+    let (Ok(Value::Object(wanted)), Ok(Value::Object(current))) =
+        (serde_json::to_value(wanted), serde_json::to_value(current))
+    else {
+        return vec!["(unreadable config)".into()];
+    };
+    wanted
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .filter(|(k, v)| current.get(*k) != Some(v))
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_definitions_parse_with_the_intended_retention() -> Result<()> {
+        let streams = builtin_streams()?;
+        let by_name = |n: &str| streams.iter().find(|s| s.name == n).cloned();
+        let events = by_name(EVENTS).ok_or_else(|| Error::Io {
+            context: "no EVENTS".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        assert_eq!(events.retention, stream::RetentionPolicy::Limits);
+        assert_eq!(events.subjects, vec!["events.>".to_owned()]);
+        let commands = by_name(COMMANDS).ok_or_else(|| Error::Io {
+            context: "no COMMANDS".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        assert_eq!(commands.retention, stream::RetentionPolicy::WorkQueue);
+        assert!(by_name(DLQ).is_some());
+        let template = consumer_template()?;
+        assert_eq!(
+            template.ack_policy,
+            jetstream::consumer::AckPolicy::Explicit
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn only_fields_the_definition_sets_are_compared() {
+        let wanted = serde_json::json!({"a": 1, "b": null, "c": [1]});
+        let current = serde_json::json!({"a": 1, "b": 7, "c": [2], "d": 4});
+        assert_eq!(differing_fields(&wanted, &current), vec!["c".to_owned()]);
+    }
+}

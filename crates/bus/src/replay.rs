@@ -1,0 +1,98 @@
+//! Reading history back from a stream.
+//!
+//! An ordered, ephemeral consumer reads the messages of a stream that match a
+//! subject filter, from a start point to the end as it was when reading
+//! began. Nothing is acknowledged and no durable state is left behind.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use crate::connect::Bus;
+use crate::error::{Error, Result};
+
+/// Where to start reading.
+#[derive(Debug, Clone, Copy)]
+pub enum StartAt {
+    /// The first message.
+    Beginning,
+    /// The given stream sequence.
+    Sequence(u64),
+    /// The first message at or after this time.
+    Time(time::OffsetDateTime),
+}
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Stream sequence.
+    pub sequence: u64,
+    /// Subject.
+    pub subject: String,
+    /// Headers.
+    pub headers: Option<HeaderMap>,
+    /// Payload.
+    pub payload: Bytes,
+    /// When the stream stored it.
+    pub published: time::OffsetDateTime,
+}
+
+/// Reads every message of `stream` matching `filter` from `start` up to the
+/// last message present when the read began.
+pub async fn read(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+) -> Result<Vec<StoredMessage>> {
+    let js = bus.jetstream();
+    let handle = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
+    let deliver_policy = match start {
+        StartAt::Beginning => DeliverPolicy::All,
+        StartAt::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
+        StartAt::Time(start_time) => DeliverPolicy::ByStartTime { start_time },
+    };
+    let consumer = handle
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
+    while pending > 0 {
+        let next = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .map_err(|_| Error::jetstream(format!("reading stream {stream}"), "timed out"))?;
+        let Some(message) = next else { break };
+        let message =
+            message.map_err(|e| Error::jetstream(format!("reading stream {stream}"), e))?;
+        let info = message
+            .info()
+            .map_err(|e| Error::jetstream("message without metadata", e.to_string()))?;
+        pending = info.pending;
+        out.push(StoredMessage {
+            sequence: info.stream_sequence,
+            subject: message.subject.to_string(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+            published: info.published,
+        });
+    }
+    Ok(out)
+}

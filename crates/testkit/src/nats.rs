@@ -1,0 +1,215 @@
+//! An ephemeral nats-server with JetStream, one per test.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::{Error, Result};
+
+/// A running nats-server on `127.0.0.1:<free port>` with a temporary store.
+///
+/// Killed (SIGKILL) on drop; its store directory is removed with it.
+#[derive(Debug)]
+pub struct NatsServer {
+    binary: PathBuf,
+    port: u16,
+    store: TempDir,
+    extra_args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NatsServer {
+    /// Starts a new server and waits until JetStream answers.
+    pub async fn start() -> Result<Self> {
+        Self::start_with_args(&[]).await
+    }
+
+    /// Starts a new server with extra command-line arguments.
+    pub async fn start_with_args(args: &[&str]) -> Result<Self> {
+        let binary = find_binary()?;
+        let store = tempfile::Builder::new()
+            .prefix("skein-nats-")
+            .tempdir()
+            .map_err(|source| Error::Io {
+                context: "cannot create a store directory for nats-server".into(),
+                source,
+            })?;
+        let mut last_error = None;
+        // A free port can be taken between choosing it and the server binding
+        // it; try a few.
+        for _ in 0..5 {
+            let mut server = Self {
+                binary: binary.clone(),
+                port: free_port()?,
+                store: tempfile::Builder::new()
+                    .prefix("skein-nats-")
+                    .tempdir_in(store.path())
+                    .map_err(|source| Error::Io {
+                        context: "cannot create a store directory for nats-server".into(),
+                        source,
+                    })?,
+                extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+                child: None,
+            };
+            match server.start_process().await {
+                Ok(()) => return Ok(server),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::NatsServerStart("no attempt made".into())))
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The port the server listens on; the same across restarts.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory; the same across restarts.
+    pub fn store_dir(&self) -> &Path {
+        self.store.path()
+    }
+
+    /// Kills the server at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port with the same store, and
+    /// waits until JetStream answers.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.kill();
+        self.start_process().await
+    }
+
+    /// Kills and starts the server again.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.start_again().await
+    }
+
+    async fn start_process(&mut self) -> Result<()> {
+        let log = self.store.path().join("nats-server.log");
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["-a", "127.0.0.1", "-p"])
+            .arg(self.port.to_string())
+            .arg("-js")
+            .arg("-sd")
+            .arg(self.store.path())
+            .arg("-l")
+            .arg(&log)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().map_err(|e| {
+            Error::NatsServerStart(format!("cannot run {}: {e}", self.binary.display()))
+        })?;
+        self.child = Some(child);
+
+        let url = self.url();
+        let ready = crate::eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                let client = async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_millis(500))
+                    .connect(&url)
+                    .await
+                    .ok()?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account().await.ok().map(|_| ())
+            }
+        })
+        .await;
+        if ready.is_none() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+                .map(|status| format!(" (exited: {status})"))
+                .unwrap_or_default();
+            let tail = std::fs::read_to_string(&log)
+                .map(|l| l.lines().rev().take(5).collect::<Vec<_>>().join(" | "))
+                .unwrap_or_default();
+            self.kill();
+            return Err(Error::NatsServerStart(format!(
+                "no JetStream answer on {url} within 10s{exited}; log: {tail}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+        context: "cannot bind a loopback port".into(),
+        source,
+    })?;
+    listener
+        .local_addr()
+        .map(|a| a.port())
+        .map_err(|source| Error::Io {
+            context: "cannot read the bound port".into(),
+            source,
+        })
+}
+
+/// Finds a nats-server >= 2.10: `$SKEIN_NATS_SERVER`, the project's
+/// `.tools/bin/nats-server` (installed by `nats/find-nats-server.sh`), or PATH.
+pub fn find_binary() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut candidates = Vec::new();
+    if let Some(path) = std::env::var_os("SKEIN_NATS_SERVER") {
+        candidates.push(PathBuf::from(path));
+    }
+    if let Some(dir) = std::env::var_os("SKEIN_TOOLS_DIR") {
+        candidates.push(PathBuf::from(dir).join("bin/nats-server"));
+    }
+    candidates.push(root.join(".tools/bin/nats-server"));
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("nats-server")));
+    }
+    let mut seen = Vec::new();
+    for candidate in candidates {
+        if !candidate.is_file() {
+            continue;
+        }
+        match version_of(&candidate) {
+            Some((major, minor)) if (major, minor) >= (2, 10) => return Ok(candidate),
+            Some((major, minor)) => {
+                seen.push(format!("{} is {major}.{minor}", candidate.display()))
+            }
+            None => seen.push(format!("{} does not run", candidate.display())),
+        }
+    }
+    Err(Error::NatsServerMissing(format!(
+        "{}; run nats/find-nats-server.sh (it installs one into .tools/bin) or set SKEIN_NATS_SERVER",
+        if seen.is_empty() { "none on PATH or in .tools/bin".to_owned() } else { seen.join(", ") }
+    )))
+}
+
+fn version_of(binary: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split('v').nth(1)?;
+    let mut parts = v.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
