@@ -140,6 +140,7 @@ pub struct Worker;
 pub struct RunningWorker {
     shutdown: CancellationToken,
     task: JoinHandle<()>,
+    lanes: Vec<tokio::task::AbortHandle>,
     stats: Arc<WorkerStats>,
     name: String,
 }
@@ -180,13 +181,23 @@ impl Worker {
             stats: stats.clone(),
         });
         let name = runtime.config.name.clone();
-        let task = tokio::spawn(run(runtime, bus.clone(), spec, consumer, shutdown.clone()));
-        Ok(RunningWorker {
-            shutdown,
-            task,
-            stats,
-            name,
-        })
+        let lanes = runtime.config.lanes.max(1);
+        let mut senders = Vec::with_capacity(lanes);
+        let mut lane_tasks = Vec::with_capacity(lanes);
+        for _ in 0..lanes {
+            // A short queue per lane: the pull batch, not the lanes, is the buffer.
+            let (tx, mut rx) = mpsc::channel::<jetstream::Message>(8);
+            senders.push(tx);
+            let runtime = runtime.clone();
+            lane_tasks.push(tokio::spawn(async move {
+                while let Some(message) = rx.recv().await {
+                    runtime.process(message).await;
+                }
+            }));
+        }
+        let aborts = lane_tasks.iter().map(JoinHandle::abort_handle).collect();
+        let task = tokio::spawn(run(runtime, bus.clone(), spec, consumer, senders, lane_tasks, shutdown.clone()));
+        Ok(RunningWorker { shutdown, task, lanes: aborts, stats, name })
     }
 }
 
@@ -208,6 +219,9 @@ impl RunningWorker {
     /// messages stay unacknowledged and are redelivered after `ack_wait`.
     pub fn abort(self) {
         self.task.abort();
+        for lane in &self.lanes {
+            lane.abort();
+        }
     }
 
     /// This copy's figures.
@@ -228,23 +242,11 @@ async fn run<H: Handler>(
     bus: Bus,
     spec: ConsumerSpec,
     mut consumer: jetstream::consumer::Consumer<pull::Config>,
+    senders: Vec<mpsc::Sender<jetstream::Message>>,
+    lane_tasks: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
 ) {
-    let lanes = runtime.config.lanes.max(1);
-    let mut senders = Vec::with_capacity(lanes);
-    let mut lane_tasks = Vec::with_capacity(lanes);
-    for _ in 0..lanes {
-        // A short queue per lane: the pull batch, not the lanes, is the buffer.
-        let (tx, mut rx) = mpsc::channel::<jetstream::Message>(8);
-        senders.push(tx);
-        let runtime = runtime.clone();
-        lane_tasks.push(tokio::spawn(async move {
-            while let Some(message) = rx.recv().await {
-                runtime.process(message).await;
-            }
-        }));
-    }
-
+    let lanes = senders.len();
     let mut backoff = Duration::from_millis(100);
     'pull: while !shutdown.is_cancelled() {
         let messages = consumer

@@ -151,3 +151,9 @@ impl From<DecodeError> for HandlerError {
         HandlerError::permanent(e)
     }
 }
+
+impl From<EncodeError> for HandlerError {
+    fn from(e: EncodeError) -> Self {
+        HandlerError::permanent(e)
+    }
+}

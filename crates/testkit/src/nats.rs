@@ -207,7 +207,8 @@ pub fn find_binary() -> Result<PathBuf> {
 fn version_of(binary: &Path) -> Option<(u32, u32)> {
     let out = Command::new(binary).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let v = text.split('v').nth(1)?;
+    // "nats-server: v2.12.8"
+    let v = text.rsplit(" v").next()?;
     let mut parts = v.trim().split('.');
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;

@@ -1,0 +1,419 @@
+//! The relay: publishes committed outbox rows to JetStream in order.
+//!
+//! One relay is active per database: on PostgreSQL it holds a session
+//! advisory lock on a dedicated connection, on SQLite a lease row it renews.
+//! Others wait as standbys and take over when the holder dies.
+//!
+//! The relay wakes at once when a transaction of this process commits
+//! messages, on PostgreSQL also on `NOTIFY skein_outbox` from any process,
+//! and otherwise polls (`poll_interval`) as a fallback.
+//!
+//! Each round reads up to `batch_size` unpublished rows in `seq` order,
+//! publishes them pipelined, awaits every ack, and marks the acknowledged
+//! rows published. A crash between publishing and marking re-publishes those
+//! rows: JetStream drops them by `Nats-Msg-Id` within its duplicate window,
+//! and consumers' inboxes absorb them after it. A row whose publish failed is
+//! retried on the next round, after rows behind it may have been published.
+//!
+//! Published rows are kept for `retention` (for `skein audit`) and then
+//! deleted, as are inbox records older than `inbox_retention`.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use skein_bus::{Outgoing, Publisher};
+use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::store::{Backend, Store};
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows published per round.
+    pub batch_size: i64,
+    /// Fallback polling period when no wake-up arrives.
+    pub poll_interval: Duration,
+    /// How long published rows are kept.
+    pub retention: Duration,
+    /// How long inbox records are kept. Must exceed the longest time a
+    /// message can be redelivered or replayed into a live consumer.
+    pub inbox_retention: Duration,
+    /// How often old rows are cleaned up.
+    pub cleanup_interval: Duration,
+    /// Lease duration on SQLite; standbys retry at this period.
+    pub lease: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 512,
+            poll_interval: Duration::from_secs(1),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            inbox_retention: Duration::from_secs(30 * 24 * 3600),
+            cleanup_interval: Duration::from_secs(60),
+            lease: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One unpublished outbox row.
+#[derive(Debug, Clone)]
+pub struct PendingRow {
+    /// Commit-order sequence.
+    pub seq: i64,
+    /// Message id (`Nats-Msg-Id`).
+    pub id: String,
+    /// The message.
+    pub message: Outgoing,
+}
+
+/// The outbox relay of one database.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    store: Store,
+    publisher: Publisher,
+    config: RelayConfig,
+    owner: String,
+}
+
+impl Relay {
+    /// A relay for `store`, publishing with `publisher`.
+    pub fn new(store: Store, publisher: Publisher, config: RelayConfig) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+            owner: Uuid::now_v7().to_string(),
+        }
+    }
+
+    /// Runs until `shutdown` is cancelled.
+    pub fn spawn(self, shutdown: CancellationToken) -> JoinHandle<()> {
+        tokio::spawn(async move { self.run(shutdown).await })
+    }
+
+    /// Reads the next unpublished rows in commit order.
+    pub async fn fetch_pending(&self) -> Result<Vec<PendingRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, id, subject, headers, payload FROM skein_outbox \
+             WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+        )
+        .bind(self.config.batch_size)
+        .fetch_all(self.store.pool())
+        .await
+        .map_err(Error::query("cannot read the outbox"))?;
+        rows.iter()
+            .map(|row| {
+                let read = Error::query("cannot read an outbox row");
+                let seq: i64 = row.try_get("seq").map_err(read)?;
+                let id: String = row
+                    .try_get("id")
+                    .map_err(Error::query("cannot read an outbox row"))?;
+                let subject: String = row
+                    .try_get("subject")
+                    .map_err(Error::query("cannot read an outbox row"))?;
+                let headers: String = row
+                    .try_get("headers")
+                    .map_err(Error::query("cannot read an outbox row"))?;
+                let payload: Vec<u8> = row
+                    .try_get("payload")
+                    .map_err(Error::query("cannot read an outbox row"))?;
+                let pairs: Vec<(String, String)> =
+                    serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
+                        id: id.clone(),
+                        reason: format!("headers are not a JSON list of pairs: {e}"),
+                    })?;
+                let mut map = HeaderMap::new();
+                for (name, value) in pairs {
+                    map.append(name.as_str(), value.as_str());
+                }
+                Ok(PendingRow {
+                    seq,
+                    id,
+                    message: Outgoing {
+                        subject,
+                        headers: map,
+                        payload: payload.into(),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Publishes `rows` pipelined and returns the sequences the stream acknowledged.
+    pub async fn publish(&self, rows: &[PendingRow]) -> Vec<i64> {
+        let messages: Vec<Outgoing> = rows.iter().map(|r| r.message.clone()).collect();
+        let results = self.publisher.publish_batch(&messages).await;
+        let mut acked = Vec::with_capacity(rows.len());
+        for (row, result) in rows.iter().zip(results) {
+            match result {
+                Ok(_) => acked.push(row.seq),
+                Err(e) => {
+                    tracing::warn!(id = %row.id, error = %e, "outbox publish failed, will retry")
+                }
+            }
+        }
+        acked
+    }
+
+    /// Marks rows published.
+    pub async fn mark_published(&self, seqs: &[i64]) -> Result<()> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        // The sequences come from our own table: integers, safe to inline.
+        let list = seqs
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        sqlx::query(&format!(
+            "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
+        ))
+        .bind(crate::now_micros())
+        .execute(self.store.pool())
+        .await
+        .map_err(Error::query("cannot mark outbox rows published"))?;
+        Ok(())
+    }
+
+    /// One round: fetch, publish, mark. Returns (rows fetched, rows published).
+    pub async fn publish_pending_once(&self) -> Result<(usize, usize)> {
+        let rows = self.fetch_pending().await?;
+        if rows.is_empty() {
+            return Ok((0, 0));
+        }
+        let acked = self.publish(&rows).await;
+        self.mark_published(&acked).await?;
+        Ok((rows.len(), acked.len()))
+    }
+
+    /// Publishes until the outbox is empty or a round publishes nothing.
+    pub async fn drain(&self) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let (fetched, published) = self.publish_pending_once().await?;
+            total += published;
+            if published == 0
+                || fetched < usize::try_from(self.config.batch_size).unwrap_or(usize::MAX)
+            {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Deletes published rows and inbox records past their retention.
+    pub async fn cleanup(&self) -> Result<(u64, u64)> {
+        let now = crate::now_micros();
+        let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let outbox = sqlx::query(
+            "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
+        )
+        .bind(now.saturating_sub(micros(self.config.retention)))
+        .execute(self.store.pool())
+        .await
+        .map_err(Error::query("cannot clean up the outbox"))?
+        .rows_affected();
+        let inbox = sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
+            .bind(now.saturating_sub(micros(self.config.inbox_retention)))
+            .execute(self.store.pool())
+            .await
+            .map_err(Error::query("cannot clean up the inbox"))?
+            .rows_affected();
+        Ok((outbox, inbox))
+    }
+
+    async fn run(self, shutdown: CancellationToken) {
+        let url = self.store.display_url();
+        while !shutdown.is_cancelled() {
+            let lock = match self.acquire().await {
+                Ok(Some(lock)) => lock,
+                Ok(None) => {
+                    tracing::debug!(db = %url, "another relay is active; standing by");
+                    if sleep_or_cancel(&shutdown, self.config.lease / 2).await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(db = %url, error = %e, "relay cannot take its lock, retrying");
+                    if sleep_or_cancel(&shutdown, Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            tracing::info!(db = %url, "relay active");
+            if let Err(e) = self.serve(lock, &shutdown).await {
+                tracing::warn!(db = %url, error = %e, "relay lost its lock or database, starting over");
+                if sleep_or_cancel(&shutdown, Duration::from_millis(500)).await {
+                    break;
+                }
+            }
+        }
+        self.release().await;
+    }
+
+    /// Holds the lock and relays until shutdown or until the lock is lost.
+    async fn serve(&self, mut lock: Lock, shutdown: &CancellationToken) -> Result<()> {
+        let mut listener = match self.store.backend() {
+            Backend::Postgres => match PgListener::connect(self.store.url()).await {
+                Ok(mut l) => match l.listen("skein_outbox").await {
+                    Ok(()) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot LISTEN; falling back to polling");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN; falling back to polling");
+                    None
+                }
+            },
+            Backend::Sqlite => None,
+        };
+        let mut last_cleanup = tokio::time::Instant::now();
+        let mut last_lock_check = tokio::time::Instant::now();
+        let mut failures: u32 = 0;
+        loop {
+            match self.drain().await {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "relay round failed");
+                }
+            }
+            if last_cleanup.elapsed() >= self.config.cleanup_interval {
+                last_cleanup = tokio::time::Instant::now();
+                match self.cleanup().await {
+                    Ok((o, i)) if o + i > 0 => {
+                        tracing::debug!(outbox = o, inbox = i, "cleaned up old rows")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cleanup failed"),
+                }
+            }
+            if last_lock_check.elapsed() >= self.config.lease / 3 {
+                last_lock_check = tokio::time::Instant::now();
+                self.keep(&mut lock).await?;
+            }
+            let wait = if failures > 0 {
+                Duration::from_millis(100 * u64::from(failures.min(20)))
+            } else {
+                self.config.poll_interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Publish what is committed before leaving.
+                    let _ = self.drain().await;
+                    return Ok(());
+                }
+                _ = self.store.committed() => {}
+                _ = tokio::time::sleep(wait) => {}
+                notification = recv(&mut listener) => {
+                    if let Err(e) = notification {
+                        tracing::debug!(error = %e, "LISTEN connection lost; it reconnects");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn acquire(&self) -> Result<Option<Lock>> {
+        match self.store.backend() {
+            Backend::Postgres => {
+                let options: PgConnectOptions = self
+                    .store
+                    .url()
+                    .parse()
+                    .map_err(Error::query("invalid PostgreSQL URL"))?;
+                let mut conn = options
+                    .connect()
+                    .await
+                    .map_err(Error::query("cannot open the relay lock connection"))?;
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(RELAY_LOCK_KEY)
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(Error::query("cannot take the relay lock"))?;
+                if got {
+                    Ok(Some(Lock::Postgres(conn)))
+                } else {
+                    let _ = conn.close().await;
+                    Ok(None)
+                }
+            }
+            Backend::Sqlite => {
+                let now = crate::now_micros();
+                let until =
+                    now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
+                let taken = sqlx::query(
+                    "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
+                     WHERE skein_relay_lease.owner = excluded.owner OR skein_relay_lease.expires_at < $3",
+                )
+                .bind(&self.owner)
+                .bind(until)
+                .bind(now)
+                .execute(self.store.pool())
+                .await
+                .map_err(Error::query("cannot take the relay lease"))?
+                .rows_affected();
+                Ok((taken == 1).then_some(Lock::Lease))
+            }
+        }
+    }
+
+    /// Checks that the lock is still held (renewing the SQLite lease).
+    async fn keep(&self, lock: &mut Lock) -> Result<()> {
+        match lock {
+            Lock::Postgres(conn) => conn
+                .ping()
+                .await
+                .map_err(Error::query("relay lock connection lost")),
+            Lock::Lease => match self.acquire().await? {
+                Some(_) => Ok(()),
+                None => Err(Error::LockLost),
+            },
+        }
+    }
+
+    async fn release(&self) {
+        if self.store.backend() == Backend::Sqlite {
+            let _ =
+                sqlx::query("DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1")
+                    .bind(&self.owner)
+                    .execute(self.store.pool())
+                    .await;
+        }
+        // The PostgreSQL lock goes with its connection.
+    }
+}
+
+/// Advisory lock key of the relay ("skein" outbox).
+const RELAY_LOCK_KEY: i64 = 0x736b_6569_6e00_0001;
+
+enum Lock {
+    Postgres(PgConnection),
+    Lease,
+}
+
+async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
+    match listener {
+        Some(l) => l.recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}

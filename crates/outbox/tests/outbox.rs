@@ -1,0 +1,622 @@
+//! The outbox, relay and inbox against a real nats-server, on SQLite and on
+//! PostgreSQL: every test runs once per backend (`sqlite::…`, `postgres::…`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use serde::{Deserialize, Serialize};
+use skein_bus::provision::{apply_builtin_streams, EVENTS};
+use skein_bus::replay::{read, StartAt};
+use skein_bus::{Bus, BusConfig, Delivery, HandlerError, Worker, WorkerConfig};
+use skein_message::{Contract, Envelope, Event, MessageContext};
+use skein_outbox::{Inbox, Migration, Relay, RelayConfig, Store, Tx, TxHandler};
+use skein_testkit::{backend_tests, eventually, Backend, NatsServer, TestDb};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Happened {
+    entity: String,
+    n: i64,
+}
+
+impl Contract for Happened {
+    const SERVICE: &'static str = "test";
+    const NAME: &'static str = "happened";
+    const VERSION: u32 = 1;
+}
+
+impl Event for Happened {
+    fn entity_id(&self) -> &str {
+        &self.entity
+    }
+}
+
+const ITEMS: &[Migration] = &[Migration {
+    version: 1,
+    description: "items",
+    sqlite: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
+    postgres: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
+}];
+
+struct Harness {
+    nats: NatsServer,
+    bus: Bus,
+    store: Store,
+    db: TestDb,
+    shutdown: CancellationToken,
+}
+
+impl Harness {
+    async fn start(backend: Backend) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let bus = Bus::connect(&BusConfig::new(nats.url(), "outbox-test")).await?;
+        apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+        let db = TestDb::new(backend).await?;
+        let store = Store::connect(db.url()).await?;
+        store.migrate("test_items", ITEMS).await?;
+        Ok(Self {
+            nats,
+            bus,
+            store,
+            db,
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    fn relay(&self, config: RelayConfig) -> Relay {
+        Relay::new(self.store.clone(), self.bus.publisher(), config)
+    }
+
+    fn spawn_relay(&self) {
+        self.relay(fast_relay()).spawn(self.shutdown.clone());
+    }
+
+    /// Writes an item and its event in one transaction.
+    async fn write(&self, entity: &str, n: i64) -> anyhow::Result<Envelope> {
+        let mut tx = self.store.begin().await?;
+        insert_item(&mut tx, entity, n).await?;
+        let envelope = Envelope::event(
+            "test",
+            &Happened {
+                entity: entity.into(),
+                n,
+            },
+            &MessageContext::root(),
+        )?;
+        tx.publish(&envelope);
+        tx.commit().await?;
+        Ok(envelope)
+    }
+
+    async fn stream_messages(&self) -> anyhow::Result<Vec<skein_bus::replay::StoredMessage>> {
+        Ok(read(&self.bus, EVENTS, "events.test.>", StartAt::Beginning).await?)
+    }
+
+    async fn count(&self, sql: &str) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(self.store.pool())
+            .await?)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn fast_relay() -> RelayConfig {
+    RelayConfig {
+        poll_interval: Duration::from_millis(200),
+        lease: Duration::from_secs(2),
+        ..RelayConfig::default()
+    }
+}
+
+async fn insert_item(tx: &mut Tx, entity: &str, n: i64) -> anyhow::Result<()> {
+    sqlx::query("INSERT INTO items (entity, n) VALUES ($1, $2)")
+        .bind(entity)
+        .bind(n)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Counts its applications in the `items` table: one row per message applied.
+struct Apply;
+
+impl TxHandler for Apply {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: Happened = delivery.envelope.decode()?;
+        sqlx::query("INSERT INTO items (entity, n) VALUES ($1, $2)")
+            .bind(format!("applied:{}", event.entity))
+            .bind(event.n)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        Ok(())
+    }
+}
+
+async fn a_committed_change_is_published_and_a_rolled_back_one_is_not(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.spawn_relay();
+    let committed = h.write("e1", 1).await?;
+
+    let mut tx = h.store.begin().await?;
+    insert_item(&mut tx, "e2", 2).await?;
+    tx.publish(&Envelope::event(
+        "test",
+        &Happened {
+            entity: "e2".into(),
+            n: 2,
+        },
+        &MessageContext::root(),
+    )?);
+    tx.rollback().await?;
+
+    let mut dropped = h.store.begin().await?;
+    insert_item(&mut dropped, "e3", 3).await?;
+    dropped.publish(&Envelope::event(
+        "test",
+        &Happened {
+            entity: "e3".into(),
+            n: 3,
+        },
+        &MessageContext::root(),
+    )?);
+    drop(dropped);
+
+    eventually(Duration::from_secs(10), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the relay did not publish the committed message")?;
+    let stored = h.stream_messages().await?;
+    ensure!(
+        stored.len() == 1,
+        "expected only the committed message, got {}",
+        stored.len()
+    );
+    let back = Envelope::from_parts(
+        &stored[0].subject,
+        stored[0].headers.as_ref(),
+        stored[0].payload.clone(),
+    )?;
+    ensure!(back.id == committed.id && back.kind == "test.happened.v1");
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items").await? == 1,
+        "rolled-back writes persisted"
+    );
+    Ok(())
+}
+
+async fn the_relay_publishes_in_commit_order(backend: Backend) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let mut written = Vec::new();
+    for n in 0..300 {
+        written.push(h.write(&format!("e{}", n % 7), n).await?.id);
+    }
+    h.spawn_relay();
+    eventually(Duration::from_secs(20), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("outbox not drained")?;
+    let ids: Vec<String> = h
+        .stream_messages()
+        .await?
+        .iter()
+        .filter_map(|m| {
+            m.headers
+                .as_ref()?
+                .get("ce-id")
+                .map(|v| v.as_str().to_owned())
+        })
+        .collect();
+    let expected: Vec<String> = written.iter().map(|id| id.to_string()).collect();
+    ensure!(ids == expected, "stream order differs from commit order");
+    Ok(())
+}
+
+async fn a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    for n in 0..20 {
+        h.write("e", n).await?;
+    }
+    // The first relay publishes and dies before marking anything.
+    let first = h.relay(fast_relay());
+    let rows = first.fetch_pending().await?;
+    ensure!(rows.len() == 20);
+    let acked = first.publish(&rows).await;
+    ensure!(acked.len() == 20);
+    drop(first);
+    ensure!(
+        h.store.outbox_backlog().await? == 20,
+        "rows must still be unpublished"
+    );
+
+    // Its successor publishes them again: JetStream drops the duplicates.
+    let second = h.relay(fast_relay());
+    ensure!(second.drain().await? == 20);
+    ensure!(h.store.outbox_backlog().await? == 0);
+    let stored = h.stream_messages().await?;
+    ensure!(
+        stored.len() == 20,
+        "expected 20 messages in the stream, found {}",
+        stored.len()
+    );
+    Ok(())
+}
+
+async fn a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    // A short duplicate window, so the republish lands twice in the stream.
+    let js = h.bus.jetstream();
+    let mut config = js.get_stream(EVENTS).await?.info().await?.config.clone();
+    config.duplicate_window = Duration::from_millis(500);
+    js.update_stream(&config).await?;
+
+    let envelope = h.write("dup", 7).await?;
+    let relay = h.relay(fast_relay());
+    let rows = relay.fetch_pending().await?;
+    relay.publish(&rows).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    relay.drain().await?;
+    let stored = h.stream_messages().await?;
+    ensure!(
+        stored.len() == 2,
+        "the republish should be stored again, found {}",
+        stored.len()
+    );
+
+    let worker = Worker::start(
+        &h.bus,
+        WorkerConfig::new("applier", EVENTS, vec!["events.test.>".into()]),
+        Inbox::new(h.store.clone(), "applier", Apply),
+    )
+    .await?;
+    eventually(Duration::from_secs(10), || async {
+        (worker.stats().snapshot().handled == 2).then_some(())
+    })
+    .await
+    .context("both copies should be acknowledged")?;
+    let applied = h
+        .count("SELECT COUNT(*) FROM items WHERE entity = 'applied:dup'")
+        .await?;
+    ensure!(
+        applied == 1,
+        "applied {applied} times, expected once (id {})",
+        envelope.id
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
+async fn the_same_message_handled_twice_has_one_effect(backend: Backend) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let envelope = Envelope::event(
+        "test",
+        &Happened {
+            entity: "x".into(),
+            n: 1,
+        },
+        &MessageContext::root(),
+    )?;
+    let inbox = Inbox::new(h.store.clone(), "applier", Apply);
+    let delivery = Delivery {
+        envelope,
+        info: skein_bus::DeliveryInfo {
+            stream: EVENTS.into(),
+            consumer: "applier".into(),
+            stream_sequence: 1,
+            delivered: 1,
+        },
+    };
+    use skein_bus::Handler;
+    inbox.handle(&delivery).await?;
+    inbox.handle(&delivery).await?;
+    // Another handler name is another inbox.
+    Inbox::new(h.store.clone(), "other", Apply)
+        .handle(&delivery)
+        .await?;
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items WHERE entity = 'applied:x'")
+            .await?
+            == 2
+    );
+    ensure!(h.count("SELECT COUNT(*) FROM skein_inbox").await? == 2);
+    Ok(())
+}
+
+/// A handler that fails permanently on its first message leaves no trace.
+struct FailAfterWriting;
+
+impl TxHandler for FailAfterWriting {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        sqlx::query("INSERT INTO items (entity, n) VALUES ('half-done', 0)")
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        tx.publish(&Envelope::event(
+            "test",
+            &Happened {
+                entity: "never".into(),
+                n: 0,
+            },
+            &delivery.envelope.context(),
+        )?);
+        Err(HandlerError::transient("fails after writing"))
+    }
+}
+
+async fn a_failing_handler_commits_nothing_and_can_run_again(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let envelope = Envelope::event(
+        "test",
+        &Happened {
+            entity: "x".into(),
+            n: 1,
+        },
+        &MessageContext::root(),
+    )?;
+    let delivery = Delivery {
+        envelope,
+        info: skein_bus::DeliveryInfo {
+            stream: EVENTS.into(),
+            consumer: "f".into(),
+            stream_sequence: 1,
+            delivered: 1,
+        },
+    };
+    use skein_bus::Handler;
+    let failing = Inbox::new(h.store.clone(), "f", FailAfterWriting);
+    ensure!(failing.handle(&delivery).await.is_err());
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items").await? == 0,
+        "a failed handler's write persisted"
+    );
+    ensure!(
+        h.store.outbox_backlog().await? == 0,
+        "a failed handler's message was queued"
+    );
+    ensure!(
+        h.count("SELECT COUNT(*) FROM skein_inbox").await? == 0,
+        "a failed message was recorded as processed"
+    );
+    Inbox::new(h.store.clone(), "f", Apply)
+        .handle(&delivery)
+        .await?;
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items WHERE entity = 'applied:x'")
+            .await?
+            == 1
+    );
+    Ok(())
+}
+
+async fn the_relay_wakes_on_commit_without_waiting_for_the_poll(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let slow_poll = RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        ..fast_relay()
+    };
+    h.relay(slow_poll).spawn(h.shutdown.clone());
+    // Let the relay take its lock and go to sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.write("a", 1).await?;
+    eventually(Duration::from_secs(3), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the relay did not wake on an in-process commit")?;
+
+    if backend == Backend::Postgres {
+        // A commit from another process (here: another pool) arrives by NOTIFY.
+        let other = Store::connect(h.db.url()).await?;
+        let mut tx = other.begin().await?;
+        tx.publish(&Envelope::event(
+            "test",
+            &Happened {
+                entity: "b".into(),
+                n: 2,
+            },
+            &MessageContext::root(),
+        )?);
+        tx.commit().await?;
+        eventually(Duration::from_secs(3), || async {
+            (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+        })
+        .await
+        .context("the relay did not wake on NOTIFY")?;
+    }
+    Ok(())
+}
+
+async fn a_standby_relay_takes_over_when_the_active_one_stops(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let first_stop = CancellationToken::new();
+    h.relay(fast_relay()).spawn(first_stop.clone());
+    h.write("a", 1).await?;
+    eventually(Duration::from_secs(5), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("first relay did not publish")?;
+    // The standby, with its own pool as another process would have.
+    let other = Store::connect(h.db.url()).await?;
+    let standby = Relay::new(other, h.bus.publisher(), fast_relay());
+    standby.spawn(h.shutdown.clone());
+    first_stop.cancel();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for n in 0..5 {
+        h.write("b", n).await?;
+    }
+    eventually(Duration::from_secs(10), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the standby did not take over")?;
+    ensure!(h.stream_messages().await?.len() == 6);
+    Ok(())
+}
+
+async fn rows_committed_while_nats_is_down_are_published_when_it_returns(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut h = Harness::start(backend).await?;
+    h.spawn_relay();
+    h.write("before", 0).await?;
+    eventually(Duration::from_secs(5), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("not published before the restart")?;
+    h.nats.kill();
+    for n in 1..=10 {
+        h.write("during", n).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(
+        h.store.outbox_backlog().await? == 10,
+        "rows cannot be published while NATS is down"
+    );
+    h.nats.start_again().await?;
+    eventually(Duration::from_secs(30), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("outbox not drained after NATS returned")?;
+    ensure!(h.stream_messages().await?.len() == 11);
+    Ok(())
+}
+
+async fn published_rows_are_kept_for_the_retention_period_then_removed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.write("a", 1).await?;
+    let keep = h.relay(fast_relay());
+    keep.drain().await?;
+    h.write("b", 2).await?; // unpublished: never removed
+    ensure!(
+        keep.cleanup().await?.0 == 0,
+        "a published row was removed before its retention"
+    );
+    let expire = h.relay(RelayConfig {
+        retention: Duration::ZERO,
+        ..fast_relay()
+    });
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    ensure!(expire.cleanup().await?.0 == 1);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 1);
+    ensure!(h.store.outbox_backlog().await? == 1);
+    Ok(())
+}
+
+async fn migrations_run_once_per_component(backend: Backend) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    // A second open of the same database applies nothing again.
+    let again = Store::connect(h.db.url()).await?;
+    again.migrate("test_items", ITEMS).await?;
+    let applied = h.count("SELECT COUNT(*) FROM skein_migrations").await?;
+    ensure!(
+        applied == 2,
+        "expected the outbox's and test_items' migrations once each, got {applied}"
+    );
+    Ok(())
+}
+
+/// Blocks inside its transaction on the first delivery, as a copy that dies
+/// mid-message would; applies normally afterwards.
+struct BlockOnce {
+    calls: Arc<AtomicUsize>,
+    started: Arc<tokio::sync::Notify>,
+}
+
+impl TxHandler for BlockOnce {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        Apply.handle(tx, delivery).await?;
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+            self.started.notify_one();
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+}
+
+async fn a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.spawn_relay();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let mut config = WorkerConfig::new("applier", EVENTS, vec!["events.test.>".into()]);
+    config.ack_wait = Duration::from_secs(1);
+    let handler = || BlockOnce {
+        calls: calls.clone(),
+        started: started.clone(),
+    };
+    let bus_a = Bus::connect(&BusConfig::new(h.nats.url(), "copy-a")).await?;
+    let copy_a = Worker::start(
+        &bus_a,
+        config.clone(),
+        Inbox::new(h.store.clone(), "applier", handler()),
+    )
+    .await?;
+    h.write("k", 1).await?;
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .context("copy A never got the message")?;
+    copy_a.abort();
+    drop(bus_a);
+
+    let copy_b = Worker::start(
+        &h.bus,
+        config,
+        Inbox::new(h.store.clone(), "applier", handler()),
+    )
+    .await?;
+    eventually(Duration::from_secs(15), || async {
+        (copy_b.stats().snapshot().handled >= 1).then_some(())
+    })
+    .await
+    .context("copy B did not finish the message")?;
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items WHERE entity = 'applied:k'")
+            .await?
+            == 1
+    );
+    copy_b.shutdown().await;
+    Ok(())
+}
+
+backend_tests!(
+    a_committed_change_is_published_and_a_rolled_back_one_is_not,
+    the_relay_publishes_in_commit_order,
+    a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
+    a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,
+    the_same_message_handled_twice_has_one_effect,
+    a_failing_handler_commits_nothing_and_can_run_again,
+    the_relay_wakes_on_commit_without_waiting_for_the_poll,
+    a_standby_relay_takes_over_when_the_active_one_stops,
+    rows_committed_while_nats_is_down_are_published_when_it_returns,
+    published_rows_are_kept_for_the_retention_period_then_removed,
+    migrations_run_once_per_component,
+    a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
+);
