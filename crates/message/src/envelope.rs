@@ -129,7 +129,7 @@ impl Envelope {
         })
     }
 
-    fn checked_entity<'a, T: Contract>(id: &'a str) -> Result<&'a str, EncodeError> {
+    fn checked_entity<T: Contract>(id: &str) -> Result<&str, EncodeError> {
         subject::check_token(id).map_err(|reason| EncodeError::InvalidEntityId {
             kind: T::type_name().to_string(),
             id: id.to_owned(),
