@@ -33,12 +33,20 @@ impl Event for Happened {
     }
 }
 
-const ITEMS: &[Migration] = &[Migration {
-    version: 1,
-    description: "items",
-    sqlite: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
-    postgres: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
-}];
+const ITEMS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "items",
+        sqlite: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
+        postgres: "CREATE TABLE items (entity TEXT NOT NULL, n BIGINT NOT NULL);",
+    },
+    Migration {
+        version: 2,
+        description: "applied, in application order",
+        sqlite: "CREATE TABLE applied (seq INTEGER PRIMARY KEY AUTOINCREMENT, entity TEXT NOT NULL, n BIGINT NOT NULL, copy TEXT NOT NULL);",
+        postgres: "CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, entity TEXT NOT NULL, n BIGINT NOT NULL, copy TEXT NOT NULL);",
+    },
+];
 
 struct Harness {
     nats: NatsServer,
@@ -535,8 +543,8 @@ async fn migrations_run_once_per_component(backend: Backend) -> anyhow::Result<(
     again.migrate("test_items", ITEMS).await?;
     let applied = h.count("SELECT COUNT(*) FROM skein_migrations").await?;
     ensure!(
-        applied == 2,
-        "expected the outbox's and test_items' migrations once each, got {applied}"
+        applied == 3,
+        "expected one outbox and two test_items migrations, each once, got {applied}"
     );
     Ok(())
 }
@@ -606,7 +614,205 @@ async fn a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_on
     Ok(())
 }
 
+/// Records each application with the copy that made it, in commit order.
+struct Record {
+    copy: &'static str,
+}
+
+impl TxHandler for Record {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: Happened = delivery.envelope.decode()?;
+        // Small, uneven work so that lanes interleave.
+        tokio::time::sleep(Duration::from_millis((event.n % 3) as u64)).await;
+        sqlx::query("INSERT INTO applied (entity, n, copy) VALUES ($1, $2, $3)")
+            .bind(&event.entity)
+            .bind(event.n)
+            .bind(self.copy)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        Ok(())
+    }
+}
+
+async fn applied(h: &Harness) -> anyhow::Result<Vec<(String, i64, String)>> {
+    Ok(
+        sqlx::query_as("SELECT entity, n, copy FROM applied ORDER BY seq")
+            .fetch_all(h.store.pool())
+            .await?,
+    )
+}
+
+async fn two_copies_share_the_work_each_message_applied_once_in_entity_order(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.spawn_relay();
+    let config = WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]);
+    let bus_b = Bus::connect(&BusConfig::new(h.nats.url(), "copy-b")).await?;
+    let a = Worker::start(
+        &h.bus,
+        config.clone(),
+        Inbox::new(h.store.clone(), "recorder", Record { copy: "a" }),
+    )
+    .await?;
+    let b = Worker::start(
+        &bus_b,
+        config,
+        Inbox::new(h.store.clone(), "recorder", Record { copy: "b" }),
+    )
+    .await?;
+    let total = 200;
+    for n in 0..total {
+        h.write(&format!("e{}", n % 10), n).await?;
+    }
+    eventually(Duration::from_secs(30), || async {
+        (applied(&h).await.ok()?.len() >= total as usize).then_some(())
+    })
+    .await
+    .context("not every message was applied")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rows = applied(&h).await?;
+    ensure!(
+        rows.len() == total as usize,
+        "{} applications for {total} messages",
+        rows.len()
+    );
+    let mut seen = std::collections::HashSet::new();
+    ensure!(
+        rows.iter().all(|(_, n, _)| seen.insert(*n)),
+        "a message was applied twice"
+    );
+    ensure!(
+        rows.iter().any(|r| r.2 == "a") && rows.iter().any(|r| r.2 == "b"),
+        "one copy got no work"
+    );
+    // Within one copy, an entity's messages apply in publish order.
+    for copy in ["a", "b"] {
+        for e in 0..10 {
+            let entity = format!("e{e}");
+            let ns: Vec<i64> = rows
+                .iter()
+                .filter(|r| r.0 == entity && r.2 == copy)
+                .map(|r| r.1)
+                .collect();
+            ensure!(
+                ns.windows(2).all(|w| w[0] < w[1]),
+                "copy {copy} applied {entity} out of order: {ns:?}"
+            );
+        }
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
+async fn replaying_the_stream_into_a_consumer_changes_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.spawn_relay();
+    let worker = Worker::start(
+        &h.bus,
+        WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]),
+        Inbox::new(h.store.clone(), "recorder", Record { copy: "live" }),
+    )
+    .await?;
+    for n in 0..20 {
+        h.write("r", n).await?;
+    }
+    eventually(Duration::from_secs(10), || async {
+        (applied(&h).await.ok()?.len() == 20).then_some(())
+    })
+    .await
+    .context("live consumption incomplete")?;
+    worker.shutdown().await;
+
+    use skein_bus::Handler;
+    let replay = Inbox::new(h.store.clone(), "recorder", Record { copy: "replay" });
+    for stored in h.stream_messages().await? {
+        let envelope =
+            Envelope::from_parts(&stored.subject, stored.headers.as_ref(), stored.payload)?;
+        let info = skein_bus::DeliveryInfo {
+            stream: EVENTS.into(),
+            consumer: "recorder".into(),
+            stream_sequence: stored.sequence,
+            delivered: 1,
+        };
+        replay.handle(&Delivery { envelope, info }).await?;
+    }
+    let rows = applied(&h).await?;
+    ensure!(
+        rows.len() == 20 && rows.iter().all(|r| r.2 == "live"),
+        "the replay applied something again"
+    );
+    Ok(())
+}
+
+async fn a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes_on(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    h.spawn_relay();
+    let worker = Worker::start(
+        &h.bus,
+        WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]),
+        Inbox::new(h.store.clone(), "recorder", Record { copy: "a" }),
+    )
+    .await?;
+    // Valid headers, payload of the wrong shape: the handler's decode fails permanently.
+    let mut poison = Envelope::event(
+        "test",
+        &Happened {
+            entity: "p".into(),
+            n: 0,
+        },
+        &MessageContext::root(),
+    )?;
+    poison.data = bytes::Bytes::from_static(br#"{"entity": "p", "n": "not a number"}"#);
+    h.bus.publisher().publish(&poison).await?;
+    h.write("good", 1).await?;
+    eventually(Duration::from_secs(10), || async {
+        (applied(&h).await.ok()?.len() == 1).then_some(())
+    })
+    .await
+    .context("the good message after the poison one was not applied")?;
+    let dead = read(&h.bus, "DLQ", "dlq.>", StartAt::Beginning).await?;
+    ensure!(
+        dead.len() == 1,
+        "expected one dead letter, got {}",
+        dead.len()
+    );
+    let info = dead[0]
+        .headers
+        .as_ref()
+        .and_then(skein_bus::dlq::DeadLetterInfo::from_headers)
+        .context("dead letter without its headers")?;
+    ensure!(
+        info.handler == "recorder" && info.reason.contains("invalid payload"),
+        "{info:?}"
+    );
+    ensure!(
+        dead[0].payload == poison.data,
+        "the original payload must be kept"
+    );
+    ensure!(
+        h.count(&format!(
+            "SELECT COUNT(*) FROM skein_inbox WHERE message_id = '{}'",
+            poison.id
+        ))
+        .await?
+            == 0,
+        "a dead-lettered message must not be recorded as processed"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
 backend_tests!(
+    two_copies_share_the_work_each_message_applied_once_in_entity_order,
+    replaying_the_stream_into_a_consumer_changes_nothing,
+    a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes_on,
     a_committed_change_is_published_and_a_rolled_back_one_is_not,
     the_relay_publishes_in_commit_order,
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
