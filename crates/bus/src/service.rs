@@ -2,7 +2,7 @@
 //!
 //! Every worker copy registers as a NATS micro service named after the
 //! worker, so `$SRV.PING.<name>` finds all its copies, and `$SRV.STATS.<name>`
-//! returns each copy's figures ([`StatsSnapshot`]) in the endpoint `data`. The
+//! returns each copy's figures ([`StatsSnapshot`](crate::StatsSnapshot)) in the endpoint `data`. The
 //! same figures answer `queries.<name>.status` (queue group = worker name).
 
 use std::sync::Arc;

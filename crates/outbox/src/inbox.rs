@@ -1,7 +1,7 @@
 //! The inbox: handlers that run once per message, in a transaction.
 //!
 //! [`Inbox`] adapts a [`TxHandler`] to the bus runtime's
-//! [`Handler`](skein_bus::Handler): for each delivery it begins a
+//! [`skein_bus::Handler`]: for each delivery it begins a
 //! transaction, records the message id for this handler (`skein_inbox`), runs
 //! the handler, and commits the handler's changes, the inbox record and the
 //! messages the handler queued, together. A message already recorded is
