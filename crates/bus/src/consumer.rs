@@ -97,6 +97,8 @@ pub struct WorkerConfig {
     pub backoff: Vec<Duration>,
     /// Messages pulled per request.
     pub batch: usize,
+    /// How often the consumer lag and DLQ depth gauges are refreshed.
+    pub figures_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -118,6 +120,7 @@ impl WorkerConfig {
                 .map(Duration::from_millis)
                 .collect(),
             batch: 128,
+            figures_interval: Duration::from_secs(5),
         }
     }
 
@@ -195,9 +198,31 @@ impl Worker {
                 }
             }));
         }
-        let aborts = lane_tasks.iter().map(JoinHandle::abort_handle).collect();
-        let task = tokio::spawn(run(runtime, bus.clone(), spec, consumer, senders, lane_tasks, shutdown.clone()));
-        Ok(RunningWorker { shutdown, task, lanes: aborts, stats, name })
+        let mut aborts: Vec<_> = lane_tasks.iter().map(JoinHandle::abort_handle).collect();
+        let figures = tokio::spawn(watch_figures(
+            bus.clone(),
+            spec.clone(),
+            runtime.config.figures_interval,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        aborts.push(figures.abort_handle());
+        let task = tokio::spawn(run(
+            runtime,
+            bus.clone(),
+            spec,
+            consumer,
+            senders,
+            lane_tasks,
+            shutdown.clone(),
+        ));
+        Ok(RunningWorker {
+            shutdown,
+            task,
+            lanes: aborts,
+            stats,
+            name,
+        })
     }
 }
 
@@ -313,6 +338,53 @@ async fn run<H: Handler>(
         let _ = task.await;
     }
     tracing::info!(worker = %runtime.config.name, "worker stopped");
+}
+
+/// Keeps the gauges `consumer_lag` (messages not yet delivered to the
+/// group), `ack_pending` (delivered, not yet acknowledged) and `dlq_depth`
+/// (dead letters of this consumer in the DLQ stream) up to date.
+async fn watch_figures(
+    bus: Bus,
+    spec: ConsumerSpec,
+    every: Duration,
+    stats: Arc<WorkerStats>,
+    shutdown: CancellationToken,
+) {
+    let js = bus.jetstream();
+    loop {
+        if let Ok(stream) = js.get_stream(&spec.stream).await {
+            if let Ok(consumer) = stream.get_consumer::<pull::Config>(&spec.durable).await {
+                if let Ok(info) = consumer.get_info().await {
+                    stats.set_gauge(
+                        "consumer_lag",
+                        i64::try_from(info.num_pending).unwrap_or(i64::MAX),
+                    );
+                    stats.set_gauge(
+                        "ack_pending",
+                        i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX),
+                    );
+                }
+            }
+        }
+        if let Ok(dlq) = js.get_stream(crate::provision::DLQ).await {
+            let filter = format!(
+                "{}.{}.{}",
+                skein_message::subject::DLQ_PREFIX,
+                spec.stream,
+                spec.durable
+            );
+            if let Ok(subjects) = dlq.info_with_subjects(filter).await {
+                let depth: usize = subjects
+                    .filter_map(|s| async move { s.ok().map(|(_, n)| n) })
+                    .fold(0, |a, n| async move { a + n })
+                    .await;
+                stats.set_gauge("dlq_depth", i64::try_from(depth).unwrap_or(i64::MAX));
+            }
+        }
+        if sleep_or_shutdown(&shutdown, every).await {
+            return;
+        }
+    }
 }
 
 /// Sleeps for `delay`; returns true when shutdown was requested meanwhile.

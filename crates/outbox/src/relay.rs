@@ -80,6 +80,7 @@ pub struct Relay {
     publisher: Publisher,
     config: RelayConfig,
     owner: String,
+    stats: Option<std::sync::Arc<skein_bus::WorkerStats>>,
 }
 
 impl Relay {
@@ -90,7 +91,15 @@ impl Relay {
             publisher,
             config,
             owner: Uuid::now_v7().to_string(),
+            stats: None,
         }
+    }
+
+    /// Reports the outbox backlog as the `outbox_backlog` gauge of `stats`
+    /// (the worker's figures on the NATS service API) after every round.
+    pub fn with_stats(mut self, stats: std::sync::Arc<skein_bus::WorkerStats>) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Runs until `shutdown` is cancelled.
@@ -280,10 +289,24 @@ impl Relay {
         };
         let mut last_cleanup = tokio::time::Instant::now();
         let mut last_lock_check = tokio::time::Instant::now();
+        let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
         loop {
             match self.drain().await {
-                Ok(_) => failures = 0,
+                Ok(_) => {
+                    failures = 0;
+                    // At most once a second: rounds can come at commit rate.
+                    if let Some(stats) = self
+                        .stats
+                        .as_ref()
+                        .filter(|_| last_report.elapsed() >= Duration::from_secs(1))
+                    {
+                        last_report = tokio::time::Instant::now();
+                        if let Ok(backlog) = self.store.outbox_backlog().await {
+                            stats.set_gauge("outbox_backlog", backlog);
+                        }
+                    }
+                }
                 Err(e) => {
                     failures += 1;
                     tracing::warn!(error = %e, "relay round failed");

@@ -809,7 +809,69 @@ async fn a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes
     Ok(())
 }
 
+async fn a_worker_reports_backlog_lag_and_dead_letters_on_the_service_api(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let stats = Arc::new(skein_bus::WorkerStats::default());
+    let relay = h.relay(fast_relay()).with_stats(stats.clone());
+    let mut config = WorkerConfig::new("reporter", EVENTS, vec!["events.test.>".into()]);
+    config.figures_interval = Duration::from_millis(100);
+    let worker = Worker::start_with_stats(
+        &h.bus,
+        config,
+        Inbox::new(h.store.clone(), "reporter", Record { copy: "a" }),
+        stats.clone(),
+    )
+    .await?;
+    let _service =
+        skein_bus::service::start_service(&h.bus, "reporter", "0.1.0", stats.clone()).await?;
+    let mut poison = Envelope::event(
+        "test",
+        &Happened {
+            entity: "p".into(),
+            n: 0,
+        },
+        &MessageContext::root(),
+    )?;
+    poison.data = bytes::Bytes::from_static(b"not json");
+    h.bus.publisher().publish(&poison).await?;
+    for n in 0..3 {
+        h.write("q", n).await?;
+    }
+    relay.spawn(h.shutdown.clone());
+    eventually(Duration::from_secs(10), || async {
+        let g = stats.snapshot();
+        (g.handled == 3
+            && g.gauges.get("dlq_depth") == Some(&1)
+            && g.gauges.get("outbox_backlog") == Some(&0)
+            && g.gauges.get("consumer_lag") == Some(&0))
+        .then_some(())
+    })
+    .await
+    .with_context(|| format!("figures never settled: {:?}", stats.snapshot()))?;
+
+    let reply = h
+        .bus
+        .client()
+        .request("$SRV.STATS.reporter", "".into())
+        .await?;
+    let body: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    let data = &body["endpoints"][0]["data"];
+    ensure!(
+        data["handled"] == 3 && data["dead_lettered"] == 1,
+        "stats reply: {body}"
+    );
+    ensure!(
+        data["gauges"]["dlq_depth"] == 1 && data["gauges"]["outbox_backlog"] == 0,
+        "stats reply: {body}"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
 backend_tests!(
+    a_worker_reports_backlog_lag_and_dead_letters_on_the_service_api,
     two_copies_share_the_work_each_message_applied_once_in_entity_order,
     replaying_the_stream_into_a_consumer_changes_nothing,
     a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes_on,
