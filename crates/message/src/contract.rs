@@ -46,15 +46,16 @@ pub trait Contract: Serialize + DeserializeOwned + Send + Sync + 'static {
 
 /// A request to change state, handled by exactly one service.
 pub trait Command: Contract {
-    /// The entity the command is about; it becomes `ce-subject` and orders the
+    /// The entity the command is about (a subject token: no dots, wildcards or
+    /// spaces); it becomes `ce-subject` and orders the
     /// command after earlier ones about the same entity.
-    fn entity_id(&self) -> &str;
+    fn entity_id(&self) -> String;
 }
 
 /// A fact that happened; any number of services may react to it.
 pub trait Event: Contract {
     /// The entity the event is about; it is a token of the subject.
-    fn entity_id(&self) -> &str;
+    fn entity_id(&self) -> String;
 }
 
 /// A read answered over core NATS request-reply.

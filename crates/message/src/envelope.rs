@@ -144,7 +144,8 @@ impl Envelope {
         event: &E,
         context: &MessageContext,
     ) -> Result<Self, EncodeError> {
-        let entity = Self::checked_entity::<E>(event.entity_id())?;
+        let entity = event.entity_id();
+        let entity = Self::checked_entity::<E>(&entity)?;
         let nats_subject = subject::event(E::SERVICE, entity, E::NAME);
         Self::build(source, event, Some(entity), nats_subject, context)
     }
@@ -156,7 +157,8 @@ impl Envelope {
         command: &C,
         context: &MessageContext,
     ) -> Result<Self, EncodeError> {
-        let entity = Self::checked_entity::<C>(command.entity_id())?;
+        let entity = command.entity_id();
+        let entity = Self::checked_entity::<C>(&entity)?;
         let nats_subject = subject::command(C::SERVICE, C::NAME);
         Self::build(source, command, Some(entity), nats_subject, context)
     }
@@ -388,8 +390,8 @@ mod tests {
         }
     }
     impl Event for Placed {
-        fn entity_id(&self) -> &str {
-            &self.order_id
+        fn entity_id(&self) -> String {
+            self.order_id.clone()
         }
     }
 
@@ -403,8 +405,8 @@ mod tests {
         const VERSION: u32 = 1;
     }
     impl Command for Reserve {
-        fn entity_id(&self) -> &str {
-            &self.order_id
+        fn entity_id(&self) -> String {
+            self.order_id.clone()
         }
     }
 

@@ -35,8 +35,8 @@
 //! }
 //!
 //! impl Event for OrderPlaced {
-//!     fn entity_id(&self) -> &str {
-//!         &self.order_id
+//!     fn entity_id(&self) -> String {
+//!         self.order_id.clone()
 //!     }
 //! }
 //!

@@ -37,8 +37,8 @@ impl Contract for Tick {
     const VERSION: u32 = 1;
 }
 impl Event for Tick {
-    fn entity_id(&self) -> &str {
-        &self.entity
+    fn entity_id(&self) -> String {
+        self.entity.clone()
     }
 }
 

@@ -28,8 +28,8 @@ impl Contract for Happened {
 }
 
 impl Event for Happened {
-    fn entity_id(&self) -> &str {
-        &self.entity
+    fn entity_id(&self) -> String {
+        self.entity.clone()
     }
 }
 

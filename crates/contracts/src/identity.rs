@@ -1,0 +1,146 @@
+//! identity: users, passwords and tokens.
+//!
+//! Identity signs access tokens (short-lived JWTs, EdDSA) and keeps refresh
+//! tokens hashed. The ingress verifies tokens with the public key it gets
+//! from [`GetVerificationKey`]; it never holds the signing key.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::validate::{is_email, is_text, Checker, Validate, Violation};
+use crate::{Caller, Role};
+
+/// The service name.
+pub const SERVICE: &str = "identity";
+
+/// Shortest accepted password.
+pub const MIN_PASSWORD_LEN: usize = 10;
+
+/// A user as clients see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct User {
+    /// User id.
+    pub id: Uuid,
+    /// Email, lower-cased.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// Registers a customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    /// Email, unique (case-insensitive).
+    #[validate(email)]
+    pub email: String,
+    /// Password, at least 10 characters.
+    #[validate(length(min = 10, max = 1024))]
+    pub password: String,
+    /// Display name, 1 to 100 characters.
+    #[validate(length(min = 1, max = 100))]
+    pub name: String,
+}
+contract!(query Register, "identity", "register", v 1, reply = User);
+
+impl Validate for Register {
+    fn violations(&self) -> Vec<Violation> {
+        Checker::default()
+            .check(is_email(&self.email), "/email", "must be an email address")
+            .check(
+                self.password.chars().count() >= MIN_PASSWORD_LEN && self.password.len() <= 1024,
+                "/password",
+                format!("must be {MIN_PASSWORD_LEN} to 1024 characters"),
+            )
+            .check(
+                is_text(&self.name, 100),
+                "/name",
+                "must be 1 to 100 characters",
+            )
+            .finish()
+    }
+}
+
+/// Logs in: email and password for a token pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssueToken {
+    /// Email.
+    pub email: String,
+    /// Password.
+    pub password: String,
+}
+contract!(query IssueToken, "identity", "issue_token", v 1, reply = TokenPair);
+
+/// Exchanges a refresh token for a new pair; the old refresh token stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshToken {
+    /// The refresh token.
+    pub refresh_token: String,
+}
+contract!(query RefreshToken, "identity", "refresh_token", v 1, reply = TokenPair);
+
+/// An access token and a refresh token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenPair {
+    /// Signed JWT.
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    /// Opaque refresh token, single use.
+    pub refresh_token: String,
+}
+
+/// A user (self or admin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetUser {
+    /// Who asks.
+    pub caller: Caller,
+    /// The user.
+    pub user_id: Uuid,
+}
+contract!(query GetUser, "identity", "get_user", v 1, reply = User);
+
+/// The public key that verifies access tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetVerificationKey {}
+contract!(query GetVerificationKey, "identity", "verification_key", v 1, reply = VerificationKey);
+
+/// A token verification key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VerificationKey {
+    /// JWT algorithm, `EdDSA`.
+    pub algorithm: String,
+    /// Key id, the `kid` of tokens it verifies.
+    pub key_id: String,
+    /// Public key, PEM.
+    pub public_key_pem: String,
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud`.
+    pub audience: String,
+}
+
+/// A user registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UserRegistered {
+    /// User id.
+    pub user_id: Uuid,
+    /// Email.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+}
+contract!(event UserRegistered, "identity", "user_registered", v 1, entity = user_id);

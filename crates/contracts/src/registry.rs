@@ -1,0 +1,180 @@
+//! Every contract with its kind, subject and JSON Schema.
+//!
+//! `schemas/` holds one file per entry (`<service>/<name>.v<N>.json`, replies
+//! `<service>/<name>.reply.v<N>.json`) and `schemas/index.json`; the test
+//! `schemas_match_the_types` regenerates them from the types and fails on
+//! any difference (`SKEIN_BLESS_SCHEMAS=1` rewrites them after a deliberate
+//! change).
+
+use schemars::{JsonSchema, Schema};
+use serde::Serialize;
+use skein_message::{subject, Command, Event, Query};
+
+use crate::{catalog, identity, orders, payments, projector};
+
+/// What a contract is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A command, on the `COMMANDS` stream.
+    Command,
+    /// An event, on the `EVENTS` stream.
+    Event,
+    /// A query or request, over request-reply.
+    Query,
+    /// The reply to a query.
+    Reply,
+}
+
+/// One contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct Entry {
+    /// `ce-type`, e.g. `orders.order_placed.v1` (replies: `….reply.v1`).
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// What it is.
+    pub kind: Kind,
+    /// NATS subject (pattern for events).
+    pub subject: String,
+    /// Schema file under `schemas/`.
+    pub file: String,
+    /// The JSON Schema.
+    #[serde(skip)]
+    pub schema: Schema,
+}
+
+fn schema<T: JsonSchema>(file: &str) -> Schema {
+    let mut schema = schemars::schema_for!(T);
+    schema.insert("$id".into(), format!("urn:skein:schemas:{file}").into());
+    schema
+}
+
+fn event<E: Event + JsonSchema>() -> Entry {
+    let file = format!("{}/{}.v{}.json", E::SERVICE, E::NAME, E::VERSION);
+    Entry {
+        type_name: E::type_name().to_string(),
+        kind: Kind::Event,
+        subject: subject::event(E::SERVICE, "<id>", E::NAME),
+        schema: schema::<E>(&file),
+        file,
+    }
+}
+
+fn command<C: Command + JsonSchema>() -> Entry {
+    let file = format!("{}/{}.v{}.json", C::SERVICE, C::NAME, C::VERSION);
+    Entry {
+        type_name: C::type_name().to_string(),
+        kind: Kind::Command,
+        subject: subject::command(C::SERVICE, C::NAME),
+        schema: schema::<C>(&file),
+        file,
+    }
+}
+
+fn query<Q>() -> [Entry; 2]
+where
+    Q: Query + JsonSchema,
+    Q::Reply: JsonSchema,
+{
+    let file = format!("{}/{}.v{}.json", Q::SERVICE, Q::NAME, Q::VERSION);
+    let reply_file = format!("{}/{}.reply.v{}.json", Q::SERVICE, Q::NAME, Q::VERSION);
+    let subject = subject::query(Q::SERVICE, Q::NAME);
+    [
+        Entry {
+            type_name: Q::type_name().to_string(),
+            kind: Kind::Query,
+            subject: subject.clone(),
+            schema: schema::<Q>(&file),
+            file,
+        },
+        Entry {
+            type_name: format!("{}.{}.reply.v{}", Q::SERVICE, Q::NAME, Q::VERSION),
+            kind: Kind::Reply,
+            subject,
+            schema: schema::<Q::Reply>(&reply_file),
+            file: reply_file,
+        },
+    ]
+}
+
+/// Every contract of the platform, by service.
+pub fn all() -> Vec<Entry> {
+    let mut entries = vec![
+        event::<identity::UserRegistered>(),
+        event::<catalog::ProductAdded>(),
+        event::<catalog::Restocked>(),
+        event::<catalog::StockReserved>(),
+        event::<catalog::StockRejected>(),
+        event::<catalog::StockReleased>(),
+        event::<catalog::StockCommitted>(),
+        command::<catalog::ReserveStock>(),
+        command::<catalog::ReleaseStock>(),
+        command::<catalog::CommitStock>(),
+        event::<orders::OrderPlaced>(),
+        event::<orders::OrderConfirmed>(),
+        event::<orders::OrderRejected>(),
+        event::<orders::OrderCancellationRequested>(),
+        event::<orders::OrderCancelled>(),
+        command::<orders::PlaceOrder>(),
+        command::<orders::ConfirmOrder>(),
+        command::<orders::RejectOrder>(),
+        command::<orders::CancelOrder>(),
+        command::<orders::MarkCancelled>(),
+        event::<payments::PaymentAuthorized>(),
+        event::<payments::PaymentDeclined>(),
+        event::<payments::PaymentRefunded>(),
+        command::<payments::AuthorizePayment>(),
+        command::<payments::RefundPayment>(),
+    ];
+    entries.extend(query::<identity::Register>());
+    entries.extend(query::<identity::IssueToken>());
+    entries.extend(query::<identity::RefreshToken>());
+    entries.extend(query::<identity::GetUser>());
+    entries.extend(query::<identity::GetVerificationKey>());
+    entries.extend(query::<catalog::AddProduct>());
+    entries.extend(query::<catalog::Restock>());
+    entries.extend(query::<catalog::ListProducts>());
+    entries.extend(query::<catalog::GetProduct>());
+    entries.extend(query::<orders::GetOrder>());
+    entries.extend(query::<orders::ListOrders>());
+    entries.extend(query::<payments::GetAccount>());
+    entries.extend(query::<payments::Ledger>());
+    entries.extend(query::<projector::GetDashboard>());
+    entries.extend(query::<projector::GetProfile>());
+    entries.extend(query::<projector::GetTimeline>());
+    entries.sort_by(|a, b| a.file.cmp(&b.file));
+    entries
+}
+
+/// The contents of `schemas/index.json`.
+pub fn index() -> serde_json::Value {
+    serde_json::json!({
+        "description": "Every skein message contract: type, kind, subject and schema file (generated from crates/contracts).",
+        "contracts": all(),
+    })
+}
+
+/// The schema entry of a `ce-type` (commands, events, queries).
+pub fn find(type_name: &str) -> Option<Entry> {
+    all().into_iter().find(|e| e.type_name == type_name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_type_name_and_file_is_unique() {
+        let entries = all();
+        let mut names = std::collections::HashSet::new();
+        let mut files = std::collections::HashSet::new();
+        for e in &entries {
+            assert!(
+                names.insert(e.type_name.clone()),
+                "duplicate {}",
+                e.type_name
+            );
+            assert!(files.insert(e.file.clone()), "duplicate {}", e.file);
+        }
+    }
+}
