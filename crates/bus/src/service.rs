@@ -2,11 +2,17 @@
 //!
 //! Every worker copy registers as a NATS micro service named after the
 //! worker, so `$SRV.PING.<name>` finds all its copies, and `$SRV.STATS.<name>`
-//! returns each copy's figures ([`StatsSnapshot`](crate::StatsSnapshot)) in the endpoint `data`. The
-//! same figures answer `queries.<name>.status` (queue group = worker name).
+//! returns each copy's figures ([`StatsSnapshot`](crate::StatsSnapshot)) in
+//! the endpoint `data`. The same figures answer `queries.<name>.status`.
+//! Further endpoints (a service's queries) are added with
+//! [`ServiceHandle::add_endpoint`]; all share the queue group `<name>`, so a
+//! request goes to exactly one copy.
 
+use std::future::Future;
 use std::sync::Arc;
 
+use async_nats::service::{Service, ServiceExt};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 
@@ -14,34 +20,81 @@ use crate::connect::Bus;
 use crate::error::{Error, Result};
 use crate::stats::WorkerStats;
 
+/// An error answer: a status code (HTTP-like) and a message, sent in the
+/// `Nats-Service-Error-Code` and `Nats-Service-Error` headers.
+pub type EndpointError = (u16, String);
+
 /// A registered service; stops answering when dropped or stopped.
 #[derive(Debug)]
 pub struct ServiceHandle {
-    task: JoinHandle<()>,
+    service: Service,
+    tasks: Vec<JoinHandle<()>>,
+    name: String,
 }
 
 impl ServiceHandle {
-    /// Stops answering.
-    pub fn stop(self) {
-        self.task.abort();
+    /// Answers requests on `subject` with `handler`, each request in its own
+    /// task. `name` shows in `$SRV.INFO` and `$SRV.STATS`.
+    pub async fn add_endpoint<F, Fut>(
+        &mut self,
+        name: &str,
+        subject: &str,
+        handler: F,
+    ) -> Result<()>
+    where
+        F: Fn(async_nats::Message) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Bytes, EndpointError>> + Send + 'static,
+    {
+        let mut endpoint = self
+            .service
+            .endpoint_builder()
+            .name(name)
+            .add(subject)
+            .await
+            .map_err(|e| {
+                Error::jetstream(format!("cannot add endpoint {subject} to {}", self.name), e)
+            })?;
+        let handler = Arc::new(handler);
+        self.tasks.push(tokio::spawn(async move {
+            while let Some(request) = endpoint.next().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    let answer =
+                        handler(request.message.clone())
+                            .await
+                            .map_err(|(status, message)| async_nats::service::error::Error {
+                                code: usize::from(status),
+                                status: message,
+                            });
+                    if let Err(e) = request.respond(answer).await {
+                        tracing::debug!(error = %e, "cannot answer request");
+                    }
+                });
+            }
+        }));
+        Ok(())
     }
+
+    /// Stops answering.
+    pub fn stop(self) {}
 }
 
 impl Drop for ServiceHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
-/// Registers `name` on the service API, answering with `stats`.
+/// Registers `name` on the service API, answering with `stats`, with the
+/// endpoint `queries.<name>.status`.
 pub async fn start_service(
     bus: &Bus,
     name: &str,
     version: &str,
     stats: Arc<WorkerStats>,
 ) -> Result<ServiceHandle> {
-    use async_nats::service::ServiceExt;
-
     let for_stats = stats.clone();
     let service = bus
         .client()
@@ -54,22 +107,17 @@ pub async fn start_service(
         .start(name, version)
         .await
         .map_err(|e| Error::jetstream(format!("cannot register service {name}"), e))?;
+    let mut handle = ServiceHandle {
+        service,
+        tasks: Vec::new(),
+        name: name.to_owned(),
+    };
     let subject = skein_message::subject::query(name, "status");
-    let mut endpoint = service
-        .endpoint_builder()
-        .name("status")
-        .add(subject.as_str())
-        .await
-        .map_err(|e| Error::jetstream(format!("cannot add endpoint {subject}"), e))?;
-    let task = tokio::spawn(async move {
-        // Keep the service alive as long as the task runs.
-        let _service = service;
-        while let Some(request) = endpoint.next().await {
+    handle
+        .add_endpoint("status", &subject, move |_request| {
             let body = serde_json::to_vec(&stats.snapshot()).unwrap_or_default();
-            if let Err(e) = request.respond(Ok(body.into())).await {
-                tracing::debug!(error = %e, "cannot answer status request");
-            }
-        }
-    });
-    Ok(ServiceHandle { task })
+            async move { Ok(Bytes::from(body)) }
+        })
+        .await?;
+    Ok(handle)
 }

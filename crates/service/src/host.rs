@@ -1,0 +1,170 @@
+//! [`Host`]: a worker's store, relay, consumers, queries and figures.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use skein_bus::service::{start_service, ServiceHandle};
+use skein_bus::{Bus, RunningWorker, Worker, WorkerConfig, WorkerStats};
+use skein_contracts::ServiceError;
+use skein_message::{envelope::headers, MessageContext, Query};
+use skein_outbox::{Inbox, Relay, RelayConfig, Store, TxHandler};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Result;
+
+/// How to host a worker.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Worker (service) name: the durable consumer names, the inbox name,
+    /// the service API name and the query subjects' middle token. A contract.
+    pub name: String,
+    /// Version shown on the service API.
+    pub version: String,
+    /// Relay settings.
+    pub relay: RelayConfig,
+}
+
+impl HostConfig {
+    /// Defaults for `name`.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+/// A running worker host.
+#[derive(Debug)]
+pub struct Host {
+    config: HostConfig,
+    bus: Bus,
+    store: Store,
+    stats: Arc<WorkerStats>,
+    service: ServiceHandle,
+    workers: Vec<RunningWorker>,
+    relay: JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Host {
+    /// Starts the relay and registers the service; add consumers and queries next.
+    pub async fn start(bus: Bus, store: Store, config: HostConfig) -> Result<Self> {
+        let stats = Arc::new(WorkerStats::default());
+        let shutdown = CancellationToken::new();
+        let relay = Relay::new(store.clone(), bus.publisher(), config.relay.clone())
+            .with_stats(stats.clone())
+            .spawn(shutdown.clone());
+        let service = start_service(&bus, &config.name, &config.version, stats.clone()).await?;
+        Ok(Self {
+            config,
+            bus,
+            store,
+            stats,
+            service,
+            workers: Vec::new(),
+            relay,
+            shutdown,
+        })
+    }
+
+    /// Binds this worker's durable consumer on `stream` (named after the
+    /// worker) to `handler`, run once per message through the inbox.
+    /// `tune` adjusts the consumer settings (lanes, ack wait, retries).
+    pub async fn consume<H: TxHandler>(
+        &mut self,
+        stream: &str,
+        filter_subjects: Vec<String>,
+        handler: H,
+        tune: impl FnOnce(&mut WorkerConfig),
+    ) -> Result<()> {
+        let mut config = WorkerConfig::new(&self.config.name, stream, filter_subjects);
+        tune(&mut config);
+        let inbox = Inbox::new(self.store.clone(), &self.config.name, handler);
+        let worker = Worker::start_with_stats(&self.bus, config, inbox, self.stats.clone()).await?;
+        self.workers.push(worker);
+        Ok(())
+    }
+
+    /// Answers the query `Q` on `queries.<Q::SERVICE>.<Q::NAME>` with `handler`.
+    ///
+    /// A request that is not valid JSON for `Q` (including unknown fields) is
+    /// answered 400 with the parse error; the handler's [`ServiceError`]s are
+    /// answered as they are; the correlation id of the request
+    /// (`ce-correlationid` header) is handed to the handler for the messages
+    /// it causes.
+    pub async fn query<Q, F, Fut>(&mut self, handler: F) -> Result<()>
+    where
+        Q: Query,
+        F: Fn(Q, MessageContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Q::Reply, ServiceError>> + Send + 'static,
+    {
+        let subject = skein_message::subject::query(Q::SERVICE, Q::NAME);
+        let handler = Arc::new(handler);
+        self.service
+            .add_endpoint(Q::NAME, &subject, move |message| {
+                let handler = handler.clone();
+                async move {
+                    let query: Q = serde_json::from_slice(&message.payload)
+                        .map_err(|e| (400, format!("invalid {} request: {e}", Q::type_name())))?;
+                    let context = message
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get(headers::CORRELATION_ID))
+                        .map(|v| MessageContext::with_correlation(v.as_str()))
+                        .unwrap_or_else(MessageContext::root);
+                    let reply = handler(query, context)
+                        .await
+                        .map_err(|e| (e.status, e.message))?;
+                    serde_json::to_vec(&reply)
+                        .map(Bytes::from)
+                        .map_err(|e| (500, format!("cannot encode reply: {e}")))
+                }
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The figures.
+    pub fn stats(&self) -> &Arc<WorkerStats> {
+        &self.stats
+    }
+
+    /// The worker name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Stops consuming (finishing in-flight messages), publishes what is
+    /// committed, stops answering.
+    pub async fn shutdown(self) {
+        for worker in self.workers {
+            worker.shutdown().await;
+        }
+        self.shutdown.cancel();
+        let _ = self.relay.await;
+        drop(self.service);
+    }
+
+    /// Stops everything at once, as a crash would.
+    pub fn abort(self) {
+        for worker in self.workers {
+            worker.abort();
+        }
+        self.relay.abort();
+        drop(self.service);
+    }
+}

@@ -1,0 +1,47 @@
+//! Hosts a skein worker.
+//!
+//! A worker is a service that owns one database and talks through the bus.
+//! [`Host`] wires the parts every worker has, so a worker's code is its
+//! handlers and nothing else:
+//!
+//! - the store and its outbox [`Relay`](skein_outbox::Relay), reporting the
+//!   outbox backlog;
+//! - consumer groups ([`Host::consume`]): a durable consumer per stream named
+//!   after the worker, each handler wrapped in the inbox so it runs once per
+//!   message;
+//! - query endpoints ([`Host::query`]): typed request-reply on
+//!   `queries.<worker>.<name>` with queue group `<worker>`, errors as
+//!   [`ServiceError`] in the NATS service error headers;
+//! - the NATS service API with the worker's figures.
+//!
+//! [`request`] is the client side of a query.
+//!
+//! # Layout
+//!
+//! - [`host`]: [`Host`] and [`HostConfig`].
+//! - [`client`]: [`request`] and [`RequestError`].
+
+pub mod client;
+pub mod host;
+
+pub use client::{request, request_with, RequestError};
+pub use host::{Host, HostConfig};
+pub use skein_contracts::ServiceError;
+
+/// An error of the host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The bus failed.
+    #[error(transparent)]
+    Bus(#[from] skein_bus::Error),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] skein_outbox::Error),
+}
+
+/// Result of the host.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,434 @@
+//! The catalog worker against a real nats-server, on SQLite and PostgreSQL.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use skein_contracts::catalog::*;
+use skein_service::testing::{admin, assert_schema, customer, Platform};
+use skein_service::{request, Host, HostConfig, RequestError};
+use skein_testkit::{backend_tests, Backend};
+use uuid::Uuid;
+
+struct Catalog {
+    p: Platform,
+    host: Option<Host>,
+}
+
+impl Catalog {
+    async fn start(backend: Backend) -> anyhow::Result<Self> {
+        let p = Platform::start(backend)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+        let store = p
+            .store("catalog")
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+        let host = skein_catalog::start(
+            p.connect("catalog")
+                .await
+                .map_err(anyhow::Error::from_boxed)?,
+            store,
+            HostConfig::new("catalog"),
+        )
+        .await?;
+        Ok(Self {
+            p,
+            host: Some(host),
+        })
+    }
+
+    async fn add(&self, sku: &str, price_cents: i64, stock: i64) -> anyhow::Result<Product> {
+        Ok(request(
+            &self.p.bus,
+            &AddProduct {
+                caller: admin(),
+                sku: sku.into(),
+                name: format!("Product {sku}"),
+                price_cents,
+                stock,
+            },
+        )
+        .await?)
+    }
+
+    async fn available(&self, id: Uuid) -> anyhow::Result<i64> {
+        Ok(request(&self.p.bus, &GetProduct { product_id: id })
+            .await?
+            .available)
+    }
+
+    async fn reserve(&self, order_id: Uuid, lines: &[(Uuid, i64)]) -> anyhow::Result<()> {
+        let lines = lines
+            .iter()
+            .map(|&(product_id, quantity)| StockLine {
+                product_id,
+                quantity,
+            })
+            .collect();
+        self.p
+            .send(&ReserveStock { order_id, lines })
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+        Ok(())
+    }
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            host.abort();
+        }
+    }
+}
+
+fn status(e: &RequestError) -> u16 {
+    match e {
+        RequestError::Service(s) => s.status,
+        _ => 0,
+    }
+}
+
+async fn admins_add_and_restock_products_and_everyone_lists_them(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let tea = c.add("TEA-1", 450, 10).await?;
+    ensure!(tea.available == 10 && tea.price_cents == 450);
+    let restocked = request(
+        &c.p.bus,
+        &Restock {
+            caller: admin(),
+            product_id: tea.id,
+            quantity: 5,
+        },
+    )
+    .await?;
+    ensure!(restocked.available == 15);
+    let list = request(&c.p.bus, &ListProducts {}).await?;
+    ensure!(
+        list.items
+            == vec![Product {
+                available: 15,
+                ..tea.clone()
+            }]
+    );
+
+    let added =
+        c.p.wait_events::<ProductAdded>(&tea.id.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(added[0].sku == "TEA-1" && added[0].stock == 10);
+    let restocks =
+        c.p.wait_events::<Restocked>(&tea.id.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(restocks[0].available == 15);
+    for envelope in
+        c.p.envelopes("events.catalog.>")
+            .await
+            .map_err(anyhow::Error::from_boxed)?
+    {
+        assert_schema(&envelope).map_err(anyhow::Error::from_boxed)?;
+    }
+    Ok(())
+}
+
+async fn bad_product_requests_are_refused_precisely_and_change_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    c.add("SKU-1", 100, 1).await?;
+    let customer = customer(Uuid::now_v7());
+    let forbidden = request(
+        &c.p.bus,
+        &AddProduct {
+            caller: customer.clone(),
+            sku: "X".into(),
+            name: "X".into(),
+            price_cents: 1,
+            stock: 1,
+        },
+    )
+    .await
+    .err()
+    .context("a customer added a product")?;
+    ensure!(status(&forbidden) == 403, "{forbidden}");
+    let duplicate = c
+        .add("SKU-1", 100, 1)
+        .await
+        .err()
+        .context("duplicate sku accepted")?;
+    ensure!(duplicate.to_string().contains("409"), "{duplicate}");
+    let invalid = request(
+        &c.p.bus,
+        &AddProduct {
+            caller: admin(),
+            sku: "".into(),
+            name: "ok".into(),
+            price_cents: -5,
+            stock: 1_000_000,
+        },
+    )
+    .await
+    .err()
+    .context("invalid product accepted")?;
+    let message = invalid.to_string();
+    ensure!(status(&invalid) == 400, "{message}");
+    ensure!(
+        message.contains("/sku") && message.contains("/price_cents") && message.contains("/stock"),
+        "{message}"
+    );
+    let unknown = request(
+        &c.p.bus,
+        &Restock {
+            caller: admin(),
+            product_id: Uuid::now_v7(),
+            quantity: 1,
+        },
+    )
+    .await
+    .err()
+    .context("restocked nothing")?;
+    ensure!(status(&unknown) == 404, "{unknown}");
+    let zero = request(
+        &c.p.bus,
+        &Restock {
+            caller: admin(),
+            product_id: Uuid::now_v7(),
+            quantity: 0,
+        },
+    )
+    .await
+    .err()
+    .context("zero restock")?;
+    ensure!(status(&zero) == 400, "{zero}");
+    // Unknown fields are refused before any handler runs.
+    let raw =
+        c.p.bus
+            .client()
+            .request("queries.catalog.list_products", r#"{"surprise": 1}"#.into())
+            .await?;
+    let code = raw
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error-Code"))
+        .map(|v| v.as_str().to_owned());
+    ensure!(
+        code.as_deref() == Some("400"),
+        "unknown field answered {code:?}"
+    );
+    ensure!(request(&c.p.bus, &ListProducts {}).await?.items.len() == 1);
+    Ok(())
+}
+
+async fn a_reservation_takes_every_line_or_none(backend: Backend) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let a = c.add("A", 100, 5).await?;
+    let b = c.add("B", 200, 1).await?;
+    let ok = Uuid::now_v7();
+    c.reserve(ok, &[(a.id, 2), (b.id, 1)]).await?;
+    let reserved =
+        c.p.wait_events::<StockReserved>(&ok.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(reserved[0].lines.len() == 2);
+    ensure!(c.available(a.id).await? == 3 && c.available(b.id).await? == 0);
+
+    let short = Uuid::now_v7();
+    let ghost = Uuid::now_v7();
+    c.reserve(short, &[(a.id, 1), (b.id, 1), (ghost, 1)])
+        .await?;
+    let rejected =
+        c.p.wait_events::<StockRejected>(&short.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    let mut reasons: Vec<(Uuid, String, i64)> = rejected[0]
+        .lines
+        .iter()
+        .map(|l| (l.product_id, l.reason.clone(), l.available))
+        .collect();
+    reasons.sort();
+    let mut expected = vec![
+        (b.id, "insufficient_stock".to_owned(), 0),
+        (ghost, "unknown_product".to_owned(), 0),
+    ];
+    expected.sort();
+    ensure!(reasons == expected, "{reasons:?}");
+    ensure!(
+        c.available(a.id).await? == 3,
+        "a rejected reservation took stock of a line that fit"
+    );
+    for envelope in
+        c.p.envelopes("events.catalog.*.stock_*")
+            .await
+            .map_err(anyhow::Error::from_boxed)?
+    {
+        assert_schema(&envelope).map_err(anyhow::Error::from_boxed)?;
+    }
+    Ok(())
+}
+
+async fn a_repeated_reservation_for_an_order_answers_the_same_and_reserves_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let a = c.add("A", 100, 5).await?;
+    let order = Uuid::now_v7();
+    c.reserve(order, &[(a.id, 2)]).await?;
+    c.reserve(order, &[(a.id, 2)]).await?;
+    c.p.wait_events::<StockReserved>(&order.to_string(), 2)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    ensure!(
+        c.available(a.id).await? == 3,
+        "the same order reserved twice"
+    );
+    Ok(())
+}
+
+async fn release_gives_stock_back_and_commit_sells_it(backend: Backend) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let a = c.add("A", 100, 10).await?;
+    let (kept, dropped) = (Uuid::now_v7(), Uuid::now_v7());
+    c.reserve(kept, &[(a.id, 3)]).await?;
+    c.reserve(dropped, &[(a.id, 4)]).await?;
+    c.p.wait_events::<StockReserved>(&dropped.to_string(), 1)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    c.p.wait_events::<StockReserved>(&kept.to_string(), 1)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    ensure!(c.available(a.id).await? == 3);
+    c.p.send(&ReleaseStock {
+        order_id: dropped,
+        reason: "payment_declined".into(),
+    })
+    .await
+    .map_err(anyhow::Error::from_boxed)?;
+    let released =
+        c.p.wait_events::<StockReleased>(&dropped.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(
+        released[0].lines
+            == vec![StockLine {
+                product_id: a.id,
+                quantity: 4
+            }]
+    );
+    ensure!(c.available(a.id).await? == 7);
+    // Releasing again gives nothing back twice.
+    c.p.send(&ReleaseStock {
+        order_id: dropped,
+        reason: "again".into(),
+    })
+    .await
+    .map_err(anyhow::Error::from_boxed)?;
+    let again =
+        c.p.wait_events::<StockReleased>(&dropped.to_string(), 2)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(again[1].lines.is_empty());
+    ensure!(c.available(a.id).await? == 7);
+
+    c.p.send(&CommitStock { order_id: kept })
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    c.p.wait_events::<StockCommitted>(&kept.to_string(), 1)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    ensure!(
+        c.available(a.id).await? == 7,
+        "committing changes availability"
+    );
+    // Releasing a committed reservation gives nothing back.
+    c.p.send(&ReleaseStock {
+        order_id: kept,
+        reason: "late".into(),
+    })
+    .await
+    .map_err(anyhow::Error::from_boxed)?;
+    c.p.wait_events::<StockReleased>(&kept.to_string(), 1)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    ensure!(c.available(a.id).await? == 7);
+    Ok(())
+}
+
+async fn an_invalid_reservation_is_dead_lettered_and_reserves_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let a = c.add("A", 100, 5).await?;
+    let order = Uuid::now_v7();
+    c.reserve(order, &[(a.id, 1), (a.id, 1)]).await?; // the same product twice
+    c.reserve(Uuid::now_v7(), &[]).await?;
+    c.reserve(Uuid::now_v7(), &[(a.id, 0)]).await?;
+    let dead =
+        c.p.wait_dead_letters(3)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    let reasons: Vec<&str> = dead.iter().map(|(i, _)| i.reason.as_str()).collect();
+    ensure!(
+        reasons.iter().any(|r| r.contains("/lines/1/product_id")),
+        "{reasons:?}"
+    );
+    ensure!(
+        reasons.iter().any(|r| r.contains("at least one line")),
+        "{reasons:?}"
+    );
+    ensure!(
+        reasons.iter().any(|r| r.contains("/lines/0/quantity")),
+        "{reasons:?}"
+    );
+    ensure!(dead.iter().all(|(i, _)| i.handler == "catalog"));
+    // A valid order after them goes through.
+    let good = Uuid::now_v7();
+    c.reserve(good, &[(a.id, 1)]).await?;
+    c.p.wait_events::<StockReserved>(&good.to_string(), 1)
+        .await
+        .map_err(anyhow::Error::from_boxed)?;
+    ensure!(c.available(a.id).await? == 4);
+    Ok(())
+}
+
+async fn concurrent_reservations_never_oversell(backend: Backend) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let a = c.add("A", 100, 20).await?;
+    let orders: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+    for order in &orders {
+        c.reserve(*order, &[(a.id, 1)]).await?;
+    }
+    let mut reserved = 0;
+    for order in &orders {
+        let outcome = skein_testkit::eventually(Duration::from_secs(15), || async {
+            let r =
+                c.p.events::<StockReserved>(&order.to_string())
+                    .await
+                    .ok()?
+                    .len();
+            let j =
+                c.p.events::<StockRejected>(&order.to_string())
+                    .await
+                    .ok()?
+                    .len();
+            (r + j > 0).then_some(r > 0)
+        })
+        .await
+        .context("an order got no answer")?;
+        reserved += usize::from(outcome);
+    }
+    ensure!(reserved == 20, "{reserved} reservations of 20 units");
+    ensure!(c.available(a.id).await? == 0);
+    Ok(())
+}
+
+backend_tests!(
+    admins_add_and_restock_products_and_everyone_lists_them,
+    bad_product_requests_are_refused_precisely_and_change_nothing,
+    a_reservation_takes_every_line_or_none,
+    a_repeated_reservation_for_an_order_answers_the_same_and_reserves_once,
+    release_gives_stock_back_and_commit_sells_it,
+    an_invalid_reservation_is_dead_lettered_and_reserves_nothing,
+    concurrent_reservations_never_oversell,
+);
