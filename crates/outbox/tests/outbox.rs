@@ -635,6 +635,22 @@ impl TxHandler for Record {
     }
 }
 
+impl Harness {
+    /// A copy of the `recorder` worker on `bus`, applying through the inbox.
+    async fn start_recorder(
+        &self,
+        bus: &Bus,
+        copy: &'static str,
+    ) -> anyhow::Result<skein_bus::RunningWorker> {
+        Ok(Worker::start(
+            bus,
+            WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]),
+            Inbox::new(self.store.clone(), "recorder", Record { copy }),
+        )
+        .await?)
+    }
+}
+
 async fn applied(h: &Harness) -> anyhow::Result<Vec<(String, i64, String)>> {
     Ok(
         sqlx::query_as("SELECT entity, n, copy FROM applied ORDER BY seq")
@@ -648,20 +664,9 @@ async fn two_copies_share_the_work_each_message_applied_once_in_entity_order(
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
     h.spawn_relay();
-    let config = WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]);
     let bus_b = Bus::connect(&BusConfig::new(h.nats.url(), "copy-b")).await?;
-    let a = Worker::start(
-        &h.bus,
-        config.clone(),
-        Inbox::new(h.store.clone(), "recorder", Record { copy: "a" }),
-    )
-    .await?;
-    let b = Worker::start(
-        &bus_b,
-        config,
-        Inbox::new(h.store.clone(), "recorder", Record { copy: "b" }),
-    )
-    .await?;
+    let a = h.start_recorder(&h.bus, "a").await?;
+    let b = h.start_recorder(&bus_b, "b").await?;
     let total = 200;
     for n in 0..total {
         h.write(&format!("e{}", n % 10), n).await?;
@@ -712,12 +717,7 @@ async fn replaying_the_stream_into_a_consumer_changes_nothing(
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
     h.spawn_relay();
-    let worker = Worker::start(
-        &h.bus,
-        WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]),
-        Inbox::new(h.store.clone(), "recorder", Record { copy: "live" }),
-    )
-    .await?;
+    let worker = h.start_recorder(&h.bus, "live").await?;
     for n in 0..20 {
         h.write("r", n).await?;
     }
@@ -754,12 +754,7 @@ async fn a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
     h.spawn_relay();
-    let worker = Worker::start(
-        &h.bus,
-        WorkerConfig::new("recorder", EVENTS, vec!["events.test.>".into()]),
-        Inbox::new(h.store.clone(), "recorder", Record { copy: "a" }),
-    )
-    .await?;
+    let worker = h.start_recorder(&h.bus, "a").await?;
     // Valid headers, payload of the wrong shape: the handler's decode fails permanently.
     let mut poison = Envelope::event(
         "test",
