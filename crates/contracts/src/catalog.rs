@@ -123,7 +123,7 @@ impl Validate for Restock {
 pub struct ListProducts {}
 contract!(query ListProducts, "catalog", "list_products", v 1, reply = ProductList);
 
-/// The answer to [`ListProducts`].
+/// The answer to `list_products`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ProductList {
     /// Products ordered by name.

@@ -154,6 +154,50 @@ pub fn index() -> serde_json::Value {
     })
 }
 
+/// `schemas/README.md`: every contract by service, as tables.
+pub fn markdown() -> String {
+    let entries = all();
+    let mut out = String::from(
+        "# Message contracts\n\n\
+         Generated from `crates/contracts` by the test `schemas_match_the_types`; do not edit.\n\
+         Each row links the JSON Schema (draft 2020-12) of the payload.\n",
+    );
+    let mut services: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| e.file.split('/').next())
+        .collect();
+    services.dedup();
+    for service in services {
+        out.push_str(&format!(
+            "\n## {service}\n\n| type | kind | subject | what |\n|---|---|---|---|\n"
+        ));
+        for e in entries
+            .iter()
+            .filter(|e| e.file.starts_with(&format!("{service}/")))
+        {
+            let what = e
+                .schema
+                .get("description")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.split("\n\n").next())
+                .unwrap_or("")
+                .replace('\n', " ")
+                .replace('|', "\\|");
+            let kind = match e.kind {
+                Kind::Command => "command",
+                Kind::Event => "event",
+                Kind::Query => "query",
+                Kind::Reply => "reply",
+            };
+            out.push_str(&format!(
+                "| [`{}`]({}) | {kind} | `{}` | {what} |\n",
+                e.type_name, e.file, e.subject
+            ));
+        }
+    }
+    out
+}
+
 /// The schema entry of a `ce-type` (commands, events, queries).
 pub fn find(type_name: &str) -> Option<Entry> {
     all().into_iter().find(|e| e.type_name == type_name)

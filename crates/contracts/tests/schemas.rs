@@ -21,10 +21,16 @@ fn pretty(value: &impl serde::Serialize) -> anyhow::Result<String> {
 fn schemas_match_the_types() -> anyhow::Result<()> {
     let dir = schemas_dir();
     let bless = std::env::var("SKEIN_BLESS_SCHEMAS").is_ok_and(|v| v == "1");
-    let mut expected = vec![(
-        "index.json".to_owned(),
-        pretty(&skein_contracts::registry::index())?,
-    )];
+    let mut expected = vec![
+        (
+            "index.json".to_owned(),
+            pretty(&skein_contracts::registry::index())?,
+        ),
+        (
+            "README.md".to_owned(),
+            skein_contracts::registry::markdown(),
+        ),
+    ];
     for entry in skein_contracts::registry::all() {
         expected.push((entry.file.clone(), pretty(&entry.schema)?));
     }
