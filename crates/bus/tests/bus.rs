@@ -1,0 +1,966 @@
+//! skein-bus against a real nats-server: provisioning, publishing, replay,
+//! the consumer-group runtime (lanes, retries, dead letters, copies, crashes,
+//! shutdown, in-progress), the service API, connecting and broker restarts.
+//!
+//! Every test starts its own server on a free port with a temporary store.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use async_nats::jetstream::consumer::{self, pull};
+use serde::{Deserialize, Serialize};
+use skein_bus::dlq::DeadLetterInfo;
+use skein_bus::provision::{apply_builtin_streams, Change, COMMANDS, DLQ, EVENTS};
+use skein_bus::replay::{read, StartAt, StoredMessage};
+use skein_bus::service::start_service;
+use skein_bus::{
+    Bus, BusConfig, Delivery, Error, Handler, HandlerError, Outgoing, StatsSnapshot, Worker,
+    WorkerConfig, WorkerStats,
+};
+use skein_message::{new_id, Contract, Envelope, Event, MessageContext};
+use skein_testkit::{eventually, init_tracing, NatsServer};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------
+// Test messages and helpers
+// ---------------------------------------------------------------------------
+
+/// The test event: `events.test.<entity>.happened`, `ce-subject` = entity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Happened {
+    entity: String,
+    n: u32,
+}
+
+impl Contract for Happened {
+    const SERVICE: &'static str = "test";
+    const NAME: &'static str = "happened";
+    const VERSION: u32 = 1;
+}
+
+impl Event for Happened {
+    fn entity_id(&self) -> String {
+        self.entity.clone()
+    }
+}
+
+fn happened(entity: &str, n: u32) -> anyhow::Result<Envelope> {
+    Ok(Envelope::event(
+        "tester",
+        &Happened {
+            entity: entity.to_owned(),
+            n,
+        },
+        &MessageContext::root(),
+    )?)
+}
+
+/// A handler made of a closure taking the delivery by value.
+struct FnHandler<F>(F);
+
+impl<F, Fut> Handler for FnHandler<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    fn handle(&self, delivery: &Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        (self.0)(delivery.clone())
+    }
+}
+
+fn handler<F, Fut>(f: F) -> FnHandler<F>
+where
+    F: Fn(Delivery) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+{
+    FnHandler(f)
+}
+
+/// A server with the built-in streams and one connection to it.
+async fn start() -> anyhow::Result<(NatsServer, Bus)> {
+    let server = NatsServer::start().await?;
+    let bus = connect(&server, "test").await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    Ok((server, bus))
+}
+
+async fn connect(server: &NatsServer, name: &str) -> anyhow::Result<Bus> {
+    Ok(Bus::connect(&BusConfig::new(server.url(), name)).await?)
+}
+
+/// A worker on `events.test.>` with timings short enough for tests.
+fn fast_worker(name: &str) -> WorkerConfig {
+    let mut config = WorkerConfig::new(name, EVENTS, vec!["events.test.>".into()]);
+    config.lanes = 8;
+    config.ack_wait = Duration::from_secs(2);
+    config.backoff = vec![Duration::from_millis(50)];
+    config.figures_interval = Duration::from_millis(200);
+    config
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> anyhow::Result<MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| anyhow!("a handler panicked holding the lock"))
+}
+
+fn lock_in_handler<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>, HandlerError> {
+    mutex
+        .lock()
+        .map_err(|_| HandlerError::permanent("test lock poisoned"))
+}
+
+async fn consumer_info(bus: &Bus, name: &str) -> anyhow::Result<consumer::Info> {
+    let mut consumer = bus
+        .jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .get_consumer::<pull::Config>(name)
+        .await
+        .map_err(|e| anyhow!("cannot open consumer {name}: {e}"))?;
+    Ok(consumer.info().await?.clone())
+}
+
+/// Waits until the consumer has no delivered-but-unacknowledged message.
+async fn all_acked(bus: &Bus, name: &str, timeout: Duration) -> anyhow::Result<consumer::Info> {
+    eventually(timeout, || async {
+        consumer_info(bus, name)
+            .await
+            .ok()
+            .filter(|i| i.num_ack_pending == 0 && i.num_pending == 0)
+    })
+    .await
+    .with_context(|| format!("consumer {name} still has unacknowledged or pending messages"))
+}
+
+async fn handled_at_least(stats: &WorkerStats, n: u64, timeout: Duration) -> anyhow::Result<()> {
+    eventually(timeout, || async {
+        (stats.snapshot().handled >= n).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "expected {n} handled messages within {timeout:?}, stats: {:?}",
+            stats.snapshot()
+        )
+    })
+}
+
+fn header<'a>(message: &'a StoredMessage, name: &str) -> Option<&'a str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str())
+}
+
+// ---------------------------------------------------------------------------
+// Provisioning, publishing, replay
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_is_idempotent_and_restores_a_stream_changed_on_the_server(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let server = NatsServer::start().await?;
+    let bus = connect(&server, "test").await?;
+    let js = bus.jetstream();
+    let all = |change: Change| {
+        vec![
+            (EVENTS.to_owned(), change.clone()),
+            (COMMANDS.to_owned(), change.clone()),
+            (DLQ.to_owned(), change),
+        ]
+    };
+
+    let first = apply_builtin_streams(js, &Default::default()).await?;
+    assert_eq!(first, all(Change::Created));
+    let second = apply_builtin_streams(js, &Default::default()).await?;
+    assert_eq!(second, all(Change::Unchanged));
+
+    // Someone changes EVENTS by hand.
+    let defined = js.get_stream(EVENTS).await?.info().await?.config.clone();
+    let mut changed = defined.clone();
+    changed.max_age = Duration::from_secs(3600);
+    changed.description = Some("changed by hand".into());
+    js.update_stream(&changed).await?;
+    assert_eq!(
+        js.get_stream(EVENTS).await?.info().await?.config.max_age,
+        Duration::from_secs(3600)
+    );
+
+    let third = apply_builtin_streams(js, &Default::default()).await?;
+    let (events, change) = third.first().context("no EVENTS change")?;
+    assert_eq!(events, EVENTS);
+    match change {
+        Change::Updated(fields) => {
+            let mut fields = fields.clone();
+            fields.sort();
+            assert_eq!(fields, vec!["description".to_owned(), "max_age".to_owned()]);
+        }
+        other => bail!("expected EVENTS to be updated, got {other}"),
+    }
+    assert_eq!(third[1..], all(Change::Unchanged)[1..]);
+    let restored = js.get_stream(EVENTS).await?.info().await?.config.clone();
+    assert_eq!(restored.max_age, defined.max_age);
+    assert_eq!(restored.max_age, Duration::from_secs(365 * 24 * 3600));
+    assert_eq!(restored.description, defined.description);
+
+    let fourth = apply_builtin_streams(js, &Default::default()).await?;
+    assert_eq!(fourth, all(Change::Unchanged));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_published_envelope_reads_back_equal_and_a_repeat_is_stored_once() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let context = MessageContext {
+        correlation_id: "req-42".into(),
+        causation_id: Some(new_id()),
+        traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+    };
+    let payload = Happened {
+        entity: "e-1".into(),
+        n: 7,
+    };
+    let envelope = Envelope::event("tester", &payload, &context)?;
+    let publisher = bus.publisher();
+
+    let ack = publisher.publish(&envelope).await?;
+    assert!(!ack.duplicate);
+    assert_eq!(ack.stream, EVENTS);
+
+    let stored = read(&bus, EVENTS, "events.>", StartAt::Beginning).await?;
+    assert_eq!(stored.len(), 1);
+    let message = &stored[0];
+    assert_eq!(message.sequence, ack.sequence);
+    assert_eq!(message.subject, "events.test.e-1.happened");
+    assert_eq!(
+        header(message, "Nats-Msg-Id"),
+        Some(envelope.id.to_string().as_str())
+    );
+    let back = Envelope::from_parts(
+        &message.subject,
+        message.headers.as_ref(),
+        message.payload.clone(),
+    )?;
+    assert_eq!(back, envelope);
+    assert_eq!(back.decode::<Happened>()?, payload);
+
+    let again = publisher.publish(&envelope).await?;
+    assert!(again.duplicate, "the second publish was not a duplicate");
+    assert_eq!(again.sequence, ack.sequence);
+    let stored = read(&bus, EVENTS, "events.>", StartAt::Beginning).await?;
+    assert_eq!(stored.len(), 1);
+    let state = bus
+        .jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .info()
+        .await?
+        .state
+        .clone();
+    assert_eq!(state.messages, 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_stored_in_input_order() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let envelopes = (0..60)
+        .map(|i| happened(&format!("e-{}", i % 7), i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outgoing: Vec<Outgoing> = envelopes.iter().map(Outgoing::from).collect();
+
+    let acks = bus
+        .publisher()
+        .publish_batch(&outgoing)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(acks.len(), envelopes.len());
+    assert!(acks.iter().all(|a| !a.duplicate));
+
+    let stored = read(&bus, EVENTS, "events.test.>", StartAt::Beginning).await?;
+    let stored_ids = stored
+        .iter()
+        .map(|m| Ok(Envelope::from_parts(&m.subject, m.headers.as_ref(), m.payload.clone())?.id))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let input_ids: Vec<Uuid> = envelopes.iter().map(|e| e.id).collect();
+    assert_eq!(stored_ids, input_ids);
+    let ack_sequences: Vec<u64> = acks.iter().map(|a| a.sequence).collect();
+    let stored_sequences: Vec<u64> = stored.iter().map(|m| m.sequence).collect();
+    assert_eq!(ack_sequences, stored_sequences);
+    assert!(stored_sequences.windows(2).all(|w| w[0] < w[1]));
+
+    // Replay from a sequence starts there.
+    let tail = read(
+        &bus,
+        EVENTS,
+        "events.test.>",
+        StartAt::Sequence(stored_sequences[50]),
+    )
+    .await?;
+    assert_eq!(tail.len(), 10);
+    assert_eq!(tail[0].sequence, stored_sequences[50]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The consumer-group runtime
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_entity_is_handled_in_order_while_entities_run_in_parallel() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const ENTITIES: u32 = 10;
+    const PER_ENTITY: u32 = 20;
+
+    let seen: Arc<Mutex<HashMap<String, Vec<u32>>>> = Arc::default();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let max_in_flight = Arc::new(AtomicUsize::new(0));
+    let mut config = fast_worker("orderly");
+    config.lanes = 8;
+    let running = Worker::start(&bus, config, {
+        let (seen, in_flight, max_in_flight) =
+            (seen.clone(), in_flight.clone(), max_in_flight.clone());
+        handler(move |d: Delivery| {
+            let (seen, in_flight, max_in_flight) =
+                (seen.clone(), in_flight.clone(), max_in_flight.clone());
+            async move {
+                let event: Happened = d.envelope.decode()?;
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max_in_flight.fetch_max(now, Ordering::SeqCst);
+                // 0..=4 ms, varying so that lanes overtake each other.
+                tokio::time::sleep(Duration::from_millis(d.info.stream_sequence * 7 % 5)).await;
+                lock_in_handler(&seen)?
+                    .entry(event.entity)
+                    .or_default()
+                    .push(event.n);
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    let outgoing = (0..ENTITIES * PER_ENTITY)
+        .map(|i| {
+            Ok(Outgoing::from(&happened(
+                &format!("e-{}", i % ENTITIES),
+                i / ENTITIES,
+            )?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+
+    let total = u64::from(ENTITIES * PER_ENTITY);
+    handled_at_least(running.stats(), total, Duration::from_secs(20)).await?;
+    let seen = lock(&seen)?.clone();
+    assert_eq!(seen.len(), ENTITIES as usize);
+    let expected: Vec<u32> = (0..PER_ENTITY).collect();
+    for (entity, order) in &seen {
+        assert_eq!(order, &expected, "entity {entity} out of order");
+    }
+    let max = max_in_flight.load(Ordering::SeqCst);
+    assert!(max > 1, "never more than {max} message at a time");
+    assert!(max <= 8, "{max} messages at once with 8 lanes");
+    assert_eq!(running.stats().snapshot().handled, total);
+    running.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_retried_with_backoff_until_it_succeeds() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let calls: Arc<Mutex<Vec<(u64, Instant)>>> = Arc::default();
+    let mut config = fast_worker("retrier");
+    config.max_deliver = 5;
+    config.backoff = vec![Duration::from_millis(150), Duration::from_millis(300)];
+    let running = Worker::start(&bus, config, {
+        let calls = calls.clone();
+        handler(move |d: Delivery| {
+            let calls = calls.clone();
+            async move {
+                lock_in_handler(&calls)?.push((d.info.delivered, Instant::now()));
+                if d.info.delivered < 3 {
+                    return Err(HandlerError::transient("database unavailable"));
+                }
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    bus.publisher().publish(&happened("e-1", 1)?).await?;
+    handled_at_least(running.stats(), 1, Duration::from_secs(10)).await?;
+    all_acked(&bus, "retrier", Duration::from_secs(5)).await?;
+
+    let calls = lock(&calls)?.clone();
+    let delivered: Vec<u64> = calls.iter().map(|(d, _)| *d).collect();
+    assert_eq!(delivered, vec![1, 2, 3]);
+    let first_gap = calls[1].1 - calls[0].1;
+    let second_gap = calls[2].1 - calls[1].1;
+    assert!(first_gap >= Duration::from_millis(140), "{first_gap:?}");
+    assert!(second_gap >= Duration::from_millis(290), "{second_gap:?}");
+    let stats = running.stats().snapshot();
+    assert_eq!(stats.transient_failures, 2);
+    assert_eq!(stats.handled, 1);
+    assert_eq!(stats.dead_lettered, 0);
+    running.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dlq_with_why_and_the_consumer_keeps_going() -> anyhow::Result<()>
+{
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "poison-eater";
+    let calls: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let mut config = fast_worker(WORKER);
+    config.max_deliver = 3;
+    let running = Worker::start(&bus, config, {
+        let calls = calls.clone();
+        handler(move |d: Delivery| {
+            let calls = calls.clone();
+            async move {
+                let entity = d.envelope.entity().unwrap_or_default().to_owned();
+                lock_in_handler(&calls)?
+                    .entry(entity.clone())
+                    .or_default()
+                    .push(d.info.delivered);
+                match entity.as_str() {
+                    "perm" => Err(HandlerError::permanent("order total is negative")),
+                    "flaky" => Err(HandlerError::transient("dependency down")),
+                    _ => Ok(()),
+                }
+            }
+        })
+    })
+    .await?;
+
+    // (a) Not a skein message: no ce-* headers.
+    let mut raw_headers = async_nats::HeaderMap::new();
+    raw_headers.insert("x-origin", "raw-test");
+    let raw_ack = bus
+        .jetstream()
+        .publish_with_headers(
+            "events.test.raw.happened",
+            raw_headers,
+            "not json at all".into(),
+        )
+        .await?
+        .await?;
+    // (b) Refused for good by the handler.
+    let perm = happened("perm", 1)?;
+    let perm_ack = bus.publisher().publish(&perm).await?;
+    // (c) Failing transiently on every delivery.
+    let flaky = happened("flaky", 1)?;
+    let flaky_ack = bus.publisher().publish(&flaky).await?;
+    // And a good one after them.
+    let good = happened("good", 1)?;
+    bus.publisher().publish(&good).await?;
+
+    eventually(Duration::from_secs(15), || async {
+        let s = running.stats().snapshot();
+        (s.handled == 1 && s.dead_lettered == 3).then_some(())
+    })
+    .await
+    .with_context(|| format!("stats: {:?}", running.stats().snapshot()))?;
+    all_acked(&bus, WORKER, Duration::from_secs(5)).await?;
+
+    let letters = read(&bus, DLQ, "dlq.>", StartAt::Beginning).await?;
+    assert_eq!(letters.len(), 3);
+    let mut by_subject = HashMap::new();
+    for letter in &letters {
+        assert_eq!(letter.subject, format!("dlq.{EVENTS}.{WORKER}"));
+        let headers = letter
+            .headers
+            .as_ref()
+            .context("dead letter without headers")?;
+        let info = DeadLetterInfo::from_headers(headers).context("no dead-letter headers")?;
+        assert_eq!(info.handler, WORKER);
+        assert_eq!(info.stream, EVENTS);
+        by_subject.insert(info.subject.clone(), (info, letter));
+    }
+
+    let (info, letter) = by_subject
+        .get("events.test.raw.happened")
+        .context("the raw message was not dead-lettered")?;
+    assert!(info.reason.contains("undecodable"), "{}", info.reason);
+    assert!(info.reason.contains("ce-specversion"), "{}", info.reason);
+    assert_eq!(info.deliveries, 1);
+    assert_eq!(info.stream_sequence, raw_ack.sequence);
+    assert_eq!(&letter.payload[..], b"not json at all");
+    assert_eq!(header(letter, "x-origin"), Some("raw-test"));
+
+    let (info, letter) = by_subject
+        .get(&perm.nats_subject)
+        .context("the permanently failing message was not dead-lettered")?;
+    assert_eq!(info.reason, "order total is negative");
+    assert_eq!(info.deliveries, 1);
+    assert_eq!(info.stream_sequence, perm_ack.sequence);
+    let original = Envelope::from_parts(
+        &info.subject,
+        letter.headers.as_ref(),
+        letter.payload.clone(),
+    )?;
+    assert_eq!(original, perm);
+
+    let (info, letter) = by_subject
+        .get(&flaky.nats_subject)
+        .context("the always failing message was not dead-lettered")?;
+    assert!(
+        info.reason.contains("gave up after 3 deliveries"),
+        "{}",
+        info.reason
+    );
+    assert!(info.reason.contains("dependency down"), "{}", info.reason);
+    assert_eq!(info.deliveries, 3);
+    assert_eq!(info.stream_sequence, flaky_ack.sequence);
+    let original = Envelope::from_parts(
+        &info.subject,
+        letter.headers.as_ref(),
+        letter.payload.clone(),
+    )?;
+    assert_eq!(original, flaky);
+
+    let calls = lock(&calls)?.clone();
+    assert_eq!(calls.get("perm"), Some(&vec![1]));
+    assert_eq!(calls.get("flaky"), Some(&vec![1, 2, 3]));
+    assert_eq!(calls.get("good"), Some(&vec![1]));
+    assert_eq!(
+        calls.len(),
+        3,
+        "the raw message reached the handler: {calls:?}"
+    );
+    let stats = running.stats().snapshot();
+    assert_eq!(stats.transient_failures, 2);
+
+    // The worker's figures count its dead letters.
+    eventually(Duration::from_secs(5), || async {
+        (running.stats().snapshot().gauges.get("dlq_depth") == Some(&3)).then_some(())
+    })
+    .await
+    .with_context(|| format!("gauges: {:?}", running.stats().snapshot().gauges))?;
+    running.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_copies_of_a_worker_share_the_work_and_handle_each_message_once() -> anyhow::Result<()>
+{
+    init_tracing();
+    let (server, bus) = start().await?;
+    const WORKER: &str = "sharer";
+    const COUNT: usize = 100;
+    let handled: Arc<Mutex<Vec<(&'static str, Uuid)>>> = Arc::default();
+    let mut config = fast_worker(WORKER);
+    config.ack_wait = Duration::from_secs(30);
+    config.lanes = 4;
+    config.batch = 4;
+    let copy = |name: &'static str| {
+        let handled = handled.clone();
+        handler(move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                lock_in_handler(&handled)?.push((name, d.envelope.id));
+                Ok(())
+            }
+        })
+    };
+    let bus_a = connect(&server, "copy-a").await?;
+    let bus_b = connect(&server, "copy-b").await?;
+    let a = Worker::start(&bus_a, config.clone(), copy("a")).await?;
+    let b = Worker::start(&bus_b, config, copy("b")).await?;
+    // Both copies are pulling before the work arrives.
+    eventually(Duration::from_secs(5), || async {
+        consumer_info(&bus, WORKER)
+            .await
+            .ok()
+            .filter(|i| i.num_waiting >= 2)
+    })
+    .await
+    .context("the two copies are not both pulling")?;
+
+    let envelopes = (0..COUNT)
+        .map(|i| happened(&format!("e-{i}"), 1))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let outgoing: Vec<Outgoing> = envelopes.iter().map(Outgoing::from).collect();
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+
+    eventually(Duration::from_secs(20), || async {
+        (lock(&handled).ok()?.len() >= COUNT).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "only {} handled",
+            lock(&handled).map(|h| h.len()).unwrap_or(0)
+        )
+    })?;
+    let info = all_acked(&bus, WORKER, Duration::from_secs(5)).await?;
+    assert_eq!(
+        info.delivered.consumer_sequence, COUNT as u64,
+        "some message was delivered more than once"
+    );
+
+    let handled = lock(&handled)?.clone();
+    let mut per_id: HashMap<Uuid, usize> = HashMap::new();
+    let mut per_copy: HashMap<&str, usize> = HashMap::new();
+    for (copy, id) in &handled {
+        *per_id.entry(*id).or_default() += 1;
+        *per_copy.entry(copy).or_default() += 1;
+    }
+    let published: HashSet<Uuid> = envelopes.iter().map(|e| e.id).collect();
+    assert_eq!(per_id.keys().copied().collect::<HashSet<_>>(), published);
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "handled twice: {per_id:?}"
+    );
+    let on_a = per_copy.get("a").copied().unwrap_or(0);
+    let on_b = per_copy.get("b").copied().unwrap_or(0);
+    assert!(on_a > 0 && on_b > 0, "a handled {on_a}, b handled {on_b}");
+    assert_eq!(
+        a.stats().snapshot().handled + b.stats().snapshot().handled,
+        COUNT as u64
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_a_copy_killed_mid_message_is_finished_by_the_other_copy() -> anyhow::Result<()>
+{
+    init_tracing();
+    let (server, bus) = start().await?;
+    const WORKER: &str = "survivor";
+    let mut config = fast_worker(WORKER);
+    config.ack_wait = Duration::from_secs(1);
+
+    let taken_by_a: Arc<Mutex<Option<Uuid>>> = Arc::default();
+    let bus_a = connect(&server, "copy-a").await?;
+    let a = Worker::start(&bus_a, config.clone(), {
+        let taken_by_a = taken_by_a.clone();
+        handler(move |d: Delivery| {
+            let taken_by_a = taken_by_a.clone();
+            async move {
+                *lock_in_handler(&taken_by_a)? = Some(d.envelope.id);
+                // Hangs until the copy dies.
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    let envelope = happened("e-1", 1)?;
+    bus.publisher().publish(&envelope).await?;
+    eventually(Duration::from_secs(5), || async {
+        lock(&taken_by_a).ok().and_then(|t| *t)
+    })
+    .await
+    .context("copy A never got the message")?;
+
+    let handled_by_b: Arc<Mutex<Vec<(Uuid, u64)>>> = Arc::default();
+    let bus_b = connect(&server, "copy-b").await?;
+    let b = Worker::start(&bus_b, config, {
+        let handled_by_b = handled_by_b.clone();
+        handler(move |d: Delivery| {
+            let handled_by_b = handled_by_b.clone();
+            async move {
+                lock_in_handler(&handled_by_b)?.push((d.envelope.id, d.info.delivered));
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    // Copy A dies with the message in its hands.
+    a.abort();
+    drop(bus_a);
+
+    eventually(Duration::from_secs(15), || async {
+        (!lock(&handled_by_b).ok()?.is_empty()).then_some(())
+    })
+    .await
+    .context("copy B never got the message of the dead copy")?;
+    all_acked(&bus, WORKER, Duration::from_secs(5)).await?;
+    let handled = lock(&handled_by_b)?.clone();
+    assert_eq!(handled.len(), 1, "{handled:?}");
+    assert_eq!(handled[0].0, envelope.id);
+    assert!(handled[0].1 >= 2, "delivered {} times", handled[0].1);
+    assert_eq!(b.stats().snapshot().handled, 1);
+    b.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_finishes_and_acknowledges_the_work_in_flight() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "finisher";
+    const COUNT: u32 = 8;
+    // The last message published waits for this gate, so it is certainly in
+    // flight when shutdown begins; every other message takes 300 ms.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let mut config = fast_worker(WORKER);
+    // Long enough that an unacknowledged message stays pending through the test.
+    config.ack_wait = Duration::from_secs(30);
+    let running = Worker::start(&bus, config, {
+        let (gate, started, finished) = (gate.clone(), started.clone(), finished.clone());
+        handler(move |d: Delivery| {
+            let (gate, started, finished) = (gate.clone(), started.clone(), finished.clone());
+            async move {
+                let event: Happened = d.envelope.decode()?;
+                started.fetch_add(1, Ordering::SeqCst);
+                if event.n == COUNT - 1 {
+                    let _open = gate
+                        .acquire()
+                        .await
+                        .map_err(|_| HandlerError::transient("gate closed"))?;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    let outgoing = (0..COUNT)
+        .map(|i| Ok(Outgoing::from(&happened(&format!("e-{}", i % 4), i)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+    // The gated message is the last of its lane, so once it has started every
+    // message has reached the handler.
+    eventually(Duration::from_secs(10), || async {
+        (started.load(Ordering::SeqCst) == u64::from(COUNT)).then_some(())
+    })
+    .await
+    .with_context(|| format!("only {} started", started.load(Ordering::SeqCst)))?;
+
+    let stats = running.stats().clone();
+    let shutting_down = tokio::spawn(running.shutdown());
+    // A shutdown that dropped the work in flight would be over by now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !shutting_down.is_finished(),
+        "shutdown returned while a handler was still running"
+    );
+    gate.add_permits(1);
+    tokio::time::timeout(Duration::from_secs(10), shutting_down)
+        .await
+        .context("shutdown did not return")??;
+
+    let (s, f) = (
+        started.load(Ordering::SeqCst),
+        finished.load(Ordering::SeqCst),
+    );
+    assert_eq!(s, f, "{s} started but only {f} finished");
+    assert_eq!(f, u64::from(COUNT));
+    let snapshot = stats.snapshot();
+    assert_eq!(snapshot.handled, f);
+    assert_eq!(snapshot.in_flight, 0);
+
+    // Every message handled was acknowledged.
+    let info = eventually(Duration::from_secs(3), || async {
+        consumer_info(&bus, WORKER)
+            .await
+            .ok()
+            .filter(|i| i.num_ack_pending == 0)
+    })
+    .await
+    .context("messages left unacknowledged after shutdown")?;
+    assert_eq!(info.ack_floor.consumer_sequence, f);
+    assert_eq!(info.delivered.consumer_sequence, f);
+    // And nothing ran after shutdown returned.
+    assert_eq!(started.load(Ordering::SeqCst), s);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_handler_keeps_its_message_by_reporting_progress() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "slowpoke";
+    let calls: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let mut config = fast_worker(WORKER);
+    config.ack_wait = Duration::from_secs(1);
+    let running = Worker::start(&bus, config, {
+        let calls = calls.clone();
+        handler(move |d: Delivery| {
+            let calls = calls.clone();
+            async move {
+                lock_in_handler(&calls)?.push(d.info.delivered);
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    bus.publisher().publish(&happened("e-1", 1)?).await?;
+    handled_at_least(running.stats(), 1, Duration::from_secs(10)).await?;
+    let info = all_acked(&bus, WORKER, Duration::from_secs(3)).await?;
+    // A redelivery after ack_wait would have bumped the consumer sequence
+    // while the handler was still running.
+    assert_eq!(info.delivered.consumer_sequence, 1, "redelivered: {info:?}");
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(lock(&calls)?.clone(), vec![1]);
+    running.shutdown().await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Service API, connecting, broker restarts
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_api_answers_ping_stats_and_status() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let stats = Arc::new(WorkerStats::default());
+    let running = Worker::start_with_stats(
+        &bus,
+        fast_worker("tester"),
+        handler(|_d: Delivery| async { Ok(()) }),
+        stats.clone(),
+    )
+    .await?;
+    stats.set_gauge("outbox_backlog", 7);
+    bus.publisher().publish(&happened("e-1", 1)?).await?;
+    handled_at_least(&stats, 1, Duration::from_secs(10)).await?;
+    let _service = start_service(&bus, "tester", "0.1.0", stats.clone()).await?;
+    let client = bus.client();
+
+    let ping = client.request("$SRV.PING.tester", "".into()).await?;
+    let ping: serde_json::Value = serde_json::from_slice(&ping.payload)?;
+    assert_eq!(ping["name"], "tester", "{ping}");
+    assert_eq!(ping["version"], "0.1.0", "{ping}");
+    assert_eq!(ping["type"], "io.nats.micro.v1.ping_response", "{ping}");
+
+    let reply = client.request("$SRV.STATS.tester", "".into()).await?;
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(reply["name"], "tester", "{reply}");
+    let endpoints = reply["endpoints"].as_array().context("no endpoints")?;
+    let status = endpoints
+        .iter()
+        .find(|e| e["name"] == "status")
+        .with_context(|| format!("no status endpoint in {reply}"))?;
+    assert_eq!(status["subject"], "queries.tester.status");
+    assert_eq!(status["data"]["handled"], 1, "{reply}");
+    assert_eq!(status["data"]["gauges"]["outbox_backlog"], 7, "{reply}");
+
+    let reply = client.request("queries.tester.status", "".into()).await?;
+    let snapshot: StatsSnapshot = serde_json::from_slice(&reply.payload)?;
+    assert_eq!(snapshot.handled, 1);
+    assert_eq!(snapshot.gauges.get("outbox_backlog"), Some(&7));
+    running.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_where_no_server_listens_fails_in_time_and_says_what_to_do() -> anyhow::Result<()>
+{
+    init_tracing();
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut config = BusConfig::new(&url, "test");
+    config.connect_timeout = Duration::from_secs(1);
+
+    let began = Instant::now();
+    let result = Bus::connect(&config).await;
+    let elapsed = began.elapsed();
+    let error = match result {
+        Ok(_) => bail!("connected to {url}, where nothing listens"),
+        Err(e) => e,
+    };
+    match &error {
+        Error::Connect {
+            url: tried,
+            attempts,
+            ..
+        } => {
+            assert_eq!(tried, &url);
+            assert!(*attempts > 1, "gave up after {attempts} attempt");
+        }
+        other => bail!("expected a connect error, got {other}"),
+    }
+    let text = error.to_string();
+    assert!(text.contains("NATS_URL"), "{text}");
+    assert!(text.contains(&url), "{text}");
+    assert!(elapsed < Duration::from_secs(3), "took {elapsed:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_working_across_a_broker_restart() -> anyhow::Result<()> {
+    init_tracing();
+    let mut server = NatsServer::start().await?;
+    let mut bus_config = BusConfig::new(server.url(), "test");
+    bus_config.request_timeout = Duration::from_secs(2);
+    let bus = Bus::connect(&bus_config).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let handled: Arc<Mutex<HashSet<Uuid>>> = Arc::default();
+    let running = Worker::start(&bus, fast_worker("restarter"), {
+        let handled = handled.clone();
+        handler(move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                lock_in_handler(&handled)?.insert(d.envelope.id);
+                Ok(())
+            }
+        })
+    })
+    .await?;
+    let publisher = bus.publisher();
+    let first = happened("e-1", 1)?;
+    publisher.publish(&first).await?;
+    eventually(Duration::from_secs(5), || async {
+        lock(&handled).ok()?.contains(&first.id).then_some(())
+    })
+    .await
+    .context("the first message was not handled")?;
+
+    server.restart().await?;
+
+    let second = happened("e-1", 2)?;
+    // The client reconnects by itself; a publish may time out meanwhile and
+    // is repeated (the stream drops a duplicate).
+    eventually(Duration::from_secs(15), || async {
+        publisher.publish(&second).await.ok()
+    })
+    .await
+    .context("no publish acknowledged after the restart")?;
+    eventually(Duration::from_secs(15), || async {
+        lock(&handled).ok()?.contains(&second.id).then_some(())
+    })
+    .await
+    .context("the worker did not handle a message published after the restart")?;
+    running.shutdown().await;
+    Ok(())
+}
