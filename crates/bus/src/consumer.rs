@@ -119,7 +119,9 @@ impl WorkerConfig {
                 .into_iter()
                 .map(Duration::from_millis)
                 .collect(),
-            batch: 128,
+            // Pulled but not yet handled messages wait on this copy; keep
+            // the buffer near what the lanes can take.
+            batch: 64,
             figures_interval: Duration::from_secs(5),
         }
     }
@@ -294,7 +296,10 @@ async fn run<H: Handler>(
         };
         loop {
             let next = tokio::select! {
-                _ = shutdown.cancelled() => break 'pull,
+                _ = shutdown.cancelled() => {
+                    release_buffered(&mut messages).await;
+                    break 'pull;
+                }
                 next = messages.next() => next,
             };
             match next {
@@ -384,6 +389,23 @@ async fn watch_figures(
         if sleep_or_shutdown(&shutdown, every).await {
             return;
         }
+    }
+}
+
+/// Gives back, with an immediate nak, the messages already pulled into this
+/// copy but not yet handed to a lane, so other copies get them now instead
+/// of after `ack_wait`. Only what is buffered is taken; a pull request the
+/// client sends meanwhile may still strand a few messages until `ack_wait`.
+async fn release_buffered(messages: &mut pull::Stream) {
+    use futures::FutureExt;
+    let mut released = 0;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+            released += 1;
+        }
+    }
+    if released > 0 {
+        tracing::debug!(released, "released buffered messages on shutdown");
     }
 }
 

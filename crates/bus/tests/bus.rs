@@ -800,6 +800,66 @@ async fn a_graceful_shutdown_finishes_and_acknowledges_the_work_in_flight() -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_pulled_but_not_started_go_to_another_copy_at_shutdown() -> anyhow::Result<()> {
+    init_tracing();
+    let (server, bus) = start().await?;
+    const WORKER: &str = "handover";
+    const COUNT: u32 = 30;
+    let mut config = fast_worker(WORKER);
+    // Without the hand-over the buffered messages would wait this long.
+    config.ack_wait = Duration::from_secs(60);
+    let handled = Arc::new(Mutex::new(HashSet::new()));
+    let slow = {
+        let handled = handled.clone();
+        handler(move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let event: Happened = d.envelope.decode()?;
+                lock_in_handler(&handled)?.insert(event.n);
+                Ok(())
+            }
+        })
+    };
+    let first = Worker::start(&bus, config.clone(), slow).await?;
+    // One entity: one lane, so most messages wait in the pull buffer.
+    let outgoing = (0..COUNT)
+        .map(|i| Ok(Outgoing::from(&happened("only", i)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+    handled_at_least(first.stats(), 3, Duration::from_secs(10)).await?;
+    first.shutdown().await;
+
+    let other = connect(&server, "other").await?;
+    let second = Worker::start(&other, config, {
+        let handled = handled.clone();
+        handler(move |d: Delivery| {
+            let handled = handled.clone();
+            async move {
+                let event: Happened = d.envelope.decode()?;
+                lock_in_handler(&handled)?.insert(event.n);
+                Ok(())
+            }
+        })
+    })
+    .await?;
+    eventually(Duration::from_secs(10), || async {
+        (lock(&handled).ok()?.len() == COUNT as usize).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "only {} of {COUNT} handled: messages buffered by the stopped copy were not handed over",
+            lock(&handled).map(|h| h.len()).unwrap_or_default()
+        )
+    })?;
+    second.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_handler_keeps_its_message_by_reporting_progress() -> anyhow::Result<()> {
     init_tracing();
     let (_server, bus) = start().await?;
