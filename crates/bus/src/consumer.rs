@@ -144,7 +144,7 @@ pub struct Worker;
 #[derive(Debug)]
 pub struct RunningWorker {
     shutdown: CancellationToken,
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
     lanes: Vec<tokio::task::AbortHandle>,
     stats: Arc<WorkerStats>,
     name: String,
@@ -220,7 +220,7 @@ impl Worker {
         ));
         Ok(RunningWorker {
             shutdown,
-            task,
+            task: Some(task),
             lanes: aborts,
             stats,
             name,
@@ -230,10 +230,12 @@ impl Worker {
 
 impl RunningWorker {
     /// Stops pulling, lets in-flight and queued messages finish, and returns.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        if let Err(e) = self.task.await {
-            tracing::error!(worker = %self.name, error = %e, "worker task failed");
+        if let Some(task) = self.task.take() {
+            if let Err(e) = task.await {
+                tracing::error!(worker = %self.name, error = %e, "worker task failed");
+            }
         }
     }
 
@@ -244,8 +246,10 @@ impl RunningWorker {
 
     /// Stops at once without finishing anything, as a crash would: in-flight
     /// messages stay unacknowledged and are redelivered after `ack_wait`.
-    pub fn abort(self) {
-        self.task.abort();
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
         for lane in &self.lanes {
             lane.abort();
         }
@@ -254,6 +258,14 @@ impl RunningWorker {
     /// This copy's figures.
     pub fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
+    }
+}
+
+impl Drop for RunningWorker {
+    /// A worker dropped without [`RunningWorker::shutdown`] still stops
+    /// gracefully, in the background.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -279,8 +291,10 @@ async fn run<H: Handler>(
         let messages = consumer
             .stream()
             .max_messages_per_batch(runtime.config.batch)
-            .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .heartbeat(Duration::from_secs(3))
+            // Short-lived pull requests: one left behind by a stopped copy
+            // stops taking messages soon.
+            .expires(Duration::from_secs(10))
             .messages()
             .await;
         let mut messages = match messages {
@@ -297,7 +311,7 @@ async fn run<H: Handler>(
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    release_buffered(&mut messages).await;
+                    release_buffered(messages).await;
                     break 'pull;
                 }
                 next = messages.next() => next,
@@ -392,14 +406,27 @@ async fn watch_figures(
     }
 }
 
-/// Gives back, with an immediate nak, the messages already pulled into this
-/// copy but not yet handed to a lane, so other copies get them now instead
-/// of after `ack_wait`. Only what is buffered is taken; a pull request the
-/// client sends meanwhile may still strand a few messages until `ack_wait`.
-async fn release_buffered(messages: &mut pull::Stream) {
-    use futures::FutureExt;
+/// Gives back the messages already pulled into this copy but not yet handed
+/// to a lane, so other copies get them now instead of after `ack_wait`.
+///
+/// It first takes what arrives until the connection has been quiet for
+/// 50 ms (at most one second: messages still on the wire count too), then
+/// drops the pull subscription, and only then naks them, so the server
+/// redelivers them to the other copies' pull requests, not to this one's.
+/// A message that arrives after that waits for `ack_wait`.
+async fn release_buffered(mut messages: pull::Stream) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut buffered = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
+            Ok(Some(Ok(message))) => buffered.push(message),
+            Ok(Some(Err(_))) => continue,
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drop(messages);
     let mut released = 0;
-    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+    for message in buffered {
         if message.ack_with(AckKind::Nak(None)).await.is_ok() {
             released += 1;
         }
