@@ -1,0 +1,299 @@
+//! `skein dlq`: inspect, redrive and purge dead letters.
+//!
+//! Redrive publishes a dead letter back to its original subject with its
+//! original headers (so the same `ce-id`: consumers' inboxes still recognise
+//! it) minus the dead-letter headers, adds `Skein-Redriven: <n>` and a
+//! de-duplication id of its own (`<ce-id>:redrive-<n>`, so a redrive within
+//! the stream's duplicate window is not dropped), and removes it from the DLQ
+//! once the origin stream has stored it. A message already
+//! redriven `--max-redrives` times is refused: it keeps failing, fix the
+//! cause first.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use async_nats::HeaderMap;
+use skein_bus::dlq::DeadLetterInfo;
+use skein_bus::provision::DLQ;
+use skein_bus::replay::{read, StartAt, StoredMessage};
+use skein_bus::Outgoing;
+
+use super::select::{cell, parse_range, short_time};
+
+/// Header counting how often a message was redriven.
+pub(crate) const REDRIVEN: &str = "Skein-Redriven";
+
+/// Inspect, redrive or purge dead letters.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Action {
+    /// List dead letters: sequence, time, handler, deliveries, origin, reason.
+    List {
+        /// Only these DLQ sequences, e.g. 10-20.
+        #[arg(long)]
+        seq: Option<String>,
+        /// Only dead letters whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Show one dead letter with all its headers and its payload.
+    Show {
+        /// DLQ sequence.
+        seq: u64,
+    },
+    /// Publish dead letters back to their original subject and remove them from the DLQ.
+    Redrive {
+        /// Only these DLQ sequences, e.g. 10-20.
+        #[arg(long)]
+        seq: Option<String>,
+        /// Only dead letters whose reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Say what would be redriven, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many messages per second.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Refuse messages already redriven this many times.
+        #[arg(long, default_value_t = 3)]
+        max_redrives: u32,
+    },
+    /// Delete dead letters (all of them without --seq).
+    Purge {
+        /// Only these DLQ sequences, e.g. 10-20.
+        #[arg(long)]
+        seq: Option<String>,
+    },
+}
+
+struct Selected {
+    message: StoredMessage,
+    info: Option<DeadLetterInfo>,
+}
+
+async fn select(
+    bus: &skein_bus::Bus,
+    seq: Option<&str>,
+    reason: Option<&str>,
+) -> anyhow::Result<Vec<Selected>> {
+    let range = seq.map(parse_range).transpose()?;
+    let start = range
+        .as_ref()
+        .map_or(StartAt::Beginning, |r| StartAt::Sequence(*r.start()));
+    let messages = read(bus, DLQ, "dlq.>", start)
+        .await
+        .context("cannot read the DLQ")?;
+    Ok(messages
+        .into_iter()
+        .filter(|m| range.as_ref().is_none_or(|r| r.contains(&m.sequence)))
+        .map(|message| {
+            let info = message
+                .headers
+                .as_ref()
+                .and_then(DeadLetterInfo::from_headers);
+            Selected { message, info }
+        })
+        .filter(|s| reason.is_none_or(|r| s.info.as_ref().is_some_and(|i| i.reason.contains(r))))
+        .collect())
+}
+
+pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+    let bus = super::connect(nats_url).await?;
+    match args.action {
+        Action::List { seq, reason } => {
+            let selected = select(&bus, seq.as_deref(), reason.as_deref()).await?;
+            println!(
+                "{:>6}  {:<23}  {:<14}  {:>5}  {:<40}  REASON",
+                "SEQ", "TIME", "HANDLER", "TRIES", "ORIGIN"
+            );
+            for s in &selected {
+                let (handler, tries, origin, why) = match &s.info {
+                    Some(i) => (
+                        i.handler.clone(),
+                        i.deliveries.to_string(),
+                        format!("{} #{} {}", i.stream, i.stream_sequence, i.subject),
+                        i.reason.clone(),
+                    ),
+                    None => (
+                        "?".into(),
+                        "?".into(),
+                        s.message.subject.clone(),
+                        "(no dead-letter headers)".into(),
+                    ),
+                };
+                println!(
+                    "{:>6}  {}  {}  {:>5}  {}  {}",
+                    s.message.sequence,
+                    short_time(s.message.published),
+                    cell(&handler, 14),
+                    tries,
+                    cell(&origin, 40),
+                    why
+                );
+            }
+            eprintln!("{} dead letter(s)", selected.len());
+            Ok(())
+        }
+        Action::Show { seq } => {
+            let stream = bus
+                .jetstream()
+                .get_stream(DLQ)
+                .await
+                .context("cannot open the DLQ")?;
+            let message = stream.get_raw_message(seq).await.with_context(|| {
+                format!("no dead letter with sequence {seq}; see skein dlq list")
+            })?;
+            println!("sequence: {}", message.sequence);
+            println!("subject:  {}", message.subject);
+            println!("time:     {}", short_time(message.time));
+            println!("headers:");
+            for (name, values) in message.headers.iter() {
+                for value in values {
+                    println!("  {}: {}", AsRef::<str>::as_ref(name), value.as_str());
+                }
+            }
+            println!("payload:");
+            match serde_json::from_slice::<serde_json::Value>(&message.payload) {
+                Ok(json) => println!("{}", serde_json::to_string_pretty(&json)?),
+                Err(_) => println!("{}", String::from_utf8_lossy(&message.payload)),
+            }
+            Ok(())
+        }
+        Action::Redrive {
+            seq,
+            reason,
+            dry_run,
+            rate,
+            max_redrives,
+        } => {
+            if !rate.is_finite() || rate <= 0.0 {
+                bail!("--rate must be a positive number of messages per second");
+            }
+            let selected = select(&bus, seq.as_deref(), reason.as_deref()).await?;
+            let stream = bus
+                .jetstream()
+                .get_stream(DLQ)
+                .await
+                .context("cannot open the DLQ")?;
+            let publisher = bus.publisher();
+            let pause = Duration::from_secs_f64(1.0 / rate);
+            let (mut sent, mut refused) = (0, 0);
+            for s in selected {
+                let seq = s.message.sequence;
+                let Some(info) = &s.info else {
+                    println!("#{seq}: skipped, no dead-letter headers to say where it came from");
+                    refused += 1;
+                    continue;
+                };
+                let (outgoing, times) = redriven(&s.message, info)?;
+                if times > max_redrives {
+                    println!("#{seq}: refused, already redriven {} times (--max-redrives {max_redrives}); fix the cause: {}", times - 1, info.reason);
+                    refused += 1;
+                    continue;
+                }
+                if dry_run {
+                    println!(
+                        "#{seq}: would redrive to {} (redrive {times})",
+                        outgoing.subject
+                    );
+                    continue;
+                }
+                let ack = publisher
+                    .publish_outgoing(&outgoing)
+                    .await
+                    .with_context(|| format!("cannot redrive #{seq} to {}", outgoing.subject))?;
+                if ack.duplicate {
+                    // Redriven before, and the DLQ copy could not be removed then.
+                    println!(
+                        "#{seq}: {} already has this redrive; removing it from the DLQ",
+                        ack.stream
+                    );
+                }
+                stream.delete_message(seq).await.with_context(|| {
+                    format!("redriven #{seq}, but cannot remove it from the DLQ")
+                })?;
+                println!(
+                    "#{seq}: redriven to {} ({} #{})",
+                    outgoing.subject, ack.stream, ack.sequence
+                );
+                sent += 1;
+                tokio::time::sleep(pause).await;
+            }
+            eprintln!(
+                "{sent} redriven, {refused} not{}",
+                if dry_run { " (dry run)" } else { "" }
+            );
+            Ok(())
+        }
+        Action::Purge { seq } => {
+            let stream = bus
+                .jetstream()
+                .get_stream(DLQ)
+                .await
+                .context("cannot open the DLQ")?;
+            match seq {
+                None => {
+                    let purged = stream.purge().await.context("cannot purge the DLQ")?;
+                    eprintln!("{} dead letter(s) purged", purged.purged);
+                }
+                Some(seq) => {
+                    let selected = select(&bus, Some(&seq), None).await?;
+                    for s in &selected {
+                        stream
+                            .delete_message(s.message.sequence)
+                            .await
+                            .with_context(|| format!("cannot delete #{}", s.message.sequence))?;
+                    }
+                    eprintln!("{} dead letter(s) deleted", selected.len());
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The message to publish for a redrive and which redrive it is (1 = first).
+fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(Outgoing, u32)> {
+    let original = message.headers.clone().unwrap_or_default();
+    let times = original
+        .get(REDRIVEN)
+        .and_then(|v| v.as_str().parse::<u32>().ok())
+        .unwrap_or(0)
+        + 1;
+    let mut headers = HeaderMap::new();
+    for (name, values) in original.iter() {
+        let name_str: &str = name.as_ref();
+        if name_str.starts_with("Skein-Dlq-") || name_str == REDRIVEN {
+            continue;
+        }
+        for value in values {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    // A redrive is deliberate, so it must not be dropped as a duplicate of the
+    // original publish: it gets its own de-duplication id. Consumers recognise
+    // the message by its unchanged ce-id.
+    let origin = original
+        .get(skein_message::envelope::headers::ID)
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{origin}:redrive-{times}").as_str(),
+    );
+    headers.insert(REDRIVEN, times.to_string().as_str());
+    Ok((
+        Outgoing {
+            subject: info.subject.clone(),
+            headers,
+            payload: message.payload.clone(),
+        },
+        times,
+    ))
+}

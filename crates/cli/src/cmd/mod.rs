@@ -1,0 +1,16 @@
+//! The subcommands.
+
+pub(crate) mod dlq;
+pub(crate) mod replay;
+pub(crate) mod select;
+pub(crate) mod streams;
+
+use anyhow::Context;
+use skein_bus::{Bus, BusConfig};
+
+/// Connects for a command-line run: a short connect timeout, a clear error.
+pub(crate) async fn connect(url: &str) -> anyhow::Result<Bus> {
+    let mut config = BusConfig::new(url, "skein-cli");
+    config.connect_timeout = std::time::Duration::from_secs(3);
+    Bus::connect(&config).await.context("cannot reach NATS")
+}

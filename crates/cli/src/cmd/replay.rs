@@ -1,0 +1,165 @@
+//! `skein replay`: read history from a stream.
+
+use anyhow::{bail, Context};
+use skein_bus::replay::{read, StartAt, StoredMessage};
+use skein_message::Envelope;
+
+use super::select::{cell, parse_range, parse_time, short_time};
+
+/// Read history from a stream.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// The stream: EVENTS, COMMANDS or DLQ.
+    #[arg(long, default_value = "EVENTS")]
+    stream: String,
+    /// Only messages on subjects matching this filter (NATS wildcards), e.g. events.orders.>.
+    #[arg(long)]
+    subject: Option<String>,
+    /// Only messages about this entity (its id, e.g. an order id).
+    #[arg(long)]
+    entity: Option<String>,
+    /// Only messages of this correlation id (one request and all it caused).
+    #[arg(long)]
+    correlation: Option<String>,
+    /// Only messages of this type, e.g. orders.order_placed.v1 (a prefix works: orders.order_placed).
+    #[arg(long = "type")]
+    kind: Option<String>,
+    /// Start at this time: RFC 3339, or a duration ago such as 15m, 2h, 7d.
+    #[arg(long)]
+    since: Option<String>,
+    /// Stop at this time (same forms as --since).
+    #[arg(long)]
+    until: Option<String>,
+    /// Sequence range, e.g. 100-200, 100- or -200.
+    #[arg(long)]
+    seq: Option<String>,
+    /// Output: an aligned table, or one CloudEvent per line (for jq).
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+    /// Print at most this many messages.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+    let stream = args.stream.to_uppercase();
+    if !["EVENTS", "COMMANDS", "DLQ"].contains(&stream.as_str()) {
+        bail!(
+            "unknown stream {:?}: use EVENTS, COMMANDS or DLQ",
+            args.stream
+        );
+    }
+    let range = args.seq.as_deref().map(parse_range).transpose()?;
+    let since = args.since.as_deref().map(parse_time).transpose()?;
+    let until = args.until.as_deref().map(parse_time).transpose()?;
+    let filter = match (&args.subject, &args.entity, stream.as_str()) {
+        (Some(subject), _, _) => subject.clone(),
+        // Event subjects carry the entity: let the server filter.
+        (None, Some(entity), "EVENTS") => format!("events.*.{entity}.>"),
+        _ => ">".to_owned(),
+    };
+    let start = match (range.as_ref(), since) {
+        (Some(r), _) => StartAt::Sequence(*r.start()),
+        (None, Some(t)) => StartAt::Time(t),
+        (None, None) => StartAt::Beginning,
+    };
+    let bus = super::connect(nats_url).await?;
+    let messages = read(&bus, &stream, &filter, start)
+        .await
+        .with_context(|| format!("cannot read {stream}"))?;
+
+    let mut shown = 0;
+    if matches!(args.format, Format::Table) {
+        println!(
+            "{:>7}  {:<23}  {:<44}  {:<34}  {:<12}  {:<12}  PAYLOAD",
+            "SEQ", "TIME", "SUBJECT", "TYPE", "ENTITY", "CORRELATION"
+        );
+    }
+    for message in messages {
+        if range
+            .as_ref()
+            .is_some_and(|r| !r.contains(&message.sequence))
+            || until.is_some_and(|u| message.published > u)
+        {
+            continue;
+        }
+        let envelope = Envelope::from_parts(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .ok();
+        if !matches(&args, envelope.as_ref()) {
+            continue;
+        }
+        print(&message, envelope.as_ref(), args.format)?;
+        shown += 1;
+        if shown >= args.limit {
+            eprintln!("(stopped at --limit {})", args.limit);
+            break;
+        }
+    }
+    if shown == 0 {
+        eprintln!("no messages match");
+    }
+    Ok(())
+}
+
+fn matches(args: &Args, envelope: Option<&Envelope>) -> bool {
+    let wants_envelope = args.entity.is_some() || args.correlation.is_some() || args.kind.is_some();
+    let Some(e) = envelope else {
+        return !wants_envelope;
+    };
+    args.entity
+        .as_deref()
+        .is_none_or(|id| e.entity() == Some(id))
+        && args
+            .correlation
+            .as_deref()
+            .is_none_or(|c| e.correlation_id == c)
+        && args.kind.as_deref().is_none_or(|k| e.kind.starts_with(k))
+}
+
+fn print(
+    message: &StoredMessage,
+    envelope: Option<&Envelope>,
+    format: Format,
+) -> anyhow::Result<()> {
+    match (format, envelope) {
+        (Format::Json, Some(e)) => {
+            let mut event = e.to_cloudevent_json();
+            event["sequence"] = message.sequence.into();
+            println!("{}", serde_json::to_string(&event)?);
+        }
+        (Format::Json, None) => println!(
+            "{}",
+            serde_json::json!({
+                "sequence": message.sequence,
+                "natssubject": message.subject,
+                "undecodable": true,
+                "data": String::from_utf8_lossy(&message.payload),
+            })
+        ),
+        (Format::Table, e) => println!(
+            "{:>7}  {}  {}  {}  {}  {}  {}",
+            message.sequence,
+            short_time(message.published),
+            cell(&message.subject, 44),
+            cell(
+                e.map(|e| e.kind.as_str())
+                    .unwrap_or("(not a skein message)"),
+                34
+            ),
+            cell(e.and_then(Envelope::entity).unwrap_or("-"), 12),
+            cell(e.map(|e| e.correlation_id.as_str()).unwrap_or("-"), 12),
+            cell(&String::from_utf8_lossy(&message.payload), 60),
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! `skein`: operate a skein system from the command line.
+//!
+//! # Layout
+//!
+//! One module per subcommand under `cmd/`:
+//!
+//! - `streams`: `skein streams apply`, create or update the streams from `nats/`;
+//! - `replay`: `skein replay`, read history by time, sequence, subject,
+//!   entity, correlation id or type, as a table or JSON lines;
+//! - `dlq`: `skein dlq list|show|redrive|purge`, inspect dead letters and
+//!   send them back where they came from;
+//! - `select`: the selection flags shared by replay and dlq (times, ranges).
+//!
+//! Every flag has an environment fallback where one is usual (`NATS_URL`).
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Operate a skein system: streams, event history and dead letters.
+#[derive(Debug, Parser)]
+#[command(name = "skein", version, about, long_about = None)]
+struct Cli {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    nats_url: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create or update the JetStream streams (EVENTS, COMMANDS, DLQ).
+    Streams(cmd::streams::Args),
+    /// Read history from a stream: filter it, print it as a table or JSON lines.
+    Replay(cmd::replay::Args),
+    /// Inspect, redrive or purge dead letters.
+    Dlq(cmd::dlq::Args),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SKEIN_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Streams(args) => cmd::streams::run(&cli.nats_url, args).await,
+        Command::Replay(args) => cmd::replay::run(&cli.nats_url, args).await,
+        Command::Dlq(args) => cmd::dlq::run(&cli.nats_url, args).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
