@@ -30,13 +30,6 @@ impl NatsServer {
     /// Starts a new server with extra command-line arguments.
     pub async fn start_with_args(args: &[&str]) -> Result<Self> {
         let binary = find_binary()?;
-        let store = tempfile::Builder::new()
-            .prefix("skein-nats-")
-            .tempdir()
-            .map_err(|source| Error::Io {
-                context: "cannot create a store directory for nats-server".into(),
-                source,
-            })?;
         let mut last_error = None;
         // A free port can be taken between choosing it and the server binding
         // it; try a few.
@@ -46,7 +39,7 @@ impl NatsServer {
                 port: free_port()?,
                 store: tempfile::Builder::new()
                     .prefix("skein-nats-")
-                    .tempdir_in(store.path())
+                    .tempdir()
                     .map_err(|source| Error::Io {
                         context: "cannot create a store directory for nats-server".into(),
                         source,
