@@ -81,12 +81,32 @@ impl Host {
         handler: H,
         tune: impl FnOnce(&mut WorkerConfig),
     ) -> Result<()> {
+        let inbox = self.inbox(handler);
+        self.consume_handler(stream, filter_subjects, inbox, tune)
+            .await
+    }
+
+    /// Binds this worker's durable consumer on `stream` to a bus handler of
+    /// your own, for work that must happen outside the transaction (a slow
+    /// call to a provider); wrap the transactional part with [`Host::inbox`].
+    pub async fn consume_handler<H: skein_bus::Handler>(
+        &mut self,
+        stream: &str,
+        filter_subjects: Vec<String>,
+        handler: H,
+        tune: impl FnOnce(&mut WorkerConfig),
+    ) -> Result<()> {
         let mut config = WorkerConfig::new(&self.config.name, stream, filter_subjects);
         tune(&mut config);
-        let inbox = Inbox::new(self.store.clone(), &self.config.name, handler);
-        let worker = Worker::start_with_stats(&self.bus, config, inbox, self.stats.clone()).await?;
+        let worker =
+            Worker::start_with_stats(&self.bus, config, handler, self.stats.clone()).await?;
         self.workers.push(worker);
         Ok(())
+    }
+
+    /// `handler` wrapped in this worker's inbox.
+    pub fn inbox<H: TxHandler>(&self, handler: H) -> Inbox<H> {
+        Inbox::new(self.store.clone(), &self.config.name, handler)
     }
 
     /// Answers the query `Q` on `queries.<Q::SERVICE>.<Q::NAME>` with `handler`.
