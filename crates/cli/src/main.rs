@@ -9,6 +9,8 @@
 //!   entity, correlation id or type, as a table or JSON lines;
 //! - `dlq`: `skein dlq list|show|redrive|purge`, inspect dead letters and
 //!   send them back where they came from;
+//! - `worker`: `skein worker <name>...`, run workers as a process; more
+//!   copies share their consumer groups;
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -42,6 +44,8 @@ enum Command {
     Replay(cmd::replay::Args),
     /// Inspect, redrive or purge dead letters.
     Dlq(cmd::dlq::Args),
+    /// Run workers in this process; start it again to add copies to their consumer groups.
+    Worker(cmd::worker::Args),
 }
 
 #[tokio::main]
@@ -58,6 +62,7 @@ async fn main() -> std::process::ExitCode {
         Command::Streams(args) => cmd::streams::run(&cli.nats_url, args).await,
         Command::Replay(args) => cmd::replay::run(&cli.nats_url, args).await,
         Command::Dlq(args) => cmd::dlq::run(&cli.nats_url, args).await,
+        Command::Worker(args) => cmd::worker::run(&cli.nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -319,3 +319,125 @@ async fn bad_flags_and_a_missing_server_get_errors_that_say_what_to_do() -> anyh
     );
     Ok(())
 }
+
+/// Answers of every copy of `service` to a service API verb, gathered for a moment.
+async fn service_replies(
+    bus: &Bus,
+    verb: &str,
+    service: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    use futures::StreamExt;
+    let client = bus.client();
+    let inbox = client.new_inbox();
+    let mut replies = client.subscribe(inbox.clone()).await?;
+    client
+        .publish_with_reply(format!("$SRV.{verb}.{service}"), inbox, "".into())
+        .await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        out.push(serde_json::from_slice(&m.payload)?);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> anyhow::Result<()> {
+    use skein_contracts::catalog::{AddProduct, ReserveStock, StockLine};
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(["worker", "catalog"])
+            .env("NATS_URL", server.url())
+            .env("DATABASE_URL", &database_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let mut first = spawn()?;
+    eventually(Duration::from_secs(20), || async {
+        (service_replies(&bus, "PING", "catalog").await.ok()?.len() == 1).then_some(())
+    })
+    .await
+    .context("the first copy never answered $SRV.PING.catalog")?;
+    let admin = skein_contracts::Caller {
+        user_id: uuid::Uuid::now_v7(),
+        role: skein_contracts::Role::Admin,
+    };
+    let product = skein_service::request(
+        &bus,
+        &AddProduct {
+            caller: admin,
+            sku: "TEA".into(),
+            name: "Tea".into(),
+            price_cents: 100,
+            stock: 1000,
+        },
+    )
+    .await?;
+    let mut second = spawn()?;
+    eventually(Duration::from_secs(20), || async {
+        (service_replies(&bus, "PING", "catalog").await.ok()?.len() == 2).then_some(())
+    })
+    .await
+    .context("the second copy never joined")?;
+
+    for _ in 0..60 {
+        let reserve = ReserveStock {
+            order_id: uuid::Uuid::now_v7(),
+            lines: vec![StockLine {
+                product_id: product.id,
+                quantity: 1,
+            }],
+        };
+        bus.publisher()
+            .publish(&Envelope::command(
+                "test",
+                &reserve,
+                &MessageContext::root(),
+            )?)
+            .await?;
+    }
+    let per_copy = eventually(Duration::from_secs(20), || async {
+        let stats = service_replies(&bus, "STATS", "catalog").await.ok()?;
+        let handled: Vec<u64> = stats
+            .iter()
+            .filter_map(|s| s["endpoints"][0]["data"]["handled"].as_u64())
+            .collect();
+        (handled.len() == 2 && handled.iter().sum::<u64>() == 60).then_some(handled)
+    })
+    .await
+    .context("the 60 commands were not all handled by the two copies")?;
+    ensure!(
+        per_copy.iter().all(|h| *h > 0),
+        "one copy got no work: {per_copy:?}"
+    );
+    let left = skein_service::request(
+        &bus,
+        &skein_contracts::catalog::GetProduct {
+            product_id: product.id,
+        },
+    )
+    .await?;
+    ensure!(
+        left.available == 940,
+        "{} available, expected 940",
+        left.available
+    );
+
+    for child in [&mut first, &mut second] {
+        let pid = child.id().context("no pid")?;
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .context("did not stop on SIGTERM")??;
+        ensure!(status.success(), "exited with {status}");
+    }
+    Ok(())
+}

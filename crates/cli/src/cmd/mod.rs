@@ -4,6 +4,7 @@ pub(crate) mod dlq;
 pub(crate) mod replay;
 pub(crate) mod select;
 pub(crate) mod streams;
+pub(crate) mod worker;
 
 use anyhow::Context;
 use skein_bus::{Bus, BusConfig};
