@@ -441,3 +441,62 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_rebuild_builds_a_read_model_from_history_and_reports_what_changed(
+) -> anyhow::Result<()> {
+    use skein_contracts::identity::UserRegistered;
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    for i in 0..3 {
+        let user = UserRegistered {
+            user_id: uuid::Uuid::now_v7(),
+            email: format!("u{i}@example.org"),
+            name: format!("User {i}"),
+            role: skein_contracts::Role::Customer,
+        };
+        bus.publisher()
+            .publish(&Envelope::event(
+                "identity",
+                &user,
+                &MessageContext::root(),
+            )?)
+            .await?;
+    }
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let rebuild = |format: &'static str| {
+        let url = url.clone();
+        let server_url = server.url();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+                .args(["replay", "--rebuild", "users", "--format", format])
+                .env("NATS_URL", server_url)
+                .env("DATABASE_URL", url)
+                .output()
+                .await
+        }
+    };
+    let first = rebuild("table").await?;
+    let out = stdout(&first);
+    ensure!(first.status.success(), "{}", stderr(&first));
+    ensure!(
+        out.contains("from 3 event(s)") && out.contains("changed") && out.contains("0 -> 3 rows"),
+        "{out}"
+    );
+    let second = rebuild("json").await?;
+    let report: serde_json::Value = serde_json::from_str(stdout(&second).trim())?;
+    ensure!(report["changed"] == false, "{report}");
+    let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["replay", "--rebuild", "everything"])
+        .env("NATS_URL", server.url())
+        .env("DATABASE_URL", &url)
+        .output()
+        .await?;
+    ensure!(
+        !bad.status.success() && stderr(&bad).contains("users, orders, timeline, all"),
+        "{}",
+        stderr(&bad)
+    );
+    Ok(())
+}

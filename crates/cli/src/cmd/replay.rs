@@ -39,6 +39,13 @@ pub(crate) struct Args {
     /// Print at most this many messages.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
+    /// Instead of printing: rebuild a projector read model (users, orders,
+    /// timeline or all) from the whole EVENTS stream and report what changed.
+    #[arg(long, value_name = "READ_MODEL", conflicts_with_all = ["subject", "entity", "correlation", "kind", "since", "until", "seq"])]
+    rebuild: Option<String>,
+    /// The projector's database for --rebuild; `{service}` is replaced by `projector`.
+    #[arg(long, env = "DATABASE_URL", default_value = super::worker::DEFAULT_DATABASE_URL)]
+    database_url: String,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -48,6 +55,9 @@ enum Format {
 }
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+    if let Some(model) = &args.rebuild {
+        return rebuild(nats_url, model, &args.database_url, args.format).await;
+    }
     let stream = args.stream.to_uppercase();
     if !["EVENTS", "COMMANDS", "DLQ"].contains(&stream.as_str()) {
         bail!(
@@ -160,6 +170,31 @@ fn print(
             cell(e.map(|e| e.correlation_id.as_str()).unwrap_or("-"), 12),
             cell(&String::from_utf8_lossy(&message.payload), 60),
         ),
+    }
+    Ok(())
+}
+
+async fn rebuild(
+    nats_url: &str,
+    model: &str,
+    database_url: &str,
+    format: Format,
+) -> anyhow::Result<()> {
+    let model: skein_projector::ReadModel = model.parse()?;
+    let url = database_url.replace("{service}", skein_projector::NAME);
+    let bus = super::connect(nats_url).await?;
+    let store = skein_outbox::Store::connect(&url).await.with_context(|| {
+        format!(
+            "cannot open the projector database {}",
+            skein_outbox::store::redact(&url)
+        )
+    })?;
+    let report = skein_projector::rebuild(&bus, &store, model)
+        .await
+        .context("rebuild failed; nothing changed")?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Table => println!("{report}"),
     }
     Ok(())
 }

@@ -9,6 +9,9 @@ use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
 use skein_outbox::Store;
 use skein_service::{Host, HostConfig};
 
+/// Where workers keep their data unless told otherwise.
+pub(crate) const DEFAULT_DATABASE_URL: &str = "sqlite:data/{service}.db";
+
 /// Run one or more workers.
 #[derive(Debug, clap::Args)]
 pub(crate) struct Args {
@@ -17,7 +20,7 @@ pub(crate) struct Args {
     names: Vec<Name>,
     /// Database URL; `{service}` is replaced by the worker name, so every
     /// worker gets its own database (e.g. postgres://db/skein_{service}).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite:data/{service}.db")]
+    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
     database_url: String,
     /// Starting balance of new payment accounts, in cents.
     #[arg(long, env = "SKEIN_STARTING_BALANCE_CENTS", default_value_t = 100_000)]
@@ -35,6 +38,7 @@ enum Name {
     Catalog,
     Orders,
     Payments,
+    Projector,
 }
 
 impl Name {
@@ -43,6 +47,7 @@ impl Name {
             Name::Catalog => skein_catalog::NAME,
             Name::Orders => skein_orders::NAME,
             Name::Payments => skein_payments::NAME,
+            Name::Projector => skein_projector::NAME,
         }
     }
 }
@@ -68,6 +73,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         let host = match name {
             Name::Catalog => skein_catalog::start(bus.clone(), store, config).await,
             Name::Orders => skein_orders::start(bus.clone(), store, config).await,
+            Name::Projector => skein_projector::start(bus.clone(), store, config).await,
             Name::Payments => {
                 let payments = skein_payments::PaymentsConfig {
                     starting_balance_cents: args.starting_balance_cents,
