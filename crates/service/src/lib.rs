@@ -20,9 +20,12 @@
 //!
 //! - [`host`]: [`Host`] and [`HostConfig`].
 //! - [`client`]: [`request`] and [`RequestError`].
+//! - [`standalone`]: what a worker's own binary needs (environment, logs,
+//!   connections, stop on Ctrl-C or SIGTERM).
 
 pub mod client;
 pub mod host;
+pub mod standalone;
 
 pub use client::{request, request_with, RequestError};
 pub use host::{Host, HostConfig};

@@ -9,37 +9,21 @@
 //! the simulated provider.
 
 use anyhow::Context;
-use skein_bus::{provision, Bus, BusConfig};
-use skein_outbox::Store;
-use skein_service::HostConfig;
+use skein_service::{standalone, HostConfig};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let database_url =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite:data/payments.db".into());
-    let bus = Bus::connect(&BusConfig::new(&nats_url, skein_payments::NAME)).await?;
-    provision::apply_builtin_streams(bus.jetstream(), &Default::default())
-        .await
-        .context("failed to apply the streams")?;
-    let store = Store::connect(&database_url)
-        .await
-        .context("failed to open the payments database")?;
     let config = config_from_env()?;
-    let host = skein_payments::start(bus, store, HostConfig::new(skein_payments::NAME), config)
-        .await
-        .context("failed to start the payments")?;
-    tracing::info!(nats = %nats_url, db = %skein_outbox::store::redact(&database_url), "payments running; Ctrl-C stops");
-    tokio::signal::ctrl_c()
-        .await
-        .context("failed to wait for Ctrl-C")?;
-    host.shutdown().await;
-    Ok(())
+    let env = standalone::connect(skein_payments::NAME).await?;
+    let host = skein_payments::start(
+        env.bus,
+        env.store,
+        HostConfig::new(skein_payments::NAME),
+        config,
+    )
+    .await
+    .context("failed to start the payments worker")?;
+    standalone::serve(host).await
 }
 
 fn config_from_env() -> anyhow::Result<skein_payments::PaymentsConfig> {

@@ -92,29 +92,10 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         );
         hosts.push(host);
     }
-    wait_for_stop().await?;
+    skein_service::standalone::wait_for_stop().await?;
     eprintln!("stopping: finishing messages in flight");
     for host in hosts {
         host.shutdown().await;
     }
     Ok(())
-}
-
-/// Waits for Ctrl-C or SIGTERM.
-async fn wait_for_stop() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C"),
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot listen for Ctrl-C")
-    }
 }
