@@ -27,7 +27,9 @@ pub struct AuthorizePayment {
 }
 contract!(command AuthorizePayment, "payments", "authorize_payment", v 1, entity = order_id);
 
-/// Gives an order's authorized amount back (no-op without an authorization).
+/// Gives an order's authorized amount back. Always answered with
+/// `payment_refunded`: amount 0 without an authorization, and an order not
+/// authorized yet is voided, so a later authorization of it is declined.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundPayment {
@@ -61,19 +63,21 @@ pub struct PaymentDeclined {
     pub customer_id: Uuid,
     /// Amount asked for.
     pub amount_cents: i64,
-    /// `insufficient_funds`, `unknown_account` or `provider_declined`.
+    /// `insufficient_funds`, `unknown_account`, `provider_declined` or
+    /// `voided` (the order was refunded before this authorization arrived).
     pub reason: String,
 }
 contract!(event PaymentDeclined, "payments", "payment_declined", v 1, entity = order_id);
 
-/// An authorized amount was given back.
+/// An order's refund was handled: its authorized amount was given back, or
+/// there was nothing to give back (amount 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PaymentRefunded {
     /// The order.
     pub order_id: Uuid,
-    /// The customer.
+    /// The customer (nil when the order had no payment).
     pub customer_id: Uuid,
-    /// Amount in cents.
+    /// Amount given back in cents, 0 when nothing was authorized.
     pub amount_cents: i64,
     /// Balance afterwards.
     pub balance_cents: i64,

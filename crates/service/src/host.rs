@@ -145,6 +145,19 @@ impl Host {
                 }
             })
             .await?;
+        // Once this returns the server knows the subscription, so a request
+        // sent right after (from any connection) finds a responder: a
+        // request on this connection is processed after its SUB, and any
+        // copy's answer proves the server has got that far.
+        let ping = format!("$SRV.PING.{}", self.config.name);
+        self.bus
+            .client()
+            .request(ping.clone(), Bytes::new())
+            .await
+            .map_err(|e| skein_bus::Error::Io {
+                context: format!("cannot confirm the endpoint {subject} with {ping}"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         Ok(())
     }
 

@@ -3,64 +3,96 @@
 //! # Contracts (see `skein_contracts::payments`)
 //!
 //! - events consumed: `identity.user_registered` opens an account with the
-//!   starting balance for every customer (admins get none);
-//! - commands: `authorize_payment` (one payment per order: a repeated request
-//!   answers with the first outcome), `refund_payment`;
-//! - events: `payment_authorized`, `payment_declined` (`insufficient_funds`,
-//!   `unknown_account`, `provider_declined`), `payment_refunded`;
-//! - queries: `get_account` (self or admin), `ledger` (totals).
+//!   starting balance for every customer, once (admins get none);
+//! - commands: `authorize_payment`, `refund_payment`;
+//! - events: `payment_authorized`, `payment_declined` (reasons in
+//!   [`commands::reason`]), `payment_refunded`;
+//! - queries: `get_account` (the customer or an admin; 404 without an
+//!   account), `ledger` (totals).
 //!
-//! Money is conserved: `sum(balance) + sum(authorized, not refunded) ==
-//! sum(granted)`, which `ledger` reports.
+//! # Behaviour
 //!
-//! A refund for an order without an authorization (declined, or never seen)
-//! still answers, with `payment_refunded` of amount 0 (and a nil customer id
-//! when the order is unknown), so a compensating saga always hears back.
-//!
-//! A simulated provider ([`ProviderConfig`]) adds latency before each
-//! authorization (outside the database transaction) and declines a
-//! configurable share of orders, chosen by order id so a retried
-//! authorization meets the same decision.
+//! - Money is integer cents and is conserved: `sum(balances) + captured ==
+//!   granted`, where captured is the sum of authorized, not refunded
+//!   amounts; `ledger` reports the three figures from one snapshot.
+//! - One payment per order. An authorization takes the amount when the
+//!   balance covers it, else it is declined `insufficient_funds`; nothing
+//!   is taken on a decline. The balance check and the debit are one
+//!   conditional `UPDATE`, so concurrent authorizations never overdraw.
+//! - A repeated `authorize_payment` for an order (a new message with the
+//!   same order, customer and amount) answers with the first outcome, same
+//!   figures, and charges nothing. One with a different customer or amount
+//!   is dead-lettered: the order's payment is already decided.
+//! - A customer without an account: their `user_registered` may still be on
+//!   its way, so the authorization is retried (transient error) until its
+//!   [`commands::ACCOUNT_WAIT_DELIVERIES`]th delivery, then declined
+//!   `unknown_account`.
+//! - An amount below 1 cent is dead-lettered with the reason; nothing changes.
+//! - `refund_payment` gives an authorized amount back once and answers
+//!   `payment_refunded`; a repeat answers with the same figures. Without an
+//!   authorization it still answers, so a compensating saga always hears
+//!   back: `payment_refunded` with `amount_cents` 0 and the customer's
+//!   current balance (declined order), or with a nil customer and balance 0
+//!   (order not seen yet). An order not seen yet is then *voided*: an
+//!   authorization arriving after its refund (overtaken in a retry or a
+//!   redelivery) is declined `voided` instead of taking money that nobody
+//!   would give back.
+//! - The simulated provider ([`ProviderConfig`], see [`provider`]) waits
+//!   its latency outside the database transaction and declines a share of
+//!   orders `provider_declined`, chosen by order id. It is asked after the
+//!   account check and before the balance check.
 //!
 //! # Layout
 //!
-//! - [`handlers`]: the account opener and the command handler.
+//! - [`store`]: the tables and their statements.
+//! - [`accounts`]: opening accounts from `user_registered`.
+//! - [`commands`]: the command handler (authorize, refund).
+//! - [`provider`]: the simulated provider.
 //! - [`queries`]: the query handlers.
 
-pub mod handlers;
+pub mod accounts;
+pub mod commands;
+pub mod provider;
 pub mod queries;
+pub mod store;
 
-use std::time::Duration;
+pub use provider::ProviderConfig;
 
 use skein_bus::provision::{COMMANDS, EVENTS};
-use skein_bus::{Bus, Delivery, Handler, HandlerError};
-use skein_outbox::{Inbox, Migration, Store};
+use skein_bus::Bus;
+use skein_contracts::identity::UserRegistered;
+use skein_message::Contract;
+use skein_outbox::{Migration, Store};
 use skein_service::{Host, HostConfig};
 
-/// The worker's name: its consumers, inbox and service. A contract.
+/// The worker's name: its consumers (on `EVENTS` and `COMMANDS`), inbox and
+/// service name. A contract: renaming it makes the worker consume both
+/// streams again from the start.
 pub const NAME: &str = skein_contracts::payments::SERVICE;
 
 /// The payments tables.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "accounts and payments",
-    sqlite: include_str!("../migrations/0001_payments.sql"),
-    postgres: include_str!("../migrations/0001_payments.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "accounts and payments",
+        sqlite: include_str!("../migrations/0001_payments.sql"),
+        postgres: include_str!("../migrations/0001_payments.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "figures of each payment outcome",
+        sqlite: include_str!("../migrations/0002_payment_outcomes.sql"),
+        postgres: include_str!("../migrations/0002_payment_outcomes.sql"),
+    },
+];
 
-/// The simulated payment provider.
-#[derive(Debug, Clone, Default)]
-pub struct ProviderConfig {
-    /// Time the provider takes to decide an authorization.
-    pub latency: Duration,
-    /// Share of orders the provider declines, 0.0 to 1.0.
-    pub failure_rate: f64,
-}
+/// Starting balance of a new account unless configured: 1,000.00.
+pub const DEFAULT_STARTING_BALANCE_CENTS: i64 = 100_000;
 
 /// Payments settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PaymentsConfig {
-    /// Balance of a new customer's account, in cents.
+    /// Balance of a new customer's account, in cents (default 100,000).
     pub starting_balance_cents: i64,
     /// The simulated provider.
     pub provider: ProviderConfig,
@@ -69,73 +101,68 @@ pub struct PaymentsConfig {
 impl Default for PaymentsConfig {
     fn default() -> Self {
         Self {
-            starting_balance_cents: 100_000,
+            starting_balance_cents: DEFAULT_STARTING_BALANCE_CENTS,
             provider: ProviderConfig::default(),
         }
     }
 }
 
+impl PaymentsConfig {
+    /// Why this configuration is not usable, if it is not.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.starting_balance_cents < 0 {
+            return Err(format!(
+                "the starting balance must not be negative, got {} cents",
+                self.starting_balance_cents
+            ));
+        }
+        self.provider.validate()
+    }
+}
+
 /// Migrates the store and starts payments on `bus`.
+///
+/// Check `config` with [`PaymentsConfig::validate`] first: `start` only
+/// warns about an invalid one and uses the nearest valid values.
 pub async fn start(
     bus: Bus,
     store: Store,
     host: HostConfig,
-    config: PaymentsConfig,
+    mut config: PaymentsConfig,
 ) -> skein_service::Result<Host> {
-    if !(0.0..=1.0).contains(&config.provider.failure_rate) {
-        tracing::warn!(
-            rate = config.provider.failure_rate,
-            "provider failure rate outside 0..1, clamping"
-        );
+    if let Err(problem) = config.validate() {
+        tracing::warn!("{problem}; using the nearest valid value");
+        config.starting_balance_cents = config.starting_balance_cents.max(0);
     }
     store.migrate(NAME, MIGRATIONS).await?;
-    let mut host = Host::start(bus, store, host).await?;
+    let mut host = Host::start(bus, store.clone(), host).await?;
     queries::register(&mut host).await?;
     host.consume(
         EVENTS,
         vec![skein_message::subject::event(
-            "identity",
+            UserRegistered::SERVICE,
             "*",
-            "user_registered",
+            UserRegistered::NAME,
         )],
-        handlers::Accounts {
+        accounts::Accounts {
             starting_balance_cents: config.starting_balance_cents,
         },
         |_| {},
     )
     .await?;
-    let commands = host.inbox(handlers::Commands {
+    let commands = host.inbox(commands::Commands {
         provider: config.provider.clone(),
     });
     host.consume_handler(
         COMMANDS,
         vec![skein_message::subject::command(NAME, ">")],
-        Provider {
+        provider::Latency {
             latency: config.provider.latency,
+            store,
             inner: commands,
         },
         |_| {},
     )
     .await?;
     Ok(host)
-}
-
-/// Waits out the provider's latency before an authorization enters its
-/// transaction, so a slow provider holds no database lock.
-struct Provider {
-    latency: Duration,
-    inner: Inbox<handlers::Commands>,
-}
-
-impl Handler for Provider {
-    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        if !self.latency.is_zero()
-            && delivery
-                .envelope
-                .is::<skein_contracts::payments::AuthorizePayment>()
-        {
-            tokio::time::sleep(self.latency).await;
-        }
-        self.inner.handle(delivery).await
-    }
 }

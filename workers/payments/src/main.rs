@@ -6,9 +6,11 @@
 //!
 //! `SKEIN_STARTING_BALANCE_CENTS` (default 100000), `SKEIN_PROVIDER_LATENCY_MS`
 //! (default 0) and `SKEIN_PROVIDER_FAILURE_RATE` (0.0 to 1.0, default 0) tune
-//! the simulated provider.
+//! the accounts and the simulated provider. `skein worker payments` runs the
+//! same worker from the `skein` command.
 
 use anyhow::Context;
+use skein_payments::{PaymentsConfig, ProviderConfig};
 use skein_service::{standalone, HostConfig};
 
 #[tokio::main]
@@ -26,26 +28,28 @@ async fn main() -> anyhow::Result<()> {
     standalone::serve(host).await
 }
 
-fn config_from_env() -> anyhow::Result<skein_payments::PaymentsConfig> {
+fn config_from_env() -> anyhow::Result<PaymentsConfig> {
     fn var<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
         match std::env::var(name) {
             Ok(v) => v
+                .trim()
                 .parse()
                 .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
             Err(_) => Ok(default),
         }
     }
-    let failure_rate: f64 = var("SKEIN_PROVIDER_FAILURE_RATE", 0.0)?;
-    if !(0.0..=1.0).contains(&failure_rate) {
-        anyhow::bail!(
-            "SKEIN_PROVIDER_FAILURE_RATE must be between 0.0 and 1.0, got {failure_rate}"
-        );
-    }
-    Ok(skein_payments::PaymentsConfig {
-        starting_balance_cents: var("SKEIN_STARTING_BALANCE_CENTS", 100_000)?,
-        provider: skein_payments::ProviderConfig {
+    let config = PaymentsConfig {
+        starting_balance_cents: var(
+            "SKEIN_STARTING_BALANCE_CENTS",
+            skein_payments::DEFAULT_STARTING_BALANCE_CENTS,
+        )?,
+        provider: ProviderConfig {
             latency: std::time::Duration::from_millis(var("SKEIN_PROVIDER_LATENCY_MS", 0)?),
-            failure_rate,
+            failure_rate: var("SKEIN_PROVIDER_FAILURE_RATE", 0.0)?,
         },
-    })
+    };
+    config
+        .validate()
+        .map_err(|problem| anyhow::anyhow!("invalid payments configuration: {problem}"))?;
+    Ok(config)
 }

@@ -4,7 +4,8 @@ use skein_contracts::payments::{Account, GetAccount, Ledger, LedgerTotals};
 use skein_contracts::ServiceError;
 use skein_outbox::Store;
 use skein_service::Host;
-use sqlx::Row;
+
+use crate::store;
 
 fn internal(e: impl std::fmt::Display) -> ServiceError {
     tracing::error!(error = %e, "payments query failed");
@@ -21,13 +22,14 @@ pub async fn register(host: &mut Host) -> skein_service::Result<()> {
     Ok(())
 }
 
+/// A customer's account: the customer themselves or an admin; 404 without
+/// an account (admins, or a registration not seen yet).
 async fn account(store: Store, q: GetAccount) -> Result<Account, ServiceError> {
     if !q.caller.may_access(q.customer_id) {
         return Err(ServiceError::forbidden("you may only see your own account"));
     }
-    let row = sqlx::query("SELECT balance_cents FROM accounts WHERE customer_id = $1")
-        .bind(q.customer_id.to_string())
-        .fetch_optional(store.pool())
+    let mut conn = store.pool().acquire().await.map_err(internal)?;
+    let balance_cents = store::balance(&mut conn, q.customer_id)
         .await
         .map_err(internal)?
         .ok_or_else(|| {
@@ -35,29 +37,11 @@ async fn account(store: Store, q: GetAccount) -> Result<Account, ServiceError> {
         })?;
     Ok(Account {
         customer_id: q.customer_id,
-        balance_cents: row.try_get("balance_cents").map_err(internal)?,
+        balance_cents,
     })
 }
 
 async fn ledger(store: Store) -> Result<LedgerTotals, ServiceError> {
-    // PostgreSQL sums BIGINT as NUMERIC: cast back so both backends answer BIGINT.
-    let accounts = sqlx::query(
-        "SELECT COUNT(*) AS accounts, CAST(COALESCE(SUM(balance_cents), 0) AS BIGINT) AS balances, \
-         CAST(COALESCE(SUM(granted_cents), 0) AS BIGINT) AS granted FROM accounts",
-    )
-    .fetch_one(store.pool())
-    .await
-    .map_err(internal)?;
-    let captured: i64 = sqlx::query_scalar(
-        "SELECT CAST(COALESCE(SUM(amount_cents), 0) AS BIGINT) FROM payments WHERE status = 'authorized'",
-    )
-    .fetch_one(store.pool())
-    .await
-    .map_err(internal)?;
-    Ok(LedgerTotals {
-        accounts: accounts.try_get("accounts").map_err(internal)?,
-        balances_cents: accounts.try_get("balances").map_err(internal)?,
-        granted_cents: accounts.try_get("granted").map_err(internal)?,
-        captured_cents: captured,
-    })
+    let mut conn = store.pool().acquire().await.map_err(internal)?;
+    store::ledger(&mut conn).await.map_err(internal)
 }

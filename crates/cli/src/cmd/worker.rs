@@ -28,6 +28,15 @@ pub(crate) struct Args {
     /// Latency of the simulated payment provider, in milliseconds.
     #[arg(long, env = "SKEIN_PROVIDER_LATENCY_MS", default_value_t = 0)]
     provider_latency_ms: u64,
+    /// Directory of identity's token signing key (generated there on first start).
+    #[arg(long, env = "SKEIN_KEY_DIR", default_value = "data")]
+    key_dir: std::path::PathBuf,
+    /// Email of the first admin account (created once, with --admin-password).
+    #[arg(long, env = "SKEIN_ADMIN_EMAIL")]
+    admin_email: Option<String>,
+    /// Password of the first admin account.
+    #[arg(long, env = "SKEIN_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
     /// Share of payments the simulated provider declines (0.0 to 1.0).
     #[arg(long, env = "SKEIN_PROVIDER_FAILURE_RATE", default_value_t = 0.0)]
     provider_failure_rate: f64,
@@ -35,6 +44,7 @@ pub(crate) struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Name {
+    Identity,
     Catalog,
     Orders,
     Payments,
@@ -44,6 +54,7 @@ enum Name {
 impl Name {
     fn as_str(self) -> &'static str {
         match self {
+            Name::Identity => skein_identity::NAME,
             Name::Catalog => skein_catalog::NAME,
             Name::Orders => skein_orders::NAME,
             Name::Payments => skein_payments::NAME,
@@ -71,9 +82,35 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         })?;
         let config = HostConfig::new(service);
         let host = match name {
-            Name::Catalog => skein_catalog::start(bus.clone(), store, config).await,
-            Name::Orders => skein_orders::start(bus.clone(), store, config).await,
-            Name::Projector => skein_projector::start(bus.clone(), store, config).await,
+            Name::Catalog => skein_catalog::start(bus.clone(), store, config)
+                .await
+                .map_err(anyhow::Error::from),
+            Name::Identity => {
+                let identity = skein_identity::IdentityConfig {
+                    key_dir: Some(args.key_dir.clone()),
+                    admin: match (&args.admin_email, &args.admin_password) {
+                        (Some(email), Some(password)) => Some(skein_identity::AdminSeed {
+                            email: email.clone(),
+                            password: password.clone(),
+                            name: "Admin".into(),
+                        }),
+                        (None, None) => None,
+                        _ => anyhow::bail!(
+                            "set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither"
+                        ),
+                    },
+                    ..Default::default()
+                };
+                skein_identity::start(bus.clone(), store, config, identity)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+            Name::Orders => skein_orders::start(bus.clone(), store, config)
+                .await
+                .map_err(anyhow::Error::from),
+            Name::Projector => skein_projector::start(bus.clone(), store, config)
+                .await
+                .map_err(anyhow::Error::from),
             Name::Payments => {
                 let payments = skein_payments::PaymentsConfig {
                     starting_balance_cents: args.starting_balance_cents,
@@ -82,7 +119,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                         failure_rate: args.provider_failure_rate,
                     },
                 };
-                skein_payments::start(bus.clone(), store, config, payments).await
+                skein_payments::start(bus.clone(), store, config, payments)
+                    .await
+                    .map_err(anyhow::Error::from)
             }
         }
         .with_context(|| format!("cannot start {service}"))?;

@@ -1,0 +1,74 @@
+//! `skein-identity`: the identity worker as its own process.
+//!
+//! ```sh
+//! NATS_URL=nats://127.0.0.1:4222 DATABASE_URL=sqlite:data/identity.db SKEIN_KEY_DIR=data \
+//!   SKEIN_ADMIN_EMAIL=admin@example.org SKEIN_ADMIN_PASSWORD='a long secret' skein-identity
+//! ```
+//!
+//! - `SKEIN_SIGNING_KEY_PEM`: the token signing key (PKCS#8 PEM); else the
+//!   key in `SKEIN_KEY_DIR` (default `data`), generated there on first start.
+//! - `SKEIN_ADMIN_EMAIL` and `SKEIN_ADMIN_PASSWORD`: the first admin, created
+//!   once; both or neither.
+//! - `SKEIN_ACCESS_TTL_SECS` (default 900), `SKEIN_REFRESH_TTL_SECS`
+//!   (default 30 days).
+//!
+//! `skein worker identity` runs the same worker from the `skein` command.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use skein_identity::{AdminSeed, IdentityConfig};
+use skein_service::{standalone, HostConfig};
+
+fn secs(var: &str, default: Duration) -> anyhow::Result<Duration> {
+    match std::env::var(var) {
+        Ok(text) => text
+            .parse()
+            .map(Duration::from_secs)
+            .with_context(|| format!("{var} must be a number of seconds")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn config() -> anyhow::Result<IdentityConfig> {
+    let defaults = IdentityConfig::default();
+    let admin = match (
+        std::env::var("SKEIN_ADMIN_EMAIL").ok(),
+        std::env::var("SKEIN_ADMIN_PASSWORD").ok(),
+    ) {
+        (Some(email), Some(password)) => Some(AdminSeed {
+            email,
+            password,
+            name: "Admin".into(),
+        }),
+        (None, None) => None,
+        _ => anyhow::bail!("set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither"),
+    };
+    Ok(IdentityConfig {
+        access_ttl: secs("SKEIN_ACCESS_TTL_SECS", defaults.access_ttl)?,
+        refresh_ttl: secs("SKEIN_REFRESH_TTL_SECS", defaults.refresh_ttl)?,
+        signing_key_pem: std::env::var("SKEIN_SIGNING_KEY_PEM").ok(),
+        key_dir: Some(
+            std::env::var_os("SKEIN_KEY_DIR")
+                .unwrap_or_else(|| "data".into())
+                .into(),
+        ),
+        admin,
+        ..defaults
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = config()?;
+    let env = standalone::connect(skein_identity::NAME).await?;
+    let host = skein_identity::start(
+        env.bus,
+        env.store,
+        HostConfig::new(skein_identity::NAME),
+        config,
+    )
+    .await
+    .context("failed to start the identity worker")?;
+    standalone::serve(host).await
+}

@@ -1,0 +1,531 @@
+//! The identity worker against a real nats-server, on SQLite and PostgreSQL.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+use skein_auth::{AuthError, SigningKey, Verifier};
+use skein_contracts::identity::*;
+use skein_contracts::Role;
+use skein_identity::{AdminSeed, IdentityConfig, StartError};
+use skein_service::testing::{admin, assert_schema, customer, Platform, TestError};
+use skein_service::{request, Host, HostConfig, RequestError};
+use skein_testkit::{backend_tests, Backend};
+use uuid::Uuid;
+
+const PASSWORD: &str = "a long enough password";
+
+fn boxed(e: TestError) -> anyhow::Error {
+    anyhow::Error::from_boxed(e)
+}
+
+/// The identity worker on its own database, restartable on the same one.
+struct Identity {
+    p: Platform,
+    host: Option<Host>,
+}
+
+impl Identity {
+    async fn start(backend: Backend, config: IdentityConfig) -> anyhow::Result<Self> {
+        let p = Platform::start(backend).await.map_err(boxed)?;
+        let mut identity = Self { p, host: None };
+        identity.host = Some(identity.try_start(config).await?);
+        Ok(identity)
+    }
+
+    async fn try_start(&self, config: IdentityConfig) -> Result<Host, anyhow::Error> {
+        let store = self.p.store("identity").await.map_err(boxed)?;
+        let bus = self.p.connect("identity").await.map_err(boxed)?;
+        Ok(skein_identity::start(bus, store, HostConfig::new("identity"), config).await?)
+    }
+
+    /// Stops the worker gracefully and starts it again on the same database.
+    async fn restart(&mut self, config: IdentityConfig) -> anyhow::Result<()> {
+        if let Some(host) = self.host.take() {
+            host.shutdown().await;
+        }
+        self.host = Some(self.try_start(config).await?);
+        Ok(())
+    }
+
+    async fn register(&self, email: &str) -> Result<User, RequestError> {
+        request(
+            &self.p.bus,
+            &Register {
+                email: email.into(),
+                password: PASSWORD.into(),
+                name: "Ada".into(),
+            },
+        )
+        .await
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Result<TokenPair, RequestError> {
+        request(
+            &self.p.bus,
+            &IssueToken {
+                email: email.into(),
+                password: password.into(),
+            },
+        )
+        .await
+    }
+
+    async fn refresh(&self, token: &str) -> Result<TokenPair, RequestError> {
+        request(
+            &self.p.bus,
+            &RefreshToken {
+                refresh_token: token.into(),
+            },
+        )
+        .await
+    }
+
+    /// A verifier built only from what identity publishes, as the ingress does.
+    async fn verifier(&self) -> anyhow::Result<Verifier> {
+        let key = request(&self.p.bus, &GetVerificationKey {}).await?;
+        ensure!(key.algorithm == "EdDSA" && key.issuer == "skein" && key.audience == "skein-api");
+        Ok(Verifier::new(&key)?)
+    }
+
+    /// Every `user_registered` so far, after checking each against its schema.
+    async fn registrations(&self) -> anyhow::Result<Vec<UserRegistered>> {
+        let mut out = Vec::new();
+        for envelope in self.p.envelopes("events.identity.>").await.map_err(boxed)? {
+            assert_schema(&envelope).map_err(boxed)?;
+            out.push(envelope.decode::<UserRegistered>()?);
+        }
+        Ok(out)
+    }
+
+    /// Registers a marker user and waits for its event: the relay publishes
+    /// in commit order, so every event committed before it is out too.
+    async fn registrations_settled(&self) -> anyhow::Result<Vec<UserRegistered>> {
+        let marker = self
+            .register(&format!("marker-{}@example.org", Uuid::now_v7()))
+            .await?;
+        self.p
+            .wait_events::<UserRegistered>(&marker.id.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+        let all = self.registrations().await?;
+        Ok(all.into_iter().filter(|e| e.user_id != marker.id).collect())
+    }
+}
+
+impl Drop for Identity {
+    fn drop(&mut self) {
+        if let Some(host) = self.host.take() {
+            host.abort();
+        }
+    }
+}
+
+/// The status and message of a refused request; fails if it was not refused.
+fn refused<T: std::fmt::Debug>(answer: Result<T, RequestError>) -> anyhow::Result<(u16, String)> {
+    match answer {
+        Err(RequestError::Service(e)) => Ok((e.status, e.message)),
+        Err(other) => bail!("expected a refusal, got {other}"),
+        Ok(reply) => bail!("expected a refusal, got {reply:?}"),
+    }
+}
+
+async fn registering_creates_a_customer_and_announces_it_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let user = id.register("Ada.Lovelace@Example.org").await?;
+    ensure!(
+        user.email == "ada.lovelace@example.org" && user.role == Role::Customer,
+        "{user:?}"
+    );
+    ensure!(user.name == "Ada" && !user.created_at.is_empty());
+    let events =
+        id.p.wait_events::<UserRegistered>(&user.id.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+    ensure!(
+        events[0]
+            == UserRegistered {
+                user_id: user.id,
+                email: "ada.lovelace@example.org".into(),
+                name: "Ada".into(),
+                role: Role::Customer,
+            },
+        "{events:?}"
+    );
+
+    for twin in ["ada.lovelace@example.org", "ADA.LOVELACE@EXAMPLE.ORG"] {
+        let (status, message) = refused(id.register(twin).await)?;
+        ensure!(
+            status == 409 && message == "email already registered",
+            "{status} {message}"
+        );
+    }
+    let registered = id.registrations_settled().await?;
+    ensure!(
+        registered.len() == 1 && registered[0].user_id == user.id,
+        "a duplicate was announced: {registered:?}"
+    );
+    Ok(())
+}
+
+async fn invalid_registrations_name_every_bad_field_and_store_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let valid = Register {
+        email: "eve@example.org".into(),
+        password: PASSWORD.into(),
+        name: "Eve".into(),
+    };
+    let cases = [
+        (
+            Register {
+                email: "not-an-email".into(),
+                ..valid.clone()
+            },
+            vec!["/email"],
+        ),
+        (
+            Register {
+                password: "short".into(),
+                ..valid.clone()
+            },
+            vec!["/password"],
+        ),
+        (
+            Register {
+                name: "  ".into(),
+                ..valid.clone()
+            },
+            vec!["/name"],
+        ),
+        (
+            Register {
+                email: "eve@".into(),
+                password: "123456789".into(),
+                name: String::new(),
+            },
+            vec!["/email", "/password", "/name"],
+        ),
+    ];
+    for (bad, fields) in cases {
+        let (status, message) = refused(request(&id.p.bus, &bad).await)?;
+        ensure!(status == 400, "{status} {message}");
+        for field in ["/email", "/password", "/name"] {
+            ensure!(
+                message.contains(field) == fields.contains(&field),
+                "{bad:?} answered {message:?}"
+            );
+        }
+    }
+
+    // An unknown field is refused before any handler runs, and named.
+    let raw = id
+        .p
+        .bus
+        .client()
+        .request(
+            "queries.identity.register",
+            r#"{"email":"eve@example.org","password":"a long enough password","name":"Eve","role":"admin"}"#
+                .into(),
+        )
+        .await?;
+    let header = |name: &str| {
+        raw.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    ensure!(header("Nats-Service-Error-Code") == "400");
+    ensure!(
+        header("Nats-Service-Error").contains("unknown field `role`"),
+        "{}",
+        header("Nats-Service-Error")
+    );
+
+    // Nothing was stored: no login, no event, and the email is still free.
+    let (status, _) = refused(id.login("eve@example.org", PASSWORD).await)?;
+    ensure!(status == 401);
+    ensure!(id.registrations().await?.is_empty(), "an event was emitted");
+    let eve = request(&id.p.bus, &valid).await?;
+    ensure!(eve.email == "eve@example.org");
+    Ok(())
+}
+
+async fn a_login_token_verifies_with_the_published_key_and_bad_logins_look_alike(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let bob = id.register("bob@example.org").await?;
+    let tokens = id.login("Bob@Example.org", PASSWORD).await?;
+    ensure!(tokens.token_type == "Bearer" && tokens.expires_in == 900);
+    ensure!(!tokens.refresh_token.is_empty() && tokens.refresh_token != tokens.access_token);
+    let claims = id.verifier().await?.verify(&tokens.access_token)?;
+    ensure!(
+        claims.sub == bob.id && claims.role == Role::Customer,
+        "{claims:?}"
+    );
+    ensure!(claims.iss == "skein" && claims.aud == "skein-api");
+    ensure!(claims.exp - claims.iat == 900, "{claims:?}");
+
+    let (wrong_status, wrong_password) =
+        refused(id.login("bob@example.org", "not bob's password").await)?;
+    let (unknown_status, unknown_email) = refused(id.login("nobody@example.org", PASSWORD).await)?;
+    ensure!(wrong_status == 401 && unknown_status == 401);
+    ensure!(
+        wrong_password == "invalid email or password" && unknown_email == wrong_password,
+        "{wrong_password:?} vs {unknown_email:?}"
+    );
+    let (status, _) = refused(id.login("bob@example.org", &"x".repeat(100_000)).await)?;
+    ensure!(status == 401);
+
+    // A token signed by anyone else is refused by the published key.
+    let forged = SigningKey::generate()?.issue(&claims)?;
+    ensure!(matches!(
+        id.verifier().await?.verify(&forged),
+        Err(AuthError::UnknownKey)
+    ));
+    Ok(())
+}
+
+async fn a_refresh_token_works_once_and_its_reuse_ends_the_login(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let cy = id.register("cy@example.org").await?;
+    let first = id.login("cy@example.org", PASSWORD).await?;
+    let second = id.refresh(&first.refresh_token).await?;
+    ensure!(second.refresh_token != first.refresh_token);
+    ensure!(second.token_type == "Bearer" && second.expires_in == 900);
+    let verifier = id.verifier().await?;
+    let claims = verifier.verify(&second.access_token)?;
+    ensure!(claims.sub == cy.id && claims.role == Role::Customer);
+    let third = id.refresh(&second.refresh_token).await?;
+
+    // The rotated-out token no longer works ...
+    let (status, message) = refused(id.refresh(&first.refresh_token).await)?;
+    ensure!(status == 401, "{status} {message}");
+    // ... and presenting it revoked the whole login, the newest token too.
+    let (status, _) = refused(id.refresh(&third.refresh_token).await)?;
+    ensure!(
+        status == 401,
+        "the login survived the reuse of a refresh token"
+    );
+
+    // Another login is unaffected; unknown tokens are refused.
+    let other = id.login("cy@example.org", PASSWORD).await?;
+    let (status, _) = refused(id.refresh("made-up").await)?;
+    ensure!(status == 401);
+    let (status, _) = refused(id.refresh("").await)?;
+    ensure!(status == 401);
+
+    // Of concurrent refreshes with one token, exactly one wins.
+    let answers = refresh_four_at_once(&id, &other.refresh_token).await;
+    let won = answers.iter().filter(|a| a.is_ok()).count();
+    ensure!(
+        won == 1,
+        "{won} concurrent refreshes succeeded: {answers:?}"
+    );
+    for lost in answers.into_iter().filter(|a| a.is_err()) {
+        ensure!(refused(lost)?.0 == 401);
+    }
+    Ok(())
+}
+
+/// Four refreshes with the same token at once.
+async fn refresh_four_at_once(id: &Identity, token: &str) -> Vec<Result<TokenPair, RequestError>> {
+    let (a, b, c, d) = tokio::join!(
+        id.refresh(token),
+        id.refresh(token),
+        id.refresh(token),
+        id.refresh(token)
+    );
+    vec![a, b, c, d]
+}
+
+async fn users_see_themselves_and_admins_see_everyone(backend: Backend) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let dee = id.register("dee@example.org").await?;
+    let me = request(
+        &id.p.bus,
+        &GetUser {
+            caller: customer(dee.id),
+            user_id: dee.id,
+        },
+    )
+    .await?;
+    ensure!(me == dee, "{me:?} != {dee:?}");
+    let seen = request(
+        &id.p.bus,
+        &GetUser {
+            caller: admin(),
+            user_id: dee.id,
+        },
+    )
+    .await?;
+    ensure!(seen == dee);
+
+    let stranger = customer(Uuid::now_v7());
+    let (status, _) = refused(
+        request(
+            &id.p.bus,
+            &GetUser {
+                caller: stranger.clone(),
+                user_id: dee.id,
+            },
+        )
+        .await,
+    )?;
+    ensure!(status == 403);
+    // Whether the user exists is not told to a stranger either.
+    let (status, _) = refused(
+        request(
+            &id.p.bus,
+            &GetUser {
+                caller: stranger,
+                user_id: Uuid::now_v7(),
+            },
+        )
+        .await,
+    )?;
+    ensure!(status == 403);
+    let (status, _) = refused(
+        request(
+            &id.p.bus,
+            &GetUser {
+                caller: admin(),
+                user_id: Uuid::now_v7(),
+            },
+        )
+        .await,
+    )?;
+    ensure!(status == 404);
+    Ok(())
+}
+
+async fn the_admin_is_seeded_once_and_the_key_survives_a_restart(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = IdentityConfig {
+        key_dir: Some(dir.path().join("keys")),
+        access_ttl: Duration::from_secs(120),
+        admin: Some(AdminSeed {
+            email: "Root@Example.org".into(),
+            password: "root password 123".into(),
+            name: "Root".into(),
+        }),
+        ..IdentityConfig::default()
+    };
+    let mut id = Identity::start(backend, config.clone()).await?;
+    let key_file = dir.path().join("keys").join(skein_identity::keys::KEY_FILE);
+    ensure!(key_file.exists(), "no key file in the key directory");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file)?.permissions().mode() & 0o777;
+        ensure!(mode == 0o600, "the key file has mode {mode:o}");
+    }
+    let tokens = id.login("root@example.org", "root password 123").await?;
+    ensure!(tokens.expires_in == 120);
+    let claims = id.verifier().await?.verify(&tokens.access_token)?;
+    ensure!(claims.role == Role::Admin && claims.exp - claims.iat == 120);
+    let key_before = request(&id.p.bus, &GetVerificationKey {}).await?;
+
+    id.restart(config.clone()).await?;
+    id.restart(config).await?;
+    let key_after = request(&id.p.bus, &GetVerificationKey {}).await?;
+    ensure!(
+        key_after == key_before,
+        "the signing key changed across a restart"
+    );
+    let still = id.verifier().await?.verify(&tokens.access_token)?;
+    ensure!(
+        still.sub == claims.sub,
+        "a token from before the restart no longer verifies"
+    );
+    ensure!(id.refresh(&tokens.refresh_token).await.is_ok());
+    ensure!(id
+        .login("root@example.org", "root password 123")
+        .await
+        .is_ok());
+
+    let registered = id.registrations_settled().await?;
+    ensure!(
+        registered
+            == vec![UserRegistered {
+                user_id: claims.sub,
+                email: "root@example.org".into(),
+                name: "Root".into(),
+                role: Role::Admin,
+            }],
+        "the admin was not announced exactly once: {registered:?}"
+    );
+    Ok(())
+}
+
+async fn a_configured_key_is_used_and_bad_settings_refuse_to_start(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let key = SigningKey::generate()?;
+    let config = IdentityConfig {
+        signing_key_pem: Some(key.to_pem()),
+        ..IdentityConfig::default()
+    };
+    let id = Identity::start(backend, config).await?;
+    let published = request(&id.p.bus, &GetVerificationKey {}).await?;
+    ensure!(published == key.verification_key("skein", "skein-api"));
+    id.register("fay@example.org").await?;
+    let tokens = id.login("fay@example.org", PASSWORD).await?;
+    let local = Verifier::new(&key.verification_key("skein", "skein-api"))?;
+    ensure!(local.verify(&tokens.access_token).is_ok());
+
+    let bad_settings = [
+        IdentityConfig {
+            access_ttl: Duration::ZERO,
+            ..IdentityConfig::default()
+        },
+        IdentityConfig {
+            signing_key_pem: Some("not a key".into()),
+            ..IdentityConfig::default()
+        },
+        IdentityConfig {
+            admin: Some(AdminSeed {
+                email: "root@example.org".into(),
+                password: "s3cr3t!".into(),
+                name: "Root".into(),
+            }),
+            ..IdentityConfig::default()
+        },
+    ];
+    for config in bad_settings {
+        let started = id.try_start(config).await;
+        let Err(e) = started else {
+            bail!("started with bad settings");
+        };
+        ensure!(
+            matches!(
+                e.downcast_ref::<StartError>(),
+                Some(StartError::Config(_) | StartError::Key(_) | StartError::Admin(_))
+            ),
+            "{e:#}"
+        );
+        ensure!(
+            !format!("{e:#}").contains("s3cr3t"),
+            "a password in an error: {e:#}"
+        );
+    }
+    Ok(())
+}
+
+backend_tests!(
+    registering_creates_a_customer_and_announces_it_once,
+    invalid_registrations_name_every_bad_field_and_store_nothing,
+    a_login_token_verifies_with_the_published_key_and_bad_logins_look_alike,
+    a_refresh_token_works_once_and_its_reuse_ends_the_login,
+    users_see_themselves_and_admins_see_everyone,
+    the_admin_is_seeded_once_and_the_key_survives_a_restart,
+    a_configured_key_is_used_and_bad_settings_refuse_to_start,
+);
