@@ -31,6 +31,9 @@ pub(crate) struct Args {
     /// Directory of identity's token signing key (generated there on first start).
     #[arg(long, env = "SKEIN_KEY_DIR", default_value = "data")]
     key_dir: std::path::PathBuf,
+    /// Identity's token signing key as PKCS#8 PEM (wins over --key-dir).
+    #[arg(long, env = "SKEIN_SIGNING_KEY_PEM", hide_env_values = true)]
+    signing_key_pem: Option<String>,
     /// Email of the first admin account (created once, with --admin-password).
     #[arg(long, env = "SKEIN_ADMIN_EMAIL")]
     admin_email: Option<String>,
@@ -88,6 +91,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             Name::Identity => {
                 let identity = skein_identity::IdentityConfig {
                     key_dir: Some(args.key_dir.clone()),
+                    signing_key_pem: args.signing_key_pem.clone(),
                     admin: match (&args.admin_email, &args.admin_password) {
                         (Some(email), Some(password)) => Some(skein_identity::AdminSeed {
                             email: email.clone(),
