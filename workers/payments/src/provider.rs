@@ -3,7 +3,7 @@
 //!
 //! The provider is asked once per authorization that is not decided yet. Its
 //! latency is waited out *before* the authorization's transaction begins
-//! ([`Latency`]), so a slow provider holds no database connection or lock
+//! (a wrapper around the command handler), so a slow provider holds no database connection or lock
 //! and, since the worker runs different orders in different lanes, delays
 //! only its own order. Its verdict is a draw derived from the order id: the
 //! same order always meets the same verdict (a retried authorization is not
