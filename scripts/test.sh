@@ -4,7 +4,8 @@
 # PostgreSQL.
 #
 #   scripts/test.sh            everything (what CI runs)
-#   scripts/test.sh -- ARGS    only `cargo nextest run ARGS` (services still set up)
+#   scripts/test.sh -- ARGS    only `cargo nextest run ARGS` (services still set up;
+#                              no ARGS: --workspace)
 #
 # What it provides when missing:
 # - nats-server >= 2.10: nats/find-nats-server.sh (PATH, .tools/bin, or installs it)
@@ -112,7 +113,10 @@ log "PostgreSQL: $SKEIN_TEST_POSTGRES_URL"
 
 # --- Checks and tests -------------------------------------------------------
 if [ "$only_tests" -eq 1 ]; then
-  cargo nextest run --workspace "$@"
+  # With no arguments, every package; with some (-p NAME, a filter ...),
+  # exactly what they select.
+  [ "$#" -eq 0 ] && set -- --workspace
+  cargo nextest run "$@"
   exit 0
 fi
 
