@@ -8,8 +8,8 @@
 //!
 //! # Layout
 //!
-//! - [`identity`], [`catalog`], [`orders`], [`payments`], [`projector`]: one
-//!   module per service with its commands, events and queries.
+//! - [`identity`], [`catalog`], [`orders`], [`payments`], [`projector`],
+//!   [`orchestrator`]: one module per service with its commands, events and queries.
 //! - [`validate`]: [`Validate`] and [`Violation`], the precise reasons an
 //!   input is refused, shared by the ingress and the workers.
 //! - [`registry`]: every contract with its kind and schema, for
@@ -23,6 +23,7 @@ mod macros;
 
 pub mod catalog;
 pub mod identity;
+pub mod orchestrator;
 pub mod orders;
 pub mod payments;
 pub mod projector;

@@ -10,7 +10,7 @@ use schemars::{JsonSchema, Schema};
 use serde::Serialize;
 use skein_message::{subject, Command, Event, Query};
 
-use crate::{catalog, identity, orders, payments, projector};
+use crate::{catalog, identity, orchestrator, orders, payments, projector};
 
 /// What a contract is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,6 +142,9 @@ pub fn all() -> Vec<Entry> {
     entries.extend(query::<projector::GetDashboard>());
     entries.extend(query::<projector::GetProfile>());
     entries.extend(query::<projector::GetTimeline>());
+    entries.extend(query::<orchestrator::GetSaga>());
+    entries.extend(query::<orchestrator::ListSagas>());
+    entries.extend(query::<orchestrator::StuckSagas>());
     entries.sort_by(|a, b| a.file.cmp(&b.file));
     entries
 }

@@ -47,6 +47,7 @@ pub struct Host {
     service: ServiceHandle,
     workers: Vec<RunningWorker>,
     relay: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
 }
 
@@ -67,6 +68,7 @@ impl Host {
             service,
             workers: Vec::new(),
             relay,
+            tasks: Vec::new(),
             shutdown,
         })
     }
@@ -161,6 +163,14 @@ impl Host {
         Ok(())
     }
 
+    /// Runs a background task of the worker (a timer, a sweeper) for as
+    /// long as the host: `spawn` gets the token that is cancelled when the
+    /// host shuts down, and the task is awaited then (aborted by
+    /// [`Host::abort`]).
+    pub fn spawn_task(&mut self, spawn: impl FnOnce(CancellationToken) -> JoinHandle<()>) {
+        self.tasks.push(spawn(self.shutdown.child_token()));
+    }
+
     /// The bus.
     pub fn bus(&self) -> &Bus {
         &self.bus
@@ -188,6 +198,9 @@ impl Host {
             worker.shutdown().await;
         }
         self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
         let _ = self.relay.await;
         drop(self.service);
     }
@@ -196,6 +209,9 @@ impl Host {
     pub fn abort(self) {
         for worker in self.workers {
             worker.abort();
+        }
+        for task in self.tasks {
+            task.abort();
         }
         self.relay.abort();
         drop(self.service);

@@ -203,13 +203,24 @@ async fn release(
 ) -> Result<(), HandlerError> {
     let order = command.order_id;
     let existing = store::reservation(tx, order).await.map_err(db)?;
-    let lines: Vec<StockLine> = match existing {
-        Some(r) if r.status == "reserved" => r.lines,
+    let lines: Vec<StockLine> = match &existing {
+        Some(r) if r.status == "reserved" => r.lines.clone(),
         // Nothing held (rejected, already released or committed, or never
         // reserved): releasing is a no-op that still answers, so a saga
         // compensating blindly always hears back.
         Some(_) | None => Vec::new(),
     };
+    if existing.is_none() {
+        // Released before any reservation: the reservation may still be on
+        // its way (its saga gave up waiting). Record the release so that a
+        // late reserve_stock for this order holds nothing.
+        let voided = StockReleased {
+            order_id: order,
+            lines: Vec::new(),
+            reason: command.reason.clone(),
+        };
+        record(tx, &order.to_string(), "released", &voided, now_micros()).await?;
+    }
     for line in &lines {
         sqlx::query("UPDATE products SET reserved = reserved - $1 WHERE id = $2")
             .bind(line.quantity)

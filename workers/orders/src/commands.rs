@@ -225,7 +225,24 @@ async fn confirm(
             total_cents: order.total_cents,
         },
         context,
-    )
+    )?;
+    if let Some(requested_by) = order.cancel_requested_by {
+        // The cancellation was asked for while the order was pending but
+        // came too late to stop its placement (the payment was already
+        // authorized): ask again, now as a confirmed order's, which refunds
+        // and releases.
+        emit(
+            tx,
+            &OrderCancellationRequested {
+                order_id: order.id,
+                customer_id: order.customer_id,
+                status: OrderStatus::Confirmed,
+                requested_by,
+            },
+            context,
+        )?;
+    }
+    Ok(())
 }
 
 async fn reject(

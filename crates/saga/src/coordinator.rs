@@ -1,0 +1,389 @@
+//! The coordinator: runs the instances of a set of sagas from the events it
+//! consumes and the deadlines it watches.
+//!
+//! - Events come through the worker's inbox ([`Coordinator`] is a
+//!   [`TxHandler`]): an event runs at most once, and the instance's new
+//!   state, its transition and the commands it sends commit together (the
+//!   commands go out through the outbox).
+//! - A reply finds its instance by `ce-causationid`: every command sent is
+//!   recorded with its instance, step and phase.
+//! - Copies share the work: a change is stored only if the instance is
+//!   still at the version it was read at; the loser's transaction rolls
+//!   back and its message is redelivered (a transient error) to be applied
+//!   to the new state.
+//! - Deadlines are stored with the instance, so they survive restarts;
+//!   [`Coordinator::spawn_deadlines`] looks for passed ones every `tick`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skein_bus::{Delivery, HandlerError};
+use skein_contracts::orchestrator::{SagaInstance, SagaStatus, SentMessage, StuckSaga};
+use skein_message::Envelope;
+use skein_outbox::{now_micros, Store, Tx, TxHandler};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::definition::{Saga, SagaError};
+use crate::engine::{Engine, Instance, Outcome};
+use crate::store::{self, NewTransition};
+
+/// Runs a set of sagas on one store.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    sagas: Arc<Vec<Saga>>,
+    store: Store,
+    source: String,
+}
+
+fn db(e: sqlx::Error) -> HandlerError {
+    HandlerError::transient(format!("saga store: {e}"))
+}
+
+fn definition(e: SagaError) -> HandlerError {
+    HandlerError::permanent(e)
+}
+
+/// The cause of a transition.
+struct Cause<'a> {
+    id: Option<Uuid>,
+    kind: &'a str,
+}
+
+impl Coordinator {
+    /// A coordinator of `sagas` keeping its instances in `store` (migrated
+    /// with [`crate::MIGRATIONS`]); `source` is the `ce-source` of what it
+    /// sends (the worker's name).
+    ///
+    /// # Errors
+    ///
+    /// Two sagas with one name.
+    pub fn new(
+        sagas: Vec<Saga>,
+        store: Store,
+        source: impl Into<String>,
+    ) -> Result<Self, crate::DefinitionError> {
+        let mut names = std::collections::HashSet::new();
+        for saga in &sagas {
+            if !names.insert(saga.name.clone()) {
+                return Err(crate::DefinitionError {
+                    saga: saga.name.clone(),
+                    problem: "declared twice in one coordinator".into(),
+                });
+            }
+        }
+        Ok(Self {
+            sagas: Arc::new(sagas),
+            store,
+            source: source.into(),
+        })
+    }
+
+    /// The `EVENTS` filter subjects of every event the sagas react to.
+    pub fn filter_subjects(&self) -> Vec<String> {
+        let mut all = std::collections::BTreeSet::new();
+        for saga in self.sagas.iter() {
+            all.extend(saga.filter_subjects());
+        }
+        all.into_iter().collect()
+    }
+
+    fn saga(&self, name: &str) -> Result<&Saga, HandlerError> {
+        self.sagas.iter().find(|s| s.name == name).ok_or_else(|| {
+            HandlerError::permanent(format!("no saga named {name:?} in this coordinator"))
+        })
+    }
+
+    fn engine<'a>(&'a self, saga: &'a Saga, now: i64) -> Engine<'a> {
+        Engine {
+            saga,
+            source: &self.source,
+            now,
+        }
+    }
+
+    /// Stores what an input did to `inst`: its new state (if it changed and
+    /// nobody changed it meanwhile), the commands to send and the transition.
+    async fn persist(
+        &self,
+        tx: &mut Tx,
+        inst: &mut Instance,
+        from: Option<SagaStatus>,
+        out: Outcome,
+        cause: Cause<'_>,
+        now: i64,
+        inserted: bool,
+    ) -> Result<(), HandlerError> {
+        if out.changed && !inserted {
+            let expected = inst.version;
+            inst.version += 1;
+            inst.updated_at = now;
+            if !store::update(tx, inst, expected).await.map_err(db)? {
+                return Err(HandlerError::transient(format!(
+                    "saga {} changed meanwhile (another coordinator copy); applying again",
+                    inst.id
+                ))
+                .retry_after(Duration::from_millis(20)));
+            }
+        }
+        let mut sent = Vec::with_capacity(out.sends.len());
+        for s in &out.sends {
+            store::insert_sent(
+                tx,
+                s.envelope.id,
+                &s.envelope.kind,
+                inst.id,
+                s.step,
+                s.phase,
+                now,
+            )
+            .await
+            .map_err(db)?;
+            tx.publish(&s.envelope);
+            sent.push(SentMessage {
+                id: s.envelope.id,
+                kind: s.envelope.kind.clone(),
+            });
+        }
+        store::insert_transition(
+            tx,
+            &NewTransition {
+                instance: inst.id,
+                from,
+                to: inst.status,
+                step: out.step.as_deref(),
+                cause_id: cause.id,
+                cause: cause.kind,
+                sent: &sent,
+                note: &out.note,
+                at: now,
+            },
+        )
+        .await
+        .map_err(db)?;
+        tracing::debug!(saga = %inst.saga, instance = %inst.id, key = %inst.key, status = inst.status.as_str(), note = %out.note, "saga transition");
+        Ok(())
+    }
+
+    async fn on_event(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
+        let now = now_micros();
+        let cause = || Cause {
+            id: Some(event.id),
+            kind: &event.kind,
+        };
+        for saga in self.sagas.iter() {
+            if saga.trigger.matches(event) {
+                if let Some((key, data)) = (saga.start)(event).map_err(definition)? {
+                    let mut inst =
+                        Instance::new(saga, key, data, event.correlation_id.clone(), now);
+                    let out = self
+                        .engine(saga, now)
+                        .start(&mut inst, &event.context())
+                        .map_err(definition)?;
+                    inst.version = 1;
+                    if store::insert(tx, &inst).await.map_err(db)? {
+                        self.persist(tx, &mut inst, None, out, cause(), now, true)
+                            .await?;
+                    } else {
+                        tracing::debug!(saga = %saga.name, key = %inst.key, "an instance exists for this key; not starting another");
+                    }
+                }
+            }
+            if let Some((cancel, key)) = &saga.cancel {
+                if cancel.matches(event) {
+                    let (key, reason) = key(event).map_err(definition)?;
+                    match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
+                        Some(mut inst) => {
+                            let from = inst.status;
+                            let out = self
+                                .engine(saga, now)
+                                .cancel(&mut inst, reason, event)
+                                .map_err(definition)?;
+                            self.persist(tx, &mut inst, Some(from), out, cause(), now, false)
+                                .await?;
+                        }
+                        None => {
+                            tracing::info!(saga = %saga.name, %key, kind = %event.kind, "cancel for no instance; nothing to stop")
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(caused_by) = event.causation_id {
+            if let Some((id, step, phase)) = store::sent(tx, caused_by).await.map_err(db)? {
+                let Some(mut inst) = store::load(tx, id).await.map_err(db)? else {
+                    return Err(HandlerError::permanent(format!(
+                        "saga instance {id} of a sent command is gone"
+                    )));
+                };
+                let saga = self.saga(&inst.saga)?;
+                let from = inst.status;
+                let out = self
+                    .engine(saga, now)
+                    .reply(&mut inst, step, phase, event)
+                    .map_err(definition)?;
+                self.persist(tx, &mut inst, Some(from), out, cause(), now, false)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies passed deadlines, up to `limit` instances; returns how many.
+    pub async fn run_deadlines(&self, limit: i64) -> Result<usize, HandlerError> {
+        let now = now_micros();
+        let mut conn = self.store.pool().acquire().await.map_err(db)?;
+        let due = store::due(&mut conn, now, limit).await.map_err(db)?;
+        drop(conn);
+        let mut applied = 0;
+        for id in due {
+            let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
+            let Some(mut inst) = store::load(&mut tx, id).await.map_err(db)? else {
+                continue;
+            };
+            if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > now) {
+                continue; // another copy got there first
+            }
+            let saga = self.saga(&inst.saga)?;
+            let from = inst.status;
+            let out = self
+                .engine(saga, now)
+                .deadline(&mut inst)
+                .map_err(definition)?;
+            let cause = Cause {
+                id: None,
+                kind: "deadline",
+            };
+            match self
+                .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if e.kind() == skein_bus::ErrorKind::Transient => {
+                    tracing::debug!(instance = %id, "deadline raced another change: {}", e.reason());
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            tx.commit().await.map_err(HandlerError::transient)?;
+            applied += 1;
+        }
+        Ok(applied)
+    }
+
+    /// Watches deadlines every `tick` until `shutdown`.
+    pub fn spawn_deadlines(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(tick) => {}
+                }
+                match this.run_deadlines(100).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(count = n, "applied saga deadlines"),
+                    Err(e) => {
+                        tracing::warn!(error = %e.reason(), "cannot apply saga deadlines; trying again")
+                    }
+                }
+            }
+        })
+    }
+
+    fn view(&self, inst: &Instance) -> SagaInstance {
+        let saga = self.sagas.iter().find(|s| s.name == inst.saga);
+        let live = inst.status.is_live();
+        SagaInstance {
+            id: inst.id,
+            saga: inst.saga.clone(),
+            key: inst.key.clone(),
+            status: inst.status,
+            step: live
+                .then(|| {
+                    saga.and_then(|s| s.steps.get(inst.step))
+                        .map(|s| s.name.clone())
+                })
+                .flatten(),
+            waiting_for: match saga {
+                Some(s) if live => {
+                    s.waiting_for(inst.step, inst.status == SagaStatus::Compensating)
+                }
+                _ => Vec::new(),
+            },
+            deadline: inst.deadline_at.map(crate::rfc3339),
+            reason: inst.reason.clone(),
+            data: inst.data.clone(),
+            correlation_id: inst.correlation_id.clone(),
+            version: inst.version,
+            created_at: crate::rfc3339(inst.created_at),
+            updated_at: crate::rfc3339(inst.updated_at),
+            transitions: Vec::new(),
+        }
+    }
+
+    /// The instance `id` with its transitions.
+    pub async fn get(&self, id: Uuid) -> sqlx::Result<Option<SagaInstance>> {
+        let mut conn = self.store.pool().acquire().await?;
+        let Some(inst) = store::load(&mut conn, id).await? else {
+            return Ok(None);
+        };
+        let mut view = self.view(&inst);
+        view.transitions = store::transitions(&mut conn, id).await?;
+        Ok(Some(view))
+    }
+
+    /// The instance of `saga` about `key`, with its transitions.
+    pub async fn find(&self, saga: &str, key: &str) -> sqlx::Result<Option<SagaInstance>> {
+        let mut conn = self.store.pool().acquire().await?;
+        let Some(inst) = store::load_by_key(&mut conn, saga, key).await? else {
+            return Ok(None);
+        };
+        let mut view = self.view(&inst);
+        view.transitions = store::transitions(&mut conn, inst.id).await?;
+        Ok(Some(view))
+    }
+
+    /// Instances, newest first, with the cursor of the next page.
+    pub async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        key: Option<&str>,
+        cursor: Option<Uuid>,
+        limit: u32,
+    ) -> sqlx::Result<(Vec<SagaInstance>, Option<Uuid>)> {
+        let mut conn = self.store.pool().acquire().await?;
+        let limit = i64::from(limit.max(1));
+        let mut rows = store::list(&mut conn, status, key, cursor, limit + 1).await?;
+        let more = rows.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+        rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        let next = more.then(|| rows.last().map(|r| r.id)).flatten();
+        Ok((rows.iter().map(|i| self.view(i)).collect(), next))
+    }
+
+    /// Live instances past their deadline by `min_overdue` or more, and
+    /// failed ones.
+    pub async fn stuck(&self, min_overdue: Duration) -> sqlx::Result<Vec<StuckSaga>> {
+        let now = now_micros();
+        let mut conn = self.store.pool().acquire().await?;
+        let overdue = i64::try_from(min_overdue.as_micros()).unwrap_or(i64::MAX);
+        let rows = store::stuck(&mut conn, now, overdue, 500).await?;
+        Ok(rows
+            .iter()
+            .map(|inst| StuckSaga {
+                instance: self.view(inst),
+                overdue_ms: inst
+                    .deadline_at
+                    .filter(|_| inst.status.is_live())
+                    .map_or(0, |d| u64::try_from((now - d) / 1000).unwrap_or(0)),
+            })
+            .collect())
+    }
+}
+
+impl TxHandler for Coordinator {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        self.on_event(tx, &delivery.envelope).await
+    }
+}

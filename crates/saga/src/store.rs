@@ -1,0 +1,339 @@
+//! The saga tables (see `migrations/`): instances, sent commands,
+//! transitions. Times are microseconds since the epoch.
+
+use skein_contracts::orchestrator::{SagaStatus, SagaTransition, SentMessage};
+use sqlx::{AnyConnection, Row};
+use uuid::Uuid;
+
+use crate::engine::{Finish, Instance, Phase};
+
+const COLUMNS: &str = "id, saga, saga_key, status, step, attempt, compensations, finish, data, \
+                       reason, correlation_id, deadline_at, version, created_at, updated_at";
+
+fn decode_error(what: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::Decode(what.to_string().into())
+}
+
+fn to_index(value: i64) -> sqlx::Result<usize> {
+    usize::try_from(value).map_err(decode_error)
+}
+
+fn to_instance(row: &sqlx::any::AnyRow) -> sqlx::Result<Instance> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let compensations: String = row.try_get("compensations")?;
+    let finish: String = row.try_get("finish")?;
+    let data: String = row.try_get("data")?;
+    let attempt: i64 = row.try_get("attempt")?;
+    Ok(Instance {
+        id: Uuid::parse_str(&id).map_err(decode_error)?,
+        saga: row.try_get("saga")?,
+        key: row.try_get("saga_key")?,
+        status: SagaStatus::parse(&status)
+            .ok_or_else(|| decode_error(format!("unknown saga status {status:?}")))?,
+        step: to_index(row.try_get("step")?)?,
+        attempt: u32::try_from(attempt).map_err(decode_error)?,
+        compensations: serde_json::from_str(&compensations).map_err(decode_error)?,
+        finish: serde_json::from_value(serde_json::Value::String(finish)).map_err(decode_error)?,
+        data: serde_json::from_str(&data).map_err(decode_error)?,
+        reason: row.try_get("reason")?,
+        correlation_id: row.try_get("correlation_id")?,
+        deadline_at: row.try_get("deadline_at")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn finish_name(finish: Finish) -> &'static str {
+    match finish {
+        Finish::Failure => "failure",
+        Finish::Cancel => "cancel",
+    }
+}
+
+fn compensations_json(inst: &Instance) -> String {
+    serde_json::to_string(&inst.compensations).unwrap_or_else(|_| "[]".into())
+}
+
+fn step_value(inst: &Instance) -> i64 {
+    i64::try_from(inst.step).unwrap_or(i64::MAX)
+}
+
+/// Inserts a new instance unless one exists for its saga and key; `false`
+/// when one did.
+pub(crate) async fn insert(conn: &mut AnyConnection, inst: &Instance) -> sqlx::Result<bool> {
+    let done = sqlx::query(&format!(
+        "INSERT INTO saga_instances ({COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+         ON CONFLICT (saga, saga_key) DO NOTHING"
+    ))
+    .bind(inst.id.to_string())
+    .bind(&inst.saga)
+    .bind(&inst.key)
+    .bind(inst.status.as_str())
+    .bind(step_value(inst))
+    .bind(i64::from(inst.attempt))
+    .bind(compensations_json(inst))
+    .bind(finish_name(inst.finish))
+    .bind(inst.data.to_string())
+    .bind(inst.reason.clone())
+    .bind(&inst.correlation_id)
+    .bind(inst.deadline_at)
+    .bind(inst.version)
+    .bind(inst.created_at)
+    .bind(inst.updated_at)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Stores `inst` (already at its new version) if the stored one is still
+/// at `expected`; `false` when another change got there first.
+pub(crate) async fn update(
+    conn: &mut AnyConnection,
+    inst: &Instance,
+    expected: i64,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE saga_instances SET status = $1, step = $2, attempt = $3, compensations = $4, \
+         finish = $5, data = $6, reason = $7, deadline_at = $8, version = $9, updated_at = $10 \
+         WHERE id = $11 AND version = $12",
+    )
+    .bind(inst.status.as_str())
+    .bind(step_value(inst))
+    .bind(i64::from(inst.attempt))
+    .bind(compensations_json(inst))
+    .bind(finish_name(inst.finish))
+    .bind(inst.data.to_string())
+    .bind(inst.reason.clone())
+    .bind(inst.deadline_at)
+    .bind(inst.version)
+    .bind(inst.updated_at)
+    .bind(inst.id.to_string())
+    .bind(expected)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The instance `id`.
+pub(crate) async fn load(conn: &mut AnyConnection, id: Uuid) -> sqlx::Result<Option<Instance>> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM saga_instances WHERE id = $1"
+    ))
+    .bind(id.to_string())
+    .fetch_optional(conn)
+    .await?
+    .map(|r| to_instance(&r))
+    .transpose()
+}
+
+/// The instance of `saga` about `key`.
+pub(crate) async fn load_by_key(
+    conn: &mut AnyConnection,
+    saga: &str,
+    key: &str,
+) -> sqlx::Result<Option<Instance>> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM saga_instances WHERE saga = $1 AND saga_key = $2"
+    ))
+    .bind(saga)
+    .bind(key)
+    .fetch_optional(conn)
+    .await?
+    .map(|r| to_instance(&r))
+    .transpose()
+}
+
+/// Ids of live instances whose deadline is at or before `now`, earliest first.
+pub(crate) async fn due(conn: &mut AnyConnection, now: i64, limit: i64) -> sqlx::Result<Vec<Uuid>> {
+    let rows = sqlx::query(
+        "SELECT id FROM saga_instances WHERE deadline_at <= $1 \
+         AND status IN ('running', 'compensating') ORDER BY deadline_at LIMIT $2",
+    )
+    .bind(now)
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let id: String = r.try_get("id")?;
+            Uuid::parse_str(&id).map_err(decode_error)
+        })
+        .collect()
+}
+
+/// Instances, newest first, optionally of one status or key, after `cursor`
+/// (an instance id: UUIDv7 ids sort by creation).
+pub(crate) async fn list(
+    conn: &mut AnyConnection,
+    status: Option<SagaStatus>,
+    key: Option<&str>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<Instance>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM saga_instances \
+         WHERE ($1 IS NULL OR status = $1) AND ($2 IS NULL OR saga_key = $2) AND ($3 IS NULL OR id < $3) \
+         ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(status.map(SagaStatus::as_str))
+    .bind(key)
+    .bind(before.map(|b| b.to_string()))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(to_instance).collect()
+}
+
+/// Live instances past their deadline by `min_overdue` or more, most
+/// overdue first, then failed ones.
+pub(crate) async fn stuck(
+    conn: &mut AnyConnection,
+    now: i64,
+    min_overdue: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<Instance>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM saga_instances \
+         WHERE (status IN ('running', 'compensating') AND deadline_at <= $1) OR status = 'failed' \
+         ORDER BY deadline_at, id LIMIT $2"
+    ))
+    .bind(now.saturating_sub(min_overdue))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter().map(to_instance).collect()
+}
+
+/// Records a command an instance sent.
+pub(crate) async fn insert_sent(
+    conn: &mut AnyConnection,
+    message_id: Uuid,
+    kind: &str,
+    instance: Uuid,
+    step: usize,
+    phase: Phase,
+    now: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO saga_sent (message_id, instance_id, step, phase, kind, sent_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(message_id.to_string())
+    .bind(instance.to_string())
+    .bind(i64::try_from(step).unwrap_or(i64::MAX))
+    .bind(phase.as_str())
+    .bind(kind)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The instance, step and phase of the command `message_id`, if a saga sent it.
+pub(crate) async fn sent(
+    conn: &mut AnyConnection,
+    message_id: Uuid,
+) -> sqlx::Result<Option<(Uuid, usize, Phase)>> {
+    let Some(row) =
+        sqlx::query("SELECT instance_id, step, phase FROM saga_sent WHERE message_id = $1")
+            .bind(message_id.to_string())
+            .fetch_optional(conn)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let instance: String = row.try_get("instance_id")?;
+    let phase: String = row.try_get("phase")?;
+    Ok(Some((
+        Uuid::parse_str(&instance).map_err(decode_error)?,
+        to_index(row.try_get("step")?)?,
+        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?,
+    )))
+}
+
+/// One transition to record.
+#[derive(Debug)]
+pub(crate) struct NewTransition<'a> {
+    pub(crate) instance: Uuid,
+    pub(crate) from: Option<SagaStatus>,
+    pub(crate) to: SagaStatus,
+    pub(crate) step: Option<&'a str>,
+    pub(crate) cause_id: Option<Uuid>,
+    pub(crate) cause: &'a str,
+    pub(crate) sent: &'a [SentMessage],
+    pub(crate) note: &'a str,
+    pub(crate) at: i64,
+}
+
+/// Appends a transition to its instance's history.
+pub(crate) async fn insert_transition(
+    conn: &mut AnyConnection,
+    t: &NewTransition<'_>,
+) -> sqlx::Result<()> {
+    let id = t.instance.to_string();
+    let seq: i64 = sqlx::query(
+        "SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM saga_transitions WHERE instance_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&mut *conn)
+    .await?
+    .try_get("next")?;
+    sqlx::query(
+        "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(seq)
+    .bind(t.at)
+    .bind(t.from.map(SagaStatus::as_str))
+    .bind(t.to.as_str())
+    .bind(t.step)
+    .bind(t.cause_id.map(|c| c.to_string()))
+    .bind(t.cause)
+    .bind(serde_json::to_string(t.sent).unwrap_or_else(|_| "[]".into()))
+    .bind(t.note)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Every transition of `instance`, oldest first.
+pub(crate) async fn transitions(
+    conn: &mut AnyConnection,
+    instance: Uuid,
+) -> sqlx::Result<Vec<SagaTransition>> {
+    let rows = sqlx::query(
+        "SELECT seq, at, from_status, to_status, step, cause_id, cause, sent, note \
+         FROM saga_transitions WHERE instance_id = $1 ORDER BY seq",
+    )
+    .bind(instance.to_string())
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let from: Option<String> = r.try_get("from_status")?;
+            let to: String = r.try_get("to_status")?;
+            let cause_id: Option<String> = r.try_get("cause_id")?;
+            let sent: String = r.try_get("sent")?;
+            Ok(SagaTransition {
+                seq: r.try_get("seq")?,
+                at: crate::rfc3339(r.try_get("at")?),
+                from: from.as_deref().and_then(SagaStatus::parse),
+                to: SagaStatus::parse(&to)
+                    .ok_or_else(|| decode_error(format!("unknown status {to:?}")))?,
+                step: r.try_get("step")?,
+                cause_id: cause_id
+                    .as_deref()
+                    .map(Uuid::parse_str)
+                    .transpose()
+                    .map_err(decode_error)?,
+                cause: r.try_get("cause")?,
+                sent: serde_json::from_str(&sent).map_err(decode_error)?,
+                note: r.try_get("note")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,199 @@
+//! The orchestrator: the saga coordinator of the order platform.
+//!
+//! # Sagas
+//!
+//! **place_order**, started by `orders.order_placed` (one instance per
+//! order):
+//!
+//! | step | sends | completes on | fails on | compensation |
+//! |---|---|---|---|---|
+//! | reserve_stock | `catalog.reserve_stock` | `stock_reserved` | `stock_rejected` | `catalog.release_stock` |
+//! | authorize_payment (pivot) | `payments.authorize_payment` | `payment_authorized` | `payment_declined` | `payments.refund_payment` |
+//! | confirm_order | `orders.confirm_order` | `order_confirmed` | | |
+//!
+//! After compensating a failure it sends `orders.reject_order` with the
+//! reason. `orders.order_cancellation_requested` cancels it before its
+//! pivot completes: it compensates what it did, the step in flight
+//! included, and sends `orders.mark_cancelled`. A cancel that comes after
+//! the pivot lets it confirm the order; orders then requests the
+//! cancellation again as a confirmed order's, which starts cancel_order.
+//!
+//! **cancel_order**, started by `orders.order_cancellation_requested` of a
+//! confirmed order: `payments.refund_payment` (pivot; `payment_refunded`),
+//! `catalog.release_stock` (`stock_released`), `orders.mark_cancelled`
+//! (`order_cancelled`), each sent again on its deadline until its attempts
+//! run out.
+//!
+//! # Queries (admin only)
+//!
+//! `get_saga` (one instance with its transitions), `list_sagas` (by status
+//! or key, newest first, with a cursor), `stuck_sagas` (live instances
+//! past their deadline, and failed ones, with what they wait for).
+
+pub mod sagas;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skein_bus::provision::EVENTS;
+use skein_bus::Bus;
+use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaPage, StuckList, StuckSagas};
+use skein_contracts::{Caller, Role, ServiceError, Validate};
+use skein_outbox::Store;
+use skein_saga::Coordinator;
+use skein_service::{Host, HostConfig};
+use uuid::Uuid;
+
+/// The worker's name: its consumer on `EVENTS`, inbox, service name and
+/// `ce-source`. A contract: renaming it makes it consume `EVENTS` again
+/// from the start.
+pub const NAME: &str = skein_contracts::orchestrator::SERVICE;
+
+/// Deadlines and retries of the sagas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrchestratorConfig {
+    /// How long catalog may take to reserve stock (default 10 s).
+    pub reserve_deadline: Duration,
+    /// How long payments may take to authorize (default 10 s): past it the
+    /// order is rejected and a late authorization refunded.
+    pub payment_deadline: Duration,
+    /// How long each send of a command that only goes forward (confirm,
+    /// cancel-order's steps) may take before it is sent again (default 5 s).
+    pub forward_deadline: Duration,
+    /// Sends of such a command before the instance fails (default 5).
+    pub forward_attempts: u32,
+    /// How often passed deadlines are looked for (default 200 ms).
+    pub tick: Duration,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        Self {
+            reserve_deadline: Duration::from_secs(10),
+            payment_deadline: Duration::from_secs(10),
+            forward_deadline: Duration::from_secs(5),
+            forward_attempts: 5,
+            tick: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Why the orchestrator could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// A saga definition is broken.
+    #[error(transparent)]
+    Definition(#[from] skein_saga::DefinitionError),
+    /// The host (bus, store, migrations) failed.
+    #[error(transparent)]
+    Host(#[from] skein_service::Error),
+    /// The saga tables could not be created.
+    #[error("cannot migrate the saga tables")]
+    Migrate(#[source] skein_outbox::Error),
+}
+
+/// Migrates the store and runs the platform's sagas on `bus`.
+pub async fn start(
+    bus: Bus,
+    store: Store,
+    host: HostConfig,
+    config: OrchestratorConfig,
+) -> Result<Host, StartError> {
+    let sagas = vec![sagas::place_order(&config)?, sagas::cancel_order(&config)?];
+    start_with(bus, store, host, sagas, config.tick, |_| {}).await
+}
+
+/// Runs `sagas` (checked definitions) with deadlines looked at every
+/// `tick`; `tune` adjusts the consumer.
+pub async fn start_with(
+    bus: Bus,
+    store: Store,
+    host: HostConfig,
+    sagas: Vec<skein_saga::Saga>,
+    tick: Duration,
+    tune: impl FnOnce(&mut skein_bus::WorkerConfig),
+) -> Result<Host, StartError> {
+    store
+        .migrate("saga", skein_saga::MIGRATIONS)
+        .await
+        .map_err(StartError::Migrate)?;
+    let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?;
+    let mut host = Host::start(bus, store, host).await?;
+    register_queries(&mut host, Arc::new(coordinator.clone())).await?;
+    let filters = coordinator.filter_subjects();
+    let watcher = coordinator.clone();
+    host.consume(EVENTS, filters, coordinator, tune).await?;
+    host.spawn_task(move |shutdown| watcher.spawn_deadlines(tick, shutdown));
+    Ok(host)
+}
+
+fn admin_only(caller: &Caller) -> Result<(), ServiceError> {
+    if caller.role == Role::Admin {
+        Ok(())
+    } else {
+        Err(ServiceError::forbidden("sagas are for admins"))
+    }
+}
+
+fn internal(e: sqlx::Error) -> ServiceError {
+    tracing::error!(error = %e, "orchestrator query failed");
+    ServiceError::internal()
+}
+
+async fn register_queries(
+    host: &mut Host,
+    coordinator: Arc<Coordinator>,
+) -> skein_service::Result<()> {
+    let c = coordinator.clone();
+    host.query(move |q: GetSaga, _| {
+        let c = c.clone();
+        async move {
+            admin_only(&q.caller)?;
+            c.get(q.saga_id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ServiceError::not_found(format!("no saga instance {}", q.saga_id)))
+        }
+    })
+    .await?;
+    let c = coordinator.clone();
+    host.query(move |q: ListSagas, _| {
+        let c = c.clone();
+        async move {
+            admin_only(&q.caller)?;
+            q.validate().map_err(|v| ServiceError::invalid(&v))?;
+            let cursor = match &q.cursor {
+                Some(text) => Some(Uuid::parse_str(text).map_err(|_| {
+                    ServiceError::invalid(&[skein_contracts::Violation {
+                        field: "/cursor".into(),
+                        message: "not a cursor from a previous page".into(),
+                    }])
+                })?),
+                None => None,
+            };
+            let (items, next) = c
+                .list(q.status, q.key.as_deref(), cursor, q.limit)
+                .await
+                .map_err(internal)?;
+            Ok(SagaPage {
+                items,
+                next_cursor: next.map(|n| n.to_string()),
+            })
+        }
+    })
+    .await?;
+    let c = coordinator;
+    host.query(move |q: StuckSagas, _| {
+        let c = c.clone();
+        async move {
+            admin_only(&q.caller)?;
+            let overdue = Duration::from_millis(q.min_overdue_ms.unwrap_or(5000));
+            Ok(StuckList {
+                items: c.stuck(overdue).await.map_err(internal)?,
+            })
+        }
+    })
+    .await?;
+    Ok(())
+}
