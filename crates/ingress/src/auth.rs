@@ -1,0 +1,194 @@
+//! Bearer tokens: verified with identity's public key, never minted here.
+//!
+//! The key comes from identity's `verification_key` query, fetched on first
+//! use and again when a token names a key id the ingress does not know (a
+//! rotated key), at most once per `key_refresh_interval` so forged key ids
+//! cannot turn the ingress into a load generator against identity.
+//!
+//! [`authenticate`] runs once per request in the middleware; it leaves an
+//! [`Authn`] in the request's extensions, which the [`Caller`] extractors read.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap};
+use skein_auth::{AuthError, Claims, Verifier};
+use skein_contracts::identity::GetVerificationKey;
+use skein_contracts::{Caller, Role};
+
+use crate::problem::ApiError;
+use crate::state::AppState;
+
+/// The verifier and when the key was last fetched.
+#[derive(Debug, Default)]
+pub(crate) struct Keys {
+    verifier: RwLock<Option<Arc<Verifier>>>,
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+/// What the middleware found out about the caller.
+#[derive(Debug, Clone)]
+pub(crate) enum Authn {
+    /// No `Authorization` header.
+    Anonymous,
+    /// A valid token.
+    Verified(Claims),
+    /// A token that was refused, and why (the 401 to answer).
+    Refused(ApiError),
+}
+
+fn invalid(detail: &str) -> ApiError {
+    ApiError::Unauthenticated {
+        error: Some("invalid_token"),
+        detail: detail.to_owned(),
+    }
+}
+
+fn refusal(e: &AuthError) -> ApiError {
+    invalid(match e {
+        AuthError::Expired => "the token has expired",
+        AuthError::NotYetValid => "the token is not valid yet",
+        AuthError::BadSignature => "the token signature is invalid",
+        AuthError::WrongAudience => "the token was not issued for this API",
+        AuthError::WrongIssuer => "the token was not issued by skein",
+        AuthError::WrongAlgorithm(_) => "the token algorithm is not accepted",
+        AuthError::UnknownKey => "the token was signed with an unknown key",
+        _ => "the token is malformed",
+    })
+}
+
+impl Keys {
+    fn current(&self) -> Option<Arc<Verifier>> {
+        self.verifier
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Fetches the key from identity unless it was fetched within the
+    /// refresh interval (`force` ignores that when there is no key at all).
+    async fn refresh(&self, state: &AppState, correlation: &str) -> Result<(), ApiError> {
+        let mut last = self.last_fetch.lock().await;
+        let have = self.current().is_some();
+        if have {
+            if let Some(at) = *last {
+                if at.elapsed() < state.config.key_refresh_interval {
+                    return Ok(());
+                }
+            }
+        }
+        *last = Some(Instant::now());
+        let key = state
+            .ask(&GetVerificationKey {}, correlation)
+            .await
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot fetch the verification key"))?;
+        let verifier = Verifier::new(&key).map_err(|e| {
+            tracing::error!(error = %e, "identity published an unusable verification key");
+            ApiError::Internal
+        })?;
+        tracing::info!(key_id = verifier.key_id(), "verification key loaded");
+        *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(verifier));
+        Ok(())
+    }
+
+    /// Verifies `token`, fetching the key when needed.
+    async fn verify(
+        &self,
+        state: &AppState,
+        token: &str,
+        correlation: &str,
+    ) -> Result<Claims, ApiError> {
+        if self.current().is_none() {
+            self.refresh(state, correlation).await?;
+        }
+        let Some(verifier) = self.current() else {
+            return Err(ApiError::ServiceUnavailable {
+                service: "identity".into(),
+                retry_after: std::time::Duration::from_secs(1),
+            });
+        };
+        match verifier.verify(token) {
+            Err(AuthError::UnknownKey) => {
+                // Maybe identity rotated its key: fetch it (rate-limited) and retry.
+                self.refresh(state, correlation).await?;
+                match self.current() {
+                    Some(v) if v.key_id() != verifier.key_id() => {
+                        v.verify(token).map_err(|e| refusal(&e))
+                    }
+                    _ => Err(refusal(&AuthError::UnknownKey)),
+                }
+            }
+            other => other.map_err(|e| refusal(&e)),
+        }
+    }
+}
+
+/// Reads and verifies the `Authorization` header.
+pub(crate) async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+    correlation: &str,
+) -> Authn {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Authn::Anonymous;
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        })
+        .filter(|t| !t.is_empty());
+    let Some(token) = token else {
+        return Authn::Refused(invalid("use the Bearer scheme with an access token"));
+    };
+    match state.keys.verify(state, token, correlation).await {
+        Ok(claims) => Authn::Verified(claims),
+        Err(e) => Authn::Refused(e),
+    }
+}
+
+fn caller_of(parts: &Parts) -> Result<Caller, ApiError> {
+    match parts.extensions.get::<Authn>() {
+        Some(Authn::Verified(claims)) => Ok(Caller {
+            user_id: claims.sub,
+            role: claims.role,
+        }),
+        Some(Authn::Refused(e)) => Err(e.clone()),
+        _ => Err(ApiError::Unauthenticated {
+            error: None,
+            detail: "this route needs an access token (Authorization: Bearer ...)".into(),
+        }),
+    }
+}
+
+/// Any authenticated caller.
+#[derive(Debug, Clone)]
+pub(crate) struct User(pub(crate) Caller);
+
+/// An authenticated admin (403 for others).
+#[derive(Debug, Clone)]
+pub(crate) struct Admin(pub(crate) Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        caller_of(parts).map(User)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let caller = caller_of(parts)?;
+        if caller.role != Role::Admin {
+            return Err(ApiError::Forbidden("only admins may do this".into()));
+        }
+        Ok(Admin(caller))
+    }
+}

@@ -1,0 +1,268 @@
+//! The request middleware: request id, trace context, authentication, rate
+//! limits, problem bodies, metrics and the access log.
+//!
+//! Every request gets an `x-request-id`: the client's when it is well formed
+//! (1 to 128 of `A-Z a-z 0-9 - _ . :`), else a fresh UUIDv7. It is returned in
+//! the response, written into every problem body, and is the correlation id of
+//! every message the request causes. A well-formed W3C `traceparent` is
+//! continued (same trace id, new span id), else a new trace starts.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
+
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use skein_message::MessageContext;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::auth::{authenticate, Authn};
+use crate::problem::{render, ApiError, Problem};
+use crate::state::Shared;
+
+/// The request id header.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Who the request is and which trace it belongs to.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestContext {
+    /// `x-request-id`, the correlation id.
+    pub(crate) request_id: String,
+    /// W3C `traceparent` of this request.
+    pub(crate) traceparent: String,
+}
+
+impl RequestContext {
+    /// The context of the messages this request sends.
+    pub(crate) fn message_context(&self) -> MessageContext {
+        let mut context = MessageContext::with_correlation(self.request_id.clone());
+        context.traceparent = Some(self.traceparent.clone());
+        context
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestContext {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<RequestContext>()
+            .cloned()
+            .ok_or(ApiError::Internal)
+    }
+}
+
+fn well_formed_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+fn hex(n: usize) -> String {
+    let mut out = String::with_capacity(n);
+    while out.len() < n {
+        out.push_str(&Uuid::new_v4().simple().to_string());
+    }
+    out.truncate(n);
+    out
+}
+
+/// Continues `incoming` (`00-<trace>-<parent>-<flags>`) with a new span id,
+/// or starts a new trace.
+fn traceparent(incoming: Option<&str>) -> String {
+    let parsed = incoming.and_then(|v| {
+        let mut parts = v.split('-');
+        let (Some(ver), Some(trace), Some(parent), Some(flags)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        let is_hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        (is_hex(ver, 2)
+            && ver != "ff"
+            && is_hex(trace, 32)
+            && trace.bytes().any(|b| b != b'0')
+            && is_hex(parent, 16)
+            && is_hex(flags, 2))
+        .then(|| (trace.to_owned(), flags.to_owned()))
+    });
+    let (trace, flags) = parsed.unwrap_or_else(|| (hex(32), "01".to_owned()));
+    format!("00-{trace}-{}-{flags}", hex(16))
+}
+
+/// The outermost layer: ids, problem bodies, metrics, access log.
+pub(crate) async fn observe(
+    State(state): State<Shared>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| well_formed_request_id(v))
+        .map(str::to_owned)
+        .unwrap_or_else(|| Uuid::now_v7().to_string());
+    let traceparent = traceparent(
+        request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    request.extensions_mut().insert(RequestContext {
+        request_id: request_id.clone(),
+        traceparent: traceparent.clone(),
+    });
+    let span = tracing::info_span!("http", %method, route = %route, request_id = %request_id, traceparent = %traceparent);
+    let mut response = next.run(request).instrument(span.clone()).await;
+    if let Some(problem) = response.extensions_mut().remove::<Problem>() {
+        let problem = Problem {
+            instance: Some(path),
+            request_id: Some(request_id.clone()),
+            ..problem
+        };
+        if problem.status >= 500 {
+            span.in_scope(
+                || tracing::warn!(status = problem.status, kind = %problem.kind, "request failed"),
+            );
+        }
+        render(&mut response, &problem);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(REQUEST_ID, v);
+    }
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .request(method.as_str(), &route, status, elapsed);
+    span.in_scope(|| {
+        tracing::debug!(
+            status,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request done"
+        )
+    });
+    response
+}
+
+/// The client's address: the peer, or the first `X-Forwarded-For` hop when
+/// the ingress is configured to trust a proxy.
+fn client_ip(state: &Shared, request: &Request) -> Option<IpAddr> {
+    if state.config.trust_forwarded_for {
+        if let Some(ip) = forwarded_for(request.headers()) {
+            return Some(ip);
+        }
+    }
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
+    headers
+        .get("x-forwarded-for")?
+        .to_str()
+        .ok()?
+        .split(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Routes limited per IP with the (stricter) login limit.
+const LOGIN_ROUTES: &[&str] = &["/v1/auth/token", "/v1/auth/register"];
+
+/// On `/v1`: authenticates once and applies the rate limits.
+pub(crate) async fn guard(
+    State(state): State<Shared>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let correlation = request
+        .extensions()
+        .get::<RequestContext>()
+        .map(|c| c.request_id.clone())
+        .unwrap_or_default();
+    let authn = authenticate(&state, request.headers(), &correlation).await;
+    let ip = client_ip(&state, &request)
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "unknown".to_owned());
+    if LOGIN_ROUTES.contains(&request.uri().path()) {
+        if let Err(retry_after) = state.login_limiter.check(&format!("ip:{ip}")) {
+            return ApiError::RateLimited { retry_after }.into_response();
+        }
+    }
+    let client = match &authn {
+        Authn::Verified(claims) => format!("user:{}", claims.sub),
+        _ => format!("ip:{ip}"),
+    };
+    if let Err(retry_after) = state.limiter.check(&client) {
+        return ApiError::RateLimited { retry_after }.into_response();
+    }
+    request.extensions_mut().insert(ClientKey(client));
+    request.extensions_mut().insert(authn);
+    next.run(request).await
+}
+
+/// The rate-limit key of the client (`user:<id>` or `ip:<addr>`), also the
+/// idempotency scope of anonymous requests.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientKey(pub(crate) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<ClientKey>()
+            .cloned()
+            .ok_or(ApiError::Internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_kept_only_when_well_formed() {
+        assert!(well_formed_request_id("abc-123_x.y:z"));
+        assert!(!well_formed_request_id(""));
+        assert!(!well_formed_request_id("has space"));
+        assert!(!well_formed_request_id(&"x".repeat(129)));
+        assert!(!well_formed_request_id("new\nline"));
+    }
+
+    #[test]
+    fn a_valid_traceparent_is_continued_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let next = traceparent(Some(incoming));
+        assert!(next.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(next.ends_with("-01"));
+        assert_ne!(next, incoming);
+        let fresh = traceparent(Some("00-zz-00f067aa0ba902b7-01"));
+        assert_eq!(fresh.len(), 55);
+        assert!(!fresh.contains("zz"));
+    }
+}

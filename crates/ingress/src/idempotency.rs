@@ -1,0 +1,277 @@
+//! `Idempotency-Key`: the same key from the same caller gets the same answer.
+//!
+//! Responses are kept in memory, bounded (`idempotency_capacity`, oldest
+//! dropped first) and for `idempotency_ttl`. A duplicate that arrives while the
+//! first request is still running waits for its answer instead of running
+//! again. A key reused with a different request (method, path or body) is
+//! refused with 422. Answers that say "try again" (429, 5xx) are not kept.
+//!
+//! The ingress is stateless, so this memory is per copy and lost on restart.
+//! What makes a retried order safe across copies and restarts is not this
+//! cache: the order id is derived from (caller, key) (UUIDv5, see
+//! [`derived_id`]), and so is the command's `ce-id` / `Nats-Msg-Id`. Two
+//! ingress copies receiving the same request publish the same message:
+//! JetStream drops the second within its duplicate window, and the orders
+//! service, which treats a `place_order` for an existing order id as done,
+//! absorbs it after that.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::problem::{ApiError, Problem};
+
+/// Namespace of the UUIDv5 ids derived from idempotency keys. A contract:
+/// changing it makes retries after a deploy place second orders.
+pub const NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_2d0e_5a8c_4f3b_9e7d_1c2a_3b4c_5d6e);
+
+/// A deterministic id for `what` (e.g. `order`) from a caller's key.
+pub fn derived_id(what: &str, scope: &str, key: &str) -> Uuid {
+    Uuid::new_v5(&NAMESPACE, format!("{what}\n{scope}\n{key}").as_bytes())
+}
+
+/// Checks a client's `Idempotency-Key`: 1 to 255 visible ASCII characters.
+pub(crate) fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A response as kept for replays.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
+    pub(crate) problem: Option<Problem>,
+}
+
+#[derive(Debug)]
+enum Slot {
+    InFlight {
+        fingerprint: [u8; 32],
+        done: watch::Receiver<Option<Stored>>,
+    },
+    Done {
+        fingerprint: [u8; 32],
+        stored: Box<Stored>,
+        at: Instant,
+    },
+}
+
+/// What to do with a request carrying a key.
+#[derive(Debug)]
+pub(crate) enum Claim<'a> {
+    /// First time: run it, then [`Guard::complete`].
+    Run(Guard<'a>),
+    /// Seen: answer this.
+    Replay(Box<Stored>),
+    /// Running elsewhere: wait on this, then claim again.
+    Wait(watch::Receiver<Option<Stored>>),
+}
+
+/// The right to run a keyed request; dropping it unfinished frees the key.
+#[derive(Debug)]
+pub(crate) struct Guard<'a> {
+    store: &'a IdempotencyStore,
+    key: String,
+    fingerprint: [u8; 32],
+    tx: Option<watch::Sender<Option<Stored>>>,
+}
+
+impl Guard<'_> {
+    /// Keeps `stored` for replays (unless it says "try again") and wakes
+    /// the duplicates waiting for it.
+    pub(crate) fn complete(mut self, stored: Stored) {
+        let keep =
+            !(stored.status.is_server_error() || stored.status == StatusCode::TOO_MANY_REQUESTS);
+        let mut inner = self.store.lock();
+        if keep {
+            let at = Instant::now();
+            inner.slots.insert(
+                self.key.clone(),
+                Slot::Done {
+                    fingerprint: self.fingerprint,
+                    stored: Box::new(stored.clone()),
+                    at,
+                },
+            );
+            inner.order.push_back((self.key.clone(), at));
+        } else {
+            inner.slots.remove(&self.key);
+        }
+        drop(inner);
+        if let Some(tx) = self.tx.take() {
+            // Waiters of an answer not kept run the request themselves.
+            tx.send_replace(keep.then_some(stored));
+        }
+    }
+}
+
+impl Drop for Guard<'_> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            self.store.lock().slots.remove(&self.key);
+            tx.send_replace(None);
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    slots: HashMap<String, Slot>,
+    order: VecDeque<(String, Instant)>,
+}
+
+/// Keys and their answers.
+#[derive(Debug)]
+pub(crate) struct IdempotencyStore {
+    ttl: Duration,
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+impl IdempotencyStore {
+    pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            ttl,
+            capacity,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Claims `key` (already scoped to the caller) for a request with
+    /// `fingerprint`.
+    pub(crate) fn claim(&self, key: &str, fingerprint: [u8; 32]) -> Result<Claim<'_>, ApiError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        // Expire from the front: `order` lists completed answers oldest first.
+        while let Some((k, at)) = inner.order.front().cloned() {
+            if now.duration_since(at) < self.ttl && inner.order.len() < self.capacity {
+                break;
+            }
+            inner.order.pop_front();
+            if matches!(inner.slots.get(&k), Some(Slot::Done { at: done, .. }) if *done == at) {
+                inner.slots.remove(&k);
+            }
+        }
+        match inner.slots.get(key) {
+            Some(Slot::Done {
+                fingerprint: f,
+                stored,
+                at,
+            }) if now.duration_since(*at) < self.ttl => {
+                if *f != fingerprint {
+                    return Err(ApiError::IdempotencyKeyReused);
+                }
+                return Ok(Claim::Replay(stored.clone()));
+            }
+            Some(Slot::InFlight {
+                fingerprint: f,
+                done,
+            }) => {
+                if *f != fingerprint {
+                    return Err(ApiError::IdempotencyKeyReused);
+                }
+                return Ok(Claim::Wait(done.clone()));
+            }
+            _ => {}
+        }
+        let (tx, rx) = watch::channel(None);
+        inner.slots.insert(
+            key.to_owned(),
+            Slot::InFlight {
+                fingerprint,
+                done: rx,
+            },
+        );
+        Ok(Claim::Run(Guard {
+            store: self,
+            key: key.to_owned(),
+            fingerprint,
+            tx: Some(tx),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(status: StatusCode) -> Stored {
+        Stored {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"{}"),
+            problem: None,
+        }
+    }
+
+    #[test]
+    fn a_completed_key_replays_and_a_different_request_with_it_is_refused() {
+        let s = IdempotencyStore::new(Duration::from_secs(60), 10);
+        let Ok(Claim::Run(g)) = s.claim("u:k", [1; 32]) else {
+            panic!("first claim must run");
+        };
+        assert!(matches!(s.claim("u:k", [1; 32]), Ok(Claim::Wait(_))));
+        g.complete(stored(StatusCode::ACCEPTED));
+        assert!(
+            matches!(s.claim("u:k", [1; 32]), Ok(Claim::Replay(r)) if r.status == StatusCode::ACCEPTED)
+        );
+        assert!(matches!(
+            s.claim("u:k", [2; 32]),
+            Err(ApiError::IdempotencyKeyReused)
+        ));
+    }
+
+    #[test]
+    fn failures_to_retry_and_abandoned_runs_free_the_key() {
+        let s = IdempotencyStore::new(Duration::from_secs(60), 10);
+        if let Ok(Claim::Run(g)) = s.claim("k", [1; 32]) {
+            g.complete(stored(StatusCode::SERVICE_UNAVAILABLE));
+        }
+        assert!(matches!(s.claim("k", [1; 32]), Ok(Claim::Run(_))));
+        // the guard above was dropped unfinished
+        assert!(matches!(s.claim("k", [1; 32]), Ok(Claim::Run(_))));
+    }
+
+    #[test]
+    fn the_oldest_keys_go_when_full() {
+        let s = IdempotencyStore::new(Duration::from_secs(60), 2);
+        for k in ["a", "b", "c"] {
+            if let Ok(Claim::Run(g)) = s.claim(k, [0; 32]) {
+                g.complete(stored(StatusCode::OK));
+            }
+        }
+        assert!(matches!(s.claim("a", [0; 32]), Ok(Claim::Run(_))));
+        assert!(matches!(s.claim("c", [0; 32]), Ok(Claim::Replay(_))));
+    }
+
+    #[test]
+    fn derived_ids_depend_on_caller_and_key() {
+        assert_eq!(
+            derived_id("order", "u1", "k"),
+            derived_id("order", "u1", "k")
+        );
+        assert_ne!(
+            derived_id("order", "u1", "k"),
+            derived_id("order", "u2", "k")
+        );
+        assert_ne!(
+            derived_id("order", "u1", "k"),
+            derived_id("order", "u1", "k2")
+        );
+    }
+}

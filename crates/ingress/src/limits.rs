@@ -1,0 +1,111 @@
+//! Per-client rate limits: token buckets keyed by user or IP.
+//!
+//! Each client has a bucket of `burst` tokens refilled at `per_second`; a
+//! request takes one or is refused with the time until one is there
+//! (`Retry-After`). Buckets are kept in memory (the ingress is stateless, so
+//! with N copies a client gets up to N times the rate); at capacity, buckets
+//! that are full again (idle clients) are dropped first.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::RateLimit;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets for one limit.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    limit: RateLimit,
+    capacity: usize,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(limit: RateLimit, capacity: usize) -> Self {
+        Self {
+            limit,
+            capacity,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `client`, or says how long until one is there.
+    pub(crate) fn check(&self, client: &str) -> Result<(), Duration> {
+        self.check_at(client, Instant::now())
+    }
+
+    fn check_at(&self, client: &str, now: Instant) -> Result<(), Duration> {
+        let burst = f64::from(self.limit.burst);
+        let rate = self.limit.per_second;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= self.capacity && !buckets.contains_key(client) {
+            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            if buckets.len() >= self.capacity {
+                // Everyone is busy: forget an arbitrary one rather than grow.
+                if let Some(k) = buckets.keys().next().cloned() {
+                    buckets.remove(&k);
+                }
+            }
+        }
+        let bucket = buckets.entry(client.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let tokens =
+            (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * rate).min(burst);
+        bucket.at = now;
+        if tokens >= 1.0 {
+            bucket.tokens = tokens - 1.0;
+            Ok(())
+        } else {
+            bucket.tokens = tokens;
+            Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_passes_then_requests_wait_for_the_refill() {
+        let l = RateLimiter::new(
+            RateLimit {
+                per_second: 2.0,
+                burst: 3,
+            },
+            10,
+        );
+        let t = Instant::now();
+        for _ in 0..3 {
+            assert!(l.check_at("a", t).is_ok());
+        }
+        let wait = l.check_at("a", t).err();
+        assert_eq!(wait, Some(Duration::from_millis(500)));
+        assert!(l.check_at("b", t).is_ok(), "buckets are per client");
+        assert!(l.check_at("a", t + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn the_number_of_buckets_is_bounded() {
+        let l = RateLimiter::new(
+            RateLimit {
+                per_second: 1.0,
+                burst: 1,
+            },
+            2,
+        );
+        let t = Instant::now();
+        for c in ["a", "b", "c", "d"] {
+            assert!(l.check_at(c, t).is_ok());
+        }
+        assert!(l.buckets.lock().map(|b| b.len()).unwrap_or(0) <= 2);
+    }
+}

@@ -1,0 +1,129 @@
+//! `/v1/auth/*` and `/v1/me`: identity's requests.
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use skein_contracts::identity::{GetUser, IssueToken, RefreshToken, Register};
+use skein_contracts::validate::{is_text, Checker, Validate, Violation};
+
+use super::{idempotent, json, with_header};
+use crate::auth::User;
+use crate::body::{body, Json};
+use crate::context::{ClientKey, RequestContext};
+use crate::problem::ApiError;
+use crate::state::Shared;
+
+/// Log-in body: email and password.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    /// Email.
+    #[schemars(length(min = 1, max = 254))]
+    pub email: String,
+    /// Password.
+    #[schemars(length(min = 1, max = 1024))]
+    pub password: String,
+}
+
+impl Validate for Login {
+    fn violations(&self) -> Vec<Violation> {
+        Checker::default()
+            .check(is_text(&self.email, 254), "/email", "must not be empty")
+            .check(
+                !self.password.is_empty() && self.password.len() <= 1024,
+                "/password",
+                "must be 1 to 1024 characters",
+            )
+            .finish()
+    }
+}
+
+/// Refresh body.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Refresh {
+    /// The refresh token from the last token pair.
+    #[schemars(length(min = 1, max = 1024))]
+    pub refresh_token: String,
+}
+
+impl Validate for Refresh {
+    fn violations(&self) -> Vec<Violation> {
+        Checker::default()
+            .check(
+                is_text(&self.refresh_token, 1024),
+                "/refresh_token",
+                "must not be empty",
+            )
+            .finish()
+    }
+}
+
+body!(Register, Login, Refresh);
+
+pub(crate) async fn register(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    ClientKey(client): ClientKey,
+    headers: HeaderMap,
+    Json(body, raw): Json<Register>,
+) -> Response {
+    idempotent(&state, &headers, &client, "register", &raw, |_| async {
+        let user = state.ask(&body, &ctx.request_id).await?;
+        let location = format!("/v1/users/{}/profile", user.id);
+        Ok(with_header(
+            json(StatusCode::CREATED, &user),
+            header::LOCATION,
+            &location,
+        ))
+    })
+    .await
+}
+
+pub(crate) async fn token(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Json(body, _): Json<Login>,
+) -> Result<Response, ApiError> {
+    let query = IssueToken {
+        email: body.email,
+        password: body.password,
+    };
+    let pair = state.ask(&query, &ctx.request_id).await?;
+    Ok(with_header(
+        json(StatusCode::OK, &pair),
+        header::CACHE_CONTROL,
+        "no-store",
+    ))
+}
+
+pub(crate) async fn refresh(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Json(body, _): Json<Refresh>,
+) -> Result<Response, ApiError> {
+    let query = RefreshToken {
+        refresh_token: body.refresh_token,
+    };
+    let pair = state.ask(&query, &ctx.request_id).await?;
+    Ok(with_header(
+        json(StatusCode::OK, &pair),
+        header::CACHE_CONTROL,
+        "no-store",
+    ))
+}
+
+pub(crate) async fn me(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+) -> Result<Response, ApiError> {
+    let query = GetUser {
+        user_id: caller.user_id,
+        caller,
+    };
+    let user = state.ask(&query, &ctx.request_id).await?;
+    Ok(json(StatusCode::OK, &user))
+}

@@ -1,0 +1,275 @@
+//! `/v1/orders`: placing and cancelling are commands (202), reading is a query.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use skein_contracts::catalog::{lines_violations, StockLine};
+use skein_contracts::orders::{CancelOrder, GetOrder, ListOrders, OrderStatus, PlaceOrder};
+use skein_contracts::validate::{Validate, Violation};
+use skein_contracts::Caller;
+use skein_message::Envelope;
+use uuid::Uuid;
+
+use super::{idempotent, json, path_id, with_header};
+use crate::auth::User;
+use crate::body::{body, Json};
+use crate::context::RequestContext;
+use crate::idempotency::derived_id;
+use crate::prefer::{wait_preference, OrderWatch};
+use crate::problem::ApiError;
+use crate::state::{AppState, Shared};
+
+/// The `ce-source` of what the ingress sends.
+const SOURCE: &str = "ingress";
+
+/// A new order.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewOrder {
+    /// Lines: 1 to 100, quantities 1 to 10000, each product once.
+    #[schemars(length(min = 1, max = 100))]
+    pub lines: Vec<StockLine>,
+}
+
+impl Validate for NewOrder {
+    fn violations(&self) -> Vec<Violation> {
+        lines_violations(&self.lines)
+    }
+}
+
+body!(NewOrder);
+
+/// The answer to an accepted command about an order.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Accepted {
+    /// The order.
+    pub order_id: Uuid,
+    /// Its status when the command was accepted (`pending` for a new order).
+    pub status: OrderStatus,
+}
+
+fn location(order_id: Uuid) -> String {
+    format!("/v1/orders/{order_id}")
+}
+
+/// 202 with `Location`.
+fn accepted(order_id: Uuid, status: OrderStatus) -> Response {
+    let response = json(StatusCode::ACCEPTED, &Accepted { order_id, status });
+    with_header(response, header::LOCATION, &location(order_id))
+}
+
+/// Waits for one of `finals` about the order; then 200 with the order and
+/// `Preference-Applied`, else `None` (answer 202).
+async fn settle(
+    state: &AppState,
+    watch: Option<(OrderWatch, Duration)>,
+    finals: &[&str],
+    caller: &Caller,
+    order_id: Uuid,
+    correlation: &str,
+) -> Option<Response> {
+    let (watch, wait) = watch?;
+    if !watch.until(finals, wait).await {
+        return None;
+    }
+    let query = GetOrder {
+        caller: caller.clone(),
+        order_id,
+    };
+    let order = state.ask(&query, correlation).await.ok()?;
+    let response = with_header(
+        json(StatusCode::OK, &order),
+        header::LOCATION,
+        &location(order_id),
+    );
+    Some(with_header(
+        response,
+        header::HeaderName::from_static("preference-applied"),
+        &format!("wait={}", wait.as_secs()),
+    ))
+}
+
+/// Subscribes to the order's events when the client asked to wait.
+async fn watch_if_asked(
+    state: &AppState,
+    headers: &HeaderMap,
+    order_id: Uuid,
+) -> Result<Option<(OrderWatch, Duration)>, ApiError> {
+    match wait_preference(headers, state.config.max_wait) {
+        Some(wait) if !wait.is_zero() => {
+            Ok(Some((OrderWatch::start(state, order_id).await?, wait)))
+        }
+        _ => Ok(None),
+    }
+}
+
+pub(crate) async fn place(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+    headers: HeaderMap,
+    Json(body, raw): Json<NewOrder>,
+) -> Response {
+    let scope = format!("user:{}", caller.user_id);
+    let (st, hd, sc, cx) = (&state, &headers, &scope, &ctx);
+    idempotent(
+        &state,
+        &headers,
+        &scope,
+        "place_order",
+        &raw,
+        |key| async move {
+            let (state, headers, scope, ctx) = (st, hd, sc, cx);
+            // With a key, the order id and the message id follow from (caller,
+            // key): a retry through any ingress copy is the same order.
+            let (order_id, message_id) = match &key {
+                Some(key) => (
+                    derived_id("order", scope, key),
+                    Some(derived_id("place_order", scope, key)),
+                ),
+                None => (Uuid::now_v7(), None),
+            };
+            let command = PlaceOrder {
+                order_id,
+                customer_id: caller.user_id,
+                lines: body.lines,
+            };
+            let mut envelope = Envelope::command(SOURCE, &command, &ctx.message_context())
+                .map_err(|_| ApiError::Internal)?;
+            if let Some(id) = message_id {
+                envelope.id = id;
+            }
+            let watch = watch_if_asked(state, headers, order_id).await?;
+            state.publish(&envelope).await?;
+            let finals = ["order_confirmed", "order_rejected", "order_cancelled"];
+            if let Some(done) =
+                settle(state, watch, &finals, &caller, order_id, &ctx.request_id).await
+            {
+                return Ok(done);
+            }
+            Ok(accepted(order_id, OrderStatus::Pending))
+        },
+    )
+    .await
+}
+
+pub(crate) async fn get(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let order_id = path_id(&id, "order")?;
+    let order = state
+        .ask(&GetOrder { caller, order_id }, &ctx.request_id)
+        .await?;
+    Ok(json(StatusCode::OK, &order))
+}
+
+/// Query parameters of the order list.
+const LIST_PARAMS: &[&str] = &["limit", "cursor"];
+
+pub(crate) async fn list(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+    params: Result<Query<BTreeMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params
+        .map_err(|_| ApiError::BadRequest("the query string is not valid URL encoding".into()))?;
+    let mut violations: Vec<Violation> = params
+        .keys()
+        .filter(|k| !LIST_PARAMS.contains(&k.as_str()))
+        .map(|k| Violation {
+            field: format!("?{k}"),
+            message: "unknown query parameter".into(),
+        })
+        .collect();
+    let limit = match params.get("limit").map(|l| l.parse::<u32>()) {
+        None => 20,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => {
+            violations.push(Violation {
+                field: "?limit".into(),
+                message: "must be an integer between 1 and 100".into(),
+            });
+            20
+        }
+    };
+    let query = ListOrders {
+        customer_id: caller.user_id,
+        caller,
+        limit,
+        cursor: params.get("cursor").cloned(),
+    };
+    violations.extend(query.violations().into_iter().map(|v| Violation {
+        field: v.field.replacen('/', "?", 1),
+        ..v
+    }));
+    if !violations.is_empty() {
+        return Err(ApiError::Invalid(violations));
+    }
+    let page = state.ask(&query, &ctx.request_id).await?;
+    Ok(json(StatusCode::OK, &page))
+}
+
+pub(crate) async fn cancel(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let order_id = path_id(&id, "order")?;
+    // Refuse what certainly cannot be cancelled; when orders cannot answer
+    // right now the command is still accepted: orders checks it again.
+    let check = GetOrder {
+        caller: caller.clone(),
+        order_id,
+    };
+    let status = match state.ask(&check, &ctx.request_id).await {
+        Ok(order) => match order.status {
+            OrderStatus::Rejected | OrderStatus::Cancelled => {
+                return Err(ApiError::Conflict(format!(
+                    "order {order_id} is {} and can no longer be cancelled",
+                    order.status.as_str()
+                )))
+            }
+            status => status,
+        },
+        Err(e @ (ApiError::NotFound(_) | ApiError::Forbidden(_))) => {
+            return Err(match e {
+                ApiError::Forbidden(_) => ApiError::NotFound(format!("no order {order_id}")),
+                e => e,
+            })
+        }
+        Err(ApiError::BusUnavailable) => return Err(ApiError::BusUnavailable),
+        Err(_) => OrderStatus::Pending,
+    };
+    let command = CancelOrder {
+        order_id,
+        caller: caller.clone(),
+    };
+    let envelope = Envelope::command(SOURCE, &command, &ctx.message_context())
+        .map_err(|_| ApiError::Internal)?;
+    let watch = watch_if_asked(&state, &headers, order_id).await?;
+    state.publish(&envelope).await?;
+    if let Some(done) = settle(
+        &state,
+        watch,
+        &["order_cancelled"],
+        &caller,
+        order_id,
+        &ctx.request_id,
+    )
+    .await
+    {
+        return Ok(done);
+    }
+    Ok(accepted(order_id, status).into_response())
+}

@@ -1,0 +1,141 @@
+//! `/v1/products`: catalog's requests.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use skein_contracts::catalog::{AddProduct, ListProducts, Restock};
+use skein_contracts::validate::{Validate, Violation};
+use skein_contracts::{Caller, Role};
+use uuid::Uuid;
+
+use super::{idempotent, json, path_id};
+use crate::auth::Admin;
+use crate::body::{body, Json};
+use crate::context::RequestContext;
+use crate::problem::ApiError;
+use crate::state::Shared;
+
+/// A new product.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewProduct {
+    /// Unique stock-keeping unit, 1 to 64 characters, no spaces.
+    #[schemars(length(min = 1, max = 64))]
+    pub sku: String,
+    /// Display name, 1 to 200 characters.
+    #[schemars(length(min = 1, max = 200))]
+    pub name: String,
+    /// Unit price in cents.
+    #[schemars(range(min = 0, max = 100000000))]
+    pub price_cents: i64,
+    /// Initial stock.
+    #[schemars(range(min = 0, max = 10000))]
+    pub stock: i64,
+}
+
+impl NewProduct {
+    fn into_request(self, caller: Caller) -> AddProduct {
+        AddProduct {
+            caller,
+            sku: self.sku,
+            name: self.name,
+            price_cents: self.price_cents,
+            stock: self.stock,
+        }
+    }
+}
+
+impl Validate for NewProduct {
+    fn violations(&self) -> Vec<Violation> {
+        let probe = Caller {
+            user_id: Uuid::nil(),
+            role: Role::Admin,
+        };
+        AddProduct {
+            caller: probe,
+            sku: self.sku.clone(),
+            name: self.name.clone(),
+            price_cents: self.price_cents,
+            stock: self.stock,
+        }
+        .violations()
+    }
+}
+
+/// Stock to add.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestockBody {
+    /// Units to add, 1 to 10000.
+    #[schemars(range(min = 1, max = 10000))]
+    pub quantity: i64,
+}
+
+impl Validate for RestockBody {
+    fn violations(&self) -> Vec<Violation> {
+        Restock {
+            caller: Caller {
+                user_id: Uuid::nil(),
+                role: Role::Admin,
+            },
+            product_id: Uuid::nil(),
+            quantity: self.quantity,
+        }
+        .violations()
+    }
+}
+
+body!(NewProduct, RestockBody);
+
+pub(crate) async fn list(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+) -> Result<Response, ApiError> {
+    let products = state.ask(&ListProducts {}, &ctx.request_id).await?;
+    Ok(json(StatusCode::OK, &products))
+}
+
+pub(crate) async fn add(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Admin(caller): Admin,
+    headers: HeaderMap,
+    Json(body, raw): Json<NewProduct>,
+) -> Response {
+    let scope = format!("user:{}", caller.user_id);
+    idempotent(&state, &headers, &scope, "add_product", &raw, |_| async {
+        let product = state
+            .ask(&body.into_request(caller), &ctx.request_id)
+            .await?;
+        Ok(json(StatusCode::CREATED, &product))
+    })
+    .await
+}
+
+pub(crate) async fn restock(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Json(body, raw): Json<RestockBody>,
+) -> Response {
+    let product_id = match path_id(&id, "product") {
+        Ok(id) => id,
+        Err(e) => return axum::response::IntoResponse::into_response(e),
+    };
+    let scope = format!("user:{}", caller.user_id);
+    let what = format!("restock {product_id}");
+    idempotent(&state, &headers, &scope, &what, &raw, |_| async {
+        let request = Restock {
+            caller,
+            product_id,
+            quantity: body.quantity,
+        };
+        let product = state.ask(&request, &ctx.request_id).await?;
+        Ok(json(StatusCode::OK, &product))
+    })
+    .await
+}

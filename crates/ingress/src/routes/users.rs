@@ -1,0 +1,38 @@
+//! `/v1/users/{id}/profile` and `/v1/dashboard`: the projector's read models.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use skein_contracts::projector::{GetDashboard, GetProfile};
+
+use super::{json, path_id};
+use crate::auth::{Admin, User};
+use crate::context::RequestContext;
+use crate::problem::ApiError;
+use crate::state::Shared;
+
+pub(crate) async fn profile(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    User(caller): User,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let user_id = path_id(&id, "user")?;
+    // Another customer's profile does not exist as far as this caller knows.
+    if !caller.may_access(user_id) {
+        return Err(ApiError::NotFound(format!("no user {user_id}")));
+    }
+    let profile = state
+        .ask(&GetProfile { caller, user_id }, &ctx.request_id)
+        .await?;
+    Ok(json(StatusCode::OK, &profile))
+}
+
+pub(crate) async fn dashboard(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Admin(caller): Admin,
+) -> Result<Response, ApiError> {
+    let dashboard = state.ask(&GetDashboard { caller }, &ctx.request_id).await?;
+    Ok(json(StatusCode::OK, &dashboard))
+}
