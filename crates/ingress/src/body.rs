@@ -49,7 +49,10 @@ pub(crate) fn compiled<T: JsonSchema>(cell: &'static OnceLock<Validator>) -> &'s
     cell.get_or_init(|| {
         let schema = serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default();
         #[allow(clippy::expect_used)]
-        jsonschema::validator_for(&schema).expect("the schema of a body type compiles")
+        jsonschema::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .expect("the schema of a body type compiles")
     })
 }
 
@@ -93,6 +96,10 @@ pub(crate) fn violations<T: Body>(value: &serde_json::Value) -> Result<T, Vec<Vi
             ValidationErrorKind::Type { kind } => found.push(Violation {
                 field: at,
                 message: format!("must be of type {}", type_names(kind)),
+            }),
+            ValidationErrorKind::Format { format } => found.push(Violation {
+                field: at,
+                message: format!("must be a valid {format}"),
             }),
             _ => found.push(Violation {
                 field: at,

@@ -1,0 +1,1499 @@
+//! The ingress end to end: a real nats-server, the real identity, catalog,
+//! orders and projector workers (SQLite), and HTTP over a real socket.
+//!
+//! Each test starts its own platform and ingress on `127.0.0.1:0`. The saga
+//! coordinator is not started: a test makes an order final by sending the
+//! `confirm_order` / `reject_order` / `mark_cancelled` commands the saga
+//! would send.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use skein_auth::{Claims, SigningKey};
+use skein_contracts::orders::{ConfirmOrder, MarkCancelled, OrderPlaced, RejectOrder};
+use skein_contracts::Role;
+use skein_identity::{AdminSeed, IdentityConfig};
+use skein_ingress::{BreakerConfig, Ingress, IngressConfig, RateLimit};
+use skein_service::testing::{Platform, TestError};
+use skein_service::{Host, HostConfig};
+use skein_testkit::{eventually, Backend};
+use uuid::Uuid;
+
+const ADMIN_EMAIL: &str = "admin@example.org";
+const PASSWORD: &str = "a long enough password";
+const WAIT: Duration = Duration::from_secs(15);
+
+fn boxed(e: TestError) -> anyhow::Error {
+    anyhow::Error::from_boxed(e)
+}
+
+/// One HTTP answer.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    headers: hyper::HeaderMap,
+    body: Value,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The problem `type` slug (`urn:skein:problem:<slug>`).
+    fn problem(&self) -> &str {
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("urn:skein:problem:"))
+            .unwrap_or("")
+    }
+
+    /// The JSON pointers of the violations, sorted.
+    fn pointers(&self) -> Vec<String> {
+        let mut p: Vec<String> = self.body["violations"]
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|v| v["field"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        p.sort();
+        p
+    }
+}
+
+/// A request to send.
+struct Req {
+    method: &'static str,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Option<Vec<u8>>,
+}
+
+impl Req {
+    fn new(method: &'static str, path: impl Into<String>) -> Self {
+        Self {
+            method,
+            path: path.into(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+    fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+    fn token(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+    fn json(self, body: &Value) -> Self {
+        self.raw("application/json", body.to_string().into_bytes())
+    }
+    fn raw(mut self, content_type: &str, body: Vec<u8>) -> Self {
+        if !content_type.is_empty() {
+            self.headers
+                .push(("content-type".to_owned(), content_type.to_owned()));
+        }
+        self.body = Some(body);
+        self
+    }
+}
+
+/// The platform, its workers and an ingress in front.
+struct App {
+    p: Platform,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<skein_ingress::Result<()>>>,
+    /// Running workers with their connections.
+    hosts: BTreeMap<&'static str, (Host, skein_bus::Bus)>,
+    /// Identity's signing key, so tests can forge tokens it would sign.
+    key: SigningKey,
+    admin: String,
+}
+
+const SERVICES: [&str; 4] = ["identity", "catalog", "orders", "projector"];
+
+/// Settings for tests: quick breakers and timeouts, generous rate limits.
+fn test_config() -> IngressConfig {
+    let mut c = IngressConfig::new(([127, 0, 0, 1], 0).into());
+    c.services = SERVICES.map(String::from).to_vec();
+    c.query_timeout = Duration::from_secs(3);
+    c.breaker = BreakerConfig {
+        failure_threshold: 2,
+        open_for: Duration::from_secs(1),
+    };
+    c.rate_limit = RateLimit {
+        per_second: 1000.0,
+        burst: 1000,
+    };
+    c.login_rate_limit = RateLimit {
+        per_second: 100.0,
+        burst: 100,
+    };
+    c.health_timeout = Duration::from_millis(500);
+    c
+}
+
+impl App {
+    async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut IngressConfig)) -> anyhow::Result<Self> {
+        let p = Platform::start(Backend::Sqlite).await.map_err(boxed)?;
+        let key = SigningKey::generate()?;
+        let mut app = Self {
+            p,
+            addr: ([127, 0, 0, 1], 0).into(),
+            stop: None,
+            server: None,
+            hosts: BTreeMap::new(),
+            key,
+            admin: String::new(),
+        };
+        for name in SERVICES {
+            app.start_worker(name).await?;
+        }
+        let mut config = test_config();
+        tune(&mut config);
+        let ingress =
+            Ingress::build(config, app.p.connect("ingress").await.map_err(boxed)?).await?;
+        app.addr = ingress.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        app.stop = Some(tx);
+        app.server = Some(tokio::spawn(ingress.run_until(async {
+            let _ = rx.await;
+        })));
+        app.admin = app.login(ADMIN_EMAIL).await?;
+        Ok(app)
+    }
+
+    async fn start_worker(&mut self, name: &'static str) -> anyhow::Result<()> {
+        let store = self.p.store(name).await.map_err(boxed)?;
+        let bus = self.p.connect(name).await.map_err(boxed)?;
+        let connection = bus.clone();
+        let config = HostConfig::new(name);
+        let host = match name {
+            "identity" => {
+                let identity = IdentityConfig {
+                    signing_key_pem: Some(self.key.to_pem()),
+                    admin: Some(AdminSeed {
+                        email: ADMIN_EMAIL.into(),
+                        password: PASSWORD.into(),
+                        name: "Admin".into(),
+                    }),
+                    ..IdentityConfig::default()
+                };
+                skein_identity::start(bus, store, config, identity).await?
+            }
+            "catalog" => skein_catalog::start(bus, store, config).await?,
+            "orders" => {
+                skein_orders::start_with(bus, store, config, |c| {
+                    c.backoff = vec![Duration::from_millis(100)]
+                })
+                .await?
+            }
+            "projector" => skein_projector::start(bus, store, config).await?,
+            other => bail!("no worker {other}"),
+        };
+        self.hosts.insert(name, (host, connection));
+        Ok(())
+    }
+
+    /// Stops a worker as its process would stop: gracefully, then its
+    /// connection closes (so its service API and queue groups are gone).
+    async fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        if let Some((host, bus)) = self.hosts.remove(name) {
+            host.shutdown().await;
+            bus.client().drain().await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&self, req: Req) -> anyhow::Result<Answer> {
+        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let mut builder = hyper::Request::builder()
+            .method(req.method)
+            .uri(&req.path)
+            .header("host", "localhost");
+        for (k, v) in &req.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let request = builder.body(Full::new(Bytes::from(req.body.unwrap_or_default())))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    async fn get(&self, path: &str, token: &str) -> anyhow::Result<Answer> {
+        self.send(Req::new("GET", path).token(token)).await
+    }
+
+    async fn post(&self, path: &str, token: &str, body: &Value) -> anyhow::Result<Answer> {
+        self.send(Req::new("POST", path).token(token).json(body))
+            .await
+    }
+
+    async fn login(&self, email: &str) -> anyhow::Result<String> {
+        let a = self
+            .send(
+                Req::new("POST", "/v1/auth/token")
+                    .json(&json!({"email": email, "password": PASSWORD})),
+            )
+            .await?;
+        ensure!(a.status == 200, "log-in failed: {a:?}");
+        Ok(a.body["access_token"]
+            .as_str()
+            .context("no access token")?
+            .to_owned())
+    }
+
+    /// Registers and logs in a customer: (user id, access token).
+    async fn customer(&self, email: &str) -> anyhow::Result<(Uuid, String)> {
+        let a = self
+            .send(
+                Req::new("POST", "/v1/auth/register")
+                    .json(&json!({"email": email, "password": PASSWORD, "name": "Ada"})),
+            )
+            .await?;
+        ensure!(a.status == 201, "register failed: {a:?}");
+        let id = Uuid::parse_str(a.body["id"].as_str().unwrap_or("")).context("user id")?;
+        Ok((id, self.login(email).await?))
+    }
+
+    /// Adds a product as admin.
+    async fn product(&self, sku: &str, price_cents: i64, stock: i64) -> anyhow::Result<Uuid> {
+        let a = self
+            .post(
+                "/v1/products",
+                &self.admin,
+                &json!({"sku": sku, "name": format!("Product {sku}"), "price_cents": price_cents, "stock": stock}),
+            )
+            .await?;
+        ensure!(a.status == 201, "add product failed: {a:?}");
+        Uuid::parse_str(a.body["id"].as_str().unwrap_or("")).context("product id")
+    }
+
+    /// Waits until `GET path` answers `status`.
+    async fn until_status(&self, path: &str, token: &str, status: u16) -> anyhow::Result<Answer> {
+        eventually(WAIT, || async {
+            let a = self.get(path, token).await.ok()?;
+            (a.status == status).then_some(a)
+        })
+        .await
+        .with_context(|| format!("GET {path} never answered {status}"))
+    }
+
+    /// Waits until the order has `status`.
+    async fn until_order(&self, id: Uuid, token: &str, status: &str) -> anyhow::Result<Answer> {
+        let path = format!("/v1/orders/{id}");
+        eventually(WAIT, || async {
+            let a = self.get(&path, token).await.ok()?;
+            (a.status == 200 && a.body["status"] == status).then_some(a)
+        })
+        .await
+        .with_context(|| format!("order {id} never became {status}"))
+    }
+
+    /// A core subscription on every command subject, to see what is published.
+    async fn watch_commands(&self) -> anyhow::Result<async_nats::Subscriber> {
+        let sub = self.p.bus.client().subscribe("commands.>").await?;
+        self.p.bus.client().flush().await?;
+        Ok(sub)
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+/// Every message on `sub` within `window`.
+async fn drain(sub: &mut async_nats::Subscriber, window: Duration) -> Vec<async_nats::Message> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        out.push(m);
+    }
+    out
+}
+
+fn b64(json: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(json.to_string())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+// ---- auth ----
+
+#[tokio::test]
+async fn a_customer_registers_logs_in_refreshes_and_reads_themselves() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let a = app
+        .send(
+            Req::new("POST", "/v1/auth/register")
+                .json(&json!({"email": "ada@example.org", "password": PASSWORD, "name": "Ada"})),
+        )
+        .await?;
+    ensure!(a.status == 201, "{a:?}");
+    let id = a.body["id"].as_str().context("id")?.to_owned();
+    ensure!(a.header("location") == Some(&format!("/v1/users/{id}/profile")[..]));
+    ensure!(a.body["role"] == "customer");
+
+    let again = app
+        .send(
+            Req::new("POST", "/v1/auth/register")
+                .json(&json!({"email": "ADA@example.org", "password": PASSWORD, "name": "Ada"})),
+        )
+        .await?;
+    ensure!(
+        again.status == 409 && again.problem() == "conflict",
+        "{again:?}"
+    );
+
+    let wrong = app
+        .send(
+            Req::new("POST", "/v1/auth/token")
+                .json(&json!({"email": "ada@example.org", "password": "not the password"})),
+        )
+        .await?;
+    ensure!(wrong.status == 401, "{wrong:?}");
+    ensure!(wrong.header("www-authenticate").is_some());
+
+    let pair = app
+        .send(
+            Req::new("POST", "/v1/auth/token")
+                .json(&json!({"email": "ada@example.org", "password": PASSWORD})),
+        )
+        .await?;
+    ensure!(
+        pair.status == 200 && pair.body["token_type"] == "Bearer",
+        "{pair:?}"
+    );
+    ensure!(pair.header("cache-control") == Some("no-store"));
+    let access = pair.body["access_token"].as_str().context("access")?;
+    let refresh = pair.body["refresh_token"].as_str().context("refresh")?;
+
+    let me = app.get("/v1/me", access).await?;
+    ensure!(me.status == 200 && me.body["id"] == id.as_str(), "{me:?}");
+
+    let renewed = app
+        .send(Req::new("POST", "/v1/auth/refresh").json(&json!({"refresh_token": refresh})))
+        .await?;
+    ensure!(renewed.status == 200, "{renewed:?}");
+    ensure!(renewed.body["refresh_token"] != refresh);
+    let reused = app
+        .send(Req::new("POST", "/v1/auth/refresh").json(&json!({"refresh_token": refresh})))
+        .await?;
+    ensure!(
+        reused.status == 401,
+        "the old refresh token must stop working: {reused:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn forged_expired_tampered_and_missing_tokens_get_401_with_www_authenticate(
+) -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (user, token) = app.customer("eve@example.org").await?;
+    let claims = Claims::new(
+        user,
+        Role::Customer,
+        "skein",
+        "skein-api",
+        Duration::from_secs(600),
+    );
+    let header = |alg: &str, kid: &str| b64(&json!({"alg": alg, "typ": "JWT", "kid": kid}));
+
+    let mut parts = token.split('.');
+    let (h, _, s) = (
+        parts.next().context("header")?,
+        parts.next().context("payload")?,
+        parts.next().context("signature")?,
+    );
+    let admin_claims = json!({"sub": user, "role": "admin", "iss": "skein", "aud": "skein-api",
+        "iat": now(), "exp": now() + 600, "jti": Uuid::now_v7()});
+    let tampered = format!("{h}.{}.{s}", b64(&admin_claims));
+    let unsigned = format!(
+        "{}.{}.",
+        header("none", app.key.key_id()),
+        b64(&admin_claims)
+    );
+    let hmac = format!(
+        "{}.{}.{s}",
+        header("HS256", app.key.key_id()),
+        b64(&admin_claims)
+    );
+    let other_key = SigningKey::generate()?;
+    let wrong_key = other_key.issue(&claims)?;
+    let expired = app.key.issue(&Claims {
+        iat: now() - 7200,
+        exp: now() - 3600,
+        ..claims.clone()
+    })?;
+    let wrong_audience = app.key.issue(&Claims::new(
+        user,
+        Role::Customer,
+        "skein",
+        "another-api",
+        Duration::from_secs(600),
+    ))?;
+
+    let cases: Vec<(&str, Option<String>, &str)> = vec![
+        ("no token", None, ""),
+        ("alg none", Some(format!("Bearer {unsigned}")), "algorithm"),
+        (
+            "HS256 with the public key",
+            Some(format!("Bearer {hmac}")),
+            "algorithm",
+        ),
+        (
+            "another key",
+            Some(format!("Bearer {wrong_key}")),
+            "unknown key",
+        ),
+        ("expired", Some(format!("Bearer {expired}")), "expired"),
+        (
+            "tampered payload",
+            Some(format!("Bearer {tampered}")),
+            "signature",
+        ),
+        (
+            "wrong audience",
+            Some(format!("Bearer {wrong_audience}")),
+            "this API",
+        ),
+        ("garbage", Some("Bearer not.a.jwt".into()), "malformed"),
+        (
+            "basic scheme",
+            Some("Basic YWRhOnB3".into()),
+            "Bearer scheme",
+        ),
+    ];
+    for (what, authorization, reason) in cases {
+        let mut req = Req::new("GET", "/v1/me");
+        if let Some(a) = &authorization {
+            req = req.header("authorization", a);
+        }
+        let a = app.send(req).await?;
+        ensure!(a.status == 401, "{what}: {a:?}");
+        ensure!(a.problem() == "unauthenticated", "{what}: {a:?}");
+        let challenge = a.header("www-authenticate").unwrap_or("");
+        ensure!(
+            challenge.starts_with("Bearer realm=\"skein\""),
+            "{what}: {challenge}"
+        );
+        if authorization.is_some() {
+            ensure!(
+                challenge.contains("error=\"invalid_token\""),
+                "{what}: {challenge}"
+            );
+            ensure!(
+                challenge.contains(reason),
+                "{what}: {challenge} lacks {reason}"
+            );
+        }
+    }
+    // A forged admin token does not reach admin routes either.
+    let a = app
+        .post(
+            "/v1/products",
+            &unsigned,
+            &json!({"sku": "x", "name": "x", "price_cents": 1, "stock": 1}),
+        )
+        .await?;
+    ensure!(a.status == 401, "{a:?}");
+    ensure!(app.get("/v1/me", &token).await?.status == 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn roles_are_enforced_and_other_customers_data_does_not_exist() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (ada, ada_token) = app.customer("ada@example.org").await?;
+    let (bob, bob_token) = app.customer("bob@example.org").await?;
+    let product = app.product("sku-1", 500, 10).await?;
+
+    let a = app
+        .post(
+            "/v1/products",
+            &ada_token,
+            &json!({"sku": "sku-2", "name": "x", "price_cents": 1, "stock": 1}),
+        )
+        .await?;
+    ensure!(a.status == 403 && a.problem() == "forbidden", "{a:?}");
+    let a = app
+        .post(
+            &format!("/v1/products/{product}/restock"),
+            &ada_token,
+            &json!({"quantity": 5}),
+        )
+        .await?;
+    ensure!(a.status == 403, "{a:?}");
+    ensure!(app.get("/v1/dashboard", &ada_token).await?.status == 403);
+
+    let placed = app
+        .post(
+            "/v1/orders",
+            &ada_token,
+            &json!({"lines": [{"product_id": product, "quantity": 1}]}),
+        )
+        .await?;
+    ensure!(placed.status == 202, "{placed:?}");
+    let order = placed.body["order_id"]
+        .as_str()
+        .context("order id")?
+        .to_owned();
+    app.until_status(&format!("/v1/orders/{order}"), &ada_token, 200)
+        .await?;
+
+    let a = app.get(&format!("/v1/orders/{order}"), &bob_token).await?;
+    ensure!(
+        a.status == 404 && a.problem() == "not-found",
+        "bob must not see ada's order: {a:?}"
+    );
+    let a = app
+        .post(
+            &format!("/v1/orders/{order}/cancel"),
+            &bob_token,
+            &json!({}),
+        )
+        .await?;
+    ensure!(a.status == 404, "bob must not cancel ada's order: {a:?}");
+    let a = app
+        .get(&format!("/v1/users/{ada}/profile"), &bob_token)
+        .await?;
+    ensure!(a.status == 404, "bob must not see ada's profile: {a:?}");
+    ensure!(
+        app.get(&format!("/v1/orders/{}", Uuid::now_v7()), &bob_token)
+            .await?
+            .status
+            == 404
+    );
+    ensure!(app.get("/v1/orders/not-a-uuid", &bob_token).await?.status == 404);
+
+    let admin_view = app.get(&format!("/v1/orders/{order}"), &app.admin).await?;
+    ensure!(admin_view.status == 200, "{admin_view:?}");
+    let profile = app
+        .until_status(&format!("/v1/users/{ada}/profile"), &ada_token, 200)
+        .await?;
+    ensure!(
+        profile.body["user"]["id"] == ada.to_string().as_str(),
+        "{profile:?}"
+    );
+    app.until_status(&format!("/v1/users/{bob}/profile"), &app.admin, 200)
+        .await?;
+
+    let restocked = app
+        .post(
+            &format!("/v1/products/{product}/restock"),
+            &app.admin,
+            &json!({"quantity": 5}),
+        )
+        .await?;
+    ensure!(restocked.status == 200, "{restocked:?}");
+    let unknown = app
+        .post(
+            &format!("/v1/products/{}/restock", Uuid::now_v7()),
+            &app.admin,
+            &json!({"quantity": 5}),
+        )
+        .await?;
+    ensure!(unknown.status == 404, "{unknown:?}");
+
+    let dashboard = eventually(WAIT, || async {
+        let a = app.get("/v1/dashboard", &app.admin).await.ok()?;
+        (a.status == 200 && a.body["total_orders"].as_i64() >= Some(1)).then_some(a)
+    })
+    .await
+    .context("dashboard")?;
+    ensure!(
+        dashboard.body["total_users"].as_i64() >= Some(3),
+        "{dashboard:?}"
+    );
+    ensure!(dashboard.body["orders_by_status"].is_object());
+    Ok(())
+}
+
+// ---- bad input ----
+
+/// What is sent, its content type and body; the status, problem type and
+/// violation pointers expected.
+type BadInput = (
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    u16,
+    &'static str,
+    Vec<&'static str>,
+);
+
+#[tokio::test]
+async fn each_bad_input_is_answered_precisely_and_nothing_is_published() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let product = Uuid::now_v7();
+    let mut commands = app.watch_commands().await?;
+
+    let line = |q: Value| json!({"product_id": product, "quantity": q});
+    let many: Vec<Value> = (0..101)
+        .map(|_| json!({"product_id": Uuid::now_v7(), "quantity": 1}))
+        .collect();
+    // (what, content type, body, status, problem, pointers)
+    let cases: Vec<BadInput> = vec![
+        (
+            "no content type",
+            "",
+            b"{}".to_vec(),
+            415,
+            "unsupported-media-type",
+            vec![],
+        ),
+        (
+            "text",
+            "text/plain",
+            b"{}".to_vec(),
+            415,
+            "unsupported-media-type",
+            vec![],
+        ),
+        (
+            "form",
+            "application/x-www-form-urlencoded",
+            b"a=1".to_vec(),
+            415,
+            "unsupported-media-type",
+            vec![],
+        ),
+        (
+            "oversized",
+            "application/json",
+            vec![b' '; 70 * 1024],
+            413,
+            "payload-too-large",
+            vec![],
+        ),
+        (
+            "truncated",
+            "application/json",
+            b"{\"lines\": [".to_vec(),
+            400,
+            "malformed-json",
+            vec![],
+        ),
+        (
+            "empty",
+            "application/json",
+            Vec::new(),
+            400,
+            "malformed-json",
+            vec![],
+        ),
+        (
+            "not an object",
+            "application/json",
+            b"[]".to_vec(),
+            422,
+            "validation",
+            vec![""],
+        ),
+        (
+            "missing lines",
+            "application/json",
+            b"{}".to_vec(),
+            422,
+            "validation",
+            vec!["/lines"],
+        ),
+        (
+            "no lines and an unknown field",
+            "application/json",
+            json!({"lines": [], "coupon": "FREE"})
+                .to_string()
+                .into_bytes(),
+            422,
+            "validation",
+            vec!["/coupon", "/lines"],
+        ),
+        (
+            "wrong types",
+            "application/json",
+            json!({"lines": [{"product_id": "not-a-uuid", "quantity": "2"}]})
+                .to_string()
+                .into_bytes(),
+            422,
+            "validation",
+            vec!["/lines/0/product_id", "/lines/0/quantity"],
+        ),
+        (
+            "quantities out of range and a product twice",
+            "application/json; charset=utf-8",
+            json!({"lines": [line(json!(0)), line(json!(10001))]})
+                .to_string()
+                .into_bytes(),
+            422,
+            "validation",
+            vec![
+                "/lines/0/quantity",
+                "/lines/1/product_id",
+                "/lines/1/quantity",
+            ],
+        ),
+        (
+            "too many lines",
+            "application/json",
+            json!({ "lines": many }).to_string().into_bytes(),
+            422,
+            "validation",
+            vec!["/lines"],
+        ),
+        (
+            "an unknown field in a line",
+            "application/json",
+            json!({"lines": [{"product_id": product, "quantity": 1, "price_cents": 0}]})
+                .to_string()
+                .into_bytes(),
+            422,
+            "validation",
+            vec!["/lines/0/price_cents"],
+        ),
+    ];
+    for (what, content_type, body, status, problem, pointers) in cases {
+        let a = app
+            .send(
+                Req::new("POST", "/v1/orders")
+                    .token(&token)
+                    .raw(content_type, body),
+            )
+            .await?;
+        ensure!(a.status == status, "{what}: {a:?}");
+        ensure!(a.problem() == problem, "{what}: {a:?}");
+        ensure!(
+            a.header("content-type") == Some("application/problem+json"),
+            "{what}: {a:?}"
+        );
+        ensure!(a.body["status"] == status, "{what}: {a:?}");
+        ensure!(
+            a.body["request_id"].is_string() && a.body["instance"] == "/v1/orders",
+            "{what}: {a:?}"
+        );
+        ensure!(
+            a.pointers() == pointers,
+            "{what}: pointers {:?} != {pointers:?}",
+            a.pointers()
+        );
+    }
+
+    // Registration and products: every violation at once.
+    let a = app
+        .send(
+            Req::new("POST", "/v1/auth/register")
+                .json(&json!({"email": "nope", "password": "short", "name": " "})),
+        )
+        .await?;
+    ensure!(
+        a.status == 422 && a.pointers() == ["/email", "/name", "/password"],
+        "{a:?}"
+    );
+    let a = app
+        .post(
+            "/v1/products",
+            &app.admin,
+            &json!({"sku": "has space", "name": "x", "price_cents": -1, "stock": 10001}),
+        )
+        .await?;
+    ensure!(
+        a.status == 422 && a.pointers() == ["/price_cents", "/sku", "/stock"],
+        "{a:?}"
+    );
+    let a = app.get("/v1/orders?limit=0&colour=red", &token).await?;
+    ensure!(
+        a.status == 422 && a.pointers() == ["?colour", "?limit"],
+        "{a:?}"
+    );
+    let a = app.get("/v1/orders?limit=many", &token).await?;
+    ensure!(a.status == 422 && a.pointers() == ["?limit"], "{a:?}");
+
+    // Routing errors are problems too.
+    let a = app.get("/v1/nowhere", &token).await?;
+    ensure!(a.status == 404 && a.problem() == "route-not-found", "{a:?}");
+    let a = app
+        .send(Req::new("DELETE", "/v1/orders").token(&token))
+        .await?;
+    ensure!(
+        a.status == 405 && a.problem() == "method-not-allowed",
+        "{a:?}"
+    );
+
+    let published = drain(&mut commands, Duration::from_millis(500)).await;
+    ensure!(
+        published.is_empty(),
+        "a refused request published {} command(s)",
+        published.len()
+    );
+    let products = app.get("/v1/products", &token).await?;
+    ensure!(
+        products.body["items"].as_array().map(Vec::len) == Some(0),
+        "{products:?}"
+    );
+    Ok(())
+}
+
+// ---- orders ----
+
+#[tokio::test]
+async fn an_order_is_accepted_read_listed_and_cancelled_until_it_is_final() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let product = app.product("sku-1", 250, 100).await?;
+    let products = app.get("/v1/products", &token).await?;
+    ensure!(
+        products.body["items"][0]["available"] == 100,
+        "{products:?}"
+    );
+
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let a = app
+            .post(
+                "/v1/orders",
+                &token,
+                &json!({"lines": [{"product_id": product, "quantity": 2}]}),
+            )
+            .await?;
+        ensure!(a.status == 202 && a.body["status"] == "pending", "{a:?}");
+        let id = Uuid::parse_str(a.body["order_id"].as_str().unwrap_or(""))?;
+        ensure!(
+            a.header("location") == Some(&format!("/v1/orders/{id}")[..]),
+            "{a:?}"
+        );
+        ids.push(id);
+    }
+    for id in &ids {
+        let order = app.until_order(*id, &token, "pending").await?;
+        ensure!(order.body["total_cents"] == 500, "{order:?}");
+    }
+
+    let page = app.get("/v1/orders?limit=2", &token).await?;
+    ensure!(page.status == 200, "{page:?}");
+    let first: Vec<&str> = page.body["items"]
+        .as_array()
+        .context("items")?
+        .iter()
+        .filter_map(|o| o["id"].as_str())
+        .collect();
+    ensure!(first.len() == 2, "{page:?}");
+    let cursor = page.body["next_cursor"].as_str().context("cursor")?;
+    let rest = app
+        .get(&format!("/v1/orders?limit=2&cursor={cursor}"), &token)
+        .await?;
+    ensure!(
+        rest.body["items"].as_array().map(Vec::len) == Some(1),
+        "{rest:?}"
+    );
+
+    // A rejected order can no longer be cancelled.
+    app.p
+        .send(&RejectOrder {
+            order_id: ids[0],
+            reason: "test".into(),
+        })
+        .await
+        .map_err(boxed)?;
+    app.until_order(ids[0], &token, "rejected").await?;
+    let a = app
+        .post(&format!("/v1/orders/{}/cancel", ids[0]), &token, &json!({}))
+        .await?;
+    ensure!(a.status == 409 && a.problem() == "conflict", "{a:?}");
+
+    // A pending one can; once cancelled, not again.
+    let a = app
+        .post(&format!("/v1/orders/{}/cancel", ids[1]), &token, &json!({}))
+        .await?;
+    ensure!(a.status == 202, "{a:?}");
+    ensure!(a.header("location") == Some(&format!("/v1/orders/{}", ids[1])[..]));
+    app.p
+        .wait_events::<skein_contracts::orders::OrderCancellationRequested>(&ids[1].to_string(), 1)
+        .await
+        .map_err(boxed)?;
+    app.p
+        .send(&MarkCancelled {
+            order_id: ids[1],
+            reason: "customer".into(),
+        })
+        .await
+        .map_err(boxed)?;
+    app.until_order(ids[1], &token, "cancelled").await?;
+    let a = app
+        .post(&format!("/v1/orders/{}/cancel", ids[1]), &token, &json!({}))
+        .await?;
+    ensure!(a.status == 409, "{a:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_duplicates_with_one_idempotency_key_place_one_order() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (ada, token) = app.customer("ada@example.org").await?;
+    let (_, bob_token) = app.customer("bob@example.org").await?;
+    let product = app.product("sku-1", 100, 100).await?;
+    let body = json!({"lines": [{"product_id": product, "quantity": 1}]});
+    let mut commands = app.watch_commands().await?;
+
+    let attempts = (0..8).map(|_| {
+        app.send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("idempotency-key", "checkout-42")
+                .json(&body),
+        )
+    });
+    let answers = futures::future::join_all(attempts).await;
+    let mut order_ids = std::collections::BTreeSet::new();
+    let mut fresh = 0;
+    for a in answers {
+        let a = a?;
+        ensure!(a.status == 202, "{a:?}");
+        order_ids.insert(a.body["order_id"].as_str().unwrap_or("").to_owned());
+        if a.header("idempotent-replayed").is_none() {
+            fresh += 1;
+        }
+    }
+    ensure!(
+        order_ids.len() == 1,
+        "one key, several orders: {order_ids:?}"
+    );
+    ensure!(fresh == 1, "{fresh} requests ran instead of one");
+    let order_id = order_ids.into_iter().next().unwrap_or_default();
+    // The id follows from caller and key, so any ingress copy picks the same.
+    let derived =
+        skein_ingress::idempotency::derived_id("order", &format!("user:{ada}"), "checkout-42");
+    ensure!(order_id == derived.to_string(), "{order_id} != {derived}");
+
+    let published = drain(&mut commands, Duration::from_millis(500)).await;
+    ensure!(
+        published.len() == 1,
+        "{} place_order commands published",
+        published.len()
+    );
+
+    let reused = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("idempotency-key", "checkout-42")
+                .json(&json!({"lines": [{"product_id": product, "quantity": 2}]})),
+        )
+        .await?;
+    ensure!(
+        reused.status == 422 && reused.problem() == "idempotency-key-reused",
+        "{reused:?}"
+    );
+    let bad_key = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("idempotency-key", "")
+                .json(&body),
+        )
+        .await?;
+    ensure!(bad_key.status == 400, "{bad_key:?}");
+
+    // The same key from another customer is another order.
+    let bob = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&bob_token)
+                .header("idempotency-key", "checkout-42")
+                .json(&body),
+        )
+        .await?;
+    ensure!(
+        bob.status == 202 && bob.body["order_id"] != order_id.as_str(),
+        "{bob:?}"
+    );
+
+    let order = Uuid::parse_str(&order_id)?;
+    app.until_order(order, &token, "pending").await?;
+    let list = app.get("/v1/orders", &token).await?;
+    ensure!(
+        list.body["items"].as_array().map(Vec::len) == Some(1),
+        "{list:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn prefer_wait_answers_with_the_final_order_or_falls_back_to_202() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (ada, token) = app.customer("ada@example.org").await?;
+    let product = app.product("sku-1", 100, 100).await?;
+    let body = json!({"lines": [{"product_id": product, "quantity": 1}]});
+
+    // Confirmed while the request waits: 200 with the order.
+    let order = skein_ingress::idempotency::derived_id("order", &format!("user:{ada}"), "k1");
+    let confirm = async {
+        app.p
+            .wait_events::<OrderPlaced>(&order.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+        app.p
+            .send(&ConfirmOrder { order_id: order })
+            .await
+            .map_err(boxed)?;
+        anyhow::Ok(())
+    };
+    let request = app.send(
+        Req::new("POST", "/v1/orders")
+            .token(&token)
+            .header("idempotency-key", "k1")
+            .header("prefer", "wait=15")
+            .json(&body),
+    );
+    let (answer, confirmed) = tokio::join!(request, confirm);
+    confirmed?;
+    let a = answer?;
+    ensure!(a.status == 200, "{a:?}");
+    ensure!(
+        a.body["status"] == "confirmed" && a.body["id"] == order.to_string().as_str(),
+        "{a:?}"
+    );
+    ensure!(a.header("preference-applied") == Some("wait=15"), "{a:?}");
+
+    // Nothing final within the wait: the normal 202, after the wait.
+    let started = Instant::now();
+    let a = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("prefer", "wait=1")
+                .json(&body),
+        )
+        .await?;
+    ensure!(
+        a.status == 202 && a.header("preference-applied").is_none(),
+        "{a:?}"
+    );
+    ensure!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Cancelling with a wait: 200 once the cancellation is done.
+    let pending = Uuid::parse_str(a.body["order_id"].as_str().unwrap_or(""))?;
+    app.until_order(pending, &token, "pending").await?;
+    let finish = async {
+        app.p
+            .wait_events::<skein_contracts::orders::OrderCancellationRequested>(
+                &pending.to_string(),
+                1,
+            )
+            .await
+            .map_err(boxed)?;
+        app.p
+            .send(&MarkCancelled {
+                order_id: pending,
+                reason: "customer".into(),
+            })
+            .await
+            .map_err(boxed)?;
+        anyhow::Ok(())
+    };
+    let cancel = app.send(
+        Req::new("POST", format!("/v1/orders/{pending}/cancel"))
+            .token(&token)
+            .header("prefer", "wait=15"),
+    );
+    let (answer, finished) = tokio::join!(cancel, finish);
+    finished?;
+    let a = answer?;
+    ensure!(a.status == 200 && a.body["status"] == "cancelled", "{a:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_request_id_is_kept_when_well_formed_and_becomes_the_correlation_id(
+) -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let product = app.product("sku-1", 100, 100).await?;
+    let mut commands = app.watch_commands().await?;
+    let a = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("x-request-id", "checkout-7f3a")
+                .header(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+                .json(&json!({"lines": [{"product_id": product, "quantity": 1}]})),
+        )
+        .await?;
+    ensure!(
+        a.status == 202 && a.header("x-request-id") == Some("checkout-7f3a"),
+        "{a:?}"
+    );
+    let published = drain(&mut commands, Duration::from_millis(500)).await;
+    let headers = published
+        .first()
+        .and_then(|m| m.headers.clone())
+        .context("no command published")?;
+    ensure!(headers.get("ce-correlationid").map(|v| v.as_str()) == Some("checkout-7f3a"));
+    let trace = headers
+        .get("traceparent")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    ensure!(
+        trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{trace}"
+    );
+
+    let a = app
+        .send(Req::new("GET", "/v1/products").header("x-request-id", "bad id with spaces"))
+        .await?;
+    let id = a.header("x-request-id").unwrap_or("");
+    ensure!(
+        Uuid::parse_str(id).is_ok(),
+        "a malformed request id is replaced: {id}"
+    );
+    Ok(())
+}
+
+// ---- failures ----
+
+#[tokio::test]
+async fn a_stopped_service_opens_its_breaker_and_a_restarted_one_closes_it() -> anyhow::Result<()> {
+    let mut app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    ensure!(app.get("/v1/products", &token).await?.status == 200);
+    app.stop_worker("catalog").await?;
+
+    for _ in 0..2 {
+        let a = app.get("/v1/products", &token).await?;
+        ensure!(
+            a.status == 503 && a.header("retry-after").is_some(),
+            "{a:?}"
+        );
+    }
+    let started = Instant::now();
+    let a = app.get("/v1/products", &token).await?;
+    ensure!(
+        a.status == 503 && a.problem() == "service-unavailable",
+        "{a:?}"
+    );
+    ensure!(a.header("retry-after") == Some("1"), "{a:?}");
+    ensure!(
+        started.elapsed() < Duration::from_millis(200),
+        "an open breaker answers at once"
+    );
+    let metrics = app.send(Req::new("GET", "/metrics")).await?;
+    let text = metrics.body.as_str().unwrap_or("");
+    ensure!(
+        text.contains("skein_ingress_breaker_state{service=\"catalog\",state=\"open\"} 1"),
+        "{text}"
+    );
+    let health = app.send(Req::new("GET", "/health")).await?;
+    ensure!(
+        health.status == 503 && health.body["services"]["catalog"]["breaker"] == "open",
+        "{health:?}"
+    );
+
+    // Commands are still accepted while a service is down.
+    let product = Uuid::now_v7();
+    let a = app
+        .post(
+            "/v1/orders",
+            &token,
+            &json!({"lines": [{"product_id": product, "quantity": 1}]}),
+        )
+        .await?;
+    ensure!(a.status == 202, "{a:?}");
+
+    app.start_worker("catalog").await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let a = app.get("/v1/products", &token).await?;
+    ensure!(a.status == 200, "the half-open probe must pass: {a:?}");
+    let health = app.send(Req::new("GET", "/health")).await?;
+    ensure!(
+        health.body["services"]["catalog"]["breaker"] == "closed",
+        "{health:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_service_that_does_not_answer_in_time_gets_504() -> anyhow::Result<()> {
+    let mut app = App::start_with(|c| {
+        c.service_timeouts
+            .insert("projector".into(), Duration::from_millis(300));
+    })
+    .await?;
+    app.stop_worker("projector").await?;
+    // A copy that takes requests and never answers.
+    let _hung = app
+        .p
+        .bus
+        .client()
+        .subscribe("queries.projector.dashboard")
+        .await?;
+    app.p.bus.client().flush().await?;
+    let a = app.get("/v1/dashboard", &app.admin).await?;
+    ensure!(a.status == 504 && a.problem() == "timeout", "{a:?}");
+    ensure!(
+        !a.body["detail"].as_str().unwrap_or("").contains("nats"),
+        "{a:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn health_turns_503_naming_a_stopped_service_and_200_when_it_is_back() -> anyhow::Result<()> {
+    let mut app = App::start().await?;
+    let healthy = app.send(Req::new("GET", "/health")).await?;
+    ensure!(
+        healthy.status == 200 && healthy.body["status"] == "ok",
+        "{healthy:?}"
+    );
+    ensure!(healthy.body["streams"]["COMMANDS"] == true, "{healthy:?}");
+    ensure!(
+        healthy.body["services"]["orders"]["alive"] == true,
+        "{healthy:?}"
+    );
+    ensure!(
+        healthy.body["services"]["orders"]["consumer_lag"].is_i64(),
+        "{healthy:?}"
+    );
+
+    app.stop_worker("projector").await?;
+    let sick = app.send(Req::new("GET", "/health")).await?;
+    ensure!(sick.status == 503, "{sick:?}");
+    let failing = sick.body["failing"].to_string();
+    ensure!(
+        failing.contains("service projector: not answering"),
+        "{failing}"
+    );
+    ensure!(!failing.contains("orders"), "{failing}");
+    let live = app.send(Req::new("GET", "/health/live")).await?;
+    ensure!(live.status == 200);
+
+    app.start_worker("projector").await?;
+    let back = eventually(WAIT, || async {
+        let a = app.send(Req::new("GET", "/health")).await.ok()?;
+        (a.status == 200).then_some(a)
+    })
+    .await;
+    ensure!(back.is_some(), "health never recovered");
+    Ok(())
+}
+
+#[tokio::test]
+async fn with_nats_down_the_ingress_answers_503_and_recovers_with_it() -> anyhow::Result<()> {
+    let mut app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let body = json!({"lines": [{"product_id": Uuid::now_v7(), "quantity": 1}]});
+    app.p.nats.kill();
+
+    let down = eventually(WAIT, || async {
+        let a = app.post("/v1/orders", &token, &body).await.ok()?;
+        (a.status == 503).then_some(a)
+    })
+    .await
+    .context("no 503 while NATS is down")?;
+    ensure!(
+        down.problem() == "bus-unavailable" && down.header("retry-after").is_some(),
+        "{down:?}"
+    );
+    let health = app.send(Req::new("GET", "/health")).await?;
+    ensure!(
+        health.status == 503 && health.body["nats"] == false,
+        "{health:?}"
+    );
+    ensure!(
+        health.body["failing"].to_string().contains("nats"),
+        "{health:?}"
+    );
+    let products = app.send(Req::new("GET", "/v1/products")).await?;
+    ensure!(products.status == 503, "{products:?}");
+
+    app.p.nats.start_again().await?;
+    let back = eventually(WAIT, || async {
+        let a = app.post("/v1/orders", &token, &body).await.ok()?;
+        (a.status == 202).then_some(a)
+    })
+    .await;
+    ensure!(
+        back.is_some(),
+        "orders never accepted again after NATS came back"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() -> anyhow::Result<()>
+{
+    let app = App::start_with(|c| {
+        c.rate_limit = RateLimit {
+            per_second: 0.5,
+            burst: 8,
+        };
+        c.login_rate_limit = RateLimit {
+            per_second: 0.1,
+            burst: 3,
+        };
+    })
+    .await?;
+    // App::start logged the admin in once: two log-ins left for this IP.
+    let login = || {
+        app.send(
+            Req::new("POST", "/v1/auth/token")
+                .json(&json!({"email": ADMIN_EMAIL, "password": PASSWORD})),
+        )
+    };
+    ensure!(login().await?.status == 200);
+    ensure!(login().await?.status == 200);
+    let limited = login().await?;
+    ensure!(
+        limited.status == 429 && limited.problem() == "rate-limited",
+        "{limited:?}"
+    );
+    let retry: u64 = limited.header("retry-after").unwrap_or("0").parse()?;
+    ensure!((1..=10).contains(&retry), "{limited:?}");
+
+    // Other routes are limited per user, separately.
+    let mut statuses = Vec::new();
+    for _ in 0..9 {
+        statuses.push(app.get("/v1/me", &app.admin).await?.status);
+    }
+    ensure!(statuses[..8].iter().all(|s| *s == 200), "{statuses:?}");
+    ensure!(statuses[8] == 429, "{statuses:?}");
+    Ok(())
+}
+
+// ---- documentation and figures ----
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_and_every_route_is_served() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let doc = app.send(Req::new("GET", "/openapi.json")).await?;
+    ensure!(
+        doc.status == 200 && doc.body["openapi"] == "3.1.0",
+        "{doc:?}"
+    );
+    let paths = doc.body["paths"].as_object().context("paths")?;
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in paths {
+        for method in item.as_object().context("path item")?.keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let served: std::collections::BTreeSet<(String, String)> = skein_ingress::routes::ROUTES
+        .iter()
+        .map(|r| (r.method.to_owned(), r.path.to_owned()))
+        .collect();
+    ensure!(
+        documented == served,
+        "documented {documented:?} != served {served:?}"
+    );
+
+    // Every $ref resolves and every schema compiles.
+    let text = doc.body.to_string();
+    let schemas = doc.body["components"]["schemas"]
+        .as_object()
+        .context("schemas")?;
+    for piece in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = piece.split('"').next().unwrap_or("");
+        ensure!(schemas.contains_key(name), "unresolved $ref {name}");
+    }
+    for (name, schema) in schemas {
+        jsonschema::validator_for(schema).map_err(|e| anyhow::anyhow!("schema {name}: {e}"))?;
+    }
+
+    // Every documented route exists (no route-not-found, no 405).
+    for (method, path) in &documented {
+        let path = path.replace("{id}", &Uuid::now_v7().to_string());
+        let method: &'static str = if method == "GET" { "GET" } else { "POST" };
+        let a = app
+            .send(
+                Req::new(method, path.clone())
+                    .token(&app.admin)
+                    .json(&json!({})),
+            )
+            .await?;
+        ensure!(
+            a.problem() != "route-not-found" && a.status != 405,
+            "{method} {path}: {a:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status_and_published_commands() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    app.get("/v1/products", &token).await?;
+    app.get("/v1/orders/not-a-uuid", &token).await?;
+    app.post(
+        "/v1/orders",
+        &token,
+        &json!({"lines": [{"product_id": Uuid::now_v7(), "quantity": 1}]}),
+    )
+    .await?;
+    let m = app.send(Req::new("GET", "/metrics")).await?;
+    ensure!(
+        m.header("content-type")
+            .unwrap_or("")
+            .starts_with("text/plain"),
+        "{m:?}"
+    );
+    let text = m.body.as_str().unwrap_or("");
+    for expected in [
+        "skein_ingress_requests_total{method=\"GET\",route=\"/v1/products\",status=\"200\"} 1",
+        "skein_ingress_requests_total{method=\"GET\",route=\"/v1/orders/{id}\",status=\"404\"} 1",
+        "skein_ingress_requests_total{method=\"POST\",route=\"/v1/orders\",status=\"202\"} 1",
+        "skein_ingress_request_duration_seconds_count{route=\"/v1/products\"} 1",
+        "skein_ingress_commands_published_total{type=\"orders.place_order.v1\",duplicate=\"false\"} 1",
+    ] {
+        ensure!(text.contains(expected), "missing {expected} in\n{text}");
+    }
+    Ok(())
+}
