@@ -105,6 +105,7 @@ impl Coordinator {
 
     /// Stores what an input did to `inst`: its new state (if it changed and
     /// nobody changed it meanwhile), the commands to send and the transition.
+    #[allow(clippy::too_many_arguments)]
     async fn persist(
         &self,
         tx: &mut Tx,

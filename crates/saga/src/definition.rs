@@ -650,3 +650,151 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::{Deserialize, Serialize};
+    use skein_message::{Command, Contract, Event};
+
+    use super::*;
+
+    macro_rules! message {
+        ($t:ident, $name:literal, $kind:ident) => {
+            #[derive(Debug, Serialize, Deserialize)]
+            struct $t {
+                id: String,
+            }
+            impl Contract for $t {
+                const SERVICE: &'static str = "shop";
+                const NAME: &'static str = $name;
+                const VERSION: u32 = 1;
+            }
+            impl $kind for $t {
+                fn entity_id(&self) -> String {
+                    self.id.clone()
+                }
+            }
+        };
+    }
+    message!(Placed, "placed", Event);
+    message!(Reserve, "reserve", Command);
+    message!(Reserved, "reserved", Event);
+    message!(Refused, "refused", Event);
+    message!(Release, "release", Command);
+    message!(Released, "released", Event);
+    message!(Pay, "pay", Command);
+    message!(Paid, "paid", Event);
+
+    #[derive(Serialize, Deserialize)]
+    struct Data {
+        id: String,
+    }
+
+    fn reserve(s: StepBuilder<Data>) -> StepBuilder<Data> {
+        s.send(|d: &Data| Reserve { id: d.id.clone() })
+            .completes_on::<Reserved>()
+            .fails_on(|_: &Refused| "refused".to_owned())
+            .compensate(|d: &Data| Release { id: d.id.clone() })
+            .compensation_completes_on::<Released>()
+            .deadline(Duration::from_secs(1))
+    }
+
+    fn pay(s: StepBuilder<Data>) -> StepBuilder<Data> {
+        s.pivot()
+            .send(|d: &Data| Pay { id: d.id.clone() })
+            .completes_on::<Paid>()
+            .deadline(Duration::from_secs(1))
+    }
+
+    fn saga() -> SagaBuilder<Data> {
+        Saga::builder::<Data>("shop")
+            .start_on(|e: &Placed| Some((e.id.clone(), Data { id: e.id.clone() })))
+    }
+
+    fn problem(builder: SagaBuilder<Data>) -> String {
+        match builder.build() {
+            Ok(_) => "accepted".into(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_valid_definition_builds_and_lists_what_it_consumes() -> Result<(), DefinitionError> {
+        let saga = saga().step("reserve", reserve).step("pay", pay).build()?;
+        assert_eq!(saga.step_names().collect::<Vec<_>>(), ["reserve", "pay"]);
+        assert_eq!(saga.pivot, Some(1));
+        assert!(saga.compensable(1) && !saga.compensable(2));
+        let subjects: Vec<String> = saga.filter_subjects().into_iter().collect();
+        assert_eq!(
+            subjects,
+            [
+                "events.shop.*.paid",
+                "events.shop.*.placed",
+                "events.shop.*.refused",
+                "events.shop.*.released",
+                "events.shop.*.reserved"
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn broken_definitions_are_refused_naming_the_step() {
+        let cases: Vec<(SagaBuilder<Data>, &str)> = vec![
+            (
+                saga().step("reserve", |s| reserve(s).deadline(Duration::ZERO)).step("pay", pay),
+                "saga shop: step \"reserve\" has no deadline",
+            ),
+            (
+                saga()
+                    .step("reserve", |s| s.send(|d: &Data| Reserve { id: d.id.clone() }).completes_on::<Reserved>().deadline(Duration::from_secs(1)))
+                    .step("pay", pay),
+                "saga shop: step \"reserve\" comes before the pivot but has no compensation",
+            ),
+            (
+                saga().step("reserve", reserve).step("reserve", pay),
+                "saga shop: step \"reserve\" is declared twice",
+            ),
+            (
+                saga().step("reserve", |s| reserve(s).pivot()).step("pay", pay),
+                "saga shop: steps \"reserve\", \"pay\" are all marked pivot; a saga has at most one",
+            ),
+            (
+                saga().step("pay", |s| s.pivot().send(|d: &Data| Pay { id: d.id.clone() }).deadline(Duration::from_secs(1))),
+                "saga shop: step \"pay\" has no event that completes it",
+            ),
+            (
+                saga().step("reserve", |s| reserve(s).fails_on(|_: &Reserved| "no".into())).step("pay", pay),
+                "saga shop: step \"reserve\": shop.reserved both completes and fails it",
+            ),
+            (
+                saga().step("reserve", reserve).step("pay", pay).known_types(["shop.placed".to_owned(), "shop.paid".to_owned()]),
+                "saga shop: step \"reserve\" waits for shop.reserved, which is not a declared event type",
+            ),
+            (
+                saga().step("reserve", reserve).step("pay", pay).cancel_on(|e: &Placed| (e.id.clone(), "stop".into())),
+                "saga shop: cancel_on without on_cancelled",
+            ),
+            (
+                Saga::builder::<Data>("shop").step("pay", pay),
+                "saga shop: no start_on: nothing starts an instance",
+            ),
+        ];
+        for (builder, expected) in cases {
+            assert_eq!(problem(builder), expected);
+        }
+    }
+
+    #[test]
+    fn a_step_without_a_pivot_needs_a_compensation_everywhere() {
+        let all_forward = saga().step("reserve", reserve).step("pay", |s| {
+            s.send(|d: &Data| Pay { id: d.id.clone() })
+                .completes_on::<Paid>()
+                .deadline(Duration::from_secs(1))
+        });
+        assert_eq!(
+            problem(all_forward),
+            "saga shop: step \"pay\" comes before the pivot but has no compensation"
+        );
+    }
+}

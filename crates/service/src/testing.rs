@@ -10,7 +10,7 @@ use skein_bus::replay::{read, StartAt};
 use skein_bus::{Bus, BusConfig};
 use skein_contracts::{Caller, Role};
 use skein_message::{Command, Envelope, Event, MessageContext};
-use skein_outbox::Store;
+use skein_outbox::{Store, StoreConfig};
 use skein_testkit::{Backend, NatsServer, TestDb};
 use uuid::Uuid;
 
@@ -44,9 +44,13 @@ impl Platform {
         Ok(Bus::connect(&BusConfig::new(self.nats.url(), name)).await?)
     }
 
-    /// The store of `service`: its own database on the test backend.
+    /// The store of `service`: its own database on the test backend, with
+    /// a small pool (a test opens several stores, and tests run in
+    /// parallel against one PostgreSQL server with a connection limit).
     pub async fn store(&self, service: &str) -> Result<Store, TestError> {
-        Ok(Store::connect(&self.db.sibling_url(service)).await?)
+        let mut config = StoreConfig::new(self.db.sibling_url(service));
+        config.max_connections = config.max_connections.min(3);
+        Ok(Store::connect_with(config).await?)
     }
 
     /// Publishes a command to the `COMMANDS` stream.

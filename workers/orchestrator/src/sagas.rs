@@ -207,4 +207,24 @@ mod tests {
         );
         Ok(())
     }
+
+    #[tokio::test]
+    async fn the_orchestrator_refuses_two_sagas_of_one_name_at_start_up(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let config = OrchestratorConfig::default();
+        let dir = std::env::temp_dir().join(format!("skein-orchestrator-{}", uuid::Uuid::now_v7()));
+        let store = skein_outbox::Store::connect(&format!("sqlite:{}/o.db", dir.display())).await?;
+        let err = skein_saga::Coordinator::new(
+            vec![place_order(&config)?, place_order(&config)?],
+            store,
+            "orchestrator",
+        )
+        .err()
+        .ok_or("two sagas of one name were accepted")?;
+        assert_eq!(
+            err.to_string(),
+            "saga place_order: declared twice in one coordinator"
+        );
+        Ok(())
+    }
 }

@@ -640,7 +640,13 @@ async fn duplicate_and_stale_events_change_nothing(backend: Backend) -> anyhow::
 async fn two_coordinator_copies_share_the_work_without_doing_anything_twice(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let mut shop = Shop::start(backend, quick(), ProviderConfig::default()).await?;
+    // Deadlines out of the way: this is about sharing, not about time.
+    let patient = OrchestratorConfig {
+        reserve_deadline: Duration::from_secs(60),
+        payment_deadline: Duration::from_secs(60),
+        ..quick()
+    };
+    let mut shop = Shop::start(backend, patient, ProviderConfig::default()).await?;
     shop.add_orchestrator().await?;
     let buyers = [shop.customer().await?, shop.customer().await?];
     let thing = shop.product(100, 1_000).await?;
@@ -836,19 +842,29 @@ async fn many_concurrent_orders_with_random_failures_keep_every_invariant(
             .await
             .map_err(boxed)?;
     }
-    // Every order ends final, then some confirmed ones are cancelled.
+    // Every order ends final; one whose cancel was asked for ends rejected
+    // or cancelled, never confirmed (a cancel that comes after the payment
+    // cancels the confirmed order).
+    let ends_cancelled =
+        |status: OrderStatus| matches!(status, OrderStatus::Rejected | OrderStatus::Cancelled);
     let mut final_orders = Vec::new();
     for &(order, _) in &orders {
+        let cancelled = cancel_now.iter().any(|&(o, _)| o == order);
         let done = eventually(WAIT, || async {
-            shop.order(order)
-                .await
-                .ok()
-                .filter(|o| o.status != OrderStatus::Pending)
+            shop.order(order).await.ok().filter(|o| {
+                if cancelled {
+                    ends_cancelled(o.status)
+                } else {
+                    o.status.is_final()
+                }
+            })
         })
         .await
-        .with_context(|| format!("order {order} is still pending"))?;
+        .with_context(|| format!("order {order} did not end (cancel asked: {cancelled})"))?;
         final_orders.push(done);
     }
+    // Then cancel some confirmed ones: each ends cancelled.
+    let mut cancel_later = Vec::new();
     for o in &final_orders {
         if o.status == OrderStatus::Confirmed && rng.below(4) == 0 {
             shop.p
@@ -858,7 +874,11 @@ async fn many_concurrent_orders_with_random_failures_keep_every_invariant(
                 })
                 .await
                 .map_err(boxed)?;
+            cancel_later.push(o.id);
         }
+    }
+    for &order in &cancel_later {
+        shop.wait_order(order, OrderStatus::Cancelled).await?;
     }
     // Wait until no saga runs, then check the books.
     eventually(Duration::from_secs(60), || async {
