@@ -52,6 +52,7 @@ enum Name {
     Orders,
     Payments,
     Projector,
+    Orchestrator,
 }
 
 impl Name {
@@ -62,6 +63,7 @@ impl Name {
             Name::Orders => skein_orders::NAME,
             Name::Payments => skein_payments::NAME,
             Name::Projector => skein_projector::NAME,
+            Name::Orchestrator => skein_orchestrator::NAME,
         }
     }
 }
@@ -112,6 +114,14 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             Name::Orders => skein_orders::start(bus.clone(), store, config)
                 .await
                 .map_err(anyhow::Error::from),
+            Name::Orchestrator => skein_orchestrator::start(
+                bus.clone(),
+                store,
+                config,
+                skein_orchestrator::OrchestratorConfig::default(),
+            )
+            .await
+            .map_err(anyhow::Error::from),
             Name::Projector => skein_projector::start(bus.clone(), store, config)
                 .await
                 .map_err(anyhow::Error::from),
