@@ -11,6 +11,7 @@
 //!   send them back where they came from;
 //! - `worker`: `skein worker <name>...`, run workers as a process; more
 //!   copies share their consumer groups;
+//! - `ingress`: `skein ingress`, the HTTP API (`--http` / `SKEIN_HTTP`);
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -46,6 +47,8 @@ enum Command {
     Dlq(cmd::dlq::Args),
     /// Run workers in this process; start it again to add copies to their consumer groups.
     Worker(cmd::worker::Args),
+    /// Run the HTTP API in front of the workers; start more copies to scale it.
+    Ingress(cmd::ingress::Args),
 }
 
 #[tokio::main]
@@ -63,6 +66,7 @@ async fn main() -> std::process::ExitCode {
         Command::Replay(args) => cmd::replay::run(&cli.nats_url, args).await,
         Command::Dlq(args) => cmd::dlq::run(&cli.nats_url, args).await,
         Command::Worker(args) => cmd::worker::run(&cli.nats_url, args).await,
+        Command::Ingress(args) => cmd::ingress::run(&cli.nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

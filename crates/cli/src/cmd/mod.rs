@@ -1,6 +1,7 @@
 //! The subcommands.
 
 pub(crate) mod dlq;
+pub(crate) mod ingress;
 pub(crate) mod replay;
 pub(crate) mod select;
 pub(crate) mod streams;

@@ -1,0 +1,72 @@
+//! `skein ingress`: the HTTP API in front of the workers.
+//!
+//! Stateless: start as many copies as needed behind a load balancer; they
+//! share nothing but NATS. Ctrl-C or SIGTERM stops accepting connections and
+//! finishes the requests in flight.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::{Bus, BusConfig};
+use skein_ingress::{Ingress, IngressConfig, RateLimit};
+
+/// Run the HTTP ingress.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "SKEIN_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// How long a service may take to answer a query, in milliseconds (then 504).
+    #[arg(long, env = "SKEIN_QUERY_TIMEOUT_MS", default_value_t = 3000)]
+    query_timeout_ms: u64,
+    /// Requests per second allowed per user (or IP when anonymous).
+    #[arg(long, env = "SKEIN_RATE_LIMIT", default_value_t = 50.0)]
+    rate_limit: f64,
+    /// Requests allowed at once per user (or IP) above the rate.
+    #[arg(long, env = "SKEIN_RATE_BURST", default_value_t = 100)]
+    rate_burst: u32,
+    /// Take the client IP from X-Forwarded-For (only behind a trusted proxy).
+    #[arg(long, env = "SKEIN_TRUST_FORWARDED_FOR")]
+    trust_forwarded_for: bool,
+}
+
+pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+    let mut config = IngressConfig::new(args.http);
+    config.query_timeout = Duration::from_millis(args.query_timeout_ms);
+    config.rate_limit = RateLimit {
+        per_second: args.rate_limit,
+        burst: args.rate_burst,
+    };
+    config.trust_forwarded_for = args.trust_forwarded_for;
+    let bus = Bus::connect(&BusConfig::new(nats_url, "skein-ingress"))
+        .await
+        .context("cannot reach NATS")?;
+    apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
+        .await
+        .context("cannot apply the streams")?;
+    let ingress = Ingress::build(config, bus)
+        .await
+        .context("cannot start the ingress")?;
+    eprintln!("ingress listening on http://{}", ingress.local_addr());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ingress.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let stopped = tokio::select! {
+        r = skein_service::standalone::wait_for_stop() => { r?; None }
+        r = server => Some(r),
+    };
+    match stopped {
+        // The server ended by itself: that is an error.
+        Some(r) => r
+            .context("the ingress task failed")?
+            .context("the HTTP server failed"),
+        None => {
+            eprintln!("stopping: finishing requests in flight");
+            let _ = stop_tx.send(());
+            Ok(())
+        }
+    }
+}
