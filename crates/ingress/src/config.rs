@@ -91,9 +91,16 @@ impl IngressConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_capacity: 100_000,
             key_refresh_interval: Duration::from_secs(10),
-            services: ["identity", "catalog", "orders", "payments", "projector"]
-                .map(String::from)
-                .to_vec(),
+            services: [
+                "identity",
+                "catalog",
+                "orders",
+                "payments",
+                "projector",
+                "orchestrator",
+            ]
+            .map(String::from)
+            .to_vec(),
             health_timeout: Duration::from_secs(1),
             max_consumer_lag: 10_000,
             max_outbox_backlog: 10_000,
