@@ -5,8 +5,8 @@
 //! rotated key), at most once per `key_refresh_interval` so forged key ids
 //! cannot turn the ingress into a load generator against identity.
 //!
-//! [`authenticate`] runs once per request in the middleware; it leaves an
-//! [`Authn`] in the request's extensions, which the [`Caller`] extractors read.
+//! `authenticate` runs once per request in the middleware; it leaves an
+//! `Authn` in the request's extensions, which the [`Caller`] extractors read.
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;

@@ -1,6 +1,6 @@
 //! JSON bodies: checked before anything is sent anywhere.
 //!
-//! [`Json<T>`] refuses, in this order: a content type that is not JSON (415),
+//! `Json<T>` refuses, in this order: a content type that is not JSON (415),
 //! a body over the limit (413), bytes that are not JSON (400), and then a body
 //! that breaks `T`'s JSON Schema (unknown fields, wrong types, missing
 //! fields, ranges) or its contract rules ([`Validate`]) with 422 listing every

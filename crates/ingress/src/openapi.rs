@@ -1,6 +1,6 @@
 //! `/openapi.json`: the API as an OpenAPI 3.1 document.
 //!
-//! Paths come from [`ROUTES`](crate::routes::ROUTES); payload schemas from
+//! Paths come from [`ROUTES`]; payload schemas from
 //! the contracts registry (the same schemas as `schemas/`) where the body or
 //! answer is a contract type, and from the ingress's own body types
 //! otherwise. Component names are the contracts' `ce-type`s.
