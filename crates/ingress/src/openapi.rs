@@ -76,6 +76,12 @@ fn operation(method: &str, path: &str) -> Operation {
             op(None, "200", Some("projector.profile.reply.v1"), &["404"])
         }
         ("GET", "/v1/dashboard") => op(None, "200", Some("projector.dashboard.reply.v1"), &[]),
+        ("GET", "/v1/sagas/{id}") => op(
+            None,
+            "200",
+            Some("orchestrator.get_saga.reply.v1"),
+            &["404"],
+        ),
         _ => op(None, "200", None, &[]),
     }
 }

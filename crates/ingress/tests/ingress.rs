@@ -150,6 +150,27 @@ impl App {
     }
 
     async fn start_with(tune: impl FnOnce(&mut IngressConfig)) -> anyhow::Result<Self> {
+        Self::start_workers(&SERVICES, tune).await
+    }
+
+    /// The whole platform: with payments and the saga coordinator, orders
+    /// are confirmed or rejected for real.
+    async fn start_full() -> anyhow::Result<Self> {
+        let all = [
+            "identity",
+            "catalog",
+            "orders",
+            "projector",
+            "payments",
+            "orchestrator",
+        ];
+        Self::start_workers(&all, |c| c.services = all.map(String::from).to_vec()).await
+    }
+
+    async fn start_workers(
+        workers: &[&'static str],
+        tune: impl FnOnce(&mut IngressConfig),
+    ) -> anyhow::Result<Self> {
         let p = Platform::start(Backend::Sqlite).await.map_err(boxed)?;
         let key = SigningKey::generate()?;
         let mut app = Self {
@@ -161,7 +182,7 @@ impl App {
             key,
             admin: String::new(),
         };
-        for name in SERVICES {
+        for name in workers {
             app.start_worker(name).await?;
         }
         let mut config = test_config();
@@ -204,6 +225,10 @@ impl App {
                 .await?
             }
             "projector" => skein_projector::start(bus, store, config).await?,
+            "payments" => skein_payments::start(bus, store, config, Default::default()).await?,
+            "orchestrator" => {
+                skein_orchestrator::start(bus, store, config, Default::default()).await?
+            }
             other => bail!("no worker {other}"),
         };
         self.hosts.insert(name, (host, connection));
@@ -1194,6 +1219,94 @@ async fn the_request_id_is_kept_when_well_formed_and_becomes_the_correlation_id(
     ensure!(
         Uuid::parse_str(id).is_ok(),
         "a malformed request id is replaced: {id}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_order_waited_for_is_confirmed_by_the_saga_and_admins_see_that_saga(
+) -> anyhow::Result<()> {
+    let app = App::start_full().await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let product = app.product("tea-1", 450, 10).await?;
+    let placed = eventually(WAIT, || async {
+        // The first try may beat the replicas of the new customer and product
+        // into orders; it is then rejected, and a retry with a new key runs.
+        let a = app
+            .send(
+                Req::new("POST", "/v1/orders")
+                    .token(&token)
+                    .header("prefer", "wait=10")
+                    .json(&json!({"lines": [{"product_id": product, "quantity": 2}]})),
+            )
+            .await
+            .ok()?;
+        (a.status == 200 && a.body["status"] == "confirmed").then_some(a)
+    })
+    .await
+    .context("no order was confirmed")?;
+    ensure!(
+        placed.header("preference-applied") == Some("wait=10"),
+        "{placed:?}"
+    );
+    ensure!(placed.body["total_cents"] == 900, "{placed:?}");
+    let order = placed.body["id"].as_str().context("id")?.to_owned();
+
+    let saga = app.get(&format!("/v1/sagas/{order}"), &app.admin).await?;
+    ensure!(saga.status == 200, "{saga:?}");
+    ensure!(
+        saga.body["saga"] == "place_order" && saga.body["key"] == order.as_str(),
+        "{saga:?}"
+    );
+    ensure!(
+        saga.body["transitions"]
+            .as_array()
+            .is_some_and(|t| !t.is_empty()),
+        "{saga:?}"
+    );
+    let by_id = app
+        .get(
+            &format!("/v1/sagas/{}", saga.body["id"].as_str().unwrap_or("")),
+            &app.admin,
+        )
+        .await?;
+    ensure!(
+        by_id.status == 200 && by_id.body["id"] == saga.body["id"],
+        "{by_id:?}"
+    );
+    let denied = app.get(&format!("/v1/sagas/{order}"), &token).await?;
+    ensure!(denied.status == 403, "{denied:?}");
+    let none = app
+        .get(&format!("/v1/sagas/{}", Uuid::now_v7()), &app.admin)
+        .await?;
+    ensure!(none.status == 404, "{none:?}");
+
+    let products = app.get("/v1/products", &token).await?;
+    ensure!(products.body["items"][0]["available"] == 8, "{products:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_signing_key_is_fetched_when_a_token_names_it() -> anyhow::Result<()> {
+    let mut app = App::start_with(|c| c.key_refresh_interval = Duration::from_millis(200)).await?;
+    let (_, old_token) = app.customer("ada@example.org").await?;
+    ensure!(app.get("/v1/me", &old_token).await?.status == 200);
+
+    // Identity restarts with a new key.
+    app.stop_worker("identity").await?;
+    app.key = SigningKey::generate()?;
+    app.start_worker("identity").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_token = app.login("ada@example.org").await?;
+    let a = app.get("/v1/me", &new_token).await?;
+    ensure!(
+        a.status == 200,
+        "a token of the new key must be accepted: {a:?}"
+    );
+    let a = app.get("/v1/me", &old_token).await?;
+    ensure!(
+        a.status == 401,
+        "a token of the retired key must not: {a:?}"
     );
     Ok(())
 }

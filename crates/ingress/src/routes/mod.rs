@@ -20,6 +20,7 @@ use crate::state::{AppState, Shared};
 pub mod auth;
 pub mod orders;
 pub mod products;
+pub(crate) mod sagas;
 pub mod users;
 
 /// Who may call a route.
@@ -132,6 +133,12 @@ pub const ROUTES: &[Route] = &[
     ),
     route(
         "GET",
+        "/v1/sagas/{id}",
+        Access::Admin,
+        "A saga instance (by its id or its order id) with its transitions",
+    ),
+    route(
+        "GET",
         "/health",
         Access::Anyone,
         "Aggregated health: NATS, streams, services, lag, breakers",
@@ -160,6 +167,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/orders/{id}/cancel", post(orders::cancel))
         .route("/v1/users/{id}/profile", get(users::profile))
         .route("/v1/dashboard", get(users::dashboard))
+        .route("/v1/sagas/{id}", get(sagas::get))
         .route_layer(from_fn_with_state(state.clone(), guard));
     Router::new()
         .merge(v1)

@@ -1,0 +1,54 @@
+//! `/v1/sagas/{id}`: a saga instance with its transitions (admins).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use skein_contracts::orchestrator::{GetSaga, ListSagas};
+
+use super::{json, path_id};
+use crate::auth::Admin;
+use crate::context::RequestContext;
+use crate::problem::ApiError;
+use crate::state::Shared;
+
+/// The instance with id `{id}`, or else the newest saga about the order
+/// `{id}` (sagas are keyed by order id), with every transition.
+pub(crate) async fn get(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = path_id(&id, "saga")?;
+    let by_id = GetSaga {
+        caller: caller.clone(),
+        saga_id: id,
+    };
+    match state.ask(&by_id, &ctx.request_id).await {
+        Ok(saga) => return Ok(json(StatusCode::OK, &saga)),
+        Err(ApiError::NotFound(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let about = ListSagas {
+        caller: caller.clone(),
+        status: None,
+        key: Some(id.to_string()),
+        limit: 1,
+        cursor: None,
+    };
+    let page = state.ask(&about, &ctx.request_id).await?;
+    let newest = page
+        .items
+        .first()
+        .ok_or_else(|| ApiError::NotFound(format!("no saga {id} and none about order {id}")))?;
+    let saga = state
+        .ask(
+            &GetSaga {
+                caller,
+                saga_id: newest.id,
+            },
+            &ctx.request_id,
+        )
+        .await?;
+    Ok(json(StatusCode::OK, &saga))
+}
