@@ -20,7 +20,7 @@
 //! #[derive(Serialize, Deserialize)]
 //! struct Order { id: String }
 //!
-//! let saga = Saga::<Order>::builder("place")
+//! let saga = Saga::builder::<Order>("place")
 //!     .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
 //!     .step("reserve", |s| {
 //!         s.send(|o: &Order| Reserve { id: o.id.clone() })
