@@ -4,6 +4,8 @@
 //!
 //! One module per subcommand under `cmd/`:
 //!
+//! - `up`: `skein up`, the whole system in one process (nats-server,
+//!   workers, ingress, first admin, demo catalog);
 //! - `streams`: `skein streams apply`, create or update the streams from `nats/`;
 //! - `replay`: `skein replay`, read history by time, sequence, subject,
 //!   entity, correlation id or type, as a table or JSON lines;
@@ -18,20 +20,20 @@
 
 mod cmd;
 
+/// Where the commands find NATS unless told otherwise.
+const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
 use clap::{Parser, Subcommand};
 
-/// Operate a skein system: streams, event history and dead letters.
+/// Run and operate a skein system: the whole system, workers, the HTTP API,
+/// streams, event history and dead letters.
 #[derive(Debug, Parser)]
 #[command(name = "skein", version, about, long_about = None)]
 struct Cli {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "NATS_URL",
-        default_value = "nats://127.0.0.1:4222",
-        global = true
-    )]
-    nats_url: String,
+    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222;
+    /// `skein up` starts its own nats-server unless this is given].
+    #[arg(long, env = "NATS_URL", global = true)]
+    nats_url: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -39,6 +41,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the whole system here: nats-server, every worker, the HTTP API (first look, demos).
+    Up(cmd::up::Args),
     /// Create or update the JetStream streams (EVENTS, COMMANDS, DLQ).
     Streams(cmd::streams::Args),
     /// Read history from a stream: filter it, print it as a table or JSON lines.
@@ -61,12 +65,14 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let nats_url = cli.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL);
     let result = match cli.command {
-        Command::Streams(args) => cmd::streams::run(&cli.nats_url, args).await,
-        Command::Replay(args) => cmd::replay::run(&cli.nats_url, args).await,
-        Command::Dlq(args) => cmd::dlq::run(&cli.nats_url, args).await,
-        Command::Worker(args) => cmd::worker::run(&cli.nats_url, args).await,
-        Command::Ingress(args) => cmd::ingress::run(&cli.nats_url, args).await,
+        Command::Up(args) => cmd::up::run(cli.nats_url.as_deref(), args).await,
+        Command::Streams(args) => cmd::streams::run(nats_url, args).await,
+        Command::Replay(args) => cmd::replay::run(nats_url, args).await,
+        Command::Dlq(args) => cmd::dlq::run(nats_url, args).await,
+        Command::Worker(args) => cmd::worker::run(nats_url, args).await,
+        Command::Ingress(args) => cmd::ingress::run(nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

