@@ -500,3 +500,280 @@ async fn replay_rebuild_builds_a_read_model_from_history_and_reports_what_change
     );
     Ok(())
 }
+
+// ---- skein up ----
+
+/// A free TCP port on loopback.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One HTTP/1.1 request on a fresh connection; the status and the body.
+async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    extra: &[(&str, &str)],
+    body: Option<&serde_json::Value>,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let payload = body.map(serde_json::Value::to_string).unwrap_or_default();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        payload.len()
+    );
+    if body.is_some() {
+        request.push_str("content-type: application/json\r\n");
+    }
+    if let Some(token) = token {
+        request.push_str(&format!("authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in extra {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&payload);
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, rest) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status")?
+        .parse()?;
+    // The ingress answers with a content length, not chunks.
+    let json = if rest.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(rest.trim()).with_context(|| format!("not JSON: {rest}"))?
+    };
+    Ok((status, json))
+}
+
+/// `skein up` as a child process, with what it printed until it was up.
+struct Up {
+    child: tokio::process::Child,
+    printed: String,
+}
+
+impl Up {
+    async fn start(data: &std::path::Path, http_port: u16, nats_port: u16) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(["up", "--data-dir"])
+            .arg(data)
+            .args(["--http", &format!("127.0.0.1:{http_port}")])
+            .args(["--nats-port", &nats_port.to_string()])
+            .env("SKEIN_NATS_SERVER", skein_testkit::nats::find_binary()?)
+            .env_remove("NATS_URL")
+            .env_remove("DATABASE_URL")
+            .env_remove("SKEIN_ADMIN_EMAIL")
+            .env_remove("SKEIN_ADMIN_PASSWORD")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot run skein up")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let mut printed = String::new();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await? {
+                printed.push_str(&line);
+                printed.push('\n');
+                if line.starts_with("Ctrl-C stops everything") {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+            }
+            Ok(false)
+        })
+        .await;
+        ensure!(
+            matches!(ready, Ok(Ok(true))),
+            "skein up did not come up: {ready:?}\n{printed}"
+        );
+        // Keep reading so a full pipe never blocks it.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self { child, printed })
+    }
+
+    /// SIGTERM, then the exit status.
+    async fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = self.child.id().context("already exited")?;
+        tokio::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await?;
+        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> anyhow::Result<()> {
+    use serde_json::json;
+    let data = tempfile::tempdir()?;
+    let (http_port, nats_port) = (free_port()?, free_port()?);
+    let up = Up::start(data.path(), http_port, nats_port).await?;
+    let printed = up.printed.clone();
+    ensure!(
+        printed.contains(&format!("skein is up: http://127.0.0.1:{http_port}")),
+        "{printed}"
+    );
+    ensure!(
+        printed.contains(&format!("NATS at nats://127.0.0.1:{nats_port}")),
+        "{printed}"
+    );
+    ensure!(printed.contains("demo catalog: 5 products"), "{printed}");
+    let password = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("admin: admin@skein.local / "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("no generated admin password printed")?
+        .to_owned();
+
+    let (status, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    ensure!(status == 200, "{products}");
+    let items = products["items"].as_array().context("no items")?;
+    ensure!(items.len() == 5, "{products}");
+    let mug = items
+        .iter()
+        .find(|p| p["sku"] == "DEMO-MUG")
+        .context("no mug")?["id"]
+        .as_str()
+        .context("no id")?
+        .to_owned();
+
+    let me = json!({"email": "me@example.org", "password": "a long password", "name": "Me"});
+    let (status, _) = http(http_port, "POST", "/v1/auth/register", None, &[], Some(&me)).await?;
+    ensure!(status == 201, "register: {status}");
+    let login = json!({"email": "me@example.org", "password": "a long password"});
+    let (status, tokens) =
+        http(http_port, "POST", "/v1/auth/token", None, &[], Some(&login)).await?;
+    ensure!(status == 200, "log in: {tokens}");
+    let token = tokens["access_token"]
+        .as_str()
+        .context("no token")?
+        .to_owned();
+    let order = json!({"lines": [{"product_id": mug, "quantity": 2}]});
+    // The customer reaches orders and payments by their events: retry the
+    // order until both know them.
+    let confirmed = eventually(Duration::from_secs(30), || async {
+        let (status, body) = http(
+            http_port,
+            "POST",
+            "/v1/orders",
+            Some(&token),
+            &[("prefer", "wait=10")],
+            Some(&order),
+        )
+        .await
+        .ok()?;
+        (status == 200 && body["status"] == "confirmed").then_some(body)
+    })
+    .await
+    .context("no order was confirmed through skein up")?;
+    ensure!(confirmed["total_cents"] == 2_400, "{confirmed}");
+
+    let admin_login = json!({"email": "admin@skein.local", "password": password});
+    let (status, admin) = http(
+        http_port,
+        "POST",
+        "/v1/auth/token",
+        None,
+        &[],
+        Some(&admin_login),
+    )
+    .await?;
+    ensure!(status == 200, "the printed admin password works: {admin}");
+    let stopped = up.stop().await?;
+    ensure!(stopped.success(), "a graceful stop exits 0: {stopped}");
+
+    // Again on the same data: nothing seeded twice, everything kept.
+    let again = Up::start(data.path(), http_port, nats_port).await?;
+    ensure!(
+        !again.printed.contains("admin:"),
+        "no second admin: {}",
+        again.printed
+    );
+    ensure!(
+        !again.printed.contains("demo catalog"),
+        "no second catalog: {}",
+        again.printed
+    );
+    let (_, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    let items = products["items"].as_array().context("no items")?;
+    ensure!(items.len() == 5, "{products}");
+    let mug_now = items
+        .iter()
+        .find(|p| p["sku"] == "DEMO-MUG")
+        .context("no mug")?;
+    ensure!(
+        mug_now["available"] == 48,
+        "the reservation is kept: {mug_now}"
+    );
+    let (status, tokens) =
+        http(http_port, "POST", "/v1/auth/token", None, &[], Some(&login)).await?;
+    ensure!(status == 200, "users are kept: {tokens}");
+    let token = tokens["access_token"].as_str().context("no token")?;
+    let (status, mine) = http(http_port, "GET", "/v1/orders", Some(token), &[], None).await?;
+    ensure!(
+        status == 200 && mine["items"].as_array().map(Vec::len) == Some(1),
+        "{mine}"
+    );
+    ensure!(again.stop().await?.success());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_up_says_what_to_do_when_its_port_is_taken_or_its_data_dir_unusable(
+) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port();
+    let run = |args: Vec<String>| async move {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(&args)
+            .env_remove("NATS_URL")
+            .output()
+            .await
+            .context("cannot run skein up")
+    };
+    let out = run(vec![
+        "up".into(),
+        "--data-dir".into(),
+        data.path().display().to_string(),
+        "--http".into(),
+        format!("127.0.0.1:{port}"),
+    ])
+    .await?;
+    ensure!(!out.status.success());
+    let err = stderr(&out);
+    ensure!(
+        err.contains(&format!("127.0.0.1:{port} is taken")) && err.contains("--http"),
+        "{err}"
+    );
+
+    let file = data.path().join("a-file");
+    std::fs::write(&file, "not a directory")?;
+    let out = run(vec![
+        "up".into(),
+        "--data-dir".into(),
+        file.join("data").display().to_string(),
+        "--http".into(),
+        format!("127.0.0.1:{}", free_port()?),
+    ])
+    .await?;
+    ensure!(!out.status.success());
+    let err = stderr(&out);
+    ensure!(
+        err.contains("cannot create the data directory") && err.contains("--data-dir"),
+        "{err}"
+    );
+    Ok(())
+}
