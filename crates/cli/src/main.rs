@@ -14,6 +14,7 @@
 //! - `worker`: `skein worker <name>...`, run workers as a process; more
 //!   copies share their consumer groups;
 //! - `ingress`: `skein ingress`, the HTTP API (`--http` / `SKEIN_HTTP`);
+//! - `saga`: `skein saga list|show|stuck`, saga instances and transitions;
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -53,6 +54,8 @@ enum Command {
     Worker(cmd::worker::Args),
     /// Run the HTTP API in front of the workers; start more copies to scale it.
     Ingress(cmd::ingress::Args),
+    /// Saga instances: list, show one with its transitions, find the stuck ones.
+    Saga(cmd::saga::Args),
 }
 
 #[tokio::main]
@@ -73,6 +76,7 @@ async fn main() -> std::process::ExitCode {
         Command::Dlq(args) => cmd::dlq::run(nats_url, args).await,
         Command::Worker(args) => cmd::worker::run(nats_url, args).await,
         Command::Ingress(args) => cmd::ingress::run(nats_url, args).await,
+        Command::Saga(args) => cmd::saga::run(nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -503,6 +503,33 @@ async fn replay_rebuild_builds_a_read_model_from_history_and_reports_what_change
 
 // ---- skein up ----
 
+/// A NATS URL that is not a test-owned server.
+struct NatsAt(String);
+
+/// Runs `skein` against the NATS at `url`.
+async fn skein_at(url: &NatsAt, args: &[&str]) -> anyhow::Result<Output> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(args)
+        .env("NATS_URL", &url.0)
+        .output()
+        .await
+        .context("cannot run skein")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_saga_without_an_orchestrator_says_how_to_start_one() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let out = skein(&server, &["saga", "stuck"]).await?;
+    ensure!(!out.status.success());
+    ensure!(
+        stderr(&out)
+            .contains("no orchestrator is running; start one with `skein worker orchestrator`"),
+        "{}",
+        stderr(&out)
+    );
+    Ok(())
+}
+
 /// A free TCP port on loopback.
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -679,6 +706,51 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
     .await
     .context("no order was confirmed through skein up")?;
     ensure!(confirmed["total_cents"] == 2_400, "{confirmed}");
+
+    // The saga that confirmed it, as an operator sees it.
+    let order_id = confirmed["id"].as_str().context("no order id")?;
+    let nats = NatsAt(format!("nats://127.0.0.1:{nats_port}"));
+    let show = skein_at(&nats, &["saga", "show", order_id]).await?;
+    ensure!(show.status.success(), "{}", stderr(&show));
+    let text = stdout(&show);
+    for expected in [
+        "place_order",
+        "status   completed",
+        "sent catalog.reserve_stock.v1",
+        "sent payments.authorize_payment.v1",
+        "sent orders.confirm_order.v1",
+        "orders.order_confirmed.v1 completed confirm_order, the last step",
+    ] {
+        ensure!(text.contains(expected), "{expected:?} missing in:\n{text}");
+    }
+    let list = skein_at(
+        &nats,
+        &["saga", "list", "--status", "completed", "--format", "json"],
+    )
+    .await?;
+    let lines: Vec<serde_json::Value> = stdout(&list)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        lines
+            .iter()
+            .any(|l| l["key"] == order_id && l["saga"] == "place_order"),
+        "{}",
+        stdout(&list)
+    );
+    let stuck = skein_at(&nats, &["saga", "stuck"]).await?;
+    ensure!(
+        stdout(&stuck).contains("no saga is waiting past its deadline or failed"),
+        "{}",
+        stdout(&stuck)
+    );
+    let bad = skein_at(&nats, &["saga", "list", "--status", "lost"]).await?;
+    ensure!(
+        !bad.status.success() && stderr(&bad).contains("unknown status \"lost\""),
+        "{}",
+        stderr(&bad)
+    );
 
     let admin_login = json!({"email": "admin@skein.local", "password": password});
     let (status, admin) = http(

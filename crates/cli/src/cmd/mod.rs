@@ -3,6 +3,7 @@
 pub(crate) mod dlq;
 pub(crate) mod ingress;
 pub(crate) mod replay;
+pub(crate) mod saga;
 pub(crate) mod select;
 pub(crate) mod streams;
 pub(crate) mod up;
