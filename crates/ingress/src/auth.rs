@@ -67,8 +67,8 @@ impl Keys {
             .clone()
     }
 
-    /// Fetches the key from identity unless it was fetched within the
-    /// refresh interval (`force` ignores that when there is no key at all).
+    /// Fetches the key from identity, unless one is held and was fetched
+    /// within the refresh interval. Concurrent callers wait for one fetch.
     async fn refresh(&self, state: &AppState, correlation: &str) -> Result<(), ApiError> {
         let mut last = self.last_fetch.lock().await;
         let have = self.current().is_some();

@@ -1485,11 +1485,11 @@ async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() 
 {
     let app = App::start_with(|c| {
         c.rate_limit = RateLimit {
-            per_second: 0.5,
+            per_second: 0.01,
             burst: 8,
         };
         c.login_rate_limit = RateLimit {
-            per_second: 0.1,
+            per_second: 0.01,
             burst: 3,
         };
     })
@@ -1509,7 +1509,7 @@ async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() 
         "{limited:?}"
     );
     let retry: u64 = limited.header("retry-after").unwrap_or("0").parse()?;
-    ensure!((1..=10).contains(&retry), "{limited:?}");
+    ensure!((1..=100).contains(&retry), "{limited:?}");
 
     // Other routes are limited per user, separately.
     let mut statuses = Vec::new();

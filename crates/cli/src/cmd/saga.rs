@@ -227,13 +227,12 @@ fn print_list(items: &[SagaInstance], format: Format) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{}  {}  {}  {}  {}  {}",
+        "{}  {}  {}  {}  {}  UPDATED",
         cell("INSTANCE", 36),
         cell("SAGA", 13),
         cell("ORDER", 36),
         cell("STATUS", 12),
         cell("STEP", 18),
-        "UPDATED"
     );
     for i in items {
         println!(
