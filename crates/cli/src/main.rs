@@ -15,6 +15,7 @@
 //!   copies share their consumer groups;
 //! - `ingress`: `skein ingress`, the HTTP API (`--http` / `SKEIN_HTTP`);
 //! - `saga`: `skein saga list|show|stuck`, saga instances and transitions;
+//! - `trace`: `skein trace <correlation id | order id>`, the causal tree;
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -56,6 +57,8 @@ enum Command {
     Ingress(cmd::ingress::Args),
     /// Saga instances: list, show one with its transitions, find the stuck ones.
     Saga(cmd::saga::Args),
+    /// The causal chain of one request (correlation id) or order, as a tree with timings.
+    Trace(cmd::trace::Args),
 }
 
 #[tokio::main]
@@ -77,6 +80,7 @@ async fn main() -> std::process::ExitCode {
         Command::Worker(args) => cmd::worker::run(nats_url, args).await,
         Command::Ingress(args) => cmd::ingress::run(nats_url, args).await,
         Command::Saga(args) => cmd::saga::run(nats_url, args).await,
+        Command::Trace(args) => cmd::trace::run(nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

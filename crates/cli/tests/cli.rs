@@ -752,6 +752,50 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         stderr(&bad)
     );
 
+    // Its causal chain, from the order placed to the order confirmed.
+    let trace = skein_at(&nats, &["trace", order_id, "--format", "json"]).await?;
+    ensure!(trace.status.success(), "{}", stderr(&trace));
+    let hops: Vec<serde_json::Value> = stdout(&trace)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let chain: Vec<(&str, u64)> = hops
+        .iter()
+        .filter_map(|h| Some((h["type"].as_str()?, h["depth"].as_u64()?)))
+        .collect();
+    ensure!(
+        chain
+            == [
+                ("orders.order_placed.v1", 0),
+                ("catalog.reserve_stock.v1", 1),
+                ("catalog.stock_reserved.v1", 2),
+                ("payments.authorize_payment.v1", 3),
+                ("payments.payment_authorized.v1", 4),
+                ("orders.confirm_order.v1", 5),
+                ("orders.order_confirmed.v1", 6),
+            ],
+        "{chain:?}"
+    );
+    ensure!(
+        hops.iter()
+            .skip(1)
+            .all(|h| h["hop_ms"].as_i64().is_some_and(|ms| ms >= 0)),
+        "{hops:?}"
+    );
+    let tree = skein_at(&nats, &["trace", order_id]).await?;
+    ensure!(
+        stdout(&tree).starts_with("7 messages from "),
+        "{}",
+        stdout(&tree)
+    );
+    let unknown = skein_at(&nats, &["trace", "no-such-request"]).await?;
+    ensure!(
+        !unknown.status.success()
+            && stderr(&unknown).contains("no message has correlation id or entity"),
+        "{}",
+        stderr(&unknown)
+    );
+
     let admin_login = json!({"email": "admin@skein.local", "password": password});
     let (status, admin) = http(
         http_port,

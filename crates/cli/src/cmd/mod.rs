@@ -6,6 +6,7 @@ pub(crate) mod replay;
 pub(crate) mod saga;
 pub(crate) mod select;
 pub(crate) mod streams;
+pub(crate) mod trace;
 pub(crate) mod up;
 pub(crate) mod worker;
 
