@@ -3,6 +3,13 @@
 //! An ordered, ephemeral consumer reads the messages of a stream that match a
 //! subject filter, from a start point to the end as it was when reading
 //! began. Nothing is acknowledged and no durable state is left behind.
+//!
+//! A work-queue stream (`COMMANDS`) takes no such consumer beside the
+//! workers' (the server refuses overlapping consumers there, and an
+//! acknowledging reader would consume what it reads), so its messages are
+//! fetched one by one with the stream's get-message API instead: each
+//! request names the filter and the next sequence, and the server skips
+//! what does not match.
 
 use std::time::Duration;
 
@@ -53,6 +60,15 @@ pub async fn read(
         .get_stream(stream)
         .await
         .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
+    let mut handle = handle;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?
+        .clone();
+    if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
+        return read_by_sequence(&handle, stream, filter, start, &info.state).await;
+    }
     let deliver_policy = match start {
         StartAt::Beginning => DeliverPolicy::All,
         StartAt::Sequence(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
@@ -92,6 +108,48 @@ pub async fn read(
             headers: message.headers.clone(),
             payload: message.payload.clone(),
             published: info.published,
+        });
+    }
+    Ok(out)
+}
+
+/// Reads a stream by sequence, without a consumer (for work queues).
+async fn read_by_sequence(
+    handle: &async_nats::jetstream::stream::Stream,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+    state: &async_nats::jetstream::stream::State,
+) -> Result<Vec<StoredMessage>> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
+    let last = state.last_sequence;
+    let mut next = match start {
+        StartAt::Sequence(s) => s.max(state.first_sequence),
+        StartAt::Beginning | StartAt::Time(_) => state.first_sequence,
+    };
+    let mut out = Vec::new();
+    while next <= last && state.messages > 0 {
+        let message = match handle.get_first_raw_message_by_subject(filter, next).await {
+            Ok(m) => m,
+            // Nothing matches from here on (or the rest was consumed meanwhile).
+            Err(e) if e.kind() == Kind::NoMessageFound => break,
+            Err(e) => return Err(Error::jetstream(format!("reading stream {stream}"), e)),
+        };
+        if message.sequence > last {
+            break;
+        }
+        next = message.sequence + 1;
+        if let StartAt::Time(t) = start {
+            if message.time < t {
+                continue;
+            }
+        }
+        out.push(StoredMessage {
+            sequence: message.sequence,
+            subject: message.subject.to_string(),
+            headers: Some(message.headers),
+            payload: message.payload,
+            published: message.time,
         });
     }
     Ok(out)

@@ -893,3 +893,74 @@ async fn skein_up_says_what_to_do_when_its_port_is_taken_or_its_data_dir_unusabl
     );
     Ok(())
 }
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Note {
+    entity: String,
+}
+impl Contract for Note {
+    const SERVICE: &'static str = "notes";
+    const NAME: &'static str = "note";
+    const VERSION: u32 = 1;
+}
+impl skein_message::Command for Note {
+    fn entity_id(&self) -> String {
+        self.entity.clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_the_commands_work_queue_beside_its_worker_and_consumes_nothing(
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    // A worker's consumer, bound and idle: the queue's only reader.
+    bus.jetstream()
+        .get_stream("COMMANDS")
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some("notes".into()),
+            filter_subject: "commands.notes.>".into(),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    for n in 0..3 {
+        let command = Envelope::command(
+            "test",
+            &Note {
+                entity: format!("n{n}"),
+            },
+            &MessageContext::root(),
+        )?;
+        bus.publisher().publish(&command).await?;
+    }
+    for _ in 0..2 {
+        let out = skein(
+            &server,
+            &["replay", "--stream", "COMMANDS", "--format", "json"],
+        )
+        .await?;
+        ensure!(out.status.success(), "{}", stderr(&out));
+        let lines: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        ensure!(lines.len() == 3, "{}", stdout(&out));
+        ensure!(
+            lines.iter().all(|l| l["type"] == "notes.note.v1"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let one = skein(
+        &server,
+        &[
+            "replay", "--stream", "COMMANDS", "--seq", "2-2", "--format", "json",
+        ],
+    )
+    .await?;
+    ensure!(stdout(&one).lines().count() == 1, "{}", stdout(&one));
+    Ok(())
+}
