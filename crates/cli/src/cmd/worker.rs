@@ -34,7 +34,7 @@ pub(crate) struct Args {
 pub(crate) struct Settings {
     /// Database URL; `{service}` is replaced by the worker name, so every
     /// worker gets its own database (e.g. postgres://db/skein_{service}).
-    /// Default: sqlite:<data dir>/{service}.db.
+    /// Default: `sqlite:DATA_DIR/{service}.db`.
     #[arg(long, env = "DATABASE_URL")]
     pub(crate) database_url: Option<String>,
     /// Starting balance of new payment accounts, in cents.
