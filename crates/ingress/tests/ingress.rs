@@ -1320,10 +1320,12 @@ async fn a_stopped_service_opens_its_breaker_and_a_restarted_one_closes_it() -> 
     ensure!(app.get("/v1/products", &token).await?.status == 200);
     app.stop_worker("catalog").await?;
 
+    // The first failures open the breaker: no responder (503), or a 504
+    // when a request still reached the subscription being drained.
     for _ in 0..2 {
         let a = app.get("/v1/products", &token).await?;
         ensure!(
-            a.status == 503 && a.header("retry-after").is_some(),
+            (a.status == 503 && a.header("retry-after").is_some()) || a.status == 504,
             "{a:?}"
         );
     }
