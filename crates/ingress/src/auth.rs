@@ -8,7 +8,8 @@
 //! `authenticate` runs once per request in the middleware; it leaves an
 //! `Authn` in the request's extensions, which the [`Caller`] extractors read.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use axum::extract::FromRequestParts;
@@ -21,11 +22,21 @@ use skein_contracts::{Caller, Role};
 use crate::problem::ApiError;
 use crate::state::AppState;
 
-/// The verifier and when the key was last fetched.
+/// Most verified tokens remembered; past it the memory starts over.
+const VERIFIED_CAPACITY: usize = 10_000;
+
+/// The verifier, when the key was last fetched, and the tokens it verified.
+///
+/// A signature check costs far more than the rest of a request, and clients
+/// send the same access token for its whole life, so verified tokens are
+/// remembered by their exact text (the same text has the same signature) and
+/// only their expiry is checked again. The memory is dropped whenever the key
+/// changes.
 #[derive(Debug, Default)]
 pub(crate) struct Keys {
     verifier: RwLock<Option<Arc<Verifier>>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    verified: Mutex<HashMap<String, Claims>>,
 }
 
 /// What the middleware found out about the caller.
@@ -89,12 +100,50 @@ impl Keys {
             ApiError::Internal
         })?;
         tracing::info!(key_id = verifier.key_id(), "verification key loaded");
-        *self.verifier.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(verifier));
+        let mut current = self.verifier.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().map(|v| v.key_id()) != Some(verifier.key_id()) {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        *current = Some(Arc::new(verifier));
         Ok(())
     }
 
     /// Verifies `token`, fetching the key when needed.
     async fn verify(
+        &self,
+        state: &AppState,
+        token: &str,
+        correlation: &str,
+    ) -> Result<Claims, ApiError> {
+        if let Some(claims) = self.remembered(token) {
+            return Ok(claims);
+        }
+        let claims = self.check(state, token, correlation).await?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CAPACITY {
+            verified.clear();
+        }
+        verified.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    /// The claims of a token verified before, while it has not expired.
+    fn remembered(&self, token: &str) -> Option<Claims> {
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        let claims = verified.get(token)?;
+        if claims.exp.saturating_add(skein_auth::LEEWAY_SECS) > unix_now() {
+            Some(claims.clone())
+        } else {
+            verified.remove(token);
+            None
+        }
+    }
+
+    /// Checks `token`'s signature and claims.
+    async fn check(
         &self,
         state: &AppState,
         token: &str,
@@ -123,6 +172,13 @@ impl Keys {
             other => other.map_err(|e| refusal(&e)),
         }
     }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(u64::MAX)
 }
 
 /// Reads and verifies the `Authorization` header.

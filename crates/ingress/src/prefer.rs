@@ -2,8 +2,9 @@
 //! final or N seconds pass.
 //!
 //! The waiter subscribes (core NATS) to the order's event subject
-//! `events.orders.<id>.>` *before* the command is published, so the outcome
-//! cannot slip past between publishing and listening; nothing is polled.
+//! `events.orders.<id>.>` *before* the command is published, on the same
+//! connection, so the outcome cannot slip past between publishing and
+//! listening; nothing is polled.
 
 use std::time::Duration;
 
@@ -50,13 +51,10 @@ impl OrderWatch {
             .subscribe(subject)
             .await
             .map_err(|_| ApiError::BusUnavailable)?;
-        // Make sure the server knows the subscription before the command goes.
-        state
-            .bus
-            .client()
-            .flush()
-            .await
-            .map_err(|_| ApiError::BusUnavailable)?;
+        // No round trip needed: the command is published on this same
+        // connection afterwards, and a server handles one connection's
+        // operations in order, so it has the subscription before the command
+        // (and long before any event the command causes).
         Ok(Self { subscriber })
     }
 
