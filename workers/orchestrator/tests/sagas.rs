@@ -264,6 +264,16 @@ impl Shop {
         ))
     }
 
+    /// Waits for the place-order saga of `order` to run `step`.
+    async fn wait_step(&self, order: Uuid, step: &str) -> anyhow::Result<()> {
+        eventually(WAIT, || async {
+            let saga = self.saga("place_order", order).await.ok().flatten()?;
+            (saga.step.as_deref() == Some(step)).then_some(())
+        })
+        .await
+        .with_context(|| format!("the saga of order {order} did not reach {step}"))
+    }
+
     /// Waits for the instance of `saga` about `order` to reach `status`.
     async fn wait_saga(
         &self,
@@ -509,12 +519,7 @@ async fn a_coordinator_killed_mid_saga_resumes_and_sends_each_step_once(
     shop.replicas_ready(&[buyer], &[thing]).await?;
 
     let order = shop.place(buyer, &[(thing, 1)]).await?;
-    eventually(WAIT, || async {
-        let saga = shop.saga("place_order", order).await.ok().flatten()?;
-        (saga.step.as_deref() == Some("authorize_payment")).then_some(())
-    })
-    .await
-    .context("the saga did not reach authorize_payment")?;
+    shop.wait_step(order, "authorize_payment").await?;
     // Crash: no graceful stop, the payment's answer arrives while it is down.
     shop.orchestrators.pop().context("no orchestrator")?.abort();
     tokio::time::sleep(Duration::from_millis(1_200)).await;
@@ -734,12 +739,7 @@ async fn cancelling_a_pending_order_stops_its_placement_and_gives_everything_bac
     let thing = shop.product(400, 3).await?;
     shop.replicas_ready(&[buyer], &[thing]).await?;
     let order = shop.place(buyer, &[(thing, 1)]).await?;
-    eventually(WAIT, || async {
-        let saga = shop.saga("place_order", order).await.ok().flatten()?;
-        (saga.step.as_deref() == Some("authorize_payment")).then_some(())
-    })
-    .await
-    .context("the saga did not reach authorize_payment")?;
+    shop.wait_step(order, "authorize_payment").await?;
 
     shop.p
         .send(&CancelOrder {
