@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 
 use crate::connect::Bus;
 use crate::error::{Error, Result};
@@ -153,4 +153,75 @@ async fn read_by_sequence(
         });
     }
     Ok(out)
+}
+
+/// The messages of `stream` matching `filter` with a sequence above
+/// `after`, as they arrive: what was stored after a [`read`] and everything
+/// published from now on. Ends only when the caller drops it.
+///
+/// A work-queue stream cannot be followed (its workers are its only
+/// readers); [`read`] still shows what is queued.
+pub async fn follow(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    after: u64,
+) -> Result<impl Stream<Item = Result<StoredMessage>>> {
+    let js = bus.jetstream();
+    let mut handle = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
+    if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
+        return Err(Error::jetstream(
+            format!("cannot follow {stream}"),
+            "a work queue is read only by its workers; follow EVENTS or DLQ",
+        ));
+    }
+    let consumer = handle
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_owned(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: after + 1,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot follow stream {stream}"), e))?;
+    let messages = consumer
+        .messages()
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot follow stream {stream}"), e))?;
+    let stream = stream.to_owned();
+    Ok(messages.map(move |message| {
+        let message = message.map_err(|e| Error::jetstream(format!("following {stream}"), e))?;
+        let info = message
+            .info()
+            .map_err(|e| Error::jetstream("message without metadata", e.to_string()))?;
+        Ok(StoredMessage {
+            sequence: info.stream_sequence,
+            subject: message.subject.to_string(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+            published: info.published,
+        })
+    }))
+}
+
+/// The last sequence of `stream` now (0 when empty).
+pub async fn last_sequence(bus: &Bus, stream: &str) -> Result<u64> {
+    let mut handle = bus
+        .jetstream()
+        .get_stream(stream)
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
+    Ok(info.state.last_sequence)
 }

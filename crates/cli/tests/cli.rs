@@ -964,3 +964,80 @@ async fn replay_reads_the_commands_work_queue_beside_its_worker_and_consumes_not
     ensure!(stdout(&one).lines().count() == 1, "{}", stdout(&one));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_follow_prints_the_history_then_what_arrives_until_stopped() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let publish = |n: u32| {
+        let bus = bus.clone();
+        async move {
+            let event = Envelope::event(
+                "notes",
+                &Noted {
+                    entity: format!("e{n}"),
+                    n,
+                },
+                &MessageContext::root(),
+            )?;
+            bus.publisher().publish(&event).await?;
+            anyhow::Ok(())
+        }
+    };
+    publish(1).await?;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args([
+            "replay",
+            "--follow",
+            "--format",
+            "json",
+            "--type",
+            "notes.noted",
+        ])
+        .env("NATS_URL", server.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().context("no stdout")?).lines();
+    let mut err = tokio::io::BufReader::new(child.stderr.take().context("no stderr")?).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), out.next_line())
+        .await??
+        .context("no history")?;
+    ensure!(first.contains("\"n\":1"), "{first}");
+    // Publish once it follows, then expect the new event.
+    let following = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(line) = err.next_line().await? {
+            if line.starts_with("(following EVENTS") {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("stderr closed")
+    })
+    .await?;
+    following?;
+    publish(2).await?;
+    let second = tokio::time::timeout(Duration::from_secs(10), out.next_line())
+        .await??
+        .context("nothing followed")?;
+    ensure!(second.contains("\"n\":2"), "{second}");
+    let pid = child.id().context("exited")?;
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    ensure!(
+        status.success(),
+        "Ctrl-C or SIGTERM ends it cleanly: {status}"
+    );
+
+    let refused = skein(&server, &["replay", "--stream", "COMMANDS", "--follow"]).await?;
+    ensure!(
+        !refused.status.success() && stderr(&refused).contains("work queue"),
+        "{}",
+        stderr(&refused)
+    );
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! `skein replay`: read history from a stream.
 
 use anyhow::{bail, Context};
-use skein_bus::replay::{read, StartAt, StoredMessage};
+use futures::StreamExt;
+use skein_bus::replay::{follow, last_sequence, read, StartAt, StoredMessage};
 use skein_message::Envelope;
 
 use super::select::{cell, parse_range, parse_time, short_time};
@@ -36,9 +37,12 @@ pub(crate) struct Args {
     /// Output: an aligned table, or one CloudEvent per line (for jq).
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
-    /// Print at most this many messages.
+    /// Print at most this many messages of the history.
     #[arg(long, default_value_t = 1000)]
     limit: usize,
+    /// After the history, keep printing new messages as they arrive (until Ctrl-C).
+    #[arg(long, conflicts_with_all = ["until", "rebuild"])]
+    follow: bool,
     /// Instead of printing: rebuild a projector read model (users, orders,
     /// timeline or all) from the whole EVENTS stream and report what changed.
     #[arg(long, value_name = "READ_MODEL", conflicts_with_all = ["subject", "entity", "correlation", "kind", "since", "until", "seq"])]
@@ -80,6 +84,17 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         (None, None) => StartAt::Beginning,
     };
     let bus = super::connect(nats_url).await?;
+    if args.follow && stream == "COMMANDS" {
+        bail!("COMMANDS is a work queue, read only by its workers; --follow reads EVENTS or DLQ");
+    }
+    // Taken before reading, so following misses nothing published meanwhile.
+    let mut last_seen = if args.follow {
+        last_sequence(&bus, &stream)
+            .await
+            .context("cannot read the stream")?
+    } else {
+        0
+    };
     let messages = read(&bus, &stream, &filter, start)
         .await
         .with_context(|| format!("cannot read {stream}"))?;
@@ -108,6 +123,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         if !matches(&args, envelope.as_ref()) {
             continue;
         }
+        last_seen = last_seen.max(message.sequence);
         print(&message, envelope.as_ref(), args.format)?;
         shown += 1;
         if shown >= args.limit {
@@ -115,10 +131,33 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             break;
         }
     }
-    if shown == 0 {
-        eprintln!("no messages match");
+    if !args.follow {
+        if shown == 0 {
+            eprintln!("no messages match");
+        }
+        return Ok(());
     }
-    Ok(())
+    eprintln!("(following {stream}; Ctrl-C stops)");
+    let mut live = std::pin::pin!(follow(&bus, &stream, &filter, last_seen)
+        .await
+        .with_context(|| format!("cannot follow {stream}"))?);
+    loop {
+        let next = tokio::select! {
+            next = live.next() => next,
+            r = skein_service::standalone::wait_for_stop() => { r?; return Ok(()); }
+        };
+        let Some(message) = next else { return Ok(()) };
+        let message = message.with_context(|| format!("lost {stream}"))?;
+        let envelope = Envelope::from_parts(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .ok();
+        if matches(&args, envelope.as_ref()) {
+            print(&message, envelope.as_ref(), args.format)?;
+        }
+    }
 }
 
 fn matches(args: &Args, envelope: Option<&Envelope>) -> bool {
