@@ -16,6 +16,7 @@
 //! - `ingress`: `skein ingress`, the HTTP API (`--http` / `SKEIN_HTTP`);
 //! - `saga`: `skein saga list|show|stuck`, saga instances and transitions;
 //! - `trace`: `skein trace <correlation id | order id>`, the causal tree;
+//! - `audit`: `skein audit [--repair]`, outboxes against streams and inboxes;
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -59,6 +60,8 @@ enum Command {
     Saga(cmd::saga::Args),
     /// The causal chain of one request (correlation id) or order, as a tree with timings.
     Trace(cmd::trace::Args),
+    /// Compare every outbox with the streams and inboxes; --repair republishes what was lost.
+    Audit(cmd::audit::Args),
 }
 
 #[tokio::main]
@@ -81,6 +84,7 @@ async fn main() -> std::process::ExitCode {
         Command::Ingress(args) => cmd::ingress::run(nats_url, args).await,
         Command::Saga(args) => cmd::saga::run(nats_url, args).await,
         Command::Trace(args) => cmd::trace::run(nats_url, args).await,
+        Command::Audit(args) => cmd::audit::run(nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

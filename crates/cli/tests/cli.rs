@@ -796,6 +796,76 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         stderr(&unknown)
     );
 
+    // The audit: clean; then a lost event is found and repaired.
+    let db = format!("sqlite:{}/{{service}}.db", data.path().display());
+    let audit = |repair: bool| {
+        let (nats, db) = (nats.0.clone(), db.clone());
+        async move {
+            let mut args = vec!["audit", "--database-url", db.as_str()];
+            if repair {
+                args.push("--repair");
+            }
+            skein_at(&NatsAt(nats), &args).await
+        }
+    };
+    let clean = eventually(Duration::from_secs(20), || async {
+        audit(false).await.ok().filter(|o| o.status.success())
+    })
+    .await
+    .context("the audit of a healthy system is not clean")?;
+    ensure!(
+        stdout(&clean).contains("clean: every published message is where it belongs"),
+        "{}",
+        stdout(&clean)
+    );
+    let lost = {
+        let bus = Bus::connect(&BusConfig::new(&nats.0, "audit-test")).await?;
+        let events = skein_bus::replay::read(
+            &bus,
+            "EVENTS",
+            &format!("events.orders.{order_id}.order_confirmed"),
+            skein_bus::replay::StartAt::Beginning,
+        )
+        .await?;
+        let victim = events.first().context("no order_confirmed stored")?;
+        bus.jetstream()
+            .get_stream("EVENTS")
+            .await?
+            .delete_message(victim.sequence)
+            .await?;
+        victim
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("ce-id"))
+            .map(|v| v.as_str().to_owned())
+            .context("no ce-id")?
+    };
+    let found = audit(false).await?;
+    ensure!(!found.status.success(), "a lost event fails the audit");
+    ensure!(
+        stdout(&found).contains(&format!("lost {lost}")),
+        "{}",
+        stdout(&found)
+    );
+    ensure!(
+        stderr(&found).contains("skein audit --repair"),
+        "{}",
+        stderr(&found)
+    );
+    let repaired = audit(true).await?;
+    ensure!(
+        repaired.status.success(),
+        "{}\n{}",
+        stdout(&repaired),
+        stderr(&repaired)
+    );
+    let again = audit(false).await?;
+    ensure!(
+        again.status.success(),
+        "clean after the repair: {}",
+        stdout(&again)
+    );
+
     let admin_login = json!({"email": "admin@skein.local", "password": password});
     let (status, admin) = http(
         http_port,

@@ -50,7 +50,8 @@
 //! # }
 //! ```
 
-pub mod error;
+pub mod audit;
+mod error;
 pub mod inbox;
 pub mod migrate;
 pub mod relay;

@@ -117,42 +117,7 @@ impl Relay {
         .fetch_all(self.store.pool())
         .await
         .map_err(Error::query("cannot read the outbox"))?;
-        rows.iter()
-            .map(|row| {
-                let read = Error::query("cannot read an outbox row");
-                let seq: i64 = row.try_get("seq").map_err(read)?;
-                let id: String = row
-                    .try_get("id")
-                    .map_err(Error::query("cannot read an outbox row"))?;
-                let subject: String = row
-                    .try_get("subject")
-                    .map_err(Error::query("cannot read an outbox row"))?;
-                let headers: String = row
-                    .try_get("headers")
-                    .map_err(Error::query("cannot read an outbox row"))?;
-                let payload: Vec<u8> = row
-                    .try_get("payload")
-                    .map_err(Error::query("cannot read an outbox row"))?;
-                let pairs: Vec<(String, String)> =
-                    serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
-                        id: id.clone(),
-                        reason: format!("headers are not a JSON list of pairs: {e}"),
-                    })?;
-                let mut map = HeaderMap::new();
-                for (name, value) in pairs {
-                    map.append(name.as_str(), value.as_str());
-                }
-                Ok(PendingRow {
-                    seq,
-                    id,
-                    message: Outgoing {
-                        subject,
-                        headers: map,
-                        payload: payload.into(),
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(decode_row).collect()
     }
 
     /// Publishes `rows` pipelined and returns the sequences the stream acknowledged.
@@ -439,4 +404,32 @@ async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) -> bool {
         _ = shutdown.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
     }
+}
+
+/// An outbox row as the relay publishes it.
+pub(crate) fn decode_row(row: &sqlx::any::AnyRow) -> Result<PendingRow> {
+    let read = || Error::query("cannot read an outbox row");
+    let seq: i64 = row.try_get("seq").map_err(read())?;
+    let id: String = row.try_get("id").map_err(read())?;
+    let subject: String = row.try_get("subject").map_err(read())?;
+    let headers: String = row.try_get("headers").map_err(read())?;
+    let payload: Vec<u8> = row.try_get("payload").map_err(read())?;
+    let pairs: Vec<(String, String)> =
+        serde_json::from_str(&headers).map_err(|e| Error::CorruptRow {
+            id: id.clone(),
+            reason: format!("headers are not a JSON list of pairs: {e}"),
+        })?;
+    let mut map = HeaderMap::new();
+    for (name, value) in pairs {
+        map.append(name.as_str(), value.as_str());
+    }
+    Ok(PendingRow {
+        seq,
+        id,
+        message: Outgoing {
+            subject,
+            headers: map,
+            payload: payload.into(),
+        },
+    })
 }

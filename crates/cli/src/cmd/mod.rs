@@ -1,5 +1,6 @@
 //! The subcommands.
 
+pub(crate) mod audit;
 pub(crate) mod dlq;
 pub(crate) mod ingress;
 pub(crate) mod replay;

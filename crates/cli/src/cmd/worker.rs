@@ -80,7 +80,12 @@ impl Settings {
     pub(crate) fn database_url(&self, data_dir: &Path) -> String {
         self.database_url
             .clone()
-            .unwrap_or_else(|| format!("sqlite:{}/{{service}}.db", data_dir.display()))
+            .unwrap_or_else(|| Self::default_database_url(data_dir))
+    }
+
+    /// SQLite files in `data_dir`, one per service.
+    pub(crate) fn default_database_url(data_dir: &Path) -> String {
+        format!("sqlite:{}/{{service}}.db", data_dir.display())
     }
 }
 

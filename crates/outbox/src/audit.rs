@@ -1,0 +1,45 @@
+//! What `skein audit` reads from a service's database: the published
+//! outbox rows kept for the retention period, and the inbox.
+//!
+//! One id runs end to end (outbox row id = `ce-id` = `Nats-Msg-Id` = inbox
+//! key), so comparing these with the streams finds messages the broker
+//! lost (a single node acknowledges before fsync) and duplicates.
+
+use std::collections::HashSet;
+
+use sqlx::Row;
+
+use crate::error::{Error, Result};
+use crate::relay::{decode_row, PendingRow};
+use crate::store::Store;
+
+/// Published rows still kept, in commit order, with a sequence above
+/// `after`, at most `limit`.
+pub async fn published_rows(store: &Store, after: i64, limit: i64) -> Result<Vec<PendingRow>> {
+    let rows = sqlx::query(
+        "SELECT seq, id, subject, headers, payload FROM skein_outbox \
+         WHERE published_at IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(store.pool())
+    .await
+    .map_err(Error::query("cannot read the outbox"))?;
+    rows.iter().map(decode_row).collect()
+}
+
+/// The message ids the inbox of `handler` recorded (kept for the inbox
+/// retention period).
+pub async fn inbox_ids(store: &Store, handler: &str) -> Result<HashSet<String>> {
+    let rows = sqlx::query("SELECT message_id FROM skein_inbox WHERE handler = $1")
+        .bind(handler)
+        .fetch_all(store.pool())
+        .await
+        .map_err(Error::query("cannot read the inbox"))?;
+    rows.iter()
+        .map(|r| {
+            r.try_get::<String, _>("message_id")
+                .map_err(Error::query("cannot read the inbox"))
+        })
+        .collect()
+}
