@@ -51,7 +51,7 @@
 //! ```
 
 pub mod audit;
-mod error;
+pub mod error;
 pub mod inbox;
 pub mod migrate;
 pub mod relay;
