@@ -82,6 +82,7 @@ fn operation(method: &str, path: &str) -> Operation {
             Some("orchestrator.get_saga.reply.v1"),
             &["404"],
         ),
+        ("GET", "/v1/trace/{id}") => op(None, "200", None, &["404"]),
         _ => op(None, "200", None, &[]),
     }
 }

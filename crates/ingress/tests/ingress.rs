@@ -1283,6 +1283,36 @@ async fn an_order_waited_for_is_confirmed_by_the_saga_and_admins_see_that_saga(
         .await?;
     ensure!(none.status == 404, "{none:?}");
 
+    // The same order as a causal tree: placed, then each saga step.
+    let traced = app.get(&format!("/v1/trace/{order}"), &app.admin).await?;
+    ensure!(traced.status == 200, "{traced:?}");
+    let chain: Vec<(String, u64)> = traced.body["messages"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter_map(|h| Some((h["type"].as_str()?.to_owned(), h["depth"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let expected = [
+        "orders.order_placed.v1",
+        "catalog.reserve_stock.v1",
+        "catalog.stock_reserved.v1",
+        "payments.authorize_payment.v1",
+        "payments.payment_authorized.v1",
+        "orders.confirm_order.v1",
+        "orders.order_confirmed.v1",
+    ];
+    ensure!(
+        chain.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>() == expected
+            && chain.iter().enumerate().all(|(i, (_, d))| *d == i as u64),
+        "{chain:?}"
+    );
+    let denied = app.get(&format!("/v1/trace/{order}"), &token).await?;
+    ensure!(denied.status == 403, "{denied:?}");
+    let unknown = app.get("/v1/trace/no-such-request", &app.admin).await?;
+    ensure!(unknown.status == 404, "{unknown:?}");
+
     let products = app.get("/v1/products", &token).await?;
     ensure!(products.body["items"][0]["available"] == 8, "{products:?}");
     Ok(())

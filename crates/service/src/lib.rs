@@ -22,10 +22,13 @@
 //! - [`client`]: [`request`] and [`RequestError`].
 //! - [`standalone`]: what a worker's own binary needs (environment, logs,
 //!   connections, stop on Ctrl-C or SIGTERM).
+//! - [`trace`]: the causal tree of one request or order (for `skein trace`
+//!   and the ingress).
 
 pub mod client;
 pub mod host;
 pub mod standalone;
+pub mod trace;
 
 pub use client::{request, request_with, RequestError};
 pub use host::{Host, HostConfig};

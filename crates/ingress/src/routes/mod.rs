@@ -21,6 +21,7 @@ pub mod auth;
 pub mod orders;
 pub mod products;
 pub(crate) mod sagas;
+pub(crate) mod trace;
 pub mod users;
 
 /// Who may call a route.
@@ -139,6 +140,12 @@ pub const ROUTES: &[Route] = &[
     ),
     route(
         "GET",
+        "/v1/trace/{id}",
+        Access::Admin,
+        "Every message a request (correlation id) or an order caused, as a causal tree with timings",
+    ),
+    route(
+        "GET",
         "/health",
         Access::Anyone,
         "Aggregated health: NATS, streams, services, lag, breakers",
@@ -168,6 +175,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/users/{id}/profile", get(users::profile))
         .route("/v1/dashboard", get(users::dashboard))
         .route("/v1/sagas/{id}", get(sagas::get))
+        .route("/v1/trace/{id}", get(trace::get))
         .route_layer(from_fn_with_state(state.clone(), guard));
     Router::new()
         .merge(v1)
