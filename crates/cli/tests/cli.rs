@@ -796,6 +796,61 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         stderr(&unknown)
     );
 
+    // A failed order: the payment is declined, the stock is given back.
+    let pen = items
+        .iter()
+        .find(|p| p["sku"] == "DEMO-PEN")
+        .context("no pen")?["id"]
+        .as_str()
+        .context("no id")?
+        .to_owned();
+    let too_dear = json!({"lines": [{"product_id": pen, "quantity": 20}]});
+    let (status, declined) = http(
+        http_port,
+        "POST",
+        "/v1/orders",
+        Some(&token),
+        &[("prefer", "wait=10")],
+        Some(&too_dear),
+    )
+    .await?;
+    ensure!(
+        status == 200 && declined["status"] == "rejected",
+        "{declined}"
+    );
+    ensure!(
+        declined["reason"] == "authorize_payment: payment declined: insufficient_funds",
+        "{declined}"
+    );
+    let failed_id = declined["id"].as_str().context("no id")?;
+    let trace = skein_at(&nats, &["trace", failed_id, "--format", "json"]).await?;
+    let kinds: Vec<String> = stdout(&trace)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|h| h["type"].as_str().map(str::to_owned))
+        .collect();
+    ensure!(
+        kinds
+            == [
+                "orders.order_placed.v1",
+                "catalog.reserve_stock.v1",
+                "catalog.stock_reserved.v1",
+                "payments.authorize_payment.v1",
+                "payments.payment_declined.v1",
+                "catalog.release_stock.v1",
+                "catalog.stock_released.v1",
+                "orders.reject_order.v1",
+                "orders.order_rejected.v1",
+            ],
+        "the trace shows the compensation: {kinds:?}"
+    );
+    let (_, products_now) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    let pen_now = products_now["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["sku"] == "DEMO-PEN").cloned())
+        .context("no pen")?;
+    ensure!(pen_now["available"] == 20, "the stock is back: {pen_now}");
+
     // The audit: clean; then a lost event is found and repaired.
     let db = format!("sqlite:{}/{{service}}.db", data.path().display());
     let audit = |repair: bool| {
@@ -909,7 +964,7 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
     let token = tokens["access_token"].as_str().context("no token")?;
     let (status, mine) = http(http_port, "GET", "/v1/orders", Some(token), &[], None).await?;
     ensure!(
-        status == 200 && mine["items"].as_array().map(Vec::len) == Some(1),
+        status == 200 && mine["items"].as_array().map(Vec::len) == Some(2),
         "{mine}"
     );
     ensure!(again.stop().await?.success());
