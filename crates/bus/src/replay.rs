@@ -55,17 +55,7 @@ pub async fn read(
     filter: &str,
     start: StartAt,
 ) -> Result<Vec<StoredMessage>> {
-    let js = bus.jetstream();
-    let handle = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
-    let mut handle = handle;
-    let info = handle
-        .info()
-        .await
-        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?
-        .clone();
+    let (handle, info) = open(bus, stream).await?;
     if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
         return read_by_sequence(&handle, stream, filter, start, &info.state).await;
     }
@@ -98,17 +88,9 @@ pub async fn read(
         let Some(message) = next else { break };
         let message =
             message.map_err(|e| Error::jetstream(format!("reading stream {stream}"), e))?;
-        let info = message
-            .info()
-            .map_err(|e| Error::jetstream("message without metadata", e.to_string()))?;
-        pending = info.pending;
-        out.push(StoredMessage {
-            sequence: info.stream_sequence,
-            subject: message.subject.to_string(),
-            headers: message.headers.clone(),
-            payload: message.payload.clone(),
-            published: info.published,
-        });
+        let (stored, left) = stored(&message)?;
+        pending = left;
+        out.push(stored);
     }
     Ok(out)
 }
@@ -167,15 +149,7 @@ pub async fn follow(
     filter: &str,
     after: u64,
 ) -> Result<impl Stream<Item = Result<StoredMessage>>> {
-    let js = bus.jetstream();
-    let mut handle = js
-        .get_stream(stream)
-        .await
-        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
-    let info = handle
-        .info()
-        .await
-        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
+    let (handle, info) = open(bus, stream).await?;
     if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
         return Err(Error::jetstream(
             format!("cannot follow {stream}"),
@@ -199,29 +173,49 @@ pub async fn follow(
     let stream = stream.to_owned();
     Ok(messages.map(move |message| {
         let message = message.map_err(|e| Error::jetstream(format!("following {stream}"), e))?;
-        let info = message
-            .info()
-            .map_err(|e| Error::jetstream("message without metadata", e.to_string()))?;
-        Ok(StoredMessage {
-            sequence: info.stream_sequence,
-            subject: message.subject.to_string(),
-            headers: message.headers.clone(),
-            payload: message.payload.clone(),
-            published: info.published,
-        })
+        Ok(stored(&message)?.0)
     }))
 }
 
 /// The last sequence of `stream` now (0 when empty).
 pub async fn last_sequence(bus: &Bus, stream: &str) -> Result<u64> {
+    Ok(open(bus, stream).await?.1.state.last_sequence)
+}
+
+/// The stream `name` and its current info.
+async fn open(
+    bus: &Bus,
+    name: &str,
+) -> Result<(
+    async_nats::jetstream::stream::Stream,
+    async_nats::jetstream::stream::Info,
+)> {
     let mut handle = bus
         .jetstream()
-        .get_stream(stream)
+        .get_stream(name)
         .await
-        .map_err(|e| Error::jetstream(format!("cannot open stream {stream}"), e))?;
+        .map_err(|e| Error::jetstream(format!("cannot open stream {name}"), e))?;
     let info = handle
         .info()
         .await
-        .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
-    Ok(info.state.last_sequence)
+        .map_err(|e| Error::jetstream(format!("cannot read stream {name}"), e))?
+        .clone();
+    Ok((handle, info))
+}
+
+/// A consumed message as stored, with how many are pending after it.
+fn stored(message: &async_nats::jetstream::Message) -> Result<(StoredMessage, u64)> {
+    let info = message
+        .info()
+        .map_err(|e| Error::jetstream("message without metadata", e.to_string()))?;
+    Ok((
+        StoredMessage {
+            sequence: info.stream_sequence,
+            subject: message.subject.to_string(),
+            headers: message.headers.clone(),
+            payload: message.payload.clone(),
+            published: info.published,
+        },
+        info.pending,
+    ))
 }

@@ -23,7 +23,7 @@ use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::replay::{read, StartAt};
 use skein_bus::Bus;
 use skein_contracts::orchestrator::{GetSaga, ListSagas};
-use skein_contracts::{Caller, Role};
+use skein_contracts::Caller;
 use skein_message::Envelope;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -255,10 +255,7 @@ pub async fn trace(
 
 /// Every command the sagas about `entities` sent, as hops.
 async fn saga_commands(bus: &Bus, entities: &HashSet<String>) -> Result<Vec<Hop>, RequestError> {
-    let operator = Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    };
+    let operator = Caller::operator();
     let timeout = Duration::from_secs(3);
     let mut hops = Vec::new();
     for entity in entities {

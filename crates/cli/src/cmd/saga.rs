@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaInstance, SagaStatus, StuckSagas};
-use skein_contracts::{Caller, Role};
+use skein_contracts::Caller;
 use skein_service::{request_with, RequestError};
 use uuid::Uuid;
 
@@ -65,13 +65,6 @@ fn parse_status(text: &str) -> Result<SagaStatus, String> {
     })
 }
 
-fn operator() -> Caller {
-    Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    }
-}
-
 fn explain(e: RequestError) -> anyhow::Error {
     match e {
         RequestError::NoResponders(_) => anyhow::anyhow!(
@@ -94,7 +87,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             let page = request_with(
                 &bus,
                 &ListSagas {
-                    caller: operator(),
+                    caller: Caller::operator(),
                     status,
                     key: order.map(|o| o.to_string()),
                     limit,
@@ -111,7 +104,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             let found = request_with(
                 &bus,
                 &GetSaga {
-                    caller: operator(),
+                    caller: Caller::operator(),
                     saga_id: id,
                 },
                 None,
@@ -125,7 +118,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     let page = request_with(
                         &bus,
                         &ListSagas {
-                            caller: operator(),
+                            caller: Caller::operator(),
                             status: None,
                             key: Some(id.to_string()),
                             limit: 10,
@@ -142,7 +135,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                             request_with(
                                 &bus,
                                 &GetSaga {
-                                    caller: operator(),
+                                    caller: Caller::operator(),
                                     saga_id: item.id,
                                 },
                                 None,
@@ -169,7 +162,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             let stuck = request_with(
                 &bus,
                 &StuckSagas {
-                    caller: operator(),
+                    caller: Caller::operator(),
                     min_overdue_ms: Some(overdue.saturating_mul(1000)),
                 },
                 None,

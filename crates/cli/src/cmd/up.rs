@@ -16,11 +16,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
 use skein_contracts::catalog::AddProduct;
-use skein_contracts::{Caller, Role};
+use skein_contracts::Caller;
 use skein_ingress::Ingress;
 use skein_service::{request, Host};
 use tokio::process::{Child, Command};
-use uuid::Uuid;
 
 use super::worker::{self, Name};
 
@@ -129,8 +128,8 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
         }
     };
     let http = ingress.local_addr();
-    if admin.is_some() {
-        std::fs::write(data.join(ADMIN_MARKER), GENERATED_ADMIN_EMAIL)
+    if let Some(seed) = &admin {
+        std::fs::write(data.join(ADMIN_MARKER), &seed.email)
             .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
     }
     let demo = if args.no_demo || data.join(DEMO_MARKER).exists() {
@@ -141,7 +140,7 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
 
     println!("skein is up: http://{http}");
     println!("  data in {}, NATS at {nats_url}", data.display());
-    if let Some(seed) = &generated {
+    if let Some(seed) = admin.as_ref().filter(|_| generated) {
         println!(
             "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
             seed.email, seed.password
@@ -203,26 +202,20 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// The admin identity creates: configured, or generated on the first
-/// start (the second value, to print once).
-fn admin(
-    settings: &worker::Settings,
-    data: &Path,
-) -> (
-    Option<skein_identity::AdminSeed>,
-    Option<skein_identity::AdminSeed>,
-) {
+/// start (then `true`: its password is printed once).
+fn admin(settings: &worker::Settings, data: &Path) -> (Option<skein_identity::AdminSeed>, bool) {
     if let Some(seed) = worker::admin_seed(settings) {
-        return (Some(seed), None);
+        return (Some(seed), false);
     }
     if data.join(ADMIN_MARKER).exists() {
-        return (None, None);
+        return (None, false);
     }
     let seed = skein_identity::AdminSeed {
         email: GENERATED_ADMIN_EMAIL.into(),
         password: skein_identity::generated_admin_password(),
         name: "Admin".into(),
     };
-    (Some(seed.clone()), Some(seed))
+    (Some(seed), true)
 }
 
 /// Adds a small catalog once per data directory; returns how many products.
@@ -235,10 +228,7 @@ async fn seed_demo(bus: &skein_bus::Bus, data: &Path) -> anyhow::Result<usize> {
         ("DEMO-BAG", "Tote bag", 1_500, 60),
     ];
     // The catalog checks the role; the demo is added on the operator's behalf.
-    let operator = Caller {
-        user_id: Uuid::nil(),
-        role: Role::Admin,
-    };
+    let operator = Caller::operator();
     for (sku, name, price_cents, stock) in products {
         let added = request(
             bus,
