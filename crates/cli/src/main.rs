@@ -17,6 +17,7 @@
 //! - `saga`: `skein saga list|show|stuck`, saga instances and transitions;
 //! - `trace`: `skein trace <correlation id | order id>`, the causal tree;
 //! - `audit`: `skein audit [--repair]`, outboxes against streams and inboxes;
+//! - `load`: `skein load`, orders through the HTTP API, then the invariants;
 //! - `select`: the selection flags shared by replay and dlq (times, ranges).
 //!
 //! Every flag has an environment fallback where one is usual (`NATS_URL`).
@@ -62,6 +63,8 @@ enum Command {
     Trace(cmd::trace::Args),
     /// Compare every outbox with the streams and inboxes; --repair republishes what was lost.
     Audit(cmd::audit::Args),
+    /// Place orders through the HTTP API, wait until each is final, check that nothing was lost.
+    Load(cmd::load::Args),
 }
 
 #[tokio::main]
@@ -85,6 +88,7 @@ async fn main() -> std::process::ExitCode {
         Command::Saga(args) => cmd::saga::run(nats_url, args).await,
         Command::Trace(args) => cmd::trace::run(nats_url, args).await,
         Command::Audit(args) => cmd::audit::run(nats_url, args).await,
+        Command::Load(args) => cmd::load::run(nats_url, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

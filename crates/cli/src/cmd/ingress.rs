@@ -28,25 +28,52 @@ pub(crate) struct Args {
     /// Requests allowed at once per user (or IP) above the rate.
     #[arg(long, env = "SKEIN_RATE_BURST", default_value_t = 100)]
     rate_burst: u32,
+    /// Log-ins and registrations per second allowed per client IP (default:
+    /// one every 6 s); raise it for load tests that register many customers.
+    #[arg(long, env = "SKEIN_LOGIN_RATE_LIMIT", default_value_t = 1.0 / 6.0)]
+    login_rate_limit: f64,
+    /// Log-ins and registrations allowed at once per client IP above that rate.
+    #[arg(long, env = "SKEIN_LOGIN_RATE_BURST", default_value_t = 10)]
+    login_rate_burst: u32,
     /// Take the client IP from X-Forwarded-For (only behind a trusted proxy).
     #[arg(long, env = "SKEIN_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
 }
 
-/// The ingress configuration these flags describe.
-pub(crate) fn config(args: &Args) -> IngressConfig {
+/// The ingress configuration these flags describe, or which flag is wrong.
+pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
+    for (flag, rate) in [
+        ("--rate-limit", args.rate_limit),
+        ("--login-rate-limit", args.login_rate_limit),
+    ] {
+        if !(rate.is_finite() && rate > 0.0) {
+            anyhow::bail!("{flag} must be a positive number of requests per second, not {rate}");
+        }
+    }
+    for (flag, burst) in [
+        ("--rate-burst", args.rate_burst),
+        ("--login-rate-burst", args.login_rate_burst),
+    ] {
+        if burst == 0 {
+            anyhow::bail!("{flag} must be at least 1");
+        }
+    }
     let mut config = IngressConfig::new(args.http);
     config.query_timeout = Duration::from_millis(args.query_timeout_ms);
     config.rate_limit = RateLimit {
         per_second: args.rate_limit,
         burst: args.rate_burst,
     };
+    config.login_rate_limit = RateLimit {
+        per_second: args.login_rate_limit,
+        burst: args.login_rate_burst,
+    };
     config.trust_forwarded_for = args.trust_forwarded_for;
-    config
+    Ok(config)
 }
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
-    let config = config(&args);
+    let config = config(&args)?;
     let bus = Bus::connect(&BusConfig::new(nats_url, "skein-ingress"))
         .await
         .context("cannot reach NATS")?;

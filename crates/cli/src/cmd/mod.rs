@@ -3,6 +3,7 @@
 pub(crate) mod audit;
 pub(crate) mod dlq;
 pub(crate) mod ingress;
+pub(crate) mod load;
 pub(crate) mod replay;
 pub(crate) mod saga;
 pub(crate) mod select;

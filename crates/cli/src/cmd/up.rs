@@ -87,6 +87,7 @@ impl NatsChild {
 
 pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()> {
     args.workers.check()?;
+    super::ingress::config(&args.ingress)?;
     let data = prepare_data_dir(&args.data_dir)?;
     if TcpListener::bind(args.ingress.http).is_err() {
         bail!(
@@ -117,7 +118,7 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
 
     let (admin, generated) = admin(&args.workers, data);
     let hosts = worker::start(&bus, &WORKERS, &args.workers, data, admin.clone()).await?;
-    let ingress = match Ingress::build(super::ingress::config(&args.ingress), bus.clone()).await {
+    let ingress = match Ingress::build(super::ingress::config(&args.ingress)?, bus.clone()).await {
         Ok(ingress) => ingress,
         Err(e) => {
             stop_hosts(hosts).await;
