@@ -67,7 +67,9 @@ impl std::fmt::Display for Change {
 /// Options applied on top of the definitions.
 #[derive(Debug, Clone, Default)]
 pub struct ProvisionOptions {
-    /// Replicas of every stream (3 on a 3-node cluster); the definitions say 1.
+    /// Replicas of every stream (3 on a 3-node cluster); the definitions say
+    /// 1. `None` creates streams with the definitions' count and leaves an
+    /// existing stream's replicas as they are.
     pub replicas: Option<usize>,
 }
 
@@ -143,6 +145,12 @@ pub async fn apply_stream(
                 })?
                 .config
                 .clone();
+            // Without an explicit count, keep the replicas the stream has:
+            // a worker starting against a 3-replica stream must not shrink
+            // it to the definitions' 1.
+            if options.replicas.is_none() {
+                config.num_replicas = current.num_replicas;
+            }
             let differences = differing_fields(&config, &current);
             if differences.is_empty() {
                 return Ok(Change::Unchanged);

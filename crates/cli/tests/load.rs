@@ -1,0 +1,617 @@
+//! `skein load` against a system of real processes, and the fault tests:
+//! every worker and the ingress run as their own `skein worker` / `skein
+//! ingress` process on a test nats-server, `skein load` places orders through
+//! HTTP, a fault is injected while it runs (a process killed with SIGKILL,
+//! the broker restarted, a cluster node stopped, the database's connections
+//! cut, a flood of poison), and at the end every invariant `skein load`
+//! checks must hold and `skein audit` must be clean.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use serde_json::Value;
+use skein_testkit::{Backend, NatsServer, TestDb};
+use tokio::process::{Child, Command};
+
+const ADMIN_EMAIL: &str = "admin@load.skein.test";
+const ADMIN_PASSWORD: &str = "the load test admin's password";
+/// Every worker, in start order.
+const WORKERS: [&str; 6] = [
+    "identity",
+    "catalog",
+    "payments",
+    "orders",
+    "orchestrator",
+    "projector",
+];
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A GET on a fresh connection: the status, or an error when nothing answers.
+async fn get(port: u16, path: &str) -> anyhow::Result<u16> {
+    Ok(request(port, "GET", path, None, None).await?.0)
+}
+
+/// One request on a fresh connection: the status and the JSON body (null if none).
+async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\ncontent-type: application/json\r\n",
+        payload.len()
+    );
+    if let Some(token) = token {
+        head.push_str(&format!("authorization: Bearer {token}\r\n"));
+    }
+    stream
+        .write_all(format!("{head}\r\n{payload}").as_bytes())
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, rest) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    Ok((status, serde_json::from_str(rest.trim()).unwrap_or(Value::Null)))
+}
+
+/// Waits until no order is pending (the projector's dashboard, as the admin).
+async fn wait_until_no_order_is_pending(port: u16, within: Duration) -> anyhow::Result<()> {
+    let credentials = serde_json::json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD});
+    let (status, pair) = request(port, "POST", "/v1/auth/token", None, Some(&credentials)).await?;
+    ensure!(status == 200, "admin log-in: {status} {pair}");
+    let token = pair["access_token"].as_str().context("no token")?;
+    let deadline = Instant::now() + within;
+    loop {
+        let (status, dashboard) = request(port, "GET", "/v1/dashboard", Some(token), None).await?;
+        if status == 200 && dashboard["orders_by_status"]["pending"] == 0 {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "orders still pending: {dashboard}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One component process.
+struct Component {
+    /// Its `skein` arguments.
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+/// A whole system as processes: the workers (`copies` of each) and one
+/// ingress, on `nats_url`, with databases from `database_url`.
+struct System {
+    nats_url: String,
+    database_url: String,
+    dir: tempfile::TempDir,
+    http_port: u16,
+    components: Vec<(String, Component)>,
+}
+
+impl System {
+    async fn start(
+        nats_url: String,
+        database_url: Option<String>,
+        workers: &[&str],
+        copies: usize,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("skein-load-").tempdir()?;
+        let database_url = database_url
+            .unwrap_or_else(|| format!("sqlite:{}/{{service}}.db", dir.path().display()));
+        let http_port = free_port()?;
+        let mut system = Self {
+            nats_url,
+            database_url,
+            dir,
+            http_port,
+            components: Vec::new(),
+        };
+        for worker in workers {
+            for copy in 1..=copies {
+                system.add(&format!("{worker}-{copy}"), &["worker", worker]);
+            }
+        }
+        let port = http_port.to_string();
+        system.add(
+            "ingress",
+            &[
+                "ingress",
+                "--http",
+                &format!("127.0.0.1:{port}"),
+                "--rate-limit",
+                "100000",
+                "--rate-burst",
+                "100000",
+                "--login-rate-limit",
+                "1000",
+                "--login-rate-burst",
+                "1000",
+            ],
+        );
+        for (name, component) in &mut system.components {
+            component.child = Some(spawn(
+                &system.nats_url,
+                &system.database_url,
+                system.dir.path(),
+                name,
+                &component.args,
+            )?);
+        }
+        system.wait_healthy(workers).await?;
+        Ok(system)
+    }
+
+    fn add(&mut self, name: &str, args: &[&str]) {
+        self.components.push((
+            name.to_owned(),
+            Component {
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                child: None,
+            },
+        ));
+    }
+
+    /// Waits until the ingress answers and every worker in `workers` answers its ping.
+    async fn wait_healthy(&self, workers: &[&str]) -> anyhow::Result<()> {
+        let bus = skein_bus::Bus::connect(&skein_bus::BusConfig::new(&self.nats_url, "load-test"))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        'wait: loop {
+            ensure!(
+                Instant::now() < deadline,
+                "the system did not come up in 90 s; logs in {}:\n{}",
+                self.dir.path().display(),
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !matches!(get(self.http_port, "/health/live").await, Ok(200)) {
+                continue;
+            }
+            for worker in workers {
+                let ping = bus
+                    .client()
+                    .request(format!("$SRV.PING.{worker}"), "".into())
+                    .await;
+                if ping.is_err() {
+                    continue 'wait;
+                }
+            }
+            return Ok(());
+        }
+    }
+
+    /// Kills a component at once (SIGKILL), as a crash would.
+    async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let component = self.component(name)?;
+        let mut child = component.child.take().context("not running")?;
+        child.start_kill()?;
+        child.wait().await?;
+        Ok(())
+    }
+
+    /// Starts a killed component again.
+    fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let (nats, db, dir) = (
+            self.nats_url.clone(),
+            self.database_url.clone(),
+            self.dir.path().to_owned(),
+        );
+        let component = self.component(name)?;
+        ensure!(component.child.is_none(), "{name} is running");
+        component.child = Some(spawn(&nats, &db, &dir, name, &component.args)?);
+        Ok(())
+    }
+
+    fn component(&mut self, name: &str) -> anyhow::Result<&mut Component> {
+        self.components
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c)
+            .with_context(|| format!("no component {name}"))
+    }
+
+    /// Starts `skein load --json` with `args`.
+    fn load(&self, args: &[&str]) -> anyhow::Result<Child> {
+        Command::new(env!("CARGO_BIN_EXE_skein"))
+            .arg("load")
+            .args(["--url", &format!("http://127.0.0.1:{}", self.http_port)])
+            .args(["--nats-url", &self.nats_url])
+            .args(["--admin-email", ADMIN_EMAIL, "--admin-password", ADMIN_PASSWORD])
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot run skein load")
+    }
+
+    /// `skein audit` until it is clean (the relays may still be publishing),
+    /// or its last output after `within`.
+    async fn audit_clean(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let output = Command::new(env!("CARGO_BIN_EXE_skein"))
+                .args(["audit", "--format", "json", "--nats-url", &self.nats_url])
+                .env("DATABASE_URL", &self.database_url)
+                .output()
+                .await?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            // Clean, and every outbox drained.
+            let drained = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .all(|service| service["backlog"].as_i64().unwrap_or(0) == 0);
+            if output.status.success() && drained {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("skein audit is not clean after {within:?}:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Every component's log, for a failure message.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.components {
+            let text = std::fs::read_to_string(log_path(self.dir.path(), name)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            out.push_str(&format!("--- {name}\n"));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+fn log_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.log"))
+}
+
+fn spawn(
+    nats_url: &str,
+    database_url: &str,
+    dir: &Path,
+    name: &str,
+    args: &[String],
+) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path(dir, name))?;
+    Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(args)
+        .env("NATS_URL", nats_url)
+        .env("DATABASE_URL", database_url)
+        .env("SKEIN_KEY_DIR", dir)
+        .env("SKEIN_ADMIN_EMAIL", ADMIN_EMAIL)
+        .env("SKEIN_ADMIN_PASSWORD", ADMIN_PASSWORD)
+        .env("SKEIN_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))
+}
+
+/// Waits for a `skein load --json` run: its exit status and report.
+async fn finish(load: Child, within: Duration) -> anyhow::Result<(ExitStatus, Value)> {
+    let output = tokio::time::timeout(within, load.wait_with_output())
+        .await
+        .with_context(|| format!("skein load did not finish in {within:?}"))??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "skein load printed no report (exit {}):\n{stdout}\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    Ok((output.status, report))
+}
+
+/// The named invariant of a report.
+fn invariant<'a>(report: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
+    report["invariants"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["name"] == name))
+        .with_context(|| format!("no invariant {name:?} in {report}"))
+}
+
+/// A run that passed: exit 0, every invariant ok, every order final.
+fn passed(status: ExitStatus, report: &Value, orders: u64) -> anyhow::Result<()> {
+    ensure!(
+        status.success() && report["ok"] == true,
+        "skein load failed ({status}): {report:#}"
+    );
+    ensure!(report["final_orders"] == orders, "{report:#}");
+    for check in report["invariants"].as_array().context("no invariants")? {
+        ensure!(check["ok"] == true, "{check}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
+) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    // No orchestrator: orders are placed, but no saga ever finishes them.
+    let without = ["identity", "catalog", "payments", "orders", "projector"];
+    let mut system = System::start(nats.url(), None, &without, 1).await?;
+
+    let (status, report) = finish(
+        system.load(&["--orders", "20", "--concurrency", "4", "--settle-timeout", "3", "--wait", "1"])?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(!status.success(), "a run with stuck orders passed: {report:#}");
+    ensure!(report["ok"] == false, "{report:#}");
+    let stuck = invariant(&report, "no order lost or stuck")?;
+    ensure!(stuck["ok"] == false, "{stuck}");
+    ensure!(
+        stuck["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("20 of 20 not final")),
+        "{stuck}"
+    );
+    // Nothing else is wrong: no stock moved, no money moved.
+    for name in ["stock conserved", "money conserved", "outcomes match their cause"] {
+        ensure!(invariant(&report, name)?["ok"] == true, "{report:#}");
+    }
+
+    // With the orchestrator the same system passes, with the failures the mix asked for.
+    system.add("orchestrator-1", &["worker", "orchestrator"]);
+    system.restart("orchestrator-1")?;
+    system.wait_healthy(&WORKERS).await?;
+    // The stuck orders finish now; the next run's money check must not see them.
+    wait_until_no_order_is_pending(system.http_port, Duration::from_secs(60)).await?;
+    let (status, report) = finish(
+        system.load(&[
+            "--orders",
+            "120",
+            "--concurrency",
+            "8",
+            "--failure-mix",
+            "out-of-stock=0.2,declined=0.2",
+            "--seed",
+            "42",
+        ])?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    passed(status, &report, 120)?;
+    for kind in ["out-of-stock", "declined"] {
+        let rejected = report["by_kind"][kind]["rejected"].as_u64().unwrap_or(0);
+        ensure!(rejected > 5, "few {kind} orders: {report:#}");
+        ensure!(
+            report["by_kind"][kind].as_object().map(|m| m.len()) == Some(1),
+            "{kind} orders ended otherwise: {report:#}"
+        );
+    }
+    ensure!(
+        report["by_kind"]["normal"]["confirmed"].as_u64().unwrap_or(0) > 30,
+        "{report:#}"
+    );
+    system.audit_clean(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_each_worker_and_the_ingress_mid_load_loses_nothing() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let mut system = System::start(nats.url(), None, &WORKERS, 1).await?;
+    let load = system.load(&[
+        "--orders",
+        "1500",
+        "--concurrency",
+        "16",
+        "--settle-timeout",
+        "150",
+        "--wait",
+        "5",
+    ])?;
+    for victim in [
+        "orders-1",
+        "catalog-1",
+        "payments-1",
+        "orchestrator-1",
+        "projector-1",
+        "ingress",
+    ] {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        system.kill(victim).await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        system.restart(victim)?;
+    }
+    let (status, report) = finish(load, Duration::from_secs(240)).await?;
+    passed(status, &report, 1500).with_context(|| system.logs())?;
+    // The ingress was gone for a while: some requests had to be sent again.
+    ensure!(report["retries"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    system.audit_clean(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_nats_mid_load_loses_nothing_and_the_ingress_recovers_by_itself(
+) -> anyhow::Result<()> {
+    let mut nats = NatsServer::start().await?;
+    let system = System::start(nats.url(), None, &WORKERS, 1).await?;
+    let load = system.load(&[
+        "--orders",
+        "1000",
+        "--concurrency",
+        "16",
+        "--settle-timeout",
+        "120",
+        "--wait",
+        "5",
+    ])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nats.kill();
+    // While NATS is down the ingress says so: 503, not a hang.
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = get(system.http_port, "/v1/products").await.ok();
+        if seen == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(seen == Some(503), "with NATS down GET /v1/products answered {seen:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.start_again().await?;
+    let (status, report) = finish(load, Duration::from_secs(240)).await?;
+    passed(status, &report, 1000).with_context(|| system.logs())?;
+    ensure!(
+        matches!(get(system.http_port, "/v1/products").await, Ok(200)),
+        "the ingress did not recover"
+    );
+    system.audit_clean(Duration::from_secs(60)).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing(
+) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let system = System::start(nats.url(), None, &WORKERS, 1).await?;
+    let load = system.load(&["--orders", "600", "--concurrency", "16"])?;
+    let client = async_nats::connect(nats.url()).await?;
+    let js = async_nats::jetstream::new(client);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Not JSON, JSON of the wrong shape, no headers at all, an unknown type.
+    let poison: [(&str, &[u8], bool); 4] = [
+        ("commands.orders.place_order", b"\x00\xffnot json", true),
+        ("commands.catalog.reserve_stock", br#"{"order_id": 7}"#, true),
+        ("commands.payments.authorize_payment", b"{}", false),
+        ("commands.orders.place_order", br#"{"what": "ever"}"#, true),
+    ];
+    let rounds = 50;
+    for round in 0..rounds {
+        for (subject, payload, with_headers) in poison {
+            let mut headers = async_nats::HeaderMap::new();
+            if with_headers {
+                headers.insert("ce-id", uuid::Uuid::now_v7().to_string().as_str());
+                headers.insert("ce-specversion", "1.0");
+                headers.insert("ce-source", "poison");
+                headers.insert("ce-type", format!("poison.flood.v{}", round % 3).as_str());
+            }
+            js.publish_with_headers(subject, headers, payload.to_vec().into())
+                .await?
+                .await?;
+        }
+    }
+    let sent = rounds * poison.len() as u64;
+    let (status, report) = finish(load, Duration::from_secs(240)).await?;
+    passed(status, &report, 600).with_context(|| system.logs())?;
+    let mut dlq = js.get_stream("DLQ").await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let messages = dlq.info().await?.state.messages;
+        if messages >= sent {
+            ensure!(messages == sent, "{messages} dead letters for {sent} poison messages");
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {messages} of {sent} poison messages reached the DLQ"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // The work queue holds none of them any more.
+    let mut commands = js.get_stream("COMMANDS").await?;
+    ensure!(commands.info().await?.state.messages == 0, "COMMANDS is not empty");
+    Ok(())
+}
+
+/// Cuts every connection to the databases named like `prefix%` and refuses
+/// new ones for `down`: to the workers this is the server restarting.
+async fn cut_database_connections(prefix: &str, down: Duration) -> anyhow::Result<()> {
+    use sqlx::{Connection, Row};
+    let admin = skein_testkit::db::postgres_admin_url();
+    let mut conn = sqlx::PgConnection::connect(&admin).await?;
+    let names: Vec<String> =
+        sqlx::query("SELECT datname FROM pg_database WHERE datname LIKE $1")
+            .bind(format!("{prefix}%"))
+            .fetch_all(&mut conn)
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+    ensure!(names.len() >= 6, "expected the workers' databases, found {names:?}");
+    for name in &names {
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false"))
+            .execute(&mut conn)
+            .await?;
+    }
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname LIKE $1")
+        .bind(format!("{prefix}%"))
+        .execute(&mut conn)
+        .await?;
+    tokio::time::sleep(down).await;
+    for name in &names {
+        sqlx::query(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"))
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database(
+) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let db = TestDb::new(Backend::Postgres).await?;
+    let template = db.sibling_url("{service}");
+    let prefix = template
+        .rsplit('/')
+        .next()
+        .and_then(|name| name.strip_suffix("{service}"))
+        .context("a database name")?
+        .to_owned();
+    let system = System::start(nats.url(), Some(template), &WORKERS, 2).await?;
+    let load = system.load(&[
+        "--orders",
+        "1000",
+        "--concurrency",
+        "16",
+        "--settle-timeout",
+        "120",
+        "--wait",
+        "5",
+    ])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cut_database_connections(&prefix, Duration::from_secs(3)).await?;
+    let (status, report) = finish(load, Duration::from_secs(240)).await?;
+    passed(status, &report, 1000).with_context(|| system.logs())?;
+    system.audit_clean(Duration::from_secs(60)).await?;
+    drop(system);
+    drop(db);
+    Ok(())
+}
