@@ -1,0 +1,417 @@
+//! `compose.yaml` against the Compose specification and against the `skein`
+//! binary it runs: the file must be valid Compose, and every subcommand,
+//! flag, worker name and `SKEIN_*` / `NATS_URL` / `DATABASE_URL` variable it
+//! gives a skein container must be one that `skein <sub> --help` lists.
+//!
+//! The schema is vendored in `deploy/compose-spec.json` (where it came from:
+//! `deploy/README.md`). Nothing here runs Docker.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context};
+use serde_json::{json, Value};
+
+fn repo_file(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn compose_yaml() -> anyhow::Result<Value> {
+    let path = repo_file("compose.yaml");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    serde_saphyr::from_str(&text).context("compose.yaml is not valid YAML")
+}
+
+fn compose_spec() -> anyhow::Result<jsonschema::Validator> {
+    let path = repo_file("deploy/compose-spec.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let schema: Value = serde_json::from_str(&text).context("the schema is not JSON")?;
+    // Formats stay unchecked: the specification's `duration` is Go's ("5s"),
+    // not the ISO 8601 one JSON Schema means by that name.
+    jsonschema::options()
+        .should_validate_formats(false)
+        .build(&schema)
+        .map_err(|e| anyhow::anyhow!("the Compose schema does not compile: {e}"))
+}
+
+fn schema_errors(validator: &jsonschema::Validator, document: &Value) -> Vec<String> {
+    validator
+        .iter_errors(document)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+/// A way to break a service, and what it is called.
+type Breakage = (&'static str, fn(&mut Value));
+
+fn service_mut<'a>(document: &'a mut Value, name: &str) -> anyhow::Result<&'a mut Value> {
+    document
+        .get_mut("services")
+        .and_then(|s| s.get_mut(name))
+        .with_context(|| format!("compose.yaml has no service {name}"))
+}
+
+#[test]
+fn compose_yaml_follows_the_compose_specification() -> anyhow::Result<()> {
+    let validator = compose_spec()?;
+    let compose = compose_yaml()?;
+    let errors = schema_errors(&validator, &compose);
+    ensure!(
+        errors.is_empty(),
+        "compose.yaml breaks the Compose specification:\n{}",
+        errors.join("\n")
+    );
+
+    // The check can fail: copies broken in three ways are refused.
+    let breakages: [Breakage; 3] = [
+        ("replicas as a word", |s| {
+            s["deploy"] = json!({"replicas": "two"})
+        }),
+        ("an unknown service key", |s| s["replica"] = json!(2)),
+        ("an unknown depends_on condition", |s| {
+            s["depends_on"]["streams"]["condition"] = json!("service_finished")
+        }),
+    ];
+    for (what, breakage) in breakages {
+        let mut broken = compose.clone();
+        breakage(service_mut(&mut broken, "orders")?);
+        ensure!(
+            !schema_errors(&validator, &broken).is_empty(),
+            "a compose.yaml with {what} passed the schema"
+        );
+    }
+    Ok(())
+}
+
+/// The help texts of the `skein` binary, asked once per subcommand.
+#[derive(Default)]
+struct Cli {
+    help: HashMap<Vec<String>, String>,
+}
+
+impl Cli {
+    fn help(&mut self, path: &[String]) -> anyhow::Result<&str> {
+        if !self.help.contains_key(path) {
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+                .args(path)
+                .arg("--help")
+                // No [env: X=value] from the test's environment in the text.
+                .env_clear()
+                .output()
+                .context("cannot run skein")?;
+            ensure!(
+                output.status.success(),
+                "skein {} --help failed: {}",
+                path.join(" "),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let text = String::from_utf8(output.stdout).context("help is not UTF-8")?;
+            self.help.insert(path.to_vec(), text);
+        }
+        Ok(self.help.get(path).map(String::as_str).unwrap_or_default())
+    }
+}
+
+/// The names under "Commands:" in a help text.
+fn subcommands(help: &str) -> Vec<String> {
+    section(help, "Commands:")
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The lines of a help section, up to the next blank line.
+fn section<'a>(help: &'a str, title: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    help.lines()
+        .skip_while(move |l| l.trim() != title)
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+}
+
+/// Every `--flag` a help text lists, and whether it takes a value.
+fn flags(help: &str) -> HashMap<String, bool> {
+    let mut flags = HashMap::new();
+    for line in help.lines().map(str::trim_start) {
+        if !line.starts_with('-') {
+            continue;
+        }
+        let tokens: Vec<&str> = line.split_whitespace().collect();
+        for (i, token) in tokens.iter().enumerate() {
+            let token = token.trim_end_matches(',');
+            if token.starts_with("--") {
+                let takes_value = tokens.get(i + 1).is_some_and(|t| t.starts_with('<'));
+                flags.insert(token.to_owned(), takes_value);
+                break;
+            }
+        }
+    }
+    flags
+}
+
+/// The values the positional arguments accept, when the help lists them.
+fn possible_values(help: &str) -> Option<Vec<String>> {
+    let mut values = Vec::new();
+    let mut listed = false;
+    for line in section(help, "Arguments:") {
+        if let Some((_, rest)) = line.split_once("[possible values: ") {
+            listed = true;
+            let list = rest.split(']').next().unwrap_or_default();
+            values.extend(list.split(", ").map(|v| v.trim().to_owned()));
+        }
+    }
+    listed.then_some(values)
+}
+
+/// A variable the binary reads (the others are left to other programs).
+fn is_skein_variable(name: &str) -> bool {
+    name.starts_with("SKEIN_") || name == "NATS_URL" || name == "DATABASE_URL"
+}
+
+/// Variable names set in a service's `environment` (mapping or list form).
+fn environment_names(service: &Value) -> Vec<String> {
+    match service.get("environment") {
+        Some(Value::Object(map)) => map.keys().cloned().collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|i| i.split('=').next().unwrap_or_default().to_owned())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The services that run the skein image.
+fn skein_services(compose: &Value) -> Vec<(&String, &Value)> {
+    compose["services"]
+        .as_object()
+        .map(|s| {
+            s.iter()
+                .filter(|(_, service)| {
+                    service["image"]
+                        .as_str()
+                        .is_some_and(|i| i.starts_with("skein"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What in `compose` the binary would not accept: unknown subcommands,
+/// flags, worker names and variables.
+fn cli_problems(compose: &Value, cli: &mut Cli) -> anyhow::Result<Vec<String>> {
+    let mut problems = Vec::new();
+    for (name, service) in skein_services(compose) {
+        let Some(command) = service["command"].as_array() else {
+            problems.push(format!("{name}: command must be a list"));
+            continue;
+        };
+        let args: Vec<String> = command
+            .iter()
+            .map(|a| {
+                a.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| a.to_string())
+            })
+            .collect();
+        // The subcommand path: as long as the next word is a subcommand.
+        let mut path: Vec<String> = Vec::new();
+        let mut rest = args.as_slice();
+        while let Some((word, tail)) = rest.split_first() {
+            if word.starts_with('-') || !subcommands(cli.help(&path)?).contains(word) {
+                break;
+            }
+            path.push(word.clone());
+            rest = tail;
+        }
+        if path.is_empty() {
+            problems.push(format!(
+                "{name}: {:?} is not a skein subcommand",
+                args.first()
+            ));
+            continue;
+        }
+        let help = cli.help(&path)?.to_owned();
+        if !subcommands(&help).is_empty() {
+            problems.push(format!(
+                "{name}: `skein {}` needs a subcommand",
+                path.join(" ")
+            ));
+        }
+        let known = flags(&help);
+        let mut positionals = Vec::new();
+        let mut words = rest.iter();
+        while let Some(word) = words.next() {
+            if word.starts_with("--") {
+                let (flag, inline_value) = match word.split_once('=') {
+                    Some((flag, _)) => (flag, true),
+                    None => (word.as_str(), false),
+                };
+                match known.get(flag) {
+                    None => problems.push(format!(
+                        "{name}: `skein {}` has no flag {flag}",
+                        path.join(" ")
+                    )),
+                    Some(true) if !inline_value => {
+                        if words.next().is_none() {
+                            problems.push(format!("{name}: {flag} needs a value"));
+                        }
+                    }
+                    Some(_) => {}
+                }
+            } else {
+                positionals.push(word.clone());
+            }
+        }
+        match possible_values(&help) {
+            Some(values) => {
+                for p in positionals.iter().filter(|p| !values.contains(p)) {
+                    problems.push(format!(
+                        "{name}: `skein {}` does not take {p:?} (only {values:?})",
+                        path.join(" ")
+                    ));
+                }
+            }
+            None if !positionals.is_empty() && !help.contains("Arguments:") => {
+                problems.push(format!(
+                    "{name}: `skein {}` takes no {positionals:?}",
+                    path.join(" ")
+                ))
+            }
+            None => {}
+        }
+        for variable in environment_names(service) {
+            if !is_skein_variable(&variable) {
+                continue;
+            }
+            let listed = [format!("[env: {variable}="), format!("[env: {variable}]")];
+            if !listed.iter().any(|l| help.contains(l.as_str())) {
+                problems.push(format!(
+                    "{name}: `skein {}` does not read {variable}",
+                    path.join(" ")
+                ));
+            }
+        }
+    }
+    Ok(problems)
+}
+
+#[test]
+fn compose_yaml_uses_only_commands_flags_and_variables_the_cli_has() -> anyhow::Result<()> {
+    let compose = compose_yaml()?;
+    let mut cli = Cli::default();
+    let problems = cli_problems(&compose, &mut cli)?;
+    ensure!(
+        problems.is_empty(),
+        "compose.yaml does not match the CLI:\n{}",
+        problems.join("\n")
+    );
+
+    // The check can fail: each of these breakages is reported.
+    let breakages: [Breakage; 5] = [
+        ("an unknown subcommand", |s| {
+            s["command"] = json!(["wroker", "orders"])
+        }),
+        ("an unknown flag", |s| {
+            s["command"] = json!(["worker", "orders", "--replicas", "2"])
+        }),
+        ("an unknown worker", |s| {
+            s["command"] = json!(["worker", "shipping"])
+        }),
+        ("a variable nothing reads", |s| {
+            s["environment"] = json!({"SKEIN_WORKER_THREADS": "4"})
+        }),
+        ("a variable of another subcommand", |s| {
+            s["environment"] = json!(["SKEIN_STREAM_REPLICAS=3"])
+        }),
+    ];
+    for (what, breakage) in breakages {
+        let mut broken = compose.clone();
+        breakage(service_mut(&mut broken, "orders")?);
+        ensure!(
+            !cli_problems(&broken, &mut cli)?.is_empty(),
+            "a compose.yaml with {what} passed the CLI check"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_yaml_runs_every_worker_in_copies_after_the_streams() -> anyhow::Result<()> {
+    let compose = compose_yaml()?;
+    let mut cli = Cli::default();
+    let workers =
+        possible_values(cli.help(&["worker".into()])?).context("worker lists no names")?;
+    let services = skein_services(&compose);
+    let command = |s: &Value| -> Vec<String> {
+        s["command"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for worker in &workers {
+        let running: Vec<_> = services
+            .iter()
+            .filter(|(_, s)| {
+                let c = command(s);
+                c.first().map(String::as_str) == Some("worker") && c.contains(worker)
+            })
+            .collect();
+        ensure!(!running.is_empty(), "no service runs the {worker} worker");
+        for (name, s) in running {
+            let replicas = s["deploy"]["replicas"].as_u64().unwrap_or(1);
+            ensure!(
+                replicas > 1,
+                "{name} runs one copy of {worker}; a consumer group wants more"
+            );
+        }
+    }
+    ensure!(
+        services
+            .iter()
+            .any(|(_, s)| command(s).first().map(String::as_str) == Some("ingress")),
+        "no service runs the ingress"
+    );
+
+    // The streams: applied once, with no more replicas than NATS nodes, and
+    // waited for by everything else.
+    let (streams, apply) = services
+        .iter()
+        .find(|(_, s)| command(s).starts_with(&["streams".into(), "apply".into()]))
+        .context("no service runs skein streams apply")?;
+    let apply = command(apply);
+    let replicas: usize = apply
+        .iter()
+        .position(|a| a == "--replicas")
+        .and_then(|i| apply.get(i + 1))
+        .context("streams apply without --replicas")?
+        .parse()
+        .context("--replicas is not a number")?;
+    let nats_nodes = compose["services"]
+        .as_object()
+        .map(|s| {
+            s.values()
+                .filter(|s| s["image"].as_str().is_some_and(|i| i.starts_with("nats:")))
+                .count()
+        })
+        .unwrap_or(0);
+    ensure!(
+        (1..=nats_nodes).contains(&replicas),
+        "streams at {replicas} replicas on {nats_nodes} NATS nodes"
+    );
+    for (name, s) in services.iter().filter(|(n, _)| n != streams) {
+        ensure!(
+            s["depends_on"][streams.as_str()]["condition"] == "service_completed_successfully",
+            "{name} does not wait for {streams} to complete"
+        );
+    }
+    Ok(())
+}
