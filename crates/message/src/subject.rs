@@ -63,6 +63,27 @@ pub fn entity_of_event(subject: &str) -> Option<&str> {
     }
 }
 
+/// Whether `subject` matches the NATS subject `filter`: `*` stands for one
+/// token, a final `>` for one or more.
+///
+/// A consumer takes exactly the messages its filters match; this tells
+/// outside the server which consumers take a message (for redelivering and
+/// auditing).
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    let mut parts = filter.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if part == ">" && parts.peek().is_none() {
+            return tokens.next().is_some_and(|t| !t.is_empty());
+        }
+        match tokens.next() {
+            Some(token) if !token.is_empty() && (part == "*" || part == token) => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +101,32 @@ mod tests {
         assert_eq!(query("orders", "get_order"), "queries.orders.get_order");
         assert_eq!(entity_of_event("events.orders.o1.order_placed"), Some("o1"));
         assert_eq!(entity_of_event("commands.orders.place"), None);
+    }
+
+    #[test]
+    fn filters_match_like_the_server() {
+        assert!(matches("events.orders.>", "events.orders.o1.order_placed"));
+        assert!(matches("events.*.o1.>", "events.orders.o1.order_placed"));
+        assert!(matches(
+            "events.identity.*.user_registered",
+            "events.identity.u1.user_registered"
+        ));
+        assert!(matches(
+            "commands.catalog.reserve_stock",
+            "commands.catalog.reserve_stock"
+        ));
+        assert!(matches(">", "dlq.EVENTS.orders"));
+        assert!(!matches("events.orders.>", "events.orders"));
+        assert!(!matches(
+            "events.orders.>",
+            "events.catalog.p1.product_added"
+        ));
+        assert!(!matches(
+            "events.identity.*.user_registered",
+            "events.identity.u1.user_registered.extra"
+        ));
+        assert!(!matches("events.*", "events.orders.o1"));
+        assert!(!matches("commands.catalog.x", "commands.catalog"));
     }
 
     #[test]

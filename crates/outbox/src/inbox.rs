@@ -11,7 +11,9 @@
 use std::future::Future;
 
 use skein_bus::{Delivery, Handler, HandlerError};
+use uuid::Uuid;
 
+use crate::error::{Error, Result};
 use crate::store::Store;
 use crate::tx::Tx;
 
@@ -23,7 +25,7 @@ pub trait TxHandler: Send + Sync + 'static {
         &self,
         tx: &mut Tx,
         delivery: &Delivery,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    ) -> impl Future<Output = std::result::Result<(), HandlerError>> + Send;
 }
 
 /// A [`TxHandler`] made idempotent by the inbox.
@@ -47,8 +49,25 @@ impl<H: TxHandler> Inbox<H> {
     }
 }
 
-impl<H: TxHandler> Handler for Inbox<H> {
-    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+/// What [`Inbox::process`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processed {
+    /// The handler ran and its changes committed with the inbox record.
+    Applied,
+    /// The inbox already had the message: nothing ran, nothing changed.
+    AlreadyProcessed,
+}
+
+impl<H: TxHandler> Inbox<H> {
+    /// The inbox name (the worker's consumer name).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the handler once for `delivery` and says whether it ran: the
+    /// same as [`Handler::handle`], for callers that report what happened
+    /// (`skein replay --into`).
+    pub async fn process(&self, delivery: &Delivery) -> Result<Processed, HandlerError> {
         let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
         let first = tx
             .mark_processed(&self.name, delivery.envelope.id)
@@ -56,9 +75,30 @@ impl<H: TxHandler> Handler for Inbox<H> {
             .map_err(HandlerError::transient)?;
         if !first {
             tracing::debug!(id = %delivery.envelope.id, handler = %self.name, "already processed, skipping");
-            return Ok(());
+            return Ok(Processed::AlreadyProcessed);
         }
         self.handler.handle(&mut tx, delivery).await?;
-        tx.commit().await.map_err(HandlerError::transient)
+        tx.commit().await.map_err(HandlerError::transient)?;
+        Ok(Processed::Applied)
     }
+}
+
+impl<H: TxHandler> Handler for Inbox<H> {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        self.process(delivery).await.map(|_| ())
+    }
+}
+
+/// Whether the inbox `name` in `store` has recorded message `id`, without
+/// changing anything (a look, e.g. for a dry run: the answer may change as
+/// soon as it is given).
+pub async fn was_processed(store: &Store, name: &str, id: Uuid) -> Result<bool> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT 1 FROM skein_inbox WHERE handler = $1 AND message_id = $2")
+            .bind(name)
+            .bind(id.to_string())
+            .fetch_optional(store.pool())
+            .await
+            .map_err(Error::query("cannot read the inbox"))?;
+    Ok(found.is_some())
 }

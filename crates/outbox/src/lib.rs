@@ -59,7 +59,7 @@ pub mod store;
 pub mod tx;
 
 pub use error::{Error, Result};
-pub use inbox::{Inbox, TxHandler};
+pub use inbox::{Inbox, Processed, TxHandler};
 pub use migrate::Migration;
 pub use relay::{PendingRow, Relay, RelayConfig};
 pub use store::{Backend, Store, StoreConfig};

@@ -182,6 +182,49 @@ impl Relay {
         }
     }
 
+    /// Publishes every row committed before this call, then stops; for a
+    /// process that wrote to a service's outbox without running its worker
+    /// (`skein replay --into`).
+    ///
+    /// The relay takes its lock like any other: when the worker's own relay
+    /// is active this one stands by while that one publishes (at once on
+    /// PostgreSQL, which notifies every process; within its
+    /// `poll_interval` on SQLite), and takes over when there is none (after
+    /// a crashed holder's lease runs out, on SQLite). Returns how many of
+    /// those rows are still unpublished when `timeout` passes (0: all
+    /// published); they stay committed and wait for the next relay.
+    pub async fn publish_committed(&self, timeout: Duration) -> Result<i64> {
+        let through: i64 =
+            sqlx::query_scalar("SELECT CAST(COALESCE(MAX(seq), 0) AS BIGINT) FROM skein_outbox")
+                .fetch_one(self.store.pool())
+                .await
+                .map_err(Error::query("cannot read the outbox"))?;
+        let left = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT COUNT(*) FROM skein_outbox WHERE published_at IS NULL AND seq <= $1",
+            )
+            .bind(through)
+            .fetch_one(self.store.pool())
+            .await
+            .map_err(Error::query("cannot count the outbox backlog"))
+        };
+        let mut remaining = left().await?;
+        if remaining == 0 {
+            return Ok(0);
+        }
+        let stop = CancellationToken::new();
+        let running = self.clone().spawn(stop.clone());
+        let deadline = tokio::time::Instant::now() + timeout;
+        while remaining > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            remaining = left().await?;
+        }
+        stop.cancel();
+        let _ = running.await;
+        // A relay that held the lock publishes once more as it stops.
+        left().await
+    }
+
     /// Deletes published rows and inbox records past their retention.
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = crate::now_micros();

@@ -14,11 +14,18 @@
 //!   [`ServiceError`] in the NATS service error headers;
 //! - the NATS service API with the worker's figures.
 //!
+//! A worker binds its handlers through [`Consumers`], which the [`Host`]
+//! implements for the live consumer groups and [`Redelivery`] for feeding
+//! stored messages to the same handlers (`skein replay --into`).
+//!
 //! [`request`] is the client side of a query.
 //!
 //! # Layout
 //!
 //! - [`host`]: [`Host`] and [`HostConfig`].
+//! - [`consumers`]: [`Consumers`], where a worker binds its handlers.
+//! - [`redeliver`]: [`Redelivery`], stored messages through a worker's own
+//!   handlers and inbox, outside its consumer group.
 //! - [`client`]: [`request`] and [`RequestError`].
 //! - [`standalone`]: what a worker's own binary needs (environment, logs,
 //!   connections, stop on Ctrl-C or SIGTERM).
@@ -26,12 +33,16 @@
 //!   and the ingress).
 
 pub mod client;
+pub mod consumers;
 pub mod host;
+pub mod redeliver;
 pub mod standalone;
 pub mod trace;
 
 pub use client::{request, request_with, RequestError};
+pub use consumers::Consumers;
 pub use host::{Host, HostConfig};
+pub use redeliver::{Outcome, Preview, Redelivery};
 pub use skein_contracts::ServiceError;
 
 /// An error of the host.

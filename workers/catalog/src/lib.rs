@@ -24,7 +24,7 @@ pub mod store;
 
 use skein_bus::{provision::COMMANDS, Bus};
 use skein_outbox::{Migration, Store};
-use skein_service::{Host, HostConfig};
+use skein_service::{Consumers, Host, HostConfig};
 
 /// The worker's name: its consumer, inbox and service name. A contract.
 pub const NAME: &str = skein_contracts::catalog::SERVICE;
@@ -42,12 +42,19 @@ pub async fn start(bus: Bus, store: Store, config: HostConfig) -> skein_service:
     store.migrate(NAME, MIGRATIONS).await?;
     let mut host = Host::start(bus, store.clone(), config).await?;
     queries::register(&mut host).await?;
-    host.consume(
-        COMMANDS,
-        vec![skein_message::subject::command(NAME, ">")],
-        commands::Commands,
-        |_| {},
-    )
-    .await?;
+    bind_consumers(&mut host).await?;
     Ok(host)
+}
+
+/// Binds the catalog's handlers: its commands, from `COMMANDS`. The live
+/// worker ([`start`]) and `skein replay --into catalog` both bind them here.
+pub async fn bind_consumers<C: Consumers>(consumers: &mut C) -> skein_service::Result<()> {
+    consumers
+        .consume(
+            COMMANDS,
+            vec![skein_message::subject::command(NAME, ">")],
+            commands::Commands,
+            |_| {},
+        )
+        .await
 }

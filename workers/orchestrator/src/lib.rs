@@ -41,7 +41,7 @@ use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaPage, StuckList, Stu
 use skein_contracts::{Caller, Role, ServiceError, Validate};
 use skein_outbox::Store;
 use skein_saga::Coordinator;
-use skein_service::{Host, HostConfig};
+use skein_service::{Consumers, Host, HostConfig};
 use uuid::Uuid;
 
 /// The worker's name: its consumer on `EVENTS`, inbox, service name and
@@ -100,8 +100,25 @@ pub async fn start(
     host: HostConfig,
     config: OrchestratorConfig,
 ) -> Result<Host, StartError> {
-    let sagas = vec![sagas::place_order(&config)?, sagas::cancel_order(&config)?];
-    start_with(bus, store, host, sagas, config.tick, |_| {}).await
+    start_with(
+        bus,
+        store,
+        host,
+        platform_sagas(&config)?,
+        config.tick,
+        |_| {},
+    )
+    .await
+}
+
+/// The platform's sagas (place_order, cancel_order) with `config`'s deadlines.
+pub fn platform_sagas(
+    config: &OrchestratorConfig,
+) -> Result<Vec<skein_saga::Saga>, skein_saga::DefinitionError> {
+    Ok(vec![
+        sagas::place_order(config)?,
+        sagas::cancel_order(config)?,
+    ])
 }
 
 /// Runs `sagas` (checked definitions) with deadlines looked at every
@@ -121,11 +138,42 @@ pub async fn start_with(
     let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?;
     let mut host = Host::start(bus, store, host).await?;
     register_queries(&mut host, Arc::new(coordinator.clone())).await?;
-    let filters = coordinator.filter_subjects();
     let watcher = coordinator.clone();
-    host.consume(EVENTS, filters, coordinator, tune).await?;
+    bind_consumers(&mut host, coordinator, tune).await?;
     host.spawn_task(move |shutdown| watcher.spawn_deadlines(tick, shutdown));
     Ok(host)
+}
+
+/// The coordinator of the platform's sagas (with `config`'s deadlines) for
+/// the worker `name`, keeping its instances in `store`; migrates the saga
+/// tables.
+pub async fn coordinator(
+    store: &Store,
+    name: &str,
+    config: &OrchestratorConfig,
+) -> Result<Coordinator, StartError> {
+    store
+        .migrate("saga", skein_saga::MIGRATIONS)
+        .await
+        .map_err(StartError::Migrate)?;
+    Ok(Coordinator::new(
+        platform_sagas(config)?,
+        store.clone(),
+        name,
+    )?)
+}
+
+/// Binds `coordinator` to the events its sagas react to, from `EVENTS`.
+/// The live worker ([`start_with`]) and `skein replay --into orchestrator`
+/// (with [`coordinator`]) both bind it here. Deadlines are not consumed
+/// messages: the live worker watches them.
+pub async fn bind_consumers<C: Consumers>(
+    consumers: &mut C,
+    coordinator: Coordinator,
+    tune: impl FnOnce(&mut skein_bus::WorkerConfig),
+) -> skein_service::Result<()> {
+    let filters = coordinator.filter_subjects();
+    consumers.consume(EVENTS, filters, coordinator, tune).await
 }
 
 fn admin_only(caller: &Caller) -> Result<(), ServiceError> {

@@ -60,7 +60,7 @@ use skein_bus::{Bus, WorkerConfig};
 use skein_contracts::{catalog, identity};
 use skein_message::subject;
 use skein_outbox::{Migration, Store};
-use skein_service::{Host, HostConfig};
+use skein_service::{Consumers, Host, HostConfig};
 
 /// The worker's name: its consumers, inbox and service name. A contract:
 /// renaming it makes the worker consume `COMMANDS` and `EVENTS` again from
@@ -101,15 +101,27 @@ pub async fn start_with(
     store.migrate(NAME, MIGRATIONS).await?;
     let mut host = Host::start(bus, store, config).await?;
     queries::register(&mut host).await?;
-    // One durable consumer per stream, both named after the worker.
-    host.consume(EVENTS, replica_subjects(), replicas::Replicas, &tune)
-        .await?;
-    host.consume(
-        COMMANDS,
-        vec![subject::command(NAME, ">")],
-        commands::Commands,
-        &tune,
-    )
-    .await?;
+    bind_consumers(&mut host, tune).await?;
     Ok(host)
+}
+
+/// Binds the orders handlers: the replicas, from `EVENTS`, and the
+/// commands, from `COMMANDS` (one durable consumer per stream, both named
+/// after the worker), with `tune` applied to both. The live worker
+/// ([`start_with`]) and `skein replay --into orders` both bind them here.
+pub async fn bind_consumers<C: Consumers>(
+    consumers: &mut C,
+    tune: impl Fn(&mut WorkerConfig),
+) -> skein_service::Result<()> {
+    consumers
+        .consume(EVENTS, replica_subjects(), replicas::Replicas, &tune)
+        .await?;
+    consumers
+        .consume(
+            COMMANDS,
+            vec![subject::command(NAME, ">")],
+            commands::Commands,
+            &tune,
+        )
+        .await
 }

@@ -63,7 +63,7 @@ use skein_bus::Bus;
 use skein_contracts::identity::UserRegistered;
 use skein_message::Contract;
 use skein_outbox::{Migration, Store};
-use skein_service::{Host, HostConfig};
+use skein_service::{Consumers, Host, HostConfig};
 
 /// The worker's name: its consumers (on `EVENTS` and `COMMANDS`), inbox and
 /// service name. A contract: renaming it makes the worker consume both
@@ -135,34 +135,48 @@ pub async fn start(
         config.starting_balance_cents = config.starting_balance_cents.max(0);
     }
     store.migrate(NAME, MIGRATIONS).await?;
-    let mut host = Host::start(bus, store.clone(), host).await?;
+    let mut host = Host::start(bus, store, host).await?;
     queries::register(&mut host).await?;
-    host.consume(
-        EVENTS,
-        vec![skein_message::subject::event(
-            UserRegistered::SERVICE,
-            "*",
-            UserRegistered::NAME,
-        )],
-        accounts::Accounts {
-            starting_balance_cents: config.starting_balance_cents,
-        },
-        |_| {},
-    )
-    .await?;
-    let commands = host.inbox(commands::Commands {
+    bind_consumers(&mut host, &config).await?;
+    Ok(host)
+}
+
+/// Binds the payments handlers with `config`: accounts, from `EVENTS`, and
+/// the commands behind the provider's latency, from `COMMANDS`. The live
+/// worker ([`start`]) and `skein replay --into payments` both bind them
+/// here.
+pub async fn bind_consumers<C: Consumers>(
+    consumers: &mut C,
+    config: &PaymentsConfig,
+) -> skein_service::Result<()> {
+    consumers
+        .consume(
+            EVENTS,
+            vec![skein_message::subject::event(
+                UserRegistered::SERVICE,
+                "*",
+                UserRegistered::NAME,
+            )],
+            accounts::Accounts {
+                starting_balance_cents: config.starting_balance_cents,
+            },
+            |_| {},
+        )
+        .await?;
+    let commands = consumers.inbox(commands::Commands {
         provider: config.provider.clone(),
     });
-    host.consume_handler(
-        COMMANDS,
-        vec![skein_message::subject::command(NAME, ">")],
-        provider::Latency {
-            latency: config.provider.latency,
-            store,
-            inner: commands,
-        },
-        |_| {},
-    )
-    .await?;
-    Ok(host)
+    let store = consumers.store().clone();
+    consumers
+        .consume_handler(
+            COMMANDS,
+            vec![skein_message::subject::command(NAME, ">")],
+            provider::Latency {
+                latency: config.provider.latency,
+                store,
+                inner: commands,
+            },
+            |_| {},
+        )
+        .await
 }

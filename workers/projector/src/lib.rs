@@ -51,7 +51,7 @@ pub use store::{snapshot, Snapshot};
 use skein_bus::provision::EVENTS;
 use skein_bus::Bus;
 use skein_outbox::{Migration, Store};
-use skein_service::{Host, HostConfig};
+use skein_service::{Consumers, Host, HostConfig};
 
 /// The worker's name: its consumer, inbox and service name. A contract:
 /// renaming it makes the projector consume `EVENTS` again from the start.
@@ -73,15 +73,22 @@ pub fn event_filters() -> Vec<String> {
 /// Migrates the store and starts the projector on `bus`.
 pub async fn start(bus: Bus, store: Store, config: HostConfig) -> skein_service::Result<Host> {
     store.migrate(NAME, MIGRATIONS).await?;
-    let backend = store.backend();
     let mut host = Host::start(bus, store, config).await?;
     queries::register(&mut host).await?;
-    host.consume(
-        EVENTS,
-        event_filters(),
-        projection::Projection::new(backend),
-        |_| {},
-    )
-    .await?;
+    bind_consumers(&mut host).await?;
     Ok(host)
+}
+
+/// Binds the projection, from `EVENTS`. The live worker ([`start`]) and
+/// `skein replay --into projector` both bind it here.
+pub async fn bind_consumers<C: Consumers>(consumers: &mut C) -> skein_service::Result<()> {
+    let backend = consumers.store().backend();
+    consumers
+        .consume(
+            EVENTS,
+            event_filters(),
+            projection::Projection::new(backend),
+            |_| {},
+        )
+        .await
 }

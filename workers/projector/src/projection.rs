@@ -12,7 +12,7 @@ use skein_contracts::orders::{
 };
 use skein_message::envelope::format_time;
 use skein_message::Envelope;
-use skein_outbox::{Backend, Tx, TxHandler};
+use skein_outbox::{Backend, Store, Tx, TxHandler};
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
@@ -47,6 +47,39 @@ impl TxHandler for Projection {
         .await?;
         Ok(())
     }
+}
+
+/// Applies `envelope`, stored at `sequence` in `EVENTS`, to `model` again,
+/// whether or not the projector's inbox has it, in a transaction of its own
+/// (`skein replay --into projector --force-reprocess <model>`).
+///
+/// Safe beside the live consumer and a rebuild: like the live handler it
+/// waits for a running rebuild to commit (the rebuild lock), and a
+/// projection is re-appliable, so a row that is missing or behind its
+/// events is repaired and a correct one stays as it is. A row *ahead* of
+/// its events (a status of higher rank than any event says) is not moved
+/// back: rebuild the model for that. The inbox is left alone. An event
+/// outside `model`'s subjects is [`Applied::Ignored`].
+pub async fn reapply(
+    store: &Store,
+    envelope: &Envelope,
+    sequence: u64,
+    model: ReadModel,
+) -> Result<Applied, HandlerError> {
+    if !model
+        .filters()
+        .iter()
+        .any(|f| skein_message::subject::matches(f, &envelope.nats_subject))
+    {
+        return Ok(Applied::Ignored);
+    }
+    let mut tx = store.begin().await.map_err(HandlerError::transient)?;
+    store::lock_for_event(&mut tx, store.backend())
+        .await
+        .map_err(db)?;
+    let applied = apply(&mut tx, envelope, sequence, model).await?;
+    tx.commit().await.map_err(HandlerError::transient)?;
+    Ok(applied)
 }
 
 fn db(e: sqlx::Error) -> HandlerError {

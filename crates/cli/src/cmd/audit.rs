@@ -11,6 +11,22 @@
 //! fsyncs). `--repair` publishes the lost rows again with their original
 //! ids, so whoever already has them skips them. Rows not yet published are
 //! counted as backlog: the relay still owes them, nothing is lost.
+//!
+//! Then the consumers: every durable consumer on `EVENTS` and `COMMANDS`
+//! with its lag (messages not yet delivered, delivered but not yet
+//! acknowledged, redelivered). A consumer is named after its worker, which
+//! is also its inbox name and the `{service}` of its database, so for each
+//! published event every audited consumer that subscribes to it must have
+//! it in its inbox or have dead-lettered it; otherwise:
+//! - past the consumer's acknowledgement floor it is *not yet consumed*:
+//!   lag, not a loss, and no reason to fail;
+//! - at or below it, the consumer acknowledged it without applying it (its
+//!   database was replaced, say): *missed*, a problem that
+//!   `skein replay --into <worker>` repairs.
+//!
+//! A queued command is not yet consumed by the consumer that takes it. The
+//! consumers are read before the inboxes, so a message handled meanwhile is
+//! never taken for missed.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -20,6 +36,7 @@ use serde::Serialize;
 use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::replay::{read, StartAt};
 use skein_message::envelope::headers;
+use skein_message::subject;
 use skein_outbox::Store;
 
 use super::select::cell;
@@ -37,6 +54,15 @@ const SERVICES: [&str; 6] = [
 
 /// Compare outboxes, streams and inboxes; report gaps and duplicates.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Also lists every durable consumer of EVENTS and COMMANDS with its lag \
+(pending, ack pending, redelivered) and, per published message, each audited consumer that \
+takes it but has not consumed it yet.\n\n\
+Exit status: non-zero while a message is lost, duplicated in EVENTS, or missed by a consumer \
+(acknowledged, yet neither in its inbox nor dead-lettered; `skein replay --into <worker>` \
+applies it). Messages not yet consumed (consumer lag) and the outbox backlog are reported, \
+not failures: they clear as the workers catch up."
+)]
 pub(crate) struct Args {
     /// Only these services (default: all that have a database).
     #[arg(long, value_delimiter = ',')]
@@ -73,6 +99,94 @@ struct Report {
     duplicated: Vec<String>,
     /// Lost rows published again (with --repair).
     republished: usize,
+    /// Published messages a consumer that takes them has not consumed yet
+    /// (lag, not loss).
+    not_yet_consumed: Vec<Unconsumed>,
+    /// Events a consumer acknowledged without recording them in its inbox
+    /// or dead-lettering them.
+    missed: Vec<Unconsumed>,
+}
+
+/// A message one consumer has not applied.
+#[derive(Debug, Clone, Serialize)]
+struct Unconsumed {
+    /// The message id.
+    id: String,
+    /// The consumer (worker) that takes it.
+    consumer: String,
+    /// Its stream.
+    stream: String,
+    /// Its sequence there.
+    sequence: u64,
+}
+
+/// One durable consumer and its lag.
+#[derive(Debug, Clone, Serialize)]
+struct ConsumerReport {
+    /// Its name: the worker's.
+    consumer: String,
+    /// Its stream.
+    stream: String,
+    /// The subjects it takes.
+    filter_subjects: Vec<String>,
+    /// Messages not yet delivered to it (`num_pending`).
+    pending: u64,
+    /// Messages delivered and not yet acknowledged (`num_ack_pending`).
+    ack_pending: usize,
+    /// Messages delivered again after their ack wait (`num_redelivered`).
+    redelivered: usize,
+    /// Pull requests waiting (0: no copy of the worker is pulling now).
+    waiting_pulls: usize,
+    /// Every message up to this stream sequence is acknowledged.
+    ack_floor: u64,
+}
+
+impl ConsumerReport {
+    fn takes(&self, subject: &str) -> bool {
+        self.filter_subjects
+            .iter()
+            .any(|f| subject::matches(f, subject))
+    }
+}
+
+/// The durable consumers of `stream`, sorted by name.
+async fn consumers(bus: &skein_bus::Bus, stream: &str) -> anyhow::Result<Vec<ConsumerReport>> {
+    use futures::TryStreamExt;
+    let handle = bus
+        .jetstream()
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("cannot open {stream}"))?;
+    let infos: Vec<async_nats::jetstream::consumer::Info> = handle
+        .consumers()
+        .try_collect()
+        .await
+        .with_context(|| format!("cannot list the consumers of {stream}"))?;
+    let mut out: Vec<ConsumerReport> = infos
+        .into_iter()
+        .filter(|i| i.config.durable_name.is_some())
+        .map(|i| {
+            let mut filter_subjects = i.config.filter_subjects.clone();
+            if !i.config.filter_subject.is_empty() {
+                filter_subjects.push(i.config.filter_subject.clone());
+            }
+            if filter_subjects.is_empty() {
+                filter_subjects.push(">".into());
+            }
+            ConsumerReport {
+                consumer: i.name,
+                stream: stream.to_owned(),
+                filter_subjects,
+                pending: i.num_pending,
+                ack_pending: i.num_ack_pending,
+                redelivered: i.num_redelivered,
+                waiting_pulls: i.num_waiting,
+                ack_floor: i.ack_floor.stream_sequence,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+    Ok(out)
 }
 
 /// `message` without `Nats-Msg-Id`: the stream may still remember the id in
@@ -112,34 +226,40 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     };
     let bus = super::connect(nats_url).await?;
 
-    // What the broker holds, by message id.
-    let mut in_events: HashMap<String, usize> = HashMap::new();
+    // The consumers first: whatever is at or below an acknowledgement floor
+    // now is in its inbox by the time the inboxes are read.
+    let mut lag = consumers(&bus, "EVENTS").await?;
+    lag.extend(consumers(&bus, "COMMANDS").await?);
+
+    // What the broker holds, by message id: copies and first sequence.
+    let mut in_events: HashMap<String, (usize, u64)> = HashMap::new();
     for m in read(&bus, "EVENTS", "events.>", StartAt::Beginning)
         .await
         .context("cannot read EVENTS")?
     {
         if let Some(id) = header(m.headers.as_ref(), headers::ID) {
-            *in_events.entry(id.to_owned()).or_default() += 1;
+            in_events.entry(id.to_owned()).or_insert((0, m.sequence)).0 += 1;
         }
     }
-    let queued: HashSet<String> = read(&bus, "COMMANDS", "commands.>", StartAt::Beginning)
+    let queued: HashMap<String, u64> = read(&bus, "COMMANDS", "commands.>", StartAt::Beginning)
         .await
         .context("cannot read COMMANDS")?
         .iter()
-        .filter_map(|m| header(m.headers.as_ref(), headers::ID).map(str::to_owned))
+        .filter_map(|m| {
+            header(m.headers.as_ref(), headers::ID).map(|id| (id.to_owned(), m.sequence))
+        })
         .collect();
-    let dead: HashSet<String> = read(&bus, "DLQ", ">", StartAt::Beginning)
+    // Dead letters by message id, with the handlers that gave up on them.
+    let mut dead: HashMap<String, HashSet<String>> = HashMap::new();
+    for m in read(&bus, "DLQ", ">", StartAt::Beginning)
         .await
         .context("cannot read DLQ")?
-        .iter()
-        .filter(|m| {
-            m.headers
-                .as_ref()
-                .and_then(DeadLetterInfo::from_headers)
-                .is_some()
-        })
-        .filter_map(|m| header(m.headers.as_ref(), headers::ID).map(str::to_owned))
-        .collect();
+    {
+        let info = m.headers.as_ref().and_then(DeadLetterInfo::from_headers);
+        if let (Some(info), Some(id)) = (info, header(m.headers.as_ref(), headers::ID)) {
+            dead.entry(id.to_owned()).or_default().insert(info.handler);
+        }
+    }
 
     // Every service's store and inbox first: a command is checked against
     // its target's inbox.
@@ -183,15 +303,52 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 report.checked += 1;
                 let subject = row.message.subject.as_str();
                 let found = if subject.starts_with("events.") {
-                    let copies = in_events.get(&row.id).copied().unwrap_or(0);
+                    let (copies, sequence) = in_events.get(&row.id).copied().unwrap_or((0, 0));
                     if copies > 1 {
                         report.duplicated.push(row.id.clone());
+                    }
+                    // Every audited consumer that takes it must have it.
+                    for c in lag.iter().filter(|c| c.stream == "EVENTS") {
+                        let Some(ids) = inboxes.get(&c.consumer) else {
+                            continue;
+                        };
+                        if copies == 0
+                            || !c.takes(subject)
+                            || ids.contains(&row.id)
+                            || dead.get(&row.id).is_some_and(|h| h.contains(&c.consumer))
+                        {
+                            continue;
+                        }
+                        let gap = Unconsumed {
+                            id: row.id.clone(),
+                            consumer: c.consumer.clone(),
+                            stream: c.stream.clone(),
+                            sequence,
+                        };
+                        if sequence > c.ack_floor {
+                            report.not_yet_consumed.push(gap);
+                        } else {
+                            report.missed.push(gap);
+                        }
                     }
                     copies > 0
                 } else if let Some(rest) = subject.strip_prefix("commands.") {
                     let target = rest.split('.').next().unwrap_or_default();
-                    queued.contains(&row.id)
-                        || dead.contains(&row.id)
+                    if let Some(sequence) = queued.get(&row.id) {
+                        let consumer = lag
+                            .iter()
+                            .find(|c| c.stream == "COMMANDS" && c.takes(subject))
+                            .map(|c| c.consumer.clone())
+                            .unwrap_or_else(|| format!("{target} (no consumer yet)"));
+                        report.not_yet_consumed.push(Unconsumed {
+                            id: row.id.clone(),
+                            consumer,
+                            stream: "COMMANDS".into(),
+                            sequence: *sequence,
+                        });
+                    }
+                    queued.contains_key(&row.id)
+                        || dead.contains_key(&row.id)
                         || inboxes.get(target).is_some_and(|ids| ids.contains(&row.id))
                         // A target we did not audit: cannot tell.
                         || !inboxes.contains_key(target)
@@ -215,31 +372,40 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
 
     let problems: usize = reports
         .iter()
-        .map(|r| (r.lost.len() - r.republished) + r.duplicated.len())
+        .map(|r| (r.lost.len() - r.republished) + r.duplicated.len() + r.missed.len())
         .sum();
+    let unconsumed: usize = reports.iter().map(|r| r.not_yet_consumed.len()).sum();
+    let missed: Vec<&Unconsumed> = reports.iter().flat_map(|r| &r.missed).collect();
     match args.format {
         Format::Json => {
             for r in &reports {
                 println!("{}", serde_json::to_string(r)?);
             }
+            for c in &lag {
+                println!("{}", serde_json::to_string(c)?);
+            }
         }
         Format::Table => {
             println!(
-                "{}  {}  {}  {}  {}  REPUBLISHED",
+                "{}  {}  {}  {}  {}  {}  {}  REPUBLISHED",
                 cell("SERVICE", 12),
                 cell("CHECKED", 8),
                 cell("BACKLOG", 8),
                 cell("LOST", 6),
-                cell("DUPLICATED", 10)
+                cell("DUPLICATED", 10),
+                cell("UNCONSUMED", 10),
+                cell("MISSED", 6)
             );
             for r in &reports {
                 println!(
-                    "{}  {}  {}  {}  {}  {}",
+                    "{}  {}  {}  {}  {}  {}  {}  {}",
                     cell(&r.service, 12),
                     cell(&r.checked.to_string(), 8),
                     cell(&r.backlog.to_string(), 8),
                     cell(&r.lost.len().to_string(), 6),
                     cell(&r.duplicated.len().to_string(), 10),
+                    cell(&r.not_yet_consumed.len().to_string(), 10),
+                    cell(&r.missed.len().to_string(), 6),
                     r.republished
                 );
                 for id in &r.lost {
@@ -248,19 +414,78 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 for id in &r.duplicated {
                     println!("  duplicated in EVENTS {id}");
                 }
+                for u in &r.not_yet_consumed {
+                    println!(
+                        "  not yet consumed by {} {} ({} #{})",
+                        u.consumer, u.id, u.stream, u.sequence
+                    );
+                }
+                for u in &r.missed {
+                    println!(
+                        "  missed by {} {} ({} #{}): acknowledged, yet neither in its inbox nor dead-lettered",
+                        u.consumer, u.id, u.stream, u.sequence
+                    );
+                }
+            }
+            println!();
+            println!(
+                "{}  {}  {}  {}  {}  {}  FILTERS",
+                cell("CONSUMER", 12),
+                cell("STREAM", 8),
+                cell("PENDING", 8),
+                cell("ACK_PENDING", 11),
+                cell("REDELIVERED", 11),
+                cell("PULLS", 5)
+            );
+            for c in &lag {
+                println!(
+                    "{}  {}  {}  {}  {}  {}  {}",
+                    cell(&c.consumer, 12),
+                    cell(&c.stream, 8),
+                    cell(&c.pending.to_string(), 8),
+                    cell(&c.ack_pending.to_string(), 11),
+                    cell(&c.redelivered.to_string(), 11),
+                    cell(&c.waiting_pulls.to_string(), 5),
+                    c.filter_subjects.join(" ")
+                );
             }
         }
     }
     if problems > 0 {
-        let hint = if args.repair {
-            ""
+        let mut hints = Vec::new();
+        if reports.iter().any(|r| r.lost.len() > r.republished) {
+            hints.push("skein audit --repair publishes lost messages again".to_owned());
+        }
+        let mut missed_by: Vec<&str> = missed.iter().map(|u| u.consumer.as_str()).collect();
+        missed_by.sort_unstable();
+        missed_by.dedup();
+        for consumer in missed_by {
+            let sequences: Vec<u64> = missed
+                .iter()
+                .filter(|u| u.consumer == consumer)
+                .map(|u| u.sequence)
+                .collect();
+            let from = sequences.iter().min().copied().unwrap_or(1);
+            let to = sequences.iter().max().copied().unwrap_or(from);
+            hints.push(format!(
+                "skein replay --into {consumer} --seq {from}-{to} applies what {consumer} missed"
+            ));
+        }
+        let hint = if hints.is_empty() {
+            String::new()
         } else {
-            "; skein audit --repair publishes lost messages again"
+            format!("; {}", hints.join("; "))
         };
         anyhow::bail!("{problems} problem(s) found{hint}");
     }
     if args.format == Format::Table {
-        println!("clean: every published message is where it belongs");
+        if unconsumed > 0 {
+            println!(
+                "clean: every published message is where it belongs; {unconsumed} not yet consumed (lag, not loss)"
+            );
+        } else {
+            println!("clean: every published message is where it belongs");
+        }
     }
     Ok(())
 }

@@ -1,4 +1,8 @@
-//! `skein replay`: read history from a stream.
+//! `skein replay`: read history from a stream; print it, rebuild a
+//! projector read model from it (`--rebuild`), or re-deliver it to a
+//! worker's handlers (`--into`, in [`into`]).
+
+mod into;
 
 use anyhow::{bail, Context};
 use futures::StreamExt;
@@ -37,19 +41,52 @@ pub(crate) struct Args {
     /// Output: an aligned table, or one CloudEvent per line (for jq).
     #[arg(long, value_enum, default_value = "table")]
     format: Format,
-    /// Print at most this many messages of the history.
-    #[arg(long, default_value_t = 1000)]
-    limit: usize,
+    /// Take at most this many messages of the history [default: 1000 when
+    /// printing; no limit with --into].
+    #[arg(long)]
+    limit: Option<usize>,
     /// After the history, keep printing new messages as they arrive (until Ctrl-C).
-    #[arg(long, conflicts_with_all = ["until", "rebuild"])]
+    #[arg(long, conflicts_with_all = ["until", "rebuild", "into"])]
     follow: bool,
     /// Instead of printing: rebuild a projector read model (users, orders,
     /// timeline or all) from the whole EVENTS stream and report what changed.
     #[arg(long, value_name = "READ_MODEL", conflicts_with_all = ["subject", "entity", "correlation", "kind", "since", "until", "seq"])]
     rebuild: Option<String>,
-    /// The projector's database for --rebuild; `{service}` is replaced by `projector`.
+    /// Instead of printing: re-deliver the selected messages (EVENTS or
+    /// COMMANDS) to this worker's handlers, through its inbox in its own
+    /// database, as its consumer would. Each is applied once: what the
+    /// inbox has is skipped, what none of its consumers subscribes to is
+    /// not delivered. The worker's consumer is left alone, so this is safe
+    /// while copies of the worker run. A message its handler refuses is
+    /// reported as failed (after 3 tries for a transient failure), not
+    /// dead-lettered; the exit status is then non-zero. What the handlers
+    /// send is published by a relay of the worker's database before the
+    /// command returns.
+    #[arg(long, value_enum, value_name = "WORKER", conflicts_with = "rebuild")]
+    into: Option<super::worker::Name>,
+    /// With --into projector: apply the selected events that the inbox
+    /// already has to this read model again (users, orders, timeline or
+    /// all), repairing rows that are missing or behind their events; events
+    /// the inbox lacks are applied normally. Projections are re-appliable;
+    /// other workers' effects are not, so it is refused for them.
+    #[arg(long, value_name = "READ_MODEL", requires = "into")]
+    force_reprocess: Option<String>,
+    /// With --into: show what would be applied, skipped or not delivered,
+    /// changing nothing.
+    #[arg(long, requires = "into")]
+    dry_run: bool,
+    /// The database of the worker (--into) or of the projector (--rebuild);
+    /// `{service}` is replaced by the worker's name.
     #[arg(long, env = "DATABASE_URL", default_value = super::worker::DEFAULT_DATABASE_URL)]
     database_url: String,
+    /// With --into payments: the starting balance of accounts it opens, in
+    /// cents; give what the running payments worker has.
+    #[arg(long, env = "SKEIN_STARTING_BALANCE_CENTS", default_value_t = skein_payments::DEFAULT_STARTING_BALANCE_CENTS)]
+    starting_balance_cents: i64,
+    /// With --into payments: the simulated provider's failure rate; give
+    /// what the running payments worker has.
+    #[arg(long, env = "SKEIN_PROVIDER_FAILURE_RATE", default_value_t = 0.0)]
+    provider_failure_rate: f64,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -69,20 +106,10 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             args.stream
         );
     }
-    let range = args.seq.as_deref().map(parse_range).transpose()?;
-    let since = args.since.as_deref().map(parse_time).transpose()?;
-    let until = args.until.as_deref().map(parse_time).transpose()?;
-    let filter = match (&args.subject, &args.entity, stream.as_str()) {
-        (Some(subject), _, _) => subject.clone(),
-        // Event subjects carry the entity: let the server filter.
-        (None, Some(entity), "EVENTS") => format!("events.*.{entity}.>"),
-        _ => ">".to_owned(),
-    };
-    let start = match (range.as_ref(), since) {
-        (Some(r), _) => StartAt::Sequence(*r.start()),
-        (None, Some(t)) => StartAt::Time(t),
-        (None, None) => StartAt::Beginning,
-    };
+    if let Some(worker) = args.into {
+        // Refused before touching NATS or a database.
+        into::check(worker, &stream, &args)?;
+    }
     let bus = super::connect(nats_url).await?;
     if args.follow && stream == "COMMANDS" {
         bail!("COMMANDS is a work queue, read only by its workers; --follow reads EVENTS or DLQ");
@@ -95,41 +122,26 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     } else {
         0
     };
-    let messages = read(&bus, &stream, &filter, start)
-        .await
-        .with_context(|| format!("cannot read {stream}"))?;
+    let mut selected = select(&bus, &args, &stream).await?;
+    let limit = args.limit.or(args.into.is_none().then_some(1000));
+    if let Some(limit) = limit.filter(|l| selected.len() > *l) {
+        selected.truncate(limit);
+        eprintln!("(stopped at --limit {limit})");
+    }
+    if let Some(worker) = args.into {
+        return into::run(&bus, worker, &stream, selected, &args).await;
+    }
 
-    let mut shown = 0;
     if matches!(args.format, Format::Table) {
         println!(
             "{:>7}  {:<23}  {:<44}  {:<34}  {:<12}  {:<12}  PAYLOAD",
             "SEQ", "TIME", "SUBJECT", "TYPE", "ENTITY", "CORRELATION"
         );
     }
-    for message in messages {
-        if range
-            .as_ref()
-            .is_some_and(|r| !r.contains(&message.sequence))
-            || until.is_some_and(|u| message.published > u)
-        {
-            continue;
-        }
-        let envelope = Envelope::from_parts(
-            &message.subject,
-            message.headers.as_ref(),
-            message.payload.clone(),
-        )
-        .ok();
-        if !matches(&args, envelope.as_ref()) {
-            continue;
-        }
+    let shown = selected.len();
+    for (message, envelope) in &selected {
         last_seen = last_seen.max(message.sequence);
-        print(&message, envelope.as_ref(), args.format)?;
-        shown += 1;
-        if shown >= args.limit {
-            eprintln!("(stopped at --limit {})", args.limit);
-            break;
-        }
+        print(message, envelope.as_ref(), args.format)?;
     }
     if !args.follow {
         if shown == 0 {
@@ -138,9 +150,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("(following {stream}; Ctrl-C stops)");
-    let mut live = std::pin::pin!(follow(&bus, &stream, &filter, last_seen)
-        .await
-        .with_context(|| format!("cannot follow {stream}"))?);
+    let mut live = std::pin::pin!(
+        follow(&bus, &stream, &server_filter(&args, &stream), last_seen)
+            .await
+            .with_context(|| format!("cannot follow {stream}"))?
+    );
     loop {
         let next = tokio::select! {
             next = live.next() => next,
@@ -158,6 +172,57 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             print(&message, envelope.as_ref(), args.format)?;
         }
     }
+}
+
+/// The subject filter the server applies for the selection flags.
+fn server_filter(args: &Args, stream: &str) -> String {
+    match (&args.subject, &args.entity, stream) {
+        (Some(subject), _, _) => subject.clone(),
+        // Event subjects carry the entity: let the server filter.
+        (None, Some(entity), "EVENTS") => format!("events.*.{entity}.>"),
+        _ => ">".to_owned(),
+    }
+}
+
+/// The messages of `stream` the selection flags choose, oldest first, each
+/// with its envelope when it decodes.
+async fn select(
+    bus: &skein_bus::Bus,
+    args: &Args,
+    stream: &str,
+) -> anyhow::Result<Vec<(StoredMessage, Option<Envelope>)>> {
+    let range = args.seq.as_deref().map(parse_range).transpose()?;
+    let since = args.since.as_deref().map(parse_time).transpose()?;
+    let until = args.until.as_deref().map(parse_time).transpose()?;
+    let filter = server_filter(args, stream);
+    let start = match (range.as_ref(), since) {
+        (Some(r), _) => StartAt::Sequence(*r.start()),
+        (None, Some(t)) => StartAt::Time(t),
+        (None, None) => StartAt::Beginning,
+    };
+    let messages = read(bus, stream, &filter, start)
+        .await
+        .with_context(|| format!("cannot read {stream}"))?;
+    let mut selected = Vec::new();
+    for message in messages {
+        if range
+            .as_ref()
+            .is_some_and(|r| !r.contains(&message.sequence))
+            || until.is_some_and(|u| message.published > u)
+        {
+            continue;
+        }
+        let envelope = Envelope::from_parts(
+            &message.subject,
+            message.headers.as_ref(),
+            message.payload.clone(),
+        )
+        .ok();
+        if matches(args, envelope.as_ref()) {
+            selected.push((message, envelope));
+        }
+    }
+    Ok(selected)
 }
 
 fn matches(args: &Args, envelope: Option<&Envelope>) -> bool {
