@@ -46,6 +46,21 @@ impl Bus {
     /// Once connected the client reconnects by itself for ever: a broker
     /// restart pauses publishing and consuming, it does not end them.
     pub async fn connect(config: &BusConfig) -> Result<Self> {
+        // `a,b,c`: the servers of a cluster; the client picks one and
+        // fails over to the others.
+        let servers = config
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| {
+                u.parse::<async_nats::ServerAddr>()
+                    .map_err(|source| Error::Url {
+                        url: u.to_owned(),
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut delay = Duration::from_millis(50);
         let mut attempts = 0;
@@ -63,7 +78,7 @@ impl Bus {
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 });
-            match options.connect(config.url.as_str()).await {
+            match options.connect(servers.as_slice()).await {
                 Ok(client) => {
                     let js = jetstream::ContextBuilder::new()
                         .timeout(config.request_timeout)

@@ -102,7 +102,11 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// Defaults: 16 lanes, 5 deliveries, 30 s ack wait, backoff 100 ms doubling to 5 s.
+    /// Defaults: 16 lanes, 10 deliveries (with the backoff, a transient
+    /// failure such as a database restarting is retried for about 20 s
+    /// before the message is dead-lettered), 10 s ack wait (a copy that dies
+    /// holding messages delays them that long; a live copy extends it while
+    /// a handler runs), backoff 100 ms doubling to 5 s.
     pub fn new(
         name: impl Into<String>,
         stream: impl Into<String>,
@@ -113,8 +117,8 @@ impl WorkerConfig {
             stream: stream.into(),
             filter_subjects,
             lanes: 16,
-            max_deliver: 5,
-            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            ack_wait: Duration::from_secs(10),
             backoff: [100, 200, 400, 800, 1600, 3200, 5000]
                 .into_iter()
                 .map(Duration::from_millis)

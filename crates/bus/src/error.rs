@@ -22,6 +22,17 @@ pub enum Error {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// A NATS URL that cannot be parsed.
+    #[error(
+        "invalid NATS URL {url:?} ({source}); give nats://host:port, several separated by commas"
+    )]
+    Url {
+        /// The URL as given.
+        url: String,
+        /// Why it is invalid.
+        #[source]
+        source: std::io::Error,
+    },
     /// A stream or consumer definition file is not valid.
     #[error("invalid definition {file}: {source}")]
     Definition {

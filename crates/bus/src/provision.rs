@@ -67,9 +67,9 @@ impl std::fmt::Display for Change {
 /// Options applied on top of the definitions.
 #[derive(Debug, Clone, Default)]
 pub struct ProvisionOptions {
-    /// Replicas of every stream (3 on a 3-node cluster); the definitions say
-    /// 1. `None` creates streams with the definitions' count and leaves an
-    /// existing stream's replicas as they are.
+    /// Replicas of every stream (3 on a 3-node cluster). `None` creates
+    /// streams with the definitions' count (one) and leaves an existing
+    /// stream's replicas as they are.
     pub replicas: Option<usize>,
 }
 

@@ -68,7 +68,10 @@ async fn request(
         .nth(1)
         .context("no status line")?
         .parse()?;
-    Ok((status, serde_json::from_str(rest.trim()).unwrap_or(Value::Null)))
+    Ok((
+        status,
+        serde_json::from_str(rest.trim()).unwrap_or(Value::Null),
+    ))
 }
 
 /// Waits until no order is pending (the projector's dashboard, as the admin).
@@ -83,7 +86,10 @@ async fn wait_until_no_order_is_pending(port: u16, within: Duration) -> anyhow::
         if status == 200 && dashboard["orders_by_status"]["pending"] == 0 {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "orders still pending: {dashboard}");
+        ensure!(
+            Instant::now() < deadline,
+            "orders still pending: {dashboard}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -233,7 +239,12 @@ impl System {
             .arg("load")
             .args(["--url", &format!("http://127.0.0.1:{}", self.http_port)])
             .args(["--nats-url", &self.nats_url])
-            .args(["--admin-email", ADMIN_EMAIL, "--admin-password", ADMIN_PASSWORD])
+            .args([
+                "--admin-email",
+                ADMIN_EMAIL,
+                "--admin-password",
+                ADMIN_PASSWORD,
+            ])
             .arg("--json")
             .args(args)
             .stdout(Stdio::piped())
@@ -271,6 +282,29 @@ impl System {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// Nothing was dead-lettered: a fault must cost retries, never messages.
+    async fn no_dead_letters(&self) -> anyhow::Result<()> {
+        let servers = self
+            .nats_url
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
+        let client = async_nats::connect(servers.as_slice()).await?;
+        let js = async_nats::jetstream::new(client);
+        let dead = js.get_stream("DLQ").await?.info().await?.state.messages;
+        if dead > 0 {
+            let listed = Command::new(env!("CARGO_BIN_EXE_skein"))
+                .args(["dlq", "list", "--nats-url", &self.nats_url])
+                .output()
+                .await?;
+            bail!(
+                "{dead} dead letters:\n{}",
+                String::from_utf8_lossy(&listed.stdout)
+            );
+        }
+        Ok(())
     }
 
     /// Every component's log, for a failure message.
@@ -312,6 +346,8 @@ fn spawn(
         .env("SKEIN_ADMIN_EMAIL", ADMIN_EMAIL)
         .env("SKEIN_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("SKEIN_LOG", "warn")
+        // Twelve worker processes on a shared PostgreSQL server (max_connections 100).
+        .env("SKEIN_DATABASE_POOL", "3")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -346,9 +382,15 @@ fn invariant<'a>(report: &'a Value, name: &str) -> anyhow::Result<&'a Value> {
 
 /// A run that passed: exit 0, every invariant ok, every order final.
 fn passed(status: ExitStatus, report: &Value, orders: u64) -> anyhow::Result<()> {
+    let failed: Vec<&Value> = report["invariants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["ok"] != true)
+        .collect();
     ensure!(
         status.success() && report["ok"] == true,
-        "skein load failed ({status}): {report:#}"
+        "skein load failed ({status}): {failed:?}\n{report:#}"
     );
     ensure!(report["final_orders"] == orders, "{report:#}");
     for check in report["invariants"].as_array().context("no invariants")? {
@@ -366,11 +408,23 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
     let mut system = System::start(nats.url(), None, &without, 1).await?;
 
     let (status, report) = finish(
-        system.load(&["--orders", "20", "--concurrency", "4", "--settle-timeout", "3", "--wait", "1"])?,
+        system.load(&[
+            "--orders",
+            "20",
+            "--concurrency",
+            "4",
+            "--settle-timeout",
+            "3",
+            "--wait",
+            "1",
+        ])?,
         Duration::from_secs(120),
     )
     .await?;
-    ensure!(!status.success(), "a run with stuck orders passed: {report:#}");
+    ensure!(
+        !status.success(),
+        "a run with stuck orders passed: {report:#}"
+    );
     ensure!(report["ok"] == false, "{report:#}");
     let stuck = invariant(&report, "no order lost or stuck")?;
     ensure!(stuck["ok"] == false, "{stuck}");
@@ -381,7 +435,11 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
         "{stuck}"
     );
     // Nothing else is wrong: no stock moved, no money moved.
-    for name in ["stock conserved", "money conserved", "outcomes match their cause"] {
+    for name in [
+        "stock conserved",
+        "money conserved",
+        "outcomes match their cause",
+    ] {
         ensure!(invariant(&report, name)?["ok"] == true, "{report:#}");
     }
 
@@ -415,7 +473,10 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
         );
     }
     ensure!(
-        report["by_kind"]["normal"]["confirmed"].as_u64().unwrap_or(0) > 30,
+        report["by_kind"]["normal"]["confirmed"]
+            .as_u64()
+            .unwrap_or(0)
+            > 30,
         "{report:#}"
     );
     system.audit_clean(Duration::from_secs(30)).await?;
@@ -436,24 +497,30 @@ async fn killing_each_worker_and_the_ingress_mid_load_loses_nothing() -> anyhow:
         "--wait",
         "5",
     ])?;
+    // The ingress first, while requests are surely in flight; the
+    // orchestrator last: its pulled messages wait for ack_wait.
     for victim in [
+        "ingress",
         "orders-1",
         "catalog-1",
         "payments-1",
-        "orchestrator-1",
         "projector-1",
-        "ingress",
+        "orchestrator-1",
     ] {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         system.kill(victim).await?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         system.restart(victim)?;
     }
     let (status, report) = finish(load, Duration::from_secs(240)).await?;
     passed(status, &report, 1500).with_context(|| system.logs())?;
     // The ingress was gone for a while: some requests had to be sent again.
-    ensure!(report["retries"].as_u64().unwrap_or(0) > 0, "{report:#}");
+    ensure!(
+        report["retries"].as_u64().unwrap_or(0) > 0,
+        "no request was retried: {report:#}"
+    );
     system.audit_clean(Duration::from_secs(60)).await?;
+    system.no_dead_letters().await?;
     Ok(())
 }
 
@@ -483,7 +550,10 @@ async fn restarting_nats_mid_load_loses_nothing_and_the_ingress_recovers_by_itse
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    ensure!(seen == Some(503), "with NATS down GET /v1/products answered {seen:?}");
+    ensure!(
+        seen == Some(503),
+        "with NATS down GET /v1/products answered {seen:?}"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     nats.start_again().await?;
     let (status, report) = finish(load, Duration::from_secs(240)).await?;
@@ -493,12 +563,13 @@ async fn restarting_nats_mid_load_loses_nothing_and_the_ingress_recovers_by_itse
         "the ingress did not recover"
     );
     system.audit_clean(Duration::from_secs(60)).await?;
+    system.no_dead_letters().await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing(
-) -> anyhow::Result<()> {
+async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing() -> anyhow::Result<()>
+{
     let nats = NatsServer::start().await?;
     let system = System::start(nats.url(), None, &WORKERS, 1).await?;
     let load = system.load(&["--orders", "600", "--concurrency", "16"])?;
@@ -508,7 +579,11 @@ async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing(
     // Not JSON, JSON of the wrong shape, no headers at all, an unknown type.
     let poison: [(&str, &[u8], bool); 4] = [
         ("commands.orders.place_order", b"\x00\xffnot json", true),
-        ("commands.catalog.reserve_stock", br#"{"order_id": 7}"#, true),
+        (
+            "commands.catalog.reserve_stock",
+            br#"{"order_id": 7}"#,
+            true,
+        ),
         ("commands.payments.authorize_payment", b"{}", false),
         ("commands.orders.place_order", br#"{"what": "ever"}"#, true),
     ];
@@ -535,7 +610,10 @@ async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing(
     loop {
         let messages = dlq.info().await?.state.messages;
         if messages >= sent {
-            ensure!(messages == sent, "{messages} dead letters for {sent} poison messages");
+            ensure!(
+                messages == sent,
+                "{messages} dead letters for {sent} poison messages"
+            );
             break;
         }
         ensure!(
@@ -546,7 +624,10 @@ async fn a_flood_of_poison_commands_ends_in_the_dlq_while_orders_keep_flowing(
     }
     // The work queue holds none of them any more.
     let mut commands = js.get_stream("COMMANDS").await?;
-    ensure!(commands.info().await?.state.messages == 0, "COMMANDS is not empty");
+    ensure!(
+        commands.info().await?.state.messages == 0,
+        "COMMANDS is not empty"
+    );
     Ok(())
 }
 
@@ -556,19 +637,23 @@ async fn cut_database_connections(prefix: &str, down: Duration) -> anyhow::Resul
     use sqlx::{Connection, Row};
     let admin = skein_testkit::db::postgres_admin_url();
     let mut conn = sqlx::PgConnection::connect(&admin).await?;
-    let names: Vec<String> =
-        sqlx::query("SELECT datname FROM pg_database WHERE datname LIKE $1")
-            .bind(format!("{prefix}%"))
-            .fetch_all(&mut conn)
-            .await?
-            .iter()
-            .map(|row| row.get(0))
-            .collect();
-    ensure!(names.len() >= 6, "expected the workers' databases, found {names:?}");
+    let names: Vec<String> = sqlx::query("SELECT datname FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("{prefix}%"))
+        .fetch_all(&mut conn)
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    ensure!(
+        names.len() >= 6,
+        "expected the workers' databases, found {names:?}"
+    );
     for name in &names {
-        sqlx::query(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false"))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false"
+        ))
+        .execute(&mut conn)
+        .await?;
     }
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname LIKE $1")
         .bind(format!("{prefix}%"))
@@ -576,16 +661,18 @@ async fn cut_database_connections(prefix: &str, down: Duration) -> anyhow::Resul
         .await?;
     tokio::time::sleep(down).await;
     for name in &names {
-        sqlx::query(&format!("ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(&format!(
+            "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"
+        ))
+        .execute(&mut conn)
+        .await?;
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database(
-) -> anyhow::Result<()> {
+async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database() -> anyhow::Result<()>
+{
     let nats = NatsServer::start().await?;
     let db = TestDb::new(Backend::Postgres).await?;
     let template = db.sibling_url("{service}");
@@ -611,7 +698,159 @@ async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database(
     let (status, report) = finish(load, Duration::from_secs(240)).await?;
     passed(status, &report, 1000).with_context(|| system.logs())?;
     system.audit_clean(Duration::from_secs(60)).await?;
+    system.no_dead_letters().await?;
     drop(system);
     drop(db);
+    Ok(())
+}
+
+/// One node of a 3-node nats-server cluster on loopback, with its own store.
+struct ClusterNode {
+    config: PathBuf,
+    port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl ClusterNode {
+    fn start(&mut self) -> anyhow::Result<()> {
+        let child = std::process::Command::new(skein_testkit::nats::find_binary()?)
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start a cluster node")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three nodes in `dir`, each on free ports, with JetStream.
+fn cluster(dir: &Path) -> anyhow::Result<Vec<ClusterNode>> {
+    let ports: Vec<(u16, u16)> = (0..3)
+        .map(|_| Ok((free_port()?, free_port()?)))
+        .collect::<anyhow::Result<_>>()?;
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (n, (port, route)) in ports.iter().enumerate() {
+        let store = dir.join(format!("node{}", n + 1));
+        std::fs::create_dir_all(&store)?;
+        let config = dir.join(format!("node{}.conf", n + 1));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: n{}\nlisten: 127.0.0.1:{port}\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 cluster {{ name: skein-test\n listen: 127.0.0.1:{route}\n routes: [{}] }}\n",
+                n + 1,
+                store.display(),
+                routes.join(", ")
+            ),
+        )?;
+        let mut node = ClusterNode {
+            config,
+            port: *port,
+            child: None,
+        };
+        node.start()?;
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_stopped_mid_load_loses_nothing_and_catches_up() -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("skein-cluster-")
+        .tempdir()?;
+    let mut nodes = cluster(dir.path())?;
+    let urls: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("nats://127.0.0.1:{}", n.port))
+        .collect();
+    let url = urls.join(",");
+    // Until the cluster has a JetStream meta leader, stream creation fails.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(["streams", "apply", "--replicas", "3", "--nats-url", &url])
+            .output()
+            .await?;
+        if applied.status.success() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "streams apply on the cluster: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let system = System::start(url.clone(), None, &WORKERS, 1).await?;
+    let load = system.load(&[
+        "--orders",
+        "1000",
+        "--concurrency",
+        "16",
+        "--settle-timeout",
+        "120",
+        "--wait",
+        "5",
+    ])?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nodes[2].kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    nodes[2].start()?;
+    let (status, report) = finish(load, Duration::from_secs(240)).await?;
+    passed(status, &report, 1000).with_context(|| system.logs())?;
+    system.audit_clean(Duration::from_secs(60)).await?;
+    system.no_dead_letters().await?;
+
+    // Every stream still has three replicas (the workers' provisioning kept
+    // them), and the node that was down caught up: every replica current.
+    let client = async_nats::connect(urls[2].as_str()).await?;
+    let js = async_nats::jetstream::new(client);
+    for name in ["EVENTS", "COMMANDS", "DLQ"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = js.get_stream(name).await?.info().await?.clone();
+            ensure!(
+                info.config.num_replicas == 3,
+                "{name}: {:?}",
+                info.config.num_replicas
+            );
+            let cluster = info.cluster.clone().context("no cluster info")?;
+            let caught_up = cluster.replicas.len() == 2
+                && cluster
+                    .replicas
+                    .iter()
+                    .all(|r| r.current && r.lag.unwrap_or(0) == 0);
+            if caught_up {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{name} replicas did not catch up: {cluster:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
     Ok(())
 }

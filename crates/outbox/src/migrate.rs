@@ -53,12 +53,33 @@ pub(crate) async fn run(store: &Store, component: &str, migrations: &[Migration]
     }
 }
 
+/// Serialises migrators of one PostgreSQL database across processes.
+const LOCK: &str = "SELECT 1 FROM (SELECT pg_advisory_xact_lock(7152201)) AS locked";
+
 async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Result<()> {
-    store
-        .pool()
-        .execute(CREATE_TABLE)
-        .await
-        .map_err(Error::query("cannot create skein_migrations"))?;
+    match store.backend() {
+        Backend::Sqlite => {
+            store
+                .pool()
+                .execute(CREATE_TABLE)
+                .await
+                .map_err(Error::query("cannot create skein_migrations"))?;
+        }
+        Backend::Postgres => {
+            // Two copies creating the table at once collide in the catalog
+            // (a unique violation on pg_type) even with IF NOT EXISTS.
+            let failed = Error::query("cannot create skein_migrations");
+            let mut tx = store.pool().begin().await.map_err(failed)?;
+            for statement in [LOCK, CREATE_TABLE] {
+                tx.execute(statement)
+                    .await
+                    .map_err(Error::query("cannot create skein_migrations"))?;
+            }
+            tx.commit()
+                .await
+                .map_err(Error::query("cannot create skein_migrations"))?;
+        }
+    }
     for m in migrations {
         let failed = |source| Error::Migrate {
             component: component.to_owned(),
@@ -73,10 +94,7 @@ async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Re
         .map_err(failed)?;
         if store.backend() == Backend::Postgres {
             // Serialise migrators of this database across processes.
-            sqlx::query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(7152201)) AS locked")
-                .execute(&mut *tx)
-                .await
-                .map_err(failed)?;
+            sqlx::query(LOCK).execute(&mut *tx).await.map_err(failed)?;
         }
         let applied: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM skein_migrations WHERE component = $1 AND version = $2",

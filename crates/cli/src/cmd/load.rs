@@ -1094,6 +1094,8 @@ struct Report {
     /// Final orders by status, and rejections by kind.
     by_status: BTreeMap<String, usize>,
     by_kind: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Rejections by reason, and the errors of orders that never became final.
+    reasons: BTreeMap<String, usize>,
     requests: u64,
     retries: u64,
     rate_limited: u64,
@@ -1117,8 +1119,23 @@ impl Report {
         latencies.sort();
         let mut by_status = BTreeMap::new();
         let mut by_kind: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+        let mut reasons = BTreeMap::new();
         for o in outcomes {
             *by_status.entry(o.status.clone()).or_default() += 1;
+            if let Some(reason) = o.error.as_ref().or(o.reason.as_ref()) {
+                // Ids make every reason unique; count the kind of reason.
+                let general: String = reason
+                    .split_whitespace()
+                    .filter(|w| {
+                        Uuid::try_parse(
+                            w.trim_matches(|c: char| !c.is_ascii_hexdigit() && c != '-'),
+                        )
+                        .is_err()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                *reasons.entry(general).or_default() += 1;
+            }
             *by_kind
                 .entry(o.plan.kind.as_str().to_owned())
                 .or_default()
@@ -1145,6 +1162,7 @@ impl Report {
             },
             by_status,
             by_kind,
+            reasons,
             requests: counters.requests.load(Ordering::Relaxed),
             retries: counters.retries.load(Ordering::Relaxed),
             rate_limited: counters.rate_limited.load(Ordering::Relaxed),
@@ -1178,6 +1196,9 @@ impl Report {
         let _ = writeln!(out, "  outcomes: {}", counts(&self.by_status));
         for (kind, statuses) in &self.by_kind {
             let _ = writeln!(out, "    {kind:<13} {}", counts(statuses));
+        }
+        for (reason, n) in &self.reasons {
+            let _ = writeln!(out, "    {n:>6} x {reason}");
         }
         let l = &self.latency_ms;
         let _ = writeln!(
@@ -1330,7 +1351,10 @@ mod tests {
         assert!(check_stock(&want, &available).ok);
         available.remove(&c.scarce.id);
         let stock = check_stock(&want, &available);
-        assert!(!stock.ok && stock.detail.contains("is missing"), "{stock:?}");
+        assert!(
+            !stock.ok && stock.detail.contains("is missing"),
+            "{stock:?}"
+        );
         // Money taken but not accounted, or created from nothing.
         let before = LedgerTotals {
             accounts: 1,

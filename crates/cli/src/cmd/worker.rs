@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
 use skein_bus::Bus;
-use skein_outbox::Store;
+use skein_outbox::{Store, StoreConfig};
 use skein_service::{Host, HostConfig};
 
 /// Where `skein worker` keeps data unless told otherwise.
@@ -37,6 +37,11 @@ pub(crate) struct Settings {
     /// Default: `sqlite:DATA_DIR/{service}.db`.
     #[arg(long, env = "DATABASE_URL")]
     pub(crate) database_url: Option<String>,
+    /// Connections per worker database (default: 4 on SQLite, 10 on
+    /// PostgreSQL). Copies × workers × this must stay under the PostgreSQL
+    /// server's max_connections.
+    #[arg(long, env = "SKEIN_DATABASE_POOL")]
+    database_pool: Option<u32>,
     /// Starting balance of new payment accounts, in cents.
     #[arg(long, env = "SKEIN_STARTING_BALANCE_CENTS", default_value_t = 100_000)]
     starting_balance_cents: i64,
@@ -66,6 +71,9 @@ impl Settings {
     pub(crate) fn check(&self) -> anyhow::Result<()> {
         if !(0.0..=1.0).contains(&self.provider_failure_rate) {
             anyhow::bail!("--provider-failure-rate must be between 0.0 and 1.0");
+        }
+        if self.database_pool == Some(0) {
+            anyhow::bail!("--database-pool must be at least 1");
         }
         if self.starting_balance_cents < 0 {
             anyhow::bail!("--starting-balance-cents must not be negative");
@@ -178,7 +186,11 @@ async fn start_one(
     {
         let service = name.as_str();
         let url = args.database_url(data_dir).replace("{service}", service);
-        let store = Store::connect(&url).await.with_context(|| {
+        let mut store_config = StoreConfig::new(url.as_str());
+        if let Some(pool) = args.database_pool {
+            store_config.max_connections = pool;
+        }
+        let store = Store::connect_with(store_config).await.with_context(|| {
             format!("cannot open the {service} database; check --database-url / DATABASE_URL")
         })?;
         let config = HostConfig::new(service);

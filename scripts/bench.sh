@@ -1,0 +1,190 @@
+#!/usr/bin/env bash
+# End-to-end benchmarks of skein, one command:
+#
+#   scripts/bench.sh                     SQLite and PostgreSQL, 1, 2 and 4 copies
+#   scripts/bench.sh sqlite              one backend
+#   ORDERS=3000 COPIES="1 2" scripts/bench.sh postgres
+#
+# For each backend and number of copies it starts a fresh nats-server (its
+# own store, a free port), every worker as its own `skein worker` process
+# (COPIES copies of each, sharing their consumer groups) and one `skein
+# ingress`, then runs `skein load`: once as fast as CONCURRENCY orders in
+# flight allow (the maximum rate), once open-loop at half that rate. Then the
+# floor under it on the same machine: raw JetStream publishing (the
+# skein-bus `floor` example) and database commits (the skein-outbox
+# `throughput` example), and the resident memory of `skein up` idle and under
+# load. Everything is built with --release first. Prints one Markdown table;
+# the raw `skein load --json` reports are kept in $OUT (default
+# target/bench).
+#
+# PostgreSQL: $SKEIN_TEST_POSTGRES_URL, else postgres://postgres@127.0.0.1:5432/postgres
+# (each run creates databases skein_bench_<run>_<service> and drops them).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+backends="${*:-sqlite postgres}"
+ORDERS="${ORDERS:-4000}"
+CONCURRENCY="${CONCURRENCY:-64}"
+CUSTOMERS="${CUSTOMERS:-64}"
+COPIES="${COPIES:-1 2 4}"
+OUT="${OUT:-$root/target/bench}"
+PG_ADMIN="${SKEIN_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+WORKERS="identity catalog payments orders orchestrator projector"
+ADMIN_EMAIL="admin@bench.skein.test"
+ADMIN_PASSWORD="the benchmark admin's password"
+export SKEIN_ADMIN_EMAIL="$ADMIN_EMAIL" SKEIN_ADMIN_PASSWORD="$ADMIN_PASSWORD" SKEIN_LOG=warn
+
+log() { printf '==> %s\n' "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+field() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); v=r
+for k in sys.argv[2].split("."): v=v[k]
+print(v if not isinstance(v,float) else f"{v:.1f}")' "$1" "$2"; }
+
+mkdir -p "$OUT"
+log "building (release)"
+cargo build --release --locked -q -p skein-cli -p skein-bus --example floor
+cargo build --release --locked -q -p skein-outbox --example throughput
+skein="$root/target/release/skein"
+nats_bin="$("$root/nats/find-nats-server.sh")"
+
+pids=()
+work=""
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  [ -n "$work" ] && rm -rf "$work"
+}
+trap cleanup EXIT
+
+stop_all() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  pids=()
+}
+
+start_nats() {
+  nats_port="$(free_port)"
+  "$nats_bin" -a 127.0.0.1 -p "$nats_port" -js -sd "$work/nats" -l "$work/nats.log" &
+  pids+=($!)
+  export NATS_URL="nats://127.0.0.1:$nats_port"
+  for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && return 0; sleep 0.1; done
+  echo "error: nats-server did not start" >&2; exit 1
+}
+
+wait_http() {
+  for _ in $(seq 300); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.2
+  done
+  echo "error: nothing listens on $1 (logs in $work)" >&2; exit 1
+}
+
+# Waits until every worker answers its NATS ping: the ingress's /health
+# checks exactly that (and lag, backlog, breakers).
+wait_healthy() {
+  for _ in $(seq 300); do
+    code="$(python3 - "$1" <<'EOF'
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status)
+except Exception as e:
+    print(getattr(e, "code", 0))
+EOF
+)"
+    [ "$code" = 200 ] && return 0
+    sleep 0.2
+  done
+  echo "error: the system did not become healthy (logs in $work)" >&2; exit 1
+}
+
+load() { # name, extra args...
+  local name="$1"; shift
+  "$skein" load --url "http://127.0.0.1:$http_port" --orders "$ORDERS" --concurrency "$CONCURRENCY" \
+    --customers "$CUSTOMERS" --settle-timeout 300 --json "$@" > "$OUT/$name.json" || {
+      echo "error: skein load failed; report in $OUT/$name.json" >&2; exit 1; }
+}
+
+rows=()
+for backend in $backends; do
+  for copies in $COPIES; do
+    run="$(date +%s)_$$"
+    work="$(mktemp -d /tmp/skein-bench.XXXXXX)"
+    case "$backend" in
+      sqlite) db="sqlite:$work/{service}.db" ;;
+      postgres) db="${PG_ADMIN%/*}/skein_bench_${run}_{service}" ;;
+      *) echo "error: unknown backend $backend (sqlite or postgres)" >&2; exit 1 ;;
+    esac
+    log "$backend, $copies cop(y/ies) of each worker"
+    start_nats
+    export DATABASE_URL="$db" SKEIN_KEY_DIR="$work"
+    for worker in $WORKERS; do
+      for c in $(seq "$copies"); do
+        "$skein" worker "$worker" 2>>"$work/$worker-$c.log" &
+        pids+=($!)
+      done
+    done
+    http_port="$(free_port)"
+    "$skein" ingress --http "127.0.0.1:$http_port" --rate-limit 1000000 --rate-burst 1000000 \
+      --login-rate-limit 10000 --login-rate-burst 10000 2>>"$work/ingress.log" &
+    pids+=($!)
+    wait_http "$http_port"
+    wait_healthy "$http_port"
+    name="$backend-$copies"
+    load "$name-max"
+    max="$(field "$OUT/$name-max.json" throughput)"
+    half="$(python3 -c "print(round($max / 2, 1))")"
+    load "$name-half" --rate "$half"
+    for r in max half; do
+      f="$OUT/$name-$r.json"
+      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$( [ "$r" = half ] && echo ", $half/s offered")) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" ok) |")
+    done
+    stop_all
+    if [ "$backend" = postgres ]; then
+      python3 - "$PG_ADMIN" "skein_bench_${run}_" <<'EOF' || log "could not drop the benchmark databases"
+import subprocess, sys
+admin, prefix = sys.argv[1], sys.argv[2]
+names = subprocess.run(["psql", admin, "-Atc", f"SELECT datname FROM pg_database WHERE datname LIKE '{prefix}%'"],
+                       capture_output=True, text=True, check=True).stdout.split()
+for n in names:
+    subprocess.run(["psql", admin, "-qc", f'DROP DATABASE "{n}" WITH (FORCE)'], check=True)
+EOF
+    fi
+    rm -rf "$work"; work=""
+  done
+done
+
+echo
+echo "| backend | copies | rate | sagas/s | p50 ms | p99 ms | invariants |"
+echo "|---|---|---|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+
+# --- The floor, same machine --------------------------------------------------
+work="$(mktemp -d /tmp/skein-bench.XXXXXX)"
+start_nats
+echo
+log "floor: raw JetStream publishing"
+"$root/target/release/examples/floor" --nats-url "$NATS_URL" --messages 100000
+stop_all
+for backend in $backends; do
+  log "floor: $backend commits and one consumer through the inbox"
+  SKEIN_NATS_SERVER="$nats_bin" "$root/target/release/examples/throughput" "$backend" 20000
+done
+
+# --- Memory of skein up -----------------------------------------------------------
+log "memory: skein up idle and under load"
+http_port="$(free_port)"
+"$skein" up --data-dir "$work/up" --http "127.0.0.1:$http_port" --nats-port "$(free_port)" --no-demo \
+  --rate-limit 1000000 --rate-burst 1000000 --login-rate-limit 10000 --login-rate-burst 10000 \
+  > "$work/up.log" 2>&1 &
+up_pid=$!
+pids+=($up_pid)
+wait_http "$http_port"
+wait_healthy "$http_port"
+sleep 5
+idle="$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$up_pid/status")"
+NATS_URL="$(sed -n 's/.*NATS at \(nats:[^ ]*\).*/\1/p' "$work/up.log")" load up-memory
+peak="$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$up_pid/status")"
+echo
+echo "skein up resident memory (nats-server not included): idle ${idle} MB, peak under load ${peak} MB ($(field "$OUT/up-memory.json" throughput) sagas/s)"
