@@ -25,7 +25,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 backends="${*:-sqlite postgres}"
-ORDERS="${ORDERS:-4000}"
+ORDERS="${ORDERS:-2000}"
 CONCURRENCY="${CONCURRENCY:-64}"
 CUSTOMERS="${CUSTOMERS:-64}"
 COPIES="${COPIES:-1 2 4}"
@@ -43,8 +43,10 @@ for k in sys.argv[2].split("."): v=v[k]
 print(v if not isinstance(v,float) else f"{v:.1f}")' "$1" "$2"; }
 
 mkdir -p "$OUT"
+: > "$OUT/cpu.txt"
 log "building (release)"
-cargo build --release --locked -q -p skein-cli -p skein-bus --example floor
+cargo build --release --locked -q -p skein-cli
+cargo build --release --locked -q -p skein-bus --example floor
 cargo build --release --locked -q -p skein-outbox --example throughput
 skein="$root/target/release/skein"
 nats_bin="$("$root/nats/find-nats-server.sh")"
@@ -119,6 +121,9 @@ for backend in $backends; do
     log "$backend, $copies cop(y/ies) of each worker"
     start_nats
     export DATABASE_URL="$db" SKEIN_KEY_DIR="$work"
+    # Every copy has its own pool: keep 6 workers x copies x pool under
+    # PostgreSQL's default max_connections (100).
+    export SKEIN_DATABASE_POOL=$(( 12 / copies ))
     for worker in $WORKERS; do
       for c in $(seq "$copies"); do
         "$skein" worker "$worker" 2>>"$work/$worker-$c.log" &
@@ -133,6 +138,14 @@ for backend in $backends; do
     wait_healthy "$http_port"
     name="$backend-$copies"
     load "$name-max"
+    # Where the cycles went during the maximum-rate run (CPU seconds per
+    # process since it started; set-up costs a little).
+    {
+      echo "CPU seconds per process, $backend, $copies cop(y/ies), after the maximum-rate run:"
+      for pid in "${pids[@]}"; do
+        ps -o times=,args= -p "$pid" | awk '{t=$1; $1=""; printf "  %6ds %s\n", t, $0}'
+      done
+    } | tee -a "$OUT/cpu.txt" >&2
     max="$(field "$OUT/$name-max.json" throughput)"
     half="$(python3 -c "print(round($max / 2, 1))")"
     load "$name-half" --rate "$half"
@@ -175,7 +188,7 @@ done
 # --- Memory of skein up -----------------------------------------------------------
 log "memory: skein up idle and under load"
 http_port="$(free_port)"
-"$skein" up --data-dir "$work/up" --http "127.0.0.1:$http_port" --nats-port "$(free_port)" --no-demo \
+env -u NATS_URL -u DATABASE_URL -u SKEIN_KEY_DIR "$skein" up --data-dir "$work/up" --http "127.0.0.1:$http_port" --nats-port "$(free_port)" --no-demo \
   --rate-limit 1000000 --rate-burst 1000000 --login-rate-limit 10000 --login-rate-burst 10000 \
   > "$work/up.log" 2>&1 &
 up_pid=$!
