@@ -254,6 +254,23 @@ impl System {
             .context("cannot run skein load")
     }
 
+    /// The load of a fault test: `orders` orders, 16 in flight, up to
+    /// 150 s each to become final (a killed copy's messages wait for
+    /// ack_wait), answers held at most 5 s.
+    fn fault_load(&self, orders: u32) -> anyhow::Result<Child> {
+        let orders = orders.to_string();
+        self.load(&[
+            "--orders",
+            &orders,
+            "--concurrency",
+            "16",
+            "--settle-timeout",
+            "150",
+            "--wait",
+            "5",
+        ])
+    }
+
     /// `skein audit` until it is clean (the relays may still be publishing),
     /// or its last output after `within`.
     async fn audit_clean(&self, within: Duration) -> anyhow::Result<()> {
@@ -487,16 +504,7 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
 async fn killing_each_worker_and_the_ingress_mid_load_loses_nothing() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let mut system = System::start(nats.url(), None, &WORKERS, 1).await?;
-    let load = system.load(&[
-        "--orders",
-        "1500",
-        "--concurrency",
-        "16",
-        "--settle-timeout",
-        "150",
-        "--wait",
-        "5",
-    ])?;
+    let load = system.fault_load(1500)?;
     // The ingress first, while requests are surely in flight; the
     // orchestrator last: its pulled messages wait for ack_wait.
     for victim in [
@@ -529,16 +537,7 @@ async fn restarting_nats_mid_load_loses_nothing_and_the_ingress_recovers_by_itse
 ) -> anyhow::Result<()> {
     let mut nats = NatsServer::start().await?;
     let system = System::start(nats.url(), None, &WORKERS, 1).await?;
-    let load = system.load(&[
-        "--orders",
-        "1000",
-        "--concurrency",
-        "16",
-        "--settle-timeout",
-        "120",
-        "--wait",
-        "5",
-    ])?;
+    let load = system.fault_load(1000)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     nats.kill();
     // While NATS is down the ingress says so: 503, not a hang.
@@ -683,16 +682,7 @@ async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database() 
         .context("a database name")?
         .to_owned();
     let system = System::start(nats.url(), Some(template), &WORKERS, 2).await?;
-    let load = system.load(&[
-        "--orders",
-        "1000",
-        "--concurrency",
-        "16",
-        "--settle-timeout",
-        "120",
-        "--wait",
-        "5",
-    ])?;
+    let load = system.fault_load(1000)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     cut_database_connections(&prefix, Duration::from_secs(3)).await?;
     let (status, report) = finish(load, Duration::from_secs(240)).await?;
@@ -804,16 +794,7 @@ async fn a_cluster_node_stopped_mid_load_loses_nothing_and_catches_up() -> anyho
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let system = System::start(url.clone(), None, &WORKERS, 1).await?;
-    let load = system.load(&[
-        "--orders",
-        "1000",
-        "--concurrency",
-        "16",
-        "--settle-timeout",
-        "120",
-        "--wait",
-        "5",
-    ])?;
+    let load = system.fault_load(1000)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     nodes[2].kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
