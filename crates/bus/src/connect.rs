@@ -61,6 +61,16 @@ impl Bus {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
+        if servers.is_empty() {
+            // "" or ",": the client would wait for a server that is never named.
+            return Err(Error::Url {
+                url: config.url.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no server address given",
+                ),
+            });
+        }
         let deadline = tokio::time::Instant::now() + config.connect_timeout;
         let mut delay = Duration::from_millis(50);
         let mut attempts = 0;
@@ -124,5 +134,31 @@ impl Bus {
     /// A publisher on this connection.
     pub fn publisher(&self) -> Publisher {
         Publisher::new(self.js.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_url_list_without_a_server_is_an_invalid_url() {
+        for url in ["", ",", " , ,"] {
+            let mut config = BusConfig::new(url, "test");
+            // Were the list taken as valid, connecting would fail only after this.
+            config.connect_timeout = Duration::from_secs(30);
+            let started = std::time::Instant::now();
+            match Bus::connect(&config).await {
+                Err(Error::Url { url: given, source }) => {
+                    assert_eq!(given, url);
+                    assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput, "{url:?}");
+                }
+                other => panic!("{url:?}: {other:?}"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{url:?} was tried"
+            );
+        }
     }
 }
