@@ -4,7 +4,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-/// A token bucket: `burst` requests at once, refilled at `per_second`.
+/// The slowest rate a [`RateLimit`] may have: one request in 1,000 s.
+/// Anything slower is a mistake (and its waits would not fit a `Duration`).
+pub const MIN_RATE_PER_SECOND: f64 = 0.001;
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`
+/// (at least [`MIN_RATE_PER_SECOND`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RateLimit {
     /// Sustained requests per second.
@@ -135,8 +140,13 @@ impl IngressConfig {
             ("rate_limit", self.rate_limit),
             ("login_rate_limit", self.login_rate_limit),
         ] {
-            if !(limit.per_second > 0.0 && limit.per_second.is_finite()) || limit.burst == 0 {
-                p.push(format!("{name} needs a positive rate and burst"));
+            if !(limit.per_second >= MIN_RATE_PER_SECOND && limit.per_second.is_finite())
+                || limit.burst == 0
+            {
+                p.push(format!(
+                    "{name} needs a rate of at least {MIN_RATE_PER_SECOND} per second and a positive burst, got {} and {}",
+                    limit.per_second, limit.burst
+                ));
             }
         }
         if self.breaker.failure_threshold == 0 || self.breaker.open_for.is_zero() {
@@ -162,5 +172,18 @@ mod tests {
         bad.max_wait = Duration::from_secs(60);
         bad.rate_limit.burst = 0;
         assert_eq!(bad.problems().len(), 3, "{:?}", bad.problems());
+        for per_second in [1e-30, 0.0009, 0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let mut slow = ok.clone();
+            slow.login_rate_limit.per_second = per_second;
+            let problems = slow.problems();
+            assert!(
+                problems.len() == 1
+                    && problems[0].starts_with("login_rate_limit needs a rate of at least 0.001"),
+                "{per_second}: {problems:?}"
+            );
+        }
+        let mut slowest = ok.clone();
+        slowest.rate_limit.per_second = MIN_RATE_PER_SECOND;
+        assert!(slowest.problems().is_empty(), "{:?}", slowest.problems());
     }
 }

@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 use crate::config::RateLimit;
 
+/// The longest wait a refusal names: what the slowest valid rate
+/// ([`MIN_RATE_PER_SECOND`](crate::config::MIN_RATE_PER_SECOND)) needs for
+/// one token.
+const MAX_WAIT: Duration = Duration::from_secs(1000);
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -65,7 +70,10 @@ impl RateLimiter {
             Ok(())
         } else {
             bucket.tokens = tokens;
-            Err(Duration::from_secs_f64((1.0 - tokens) / rate))
+            // A rate too small for a Duration (the configuration refuses
+            // those) waits the longest, it does not panic.
+            let wait = Duration::try_from_secs_f64((1.0 - tokens) / rate).unwrap_or(MAX_WAIT);
+            Err(wait.min(MAX_WAIT))
         }
     }
 }
@@ -91,6 +99,33 @@ mod tests {
         assert_eq!(wait, Some(Duration::from_millis(500)));
         assert!(l.check_at("b", t).is_ok(), "buckets are per client");
         assert!(l.check_at("a", t + Duration::from_millis(500)).is_ok());
+    }
+
+    #[test]
+    fn a_tiny_or_zero_rate_waits_the_longest_instead_of_panicking() {
+        for per_second in [1e-30, 0.0, f64::MIN_POSITIVE] {
+            let l = RateLimiter::new(
+                RateLimit {
+                    per_second,
+                    burst: 1,
+                },
+                10,
+            );
+            let t = Instant::now();
+            assert!(l.check_at("a", t).is_ok());
+            assert_eq!(l.check_at("a", t).err(), Some(MAX_WAIT), "{per_second}");
+        }
+        // The slowest valid rate fits under the cap exactly.
+        let l = RateLimiter::new(
+            RateLimit {
+                per_second: crate::config::MIN_RATE_PER_SECOND,
+                burst: 1,
+            },
+            10,
+        );
+        let t = Instant::now();
+        assert!(l.check_at("a", t).is_ok());
+        assert_eq!(l.check_at("a", t).err(), Some(MAX_WAIT));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
 use skein_bus::{Bus, BusConfig};
+use skein_ingress::config::MIN_RATE_PER_SECOND;
 use skein_ingress::{Ingress, IngressConfig, RateLimit};
 
 /// Run the HTTP ingress.
@@ -46,8 +47,11 @@ pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
         ("--rate-limit", args.rate_limit),
         ("--login-rate-limit", args.login_rate_limit),
     ] {
-        if !(rate.is_finite() && rate > 0.0) {
-            anyhow::bail!("{flag} must be a positive number of requests per second, not {rate}");
+        if !(rate.is_finite() && rate >= MIN_RATE_PER_SECOND) {
+            anyhow::bail!(
+                "{flag} must be a number of requests per second of at least {MIN_RATE_PER_SECOND} \
+                 (one in 1,000 s), not {rate}"
+            );
         }
     }
     for (flag, burst) in [
@@ -102,5 +106,39 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             let _ = stop_tx.send(());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ingress: Args,
+    }
+
+    fn config_of(flags: &[&str]) -> anyhow::Result<IngressConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("ingress").chain(flags.iter().copied()))?;
+        config(&cli.ingress)
+    }
+
+    #[test]
+    fn rates_too_small_for_a_wait_are_refused_by_name() {
+        for rate in ["1e-30", "0.0009", "0", "-1", "NaN", "inf"] {
+            for flag in ["--rate-limit", "--login-rate-limit"] {
+                let e = config_of(&[&format!("{flag}={rate}")])
+                    .expect_err(rate)
+                    .to_string();
+                assert!(
+                    e.starts_with(&format!("{flag} must be")),
+                    "{flag} {rate}: {e}"
+                );
+            }
+        }
+        let slowest = config_of(&["--login-rate-limit", "0.001"]).expect("the slowest valid rate");
+        assert!(slowest.problems().is_empty(), "{:?}", slowest.problems());
     }
 }
