@@ -147,6 +147,7 @@ impl Relay {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        let _permit = self.store.write_permit().await;
         sqlx::query(&format!(
             "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
         ))
@@ -229,6 +230,7 @@ impl Relay {
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = crate::now_micros();
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let _permit = self.store.write_permit().await;
         let outbox = sqlx::query(
             "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
         )
@@ -381,6 +383,7 @@ impl Relay {
                 }
             }
             Backend::Sqlite => {
+                let _permit = self.store.write_permit().await;
                 let now = crate::now_micros();
                 let until =
                     now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
@@ -417,6 +420,7 @@ impl Relay {
 
     async fn release(&self) {
         if self.store.backend() == Backend::Sqlite {
+            let _permit = self.store.write_permit().await;
             let _ =
                 sqlx::query("DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1")
                     .bind(&self.owner)

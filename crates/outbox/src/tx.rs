@@ -9,7 +9,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Backend, Store};
+use crate::store::{Backend, Store, WritePermit};
 
 /// An open transaction on a service's [`Store`].
 ///
@@ -22,14 +22,17 @@ pub struct Tx {
     tx: Transaction<'static, Any>,
     outgoing: Vec<Outgoing>,
     store: Store,
+    // Declared after `tx`: released after the transaction ends.
+    _permit: WritePermit,
 }
 
 impl Tx {
-    pub(crate) fn new(tx: Transaction<'static, Any>, store: Store) -> Self {
+    pub(crate) fn new(tx: Transaction<'static, Any>, store: Store, permit: WritePermit) -> Self {
         Self {
             tx,
             outgoing: Vec::new(),
             store,
+            _permit: permit,
         }
     }
 

@@ -883,3 +883,64 @@ backend_tests!(
     migrations_run_once_per_component,
     a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
 );
+
+/// Writers of one process take turns on a SQLite database instead of
+/// meeting at its lock: with SQLite's own busy wait switched off
+/// (`busy_timeout` 0), concurrent transactions that hold the lock for a
+/// while all commit, and the relay's own writes fit between them.
+#[tokio::test]
+async fn sqlite_writers_of_one_process_take_turns_without_busy_errors() -> anyhow::Result<()> {
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let store = Store::connect_with(skein_outbox::StoreConfig {
+        busy_timeout: Duration::ZERO,
+        ..skein_outbox::StoreConfig::new(db.url())
+    })
+    .await?;
+    store.migrate("test_items", ITEMS).await?;
+    let nats = NatsServer::start().await?;
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "outbox-test")).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let relay = Relay::new(store.clone(), bus.publisher(), fast_relay());
+
+    let writers: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut tx = store.begin().await?;
+                insert_item(&mut tx, &format!("w{i}"), i).await?;
+                tx.publish(&Envelope::event(
+                    "test",
+                    &Happened {
+                        entity: format!("w{i}"),
+                        n: i,
+                    },
+                    &MessageContext::root(),
+                )?);
+                // Hold the lock long enough for the others to arrive.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                tx.commit().await?;
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    let mut published = 0;
+    for _ in 0..20 {
+        published += relay
+            .drain()
+            .await
+            .context("the relay met a busy database")?;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (i, writer) in writers.into_iter().enumerate() {
+        writer
+            .await?
+            .with_context(|| format!("writer {i} failed"))?;
+    }
+    published += relay.drain().await?;
+    let items: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items")
+        .fetch_one(store.pool())
+        .await?;
+    ensure!(items == 16, "{items} of 16 transactions committed");
+    ensure!(published == 16, "{published} of 16 messages published");
+    Ok(())
+}
