@@ -7,20 +7,51 @@
 //! messages the handler queued, together. A message already recorded is
 //! acknowledged without running the handler again: redeliveries, duplicate
 //! publishes beyond the stream's duplicate window and replays have no effect.
+//!
+//! # Group commit
+//!
+//! Deliveries from the worker's lanes queue for the inbox's *committers*
+//! (one on SQLite, which has one writer anyway; four on PostgreSQL). A
+//! committer takes every delivery waiting, up to [`MAX_BATCH`], and handles
+//! them one after another in one transaction: one `BEGIN`, one inbox insert,
+//! one outbox insert and one `COMMIT` for the lot, where each message used to
+//! pay for all four. Nothing waits for a batch to fill: a delivery that finds
+//! the queue empty is handled alone, at once; under load batches form by
+//! themselves.
+//!
+//! A batch is all or nothing. When any handler in it fails, or the commit
+//! does, the whole transaction rolls back and every message of the batch is
+//! handled again alone, in its own transaction, as if there had been no
+//! batch: each gets its own outcome (ack, retry or dead letter) and a
+//! failing message never takes the others' effects with it. Order is kept:
+//! a lane sends the next message about an entity only after the previous
+//! one's outcome, and a batch runs in arrival order.
 
 use std::future::Future;
+use std::sync::{Arc, OnceLock};
 
 use skein_bus::{Delivery, Handler, HandlerError};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::AbortHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::{Backend, Store};
 use crate::tx::Tx;
+
+/// The most messages one transaction takes.
+pub const MAX_BATCH: usize = 32;
 
 /// A handler that runs inside a service transaction.
 pub trait TxHandler: Send + Sync + 'static {
     /// Handles `delivery` using `tx`. Return an error to roll back; its kind
     /// decides between redelivery and dead-lettering.
+    ///
+    /// `tx` may hold other messages' changes (a batch, see the [module
+    /// docs](self)): the handler must not commit or roll it back, and it
+    /// sees what the messages before it in the batch wrote, as it would if
+    /// they had committed.
     fn handle(
         &self,
         tx: &mut Tx,
@@ -31,9 +62,44 @@ pub trait TxHandler: Send + Sync + 'static {
 /// A [`TxHandler`] made idempotent by the inbox.
 #[derive(Debug)]
 pub struct Inbox<H> {
+    shared: Arc<Shared<H>>,
+    committers: usize,
+    /// Started on the first delivery (a runtime is needed to spawn them).
+    queue: OnceLock<Committers>,
+}
+
+/// The queue to the committers, and the committers, which stop with the
+/// inbox: a worker stopped at once (a crash) rolls back what they hold.
+#[derive(Debug)]
+struct Committers {
+    queue: mpsc::Sender<Job>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl<H> Drop for Inbox<H> {
+    fn drop(&mut self) {
+        if let Some(committers) = self.queue.get() {
+            for task in &committers.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shared<H> {
     store: Store,
     name: String,
     handler: H,
+}
+
+/// A delivery waiting for a committer, and where its outcome goes.
+#[derive(Debug)]
+struct Job {
+    delivery: Delivery,
+    /// The lane's span, so the handler's logs carry the message's fields.
+    span: tracing::Span,
+    outcome: oneshot::Sender<Result<Processed, HandlerError>>,
 }
 
 impl<H: TxHandler> Inbox<H> {
@@ -41,10 +107,18 @@ impl<H: TxHandler> Inbox<H> {
     /// worker's consumer name). The name is a contract: renaming it forgets
     /// what was processed.
     pub fn new(store: Store, name: impl Into<String>, handler: H) -> Self {
+        let committers = match store.backend() {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 4,
+        };
         Self {
-            store,
-            name: name.into(),
-            handler,
+            shared: Arc::new(Shared {
+                store,
+                name: name.into(),
+                handler,
+            }),
+            committers,
+            queue: OnceLock::new(),
         }
     }
 }
@@ -61,13 +135,72 @@ pub enum Processed {
 impl<H: TxHandler> Inbox<H> {
     /// The inbox name (the worker's consumer name).
     pub fn name(&self) -> &str {
-        &self.name
+        &self.shared.name
     }
 
-    /// Runs the handler once for `delivery` and says whether it ran: the
-    /// same as [`Handler::handle`], for callers that report what happened
-    /// (`skein replay --into`).
+    /// Runs the handler once for `delivery`, in a transaction of its own,
+    /// and says whether it ran: the same as [`Handler::handle`] without
+    /// group commit, for callers that report what happened (`skein replay
+    /// --into`).
     pub async fn process(&self, delivery: &Delivery) -> Result<Processed, HandlerError> {
+        self.shared.process(delivery).await
+    }
+
+    fn queue(&self) -> &mpsc::Sender<Job> {
+        &self
+            .queue
+            .get_or_init(|| {
+                let (queue, rx) = mpsc::channel(1024);
+                let rx = Arc::new(Mutex::new(rx));
+                let tasks = (0..self.committers)
+                    .map(|_| {
+                        tokio::spawn(commit_loop(self.shared.clone(), rx.clone())).abort_handle()
+                    })
+                    .collect();
+                Committers { queue, tasks }
+            })
+            .queue
+    }
+}
+
+impl<H: TxHandler> Handler for Inbox<H> {
+    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        let stopped = || HandlerError::transient("the inbox's committer stopped");
+        let (outcome, answer) = oneshot::channel();
+        let job = Job {
+            delivery: delivery.clone(),
+            span: tracing::Span::current(),
+            outcome,
+        };
+        self.queue().send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?.map(|_| ())
+    }
+}
+
+/// A committer: takes what waits in the queue and handles it as one batch,
+/// until the inbox is dropped.
+async fn commit_loop<H: TxHandler>(shared: Arc<Shared<H>>, queue: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        shared.run(batch).await;
+    }
+}
+
+impl<H: TxHandler> Shared<H> {
+    async fn process(&self, delivery: &Delivery) -> Result<Processed, HandlerError> {
         let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
         let first = tx
             .mark_processed(&self.name, delivery.envelope.id)
@@ -81,11 +214,52 @@ impl<H: TxHandler> Inbox<H> {
         tx.commit().await.map_err(HandlerError::transient)?;
         Ok(Processed::Applied)
     }
-}
 
-impl<H: TxHandler> Handler for Inbox<H> {
-    async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        self.process(delivery).await.map(|_| ())
+    /// Handles `batch` in one transaction, or, when that fails, each
+    /// message alone; sends every outcome.
+    async fn run(&self, batch: Vec<Job>) {
+        if batch.len() > 1 {
+            match self.process_batch(&batch).await {
+                Ok(outcomes) => {
+                    for (job, outcome) in batch.into_iter().zip(outcomes) {
+                        let _ = job.outcome.send(Ok(outcome));
+                    }
+                    return;
+                }
+                Err(e) => tracing::debug!(
+                    handler = %self.name, messages = batch.len(), reason = %e.reason(),
+                    "batch rolled back; handling its messages one by one"
+                ),
+            }
+        }
+        for job in batch {
+            let outcome = self.process(&job.delivery).instrument(job.span).await;
+            let _ = job.outcome.send(outcome);
+        }
+    }
+
+    async fn process_batch(&self, batch: &[Job]) -> Result<Vec<Processed>, HandlerError> {
+        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
+        let ids: Vec<Uuid> = batch.iter().map(|j| j.delivery.envelope.id).collect();
+        let mut fresh = tx
+            .mark_processed_many(&self.name, &ids)
+            .await
+            .map_err(HandlerError::transient)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            // `remove`: the same message twice in one batch runs once.
+            if fresh.remove(&job.delivery.envelope.id) {
+                self.handler
+                    .handle(&mut tx, &job.delivery)
+                    .instrument(job.span.clone())
+                    .await?;
+                outcomes.push(Processed::Applied);
+            } else {
+                outcomes.push(Processed::AlreadyProcessed);
+            }
+        }
+        tx.commit().await.map_err(HandlerError::transient)?;
+        Ok(outcomes)
     }
 }
 

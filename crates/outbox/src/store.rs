@@ -108,6 +108,9 @@ impl Store {
                 let busy_ms = config.busy_timeout.as_millis();
                 AnyPoolOptions::new()
                     .max_connections(config.max_connections)
+                    // A file does not drop connections: no ping (a round
+                    // trip to the connection's thread) before every use.
+                    .test_before_acquire(false)
                     .after_connect(move |conn, _meta| {
                         Box::pin(async move {
                             // WAL lets readers run beside the writer; NORMAL

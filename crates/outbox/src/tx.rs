@@ -1,6 +1,7 @@
 //! A service transaction: state changes, inbox records and outgoing messages
 //! commit together.
 
+use std::collections::HashSet;
 use std::ops::{Deref, DerefMut};
 
 use skein_bus::Outgoing;
@@ -53,6 +54,42 @@ impl Tx {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Records that `handler` processed each message of `ids`, in one
+    /// statement, and returns those it had not processed before: only their
+    /// effects may be applied.
+    pub async fn mark_processed_many(
+        &mut self,
+        handler: &str,
+        ids: &[Uuid],
+    ) -> Result<HashSet<Uuid>> {
+        let mut seen = HashSet::with_capacity(ids.len());
+        let ids: Vec<Uuid> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
+        let mut fresh = HashSet::with_capacity(ids.len());
+        let now = crate::now_micros();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut sql =
+                String::from("INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ");
+            push_placeholders(&mut sql, chunk.len(), 3);
+            sql.push_str(" ON CONFLICT (handler, message_id) DO NOTHING RETURNING message_id");
+            let mut query = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                query = query.bind(handler).bind(id.to_string()).bind(now);
+            }
+            let inserted = query
+                .fetch_all(&mut *self.tx)
+                .await
+                .map_err(Error::query("cannot record the messages in the inbox"))?;
+            for id in inserted {
+                let id = Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
+                    id: id.clone(),
+                    reason: format!("inbox message id: {e}"),
+                })?;
+                fresh.insert(id);
+            }
+        }
+        Ok(fresh)
+    }
+
     /// Queues `envelope` for publication once this transaction commits.
     pub fn publish(&mut self, envelope: &Envelope) {
         self.outgoing.push(Outgoing::from(envelope));
@@ -77,37 +114,30 @@ impl Tx {
         let has_messages = !self.outgoing.is_empty();
         if has_messages {
             let now = crate::now_micros();
+            let mut rows = Vec::with_capacity(self.outgoing.len());
             for message in std::mem::take(&mut self.outgoing) {
-                let id = message
-                    .headers
-                    .get(async_nats::header::NATS_MESSAGE_ID)
-                    .map(|v| v.as_str().to_owned())
-                    .unwrap_or_else(|| Uuid::now_v7().to_string());
-                let headers: Vec<(String, String)> = message
-                    .headers
-                    .iter()
-                    .flat_map(|(name, values)| {
-                        let name = AsRef::<str>::as_ref(name).to_owned();
-                        values
-                            .iter()
-                            .map(move |v| (name.clone(), v.as_str().to_owned()))
-                    })
-                    .collect();
-                let headers = serde_json::to_string(&headers).map_err(|e| Error::CorruptRow {
-                    id: id.clone(),
-                    reason: e.to_string(),
-                })?;
-                sqlx::query(
-                    "INSERT INTO skein_outbox (id, subject, headers, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
-                )
-                .bind(id)
-                .bind(message.subject)
-                .bind(headers)
-                .bind(message.payload.to_vec())
-                .bind(now)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(Error::query("cannot write to the outbox"))?;
+                rows.push(OutboxRow::of(message)?);
+            }
+            // One statement per chunk of rows. Rows of one statement take
+            // their `seq` in the order they are listed.
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let mut sql = String::from(
+                    "INSERT INTO skein_outbox (id, subject, headers, payload, created_at) VALUES ",
+                );
+                push_placeholders(&mut sql, chunk.len(), 5);
+                let mut query = sqlx::query(&sql);
+                for row in chunk {
+                    query = query
+                        .bind(row.id.as_str())
+                        .bind(row.subject.as_str())
+                        .bind(row.headers.as_str())
+                        .bind(row.payload.as_slice())
+                        .bind(now);
+                }
+                query
+                    .execute(&mut *self.tx)
+                    .await
+                    .map_err(Error::query("cannot write to the outbox"))?;
             }
             if self.store.backend() == Backend::Postgres {
                 // Delivered to LISTENing relays when (and only if) we commit.
@@ -146,5 +176,81 @@ impl Deref for Tx {
 impl DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         &mut self.tx
+    }
+}
+
+/// Rows per multi-row statement: far below the bind-parameter limits of
+/// SQLite (32,766) and PostgreSQL (65,535) at five parameters a row.
+const ROWS_PER_STATEMENT: usize = 200;
+
+/// Appends `rows` groups of `columns` numbered placeholders:
+/// `($1, $2), ($3, $4)`.
+fn push_placeholders(sql: &mut String, rows: usize, columns: usize) {
+    use std::fmt::Write;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            let _ = write!(sql, "${}", row * columns + column + 1);
+        }
+        sql.push(')');
+    }
+}
+
+/// An outgoing message as an outbox row.
+struct OutboxRow {
+    id: String,
+    subject: String,
+    headers: String,
+    payload: Vec<u8>,
+}
+
+impl OutboxRow {
+    fn of(message: Outgoing) -> Result<Self> {
+        let id = message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_else(|| Uuid::now_v7().to_string());
+        let headers: Vec<(String, String)> = message
+            .headers
+            .iter()
+            .flat_map(|(name, values)| {
+                let name = AsRef::<str>::as_ref(name).to_owned();
+                values
+                    .iter()
+                    .map(move |v| (name.clone(), v.as_str().to_owned()))
+            })
+            .collect();
+        let headers = serde_json::to_string(&headers).map_err(|e| Error::CorruptRow {
+            id: id.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            id,
+            subject: message.subject,
+            headers,
+            payload: message.payload.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_placeholders;
+
+    #[test]
+    fn placeholders_are_numbered_row_by_row() {
+        let mut sql = String::new();
+        push_placeholders(&mut sql, 2, 3);
+        assert_eq!(sql, "($1, $2, $3), ($4, $5, $6)");
+        let mut one = String::new();
+        push_placeholders(&mut one, 1, 1);
+        assert_eq!(one, "($1)");
     }
 }

@@ -865,6 +865,167 @@ async fn a_worker_reports_backlog_lag_and_dead_letters_on_the_service_api(
     Ok(())
 }
 
+/// Counts its calls; applies a message and publishes one for it, or fails
+/// permanently (after writing) for an entity starting with "bad".
+struct CountingApply {
+    calls: Arc<AtomicUsize>,
+}
+
+impl TxHandler for CountingApply {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let event: Happened = delivery.envelope.decode()?;
+        sqlx::query("INSERT INTO items (entity, n) VALUES ($1, $2)")
+            .bind(format!("applied:{}", event.entity))
+            .bind(event.n)
+            .execute(&mut **tx)
+            .await
+            .map_err(HandlerError::transient)?;
+        tx.publish(&Envelope::event(
+            "test",
+            &Happened {
+                entity: format!("echo:{}", event.entity),
+                n: event.n,
+            },
+            &delivery.envelope.context(),
+        )?);
+        if event.entity.starts_with("bad") {
+            return Err(HandlerError::permanent("bad entity"));
+        }
+        Ok(())
+    }
+}
+
+fn delivery_of(entity: &str, n: i64) -> anyhow::Result<Delivery> {
+    let envelope = Envelope::event(
+        "test",
+        &Happened {
+            entity: entity.into(),
+            n,
+        },
+        &MessageContext::root(),
+    )?;
+    Ok(Delivery {
+        envelope,
+        info: skein_bus::DeliveryInfo {
+            stream: EVENTS.into(),
+            consumer: "batch".into(),
+            stream_sequence: u64::try_from(n)?,
+            delivered: 1,
+        },
+    })
+}
+
+/// Deliveries that arrive together commit in one transaction; when one of
+/// them fails, none of the batch's effects survive the rollback and each
+/// message is handled again alone: the failing one fails by itself (its
+/// writes and messages gone), the others apply once, with one outgoing
+/// message each.
+// On a runtime of one thread, so that every delivery is queued before a
+// committer runs and the batch is the same every time.
+#[tokio::test]
+async fn sqlite_batch_with_a_failing_message() -> anyhow::Result<()> {
+    a_batch_with_a_failing_message_applies_the_others_once_and_only_them(Backend::Sqlite).await
+}
+
+#[tokio::test]
+async fn postgres_batch_with_a_failing_message() -> anyhow::Result<()> {
+    a_batch_with_a_failing_message_applies_the_others_once_and_only_them(Backend::Postgres).await
+}
+
+async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    use skein_bus::Handler;
+    let h = Harness::start(backend).await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inbox = Inbox::new(
+        h.store.clone(),
+        "batch",
+        CountingApply {
+            calls: calls.clone(),
+        },
+    );
+    let bad = [6, 13];
+    let deliveries = (0..20)
+        .map(|i| {
+            let entity = if bad.contains(&i) {
+                format!("bad{i}")
+            } else {
+                format!("e{i}")
+            };
+            delivery_of(&entity, i)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // All twenty queue before a committer runs: one batch.
+    let outcomes = futures::future::join_all(deliveries.iter().map(|d| inbox.handle(d))).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        let i = i64::try_from(i)?;
+        match outcome {
+            Err(e) if bad.contains(&i) => ensure!(
+                e.kind() == skein_bus::ErrorKind::Permanent,
+                "message {i}: {e:?}"
+            ),
+            Ok(()) if !bad.contains(&i) => {}
+            other => anyhow::bail!("message {i}: unexpected outcome {other:?}"),
+        }
+    }
+    // The batch ran up to the first bad message (7 calls), rolled back,
+    // then every message ran alone (20 calls).
+    ensure!(
+        calls.load(Ordering::SeqCst) == 27,
+        "{} handler calls: the batch did not run or was not rolled back",
+        calls.load(Ordering::SeqCst)
+    );
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 18);
+    ensure!(h.count("SELECT COUNT(DISTINCT entity) FROM items").await? == 18);
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items WHERE entity LIKE 'applied:bad%'")
+            .await?
+            == 0
+    );
+    ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 18);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_inbox").await? == 18);
+
+    // A clean batch, with two already processed messages in it: one
+    // transaction, and the old ones do not run again.
+    calls.store(0, Ordering::SeqCst);
+    let mut again = (20..30)
+        .map(|i| delivery_of(&format!("e{i}"), i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    again.push(deliveries[0].clone());
+    again.push(deliveries[19].clone());
+    let outcomes = futures::future::join_all(again.iter().map(|d| inbox.handle(d))).await;
+    ensure!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    ensure!(
+        calls.load(Ordering::SeqCst) == 10,
+        "{} calls",
+        calls.load(Ordering::SeqCst)
+    );
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 28);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 28);
+
+    // Every outgoing message reaches the stream once, in commit order.
+    h.spawn_relay();
+    eventually(Duration::from_secs(10), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the relay did not publish the batches' messages")?;
+    let published = h.stream_messages().await?;
+    let echoes: Vec<String> = published
+        .iter()
+        .map(|m| m.subject.to_string())
+        .filter(|s| s.contains("echo:"))
+        .collect();
+    ensure!(echoes.len() == 28, "{} echoes published", echoes.len());
+    let mut distinct = echoes.clone();
+    distinct.sort();
+    distinct.dedup();
+    ensure!(distinct.len() == 28, "duplicate echoes: {echoes:?}");
+    Ok(())
+}
+
 backend_tests!(
     a_worker_reports_backlog_lag_and_dead_letters_on_the_service_api,
     two_copies_share_the_work_each_message_applied_once_in_entity_order,
