@@ -151,6 +151,10 @@ impl Relay {
         sqlx::query(&format!(
             "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
         ))
+        // A new text every round: kept prepared, each would stay in the
+        // connection's statement cache (a hundred per connection, each as
+        // large as its list) for nothing.
+        .persistent(false)
         .bind(crate::now_micros())
         .execute(self.store.pool())
         .await
