@@ -11,7 +11,8 @@
 //! # Group commit
 //!
 //! Deliveries from the worker's lanes queue for the inbox's *committers*
-//! (one on SQLite, which has one writer anyway; four on PostgreSQL). A
+//! (one on SQLite, which has one writer anyway; on PostgreSQL four, or
+//! fewer when the pool is small: one connection stays for queries). A
 //! committer takes every delivery waiting, up to [`MAX_BATCH`], and handles
 //! them one after another in one transaction: one `BEGIN`, one inbox insert,
 //! one outbox insert and one `COMMIT` for the lot, where each message used to
@@ -109,7 +110,11 @@ impl<H: TxHandler> Inbox<H> {
     pub fn new(store: Store, name: impl Into<String>, handler: H) -> Self {
         let committers = match store.backend() {
             Backend::Sqlite => 1,
-            Backend::Postgres => 4,
+            // Up to four, leaving a connection of the pool to queries.
+            Backend::Postgres => {
+                let pool = store.pool().options().get_max_connections();
+                usize::try_from(pool.saturating_sub(1)).unwrap_or(1).clamp(1, 4)
+            }
         };
         Self {
             shared: Arc::new(Shared {
