@@ -7,33 +7,51 @@
 //!    with a run id, so runs never share stock): ordinary ones with ample
 //!    stock and small prices, a scarce one with no stock, and an expensive
 //!    one no customer can pay for. `--customers` customers register and log
-//!    in. The run then waits until payments has opened their accounts.
-//! 2. **Orders.** `--concurrency` tasks, each with its own keep-alive
-//!    connection, place `--orders` orders (at `--rate` per second, or as fast
-//!    as answers come). The `--failure-mix` decides how many are meant to
-//!    fail: *out-of-stock* orders add a line of the scarce product (catalog
-//!    must reject the whole reservation), *declined* orders add the
-//!    expensive product (payments declines, the saga releases the stock).
-//!    Every order carries an `Idempotency-Key` and asks `Prefer: wait`, so
-//!    one request usually answers with the final state; a 202 is followed by
-//!    polling, and a failed request (connection lost, 429, 5xx) is sent
-//!    again with the same key, which can never place the order twice.
+//!    in. The run then waits until payments has opened their accounts and
+//!    reads each starting balance (which must be below the expensive price).
+//!    Set-up requests are retried after 429, 5xx and lost connections;
+//!    product creation carries an `Idempotency-Key`, and a product found to
+//!    exist already (409, an earlier try that worked) is looked up by SKU.
+//! 2. **Orders.** `placing N orders` goes to stderr (also with `--json`, so
+//!    a supervising process knows when set-up is over). `--concurrency`
+//!    tasks, each with its own keep-alive connection, place `--orders`
+//!    orders (at `--rate` per second, or as fast as answers come). The
+//!    `--failure-mix` decides how many are meant to fail: *out-of-stock*
+//!    orders add a line of the scarce product (catalog must reject the whole
+//!    reservation), *declined* orders add the expensive product (payments
+//!    declines, the saga releases the stock). Every order carries an
+//!    `Idempotency-Key` and asks `Prefer: wait`, so one request usually
+//!    answers with the final state; a 202 is followed by polling, and a
+//!    failed request (connection lost, 429, 5xx) is sent again with the same
+//!    key, which can never place the order twice. A 401 (a token expired
+//!    during a long run) logs in again and sends the request once more.
 //! 3. **Settling.** Each order has `--settle-timeout` to become final
 //!    (confirmed, rejected or cancelled); one that does not is *stuck*.
+//!    Latency runs from the order's first request, or with `--rate` from the
+//!    moment the schedule wanted it sent, so a backed-up system cannot hide
+//!    its queueing (coordinated omission).
 //! 4. **Invariants**, from what the services report, not from what the run
-//!    believes: no order lost or stuck; every order meant to fail was
-//!    rejected and every final order costs what its lines do; the stock of
-//!    each product is its initial stock less the confirmed units (HTTP
-//!    catalog); the money is conserved (payments' ledger over NATS: balances
-//!    plus captured equals granted, and the captured amount grew by exactly
-//!    the confirmed totals). The exit status is non-zero when one fails.
+//!    believes: no order lost or stuck; each order ended as its kind allows,
+//!    for the reason its kind allows, and costs what its lines do; each
+//!    customer's order list (`GET /v1/orders` as that customer) holds
+//!    exactly the orders this run placed for them, in the same state; the
+//!    stock of each product is its initial stock less the confirmed units
+//!    (HTTP catalog); the money is conserved: payments' ledger over NATS
+//!    (balances plus captured equals granted, and the captured amount grew
+//!    by exactly the confirmed totals) and per customer (starting balance
+//!    less the balance now equals their confirmed orders' totals). The
+//!    reads are retried after transient errors and repeated while they
+//!    disagree, for `--settle-timeout` (at least 30 s): compensations may be
+//!    in flight when an order is already final. The exit status is non-zero
+//!    when one fails.
 //!
-//! The money check assumes no other orders are placed during the run.
+//! The global money check assumes no other orders are placed during the
+//! run; the per-customer checks do not (the customers are the run's own).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -42,9 +60,10 @@ use http_body_util::{BodyExt, Full};
 use serde::Serialize;
 use serde_json::{json, Value};
 use skein_bus::Bus;
-use skein_contracts::payments::{Ledger, LedgerTotals};
-use skein_contracts::{MAX_PRICE_CENTS, MAX_QUANTITY};
-use skein_service::request;
+use skein_contracts::payments::{GetAccount, Ledger, LedgerTotals};
+use skein_contracts::{Caller, MAX_PRICE_CENTS, MAX_QUANTITY};
+use skein_message::Query;
+use skein_service::{request, RequestError};
 use uuid::Uuid;
 
 /// Place orders through the HTTP API, wait until each is final, check the invariants.
@@ -69,12 +88,13 @@ pub(crate) struct Args {
     /// stock; declined orders one that costs more than any account holds.
     #[arg(long, default_value = "out-of-stock=0.05,declined=0.05")]
     failure_mix: String,
-    /// Place orders at this rate per second (open loop); 0: as fast as the
-    /// concurrency allows.
+    /// Place orders at this rate per second (open loop; at least 0.001);
+    /// 0: as fast as the concurrency allows.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
     /// Seconds each order may take from its first request to its final state
-    /// before it counts as stuck.
+    /// before it counts as stuck; also how long the invariant checks may
+    /// wait for the services to agree (at least 30 s).
     #[arg(long, default_value_t = 60)]
     settle_timeout: u64,
     /// Seconds the ingress may hold an answer until the order is final
@@ -96,18 +116,32 @@ pub(crate) struct Args {
     json: bool,
 }
 
-/// Starting balance the expensive product is sure to exceed.
+/// Price of the product no account can pay for: starting balances must be
+/// below it (set-up checks).
 const EXPENSIVE_PRICE_CENTS: i64 = MAX_PRICE_CENTS;
 /// A customer's password; the accounts exist only for the run.
 const CUSTOMER_PASSWORD: &str = "skein load customer password";
+/// The slowest `--rate`: one order in 1,000 s. Slower is a mistake, and
+/// its schedule would not fit a `Duration`.
+const MIN_RATE: f64 = 0.001;
+/// The longest open-loop schedule `--orders` and `--rate` may make.
+const MAX_SCHEDULE: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The longest `Retry-After` obeyed at once (log-ins ask for 6 s by default).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// How long logging in again after a 401 may take.
+const RENEWAL_TIMEOUT: Duration = Duration::from_secs(120);
+/// The shortest time the invariant checks may wait for agreement.
+const MIN_CHECK_WINDOW: Duration = Duration::from_secs(30);
 
 /// What an order is meant to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 enum Kind {
-    /// Any final state is right (a provider may decline it).
+    /// Confirmed, unless payments declines it (`provider_declined` from
+    /// the simulated provider, `insufficient_funds` once a customer's
+    /// balance runs out).
     Normal,
-    /// Must be rejected: one line cannot be reserved.
+    /// Must be rejected: the scarce line cannot be reserved.
     OutOfStock,
     /// Must be rejected: no account can pay for it.
     Declined,
@@ -171,6 +205,32 @@ impl Mix {
             Kind::Normal
         }
     }
+}
+
+/// Refuses arguments that cannot make a run, saying which flag to fix;
+/// returns the parsed failure mix.
+fn validate(args: &Args) -> anyhow::Result<Mix> {
+    let mix = Mix::parse(&args.failure_mix)?;
+    ensure!(args.orders > 0, "--orders must be at least 1");
+    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
+    ensure!(args.customers > 0, "--customers must be at least 1");
+    ensure!(
+        args.rate == 0.0 || (args.rate.is_finite() && args.rate >= MIN_RATE),
+        "--rate must be a number of orders per second of at least {MIN_RATE} (one in 1,000 s), \
+         or 0 for as fast as possible; not {:?}",
+        args.rate
+    );
+    ensure!(
+        args.rate == 0.0 || args.orders as f64 / args.rate <= MAX_SCHEDULE.as_secs_f64(),
+        "--orders {} at --rate {} would take more than a year to place",
+        args.orders,
+        args.rate
+    );
+    ensure!(
+        args.settle_timeout > 0,
+        "--settle-timeout must be at least 1 second"
+    );
+    Ok(mix)
 }
 
 /// One of this run's products.
@@ -242,7 +302,8 @@ struct Outcome {
     status: String,
     reason: Option<String>,
     total_cents: Option<i64>,
-    /// First request to final state.
+    /// From its first request (with `--rate`: from when it was due) to
+    /// its final state.
     latency: Option<Duration>,
     /// Why it never became final, or never was accepted.
     error: Option<String>,
@@ -250,22 +311,35 @@ struct Outcome {
 
 impl Outcome {
     fn is_final(&self) -> bool {
-        matches!(self.status.as_str(), "confirmed" | "rejected" | "cancelled")
+        is_final(&self.status)
     }
 }
 
-/// Figures shared by the order tasks.
+fn is_final(status: &str) -> bool {
+    matches!(status, "confirmed" | "rejected" | "cancelled")
+}
+
+/// Figures shared by the tasks, set-up included.
 #[derive(Debug, Default)]
 struct Counters {
     requests: AtomicU64,
     retries: AtomicU64,
     rate_limited: AtomicU64,
+    /// Log-ins again after a 401 (an expired token).
+    renewed_logins: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// An HTTP/1 connection to the API that reconnects after an error.
 #[derive(Debug)]
 struct Http {
-    addr: SocketAddr,
+    /// Every address the host resolves to; the one that last worked first.
+    addrs: Vec<SocketAddr>,
     authority: String,
     sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
@@ -296,24 +370,26 @@ impl Http {
             .with_context(|| format!("--url {url:?} names no host"))?
             .clone();
         let port = authority.port_u16().unwrap_or(80);
-        let addr = tokio::net::lookup_host((authority.host(), port))
+        // `localhost` may resolve to ::1 first while the ingress listens on
+        // 127.0.0.1 only: every address is tried.
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((authority.host(), port))
             .await
             .with_context(|| format!("cannot resolve {}", authority.host()))?
-            .next()
-            .with_context(|| format!("{} has no address", authority.host()))?;
-        Ok(Self {
-            addr,
-            authority: authority.to_string(),
+            .collect();
+        ensure!(!addrs.is_empty(), "{} has no address", authority.host());
+        Ok(Self::with_addrs(addrs, authority.to_string()))
+    }
+
+    fn with_addrs(addrs: Vec<SocketAddr>, authority: String) -> Self {
+        Self {
+            addrs,
+            authority,
             sender: None,
-        })
+        }
     }
 
     fn fresh(&self) -> Self {
-        Self {
-            addr: self.addr,
-            authority: self.authority.clone(),
-            sender: None,
-        }
+        Self::with_addrs(self.addrs.clone(), self.authority.clone())
     }
 
     async fn call(
@@ -335,6 +411,26 @@ impl Http {
         result
     }
 
+    /// A connection to the first address that accepts one.
+    async fn connect(&mut self) -> anyhow::Result<tokio::net::TcpStream> {
+        let mut last = None;
+        for (n, addr) in self.addrs.iter().enumerate() {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    // Try it first next time.
+                    self.addrs[..=n].rotate_right(1);
+                    return Ok(stream);
+                }
+                Err(e) => last = Some(format!("{addr}: {e}")),
+            }
+        }
+        bail!(
+            "cannot connect to {} ({})",
+            self.authority,
+            last.unwrap_or_else(|| "no address".to_owned())
+        )
+    }
+
     async fn send(
         &mut self,
         method: &str,
@@ -343,12 +439,10 @@ impl Http {
         headers: &[(&str, String)],
         body: Option<&Value>,
     ) -> anyhow::Result<Answer> {
-        let sender = match &mut self.sender {
-            Some(sender) if !sender.is_closed() => sender,
+        let sender = match self.sender.take() {
+            Some(sender) if !sender.is_closed() => self.sender.insert(sender),
             _ => {
-                let stream = tokio::net::TcpStream::connect(self.addr)
-                    .await
-                    .with_context(|| format!("cannot connect to {}", self.addr))?;
+                let stream = self.connect().await?;
                 stream.set_nodelay(true)?;
                 let (sender, connection) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
@@ -401,49 +495,183 @@ fn problem(answer: &Answer) -> String {
     }
 }
 
-/// How long to wait before trying again after `answer` (or a transport error).
+/// How long to wait before trying again after `answer` (or a transport
+/// error): what `Retry-After` asks, up to a minute, else a doubling pause
+/// up to 5 s.
 fn backoff(answer: Option<&Answer>, attempt: u32) -> Duration {
-    answer
-        .and_then(|a| a.retry_after)
-        .unwrap_or_else(|| Duration::from_millis(50u64 << attempt.min(5)))
-        .min(Duration::from_secs(5))
+    match answer.and_then(|a| a.retry_after) {
+        Some(asked) => asked.min(MAX_RETRY_AFTER),
+        None => Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(5)),
+    }
 }
 
-/// Sends an idempotent set-up request until it gets an answer that is not
-/// 429 or 5xx (or `deadline` passes).
+/// Whether a request is worth sending again: rate limited, a server
+/// error, or no answer at all.
+fn transient(answer: &anyhow::Result<Answer>) -> bool {
+    match answer {
+        Ok(a) => a.status == 429 || a.status >= 500,
+        Err(_) => true,
+    }
+}
+
+/// A logged-in account. Access tokens expire (15 minutes by default) and
+/// a long run outlives them: after a 401 the account logs in again.
+#[derive(Debug)]
+struct Session {
+    email: String,
+    password: String,
+    token: Mutex<Arc<str>>,
+    /// One log-in at a time: the tasks that met the same expired token
+    /// wait for it and use the new one.
+    renewing: tokio::sync::Mutex<()>,
+}
+
+impl Session {
+    fn new(email: &str, password: &str, token: Arc<str>) -> Self {
+        Self {
+            email: email.to_owned(),
+            password: password.to_owned(),
+            token: Mutex::new(token),
+            renewing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn token(&self) -> Arc<str> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A token newer than `stale`: one another task got meanwhile, or a new log-in.
+    async fn renew(
+        &self,
+        http: &mut Http,
+        stale: &Arc<str>,
+        counters: &Counters,
+    ) -> anyhow::Result<Arc<str>> {
+        let _one = self.renewing.lock().await;
+        let current = self.token();
+        if !Arc::ptr_eq(&current, stale) {
+            return Ok(current);
+        }
+        let mut limiting = Limiting::default();
+        // Boxed: logging in is a request like the one that needed it.
+        let token: Arc<str> = Box::pin(log_in(
+            http,
+            &self.email,
+            &self.password,
+            Instant::now() + RENEWAL_TIMEOUT,
+            counters,
+            &mut limiting,
+        ))
+        .await
+        .with_context(|| format!("logging in again as {} after a 401", self.email))?
+        .into();
+        Counters::add(&counters.renewed_logins);
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = token.clone();
+        Ok(token)
+    }
+}
+
+/// Sends a request as `session`; a 401 (an expired token) logs in again
+/// and sends it once more.
+#[allow(clippy::too_many_arguments)]
+async fn call_as(
+    http: &mut Http,
+    session: &Session,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<&Value>,
+    timeout: Duration,
+    counters: &Counters,
+) -> anyhow::Result<Answer> {
+    let token = session.token();
+    let answer = http
+        .call(method, path, Some(&token), headers, body, timeout)
+        .await?;
+    if answer.status != 401 {
+        return Ok(answer);
+    }
+    let token = session.renew(http, &token, counters).await?;
+    http.call(method, path, Some(&token), headers, body, timeout)
+        .await
+}
+
+/// Whether the ingress is refusing this run's requests (429) right now, so
+/// that each time it starts is announced once.
+#[derive(Debug, Default)]
+struct Limiting {
+    now: bool,
+}
+
+impl Limiting {
+    /// Notes an answer; warns on stderr when rate limiting starts.
+    fn note(&mut self, answer: &anyhow::Result<Answer>, what: &str, counters: &Counters) {
+        match answer {
+            Ok(a) if a.status == 429 => {
+                Counters::add(&counters.rate_limited);
+                if !self.now {
+                    eprintln!(
+                        "  the ingress rate-limits {what} (429); waiting {} s as it asks \
+                         (its --login-rate-limit limits registering and logging in, \
+                         --rate-limit everything else)",
+                        backoff(Some(a), 0).as_secs_f64().ceil()
+                    );
+                }
+                self.now = true;
+            }
+            Ok(_) => self.now = false,
+            Err(_) => {}
+        }
+    }
+}
+
+/// A set-up request: sent again after 429, 5xx or a lost connection until
+/// `deadline`, as `session` when given (a 401 logs in again). Each onset of
+/// rate limiting is announced on stderr.
+#[allow(clippy::too_many_arguments)]
 async fn setup_call(
     http: &mut Http,
     method: &str,
     path: &str,
-    token: Option<&str>,
-    body: &Value,
+    session: Option<&Session>,
+    headers: &[(&str, String)],
+    body: Option<&Value>,
     deadline: Instant,
-    rate_limited: &mut bool,
+    counters: &Counters,
+    limiting: &mut Limiting,
 ) -> anyhow::Result<Answer> {
+    let timeout = Duration::from_secs(30);
+    let what = format!("{method} {path}");
     let mut attempt = 0;
     loop {
-        let answer = http
-            .call(
-                method,
-                path,
-                token,
-                &[],
-                Some(body),
-                Duration::from_secs(30),
-            )
-            .await;
-        let retry = match &answer {
-            Ok(a) if a.status == 429 => {
-                *rate_limited = true;
-                true
+        Counters::add(&counters.requests);
+        let answer = match session {
+            Some(session) => {
+                call_as(
+                    http, session, method, path, headers, body, timeout, counters,
+                )
+                .await
             }
-            Ok(a) => a.status >= 500,
-            Err(_) => true,
+            None => http.call(method, path, None, headers, body, timeout).await,
         };
-        if !retry || Instant::now() + backoff(answer.as_ref().ok(), attempt) > deadline {
-            return answer.with_context(|| format!("{method} {path}"));
+        limiting.note(&answer, &what, counters);
+        if !transient(&answer) {
+            return answer.with_context(|| what.clone());
         }
-        tokio::time::sleep(backoff(answer.as_ref().ok(), attempt)).await;
+        let pause = backoff(answer.as_ref().ok(), attempt);
+        if Instant::now() + pause > deadline {
+            return match answer {
+                Ok(a) if a.status == 429 => bail!(
+                    "{what}: still rate limited (429) when set-up ran out of time: raise the \
+                     ingress's --login-rate-limit (registering and logging in, per IP; one every \
+                     6 s by default) and --rate-limit, or use fewer --customers"
+                ),
+                Ok(a) => bail!("{what} kept failing: {}", problem(&a)),
+                Err(e) => Err(e.context(format!("{what} kept failing"))),
+            };
+        }
+        Counters::add(&counters.retries);
+        tokio::time::sleep(pause).await;
         attempt += 1;
     }
 }
@@ -454,16 +682,19 @@ async fn log_in(
     email: &str,
     password: &str,
     deadline: Instant,
-    rate_limited: &mut bool,
+    counters: &Counters,
+    limiting: &mut Limiting,
 ) -> anyhow::Result<String> {
     let answer = setup_call(
         http,
         "POST",
         "/v1/auth/token",
         None,
-        &json!({"email": email, "password": password}),
+        &[],
+        Some(&json!({"email": email, "password": password})),
         deadline,
-        rate_limited,
+        counters,
+        limiting,
     )
     .await?;
     ensure!(
@@ -477,19 +708,15 @@ async fn log_in(
         .context("the token answer has no access_token")
 }
 
+/// One of this run's customers.
+#[derive(Debug)]
+struct Customer {
+    id: Uuid,
+    session: Session,
+}
+
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
-    let mix = Mix::parse(&args.failure_mix)?;
-    ensure!(args.orders > 0, "--orders must be at least 1");
-    ensure!(args.concurrency > 0, "--concurrency must be at least 1");
-    ensure!(args.customers > 0, "--customers must be at least 1");
-    ensure!(
-        args.rate.is_finite() && args.rate >= 0.0,
-        "--rate must be a number of orders per second, or 0 for as fast as possible"
-    );
-    ensure!(
-        args.settle_timeout > 0,
-        "--settle-timeout must be at least 1 second"
-    );
+    let mix = validate(&args)?;
     let (Some(admin_email), Some(admin_password)) = (&args.admin_email, &args.admin_password)
     else {
         bail!(
@@ -529,20 +756,28 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let bus = super::connect(nats_url).await.with_context(|| {
         format!("skein load reads payments' ledger over NATS at {nats_url}; pass --nats-url")
     })?;
-    let ledger_before = ledger(&bus).await?;
+    let ledger_before = ask(&bus, &Ledger {}, Instant::now() + Duration::from_secs(30))
+        .await
+        .map_err(payments_error)?;
 
     // --- Set-up --------------------------------------------------------------
-    let setup_deadline = Instant::now() + Duration::from_secs(300);
-    let mut rate_limited = false;
-    let admin = log_in(
+    // Registering and logging in are limited per IP (by default one every
+    // 6 s after a burst of 10): give each customer's two such requests time.
+    let setup_deadline = Instant::now()
+        + Duration::from_secs(300_u64.saturating_add((args.customers as u64).saturating_mul(12)));
+    let counters = Arc::new(Counters::default());
+    let mut limiting = Limiting::default();
+    let admin_token = log_in(
         &mut http,
         admin_email,
         admin_password,
         setup_deadline,
-        &mut rate_limited,
+        &counters,
+        &mut limiting,
     )
     .await
     .context("the admin cannot log in (check --admin-email and --admin-password)")?;
+    let admin = Session::new(admin_email, admin_password, admin_token.into());
     let run_id = Uuid::now_v7().simple().to_string();
     let tag = &run_id[run_id.len() - 10..];
     // Enough stock that ordinary orders never run out: at most 6 units an order.
@@ -558,26 +793,41 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             n if n == ordinary => ("scarce".to_owned(), 10, 0),
             _ => ("expensive".to_owned(), EXPENSIVE_PRICE_CENTS, MAX_QUANTITY),
         };
+        let sku = format!("load-{tag}-{n}");
         let answer = setup_call(
             &mut http,
             "POST",
             "/v1/products",
             Some(&admin),
-            &json!({"sku": format!("load-{tag}-{n}"), "name": format!("Load {tag} {name}"),
-                    "price_cents": price_cents, "stock": stock}),
+            &[("idempotency-key", format!("load-{tag}-product-{n}"))],
+            Some(&json!({"sku": sku, "name": format!("Load {tag} {name}"),
+                         "price_cents": price_cents, "stock": stock})),
             setup_deadline,
-            &mut rate_limited,
+            &counters,
+            &mut limiting,
         )
         .await?;
-        ensure!(
-            answer.status == 201,
-            "creating a product: {}",
-            problem(&answer)
-        );
-        let id = answer.body["id"]
-            .as_str()
-            .and_then(|id| id.parse().ok())
-            .context("the product answer has no id")?;
+        let id = match answer.status {
+            201 => answer.body["id"]
+                .as_str()
+                .and_then(|id| id.parse().ok())
+                .context("the product answer has no id")?,
+            // An earlier try created it, and the answer was lost with an
+            // ingress that no longer remembers the key (restarted, or
+            // another copy behind a load balancer).
+            409 => {
+                find_product(
+                    &mut http,
+                    &admin,
+                    &sku,
+                    setup_deadline,
+                    &counters,
+                    &mut limiting,
+                )
+                .await?
+            }
+            _ => bail!("creating a product: {}", problem(&answer)),
+        };
         created.push(Product {
             id,
             price_cents,
@@ -596,7 +846,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         ordinary + 2,
         args.customers
     ));
-    let mut tokens = Vec::with_capacity(args.customers);
+    let mut customers = Vec::with_capacity(args.customers);
     for n in 0..args.customers {
         let email = format!("load-{tag}-{n}@load.skein.test");
         let answer = setup_call(
@@ -604,9 +854,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             "POST",
             "/v1/auth/register",
             None,
-            &json!({"email": email, "password": CUSTOMER_PASSWORD, "name": format!("Load customer {n}")}),
+            &[],
+            Some(&json!({"email": email, "password": CUSTOMER_PASSWORD, "name": format!("Load customer {n}")})),
             setup_deadline,
-            &mut rate_limited,
+            &counters,
+            &mut limiting,
         )
         .await?;
         // 409: a retried registration that had worked.
@@ -615,24 +867,61 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             "registering a customer: {}",
             problem(&answer)
         );
-        tokens.push(Arc::<str>::from(
-            log_in(
-                &mut http,
-                &email,
-                CUSTOMER_PASSWORD,
-                setup_deadline,
-                &mut rate_limited,
-            )
-            .await?,
-        ));
-        if rate_limited && n == 0 {
-            say("  registration is rate-limited by the ingress (--login-rate-limit); waiting as it asks".to_owned());
+        let registered = answer.body["id"].as_str().and_then(|id| id.parse().ok());
+        let token = log_in(
+            &mut http,
+            &email,
+            CUSTOMER_PASSWORD,
+            setup_deadline,
+            &counters,
+            &mut limiting,
+        )
+        .await?;
+        let session = Session::new(&email, CUSTOMER_PASSWORD, token.into());
+        let id = match registered {
+            Some(id) => id,
+            None => {
+                let me = setup_call(
+                    &mut http,
+                    "GET",
+                    "/v1/me",
+                    Some(&session),
+                    &[],
+                    None,
+                    setup_deadline,
+                    &counters,
+                    &mut limiting,
+                )
+                .await?;
+                ensure!(me.status == 200, "GET /v1/me as {email}: {}", problem(&me));
+                me.body["id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .context("GET /v1/me answered no id")?
+            }
+        };
+        customers.push(Customer { id, session });
+    }
+    let starting = wait_for_accounts(&bus, &customers).await?;
+    if mix.declined > 0.0 {
+        if let Some((n, balance)) = starting
+            .iter()
+            .enumerate()
+            .find(|(_, b)| **b >= EXPENSIVE_PRICE_CENTS)
+        {
+            bail!(
+                "customer {n} starts with {balance} cents, not less than the unaffordable \
+                 product's price ({EXPENSIVE_PRICE_CENTS} cents): its declined orders would be \
+                 paid. Start payments with a smaller --starting-balance-cents, or leave \
+                 declined out of --failure-mix"
+            );
         }
     }
-    wait_for_accounts(&bus, ledger_before.accounts + args.customers as i64).await?;
 
     // --- Orders --------------------------------------------------------------
     let plans = plan_orders(&catalog, &args, mix, seed);
+    // Always, --json or not: whoever runs this learns that set-up is over.
+    eprintln!("placing {} orders", plans.len());
     let progress = if args.json {
         indicatif::ProgressBar::hidden()
     } else {
@@ -645,17 +934,16 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         bar
     };
     let plans = Arc::new(plans);
-    let tokens = Arc::new(tokens);
+    let customers = Arc::new(customers);
     let next = Arc::new(AtomicUsize::new(0));
-    let counters = Arc::new(Counters::default());
     let settle = Duration::from_secs(args.settle_timeout);
     let wait = args.wait.min(30);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(plans.len()) {
-        let (plans, tokens, next, counters) = (
+        let (plans, customers, next, counters) = (
             plans.clone(),
-            tokens.clone(),
+            customers.clone(),
             next.clone(),
             counters.clone(),
         );
@@ -666,18 +954,20 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(plan) = plans.get(i) else { break };
-                if rate > 0.0 {
-                    let due = started + Duration::from_secs_f64(i as f64 / rate);
+                // The open-loop schedule (validate keeps it under a year).
+                let due = (rate > 0.0).then(|| started + Duration::from_secs_f64(i as f64 / rate));
+                if let Some(due) = due {
                     tokio::time::sleep_until(due.into()).await;
                 }
                 let key = format!("load-{tag}-{i}");
                 let outcome = place(
                     &mut http,
                     plan,
-                    &tokens[plan.customer],
+                    &customers[plan.customer].session,
                     &key,
                     wait,
                     settle,
+                    due,
                     &counters,
                 )
                 .await;
@@ -701,7 +991,19 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     outcomes.sort_by_key(|o| o.plan.index);
 
     // --- Invariants ----------------------------------------------------------
-    let checks = check(&mut http, &admin, &bus, &catalog, &outcomes, &ledger_before).await?;
+    let window = settle.max(MIN_CHECK_WINDOW);
+    let checks = check(
+        &mut http,
+        &admin,
+        &bus,
+        &catalog,
+        &customers,
+        &starting,
+        &outcomes,
+        &ledger_before,
+        window,
+    )
+    .await;
     let report = Report::new(&args, tag, seed, mix, &outcomes, elapsed, &counters, checks);
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -714,14 +1016,55 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The id of this run's product `sku`, which exists already.
+async fn find_product(
+    http: &mut Http,
+    admin: &Session,
+    sku: &str,
+    deadline: Instant,
+    counters: &Counters,
+    limiting: &mut Limiting,
+) -> anyhow::Result<Uuid> {
+    let answer = setup_call(
+        http,
+        "GET",
+        "/v1/products",
+        Some(admin),
+        &[],
+        None,
+        deadline,
+        counters,
+        limiting,
+    )
+    .await?;
+    ensure!(
+        answer.status == 200,
+        "GET /v1/products: {}",
+        problem(&answer)
+    );
+    answer.body["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["sku"] == sku)
+        .and_then(|p| p["id"].as_str()?.parse().ok())
+        .with_context(|| {
+            format!(
+                "creating product {sku}: 409 (it exists), yet GET /v1/products does not list it"
+            )
+        })
+}
+
 /// Places one order and follows it until it is final or `settle` passes.
+#[allow(clippy::too_many_arguments)]
 async fn place(
     http: &mut Http,
     plan: &Plan,
-    token: &str,
+    session: &Session,
     key: &str,
     wait: u64,
     settle: Duration,
+    due: Option<Instant>,
     counters: &Counters,
 ) -> Outcome {
     let body = json!({"lines": plan.lines.iter()
@@ -735,8 +1078,11 @@ async fn place(
         latency: None,
         error: None,
     };
-    let started = Instant::now();
-    let deadline = started + settle;
+    let first_request = Instant::now();
+    // Open loop: the order's latency includes any time it waited for a
+    // free task past its due time.
+    let since = due.unwrap_or(first_request);
+    let deadline = first_request + settle;
     let timeout = Duration::from_secs(wait + 10);
     let mut attempt = 0u32;
     // Place it: until an answer says the order exists.
@@ -747,34 +1093,28 @@ async fn place(
         if attempt == 0 && wait > 0 {
             headers.push(("prefer", format!("wait={wait}")));
         }
-        counters.requests.fetch_add(1, Ordering::Relaxed);
-        let answer = http
-            .call(
-                "POST",
-                "/v1/orders",
-                Some(token),
-                &headers,
-                Some(&body),
-                timeout,
-            )
-            .await;
-        let done = match &answer {
-            Ok(a) if (200..=202).contains(&a.status) => true,
-            Ok(a) if a.status == 429 || a.status >= 500 => {
-                if a.status == 429 {
-                    counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                }
-                false
-            }
+        Counters::add(&counters.requests);
+        let answer = call_as(
+            http,
+            session,
+            "POST",
+            "/v1/orders",
+            &headers,
+            Some(&body),
+            timeout,
+            counters,
+        )
+        .await;
+        match &answer {
+            Ok(a) if (200..=202).contains(&a.status) => break answer.ok(),
+            Ok(a) if a.status == 429 => Counters::add(&counters.rate_limited),
+            Ok(a) if a.status >= 500 => {}
             Ok(a) => {
                 // Refused: the run itself is wrong (or the API changed).
                 outcome.error = Some(format!("POST /v1/orders: {}", problem(a)));
                 return outcome;
             }
-            Err(_) => false,
-        };
-        if done {
-            break answer.ok();
+            Err(_) => {}
         }
         let pause = backoff(answer.as_ref().ok(), attempt);
         if Instant::now() + pause > deadline {
@@ -784,7 +1124,7 @@ async fn place(
             });
             return outcome;
         }
-        counters.retries.fetch_add(1, Ordering::Relaxed);
+        Counters::add(&counters.retries);
         tokio::time::sleep(pause).await;
         attempt += 1;
     };
@@ -802,7 +1142,7 @@ async fn place(
                     outcome.reason = a.body["reason"].as_str().map(str::to_owned);
                     outcome.total_cents = a.body["total_cents"].as_i64();
                     if outcome.is_final() {
-                        outcome.latency = Some(started.elapsed());
+                        outcome.latency = Some(since.elapsed());
                         return outcome;
                     }
                 }
@@ -821,26 +1161,25 @@ async fn place(
             outcome.error = Some("the order was accepted without an id".to_owned());
             return outcome;
         };
-        counters.requests.fetch_add(1, Ordering::Relaxed);
-        answer = match http
-            .call(
-                "GET",
-                &format!("/v1/orders/{id}"),
-                Some(token),
-                &[],
-                None,
-                timeout,
-            )
-            .await
+        Counters::add(&counters.requests);
+        answer = match call_as(
+            http,
+            session,
+            "GET",
+            &format!("/v1/orders/{id}"),
+            &[],
+            None,
+            timeout,
+            counters,
+        )
+        .await
         {
-            // 404: orders has not handled the command yet.
             Ok(a) if a.status == 200 => Some(a),
+            // 404: orders has not handled the command yet.
             Ok(a) => {
                 if a.status == 429 {
-                    counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    if let Some(pause) = a.retry_after {
-                        tokio::time::sleep(pause.min(Duration::from_secs(5))).await;
-                    }
+                    Counters::add(&counters.rate_limited);
+                    tokio::time::sleep(backoff(Some(&a), 0)).await;
                 }
                 None
             }
@@ -849,29 +1188,65 @@ async fn place(
     }
 }
 
-async fn ledger(bus: &Bus) -> anyhow::Result<LedgerTotals> {
-    request(bus, &Ledger {})
-        .await
-        .context("payments does not answer its ledger query: is the payments worker running?")
+/// Asks `query` over NATS, again after a transient failure (no
+/// responders, a timeout, a lost connection, a 5xx) until `deadline`.
+async fn ask<Q: Query>(bus: &Bus, query: &Q, deadline: Instant) -> Result<Q::Reply, RequestError> {
+    let pause = Duration::from_millis(250);
+    loop {
+        let answer = request(bus, query).await;
+        match &answer {
+            Err(e) if transient_request(e) && Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+            }
+            _ => return answer,
+        }
+    }
 }
 
-/// Waits until payments has opened `accounts` accounts (registrations reach
-/// it as events).
-async fn wait_for_accounts(bus: &Bus, accounts: i64) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let now = ledger(bus).await?.accounts;
-        if now >= accounts {
-            return Ok(());
+fn transient_request(e: &RequestError) -> bool {
+    match e {
+        RequestError::NoResponders(_) | RequestError::Timeout(..) | RequestError::Transport(_) => {
+            true
         }
-        if Instant::now() > deadline {
-            bail!(
-                "payments opened {now} of {accounts} accounts in 60 s after the customers registered: \
-                 are identity and payments running?"
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        RequestError::Service(e) => e.status >= 500,
+        _ => false,
     }
+}
+
+fn payments_error(e: RequestError) -> anyhow::Error {
+    anyhow::Error::new(e)
+        .context("payments does not answer its queries: is the payments worker running?")
+}
+
+/// Waits until payments has opened every customer's account
+/// (registrations reach it as events); returns their starting balances.
+async fn wait_for_accounts(bus: &Bus, customers: &[Customer]) -> anyhow::Result<Vec<i64>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut balances = Vec::with_capacity(customers.len());
+    for (n, customer) in customers.iter().enumerate() {
+        let query = GetAccount {
+            caller: Caller::operator(),
+            customer_id: customer.id,
+        };
+        loop {
+            match ask(bus, &query, deadline).await {
+                Ok(account) => {
+                    balances.push(account.balance_cents);
+                    break;
+                }
+                Err(RequestError::Service(e)) if e.status == 404 && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(RequestError::Service(e)) if e.status == 404 => bail!(
+                    "payments opened {n} of {} accounts in 60 s after the customers registered: \
+                     are identity and payments running?",
+                    customers.len()
+                ),
+                Err(e) => return Err(payments_error(e)),
+            }
+        }
+    }
+    Ok(balances)
 }
 
 /// One invariant and whether it holds.
@@ -880,6 +1255,27 @@ struct Check {
     name: &'static str,
     ok: bool,
     detail: String,
+}
+
+/// The invariants, by name (the report's and the tests' vocabulary).
+mod invariant {
+    pub(super) const STUCK: &str = "no order lost or stuck";
+    pub(super) const CAUSES: &str = "outcomes match their cause";
+    pub(super) const LISTED: &str = "orders listed as placed";
+    pub(super) const STOCK: &str = "stock conserved";
+    pub(super) const MONEY: &str = "money conserved";
+    pub(super) const CUSTOMER_MONEY: &str = "money conserved per customer";
+}
+
+impl Check {
+    /// A check that could not be made: what it needed could not be read.
+    fn unreadable(name: &'static str, error: &str) -> Self {
+        Check {
+            name,
+            ok: false,
+            detail: format!("cannot tell: {error}"),
+        }
+    }
 }
 
 /// Expected stock, money and outcomes from the orders, for [`check`].
@@ -906,11 +1302,84 @@ fn expected(catalog: &Catalog, outcomes: &[Outcome]) -> Expected {
     }
 }
 
+/// Catalog's reason for a line it could not reserve.
+const INSUFFICIENT_STOCK: &str = "insufficient_stock";
+
+/// What a rejected order's reason says caused the rejection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cause {
+    /// Payments declined: its reason (`insufficient_funds`,
+    /// `provider_declined`, `unknown_account`, ...).
+    Payment(String),
+    /// Catalog could not reserve these lines: product and reason
+    /// (`insufficient_stock`, `unknown_product`).
+    Stock(Vec<(Uuid, String)>),
+    /// Anything else, e.g. a step that got no answer before its deadline.
+    Other,
+}
+
+/// Reads the cause from a rejection reason as the orchestrator words it:
+/// `authorize_payment: payment declined: insufficient_funds`, or
+/// `reserve_stock: stock rejected: <product> insufficient_stock (requested
+/// 1, available 0), <product> ...`.
+fn cause(reason: &str) -> Cause {
+    if let Some((_, rest)) = reason.split_once("payment declined: ") {
+        let code = rest
+            .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '('))
+            .next()
+            .unwrap_or_default();
+        return Cause::Payment(code.to_owned());
+    }
+    if let Some((_, rest)) = reason.split_once("stock rejected: ") {
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let lines = words
+            .windows(2)
+            .filter_map(|w| Some((Uuid::try_parse(w[0]).ok()?, w[1].to_owned())))
+            .collect();
+        return Cause::Stock(lines);
+    }
+    Cause::Other
+}
+
+/// Why `o`, a final order, did not end as its kind allows, if it did not:
+/// a normal order is confirmed or declined by payments for lack of funds
+/// or by the provider; an out-of-stock order is rejected for exactly its
+/// scarce line; a declined order is declined by payments (payments asks
+/// the provider before it looks at the balance, so a provider decline is
+/// right too). Nothing is cancelled (the run cancels nothing), and every
+/// final order has a total, the sum of its lines.
+fn misfit(o: &Outcome, scarce: Uuid) -> Option<String> {
+    use skein_payments::commands::reason::{INSUFFICIENT_FUNDS, PROVIDER_DECLINED};
+    let Some(total) = o.total_cents else {
+        return Some(format!("ended {} without a total_cents", o.status));
+    };
+    if total != o.plan.total_cents {
+        return Some(format!(
+            "costs {total} cents, its lines {}",
+            o.plan.total_cents
+        ));
+    }
+    let declined = |cause: Cause| matches!(cause, Cause::Payment(code) if code == INSUFFICIENT_FUNDS || code == PROVIDER_DECLINED);
+    let reason = o.reason.as_deref().unwrap_or_default();
+    let right = match (o.plan.kind, o.status.as_str()) {
+        (Kind::Normal, "confirmed") => true,
+        (Kind::Normal | Kind::Declined, "rejected") => declined(cause(reason)),
+        (Kind::OutOfStock, "rejected") => {
+            cause(reason) == Cause::Stock(vec![(scarce, INSUFFICIENT_STOCK.to_owned())])
+        }
+        _ => false,
+    };
+    (!right).then(|| match &o.reason {
+        Some(reason) => format!("ended {}: {reason}", o.status),
+        None => format!("ended {} with no reason", o.status),
+    })
+}
+
 /// The invariants that need nothing but the outcomes.
-fn check_outcomes(outcomes: &[Outcome]) -> [Check; 2] {
+fn check_outcomes(outcomes: &[Outcome], catalog: &Catalog) -> [Check; 2] {
     let stuck: Vec<&Outcome> = outcomes.iter().filter(|o| !o.is_final()).collect();
     let lost = Check {
-        name: "no order lost or stuck",
+        name: invariant::STUCK,
         ok: stuck.is_empty(),
         detail: match stuck.first() {
             None => format!("{} of {} final", outcomes.len(), outcomes.len()),
@@ -927,38 +1396,134 @@ fn check_outcomes(outcomes: &[Outcome]) -> [Check; 2] {
             ),
         },
     };
-    let mut wrong = Vec::new();
-    for o in outcomes.iter().filter(|o| o.is_final()) {
-        if o.plan.kind != Kind::Normal && o.status != "rejected" {
-            wrong.push(format!(
-                "order #{} ({}) ended {}",
+    let wrong: Vec<String> = outcomes
+        .iter()
+        .filter(|o| o.is_final())
+        .filter_map(|o| {
+            let why = misfit(o, catalog.scarce.id)?;
+            Some(format!(
+                "order #{} ({}) {why}",
                 o.plan.index,
-                o.plan.kind.as_str(),
-                o.status
-            ));
-        }
-        if let Some(total) = o.total_cents.filter(|t| *t != o.plan.total_cents) {
-            wrong.push(format!(
-                "order #{} costs {total} cents, its lines {}",
-                o.plan.index, o.plan.total_cents
-            ));
-        }
-    }
+                o.plan.kind.as_str()
+            ))
+        })
+        .collect();
     let meant_to_fail = outcomes
         .iter()
         .filter(|o| o.is_final() && o.plan.kind != Kind::Normal)
         .count();
-    let outcomes_ok = Check {
-        name: "outcomes match their cause",
+    let causes = Check {
+        name: invariant::CAUSES,
         ok: wrong.is_empty(),
         detail: match wrong.first() {
             None => format!(
-                "{meant_to_fail} orders meant to fail were rejected; every total matches its lines"
+                "{meant_to_fail} orders meant to fail were rejected for their cause, the others \
+                 confirmed or declined by payments; every total matches its lines"
             ),
             Some(first) => format!("{} wrong, e.g. {first}", wrong.len()),
         },
     };
-    [lost, outcomes_ok]
+    [lost, causes]
+}
+
+/// An order as a customer's `GET /v1/orders` lists it.
+#[derive(Debug, Clone, PartialEq)]
+struct Listed {
+    id: Uuid,
+    status: String,
+    total_cents: Option<i64>,
+}
+
+/// Each customer lists exactly the orders the run placed for them (none
+/// missing, none extra, none twice), each final one in the state the run saw.
+fn check_listings(outcomes: &[Outcome], listed: &[Vec<Listed>]) -> Check {
+    let mut wrong = Vec::new();
+    let mut placed_count = 0;
+    for (customer, list) in listed.iter().enumerate() {
+        let placed: BTreeMap<Uuid, &Outcome> = outcomes
+            .iter()
+            .filter(|o| o.plan.customer == customer)
+            .filter_map(|o| Some((o.order_id?, o)))
+            .collect();
+        placed_count += placed.len();
+        let mut seen: BTreeMap<Uuid, usize> = BTreeMap::new();
+        for order in list {
+            *seen.entry(order.id).or_default() += 1;
+            match placed.get(&order.id) {
+                None => wrong.push(format!(
+                    "customer {customer} lists order {} ({}), which the run did not place",
+                    order.id, order.status
+                )),
+                Some(o) if o.is_final() && o.status != order.status => wrong.push(format!(
+                    "order #{} {} is listed {}, yet became {}",
+                    o.plan.index, order.id, order.status, o.status
+                )),
+                Some(o) if order.total_cents.is_none() => wrong.push(format!(
+                    "order #{} {} is listed without a total_cents",
+                    o.plan.index, order.id
+                )),
+                Some(_) => {}
+            }
+        }
+        for (id, times) in seen.iter().filter(|(_, n)| **n > 1) {
+            wrong.push(format!(
+                "customer {customer} lists order {id} {times} times"
+            ));
+        }
+        for (id, o) in placed.iter().filter(|(id, _)| !seen.contains_key(id)) {
+            wrong.push(format!(
+                "order #{} {id} of customer {customer} is not listed",
+                o.plan.index
+            ));
+        }
+    }
+    Check {
+        name: invariant::LISTED,
+        ok: wrong.is_empty(),
+        detail: match wrong.first() {
+            None => format!(
+                "{} customers list exactly the {placed_count} orders placed for them",
+                listed.len()
+            ),
+            Some(first) => format!("{} wrong, e.g. {first}", wrong.len()),
+        },
+    }
+}
+
+/// Each customer's starting balance less their balance now (payments) is
+/// what their confirmed orders cost (orders' list).
+fn check_customer_money(starting: &[i64], now: &[i64], listed: &[Vec<Listed>]) -> Check {
+    let wrong: Vec<String> = starting
+        .iter()
+        .zip(now)
+        .zip(listed)
+        .enumerate()
+        .filter_map(|(customer, ((start, now), list))| {
+            let confirmed: i64 = list
+                .iter()
+                .filter(|o| o.status == "confirmed")
+                .map(|o| o.total_cents.unwrap_or_default())
+                .sum();
+            (start - now != confirmed).then(|| {
+                format!(
+                    "customer {customer} started with {start} cents and has {now}: {} taken, \
+                     its confirmed orders cost {confirmed}",
+                    start - now
+                )
+            })
+        })
+        .collect();
+    Check {
+        name: invariant::CUSTOMER_MONEY,
+        ok: wrong.is_empty() && starting.len() == now.len() && now.len() == listed.len(),
+        detail: match wrong.first() {
+            None => format!(
+                "{} customers: starting balance - balance = their confirmed orders' totals",
+                now.len()
+            ),
+            Some(first) => format!("{} customers wrong, e.g. {first}", wrong.len()),
+        },
+    }
 }
 
 /// Stock of this run's products against what the confirmed orders took.
@@ -973,7 +1538,7 @@ fn check_stock(expected: &Expected, available: &BTreeMap<Uuid, i64>) -> Check {
         })
         .collect();
     Check {
-        name: "stock conserved",
+        name: invariant::STOCK,
         ok: wrong.is_empty(),
         detail: match wrong.first() {
             None => format!(
@@ -993,7 +1558,7 @@ fn check_money(expected: &Expected, before: &LedgerTotals, after: &LedgerTotals)
     let conserved = held == after.granted_cents;
     let grew = captured == expected.confirmed_cents;
     Check {
-        name: "money conserved",
+        name: invariant::MONEY,
         ok: conserved && grew,
         detail: format!(
             "balances + captured = {held}, granted {} ({}); captured grew by {captured}, \
@@ -1010,51 +1575,198 @@ fn check_money(expected: &Expected, before: &LedgerTotals, after: &LedgerTotals)
     }
 }
 
-/// Runs every invariant check. Stock and money are read again for a few
-/// seconds while they disagree: compensations may still be in flight when
-/// an order is already final.
+/// `GET path` as `session` until a 200 (429, 5xx and lost connections are
+/// tried again until `deadline`): the body.
+async fn get_json(
+    http: &mut Http,
+    session: &Session,
+    path: &str,
+    deadline: Instant,
+) -> anyhow::Result<Value> {
+    // The check phase's requests are not the run's: not counted.
+    let uncounted = Counters::default();
+    let mut attempt = 0;
+    loop {
+        let answer = call_as(
+            http,
+            session,
+            "GET",
+            path,
+            &[],
+            None,
+            Duration::from_secs(10),
+            &uncounted,
+        )
+        .await;
+        if let Ok(a) = &answer {
+            if a.status == 200 {
+                return answer.map(|a| a.body);
+            }
+        }
+        let pause = backoff(answer.as_ref().ok(), attempt);
+        if !transient(&answer) || Instant::now() + pause > deadline {
+            return match answer {
+                Ok(a) => Err(anyhow::anyhow!("GET {path}: {}", problem(&a))),
+                Err(e) => Err(e.context(format!("GET {path}"))),
+            };
+        }
+        tokio::time::sleep(pause).await;
+        attempt += 1;
+    }
+}
+
+/// Every product's available stock (the catalog lists them all).
+async fn read_stock(
+    http: &mut Http,
+    admin: &Session,
+    deadline: Instant,
+) -> anyhow::Result<BTreeMap<Uuid, i64>> {
+    let body = get_json(http, admin, "/v1/products", deadline).await?;
+    Ok(body["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p["id"].as_str()?.parse().ok()?, p["available"].as_i64()?)))
+        .collect())
+}
+
+/// Every order `customer` lists, page by page.
+async fn read_orders(
+    http: &mut Http,
+    customer: &Customer,
+    deadline: Instant,
+) -> anyhow::Result<Vec<Listed>> {
+    let mut orders = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            None => "/v1/orders?limit=100".to_owned(),
+            Some(c) => format!("/v1/orders?limit=100&cursor={}", query_escape(c)),
+        };
+        let page = get_json(http, &customer.session, &path, deadline).await?;
+        for item in page["items"].as_array().into_iter().flatten() {
+            orders.push(Listed {
+                id: item["id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .with_context(|| format!("GET {path}: an order without an id: {item}"))?,
+                status: item["status"].as_str().unwrap_or_default().to_owned(),
+                total_cents: item["total_cents"].as_i64(),
+            });
+        }
+        match page["next_cursor"].as_str() {
+            Some(next) if cursor.as_deref() != Some(next) => cursor = Some(next.to_owned()),
+            _ => return Ok(orders),
+        }
+    }
+}
+
+/// `text` percent-encoded for a query string value.
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What the services report after the run.
+struct Observed {
+    available: Result<BTreeMap<Uuid, i64>, String>,
+    ledger: Result<LedgerTotals, String>,
+    /// Per customer: the orders they list.
+    listed: Result<Vec<Vec<Listed>>, String>,
+    /// Per customer: their balance now.
+    balances: Result<Vec<i64>, String>,
+}
+
+async fn observe(
+    http: &mut Http,
+    admin: &Session,
+    bus: &Bus,
+    customers: &[Customer],
+    deadline: Instant,
+) -> Observed {
+    let available = read_stock(http, admin, deadline)
+        .await
+        .map_err(|e| format!("{e:#}"));
+    let ledger = ask(bus, &Ledger {}, deadline)
+        .await
+        .map_err(|e| format!("payments' ledger: {e}"));
+    let mut listed = Ok(Vec::with_capacity(customers.len()));
+    let mut balances = Ok(Vec::with_capacity(customers.len()));
+    for customer in customers {
+        if let Ok(all) = &mut listed {
+            match read_orders(http, customer, deadline).await {
+                Ok(orders) => all.push(orders),
+                Err(e) => listed = Err(format!("{e:#}")),
+            }
+        }
+        if let Ok(all) = &mut balances {
+            let query = GetAccount {
+                caller: Caller::operator(),
+                customer_id: customer.id,
+            };
+            match ask(bus, &query, deadline).await {
+                Ok(account) => all.push(account.balance_cents),
+                Err(e) => balances = Err(format!("the account of {}: {e}", customer.id)),
+            }
+        }
+    }
+    Observed {
+        available,
+        ledger,
+        listed,
+        balances,
+    }
+}
+
+/// Runs every invariant check. What the services report is read again
+/// while a check fails, for `window`: compensations may still be in
+/// flight when an order is already final. A read that keeps failing fails
+/// its checks.
+#[allow(clippy::too_many_arguments)]
 async fn check(
     http: &mut Http,
-    admin: &str,
+    admin: &Session,
     bus: &Bus,
     catalog: &Catalog,
+    customers: &[Customer],
+    starting: &[i64],
     outcomes: &[Outcome],
     ledger_before: &LedgerTotals,
-) -> anyhow::Result<Vec<Check>> {
-    let mut checks = check_outcomes(outcomes).to_vec();
+    window: Duration,
+) -> Vec<Check> {
+    let mut checks = check_outcomes(outcomes, catalog).to_vec();
     let expected = expected(catalog, outcomes);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + window;
     loop {
-        let answer = http
-            .call(
-                "GET",
-                "/v1/products",
-                Some(admin),
-                &[],
-                None,
-                Duration::from_secs(10),
-            )
-            .await
-            .context("GET /v1/products")?;
-        ensure!(
-            answer.status == 200,
-            "GET /v1/products: {}",
-            problem(&answer)
-        );
-        let available: BTreeMap<Uuid, i64> = answer.body["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| Some((p["id"].as_str()?.parse().ok()?, p["available"].as_i64()?)))
-            .collect();
-        let stock = check_stock(&expected, &available);
-        let money = check_money(&expected, ledger_before, &ledger(bus).await?);
-        if (stock.ok && money.ok) || Instant::now() > deadline {
-            checks.push(stock);
-            checks.push(money);
-            return Ok(checks);
+        let seen = observe(http, admin, bus, customers, deadline).await;
+        let listed = match &seen.listed {
+            Ok(listed) => check_listings(outcomes, listed),
+            Err(e) => Check::unreadable(invariant::LISTED, e),
+        };
+        let stock = match &seen.available {
+            Ok(available) => check_stock(&expected, available),
+            Err(e) => Check::unreadable(invariant::STOCK, e),
+        };
+        let money = match &seen.ledger {
+            Ok(after) => check_money(&expected, ledger_before, after),
+            Err(e) => Check::unreadable(invariant::MONEY, e),
+        };
+        let customer_money = match (&seen.balances, &seen.listed) {
+            (Ok(now), Ok(listed)) => check_customer_money(starting, now, listed),
+            (Err(e), _) | (_, Err(e)) => Check::unreadable(invariant::CUSTOMER_MONEY, e),
+        };
+        let later = [listed, stock, money, customer_money];
+        if later.iter().all(|c| c.ok) || Instant::now() >= deadline {
+            checks.extend(later);
+            return checks;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -1089,16 +1801,20 @@ struct Report {
     elapsed_s: f64,
     /// Final orders per second of the run.
     throughput: f64,
-    /// First request to final state, of the final orders.
+    /// First request (with a rate: the time it was due) to final state,
+    /// of the final orders.
     latency_ms: Latency,
     /// Final orders by status, and rejections by kind.
     by_status: BTreeMap<String, usize>,
     by_kind: BTreeMap<String, BTreeMap<String, usize>>,
     /// Rejections by reason, and the errors of orders that never became final.
     reasons: BTreeMap<String, usize>,
+    /// Requests of set-up and orders, those sent again, and 429 answers.
     requests: u64,
     retries: u64,
     rate_limited: u64,
+    /// Log-ins again after a 401 (an access token expired).
+    renewed_logins: u64,
     invariants: Vec<Check>,
     ok: bool,
 }
@@ -1166,6 +1882,7 @@ impl Report {
             requests: counters.requests.load(Ordering::Relaxed),
             retries: counters.retries.load(Ordering::Relaxed),
             rate_limited: counters.rate_limited.load(Ordering::Relaxed),
+            renewed_logins: counters.renewed_logins.load(Ordering::Relaxed),
             ok: invariants.iter().all(|c| c.ok),
             invariants,
         }
@@ -1203,17 +1920,30 @@ impl Report {
         let l = &self.latency_ms;
         let _ = writeln!(
             out,
-            "  request to final state: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
-            l.p50, l.p90, l.p99, l.max
+            "  {} to final state: p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            if self.rate.is_some() {
+                "due time"
+            } else {
+                "request"
+            },
+            l.p50,
+            l.p90,
+            l.p99,
+            l.max
         );
         let _ = writeln!(
             out,
-            "  {} requests, {} retried, {} rate-limited{}",
+            "  {} requests, {} retried, {} rate-limited{}{}",
             self.requests,
             self.retries,
             self.rate_limited,
+            if self.renewed_logins > 0 {
+                format!(", {} logged in again", self.renewed_logins)
+            } else {
+                String::new()
+            },
             if self.rate_limited > 0 {
-                " (raise the ingress's --rate-limit or use more --customers)"
+                " (raise the ingress's --rate-limit and --login-rate-limit, or use more --customers)"
             } else {
                 ""
             }
@@ -1235,6 +1965,7 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
     fn product(stock: i64, price_cents: i64) -> Product {
         Product {
@@ -1264,6 +1995,13 @@ mod tests {
         }
     }
 
+    fn rejected(plan: Plan, reason: &str) -> Outcome {
+        Outcome {
+            reason: Some(reason.to_owned()),
+            ..outcome(plan, "rejected")
+        }
+    }
+
     fn plan(index: usize, kind: Kind, lines: &[(&Product, i64)]) -> Plan {
         Plan {
             index,
@@ -1272,6 +2010,47 @@ mod tests {
             total_cents: lines.iter().map(|(p, q)| p.price_cents * q).sum(),
             lines: lines.iter().map(|(p, q)| (p.id, *q)).collect(),
         }
+    }
+
+    /// The reasons as the orchestrator words them.
+    fn stock_reason(product: &Product) -> String {
+        format!(
+            "reserve_stock: stock rejected: {} insufficient_stock (requested 1, available 0)",
+            product.id
+        )
+    }
+    const FUNDS: &str = "authorize_payment: payment declined: insufficient_funds";
+    const PROVIDER: &str = "authorize_payment: payment declined: provider_declined";
+
+    /// How each customer lists the outcomes' orders, as the run saw them.
+    fn listings(outcomes: &[Outcome], customers: usize) -> Vec<Vec<Listed>> {
+        (0..customers)
+            .map(|c| {
+                outcomes
+                    .iter()
+                    .filter(|o| o.plan.customer == c)
+                    .filter_map(|o| {
+                        Some(Listed {
+                            id: o.order_id?,
+                            status: o.status.clone(),
+                            total_cents: o.total_cents,
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        load: Args,
+    }
+
+    fn args(flags: &[&str]) -> Args {
+        Cli::try_parse_from(std::iter::once("load").chain(flags.iter().copied()))
+            .expect("flags parse")
+            .load
     }
 
     #[test]
@@ -1292,18 +2071,153 @@ mod tests {
     }
 
     #[test]
+    fn rates_too_small_for_a_schedule_are_refused_not_a_panic() {
+        for rate in ["1e-30", "0.0009", "-1", "NaN", "inf"] {
+            let e = validate(&args(&[&format!("--rate={rate}")]))
+                .expect_err(rate)
+                .to_string();
+            assert!(e.starts_with("--rate must be"), "{rate}: {e}");
+        }
+        // A schedule longer than a year, at a valid rate.
+        let e = validate(&args(&["--rate", "0.001", "--orders", "40000"]))
+            .expect_err("a year")
+            .to_string();
+        assert!(e.contains("more than a year"), "{e}");
+        for fine in ["0", "0.001", "2.5", "1e9"] {
+            validate(&args(&["--rate", fine])).expect(fine);
+        }
+    }
+
+    #[test]
+    fn retry_after_is_obeyed_up_to_a_minute() {
+        let asked = |secs| Answer {
+            status: 429,
+            retry_after: Some(Duration::from_secs(secs)),
+            body: Value::Null,
+        };
+        assert_eq!(backoff(Some(&asked(6)), 0), Duration::from_secs(6));
+        assert_eq!(backoff(Some(&asked(3600)), 0), MAX_RETRY_AFTER);
+        assert_eq!(backoff(None, 0), Duration::from_millis(50));
+        // Without Retry-After: doubling from 50 ms, the sixth pause on.
+        assert_eq!(backoff(None, 30), Duration::from_millis(1600));
+    }
+
+    #[test]
+    fn rejection_reasons_are_read_as_the_orchestrator_words_them() {
+        let a = product(1, 1);
+        let b = product(1, 1);
+        assert_eq!(cause(FUNDS), Cause::Payment("insufficient_funds".into()));
+        assert_eq!(cause(PROVIDER), Cause::Payment("provider_declined".into()));
+        assert_eq!(
+            cause(&format!(
+                "reserve_stock: stock rejected: {} insufficient_stock (requested 2, available 1), \
+                 {} unknown_product (requested 1, available 0)",
+                a.id, b.id
+            )),
+            Cause::Stock(vec![
+                (a.id, "insufficient_stock".into()),
+                (b.id, "unknown_product".into())
+            ])
+        );
+        assert_eq!(
+            cause("reserve_stock got no answer before its deadline"),
+            Cause::Other
+        );
+    }
+
+    #[test]
+    fn each_kind_of_order_may_end_only_for_its_own_reasons() {
+        let c = catalog();
+        let a = &c.ordinary[0];
+        let normal = || plan(0, Kind::Normal, &[(a, 1)]);
+        let scarce = || plan(1, Kind::OutOfStock, &[(a, 1), (&c.scarce, 1)]);
+        let dear = || plan(2, Kind::Declined, &[(a, 1), (&c.expensive, 1)]);
+        let right = [
+            outcome(normal(), "confirmed"),
+            rejected(normal(), FUNDS),
+            rejected(normal(), PROVIDER),
+            rejected(scarce(), &stock_reason(&c.scarce)),
+            rejected(dear(), FUNDS),
+            // Payments asks the provider before it looks at the balance.
+            rejected(dear(), PROVIDER),
+        ];
+        for o in &right {
+            assert_eq!(misfit(o, c.scarce.id), None, "{o:?}");
+        }
+        let deadline = "reserve_stock: reserve_stock got no answer before its deadline";
+        let wrong = [
+            rejected(normal(), deadline),
+            rejected(normal(), &stock_reason(a)),
+            rejected(
+                normal(),
+                "authorize_payment: payment declined: unknown_account",
+            ),
+            outcome(normal(), "cancelled"),
+            outcome(normal(), "rejected"),
+            outcome(scarce(), "confirmed"),
+            rejected(scarce(), FUNDS),
+            // The wrong line, or more than the scarce one, was short.
+            rejected(scarce(), &stock_reason(a)),
+            rejected(
+                scarce(),
+                &format!(
+                    "{}, {} insufficient_stock (requested 1, available 0)",
+                    stock_reason(&c.scarce),
+                    a.id
+                ),
+            ),
+            rejected(scarce(), deadline),
+            outcome(dear(), "confirmed"),
+            rejected(dear(), &stock_reason(&c.scarce)),
+            rejected(dear(), deadline),
+            Outcome {
+                total_cents: None,
+                ..outcome(normal(), "confirmed")
+            },
+            Outcome {
+                total_cents: Some(1),
+                ..outcome(dear(), "rejected")
+            },
+        ];
+        for o in &wrong {
+            assert!(misfit(o, c.scarce.id).is_some(), "{o:?} passed");
+        }
+        let [_, causes] = check_outcomes(&wrong, &c);
+        assert!(
+            !causes.ok && causes.detail.starts_with(&format!("{} wrong", wrong.len())),
+            "{causes:?}"
+        );
+        let missing_total = misfit(&wrong[13], c.scarce.id).unwrap_or_default();
+        assert!(
+            missing_total.contains("without a total_cents"),
+            "{missing_total}"
+        );
+    }
+
+    #[test]
     fn a_healthy_run_passes_every_check() {
         let c = catalog();
         let a = &c.ordinary[0];
-        let outcomes = vec![
+        let mut outcomes = vec![
             outcome(plan(0, Kind::Normal, &[(a, 3)]), "confirmed"),
-            outcome(
+            rejected(
                 plan(1, Kind::OutOfStock, &[(a, 2), (&c.scarce, 1)]),
-                "rejected",
+                &stock_reason(&c.scarce),
             ),
-            outcome(plan(2, Kind::Declined, &[(&c.expensive, 1)]), "rejected"),
+            rejected(plan(2, Kind::Declined, &[(&c.expensive, 1)]), FUNDS),
         ];
-        assert!(check_outcomes(&outcomes).iter().all(|c| c.ok));
+        outcomes[1].plan.customer = 1;
+        assert!(check_outcomes(&outcomes, &c).iter().all(|c| c.ok));
+        let listed = listings(&outcomes, 2);
+        let listed_check = check_listings(&outcomes, &listed);
+        assert!(listed_check.ok, "{listed_check:?}");
+        assert!(
+            listed_check
+                .detail
+                .starts_with("2 customers list exactly the 3 orders"),
+            "{listed_check:?}"
+        );
+        assert!(check_customer_money(&[1000, 1000], &[985, 1000], &listed).ok);
         let want = expected(&c, &outcomes);
         assert_eq!(want.confirmed_cents, 15);
         let available: BTreeMap<Uuid, i64> = c.all().map(|p| (p.id, p.stock)).collect();
@@ -1333,7 +2247,7 @@ mod tests {
             outcome(plan(0, Kind::Normal, &[(a, 1)]), "pending"),
             outcome(plan(1, Kind::Declined, &[(&c.expensive, 1)]), "confirmed"),
         ];
-        let [lost, causes] = check_outcomes(&outcomes);
+        let [lost, causes] = check_outcomes(&outcomes, &c);
         assert!(
             !lost.ok && lost.detail.starts_with("1 of 2 not final"),
             "{lost:?}"
@@ -1378,11 +2292,255 @@ mod tests {
     }
 
     #[test]
+    fn a_customer_listing_a_missing_extra_or_doubled_order_fails() {
+        let c = catalog();
+        let a = &c.ordinary[0];
+        let outcomes = vec![
+            outcome(plan(0, Kind::Normal, &[(a, 1)]), "confirmed"),
+            outcome(plan(1, Kind::Normal, &[(a, 2)]), "confirmed"),
+        ];
+        let listed = listings(&outcomes, 1);
+        assert!(check_listings(&outcomes, &listed).ok);
+        let fails = |listed: Vec<Vec<Listed>>, what: &str| {
+            let check = check_listings(&outcomes, &listed);
+            assert!(
+                !check.ok && check.detail.contains(what),
+                "{what}: {check:?}"
+            );
+        };
+        // Lost: the second order is not listed.
+        fails(vec![listed[0][..1].to_vec()], "is not listed");
+        // Extra: an order nobody placed (a retry that placed twice).
+        let mut extra = listed.clone();
+        extra[0].push(Listed {
+            id: Uuid::now_v7(),
+            status: "confirmed".into(),
+            total_cents: Some(5),
+        });
+        fails(extra, "which the run did not place");
+        // Twice.
+        let mut twice = listed.clone();
+        twice[0].push(listed[0][0].clone());
+        fails(twice, "2 times");
+        // In another state than the run saw become final.
+        let mut changed = listed.clone();
+        changed[0][1].status = "rejected".into();
+        fails(changed, "is listed rejected, yet became confirmed");
+        let mut no_total = listed.clone();
+        no_total[0][0].total_cents = None;
+        fails(no_total, "without a total_cents");
+        // Another customer's order.
+        let mut moved = listings(&outcomes, 2);
+        let order = moved[0].remove(0);
+        moved[1].push(order);
+        let check = check_listings(&outcomes, &moved);
+        assert!(
+            !check.ok && check.detail.starts_with("2 wrong"),
+            "{check:?}"
+        );
+    }
+
+    #[test]
+    fn a_customer_charged_other_than_their_confirmed_orders_fails() {
+        let c = catalog();
+        let a = &c.ordinary[0];
+        let mut outcomes = vec![
+            outcome(plan(0, Kind::Normal, &[(a, 3)]), "confirmed"),
+            rejected(plan(1, Kind::Declined, &[(&c.expensive, 1)]), FUNDS),
+            outcome(plan(2, Kind::Normal, &[(&c.ordinary[1], 1)]), "confirmed"),
+        ];
+        outcomes[2].plan.customer = 1;
+        let listed = listings(&outcomes, 2);
+        assert!(check_customer_money(&[100, 100], &[85, 93], &listed).ok);
+        // Charged for the declined order too, while the ledger's totals
+        // could still balance against another customer's refund.
+        let check = check_customer_money(&[100, 100], &[84, 94], &listed);
+        assert!(
+            !check.ok && check.detail.starts_with("2 customers wrong"),
+            "{check:?}"
+        );
+        assert!(
+            check.detail.contains("customer 0 started with 100 cents and has 84: 16 taken, its confirmed orders cost 15"),
+            "{check:?}"
+        );
+        // A balance missing is a failure, not a pass over fewer customers.
+        assert!(!check_customer_money(&[100, 100], &[85], &listed).ok);
+    }
+
+    #[test]
+    fn a_cursor_is_escaped_for_the_query_string() {
+        assert_eq!(query_escape("AbZ09-_.~"), "AbZ09-_.~");
+        assert_eq!(query_escape("a+b/c=="), "a%2Bb%2Fc%3D%3D");
+    }
+
+    #[test]
     fn percentiles_take_the_nearest_rank() {
         let sorted: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
         assert_eq!(percentile(&sorted, 0.5), 50.0);
         assert_eq!(percentile(&sorted, 0.99), 99.0);
         assert_eq!(percentile(&sorted[..1], 0.99), 1.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    /// A scripted HTTP/1 server on 127.0.0.1: `answer(method, path,
+    /// authorization)` answers each request; connections are kept alive.
+    async fn serve<F>(answer: F) -> SocketAddr
+    where
+        F: Fn(&str, &str, Option<&str>) -> (u16, Value) + Send + Sync + 'static,
+    {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let answer = Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut stream = tokio::io::BufReader::new(stream);
+                    loop {
+                        let mut head = Vec::new();
+                        loop {
+                            let mut line = String::new();
+                            match stream.read_line(&mut line).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(_) if line == "\r\n" => break,
+                                Ok(_) => head.push(line.trim_end().to_owned()),
+                            }
+                        }
+                        let mut first = head[0].split_whitespace();
+                        let (method, path) = (
+                            first.next().unwrap_or_default().to_owned(),
+                            first.next().unwrap_or_default().to_owned(),
+                        );
+                        let header = |name: &str| {
+                            head.iter().find_map(|h| {
+                                let (n, v) = h.split_once(':')?;
+                                n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                            })
+                        };
+                        let length: usize = header("content-length")
+                            .and_then(|l| l.parse().ok())
+                            .unwrap_or(0);
+                        let mut body = vec![0; length];
+                        if stream.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let (status, body) =
+                            answer(&method, &path, header("authorization").as_deref());
+                        let body = body.to_string();
+                        let response = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if stream
+                            .get_mut()
+                            .write_all(response.as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// An address on which nothing listens.
+    fn refusing() -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address")
+    }
+
+    #[tokio::test]
+    async fn every_resolved_address_is_tried_and_the_one_that_answers_kept_first() {
+        let live = serve(|_, _, _| (200, json!({"ok": true}))).await;
+        let dead = refusing();
+        let mut http = Http::with_addrs(vec![dead, live], "localhost".into());
+        let answer = http
+            .call(
+                "GET",
+                "/health/live",
+                None,
+                &[],
+                None,
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("the second address answers");
+        assert_eq!(answer.status, 200);
+        assert_eq!(http.addrs, vec![live, dead]);
+        let mut none = Http::with_addrs(vec![dead], "localhost".into());
+        let e = none
+            .call("GET", "/", None, &[], None, Duration::from_secs(5))
+            .await
+            .expect_err("nothing listens");
+        assert!(
+            format!("{e:#}").contains("cannot connect to localhost"),
+            "{e:#}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_token_is_renewed_once_and_the_request_sent_again() {
+        let logins = Arc::new(AtomicUsize::new(0));
+        let counted = logins.clone();
+        let addr = serve(move |method, path, auth| match (method, path) {
+            ("POST", "/v1/auth/token") => {
+                counted.fetch_add(1, Ordering::SeqCst);
+                (200, json!({"access_token": "fresh"}))
+            }
+            (_, "/v1/orders/1") if auth == Some("Bearer fresh") => (200, json!({"id": 1})),
+            _ => (401, json!({"title": "token expired"})),
+        })
+        .await;
+        let session = Arc::new(Session::new("ada@example.org", "pw", "expired".into()));
+        let counters = Arc::new(Counters::default());
+        // Four tasks meet the expired token at once: one log-in for all.
+        let tasks: Vec<_> = (0..4)
+            .map(|_| {
+                let (session, counters) = (session.clone(), counters.clone());
+                let mut http = Http::with_addrs(vec![addr], "localhost".into());
+                tokio::spawn(async move {
+                    call_as(
+                        &mut http,
+                        &session,
+                        "GET",
+                        "/v1/orders/1",
+                        &[],
+                        None,
+                        Duration::from_secs(5),
+                        &counters,
+                    )
+                    .await
+                    .map(|a| a.status)
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("task").expect("answer"), 200);
+        }
+        assert_eq!(logins.load(Ordering::SeqCst), 1);
+        assert_eq!(counters.renewed_logins.load(Ordering::Relaxed), 1);
+        assert_eq!(&*session.token(), "fresh");
+        // A 401 that a new token does not cure is the answer, not a loop.
+        let mut http = Http::with_addrs(vec![addr], "localhost".into());
+        let answer = call_as(
+            &mut http,
+            &session,
+            "GET",
+            "/v1/orders/2",
+            &[],
+            None,
+            Duration::from_secs(5),
+            &counters,
+        )
+        .await
+        .expect("an answer");
+        assert_eq!(answer.status, 401);
+        assert_eq!(logins.load(Ordering::SeqCst), 2);
     }
 }
