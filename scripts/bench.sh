@@ -18,7 +18,10 @@
 # target/bench).
 #
 # PostgreSQL: $SKEIN_TEST_POSTGRES_URL, else postgres://postgres@127.0.0.1:5432/postgres
-# (each run creates databases skein_bench_<run>_<service> and drops them).
+# (each run creates databases skein_bench_<run>_<service> on that server,
+# keeping its query string such as ?sslmode=require, and drops them
+# afterwards, also when the run fails). When a step fails, the components'
+# logs are kept and their directory named.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +34,15 @@ CUSTOMERS="${CUSTOMERS:-64}"
 COPIES="${COPIES:-1 2 4}"
 OUT="${OUT:-$root/target/bench}"
 PG_ADMIN="${SKEIN_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+# The server part and the query string of PG_ADMIN, to name other databases
+# on the same server the same way.
+pg_base="${PG_ADMIN%%\?*}"
+pg_query=""
+[ "$pg_base" != "$PG_ADMIN" ] && pg_query="?${PG_ADMIN#*\?}"
+case "${pg_base#*://}" in
+  */*) pg_server="${pg_base%/*}" ;;
+  *) pg_server="$pg_base" ;;
+esac
 WORKERS="identity catalog payments orders orchestrator projector"
 ADMIN_EMAIL="admin@bench.skein.test"
 ADMIN_PASSWORD="the benchmark admin's password"
@@ -53,10 +65,34 @@ nats_bin="$("$root/nats/find-nats-server.sh")"
 
 pids=()
 work=""
+pg_prefix=""
+
+# Drops the databases of the PostgreSQL run in progress, if any.
+drop_databases() {
+  [ -n "$pg_prefix" ] || return 0
+  python3 - "$PG_ADMIN" "$pg_prefix" <<'EOF' || log "could not drop the benchmark databases ${pg_prefix}*"
+import subprocess, sys
+admin, prefix = sys.argv[1], sys.argv[2]
+names = subprocess.run(["psql", admin, "-Atc", f"SELECT datname FROM pg_database WHERE datname LIKE '{prefix}%'"],
+                       capture_output=True, text=True, check=True).stdout.split()
+for n in names:
+    subprocess.run(["psql", admin, "-qc", f'DROP DATABASE "{n}" WITH (FORCE)'], check=True)
+EOF
+  pg_prefix=""
+}
+
 cleanup() {
+  local status=$?
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  [ -n "$work" ] && rm -rf "$work"
+  drop_databases
+  if [ -n "$work" ]; then
+    if [ "$status" -eq 0 ]; then
+      rm -rf "$work"
+    else
+      log "failed; the components' logs are kept in $work"
+    fi
+  fi
 }
 trap cleanup EXIT
 
@@ -115,15 +151,27 @@ for backend in $backends; do
     work="$(mktemp -d /tmp/skein-bench.XXXXXX)"
     case "$backend" in
       sqlite) db="sqlite:$work/{service}.db" ;;
-      postgres) db="${PG_ADMIN%/*}/skein_bench_${run}_{service}" ;;
+      postgres)
+        pg_prefix="skein_bench_${run}_"
+        db="$pg_server/${pg_prefix}{service}$pg_query"
+        ;;
       *) echo "error: unknown backend $backend (sqlite or postgres)" >&2; exit 1 ;;
     esac
     log "$backend, $copies cop(y/ies) of each worker"
     start_nats
     export DATABASE_URL="$db" SKEIN_KEY_DIR="$work"
-    # Every copy has its own pool: keep 6 workers x copies x pool under
-    # PostgreSQL's default max_connections (100).
-    export SKEIN_DATABASE_POOL=$(( 12 / copies ))
+    unset SKEIN_DATABASE_POOL
+    if [ "$backend" = postgres ]; then
+      # Every copy has its own pool, and each worker database takes up to 3
+      # connections outside the pools: the active relay's advisory-lock
+      # connection and its LISTEN connection, and a standby copy's relay
+      # trying the lock. 6 workers x (copies x pool + 3) must stay under
+      # PostgreSQL's default max_connections (100): 90 while copies <= 12.
+      pool=$(( 12 / copies )); [ "$pool" -ge 1 ] || pool=1
+      export SKEIN_DATABASE_POOL="$pool"
+      budget=$(( 6 * (copies * pool + 3) ))
+      [ "$budget" -le 95 ] || log "warning: up to $budget connections to PostgreSQL; its max_connections must allow them"
+    fi
     for worker in $WORKERS; do
       for c in $(seq "$copies"); do
         "$skein" worker "$worker" 2>>"$work/$worker-$c.log" &
@@ -154,16 +202,7 @@ for backend in $backends; do
       rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$( [ "$r" = half ] && echo ", $half/s offered")) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" ok) |")
     done
     stop_all
-    if [ "$backend" = postgres ]; then
-      python3 - "$PG_ADMIN" "skein_bench_${run}_" <<'EOF' || log "could not drop the benchmark databases"
-import subprocess, sys
-admin, prefix = sys.argv[1], sys.argv[2]
-names = subprocess.run(["psql", admin, "-Atc", f"SELECT datname FROM pg_database WHERE datname LIKE '{prefix}%'"],
-                       capture_output=True, text=True, check=True).stdout.split()
-for n in names:
-    subprocess.run(["psql", admin, "-qc", f'DROP DATABASE "{n}" WITH (FORCE)'], check=True)
-EOF
-    fi
+    drop_databases
     rm -rf "$work"; work=""
   done
 done
@@ -188,7 +227,7 @@ done
 # --- Memory of skein up -----------------------------------------------------------
 log "memory: skein up idle and under load"
 http_port="$(free_port)"
-env -u NATS_URL -u DATABASE_URL -u SKEIN_KEY_DIR "$skein" up --data-dir "$work/up" --http "127.0.0.1:$http_port" --nats-port "$(free_port)" --no-demo \
+env -u NATS_URL -u DATABASE_URL -u SKEIN_KEY_DIR -u SKEIN_DATABASE_POOL "$skein" up --data-dir "$work/up" --http "127.0.0.1:$http_port" --nats-port "$(free_port)" --no-demo \
   --rate-limit 1000000 --rate-burst 1000000 --login-rate-limit 10000 --login-rate-burst 10000 \
   > "$work/up.log" 2>&1 &
 up_pid=$!

@@ -38,7 +38,10 @@ pub(crate) struct Settings {
     #[arg(long, env = "DATABASE_URL")]
     pub(crate) database_url: Option<String>,
     /// Connections per worker database (default: 4 on SQLite, 10 on
-    /// PostgreSQL). Copies × workers × this must stay under the PostgreSQL
+    /// PostgreSQL). On PostgreSQL each database also takes up to 3
+    /// connections outside the pools (the active outbox relay's lock
+    /// connection and its LISTEN connection, and a standby copy's relay
+    /// trying the lock): workers × (copies × this + 3) must stay under the
     /// server's max_connections.
     #[arg(long, env = "SKEIN_DATABASE_POOL")]
     database_pool: Option<u32>,
