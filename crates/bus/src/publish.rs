@@ -67,17 +67,24 @@ impl Publisher {
         for message in messages {
             pending.push(self.send(message).await);
         }
-        let mut results = Vec::with_capacity(messages.len());
-        for (message, sent) in messages.iter().zip(pending) {
-            results.push(match sent {
-                Ok(future) => future.await.map_err(|e| Error::Publish {
-                    subject: message.subject.clone(),
-                    source: e.into(),
+        // Awaited together: an ack's timeout starts when it is first
+        // polled, so awaiting them one by one made N lost acks (a server
+        // restarting) cost N timeouts instead of one.
+        futures::future::join_all(
+            messages
+                .iter()
+                .zip(pending)
+                .map(|(message, sent)| async move {
+                    match sent {
+                        Ok(future) => future.await.map_err(|e| Error::Publish {
+                            subject: message.subject.clone(),
+                            source: e.into(),
+                        }),
+                        Err(e) => Err(e),
+                    }
                 }),
-                Err(e) => Err(e),
-            });
-        }
-        results
+        )
+        .await
     }
 
     async fn send(&self, message: &Outgoing) -> Result<PublishAckFuture> {

@@ -563,76 +563,6 @@ fn passed(status: ExitStatus, report: &Value, orders: u64) -> anyhow::Result<()>
     ended_as_meant(report)
 }
 
-/// The reason of an order rejected because a saga step waited past its
-/// deadline.
-const STEP_DEADLINE: &str = "got no answer before its deadline";
-
-/// [`passed`] for a run under a fault, except that orders may also be
-/// rejected because a saga step got no answer before its deadline, and
-/// only for that.
-///
-/// A known weakness, not a wish: a message a killed copy had pulled, or
-/// whose acknowledgement a broker restart or a lost node swallowed, comes
-/// back after the consumers' ack_wait (10 s), which is also the deadline of
-/// the place-order saga's reserve_stock and authorize_payment steps, and
-/// those steps are not sent again on their deadline; so a few orders are
-/// rejected though nothing was wrong with them. Money and stock still
-/// balance (the other checks all hold). Remove this allowance once the
-/// steps outlast a redelivery.
-fn passed_but_for_step_deadlines(
-    status: ExitStatus,
-    report: &Value,
-    orders: u64,
-) -> anyhow::Result<()> {
-    let reasons = report["reasons"].as_object().context("no reasons")?;
-    let late: u64 = reasons
-        .iter()
-        .filter(|(reason, _)| reason.ends_with(STEP_DEADLINE))
-        .map(|(_, n)| n.as_u64().unwrap_or(0))
-        .sum();
-    if late == 0 {
-        return passed(status, report, orders);
-    }
-    eprintln!("{late} orders rejected for a step deadline: {reasons:?}");
-    ensure!(report["final_orders"] == orders, "{report:#}");
-    let invariants = report["invariants"].as_array().context("no invariants")?;
-    ensure!(invariants.len() == 6, "{report:#}");
-    for check in invariants {
-        if check["name"] == "outcomes match their cause" {
-            // Exactly the late ones are wrong.
-            ensure!(
-                check["detail"]
-                    .as_str()
-                    .is_some_and(|d| d.starts_with(&format!("{late} wrong"))),
-                "other outcomes are wrong too ({late} late): {check}"
-            );
-        } else {
-            ensure!(check["ok"] == true, "{check}");
-        }
-    }
-    for (kind, statuses) in report["by_kind"].as_object().context("no by_kind")? {
-        let allowed: &[&str] = if kind == "normal" {
-            &["confirmed", "rejected"]
-        } else {
-            &["rejected"]
-        };
-        let statuses = statuses.as_object().context("by_kind counts")?;
-        ensure!(
-            statuses.keys().all(|s| allowed.contains(&s.as_str())),
-            "{kind} orders ended otherwise: {statuses:?}"
-        );
-    }
-    for reason in reasons.keys() {
-        ensure!(
-            reason.ends_with(STEP_DEADLINE)
-                || reason.ends_with("payment declined: insufficient_funds")
-                || (reason.contains("stock rejected:") && reason.contains("insufficient_stock")),
-            "a rejection for another reason: {reason:?}\n{report:#}"
-        );
-    }
-    Ok(())
-}
-
 /// Every order of the report ended as its kind demands when the payment
 /// provider declines nothing: normal ones confirmed, the others rejected,
 /// and every rejection for the failure its kind adds.
@@ -773,10 +703,7 @@ async fn killing_each_worker_and_the_ingress_mid_load_loses_nothing() -> anyhow:
     }
     let (status, report) = finish(load, FAULT_LOAD_WITHIN).await?;
     system
-        .explain(
-            passed_but_for_step_deadlines(status, &report, 1500),
-            &report,
-        )
+        .explain(passed(status, &report, 1500), &report)
         .await?;
     // The ingress was gone for a while: some requests had to be sent again.
     ensure!(
@@ -815,10 +742,7 @@ async fn restarting_nats_mid_load_loses_nothing_and_the_ingress_recovers_by_itse
     nats.start_again().await?;
     let (status, report) = finish(load, FAULT_LOAD_WITHIN).await?;
     system
-        .explain(
-            passed_but_for_step_deadlines(status, &report, 1000),
-            &report,
-        )
+        .explain(passed(status, &report, 1000), &report)
         .await?;
     ensure!(
         matches!(get(system.http_port, "/v1/products").await, Ok(200)),
@@ -1040,10 +964,7 @@ async fn postgres_with_two_copies_of_each_worker_survives_losing_the_database() 
     cut_database_connections(&prefix, Duration::from_secs(3)).await?;
     let (status, report) = finish(load, FAULT_LOAD_WITHIN).await?;
     system
-        .explain(
-            passed_but_for_step_deadlines(status, &report, 1000),
-            &report,
-        )
+        .explain(passed(status, &report, 1000), &report)
         .await?;
     system.audit_clean(Duration::from_secs(60)).await?;
     system.no_dead_letters().await?;
@@ -1161,10 +1082,7 @@ async fn a_cluster_node_stopped_mid_load_loses_nothing_and_catches_up() -> anyho
     nodes[2].start()?;
     let (status, report) = finish(load, FAULT_LOAD_WITHIN).await?;
     system
-        .explain(
-            passed_but_for_step_deadlines(status, &report, 1000),
-            &report,
-        )
+        .explain(passed(status, &report, 1000), &report)
         .await?;
     system.audit_clean(Duration::from_secs(60)).await?;
     system.no_dead_letters().await?;

@@ -75,7 +75,7 @@ struct Inner {
     url: String,
     committed: Notify,
     /// On SQLite, the right to write, taken before a write transaction
-    /// begins (see [`Store::write_permit`]).
+    /// begins (see `Store::write_permit`).
     writer: Option<Arc<Mutex<()>>>,
 }
 
@@ -184,7 +184,8 @@ impl Store {
     /// On SQLite the transaction takes the write lock at once
     /// (`BEGIN IMMEDIATE`), so two writers wait for each other instead of
     /// failing on a lock upgrade; and writers of this process queue for
-    /// their turn before they begin (see [`Store::write_permit`]).
+    /// their turn before they begin, instead of sleeping in SQLite's busy
+    /// handler.
     pub async fn begin(&self) -> Result<Tx> {
         let permit = self.write_permit().await;
         let tx = match self.inner.backend {

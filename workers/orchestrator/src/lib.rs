@@ -52,15 +52,19 @@ pub const NAME: &str = skein_contracts::orchestrator::SERVICE;
 /// Deadlines and retries of the sagas.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrchestratorConfig {
-    /// How long catalog may take to reserve stock (default 10 s).
+    /// How long catalog may take to reserve stock (default 30 s: longer
+    /// than a command held by a copy that died takes to come back, the
+    /// consumers' 10 s ack_wait plus a retry, since the step is sent once).
     pub reserve_deadline: Duration,
-    /// How long payments may take to authorize (default 10 s): past it the
-    /// order is rejected and a late authorization refunded.
+    /// How long payments may take to authorize (default 30 s, for the same
+    /// reason): past it the order is rejected and a late authorization
+    /// refunded.
     pub payment_deadline: Duration,
     /// How long each send of a command that only goes forward (confirm,
     /// cancel-order's steps) may take before it is sent again (default 5 s).
     pub forward_deadline: Duration,
-    /// Sends of such a command before the instance fails (default 5).
+    /// Sends of such a command before the instance fails (default 10: 50 s
+    /// with the default deadline, enough to ride out a broker restart).
     pub forward_attempts: u32,
     /// How often passed deadlines are looked for (default 200 ms).
     pub tick: Duration,
@@ -69,10 +73,10 @@ pub struct OrchestratorConfig {
 impl Default for OrchestratorConfig {
     fn default() -> Self {
         Self {
-            reserve_deadline: Duration::from_secs(10),
-            payment_deadline: Duration::from_secs(10),
+            reserve_deadline: Duration::from_secs(30),
+            payment_deadline: Duration::from_secs(30),
             forward_deadline: Duration::from_secs(5),
-            forward_attempts: 5,
+            forward_attempts: 10,
             tick: Duration::from_millis(200),
         }
     }
