@@ -113,7 +113,9 @@ impl<H: TxHandler> Inbox<H> {
             // Up to four, leaving a connection of the pool to queries.
             Backend::Postgres => {
                 let pool = store.pool().options().get_max_connections();
-                usize::try_from(pool.saturating_sub(1)).unwrap_or(1).clamp(1, 4)
+                usize::try_from(pool.saturating_sub(1))
+                    .unwrap_or(1)
+                    .clamp(1, 4)
             }
         };
         Self {
