@@ -85,14 +85,7 @@ impl Harness {
     async fn write(&self, entity: &str, n: i64) -> anyhow::Result<Envelope> {
         let mut tx = self.store.begin().await?;
         insert_item(&mut tx, entity, n).await?;
-        let envelope = Envelope::event(
-            "test",
-            &Happened {
-                entity: entity.into(),
-                n,
-            },
-            &MessageContext::root(),
-        )?;
+        let envelope = happened(entity, n)?;
         tx.publish(&envelope);
         tx.commit().await?;
         Ok(envelope)
@@ -874,13 +867,8 @@ struct CountingApply {
 impl TxHandler for CountingApply {
     async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        Apply.handle(tx, delivery).await?;
         let event: Happened = delivery.envelope.decode()?;
-        sqlx::query("INSERT INTO items (entity, n) VALUES ($1, $2)")
-            .bind(format!("applied:{}", event.entity))
-            .bind(event.n)
-            .execute(&mut **tx)
-            .await
-            .map_err(HandlerError::transient)?;
         tx.publish(&Envelope::event(
             "test",
             &Happened {
@@ -896,17 +884,21 @@ impl TxHandler for CountingApply {
     }
 }
 
-fn delivery_of(entity: &str, n: i64) -> anyhow::Result<Delivery> {
-    let envelope = Envelope::event(
+/// A root `Happened` event.
+fn happened(entity: &str, n: i64) -> anyhow::Result<Envelope> {
+    Ok(Envelope::event(
         "test",
         &Happened {
             entity: entity.into(),
             n,
         },
         &MessageContext::root(),
-    )?;
+    )?)
+}
+
+fn delivery_of(entity: &str, n: i64) -> anyhow::Result<Delivery> {
     Ok(Delivery {
-        envelope,
+        envelope: happened(entity, n)?,
         info: skein_bus::DeliveryInfo {
             stream: EVENTS.into(),
             consumer: "batch".into(),
