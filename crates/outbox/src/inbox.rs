@@ -10,9 +10,9 @@
 //!
 //! # Group commit
 //!
-//! Deliveries from the worker's lanes queue for the inbox's *committers*
-//! (one on SQLite, which has one writer anyway). A
-//! committer takes every delivery waiting, up to [`MAX_BATCH`], and handles
+//! On SQLite, deliveries from the worker's lanes queue for the inbox's
+//! *committer* (one: SQLite has one writer anyway). It takes every delivery
+//! waiting, up to [`MAX_BATCH`], and handles
 //! them one after another in one transaction: one `BEGIN`, one inbox insert,
 //! one outbox insert and one `COMMIT` for the lot, where each message used to
 //! pay for all four. Nothing waits for a batch to fill: a delivery that finds
@@ -21,9 +21,8 @@
 //!
 //! On PostgreSQL there are no batches: concurrent batches took locks on hot
 //! rows (a product, an account) in different orders and deadlocked, and a
-//! run fell from 123 to 30 sagas/s. Each message has its own transaction,
-//! with as many committers as the pool allows less one connection left to
-//! queries.
+//! run fell from 123 to 30 sagas/s. Each delivery runs in its own
+//! transaction on its lane, as many at once as lanes and pool allow.
 //!
 //! A batch is all or nothing. When any handler in it fails, or the commit
 //! does, the whole transaction rolls back and every message of the batch is
@@ -37,7 +36,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use skein_bus::{Delivery, Handler, HandlerError};
-use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -69,26 +68,22 @@ pub trait TxHandler: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Inbox<H> {
     shared: Arc<Shared<H>>,
-    committers: usize,
-    max_batch: usize,
-    /// Started on the first delivery (a runtime is needed to spawn them).
-    queue: OnceLock<Committers>,
+    /// SQLite only; started on the first delivery (spawning needs a runtime).
+    committer: OnceLock<Committer>,
 }
 
-/// The queue to the committers, and the committers, which stop with the
-/// inbox: a worker stopped at once (a crash) rolls back what they hold.
+/// The queue to the committer, and the committer, which stops with the
+/// inbox: a worker stopped at once (a crash) rolls back what it holds.
 #[derive(Debug)]
-struct Committers {
+struct Committer {
     queue: mpsc::Sender<Job>,
-    tasks: Vec<AbortHandle>,
+    task: AbortHandle,
 }
 
 impl<H> Drop for Inbox<H> {
     fn drop(&mut self) {
-        if let Some(committers) = self.queue.get() {
-            for task in &committers.tasks {
-                task.abort();
-            }
+        if let Some(committer) = self.committer.get() {
+            committer.task.abort();
         }
     }
 }
@@ -114,27 +109,13 @@ impl<H: TxHandler> Inbox<H> {
     /// worker's consumer name). The name is a contract: renaming it forgets
     /// what was processed.
     pub fn new(store: Store, name: impl Into<String>, handler: H) -> Self {
-        let (committers, max_batch) = match store.backend() {
-            Backend::Sqlite => (1, MAX_BATCH),
-            // No batches: concurrent batches lock hot rows (a product, an
-            // account) in different orders and deadlock; one transaction
-            // per message, as many at once as the pool allows, leaving
-            // one connection to queries.
-            Backend::Postgres => {
-                let pool = store.pool().options().get_max_connections();
-                let committers = usize::try_from(pool.saturating_sub(1)).unwrap_or(1);
-                (committers.clamp(1, 16), 1)
-            }
-        };
         Self {
             shared: Arc::new(Shared {
                 store,
                 name: name.into(),
                 handler,
             }),
-            committers,
-            max_batch,
-            queue: OnceLock::new(),
+            committer: OnceLock::new(),
         }
     }
 }
@@ -162,19 +143,13 @@ impl<H: TxHandler> Inbox<H> {
         self.shared.process(delivery).await
     }
 
-    fn queue(&self) -> &mpsc::Sender<Job> {
+    fn committer(&self) -> &mpsc::Sender<Job> {
         &self
-            .queue
+            .committer
             .get_or_init(|| {
-                let (queue, rx) = mpsc::channel(1024);
-                let rx = Arc::new(Mutex::new(rx));
-                let tasks = (0..self.committers)
-                    .map(|_| {
-                        tokio::spawn(commit_loop(self.shared.clone(), rx.clone(), self.max_batch))
-                            .abort_handle()
-                    })
-                    .collect();
-                Committers { queue, tasks }
+                let (queue, jobs) = mpsc::channel(1024);
+                let task = tokio::spawn(commit_loop(self.shared.clone(), jobs)).abort_handle();
+                Committer { queue, task }
             })
             .queue
     }
@@ -182,6 +157,9 @@ impl<H: TxHandler> Inbox<H> {
 
 impl<H: TxHandler> Handler for Inbox<H> {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
+        if self.shared.store.backend() == Backend::Postgres {
+            return self.shared.process(delivery).await.map(|_| ());
+        }
         let stopped = || HandlerError::transient("the inbox's committer stopped");
         let (outcome, answer) = oneshot::channel();
         let job = Job {
@@ -189,31 +167,20 @@ impl<H: TxHandler> Handler for Inbox<H> {
             span: tracing::Span::current(),
             outcome,
         };
-        self.queue().send(job).await.map_err(|_| stopped())?;
+        self.committer().send(job).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map(|_| ())
     }
 }
 
-/// A committer: takes what waits in the queue and handles it as one batch,
-/// until the inbox is dropped.
-async fn commit_loop<H: TxHandler>(
-    shared: Arc<Shared<H>>,
-    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
-    max_batch: usize,
-) {
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut queue = queue.lock().await;
-            let Some(first) = queue.recv().await else {
-                return;
-            };
-            batch.push(first);
-            while batch.len() < max_batch {
-                match queue.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+/// The committer: takes what waits in the queue and handles it as one
+/// batch, until the inbox is dropped.
+async fn commit_loop<H: TxHandler>(shared: Arc<Shared<H>>, mut jobs: mpsc::Receiver<Job>) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
         }
         shared.run(batch).await;
