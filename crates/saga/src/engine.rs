@@ -12,6 +12,13 @@
 //!   sent again on its deadline until its attempts run out (then `failed`);
 //!   after the last, the final command (`on_compensated`, or `on_cancelled`
 //!   after a cancel) is sent and the instance is `compensated`.
+//! - Failed for want of an answer (a step after the pivot or a compensation
+//!   ran out of attempts): the instance still waits for that answer. When
+//!   it comes, however late, it resumes as if it had come in time: the
+//!   next step (or `completed`), or the next compensation (or the final
+//!   command). A late failing answer to the step keeps it `failed`, now for
+//!   that reason. An instance failed by an answer (a step after the pivot
+//!   failed) waits for nothing and stays `failed`.
 //! - A cancel before the pivot completes compensates like a deadline; after
 //!   it, the instance goes on.
 //! - Anything else (a late reply to an earlier step or attempt, a reply to
@@ -23,7 +30,7 @@ use skein_contracts::orchestrator::SagaStatus;
 use skein_message::{Envelope, MessageContext};
 use uuid::Uuid;
 
-use crate::definition::{Saga, SagaError};
+use crate::definition::{Saga, SagaError, StepDef};
 
 /// How an instance that compensated ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,7 +51,10 @@ pub(crate) struct Instance {
     pub(crate) status: SagaStatus,
     /// The step running (forward) or being compensated.
     pub(crate) step: usize,
-    /// Sends of the current step or compensation so far.
+    /// Sends of the current step or compensation so far. On a `failed`
+    /// instance, non-zero while the last of them is still unanswered (it
+    /// failed for want of an answer, which resumes it), zero once an answer
+    /// failed it for good.
     pub(crate) attempt: u32,
     /// Steps still to compensate after the current one, next first.
     pub(crate) compensations: Vec<usize>,
@@ -144,6 +154,16 @@ pub(crate) struct Engine<'a> {
     pub(crate) now: i64,
 }
 
+/// How the note of a transition that resumes a failed instance begins.
+const RESUMED: &str = "resumed on a late reply: ";
+
+/// Why a compensation failed the instance, as its reason says after the
+/// reason it compensated for (`<first>; then <this> after <n> attempts`):
+/// a late answer finds it there to take it off again.
+fn unanswered_compensation(def: &StepDef) -> String {
+    format!("the compensation of {} got no answer", def.name)
+}
+
 fn micros(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -208,6 +228,10 @@ impl Engine<'_> {
     }
 
     /// A reply to a command this instance sent for `step` in `phase`.
+    ///
+    /// It is current when the instance is at `step` and waits for that
+    /// phase: running (forward) or compensating, or failed for want of the
+    /// answer this reply gives ([`Engine::awaited_late`]), which resumes it.
     pub(crate) fn reply(
         &self,
         inst: &mut Instance,
@@ -215,70 +239,24 @@ impl Engine<'_> {
         phase: Phase,
         event: &Envelope,
     ) -> Result<Outcome, SagaError> {
-        let context = event.context();
         let mut out = Outcome {
             step: Some(self.step_name(step)),
             ..Outcome::default()
         };
         let current = inst.step == step;
+        let late = current && self.awaited_late(inst) == Some(phase);
         match (phase, inst.status) {
             (Phase::Forward, SagaStatus::Running) if current => {
-                let def = &self.saga.steps[step];
-                if let Some((_, update)) = def.completes.iter().find(|(e, _)| e.matches(event)) {
-                    if let Some(update) = update {
-                        update(&mut inst.data, event)?;
-                    }
-                    out.changed = true;
-                    if step + 1 < self.saga.steps.len() {
-                        out.note = format!("{} completed {}", event.kind, def.name);
-                        self.send_forward(inst, step + 1, &context, &mut out)?;
-                    } else {
-                        out.note = format!("{} completed {}, the last step", event.kind, def.name);
-                        inst.status = SagaStatus::Completed;
-                        inst.deadline_at = None;
-                    }
-                } else if let Some((_, reason)) = def.fails.iter().find(|(e, _)| e.matches(event)) {
-                    let why = format!("{}: {}", def.name, reason(event)?);
-                    out.changed = true;
-                    if self.saga.compensable(step) {
-                        out.note = format!("{} failed {}; compensating", event.kind, def.name);
-                        self.begin_compensation(
-                            inst,
-                            step,
-                            false,
-                            why,
-                            Finish::Failure,
-                            &context,
-                            &mut out,
-                        )?;
-                    } else {
-                        out.note = format!(
-                            "{} failed {} after the pivot; needs attention",
-                            event.kind, def.name
-                        );
-                        inst.status = SagaStatus::Failed;
-                        inst.reason = Some(why);
-                        inst.deadline_at = None;
-                    }
-                } else {
-                    out.note = format!(
-                        "{} neither completes nor fails {}; ignored",
-                        event.kind, def.name
-                    );
-                }
+                self.forward_reply(inst, step, event, false, &mut out)?;
+            }
+            (Phase::Forward, SagaStatus::Failed) if late => {
+                self.forward_reply(inst, step, event, true, &mut out)?;
             }
             (Phase::Compensation, SagaStatus::Compensating) if current => {
-                let def = &self.saga.steps[step];
-                if def.compensation_completes.iter().any(|e| e.matches(event)) {
-                    out.changed = true;
-                    out.note = format!("{} completed the compensation of {}", event.kind, def.name);
-                    self.next_compensation(inst, &context, &mut out)?;
-                } else {
-                    out.note = format!(
-                        "{} does not complete the compensation of {}; ignored",
-                        event.kind, def.name
-                    );
-                }
+                self.compensation_reply(inst, step, event, false, &mut out)?;
+            }
+            (Phase::Compensation, SagaStatus::Failed) if late => {
+                self.compensation_reply(inst, step, event, true, &mut out)?;
             }
             (Phase::Final, _) => {
                 out.note = format!("{} answered the final command", event.kind);
@@ -295,6 +273,134 @@ impl Engine<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// What a `failed` instance still waits for at its step: the answer to
+    /// the step's command (after the pivot) or to its compensation, when it
+    /// failed because that answer did not come within its attempts. `None`
+    /// when it is not failed, or failed on an answer (`attempt` is then 0).
+    ///
+    /// Which of the two follows from the step: an instance fails going
+    /// forward only after the pivot, where nothing is compensated, and
+    /// compensates only steps up to the pivot.
+    fn awaited_late(&self, inst: &Instance) -> Option<Phase> {
+        if inst.status != SagaStatus::Failed || inst.attempt == 0 {
+            return None;
+        }
+        let def = self.saga.steps.get(inst.step)?;
+        if !self.saga.compensable(inst.step) {
+            Some(Phase::Forward)
+        } else if def.compensation.is_some() {
+            Some(Phase::Compensation)
+        } else {
+            None
+        }
+    }
+
+    /// A reply to the current step's command; `late` when the instance had
+    /// failed waiting for it.
+    fn forward_reply(
+        &self,
+        inst: &mut Instance,
+        step: usize,
+        event: &Envelope,
+        late: bool,
+        out: &mut Outcome,
+    ) -> Result<(), SagaError> {
+        let context = event.context();
+        let def = &self.saga.steps[step];
+        let resumed = if late { RESUMED } else { "" };
+        if let Some((_, update)) = def.completes.iter().find(|(e, _)| e.matches(event)) {
+            if let Some(update) = update {
+                update(&mut inst.data, event)?;
+            }
+            out.changed = true;
+            if late {
+                // Going on: the failure it resumes from no longer holds
+                // (its transition keeps it).
+                inst.reason = None;
+            }
+            if step + 1 < self.saga.steps.len() {
+                out.note = format!("{resumed}{} completed {}", event.kind, def.name);
+                self.send_forward(inst, step + 1, &context, out)?;
+            } else {
+                out.note = format!(
+                    "{resumed}{} completed {}, the last step",
+                    event.kind, def.name
+                );
+                inst.status = SagaStatus::Completed;
+                inst.deadline_at = None;
+            }
+        } else if let Some((_, reason)) = def.fails.iter().find(|(e, _)| e.matches(event)) {
+            let why = format!("{}: {}", def.name, reason(event)?);
+            out.changed = true;
+            if self.saga.compensable(step) {
+                out.note = format!("{} failed {}; compensating", event.kind, def.name);
+                self.begin_compensation(inst, step, false, why, Finish::Failure, &context, out)?;
+            } else {
+                out.note = if late {
+                    format!(
+                        "late {} failed {} after the pivot; failed now for this answer; needs attention",
+                        event.kind, def.name
+                    )
+                } else {
+                    format!(
+                        "{} failed {} after the pivot; needs attention",
+                        event.kind, def.name
+                    )
+                };
+                inst.status = SagaStatus::Failed;
+                inst.reason = Some(why);
+                inst.deadline_at = None;
+                // Answered: no later reply resumes it.
+                inst.attempt = 0;
+            }
+        } else {
+            out.note = format!(
+                "{} neither completes nor fails {}; ignored",
+                event.kind, def.name
+            );
+        }
+        Ok(())
+    }
+
+    /// A reply to the current compensation; `late` when the instance had
+    /// failed waiting for it.
+    fn compensation_reply(
+        &self,
+        inst: &mut Instance,
+        step: usize,
+        event: &Envelope,
+        late: bool,
+        out: &mut Outcome,
+    ) -> Result<(), SagaError> {
+        let def = &self.saga.steps[step];
+        if def.compensation_completes.iter().any(|e| e.matches(event)) {
+            out.changed = true;
+            if late {
+                // Back to the reason it compensates for: the final command
+                // carries it.
+                if let Some(reason) = &mut inst.reason {
+                    if let Some(at) =
+                        reason.rfind(&format!("; then {}", unanswered_compensation(def)))
+                    {
+                        reason.truncate(at);
+                    }
+                }
+            }
+            let resumed = if late { RESUMED } else { "" };
+            out.note = format!(
+                "{resumed}{} completed the compensation of {}",
+                event.kind, def.name
+            );
+            self.next_compensation(inst, &event.context(), out)?;
+        } else {
+            out.note = format!(
+                "{} does not complete the compensation of {}; ignored",
+                event.kind, def.name
+            );
+        }
+        Ok(())
     }
 
     /// The instance's deadline passed.
@@ -335,7 +441,8 @@ impl Engine<'_> {
                     "{} got no answer after {} attempts, after the pivot: the saga cannot go back",
                     def.name, def.attempts
                 );
-                out.note = format!("{why}; needs attention");
+                out.note = format!("{why}; needs attention (a late answer resumes it)");
+                // `attempt` stays non-zero: the answer is still awaited.
                 inst.status = SagaStatus::Failed;
                 inst.reason = Some(why);
                 inst.deadline_at = None;
@@ -351,14 +458,17 @@ impl Engine<'_> {
             }
             SagaStatus::Compensating => {
                 let why = format!(
-                    "the compensation of {} got no answer after {} attempts",
-                    def.name, def.compensation_attempts
+                    "{} after {} attempts",
+                    unanswered_compensation(def),
+                    def.compensation_attempts
                 );
-                out.note = format!("{why}; needs attention");
+                out.note = format!("{why}; needs attention (a late answer resumes it)");
+                // The first reason is kept: a late answer goes back to it.
                 inst.reason = Some(match inst.reason.take() {
                     Some(first) => format!("{first}; then {why}"),
                     None => why,
                 });
+                // `attempt` stays non-zero: the answer is still awaited.
                 inst.status = SagaStatus::Failed;
                 inst.deadline_at = None;
             }
@@ -491,5 +601,499 @@ impl Engine<'_> {
         inst.deadline_at = Some(self.now.saturating_add(micros(deadline)));
         out.step = Some(step.name.clone());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The state machine alone: replies are matched to what the instance
+    //! sent as the coordinator matches them (by the command they answer),
+    //! and time moves only when a test passes a deadline.
+
+    use std::time::Duration;
+
+    use serde::{Deserialize, Serialize};
+    use skein_message::{Command, Contract, Event};
+    use uuid::Uuid;
+
+    use super::*;
+
+    macro_rules! message {
+        ($t:ident, $name:literal, $kind:ident) => {
+            #[derive(Debug, Serialize, Deserialize)]
+            struct $t {
+                id: String,
+            }
+            impl Contract for $t {
+                const SERVICE: &'static str = "shop";
+                const NAME: &'static str = $name;
+                const VERSION: u32 = 1;
+            }
+            impl $kind for $t {
+                fn entity_id(&self) -> String {
+                    self.id.clone()
+                }
+            }
+        };
+    }
+    message!(Placed, "placed", Event);
+    message!(Stop, "stop", Event);
+    message!(Reserve, "reserve", Command);
+    message!(Reserved, "reserved", Event);
+    message!(Refused, "refused", Event);
+    message!(Release, "release", Command);
+    message!(Released, "released", Event);
+    message!(Pay, "pay", Command);
+    message!(Paid, "paid", Event);
+    message!(Declined, "declined", Event);
+    message!(Refund, "refund", Command);
+    message!(Refunded, "refunded", Event);
+    message!(Ship, "ship", Command);
+    message!(Shipped, "shipped", Event);
+    message!(Lost, "lost", Event);
+    message!(Notify, "notify", Command);
+    message!(Notified, "notified", Event);
+
+    /// How the saga ends after compensating, with the reason.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Reject {
+        id: String,
+        reason: String,
+    }
+    impl Contract for Reject {
+        const SERVICE: &'static str = "shop";
+        const NAME: &'static str = "reject";
+        const VERSION: u32 = 1;
+    }
+    impl Command for Reject {
+        fn entity_id(&self) -> String {
+            self.id.clone()
+        }
+    }
+
+    #[derive(Serialize, Deserialize)]
+    struct Order {
+        id: String,
+    }
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// reserve -> pay (pivot) -> ship (2 sends) -> notify; compensations
+    /// are sent twice before the instance fails.
+    fn shop() -> Saga {
+        Saga::builder::<Order>("shop")
+            .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
+            .step("reserve", |s| {
+                s.send(|o: &Order| Reserve { id: o.id.clone() })
+                    .completes_on::<Reserved>()
+                    .fails_on(|_: &Refused| "refused".to_owned())
+                    .compensate(|o: &Order| Release { id: o.id.clone() })
+                    .compensation_completes_on::<Released>()
+                    .compensation_attempts(2)
+                    .deadline(DEADLINE)
+            })
+            .step("pay", |s| {
+                s.pivot()
+                    .send(|o: &Order| Pay { id: o.id.clone() })
+                    .completes_on::<Paid>()
+                    .fails_on(|_: &Declined| "declined".to_owned())
+                    .compensate(|o: &Order| Refund { id: o.id.clone() })
+                    .compensation_completes_on::<Refunded>()
+                    .compensation_attempts(2)
+                    .deadline(DEADLINE)
+            })
+            .step("ship", |s| {
+                s.send(|o: &Order| Ship { id: o.id.clone() })
+                    .completes_on::<Shipped>()
+                    .fails_on(|_: &Lost| "lost".to_owned())
+                    .attempts(2)
+                    .deadline(DEADLINE)
+            })
+            .step("notify", |s| {
+                s.send(|o: &Order| Notify { id: o.id.clone() })
+                    .completes_on::<Notified>()
+                    .deadline(DEADLINE)
+            })
+            .cancel_on(|e: &Stop| (e.id.clone(), "stopped".to_owned()))
+            .on_compensated(|o: &Order, why: &str| Reject {
+                id: o.id.clone(),
+                reason: format!("rejected: {why}"),
+            })
+            .on_cancelled(|o: &Order, why: &str| Reject {
+                id: o.id.clone(),
+                reason: format!("cancelled: {why}"),
+            })
+            .build()
+            .expect("a valid definition")
+    }
+
+    /// What one input did, as a test sees it.
+    #[derive(Debug)]
+    struct Did {
+        changed: bool,
+        /// Types of the commands sent.
+        sent: Vec<String>,
+        note: String,
+    }
+
+    /// One instance and everything it sent.
+    struct Run {
+        saga: Saga,
+        inst: Instance,
+        now: i64,
+        /// Every command sent, with its step and phase (`saga_sent`).
+        sent: Vec<Sent>,
+    }
+
+    impl Run {
+        fn start() -> Self {
+            let saga = shop();
+            let now = 1_000_000;
+            let inst = Instance::new(
+                &saga,
+                "o1".into(),
+                serde_json::json!({ "id": "o1" }),
+                "request-1".into(),
+                now,
+            );
+            let mut run = Self {
+                saga,
+                inst,
+                now,
+                sent: Vec::new(),
+            };
+            let placed =
+                Envelope::event("shop", &Placed { id: "o1".into() }, &MessageContext::root())
+                    .expect("an event");
+            run.apply(|engine, inst| engine.start(inst, &placed.context()));
+            run
+        }
+
+        fn apply(
+            &mut self,
+            input: impl FnOnce(&Engine<'_>, &mut Instance) -> Result<Outcome, SagaError>,
+        ) -> Did {
+            let engine = Engine {
+                saga: &self.saga,
+                source: "orchestrator",
+                now: self.now,
+            };
+            let before = self.inst.clone();
+            let out = input(&engine, &mut self.inst).expect("the engine applies the input");
+            if !out.changed {
+                assert_eq!(self.inst, before, "unchanged, said {:?}", out.note);
+                assert!(out.sends.is_empty(), "sent without a change");
+            }
+            let did = Did {
+                changed: out.changed,
+                sent: out.sends.iter().map(|s| s.envelope.kind.clone()).collect(),
+                note: out.note,
+            };
+            self.sent.extend(out.sends);
+            did
+        }
+
+        /// The ids of the commands of type `kind` sent so far, oldest first.
+        fn sent(&self, kind: &str) -> Vec<Uuid> {
+            self.sent
+                .iter()
+                .filter(|s| s.envelope.kind == kind)
+                .map(|s| s.envelope.id)
+                .collect()
+        }
+
+        /// The last command of type `kind` sent.
+        fn last(&self, kind: &str) -> Uuid {
+            *self.sent(kind).last().expect("sent")
+        }
+
+        /// `event` in answer to the command `to`, matched as the
+        /// coordinator matches it.
+        fn answer<E: Event>(&mut self, to: Uuid, event: &E) -> Did {
+            let command = self
+                .sent
+                .iter()
+                .find(|s| s.envelope.id == to)
+                .expect("a command the instance sent");
+            let (step, phase) = (command.step, command.phase);
+            let envelope =
+                Envelope::event("shop", event, &command.envelope.context()).expect("an event");
+            self.apply(|engine, inst| engine.reply(inst, step, phase, &envelope))
+        }
+
+        /// Time passes the instance's deadline (if it has one) and the
+        /// coordinator acts on it.
+        fn deadline(&mut self) -> Did {
+            if let Some(at) = self.inst.deadline_at {
+                self.now = at + 1;
+            }
+            self.apply(|engine, inst| engine.deadline(inst))
+        }
+
+        fn cancel(&mut self) -> Did {
+            let stop = Envelope::event("shop", &Stop { id: "o1".into() }, &MessageContext::root())
+                .expect("an event");
+            self.apply(|engine, inst| engine.cancel(inst, "stopped".into(), &stop))
+        }
+
+        /// The reason the final command carries.
+        fn rejected_for(&self) -> String {
+            let last = self.sent.last().expect("sent");
+            assert_eq!(last.phase, Phase::Final);
+            last.envelope.decode::<Reject>().expect("a reject").reason
+        }
+
+        fn reply_to_reserve(&mut self) {
+            let reserve = self.last("shop.reserve.v1");
+            self.answer(reserve, &Reserved { id: "o1".into() });
+        }
+
+        fn reply_to_pay(&mut self) {
+            let pay = self.last("shop.pay.v1");
+            self.answer(pay, &Paid { id: "o1".into() });
+        }
+
+        /// Pay gets no answer; so does its compensation, twice.
+        fn fail_compensating_pay(&mut self) {
+            self.reply_to_reserve();
+            self.deadline();
+            assert_eq!(self.inst.status, SagaStatus::Compensating);
+            self.deadline();
+            let failed = self.deadline();
+            assert_eq!(self.inst.status, SagaStatus::Failed, "{failed:?}");
+        }
+
+        /// Ship gets no answer to either of its sends.
+        fn fail_shipping(&mut self) {
+            self.reply_to_reserve();
+            self.reply_to_pay();
+            self.deadline();
+            let failed = self.deadline();
+            assert_eq!(self.inst.status, SagaStatus::Failed, "{failed:?}");
+        }
+    }
+
+    #[test]
+    fn a_compensation_answered_after_its_attempts_resumes_the_failed_instance() {
+        let mut run = Run::start();
+        run.fail_compensating_pay();
+        assert_eq!(run.inst.step, 1);
+        assert_eq!(run.inst.deadline_at, None);
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some(
+                "pay got no answer before its deadline; \
+                 then the compensation of pay got no answer after 2 attempts"
+            )
+        );
+        assert!(!run.deadline().changed, "nothing moves it on its own");
+        let refunds = run.sent("shop.refund.v1");
+        assert_eq!(refunds.len(), 2);
+
+        // The first refund's answer, after the instance gave up on it.
+        let resumed = run.answer(refunds[0], &Refunded { id: "o1".into() });
+        assert!(resumed.changed);
+        assert_eq!(
+            resumed.note,
+            "resumed on a late reply: shop.refunded.v1 completed the compensation of pay"
+        );
+        assert_eq!(resumed.sent, ["shop.release.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Compensating);
+        assert_eq!((run.inst.step, run.inst.attempt), (0, 1));
+        assert_eq!(run.inst.deadline_at, Some(run.now + 10_000_000));
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some("pay got no answer before its deadline")
+        );
+
+        // The second refund's answer, later still: nothing more.
+        let again = run.answer(refunds[1], &Refunded { id: "o1".into() });
+        assert!(!again.changed && again.sent.is_empty(), "{again:?}");
+        assert_eq!(
+            again.note,
+            "late shop.refunded.v1 for pay (compensation) while compensating at reserve; ignored"
+        );
+
+        // The release goes as any compensation: resent on its deadline,
+        // and its answer ends the saga with the first reason.
+        let resent = run.deadline();
+        assert_eq!(resent.sent, ["shop.release.v1"]);
+        let release = run.sent("shop.release.v1")[0];
+        let done = run.answer(release, &Released { id: "o1".into() });
+        assert_eq!(done.sent, ["shop.reject.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Compensated);
+        assert_eq!(run.inst.deadline_at, None);
+        assert_eq!(
+            run.rejected_for(),
+            "rejected: pay got no answer before its deadline"
+        );
+        for late in [refunds[0], refunds[1]] {
+            assert!(!run.answer(late, &Refunded { id: "o1".into() }).changed);
+        }
+        assert_eq!(run.sent("shop.reject.v1").len(), 1);
+        assert!(!run.deadline().changed);
+    }
+
+    #[test]
+    fn the_last_compensation_answered_late_sends_the_final_command() {
+        // After a failure: the final command carries the failure's reason.
+        let mut run = Run::start();
+        run.reply_to_reserve();
+        let pay = run.last("shop.pay.v1");
+        run.answer(pay, &Declined { id: "o1".into() });
+        run.deadline();
+        run.deadline();
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some("pay: declined; then the compensation of reserve got no answer after 2 attempts")
+        );
+        let release = run.sent("shop.release.v1");
+        let done = run.answer(release[1], &Released { id: "o1".into() });
+        assert_eq!(
+            done.note,
+            "resumed on a late reply: shop.released.v1 completed the compensation of reserve"
+        );
+        assert_eq!(done.sent, ["shop.reject.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Compensated);
+        assert_eq!(run.inst.reason.as_deref(), Some("pay: declined"));
+        assert_eq!(run.rejected_for(), "rejected: pay: declined");
+        let again = run.answer(release[0], &Released { id: "o1".into() });
+        assert!(!again.changed && again.sent.is_empty(), "{again:?}");
+
+        // After a cancel: the cancel's final command, with its reason.
+        let mut run = Run::start();
+        run.cancel();
+        run.deadline();
+        run.deadline();
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        let release = run.last("shop.release.v1");
+        let done = run.answer(release, &Released { id: "o1".into() });
+        assert_eq!(done.sent, ["shop.reject.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Compensated);
+        assert_eq!(run.rejected_for(), "cancelled: stopped");
+    }
+
+    #[test]
+    fn a_step_after_the_pivot_answered_after_its_attempts_resumes_forward() {
+        let mut run = Run::start();
+        run.fail_shipping();
+        assert_eq!(run.inst.step, 2);
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some("ship got no answer after 2 attempts, after the pivot: the saga cannot go back")
+        );
+        let ships = run.sent("shop.ship.v1");
+        assert_eq!(ships.len(), 2);
+
+        let resumed = run.answer(ships[0], &Shipped { id: "o1".into() });
+        assert_eq!(
+            resumed.note,
+            "resumed on a late reply: shop.shipped.v1 completed ship"
+        );
+        assert_eq!(resumed.sent, ["shop.notify.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Running);
+        assert_eq!((run.inst.step, run.inst.attempt), (3, 1));
+        assert_eq!(run.inst.deadline_at, Some(run.now + 10_000_000));
+        assert_eq!(run.inst.reason, None);
+        let again = run.answer(ships[1], &Shipped { id: "o1".into() });
+        assert!(!again.changed && again.sent.is_empty(), "{again:?}");
+
+        // The last step too: no answer fails it, a late one completes it.
+        let failed = run.deadline();
+        assert_eq!(run.inst.status, SagaStatus::Failed, "{failed:?}");
+        let notify = run.last("shop.notify.v1");
+        let done = run.answer(notify, &Notified { id: "o1".into() });
+        assert_eq!(
+            done.note,
+            "resumed on a late reply: shop.notified.v1 completed notify, the last step"
+        );
+        assert!(done.sent.is_empty());
+        assert_eq!(run.inst.status, SagaStatus::Completed);
+        assert_eq!(
+            (run.inst.reason.as_deref(), run.inst.deadline_at),
+            (None, None)
+        );
+        assert!(!run.answer(notify, &Notified { id: "o1".into() }).changed);
+        assert!(!run.answer(ships[1], &Shipped { id: "o1".into() }).changed);
+    }
+
+    #[test]
+    fn a_late_reply_that_is_not_what_the_failed_instance_waits_for_changes_nothing() {
+        // Failed waiting for pay's refund.
+        let mut run = Run::start();
+        run.fail_compensating_pay();
+        let pay = run.last("shop.pay.v1");
+        let reserve = run.last("shop.reserve.v1");
+        let refund = run.last("shop.refund.v1");
+        let noise = [
+            // Pay's own answer: the same step, the other phase.
+            (
+                run.answer(pay, &Paid { id: "o1".into() }),
+                "late shop.paid.v1 for pay (forward) while failed at pay; ignored",
+            ),
+            // An older step.
+            (
+                run.answer(reserve, &Reserved { id: "o1".into() }),
+                "late shop.reserved.v1 for reserve (forward) while failed at pay; ignored",
+            ),
+            // The awaited command, answered with something else.
+            (
+                run.answer(refund, &Released { id: "o1".into() }),
+                "shop.released.v1 does not complete the compensation of pay; ignored",
+            ),
+        ];
+        for (did, note) in noise {
+            assert!(!did.changed && did.sent.is_empty(), "{did:?}");
+            assert_eq!(did.note, note);
+        }
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        // It still waits for the refund's answer.
+        let resumed = run.answer(refund, &Refunded { id: "o1".into() });
+        assert_eq!(resumed.sent, ["shop.release.v1"]);
+
+        // Failed waiting for ship: an older step's answer, or the pay's
+        // compensation that was never sent, change nothing.
+        let mut run = Run::start();
+        run.fail_shipping();
+        let pay = run.last("shop.pay.v1");
+        let did = run.answer(pay, &Paid { id: "o1".into() });
+        assert!(!did.changed, "{did:?}");
+        let ship = run.last("shop.ship.v1");
+        let did = run.answer(ship, &Notified { id: "o1".into() });
+        assert_eq!(
+            did.note,
+            "shop.notified.v1 neither completes nor fails ship; ignored"
+        );
+        assert!(!did.changed);
+
+        // A late failing answer keeps it failed, now for that answer; no
+        // later completion resumes it.
+        let lost = run.answer(ship, &Lost { id: "o1".into() });
+        assert!(lost.changed && lost.sent.is_empty(), "{lost:?}");
+        assert_eq!(
+            lost.note,
+            "late shop.lost.v1 failed ship after the pivot; failed now for this answer; needs attention"
+        );
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert_eq!(run.inst.reason.as_deref(), Some("ship: lost"));
+        let shipped = run.answer(ship, &Shipped { id: "o1".into() });
+        assert!(!shipped.changed && shipped.sent.is_empty(), "{shipped:?}");
+        assert_eq!(
+            shipped.note,
+            "late shop.shipped.v1 for ship (forward) while failed at ship; ignored"
+        );
+
+        // Failed by an answer in time: final as well.
+        let mut run = Run::start();
+        run.reply_to_reserve();
+        run.reply_to_pay();
+        let ship = run.last("shop.ship.v1");
+        run.answer(ship, &Lost { id: "o1".into() });
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert!(!run.answer(ship, &Shipped { id: "o1".into() }).changed);
+        assert!(!run.deadline().changed);
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert_eq!(run.inst.reason.as_deref(), Some("ship: lost"));
     }
 }

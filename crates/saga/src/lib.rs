@@ -16,7 +16,9 @@
 //! names the command they answer, and watches stored deadlines. When a step
 //! fails or misses its deadline it compensates in reverse order, each
 //! compensation retried on its own deadline; it ends `compensated`, or
-//! `failed` when it can neither go on nor back, never silently stuck.
+//! `failed` when it can neither go on nor back, never silently stuck. An
+//! instance failed for want of an answer still takes that answer: coming
+//! late, it resumes the instance as if it had come in time.
 //! Copies of the coordinator share the work with optimistic versioning.
 //!
 //! # Layout

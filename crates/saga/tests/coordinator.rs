@@ -1,0 +1,351 @@
+//! The coordinator on a real database (SQLite and PostgreSQL): events go
+//! through the inbox as a worker hands them over, replies find their
+//! instance by the command they answer, deadlines are the stored ones.
+//! No broker: what the sagas send stays in the outbox.
+//!
+//! ```text
+//! cargo nextest run -p skein-saga --test coordinator
+//! ```
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use skein_bus::{Delivery, DeliveryInfo};
+use skein_contracts::orchestrator::{SagaInstance, SagaStatus};
+use skein_message::{Command, Contract, Envelope, Event, MessageContext};
+use skein_outbox::{Inbox, Processed, Store};
+use skein_saga::{Coordinator, Saga};
+use skein_testkit::{backend_tests, Backend, TestDb};
+use uuid::Uuid;
+
+macro_rules! message {
+    ($t:ident, $name:literal, $kind:ident) => {
+        #[derive(Debug, Serialize, Deserialize)]
+        struct $t {
+            id: String,
+        }
+        impl Contract for $t {
+            const SERVICE: &'static str = "shop";
+            const NAME: &'static str = $name;
+            const VERSION: u32 = 1;
+        }
+        impl $kind for $t {
+            fn entity_id(&self) -> String {
+                self.id.clone()
+            }
+        }
+    };
+}
+message!(Placed, "placed", Event);
+message!(Reserve, "reserve", Command);
+message!(Reserved, "reserved", Event);
+message!(Release, "release", Command);
+message!(Released, "released", Event);
+message!(Pay, "pay", Command);
+message!(Paid, "paid", Event);
+message!(Refund, "refund", Command);
+message!(Refunded, "refunded", Event);
+message!(Ship, "ship", Command);
+message!(Shipped, "shipped", Event);
+message!(Notify, "notify", Command);
+message!(Notified, "notified", Event);
+message!(Reject, "reject", Command);
+
+#[derive(Serialize, Deserialize)]
+struct Order {
+    id: String,
+}
+
+/// What the tests let pass: pay and its refund, and ship.
+const SHORT: Duration = Duration::from_millis(50);
+/// What they never wait for.
+const LONG: Duration = Duration::from_secs(60);
+
+/// reserve -> pay (pivot) -> ship (2 sends) -> notify; compensations are
+/// sent twice before the instance fails.
+fn shop() -> anyhow::Result<Saga> {
+    Ok(Saga::builder::<Order>("shop")
+        .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
+        .step("reserve", |s| {
+            s.send(|o: &Order| Reserve { id: o.id.clone() })
+                .completes_on::<Reserved>()
+                .compensate(|o: &Order| Release { id: o.id.clone() })
+                .compensation_completes_on::<Released>()
+                .compensation_attempts(2)
+                .deadline(LONG)
+        })
+        .step("pay", |s| {
+            s.pivot()
+                .send(|o: &Order| Pay { id: o.id.clone() })
+                .completes_on::<Paid>()
+                .compensate(|o: &Order| Refund { id: o.id.clone() })
+                .compensation_completes_on::<Refunded>()
+                .compensation_attempts(2)
+                .deadline(SHORT)
+        })
+        .step("ship", |s| {
+            s.send(|o: &Order| Ship { id: o.id.clone() })
+                .completes_on::<Shipped>()
+                .attempts(2)
+                .deadline(SHORT)
+        })
+        .step("notify", |s| {
+            s.send(|o: &Order| Notify { id: o.id.clone() })
+                .completes_on::<Notified>()
+                .deadline(LONG)
+        })
+        .on_compensated(|o: &Order, _why: &str| Reject { id: o.id.clone() })
+        .build()?)
+}
+
+/// A coordinator of [`shop`] on a fresh database, fed through its inbox.
+struct Shop {
+    coordinator: Coordinator,
+    inbox: Inbox<Coordinator>,
+    store: Store,
+    delivered: u64,
+    _db: TestDb,
+}
+
+impl Shop {
+    async fn start(backend: Backend) -> anyhow::Result<Self> {
+        let db = TestDb::new(backend).await?;
+        let store = Store::connect(db.url()).await?;
+        store.migrate("saga", skein_saga::MIGRATIONS).await?;
+        let coordinator = Coordinator::new(vec![shop()?], store.clone(), "orchestrator")?;
+        let inbox = Inbox::new(store.clone(), "orchestrator", coordinator.clone());
+        Ok(Self {
+            coordinator,
+            inbox,
+            store,
+            delivered: 0,
+            _db: db,
+        })
+    }
+
+    /// Hands `envelope` to the coordinator as its worker would.
+    async fn deliver(&mut self, envelope: &Envelope) -> anyhow::Result<Processed> {
+        self.delivered += 1;
+        let delivery = Delivery {
+            envelope: envelope.clone(),
+            info: DeliveryInfo {
+                stream: "EVENTS".into(),
+                consumer: "orchestrator".into(),
+                stream_sequence: self.delivered,
+                delivered: 1,
+            },
+        };
+        self.inbox.process(&delivery).await.map_err(|e| {
+            anyhow::anyhow!("the coordinator refused {}: {}", envelope.kind, e.reason())
+        })
+    }
+
+    /// `event` in answer to the command `to`.
+    async fn answer<E: Event>(&mut self, to: Uuid, event: &E) -> anyhow::Result<Envelope> {
+        let context = MessageContext {
+            correlation_id: "request-1".into(),
+            causation_id: Some(to),
+            traceparent: None,
+        };
+        let envelope = Envelope::event("shop", event, &context)?;
+        self.deliver(&envelope).await?;
+        Ok(envelope)
+    }
+
+    async fn instance(&self, key: &str) -> anyhow::Result<SagaInstance> {
+        self.coordinator
+            .find("shop", key)
+            .await?
+            .with_context(|| format!("no instance for {key}"))
+    }
+
+    /// Waits past the current deadline and lets the coordinator act on it.
+    async fn pass_deadline(&self) -> anyhow::Result<()> {
+        tokio::time::sleep(SHORT * 2).await;
+        let applied = self
+            .coordinator
+            .run_deadlines(100)
+            .await
+            .map_err(|e| anyhow::anyhow!("deadlines: {}", e.reason()))?;
+        anyhow::ensure!(applied == 1, "{applied} deadlines applied");
+        Ok(())
+    }
+
+    async fn stuck(&self) -> anyhow::Result<Vec<Uuid>> {
+        Ok(self
+            .coordinator
+            .stuck(Duration::ZERO)
+            .await?
+            .into_iter()
+            .map(|s| s.instance.id)
+            .collect())
+    }
+}
+
+/// The ids of the commands of type `kind` the instance sent, oldest first.
+fn sent(instance: &SagaInstance, kind: &str) -> Vec<Uuid> {
+    instance
+        .transitions
+        .iter()
+        .flat_map(|t| &t.sent)
+        .filter(|s| s.kind == kind)
+        .map(|s| s.id)
+        .collect()
+}
+
+fn last(instance: &SagaInstance, kind: &str) -> anyhow::Result<Uuid> {
+    sent(instance, kind)
+        .last()
+        .copied()
+        .with_context(|| format!("no {kind} sent: {instance:#?}"))
+}
+
+fn placed(id: &str) -> anyhow::Result<Envelope> {
+    Ok(Envelope::event(
+        "shop",
+        &Placed { id: id.into() },
+        &MessageContext::with_correlation("request-1"),
+    )?)
+}
+
+backend_tests!(
+    a_compensation_answered_after_the_instance_failed_finishes_compensating,
+    a_step_after_the_pivot_answered_after_the_instance_failed_completes_it,
+);
+
+async fn a_compensation_answered_after_the_instance_failed_finishes_compensating(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    shop.deliver(&placed("o1")?).await?;
+    let reserve = last(&shop.instance("o1").await?, "shop.reserve.v1")?;
+    shop.answer(reserve, &Reserved { id: "o1".into() }).await?;
+    // Pay gets no answer, nor does its refund, sent twice.
+    for _ in 0..3 {
+        shop.pass_deadline().await?;
+    }
+    let failed = shop.instance("o1").await?;
+    assert_eq!(failed.status, SagaStatus::Failed, "{failed:#?}");
+    assert_eq!(failed.deadline, None);
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some(
+            "pay got no answer before its deadline; \
+             then the compensation of pay got no answer after 2 attempts"
+        )
+    );
+    assert_eq!(shop.stuck().await?, [failed.id], "stuck lists it");
+    let refunds = sent(&failed, "shop.refund.v1");
+    assert_eq!(refunds.len(), 2);
+
+    // The first refund's answer comes after all.
+    let late = shop
+        .answer(refunds[0], &Refunded { id: "o1".into() })
+        .await?;
+    let resumed = shop.instance("o1").await?;
+    assert_eq!(resumed.status, SagaStatus::Compensating, "{resumed:#?}");
+    assert_eq!(resumed.step.as_deref(), Some("reserve"));
+    assert_eq!(resumed.waiting_for, ["shop.released"]);
+    assert!(resumed.deadline.is_some(), "the release has its deadline");
+    assert_eq!(
+        resumed.reason.as_deref(),
+        Some("pay got no answer before its deadline")
+    );
+    let t = resumed.transitions.last().context("no transition")?;
+    assert_eq!(
+        (t.from, t.to, t.cause_id),
+        (
+            Some(SagaStatus::Failed),
+            SagaStatus::Compensating,
+            Some(late.id)
+        )
+    );
+    assert_eq!(
+        t.note,
+        "resumed on a late reply: shop.refunded.v1 completed the compensation of pay"
+    );
+    assert_eq!(sent(&resumed, "shop.release.v1").len(), 1);
+    assert!(
+        shop.stuck().await?.is_empty(),
+        "it waits within its deadline"
+    );
+
+    // The same message again, and the second refund's answer: nothing more.
+    assert_eq!(shop.deliver(&late).await?, Processed::AlreadyProcessed);
+    shop.answer(refunds[1], &Refunded { id: "o1".into() })
+        .await?;
+    let after = shop.instance("o1").await?;
+    assert_eq!(after.version, resumed.version, "{after:#?}");
+    assert_eq!(after.transitions.len(), resumed.transitions.len() + 1);
+    let note = &after.transitions.last().context("no transition")?.note;
+    assert_eq!(
+        note,
+        "late shop.refunded.v1 for pay (compensation) while compensating at reserve; ignored"
+    );
+
+    // The release is answered in time: the saga ends as it would have.
+    let release = last(&after, "shop.release.v1")?;
+    shop.answer(release, &Released { id: "o1".into() }).await?;
+    let done = shop.instance("o1").await?;
+    assert_eq!(done.status, SagaStatus::Compensated, "{done:#?}");
+    assert_eq!(sent(&done, "shop.reject.v1").len(), 1);
+    assert_eq!(
+        done.reason.as_deref(),
+        Some("pay got no answer before its deadline"),
+        "the reject carries the first reason"
+    );
+    assert_eq!(sent(&done, "shop.release.v1").len(), 1);
+    assert_eq!(sent(&done, "shop.refund.v1").len(), 2);
+    shop.store.close().await;
+    Ok(())
+}
+
+async fn a_step_after_the_pivot_answered_after_the_instance_failed_completes_it(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    shop.deliver(&placed("o2")?).await?;
+    let reserve = last(&shop.instance("o2").await?, "shop.reserve.v1")?;
+    shop.answer(reserve, &Reserved { id: "o2".into() }).await?;
+    let pay = last(&shop.instance("o2").await?, "shop.pay.v1")?;
+    shop.answer(pay, &Paid { id: "o2".into() }).await?;
+    // Ship gets no answer to either send.
+    shop.pass_deadline().await?;
+    shop.pass_deadline().await?;
+    let failed = shop.instance("o2").await?;
+    assert_eq!(failed.status, SagaStatus::Failed, "{failed:#?}");
+    assert_eq!(shop.stuck().await?, [failed.id]);
+    let ships = sent(&failed, "shop.ship.v1");
+    assert_eq!(ships.len(), 2);
+
+    // A late answer to an older step changes nothing.
+    shop.answer(pay, &Paid { id: "o2".into() }).await?;
+    let still = shop.instance("o2").await?;
+    assert_eq!(
+        (still.status, still.version),
+        (SagaStatus::Failed, failed.version)
+    );
+
+    // The first ship's answer comes after all: on to notify.
+    shop.answer(ships[0], &Shipped { id: "o2".into() }).await?;
+    let resumed = shop.instance("o2").await?;
+    assert_eq!(resumed.status, SagaStatus::Running, "{resumed:#?}");
+    assert_eq!(resumed.step.as_deref(), Some("notify"));
+    assert_eq!(resumed.reason, None);
+    assert_eq!(
+        resumed.transitions.last().map(|t| t.note.as_str()),
+        Some("resumed on a late reply: shop.shipped.v1 completed ship")
+    );
+    shop.answer(ships[1], &Shipped { id: "o2".into() }).await?;
+    assert_eq!(shop.instance("o2").await?.version, resumed.version);
+
+    let notify = last(&resumed, "shop.notify.v1")?;
+    shop.answer(notify, &Notified { id: "o2".into() }).await?;
+    let done = shop.instance("o2").await?;
+    assert_eq!(done.status, SagaStatus::Completed, "{done:#?}");
+    assert_eq!(sent(&done, "shop.notify.v1").len(), 1);
+    assert!(shop.stuck().await?.is_empty());
+    shop.store.close().await;
+    Ok(())
+}
