@@ -147,7 +147,7 @@ impl Relay {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let _permit = self.store.write_permit().await;
+        let permit = self.store.write_permit().await;
         sqlx::query(&format!(
             "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
         ))
@@ -156,7 +156,7 @@ impl Relay {
         // large as its list) for nothing.
         .persistent(false)
         .bind(crate::now_micros())
-        .execute(self.store.pool())
+        .execute(permit.pool())
         .await
         .map_err(Error::query("cannot mark outbox rows published"))?;
         Ok(())
@@ -234,18 +234,18 @@ impl Relay {
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = crate::now_micros();
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        let _permit = self.store.write_permit().await;
+        let permit = self.store.write_permit().await;
         let outbox = sqlx::query(
             "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
         )
         .bind(now.saturating_sub(micros(self.config.retention)))
-        .execute(self.store.pool())
+        .execute(permit.pool())
         .await
         .map_err(Error::query("cannot clean up the outbox"))?
         .rows_affected();
         let inbox = sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
             .bind(now.saturating_sub(micros(self.config.inbox_retention)))
-            .execute(self.store.pool())
+            .execute(permit.pool())
             .await
             .map_err(Error::query("cannot clean up the inbox"))?
             .rows_affected();
@@ -387,7 +387,7 @@ impl Relay {
                 }
             }
             Backend::Sqlite => {
-                let _permit = self.store.write_permit().await;
+                let permit = self.store.write_permit().await;
                 let now = crate::now_micros();
                 let until =
                     now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
@@ -399,7 +399,7 @@ impl Relay {
                 .bind(&self.owner)
                 .bind(until)
                 .bind(now)
-                .execute(self.store.pool())
+                .execute(permit.pool())
                 .await
                 .map_err(Error::query("cannot take the relay lease"))?
                 .rows_affected();
@@ -424,11 +424,11 @@ impl Relay {
 
     async fn release(&self) {
         if self.store.backend() == Backend::Sqlite {
-            let _permit = self.store.write_permit().await;
+            let permit = self.store.write_permit().await;
             let _ =
                 sqlx::query("DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1")
                     .bind(&self.owner)
-                    .execute(self.store.pool())
+                    .execute(permit.pool())
                     .await;
         }
         // The PostgreSQL lock goes with its connection.

@@ -74,15 +74,36 @@ struct Inner {
     backend: Backend,
     url: String,
     committed: Notify,
-    /// On SQLite, the right to write, taken before a write transaction
-    /// begins (see `Store::write_permit`).
-    writer: Option<Arc<Mutex<()>>>,
+    /// On SQLite, the one connection this process writes with, and the
+    /// turn to use it (see `Store::write_permit`).
+    writer: Option<Writer>,
 }
 
-/// This process's turn to write to a SQLite database (none on PostgreSQL).
-/// Held by a [`Tx`] until it commits or is dropped.
 #[derive(Debug)]
-pub(crate) struct WritePermit(#[allow(dead_code)] Option<OwnedMutexGuard<()>>);
+struct Writer {
+    turn: Arc<Mutex<()>>,
+    /// A pool of one connection that is never closed for idleness or age:
+    /// the connection that writes keeps its page cache. In WAL mode a
+    /// connection drops its whole cache when it finds the database changed
+    /// by another connection; with every write on one connection, its cache
+    /// stays warm from one transaction to the next.
+    pool: AnyPool,
+}
+
+/// This process's turn to write (on SQLite; at once on PostgreSQL), and the
+/// pool to write with. Held by a [`Tx`] until it commits or is dropped.
+#[derive(Debug)]
+pub(crate) struct WritePermit {
+    _turn: Option<OwnedMutexGuard<()>>,
+    pool: AnyPool,
+}
+
+impl WritePermit {
+    /// Where writes go while the permit is held.
+    pub(crate) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+}
 
 impl Store {
     /// Opens (creating if missing) the database at `url` and applies the
@@ -101,42 +122,39 @@ impl Store {
             url: redact(&config.url),
             source,
         };
-        let pool = match backend {
+        let (pool, writer) = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url_creating(&config.url)?;
                 let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
-                let busy_ms = config.busy_timeout.as_millis();
-                AnyPoolOptions::new()
+                // The writer first: it creates the file and switches it to WAL.
+                let writer = sqlite_pool(config.busy_timeout)
+                    .max_connections(1)
+                    .idle_timeout(None)
+                    .max_lifetime(None)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(connect_error)?;
+                let readers = sqlite_pool(config.busy_timeout)
                     .max_connections(config.max_connections)
-                    // A file does not drop connections: no ping (a round
-                    // trip to the connection's thread) before every use.
-                    .test_before_acquire(false)
-                    .after_connect(move |conn, _meta| {
-                        Box::pin(async move {
-                            // WAL lets readers run beside the writer; NORMAL
-                            // syncs at checkpoints, which WAL keeps durable
-                            // against process crashes.
-                            conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
-                            conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str())
-                                .await?;
-                            conn.execute("PRAGMA foreign_keys = ON").await?;
-                            Ok(())
-                        })
-                    })
                     .connect_with(options)
                     .await
-                    .map_err(connect_error)?
+                    .map_err(connect_error)?;
+                let writer = Writer {
+                    turn: Arc::new(Mutex::new(())),
+                    pool: writer,
+                };
+                (readers, Some(writer))
             }
             Backend::Postgres => {
                 create_postgres_database_if_missing(&config.url).await?;
                 let options = AnyConnectOptions::from_str(&config.url).map_err(connect_error)?;
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(config.max_connections)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)
                     .await
-                    .map_err(connect_error)?
+                    .map_err(connect_error)?;
+                (pool, None)
             }
         };
         let store = Self {
@@ -145,7 +163,7 @@ impl Store {
                 backend,
                 url: config.url.clone(),
                 committed: Notify::new(),
-                writer: (backend == Backend::Sqlite).then(|| Arc::new(Mutex::new(()))),
+                writer,
             }),
         };
         store.migrate("skein_outbox", crate::MIGRATIONS).await?;
@@ -189,27 +207,33 @@ impl Store {
     pub async fn begin(&self) -> Result<Tx> {
         let permit = self.write_permit().await;
         let tx = match self.inner.backend {
-            Backend::Sqlite => self.inner.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.inner.pool.begin().await,
+            Backend::Sqlite => permit.pool().begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => permit.pool().begin().await,
         }
         .map_err(Error::query("cannot begin a transaction"))?;
         Ok(Tx::new(tx, self.clone(), permit))
     }
 
     /// Waits for this process's turn to write (SQLite; at once on
-    /// PostgreSQL).
+    /// PostgreSQL). Write with the permit's [`WritePermit::pool`].
     ///
     /// SQLite lets one connection write at a time. Left to SQLite, writers
     /// that find the lock taken sleep in its busy handler (1, 2, 5, 10 ms
     /// and longer) and the lock often sits free while they sleep; under
     /// load most of the time goes there. Writers of one process queue here
     /// instead, in arrival order, and the busy handler only sees other
-    /// processes (a second copy, the CLI). Taken before a connection, so
-    /// readers keep the rest of the pool.
+    /// processes (a second copy, the CLI). Writes go through one
+    /// connection of their own, so readers keep the pool.
     pub(crate) async fn write_permit(&self) -> WritePermit {
         match &self.inner.writer {
-            Some(writer) => WritePermit(Some(writer.clone().lock_owned().await)),
-            None => WritePermit(None),
+            Some(writer) => WritePermit {
+                _turn: Some(writer.turn.clone().lock_owned().await),
+                pool: writer.pool.clone(),
+            },
+            None => WritePermit {
+                _turn: None,
+                pool: self.inner.pool.clone(),
+            },
         }
     }
 
@@ -229,10 +253,36 @@ impl Store {
         self.inner.committed.notified().await;
     }
 
-    /// Closes the pool.
+    /// Closes the pools.
     pub async fn close(&self) {
         self.inner.pool.close().await;
+        if let Some(writer) = &self.inner.writer {
+            writer.pool.close().await;
+        }
     }
+}
+
+/// Pool options for a SQLite database: no ping before use, and each
+/// connection set up for WAL.
+fn sqlite_pool(busy_timeout: Duration) -> AnyPoolOptions {
+    let busy_ms = busy_timeout.as_millis();
+    AnyPoolOptions::new()
+        // A file does not drop connections: no ping (a round trip to the
+        // connection's thread) before every use.
+        .test_before_acquire(false)
+        .after_connect(move |conn, _meta| {
+            Box::pin(async move {
+                // WAL lets readers run beside the writer; NORMAL syncs at
+                // checkpoints, which WAL keeps durable against process
+                // crashes.
+                conn.execute("PRAGMA journal_mode = WAL").await?;
+                conn.execute("PRAGMA synchronous = NORMAL").await?;
+                conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str())
+                    .await?;
+                conn.execute("PRAGMA foreign_keys = ON").await?;
+                Ok(())
+            })
+        })
 }
 
 /// `url` with `mode=rwc` so SQLite creates the file, and its directory created.

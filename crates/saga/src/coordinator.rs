@@ -212,12 +212,10 @@ impl Coordinator {
             }
         }
         if let Some(caused_by) = event.causation_id {
-            if let Some((id, step, phase)) = store::sent(tx, caused_by).await.map_err(db)? {
-                let Some(mut inst) = store::load(tx, id).await.map_err(db)? else {
-                    return Err(HandlerError::permanent(format!(
-                        "saga instance {id} of a sent command is gone"
-                    )));
-                };
+            if let Some((inst, step, phase)) = store::sent_by(tx, caused_by).await.map_err(db)? {
+                let mut inst = inst.map_err(|id| {
+                    HandlerError::permanent(format!("saga instance {id} of a sent command is gone"))
+                })?;
                 let saga = self.saga(&inst.saga)?;
                 let from = inst.status;
                 let out = self

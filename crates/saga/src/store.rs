@@ -10,6 +10,11 @@ use crate::engine::{Finish, Instance, Phase};
 const COLUMNS: &str = "id, saga, saga_key, status, step, attempt, compensations, finish, data, \
                        reason, correlation_id, deadline_at, version, created_at, updated_at";
 
+/// [`COLUMNS`] of `saga_instances` aliased `i`, for joins.
+const INSTANCE_COLUMNS: &str = "i.id, i.saga, i.saga_key, i.status, i.step, i.attempt, \
+                                i.compensations, i.finish, i.data, i.reason, i.correlation_id, \
+                                i.deadline_at, i.version, i.created_at, i.updated_at";
+
 fn decode_error(what: impl std::fmt::Display) -> sqlx::Error {
     sqlx::Error::Decode(what.to_string().into())
 }
@@ -232,26 +237,36 @@ pub(crate) async fn insert_sent(
     Ok(())
 }
 
-/// The instance, step and phase of the command `message_id`, if a saga sent it.
-pub(crate) async fn sent(
+/// The command `message_id`, if a saga sent it: the step and phase it
+/// belongs to, and its instance (`Err` naming the instance when the
+/// instance is gone). One statement: a reply is the orchestrator's most
+/// common input.
+pub(crate) async fn sent_by(
     conn: &mut AnyConnection,
     message_id: Uuid,
-) -> sqlx::Result<Option<(Uuid, usize, Phase)>> {
-    let Some(row) =
-        sqlx::query("SELECT instance_id, step, phase FROM saga_sent WHERE message_id = $1")
-            .bind(message_id.to_string())
-            .fetch_optional(conn)
-            .await?
+) -> sqlx::Result<Option<(Result<Instance, Uuid>, usize, Phase)>> {
+    let Some(row) = sqlx::query(&format!(
+        "SELECT s.instance_id AS sent_instance, s.step AS sent_step, s.phase AS sent_phase, \
+         {INSTANCE_COLUMNS} FROM saga_sent s LEFT JOIN saga_instances i ON i.id = s.instance_id \
+         WHERE s.message_id = $1"
+    ))
+    .bind(message_id.to_string())
+    .fetch_optional(conn)
+    .await?
     else {
         return Ok(None);
     };
-    let instance: String = row.try_get("instance_id")?;
-    let phase: String = row.try_get("phase")?;
-    Ok(Some((
-        Uuid::parse_str(&instance).map_err(decode_error)?,
-        to_index(row.try_get("step")?)?,
-        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?,
-    )))
+    let phase: String = row.try_get("sent_phase")?;
+    let phase =
+        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?;
+    let step = to_index(row.try_get("sent_step")?)?;
+    let instance = if row.try_get::<Option<String>, _>("id")?.is_some() {
+        Ok(to_instance(&row)?)
+    } else {
+        let id: String = row.try_get("sent_instance")?;
+        Err(Uuid::parse_str(&id).map_err(decode_error)?)
+    };
+    Ok(Some((instance, step, phase)))
 }
 
 /// One transition to record.
@@ -273,20 +288,16 @@ pub(crate) async fn insert_transition(
     conn: &mut AnyConnection,
     t: &NewTransition<'_>,
 ) -> sqlx::Result<()> {
-    let id = t.instance.to_string();
-    let seq: i64 = sqlx::query(
-        "SELECT COALESCE(MAX(seq), 0) + 1 AS next FROM saga_transitions WHERE instance_id = $1",
-    )
-    .bind(&id)
-    .fetch_one(&mut *conn)
-    .await?
-    .try_get("next")?;
+    // The next number in the instance's history, computed in the insert
+    // (one statement). Writers that change the instance are serialised by
+    // its version check before this; any other collision violates the
+    // primary key and the transaction is retried.
     sqlx::query(
         "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM saga_transitions WHERE instance_id = $1), \
+         $2, $3, $4, $5, $6, $7, $8, $9)",
     )
-    .bind(id)
-    .bind(seq)
+    .bind(t.instance.to_string())
     .bind(t.at)
     .bind(t.from.map(SagaStatus::as_str))
     .bind(t.to.as_str())

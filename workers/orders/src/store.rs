@@ -87,43 +87,50 @@ fn parse_status(name: &str) -> Result<OrderStatus, sqlx::Error> {
 const ORDER_COLUMNS: &str = "id, customer_id, status, total_cents, reason, cancel_requested_by, \
                              created_at, updated_at";
 
-/// Reads an order with its lines.
-pub async fn order(conn: &mut AnyConnection, id: Uuid) -> Result<Option<StoredOrder>, sqlx::Error> {
-    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = $1"))
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        Some(row) => Ok(Some(with_lines(conn, &row).await?)),
-        None => Ok(None),
-    }
-}
+/// [`ORDER_COLUMNS`] of `orders` aliased `o`, for joins.
+const ORDER_COLUMNS_O: &str = "o.id, o.customer_id, o.status, o.total_cents, o.reason, \
+                               o.cancel_requested_by, o.created_at, o.updated_at";
 
-async fn with_lines(conn: &mut AnyConnection, row: &AnyRow) -> Result<StoredOrder, sqlx::Error> {
-    let id = uuid(row, "id")?;
-    let lines = sqlx::query(
-        "SELECT product_id, quantity, unit_price_cents FROM order_lines \
-         WHERE order_id = $1 ORDER BY position",
-    )
+/// Reads an order with its lines, in one statement.
+pub async fn order(conn: &mut AnyConnection, id: Uuid) -> Result<Option<StoredOrder>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS_O}, l.product_id, l.quantity, l.unit_price_cents \
+         FROM orders o LEFT JOIN order_lines l ON l.order_id = o.id \
+         WHERE o.id = $1 ORDER BY l.position"
+    ))
     .bind(id.to_string())
     .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(OrderLine {
-            product_id: uuid(r, "product_id")?,
-            quantity: r.try_get("quantity")?,
-            unit_price_cents: r.try_get("unit_price_cents")?,
-        })
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut order = decode_order(first)?;
+    for row in &rows {
+        // An order without lines gives one row with NULL line columns.
+        if row.try_get::<Option<String>, _>("product_id")?.is_some() {
+            order.lines.push(decode_line(row)?);
+        }
+    }
+    Ok(Some(order))
+}
+
+fn decode_line(row: &AnyRow) -> Result<OrderLine, sqlx::Error> {
+    Ok(OrderLine {
+        product_id: uuid(row, "product_id")?,
+        quantity: row.try_get("quantity")?,
+        unit_price_cents: row.try_get("unit_price_cents")?,
     })
-    .collect::<Result<_, sqlx::Error>>()?;
+}
+
+/// The order in `row` ([`ORDER_COLUMNS`]), without its lines.
+fn decode_order(row: &AnyRow) -> Result<StoredOrder, sqlx::Error> {
     let status: String = row.try_get("status")?;
     let cancel_requested_by: Option<String> = row.try_get("cancel_requested_by")?;
     Ok(StoredOrder {
-        id,
+        id: uuid(row, "id")?,
         customer_id: uuid(row, "customer_id")?,
         status: parse_status(&status)?,
-        lines,
+        lines: Vec::new(),
         total_cents: row.try_get("total_cents")?,
         reason: row.try_get("reason")?,
         cancel_requested_by: cancel_requested_by
@@ -132,6 +139,14 @@ async fn with_lines(conn: &mut AnyConnection, row: &AnyRow) -> Result<StoredOrde
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
+}
+
+/// `$first, $first+1, …`: `count` numbered placeholders.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Where a page of a customer's orders starts: after this order (exclusive)
@@ -168,11 +183,34 @@ pub async fn orders_of(
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        out.push(with_lines(conn, row).await?);
+    let mut orders = rows
+        .iter()
+        .map(decode_order)
+        .collect::<Result<Vec<_>, _>>()?;
+    if orders.is_empty() {
+        return Ok(orders);
     }
-    Ok(out)
+    // The page's lines in one statement, not one per order.
+    let sql = format!(
+        "SELECT order_id, product_id, quantity, unit_price_cents FROM order_lines \
+         WHERE order_id IN ({}) ORDER BY order_id, position",
+        placeholders(1, orders.len())
+    );
+    let mut query = sqlx::query(&sql);
+    for order in &orders {
+        query = query.bind(order.id.to_string());
+    }
+    let mut lines: HashMap<Uuid, Vec<OrderLine>> = HashMap::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        lines
+            .entry(uuid(&row, "order_id")?)
+            .or_default()
+            .push(decode_line(&row)?);
+    }
+    for order in &mut orders {
+        order.lines = lines.remove(&order.id).unwrap_or_default();
+    }
+    Ok(orders)
 }
 
 /// Records a new order with its lines. Returns `false` (and writes nothing)
@@ -198,19 +236,28 @@ pub async fn insert_order(
     if inserted == 0 {
         return Ok(false);
     }
-    for (position, line) in (0_i64..).zip(&order.lines) {
-        sqlx::query(
-            "INSERT INTO order_lines (order_id, position, product_id, quantity, unit_price_cents) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(order.id.to_string())
-        .bind(position)
-        .bind(line.product_id.to_string())
-        .bind(line.quantity)
-        .bind(line.unit_price_cents)
-        .execute(&mut *conn)
-        .await?;
+    if order.lines.is_empty() {
+        return Ok(true);
     }
+    // All lines in one statement (an order has at most a few dozen).
+    let values = (0..order.lines.len())
+        .map(|i| format!("({})", placeholders(5 * i + 1, 5)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO order_lines (order_id, position, product_id, quantity, unit_price_cents) \
+         VALUES {values}"
+    );
+    let mut query = sqlx::query(&sql);
+    for (position, line) in (0_i64..).zip(&order.lines) {
+        query = query
+            .bind(order.id.to_string())
+            .bind(position)
+            .bind(line.product_id.to_string())
+            .bind(line.quantity)
+            .bind(line.unit_price_cents);
+    }
+    query.execute(&mut *conn).await?;
     Ok(true)
 }
 
@@ -324,13 +371,23 @@ pub async fn prices(
     conn: &mut AnyConnection,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, i64>, sqlx::Error> {
-    let mut out = HashMap::new();
-    for &id in ids {
-        if let Some(p) = product(conn, id).await? {
-            out.insert(id, p.price_cents);
-        }
+    if ids.is_empty() {
+        return Ok(HashMap::new());
     }
-    Ok(out)
+    let sql = format!(
+        "SELECT id, price_cents FROM products WHERE id IN ({})",
+        placeholders(1, ids.len())
+    );
+    let mut query = sqlx::query(&sql);
+    for id in ids {
+        query = query.bind(id.to_string());
+    }
+    query
+        .fetch_all(conn)
+        .await?
+        .iter()
+        .map(|r| Ok((uuid(r, "id")?, r.try_get("price_cents")?)))
+        .collect()
 }
 
 /// Records (or refreshes) a registered user.

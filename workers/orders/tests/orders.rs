@@ -740,6 +740,15 @@ async fn a_customer_pages_through_their_orders_newest_first(
     // An exact page ends without a cursor.
     let all = o.list(customer(c), c, 7, None).await?;
     ensure!(all.items.len() == 7 && all.next_cursor.is_none());
+    // Each listed order carries its own lines (read for the page at once).
+    for (item, quantity) in all.items.iter().zip((1..=7).rev()) {
+        let line = OrderLine {
+            product_id: tea,
+            quantity,
+            unit_price_cents: 450,
+        };
+        ensure!(item.lines == [line], "{item:?}");
+    }
     // Admins list anyone's orders; customers only their own.
     let page = o.list(admin(), c, 3, None).await?;
     ensure!(page
