@@ -199,7 +199,7 @@ for backend in $backends; do
     load "$name-half" --rate "$half"
     for r in max half; do
       f="$OUT/$name-$r.json"
-      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$( [ "$r" = half ] && echo ", $half/s offered")) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" ok) |")
+      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$( [ "$r" = half ] && echo ", $half/s offered")) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" machine_cpu.busy_percent) % | $(field "$f" machine_cpu.cpu_ms_per_order) | $(field "$f" ok) |")
     done
     stop_all
     drop_databases
@@ -208,8 +208,10 @@ for backend in $backends; do
 done
 
 echo
-echo "| backend | copies | rate | sagas/s | p50 ms | p99 ms | invariants |"
-echo "|---|---|---|---|---|---|---|"
+# machine busy, CPU ms/order: the whole machine (every process) while the
+# orders were placed, as skein load reads it from /proc/stat.
+echo "| backend | copies | rate | sagas/s | p50 ms | p99 ms | machine busy | CPU ms/order | invariants |"
+echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 
 # --- The floor, same machine --------------------------------------------------

@@ -939,6 +939,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let settle = Duration::from_secs(args.settle_timeout);
     let wait = args.wait.min(30);
     let started = Instant::now();
+    let cpu_before = CpuTicks::now();
     let mut tasks = Vec::new();
     for _ in 0..args.concurrency.min(plans.len()) {
         let (plans, customers, next, counters) = (
@@ -987,6 +988,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         outcomes.extend(task.await.context("an order task failed")?);
     }
     let elapsed = started.elapsed();
+    let cpu_after = CpuTicks::now();
     progress.finish_and_clear();
     outcomes.sort_by_key(|o| o.plan.index);
 
@@ -1004,7 +1006,10 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         window,
     )
     .await;
-    let report = Report::new(&args, tag, seed, mix, &outcomes, elapsed, &counters, checks);
+    let mut report = Report::new(&args, tag, seed, mix, &outcomes, elapsed, &counters, checks);
+    report.machine_cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| after.since(before, elapsed, report.final_orders));
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -1815,8 +1820,73 @@ struct Report {
     rate_limited: u64,
     /// Log-ins again after a 401 (an access token expired).
     renewed_logins: u64,
+    /// The whole machine's CPU while the orders were placed (Linux).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    machine_cpu: Option<MachineCpu>,
     invariants: Vec<Check>,
     ok: bool,
+}
+
+/// How busy the machine was while the orders were placed, from
+/// `/proc/stat`: every process on it counts (the services, nats-server, a
+/// local PostgreSQL, this load generator). Tells a run bound by CPU from
+/// one that waits (on locks, disks, timeouts).
+#[derive(Debug, Clone, Copy, Serialize)]
+struct MachineCpu {
+    /// Busy share of all CPUs, in percent.
+    busy_percent: f64,
+    /// CPUs the machine has.
+    cpus: usize,
+    /// CPU time spent per final order, in milliseconds.
+    cpu_ms_per_order: f64,
+}
+
+/// CPU time of the whole machine so far, in clock ticks.
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    busy: u64,
+    total: u64,
+    cpus: usize,
+}
+
+impl CpuTicks {
+    /// `None` where `/proc/stat` cannot be read (not Linux).
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let cpus = stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+            .count();
+        let fields: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))?
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        Some(Self {
+            busy,
+            total: busy + field(3) + field(4),
+            cpus,
+        })
+    }
+
+    /// How busy the machine was from `before` to `self`, `elapsed` apart,
+    /// with `orders` final orders in that time.
+    fn since(self, before: Self, elapsed: Duration, orders: usize) -> MachineCpu {
+        let busy = self.busy.saturating_sub(before.busy) as f64;
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        let share = busy / total;
+        let cpu_seconds = share * self.cpus as f64 * elapsed.as_secs_f64();
+        MachineCpu {
+            busy_percent: share * 100.0,
+            cpus: self.cpus,
+            cpu_ms_per_order: cpu_seconds * 1000.0 / orders.max(1) as f64,
+        }
+    }
 }
 
 impl Report {
@@ -1883,6 +1953,7 @@ impl Report {
             retries: counters.retries.load(Ordering::Relaxed),
             rate_limited: counters.rate_limited.load(Ordering::Relaxed),
             renewed_logins: counters.renewed_logins.load(Ordering::Relaxed),
+            machine_cpu: None,
             ok: invariants.iter().all(|c| c.ok),
             invariants,
         }
@@ -1948,6 +2019,13 @@ impl Report {
                 ""
             }
         );
+        if let Some(cpu) = &self.machine_cpu {
+            let _ = writeln!(
+                out,
+                "  machine while placing: {:.0} % of {} CPUs busy, {:.1} ms of CPU per final order (every process on it)",
+                cpu.busy_percent, cpu.cpus, cpu.cpu_ms_per_order
+            );
+        }
         let _ = writeln!(out, "invariants:");
         for c in &self.invariants {
             let _ = writeln!(
@@ -2380,6 +2458,30 @@ mod tests {
         assert_eq!(percentile(&sorted, 0.99), 99.0);
         assert_eq!(percentile(&sorted[..1], 0.99), 1.0);
         assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn machine_cpu_is_the_busy_share_of_every_cpu_over_the_run() {
+        let before = CpuTicks {
+            busy: 100,
+            total: 1000,
+            cpus: 2,
+        };
+        let after = CpuTicks {
+            busy: 700,
+            total: 2000,
+            cpus: 2,
+        };
+        // 600 of 1000 ticks busy: 60 %; of 2 CPUs over 5 s, 6 CPU-seconds
+        // for 300 orders.
+        let cpu = after.since(before, Duration::from_secs(5), 300);
+        assert!((cpu.busy_percent - 60.0).abs() < 1e-9, "{cpu:?}");
+        assert!((cpu.cpu_ms_per_order - 20.0).abs() < 1e-9, "{cpu:?}");
+        // Read off this machine: at least one CPU, busy never above total.
+        if cfg!(target_os = "linux") {
+            let now = CpuTicks::now().expect("/proc/stat is readable on Linux");
+            assert!(now.cpus >= 1 && now.busy <= now.total, "{now:?}");
+        }
     }
 
     /// A scripted HTTP/1 server on 127.0.0.1: `answer(method, path,
