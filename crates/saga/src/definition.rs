@@ -654,36 +654,10 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
 #[cfg(test)]
 mod tests {
     use serde::{Deserialize, Serialize};
-    use skein_message::{Command, Contract, Event};
 
     use super::*;
 
-    macro_rules! message {
-        ($t:ident, $name:literal, $kind:ident) => {
-            #[derive(Debug, Serialize, Deserialize)]
-            struct $t {
-                id: String,
-            }
-            impl Contract for $t {
-                const SERVICE: &'static str = "shop";
-                const NAME: &'static str = $name;
-                const VERSION: u32 = 1;
-            }
-            impl $kind for $t {
-                fn entity_id(&self) -> String {
-                    self.id.clone()
-                }
-            }
-        };
-    }
-    message!(Placed, "placed", Event);
-    message!(Reserve, "reserve", Command);
-    message!(Reserved, "reserved", Event);
-    message!(Refused, "refused", Event);
-    message!(Release, "release", Command);
-    message!(Released, "released", Event);
-    message!(Pay, "pay", Command);
-    message!(Paid, "paid", Event);
+    use crate::test_messages::*;
 
     #[derive(Serialize, Deserialize)]
     struct Data {

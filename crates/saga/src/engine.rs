@@ -618,41 +618,7 @@ mod tests {
 
     use super::*;
 
-    macro_rules! message {
-        ($t:ident, $name:literal, $kind:ident) => {
-            #[derive(Debug, Serialize, Deserialize)]
-            struct $t {
-                id: String,
-            }
-            impl Contract for $t {
-                const SERVICE: &'static str = "shop";
-                const NAME: &'static str = $name;
-                const VERSION: u32 = 1;
-            }
-            impl $kind for $t {
-                fn entity_id(&self) -> String {
-                    self.id.clone()
-                }
-            }
-        };
-    }
-    message!(Placed, "placed", Event);
-    message!(Stop, "stop", Event);
-    message!(Reserve, "reserve", Command);
-    message!(Reserved, "reserved", Event);
-    message!(Refused, "refused", Event);
-    message!(Release, "release", Command);
-    message!(Released, "released", Event);
-    message!(Pay, "pay", Command);
-    message!(Paid, "paid", Event);
-    message!(Declined, "declined", Event);
-    message!(Refund, "refund", Command);
-    message!(Refunded, "refunded", Event);
-    message!(Ship, "ship", Command);
-    message!(Shipped, "shipped", Event);
-    message!(Lost, "lost", Event);
-    message!(Notify, "notify", Command);
-    message!(Notified, "notified", Event);
+    use crate::test_messages::*;
 
     /// How the saga ends after compensating, with the reason.
     #[derive(Debug, Serialize, Deserialize)]

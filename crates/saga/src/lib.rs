@@ -32,6 +32,8 @@ pub mod coordinator;
 pub mod definition;
 mod engine;
 mod store;
+#[cfg(test)]
+mod test_messages;
 
 pub use coordinator::Coordinator;
 pub use definition::{DefinitionError, Saga, SagaBuilder, SagaError, StepBuilder};
