@@ -46,6 +46,9 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// The store was closed.
+    #[error("the database is closed")]
+    Closed,
     /// The relay's lease was taken over by another relay.
     #[error("the relay lease was taken by another relay")]
     LockLost,

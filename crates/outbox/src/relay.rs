@@ -109,14 +109,20 @@ impl Relay {
 
     /// Reads the next unpublished rows in commit order.
     pub async fn fetch_pending(&self) -> Result<Vec<PendingRow>> {
-        let rows = sqlx::query(
-            "SELECT seq, id, subject, headers, payload FROM skein_outbox \
-             WHERE published_at IS NULL ORDER BY seq LIMIT $1",
-        )
-        .bind(self.config.batch_size)
-        .fetch_all(self.store.pool())
-        .await
-        .map_err(Error::query("cannot read the outbox"))?;
+        // Where writes go: on SQLite the writer connection, which has the
+        // rows just committed in its cache.
+        let mut permit = self.store.write_permit().await?;
+        let rows = permit
+            .fetch_all(
+                sqlx::query(
+                    "SELECT seq, id, subject, headers, payload FROM skein_outbox \
+                     WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+                )
+                .bind(self.config.batch_size),
+            )
+            .await
+            .map_err(Error::query("cannot read the outbox"))?;
+        drop(permit);
         rows.iter().map(decode_row).collect()
     }
 
@@ -147,18 +153,21 @@ impl Relay {
             .map(i64::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let permit = self.store.write_permit().await;
-        sqlx::query(&format!(
+        let sql = format!(
             "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
-        ))
-        // A new text every round: kept prepared, each would stay in the
-        // connection's statement cache (a hundred per connection, each as
-        // large as its list) for nothing.
-        .persistent(false)
-        .bind(crate::now_micros())
-        .execute(permit.pool())
-        .await
-        .map_err(Error::query("cannot mark outbox rows published"))?;
+        );
+        let mut permit = self.store.write_permit().await?;
+        permit
+            .execute(
+                sqlx::query(&sql)
+                    // A new text every round: kept prepared, each would stay in
+                    // the connection's statement cache (a hundred per
+                    // connection, each as large as its list) for nothing.
+                    .persistent(false)
+                    .bind(crate::now_micros()),
+            )
+            .await
+            .map_err(Error::query("cannot mark outbox rows published"))?;
         Ok(())
     }
 
@@ -234,18 +243,22 @@ impl Relay {
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
         let now = crate::now_micros();
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        let permit = self.store.write_permit().await;
-        let outbox = sqlx::query(
-            "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
-        )
-        .bind(now.saturating_sub(micros(self.config.retention)))
-        .execute(permit.pool())
-        .await
-        .map_err(Error::query("cannot clean up the outbox"))?
-        .rows_affected();
-        let inbox = sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
-            .bind(now.saturating_sub(micros(self.config.inbox_retention)))
-            .execute(permit.pool())
+        let mut permit = self.store.write_permit().await?;
+        let outbox = permit
+            .execute(
+                sqlx::query(
+                    "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
+                )
+                .bind(now.saturating_sub(micros(self.config.retention))),
+            )
+            .await
+            .map_err(Error::query("cannot clean up the outbox"))?
+            .rows_affected();
+        let inbox = permit
+            .execute(
+                sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
+                    .bind(now.saturating_sub(micros(self.config.inbox_retention))),
+            )
             .await
             .map_err(Error::query("cannot clean up the inbox"))?
             .rows_affected();
@@ -387,20 +400,22 @@ impl Relay {
                 }
             }
             Backend::Sqlite => {
-                let permit = self.store.write_permit().await;
+                let mut permit = self.store.write_permit().await?;
                 let now = crate::now_micros();
                 let until =
                     now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
-                let taken = sqlx::query(
-                    "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
-                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
-                     WHERE skein_relay_lease.owner = excluded.owner OR skein_relay_lease.expires_at < $3",
-                )
-                .bind(&self.owner)
-                .bind(until)
-                .bind(now)
-                .execute(permit.pool())
-                .await
+                let taken = permit
+                    .execute(
+                        sqlx::query(
+                            "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
+                             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
+                             WHERE skein_relay_lease.owner = excluded.owner OR skein_relay_lease.expires_at < $3",
+                        )
+                        .bind(&self.owner)
+                        .bind(until)
+                        .bind(now),
+                    )
+                    .await
                 .map_err(Error::query("cannot take the relay lease"))?
                 .rows_affected();
                 Ok((taken == 1).then_some(Lock::Lease))
@@ -424,12 +439,16 @@ impl Relay {
 
     async fn release(&self) {
         if self.store.backend() == Backend::Sqlite {
-            let permit = self.store.write_permit().await;
-            let _ =
-                sqlx::query("DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1")
-                    .bind(&self.owner)
-                    .execute(permit.pool())
+            if let Ok(mut permit) = self.store.write_permit().await {
+                let _ = permit
+                    .execute(
+                        sqlx::query(
+                            "DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1",
+                        )
+                        .bind(&self.owner),
+                    )
                     .await;
+            }
         }
         // The PostgreSQL lock goes with its connection.
     }

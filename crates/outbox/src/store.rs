@@ -1,13 +1,14 @@
 //! The service database: SQLite or PostgreSQL, chosen by URL.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyQueryResult, AnyRow};
 use sqlx::postgres::PgConnectOptions;
-use sqlx::{AnyPool, ConnectOptions, Connection, Executor};
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor};
+use tokio::sync::{Mutex, Notify, OwnedMappedMutexGuard, OwnedMutexGuard};
 
 use crate::error::{Error, Result};
 use crate::migrate::{self, Migration};
@@ -76,32 +77,194 @@ struct Inner {
     committed: Notify,
     /// On SQLite, the one connection this process writes with, and the
     /// turn to use it (see `Store::write_permit`).
-    writer: Option<Writer>,
+    writer: Option<Arc<Writer>>,
 }
 
+/// This process's SQLite writer: one connection, outside the pool, used by
+/// one task at a time.
+///
+/// Outside the pool because a pool costs a write three more hand-offs to
+/// the connection's thread: sqlx pings every connection it takes back, in a
+/// task of its own, and its `BEGIN` and `COMMIT` wait for the caller to
+/// acknowledge the answer. Here a transaction is `BEGIN IMMEDIATE`, its
+/// statements and `COMMIT`, one hand-off each.
+///
+/// One connection for every write also keeps its page cache warm: in WAL
+/// mode a connection drops its whole cache when it finds the database
+/// changed by another connection.
 #[derive(Debug)]
 struct Writer {
-    turn: Arc<Mutex<()>>,
-    /// A pool of one connection that is never closed for idleness or age:
-    /// the connection that writes keeps its page cache. In WAL mode a
-    /// connection drops its whole cache when it finds the database changed
-    /// by another connection; with every write on one connection, its cache
-    /// stays warm from one transaction to the next.
-    pool: AnyPool,
+    /// The connection; its lock is the turn to write.
+    state: Arc<Mutex<WriterState>>,
+    /// Set while a transaction may be open on the connection (from before
+    /// `BEGIN` until `COMMIT` or `ROLLBACK` succeeds): whoever takes the
+    /// turn next rolls it back first. Only changed with the turn held.
+    in_tx: AtomicBool,
+    /// Set when the connection failed in a way a statement does not
+    /// explain (its thread is gone, I/O): the next turn opens a new one.
+    lost: AtomicBool,
+    options: AnyConnectOptions,
+    busy_timeout: Duration,
 }
 
-/// This process's turn to write (on SQLite; at once on PostgreSQL), and the
-/// pool to write with. Held by a [`Tx`] until it commits or is dropped.
 #[derive(Debug)]
-pub(crate) struct WritePermit {
-    _turn: Option<OwnedMutexGuard<()>>,
-    pool: AnyPool,
+struct WriterState {
+    /// `None` once lost (until the next turn reopens it) or closed.
+    conn: Option<AnyConnection>,
+    closed: bool,
+}
+
+impl Writer {
+    /// Waits for the turn, and makes the connection ready: reopened if it
+    /// was lost, a transaction left open rolled back.
+    async fn turn(self: &Arc<Self>) -> Result<SqliteTurn> {
+        let mut state = self.state.clone().lock_owned().await;
+        if self.lost.swap(false, Ordering::Relaxed) {
+            state.conn = None;
+        }
+        if state.conn.is_none() && !state.closed {
+            state.conn = Some(open_sqlite_writer(&self.options, self.busy_timeout).await?);
+            self.in_tx.store(false, Ordering::Relaxed);
+        }
+        if self.in_tx.load(Ordering::Relaxed) {
+            if let Some(conn) = state.conn.as_mut() {
+                match sqlx::query("ROLLBACK").execute(conn).await {
+                    // An error from SQLite itself: no transaction was open.
+                    Ok(_) | Err(sqlx::Error::Database(_)) => {}
+                    Err(e) => {
+                        state.conn = None;
+                        return Err(Error::query("cannot roll back a transaction left open")(e));
+                    }
+                }
+            }
+            self.in_tx.store(false, Ordering::Relaxed);
+        }
+        let conn =
+            OwnedMutexGuard::try_map(state, |s| s.conn.as_mut()).map_err(|_| Error::Closed)?;
+        Ok(SqliteTurn {
+            conn,
+            writer: self.clone(),
+        })
+    }
+}
+
+/// Opens the SQLite writer connection.
+async fn open_sqlite_writer(
+    options: &AnyConnectOptions,
+    busy_timeout: Duration,
+) -> Result<AnyConnection> {
+    let mut conn = AnyConnection::connect_with(options)
+        .await
+        .map_err(Error::query("cannot open the SQLite writer connection"))?;
+    set_up_sqlite(&mut conn, busy_timeout)
+        .await
+        .map_err(Error::query("cannot set up the SQLite writer connection"))?;
+    Ok(conn)
+}
+
+/// This process's turn to write on SQLite, with the connection to write on.
+/// A transaction begun on it and not ended when the turn is dropped is
+/// rolled back before anyone writes again.
+#[derive(Debug)]
+pub(crate) struct SqliteTurn {
+    conn: OwnedMappedMutexGuard<WriterState, AnyConnection>,
+    writer: Arc<Writer>,
+}
+
+impl SqliteTurn {
+    pub(crate) fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+
+    pub(crate) fn conn_ref(&self) -> &AnyConnection {
+        &self.conn
+    }
+
+    /// `BEGIN IMMEDIATE`: takes SQLite's write lock at once, so two writers
+    /// wait for each other instead of failing on a lock upgrade.
+    pub(crate) async fn begin(&mut self) -> std::result::Result<(), sqlx::Error> {
+        // Before: a begin cancelled midway may still run on the connection.
+        self.writer.in_tx.store(true, Ordering::Relaxed);
+        self.end("BEGIN IMMEDIATE").await?;
+        Ok(())
+    }
+
+    pub(crate) async fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
+        self.end("COMMIT").await?;
+        self.writer.in_tx.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) async fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
+        self.end("ROLLBACK").await?;
+        self.writer.in_tx.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn end(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
+        match sqlx::query(sql).execute(&mut *self.conn).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if !matches!(e, sqlx::Error::Database(_)) {
+                    self.writer.lost.store(true, Ordering::Relaxed);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for SqliteTurn {
+    fn drop(&mut self) {
+        // A transaction left open holds SQLite's write lock, which other
+        // processes wait for: roll it back now, not when this process next
+        // writes. The task queues for the turn behind whoever waits already;
+        // a writer that gets it first rolls back itself.
+        if self.writer.in_tx.load(Ordering::Relaxed) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let writer = self.writer.clone();
+                runtime.spawn(async move {
+                    if let Err(e) = writer.turn().await {
+                        tracing::warn!(error = %e, "cannot roll back a transaction left open");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// This process's turn to write (on SQLite; at once on PostgreSQL), and
+/// where to write. Held by a [`Tx`] until it commits or is dropped.
+#[derive(Debug)]
+pub(crate) enum WritePermit {
+    /// The turn on this process's writer connection.
+    Sqlite(SqliteTurn),
+    /// PostgreSQL: no turn; writes take a connection from the pool.
+    Postgres(AnyPool),
 }
 
 impl WritePermit {
-    /// Where writes go while the permit is held.
-    pub(crate) fn pool(&self) -> &AnyPool {
-        &self.pool
+    /// Runs `query` where writes go.
+    pub(crate) async fn execute<'q>(
+        &mut self,
+        query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+    ) -> std::result::Result<AnyQueryResult, sqlx::Error> {
+        match self {
+            WritePermit::Sqlite(turn) => query.execute(turn.conn()).await,
+            WritePermit::Postgres(pool) => query.execute(&*pool).await,
+        }
+    }
+
+    /// Runs `query` where writes go and returns its rows: on SQLite a read
+    /// on the writer connection, which finds what it just wrote in its cache.
+    pub(crate) async fn fetch_all<'q>(
+        &mut self,
+        query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+    ) -> std::result::Result<Vec<AnyRow>, sqlx::Error> {
+        match self {
+            WritePermit::Sqlite(turn) => query.fetch_all(turn.conn()).await,
+            WritePermit::Postgres(pool) => query.fetch_all(&*pool).await,
+        }
     }
 }
 
@@ -127,23 +290,28 @@ impl Store {
                 let url = sqlite_url_creating(&config.url)?;
                 let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
                 // The writer first: it creates the file and switches it to WAL.
-                let writer = sqlite_pool(config.busy_timeout)
-                    .max_connections(1)
-                    .idle_timeout(None)
-                    .max_lifetime(None)
+                let conn = open_sqlite_writer(&options, config.busy_timeout)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Query { source, .. } => connect_error(source),
+                        other => other,
+                    })?;
+                let readers = sqlite_pool(config.busy_timeout)
+                    .max_connections(config.max_connections)
                     .connect_with(options.clone())
                     .await
                     .map_err(connect_error)?;
-                let readers = sqlite_pool(config.busy_timeout)
-                    .max_connections(config.max_connections)
-                    .connect_with(options)
-                    .await
-                    .map_err(connect_error)?;
                 let writer = Writer {
-                    turn: Arc::new(Mutex::new(())),
-                    pool: writer,
+                    state: Arc::new(Mutex::new(WriterState {
+                        conn: Some(conn),
+                        closed: false,
+                    })),
+                    in_tx: AtomicBool::new(false),
+                    lost: AtomicBool::new(false),
+                    options,
+                    busy_timeout: config.busy_timeout,
                 };
-                (readers, Some(writer))
+                (readers, Some(Arc::new(writer)))
             }
             Backend::Postgres => {
                 create_postgres_database_if_missing(&config.url).await?;
@@ -205,17 +373,12 @@ impl Store {
     /// their turn before they begin, instead of sleeping in SQLite's busy
     /// handler.
     pub async fn begin(&self) -> Result<Tx> {
-        let permit = self.write_permit().await;
-        let tx = match self.inner.backend {
-            Backend::Sqlite => permit.pool().begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => permit.pool().begin().await,
-        }
-        .map_err(Error::query("cannot begin a transaction"))?;
-        Ok(Tx::new(tx, self.clone(), permit))
+        let permit = self.write_permit().await?;
+        Tx::begin(permit, self.clone()).await
     }
 
     /// Waits for this process's turn to write (SQLite; at once on
-    /// PostgreSQL). Write with the permit's [`WritePermit::pool`].
+    /// PostgreSQL). Write with the permit.
     ///
     /// SQLite lets one connection write at a time. Left to SQLite, writers
     /// that find the lock taken sleep in its busy handler (1, 2, 5, 10 ms
@@ -224,16 +387,10 @@ impl Store {
     /// instead, in arrival order, and the busy handler only sees other
     /// processes (a second copy, the CLI). Writes go through one
     /// connection of their own, so readers keep the pool.
-    pub(crate) async fn write_permit(&self) -> WritePermit {
+    pub(crate) async fn write_permit(&self) -> Result<WritePermit> {
         match &self.inner.writer {
-            Some(writer) => WritePermit {
-                _turn: Some(writer.turn.clone().lock_owned().await),
-                pool: writer.pool.clone(),
-            },
-            None => WritePermit {
-                _turn: None,
-                pool: self.inner.pool.clone(),
-            },
+            Some(writer) => Ok(WritePermit::Sqlite(writer.turn().await?)),
+            None => Ok(WritePermit::Postgres(self.inner.pool.clone())),
         }
     }
 
@@ -253,11 +410,15 @@ impl Store {
         self.inner.committed.notified().await;
     }
 
-    /// Closes the pools.
+    /// Closes the pool and the writer connection; writing afterwards fails.
     pub async fn close(&self) {
         self.inner.pool.close().await;
         if let Some(writer) = &self.inner.writer {
-            writer.pool.close().await;
+            let mut state = writer.state.lock().await;
+            state.closed = true;
+            if let Some(conn) = state.conn.take() {
+                let _ = conn.close().await;
+            }
         }
     }
 }
@@ -265,24 +426,26 @@ impl Store {
 /// Pool options for a SQLite database: no ping before use, and each
 /// connection set up for WAL.
 fn sqlite_pool(busy_timeout: Duration) -> AnyPoolOptions {
-    let busy_ms = busy_timeout.as_millis();
     AnyPoolOptions::new()
         // A file does not drop connections: no ping (a round trip to the
         // connection's thread) before every use.
         .test_before_acquire(false)
-        .after_connect(move |conn, _meta| {
-            Box::pin(async move {
-                // WAL lets readers run beside the writer; NORMAL syncs at
-                // checkpoints, which WAL keeps durable against process
-                // crashes.
-                conn.execute("PRAGMA journal_mode = WAL").await?;
-                conn.execute("PRAGMA synchronous = NORMAL").await?;
-                conn.execute(format!("PRAGMA busy_timeout = {busy_ms}").as_str())
-                    .await?;
-                conn.execute("PRAGMA foreign_keys = ON").await?;
-                Ok(())
-            })
-        })
+        .after_connect(move |conn, _meta| Box::pin(set_up_sqlite(conn, busy_timeout)))
+}
+
+/// Sets a new SQLite connection up: WAL lets readers run beside the
+/// writer; NORMAL syncs at checkpoints, which WAL keeps durable against
+/// process crashes.
+async fn set_up_sqlite(
+    conn: &mut AnyConnection,
+    busy_timeout: Duration,
+) -> std::result::Result<(), sqlx::Error> {
+    conn.execute("PRAGMA journal_mode = WAL").await?;
+    conn.execute("PRAGMA synchronous = NORMAL").await?;
+    conn.execute(format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis()).as_str())
+        .await?;
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    Ok(())
 }
 
 /// `url` with `mode=rwc` so SQLite creates the file, and its directory created.

@@ -10,7 +10,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Backend, Store, WritePermit};
+use crate::store::{Backend, SqliteTurn, Store, WritePermit};
 
 /// An open transaction on a service's [`Store`].
 ///
@@ -20,21 +20,40 @@ use crate::store::{Backend, Store, WritePermit};
 /// rolls everything back, messages included.
 #[derive(Debug)]
 pub struct Tx {
-    tx: Transaction<'static, Any>,
+    conn: TxConn,
     outgoing: Vec<Outgoing>,
     store: Store,
-    // Declared after `tx`: released after the transaction ends.
-    _permit: WritePermit,
+}
+
+#[derive(Debug)]
+enum TxConn {
+    /// SQLite: `BEGIN IMMEDIATE` on this process's writer connection, with
+    /// the turn to write held until the transaction ends.
+    Sqlite(SqliteTurn),
+    /// PostgreSQL: a transaction on a pooled connection.
+    Postgres(Transaction<'static, Any>),
 }
 
 impl Tx {
-    pub(crate) fn new(tx: Transaction<'static, Any>, store: Store, permit: WritePermit) -> Self {
-        Self {
-            tx,
+    pub(crate) async fn begin(permit: WritePermit, store: Store) -> Result<Self> {
+        let conn = match permit {
+            WritePermit::Sqlite(mut turn) => {
+                turn.begin()
+                    .await
+                    .map_err(Error::query("cannot begin a transaction"))?;
+                TxConn::Sqlite(turn)
+            }
+            WritePermit::Postgres(pool) => TxConn::Postgres(
+                pool.begin()
+                    .await
+                    .map_err(Error::query("cannot begin a transaction"))?,
+            ),
+        };
+        Ok(Self {
+            conn,
             outgoing: Vec::new(),
             store,
-            _permit: permit,
-        }
+        })
     }
 
     /// Records that `handler` processed message `id`. Returns `false` when
@@ -48,7 +67,7 @@ impl Tx {
         .bind(handler)
         .bind(id.to_string())
         .bind(crate::now_micros())
-        .execute(&mut *self.tx)
+        .execute(&mut **self)
         .await
         .map_err(Error::query("cannot record the message in the inbox"))?;
         Ok(done.rows_affected() == 1)
@@ -76,7 +95,7 @@ impl Tx {
                 query = query.bind(handler).bind(id.to_string()).bind(now);
             }
             let inserted = query
-                .fetch_all(&mut *self.tx)
+                .fetch_all(&mut **self)
                 .await
                 .map_err(Error::query("cannot record the messages in the inbox"))?;
             for id in inserted {
@@ -135,22 +154,23 @@ impl Tx {
                         .bind(now);
                 }
                 query
-                    .execute(&mut *self.tx)
+                    .execute(&mut *self)
                     .await
                     .map_err(Error::query("cannot write to the outbox"))?;
             }
             if self.store.backend() == Backend::Postgres {
                 // Delivered to LISTENing relays when (and only if) we commit.
                 sqlx::query("NOTIFY skein_outbox")
-                    .execute(&mut *self.tx)
+                    .execute(&mut *self)
                     .await
                     .map_err(Error::query("cannot notify the relay"))?;
             }
         }
-        self.tx
-            .commit()
-            .await
-            .map_err(Error::query("cannot commit"))?;
+        match self.conn {
+            TxConn::Sqlite(mut turn) => turn.commit().await,
+            TxConn::Postgres(tx) => tx.commit().await,
+        }
+        .map_err(Error::query("cannot commit"))?;
         if has_messages {
             self.store.notify_committed();
         }
@@ -159,23 +179,30 @@ impl Tx {
 
     /// Rolls back explicitly (dropping does the same).
     pub async fn rollback(self) -> Result<()> {
-        self.tx
-            .rollback()
-            .await
-            .map_err(Error::query("cannot roll back"))
+        match self.conn {
+            TxConn::Sqlite(mut turn) => turn.rollback().await,
+            TxConn::Postgres(tx) => tx.rollback().await,
+        }
+        .map_err(Error::query("cannot roll back"))
     }
 }
 
 impl Deref for Tx {
     type Target = AnyConnection;
     fn deref(&self) -> &AnyConnection {
-        &self.tx
+        match &self.conn {
+            TxConn::Sqlite(turn) => turn.conn_ref(),
+            TxConn::Postgres(tx) => tx,
+        }
     }
 }
 
 impl DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.tx
+        match &mut self.conn {
+            TxConn::Sqlite(turn) => turn.conn(),
+            TxConn::Postgres(tx) => tx,
+        }
     }
 }
 

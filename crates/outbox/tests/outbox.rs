@@ -1102,3 +1102,70 @@ async fn sqlite_writers_of_one_process_take_turns_without_busy_errors() -> anyho
     ensure!(published == 16, "{published} of 16 messages published");
     Ok(())
 }
+
+/// A transaction dropped without a commit (a handler that returned early, a
+/// cancelled task) gives SQLite's write lock back at once, not when this
+/// process next writes: another process, here a second store on the same
+/// file with a short busy timeout, writes right after, and nothing of the
+/// dropped transaction remains. The first store's next transaction works.
+#[tokio::test]
+async fn sqlite_a_dropped_transaction_releases_the_write_lock_at_once() -> anyhow::Result<()> {
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let store = Store::connect(db.url()).await?;
+    store.migrate("test_items", ITEMS).await?;
+    let other = Store::connect_with(skein_outbox::StoreConfig {
+        busy_timeout: Duration::from_millis(500),
+        ..skein_outbox::StoreConfig::new(db.url())
+    })
+    .await?;
+
+    for round in 0..3 {
+        let mut tx = store.begin().await?;
+        insert_item(&mut tx, "dropped", round).await?;
+        drop(tx);
+        // Nothing of this process writes now; the other one must get in.
+        let mut tx = other
+            .begin()
+            .await
+            .with_context(|| format!("round {round}: the write lock was not given back"))?;
+        insert_item(&mut tx, "other", round).await?;
+        tx.commit().await?;
+    }
+    // A transaction dropped inside a task that is aborted midway.
+    let held = store.clone();
+    let task = tokio::spawn(async move {
+        let mut tx = held.begin().await?;
+        insert_item(&mut tx, "aborted", 0).await?;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        tx.commit().await?;
+        anyhow::Ok(())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    let _ = task.await;
+    let mut tx = other
+        .begin()
+        .await
+        .context("the aborted task's write lock was not given back")?;
+    insert_item(&mut tx, "other", 3).await?;
+    tx.commit().await?;
+
+    let mut tx = store.begin().await?;
+    insert_item(&mut tx, "kept", 0).await?;
+    tx.commit().await?;
+    let rows: Vec<(String, i64)> = sqlx::query_as("SELECT entity, n FROM items ORDER BY entity, n")
+        .fetch_all(store.pool())
+        .await?;
+    let expected: Vec<(String, i64)> = [
+        ("kept", 0),
+        ("other", 0),
+        ("other", 1),
+        ("other", 2),
+        ("other", 3),
+    ]
+    .into_iter()
+    .map(|(e, n)| (e.to_owned(), n))
+    .collect();
+    ensure!(rows == expected, "rows {rows:?}, expected {expected:?}");
+    Ok(())
+}
