@@ -189,12 +189,10 @@ async fn commit_loop<H: TxHandler>(shared: Arc<Shared<H>>, mut jobs: mpsc::Recei
 
 impl<H: TxHandler> Shared<H> {
     async fn process(&self, delivery: &Delivery) -> Result<Processed, HandlerError> {
-        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
-        let first = tx
-            .mark_processed(&self.name, delivery.envelope.id)
+        let (mut tx, fresh) = Tx::begin_recording(&self.store, &self.name, &[delivery.envelope.id])
             .await
             .map_err(HandlerError::transient)?;
-        if !first {
+        if fresh.is_empty() {
             tracing::debug!(id = %delivery.envelope.id, handler = %self.name, "already processed, skipping");
             return Ok(Processed::AlreadyProcessed);
         }
@@ -227,10 +225,8 @@ impl<H: TxHandler> Shared<H> {
     }
 
     async fn process_batch(&self, batch: &[Job]) -> Result<Vec<Processed>, HandlerError> {
-        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
         let ids: Vec<Uuid> = batch.iter().map(|j| j.delivery.envelope.id).collect();
-        let mut fresh = tx
-            .mark_processed_many(&self.name, &ids)
+        let (mut tx, mut fresh) = Tx::begin_recording(&self.store, &self.name, &ids)
             .await
             .map_err(HandlerError::transient)?;
         let mut outcomes = Vec::with_capacity(batch.len());

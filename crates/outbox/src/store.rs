@@ -183,33 +183,49 @@ impl SqliteTurn {
     /// `BEGIN IMMEDIATE`: takes SQLite's write lock at once, so two writers
     /// wait for each other instead of failing on a lock upgrade.
     pub(crate) async fn begin(&mut self) -> std::result::Result<(), sqlx::Error> {
-        // Before: a begin cancelled midway may still run on the connection.
+        self.beginning();
+        self.end("BEGIN IMMEDIATE").await
+    }
+
+    /// To be called before a `BEGIN` is sent (alone or with other
+    /// statements): a begin cancelled midway may still run on the
+    /// connection, and must then be rolled back.
+    pub(crate) fn beginning(&mut self) {
         self.writer.in_tx.store(true, Ordering::Relaxed);
-        self.end("BEGIN IMMEDIATE").await?;
-        Ok(())
+    }
+
+    /// To be called once a `COMMIT` or `ROLLBACK` sent with other
+    /// statements succeeded.
+    pub(crate) fn ended(&mut self) {
+        self.writer.in_tx.store(false, Ordering::Relaxed);
+    }
+
+    /// Notes `e`, an error of a statement on this connection: one that
+    /// SQLite did not report means the connection is lost, and the next
+    /// turn opens a new one.
+    pub(crate) fn failed(&mut self, e: sqlx::Error) -> sqlx::Error {
+        if !matches!(e, sqlx::Error::Database(_)) {
+            self.writer.lost.store(true, Ordering::Relaxed);
+        }
+        e
     }
 
     pub(crate) async fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.end("COMMIT").await?;
-        self.writer.in_tx.store(false, Ordering::Relaxed);
+        self.ended();
         Ok(())
     }
 
     pub(crate) async fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.end("ROLLBACK").await?;
-        self.writer.in_tx.store(false, Ordering::Relaxed);
+        self.ended();
         Ok(())
     }
 
     async fn end(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
         match sqlx::query(sql).execute(&mut *self.conn).await {
             Ok(_) => Ok(()),
-            Err(e) => {
-                if !matches!(e, sqlx::Error::Database(_)) {
-                    self.writer.lost.store(true, Ordering::Relaxed);
-                }
-                Err(e)
-            }
+            Err(e) => Err(self.failed(e)),
         }
     }
 }

@@ -6,11 +6,13 @@ use std::ops::{Deref, DerefMut};
 
 use skein_bus::Outgoing;
 use skein_message::Envelope;
+use sqlx::any::AnyArguments;
+use sqlx::query::{Query, QueryScalar};
 use sqlx::{Any, AnyConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Backend, SqliteTurn, Store, WritePermit};
+use crate::store::{SqliteTurn, Store, WritePermit};
 
 /// An open transaction on a service's [`Store`].
 ///
@@ -81,30 +83,64 @@ impl Tx {
         handler: &str,
         ids: &[Uuid],
     ) -> Result<HashSet<Uuid>> {
-        let mut seen = HashSet::with_capacity(ids.len());
-        let ids: Vec<Uuid> = ids.iter().copied().filter(|id| seen.insert(*id)).collect();
-        let mut fresh = HashSet::with_capacity(ids.len());
-        let now = crate::now_micros();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let mut sql =
-                String::from("INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ");
-            push_placeholders(&mut sql, chunk.len(), 3);
-            sql.push_str(" ON CONFLICT (handler, message_id) DO NOTHING RETURNING message_id");
-            let mut query = sqlx::query_scalar::<_, String>(&sql);
-            for id in chunk {
-                query = query.bind(handler).bind(id.to_string()).bind(now);
+        self.record(handler, &distinct(ids)).await
+    }
+
+    /// Begins a transaction and records that `handler` processed each
+    /// message of `ids`: [`Store::begin`] and [`Tx::mark_processed_many`]
+    /// in one. On SQLite the `BEGIN` and the inbox insert reach the
+    /// connection together, in one hand-off to its thread.
+    ///
+    /// Two statements in one query string: sqlx's SQLite driver runs each
+    /// in turn, binding `$N` across the whole string (a behaviour sqlx 0.8
+    /// keeps but calls deprecated; no other driver has it, so PostgreSQL
+    /// gets them one by one). Should a later sqlx run only the first, no
+    /// message would be recorded and every inbox test fails at once.
+    pub(crate) async fn begin_recording(
+        store: &Store,
+        handler: &str,
+        ids: &[Uuid],
+    ) -> Result<(Self, HashSet<Uuid>)> {
+        let ids = distinct(ids);
+        match store.write_permit().await? {
+            WritePermit::Sqlite(mut turn) if !ids.is_empty() => {
+                let (first, rest) = ids.split_at(ids.len().min(ROWS_PER_STATEMENT));
+                let sql = format!("BEGIN IMMEDIATE; {}", inbox_insert(first.len()));
+                turn.beginning();
+                let inserted = bind_inbox(sqlx::query_scalar(&sql), handler, first)
+                    .fetch_all(turn.conn())
+                    .await
+                    .map_err(|e| turn.failed(e))
+                    .map_err(Error::query(
+                        "cannot begin a transaction and record the messages in the inbox",
+                    ))?;
+                let mut fresh = parse_ids(inserted)?;
+                let mut tx = Self {
+                    conn: TxConn::Sqlite(turn),
+                    outgoing: Vec::new(),
+                    store: store.clone(),
+                };
+                fresh.extend(tx.record(handler, rest).await?);
+                Ok((tx, fresh))
             }
-            let inserted = query
+            permit => {
+                let mut tx = Self::begin(permit, store.clone()).await?;
+                let fresh = tx.record(handler, &ids).await?;
+                Ok((tx, fresh))
+            }
+        }
+    }
+
+    /// Inserts inbox records for `ids` (distinct), returning those new.
+    async fn record(&mut self, handler: &str, ids: &[Uuid]) -> Result<HashSet<Uuid>> {
+        let mut fresh = HashSet::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = inbox_insert(chunk.len());
+            let inserted = bind_inbox(sqlx::query_scalar(&sql), handler, chunk)
                 .fetch_all(&mut **self)
                 .await
                 .map_err(Error::query("cannot record the messages in the inbox"))?;
-            for id in inserted {
-                let id = Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
-                    id: id.clone(),
-                    reason: format!("inbox message id: {e}"),
-                })?;
-                fresh.insert(id);
-            }
+            fresh.extend(parse_ids(inserted)?);
         }
         Ok(fresh)
     }
@@ -131,46 +167,58 @@ impl Tx {
     /// transaction on the same rows always gets later outbox sequence numbers.
     pub async fn commit(mut self) -> Result<()> {
         let has_messages = !self.outgoing.is_empty();
-        if has_messages {
-            let now = crate::now_micros();
-            let mut rows = Vec::with_capacity(self.outgoing.len());
-            for message in std::mem::take(&mut self.outgoing) {
-                rows.push(OutboxRow::of(message)?);
-            }
-            // One statement per chunk of rows. Rows of one statement take
-            // their `seq` in the order they are listed.
-            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                let mut sql = String::from(
-                    "INSERT INTO skein_outbox (id, subject, headers, payload, created_at) VALUES ",
-                );
-                push_placeholders(&mut sql, chunk.len(), 5);
-                let mut query = sqlx::query(&sql);
-                for row in chunk {
-                    query = query
-                        .bind(row.id.as_str())
-                        .bind(row.subject.as_str())
-                        .bind(row.headers.as_str())
-                        .bind(row.payload.as_slice())
-                        .bind(now);
-                }
-                query
-                    .execute(&mut *self)
-                    .await
-                    .map_err(Error::query("cannot write to the outbox"))?;
-            }
-            if self.store.backend() == Backend::Postgres {
-                // Delivered to LISTENing relays when (and only if) we commit.
-                sqlx::query("NOTIFY skein_outbox")
-                    .execute(&mut *self)
-                    .await
-                    .map_err(Error::query("cannot notify the relay"))?;
-            }
+        let mut rows = Vec::with_capacity(self.outgoing.len());
+        for message in std::mem::take(&mut self.outgoing) {
+            rows.push(OutboxRow::of(message)?);
         }
+        let now = crate::now_micros();
+        // One statement per chunk of rows. Rows of one statement take their
+        // `seq` in the order they are listed.
+        let chunks: Vec<&[OutboxRow]> = rows.chunks(ROWS_PER_STATEMENT).collect();
         match self.conn {
-            TxConn::Sqlite(mut turn) => turn.commit().await,
-            TxConn::Postgres(tx) => tx.commit().await,
+            TxConn::Sqlite(mut turn) => {
+                // The last insert and the COMMIT go to the connection
+                // together, in one hand-off to its thread.
+                let (last, before) = match chunks.split_last() {
+                    Some((last, before)) => (Some(*last), before),
+                    None => (None, &[][..]),
+                };
+                for chunk in before {
+                    bind_outbox(sqlx::query(&outbox_insert(chunk.len())), chunk, now)
+                        .execute(turn.conn())
+                        .await
+                        .map_err(Error::query("cannot write to the outbox"))?;
+                }
+                match last {
+                    Some(chunk) => {
+                        let sql = format!("{}; COMMIT", outbox_insert(chunk.len()));
+                        bind_outbox(sqlx::query(&sql), chunk, now)
+                            .execute(turn.conn())
+                            .await
+                            .map_err(|e| turn.failed(e))
+                            .map_err(Error::query("cannot write to the outbox and commit"))?;
+                        turn.ended();
+                    }
+                    None => turn.commit().await.map_err(Error::query("cannot commit"))?,
+                }
+            }
+            TxConn::Postgres(mut tx) => {
+                for chunk in &chunks {
+                    bind_outbox(sqlx::query(&outbox_insert(chunk.len())), chunk, now)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::query("cannot write to the outbox"))?;
+                }
+                if has_messages {
+                    // Delivered to LISTENing relays when (and only if) we commit.
+                    sqlx::query("NOTIFY skein_outbox")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Error::query("cannot notify the relay"))?;
+                }
+                tx.commit().await.map_err(Error::query("cannot commit"))?;
+            }
         }
-        .map_err(Error::query("cannot commit"))?;
         if has_messages {
             self.store.notify_committed();
         }
@@ -227,6 +275,69 @@ fn push_placeholders(sql: &mut String, rows: usize, columns: usize) {
         }
         sql.push(')');
     }
+}
+
+/// `ids` without repeats, in their first order.
+fn distinct(ids: &[Uuid]) -> Vec<Uuid> {
+    let mut seen = HashSet::with_capacity(ids.len());
+    ids.iter().copied().filter(|id| seen.insert(*id)).collect()
+}
+
+/// An insert of `rows` inbox records that returns the ids it inserted.
+fn inbox_insert(rows: usize) -> String {
+    let mut sql =
+        String::from("INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ");
+    push_placeholders(&mut sql, rows, 3);
+    sql.push_str(" ON CONFLICT (handler, message_id) DO NOTHING RETURNING message_id");
+    sql
+}
+
+fn bind_inbox<'q>(
+    mut query: QueryScalar<'q, Any, String, AnyArguments<'q>>,
+    handler: &'q str,
+    ids: &[Uuid],
+) -> QueryScalar<'q, Any, String, AnyArguments<'q>> {
+    let now = crate::now_micros();
+    for id in ids {
+        query = query.bind(handler).bind(id.to_string()).bind(now);
+    }
+    query
+}
+
+fn parse_ids(ids: Vec<String>) -> Result<HashSet<Uuid>> {
+    ids.into_iter()
+        .map(|id| {
+            Uuid::parse_str(&id).map_err(|e| Error::CorruptRow {
+                id: id.clone(),
+                reason: format!("inbox message id: {e}"),
+            })
+        })
+        .collect()
+}
+
+/// An insert of `rows` outbox rows.
+fn outbox_insert(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO skein_outbox (id, subject, headers, payload, created_at) VALUES ",
+    );
+    push_placeholders(&mut sql, rows, 5);
+    sql
+}
+
+fn bind_outbox<'q>(
+    mut query: Query<'q, Any, AnyArguments<'q>>,
+    rows: &'q [OutboxRow],
+    now: i64,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    for row in rows {
+        query = query
+            .bind(row.id.as_str())
+            .bind(row.subject.as_str())
+            .bind(row.headers.as_str())
+            .bind(row.payload.as_slice())
+            .bind(now);
+    }
+    query
 }
 
 /// An outgoing message as an outbox row.

@@ -196,6 +196,46 @@ async fn a_committed_change_is_published_and_a_rolled_back_one_is_not(
     Ok(())
 }
 
+/// A commit whose outbox write fails (the same message queued twice breaks
+/// the outbox's unique id) commits nothing, neither the state change nor
+/// the inbox record, and the next transaction works: on SQLite the outbox
+/// insert and the COMMIT travel together, and the COMMIT must not run.
+async fn a_commit_whose_outbox_write_fails_commits_nothing(backend: Backend) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let id = uuid::Uuid::now_v7();
+    let mut tx = h.store.begin().await?;
+    ensure!(tx.mark_processed("failing", id).await?, "a new message");
+    insert_item(&mut tx, "e1", 1).await?;
+    let envelope = happened("e1", 1)?;
+    tx.publish(&envelope);
+    tx.publish(&envelope);
+    let failed = tx.commit().await;
+    ensure!(
+        failed.is_err(),
+        "a duplicate outbox id must fail the commit"
+    );
+
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items").await? == 0,
+        "the state change of a failed commit persisted"
+    );
+    ensure!(
+        h.count("SELECT COUNT(*) FROM skein_outbox").await? == 0,
+        "outbox rows of a failed commit persisted"
+    );
+    let mut again = h.store.begin().await?;
+    ensure!(
+        again.mark_processed("failing", id).await?,
+        "the inbox record of a failed commit persisted"
+    );
+    insert_item(&mut again, "e1", 1).await?;
+    again.publish(&envelope);
+    again.commit().await?;
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 1);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 1);
+    Ok(())
+}
+
 async fn the_relay_publishes_in_commit_order(backend: Backend) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
     let mut written = Vec::new();
@@ -1029,6 +1069,7 @@ backend_tests!(
     replaying_the_stream_into_a_consumer_changes_nothing,
     a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes_on,
     a_committed_change_is_published_and_a_rolled_back_one_is_not,
+    a_commit_whose_outbox_write_fails_commits_nothing,
     the_relay_publishes_in_commit_order,
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
     a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,
