@@ -55,6 +55,7 @@ pub mod error;
 pub mod inbox;
 pub mod migrate;
 pub mod relay;
+pub mod statements;
 pub mod store;
 pub mod tx;
 
@@ -62,6 +63,7 @@ pub use error::{Error, Result};
 pub use inbox::{Inbox, Processed, TxHandler};
 pub use migrate::Migration;
 pub use relay::{PendingRow, Relay, RelayConfig};
+pub use statements::Statements;
 pub use store::{Backend, Store, StoreConfig};
 pub use tx::Tx;
 

@@ -145,6 +145,11 @@ impl Tx {
         Ok(fresh)
     }
 
+    /// The backend this transaction runs on.
+    pub fn backend(&self) -> crate::Backend {
+        self.store.backend()
+    }
+
     /// Queues `envelope` for publication once this transaction commits.
     pub fn publish(&mut self, envelope: &Envelope) {
         self.outgoing.push(Outgoing::from(envelope));

@@ -11,7 +11,7 @@ use skein_bus::provision::{apply_builtin_streams, EVENTS};
 use skein_bus::replay::{read, StartAt};
 use skein_bus::{Bus, BusConfig, Delivery, HandlerError, Worker, WorkerConfig};
 use skein_message::{Contract, Envelope, Event, MessageContext};
-use skein_outbox::{Inbox, Migration, Relay, RelayConfig, Store, Tx, TxHandler};
+use skein_outbox::{Inbox, Migration, Relay, RelayConfig, Statements, Store, Tx, TxHandler};
 use skein_testkit::{backend_tests, eventually, Backend, NatsServer, TestDb};
 use tokio_util::sync::CancellationToken;
 
@@ -233,6 +233,95 @@ async fn a_commit_whose_outbox_write_fails_commits_nothing(backend: Backend) -> 
     again.commit().await?;
     ensure!(h.count("SELECT COUNT(*) FROM items").await? == 1);
     ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 1);
+    Ok(())
+}
+
+/// Statements sent together run in order, each with its own values; an
+/// update's RETURNING row says whether it matched; and the first statement
+/// that fails stops the rest.
+async fn statements_sent_together_run_in_order_and_stop_at_the_first_failure(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let db = TestDb::new(backend).await?;
+    let store = Store::connect(db.url()).await?;
+    store.migrate("test_items", ITEMS).await?;
+    let items = || async {
+        sqlx::query_as::<_, (String, i64)>("SELECT entity, n FROM items ORDER BY entity")
+            .fetch_all(store.pool())
+            .await
+    };
+
+    let mut tx = store.begin().await?;
+    let mut writes = Statements::new(tx.backend());
+    writes
+        .push(
+            "INSERT INTO items (entity, n) VALUES ($1, $2), ($3, $4)",
+            |b| {
+                b.bind("a".to_owned())
+                    .bind(1_i64)
+                    .bind("b".to_owned())
+                    .bind(2_i64);
+            },
+        )
+        .push(
+            "UPDATE items SET n = $1 WHERE entity = $2 RETURNING n",
+            |b| {
+                b.bind(10_i64).bind("a".to_owned());
+            },
+        )
+        .push(
+            "UPDATE items SET n = $1 WHERE entity = $2 RETURNING n",
+            |b| {
+                b.bind(30_i64).bind("missing".to_owned());
+            },
+        )
+        .push("INSERT INTO items (entity, n) VALUES ($1, $2)", |b| {
+            b.bind("c".to_owned()).bind(3_i64);
+        });
+    let returned = writes.run(&mut tx).await?;
+    ensure!(
+        returned.len() == 1,
+        "only the update that matched returns a row, got {}",
+        returned.len()
+    );
+    tx.commit().await?;
+    let expected = vec![
+        ("a".to_owned(), 10),
+        ("b".to_owned(), 2),
+        ("c".to_owned(), 3),
+    ];
+    ensure!(items().await? == expected, "{:?}", items().await?);
+
+    let mut tx = store.begin().await?;
+    let mut writes = Statements::new(tx.backend());
+    writes
+        .push("UPDATE items SET n = n + 100", |_| {})
+        .push("INSERT INTO items (entity, n) VALUES ($1, NULL)", |b| {
+            b.bind("null".to_owned());
+        })
+        .push("INSERT INTO items (entity, n) VALUES ($1, $2)", |b| {
+            b.bind("after".to_owned()).bind(4_i64);
+        });
+    ensure!(
+        writes.run(&mut tx).await.is_err(),
+        "a NOT NULL violation must fail"
+    );
+    // What ran before the failure is in the transaction; nothing after it is.
+    let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items WHERE entity = 'after'")
+        .fetch_one(&mut *tx)
+        .await
+        .or_else(|e| match backend {
+            // PostgreSQL refuses every statement of a failed transaction.
+            Backend::Postgres => Ok(0),
+            Backend::Sqlite => Err(e),
+        })?;
+    ensure!(after == 0, "a statement after the failing one ran");
+    drop(tx);
+    ensure!(
+        items().await? == expected,
+        "a failed transaction left changes: {:?}",
+        items().await?
+    );
     Ok(())
 }
 
@@ -1070,6 +1159,7 @@ backend_tests!(
     a_poison_message_is_dead_lettered_without_effects_and_the_consumer_goes_on,
     a_committed_change_is_published_and_a_rolled_back_one_is_not,
     a_commit_whose_outbox_write_fails_commits_nothing,
+    statements_sent_together_run_in_order_and_stop_at_the_first_failure,
     the_relay_publishes_in_commit_order,
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
     a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,

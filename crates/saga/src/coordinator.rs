@@ -20,7 +20,7 @@ use std::time::Duration;
 use skein_bus::{Delivery, HandlerError};
 use skein_contracts::orchestrator::{SagaInstance, SagaStatus, SentMessage, StuckSaga};
 use skein_message::Envelope;
-use skein_outbox::{now_micros, Store, Tx, TxHandler};
+use skein_outbox::{now_micros, Statements, Store, Tx, TxHandler};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -116,39 +116,32 @@ impl Coordinator {
         now: i64,
         inserted: bool,
     ) -> Result<(), HandlerError> {
-        if out.changed && !inserted {
+        // The instance, the commands' records and the transition: one
+        // trip to the database where the backend allows it.
+        let mut writes = Statements::new(tx.backend());
+        let check_version = out.changed && !inserted;
+        if check_version {
             let expected = inst.version;
             inst.version += 1;
             inst.updated_at = now;
-            if !store::update(tx, inst, expected).await.map_err(db)? {
-                return Err(HandlerError::transient(format!(
-                    "saga {} changed meanwhile (another coordinator copy); applying again",
-                    inst.id
-                ))
-                .retry_after(Duration::from_millis(20)));
-            }
+            store::push_update(&mut writes, inst, expected);
         }
+        let records: Vec<_> = out
+            .sends
+            .iter()
+            .map(|s| (s.envelope.id, s.envelope.kind.as_str(), s.step, s.phase))
+            .collect();
+        store::push_sent(&mut writes, inst.id, &records, now);
         let mut sent = Vec::with_capacity(out.sends.len());
         for s in &out.sends {
-            store::insert_sent(
-                tx,
-                s.envelope.id,
-                &s.envelope.kind,
-                inst.id,
-                s.step,
-                s.phase,
-                now,
-            )
-            .await
-            .map_err(db)?;
             tx.publish(&s.envelope);
             sent.push(SentMessage {
                 id: s.envelope.id,
                 kind: s.envelope.kind.clone(),
             });
         }
-        store::insert_transition(
-            tx,
+        store::push_transition(
+            &mut writes,
             &NewTransition {
                 instance: inst.id,
                 from,
@@ -160,9 +153,15 @@ impl Coordinator {
                 note: &out.note,
                 at: now,
             },
-        )
-        .await
-        .map_err(db)?;
+        );
+        let updated = writes.run(tx).await.map_err(db)?;
+        if check_version && updated.is_empty() {
+            return Err(HandlerError::transient(format!(
+                "saga {} changed meanwhile (another coordinator copy); applying again",
+                inst.id
+            ))
+            .retry_after(Duration::from_millis(20)));
+        }
         tracing::debug!(saga = %inst.saga, instance = %inst.id, key = %inst.key, status = inst.status.as_str(), note = %out.note, "saga transition");
         Ok(())
     }

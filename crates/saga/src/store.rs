@@ -2,6 +2,7 @@
 //! transitions. Times are microseconds since the epoch.
 
 use skein_contracts::orchestrator::{SagaStatus, SagaTransition, SentMessage};
+use skein_outbox::Statements;
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
@@ -93,33 +94,29 @@ pub(crate) async fn insert(conn: &mut AnyConnection, inst: &Instance) -> sqlx::R
     Ok(done.rows_affected() == 1)
 }
 
-/// Stores `inst` (already at its new version) if the stored one is still
-/// at `expected`; `false` when another change got there first.
-pub(crate) async fn update(
-    conn: &mut AnyConnection,
-    inst: &Instance,
-    expected: i64,
-) -> sqlx::Result<bool> {
-    let done = sqlx::query(
+/// Adds to `writes` the update that stores `inst` (already at its new
+/// version) if the stored one is still at `expected`. It returns one row
+/// (the new version) when it did, none when another change got there first.
+pub(crate) fn push_update(writes: &mut Statements, inst: &Instance, expected: i64) {
+    writes.push(
         "UPDATE saga_instances SET status = $1, step = $2, attempt = $3, compensations = $4, \
          finish = $5, data = $6, reason = $7, deadline_at = $8, version = $9, updated_at = $10 \
-         WHERE id = $11 AND version = $12",
-    )
-    .bind(inst.status.as_str())
-    .bind(step_value(inst))
-    .bind(i64::from(inst.attempt))
-    .bind(compensations_json(inst))
-    .bind(finish_name(inst.finish))
-    .bind(inst.data.to_string())
-    .bind(inst.reason.clone())
-    .bind(inst.deadline_at)
-    .bind(inst.version)
-    .bind(inst.updated_at)
-    .bind(inst.id.to_string())
-    .bind(expected)
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+         WHERE id = $11 AND version = $12 RETURNING version",
+        |b| {
+            b.bind(inst.status.as_str())
+                .bind(step_value(inst))
+                .bind(i64::from(inst.attempt))
+                .bind(compensations_json(inst))
+                .bind(finish_name(inst.finish))
+                .bind(inst.data.to_string())
+                .bind(inst.reason.clone())
+                .bind(inst.deadline_at)
+                .bind(inst.version)
+                .bind(inst.updated_at)
+                .bind(inst.id.to_string())
+                .bind(expected);
+        },
+    );
 }
 
 /// The instance `id`.
@@ -212,29 +209,45 @@ pub(crate) async fn stuck(
     rows.iter().map(to_instance).collect()
 }
 
-/// Records a command an instance sent.
-pub(crate) async fn insert_sent(
-    conn: &mut AnyConnection,
-    message_id: Uuid,
-    kind: &str,
+/// Adds to `writes` the records of commands `instance` sends, so that
+/// their replies find it: (message id, kind, step, phase) each.
+pub(crate) fn push_sent(
+    writes: &mut Statements,
     instance: Uuid,
-    step: usize,
-    phase: Phase,
+    sends: &[(Uuid, &str, usize, Phase)],
     now: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO saga_sent (message_id, instance_id, step, phase, kind, sent_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(message_id.to_string())
-    .bind(instance.to_string())
-    .bind(i64::try_from(step).unwrap_or(i64::MAX))
-    .bind(phase.as_str())
-    .bind(kind)
-    .bind(now)
-    .execute(conn)
-    .await?;
-    Ok(())
+) {
+    if sends.is_empty() {
+        return;
+    }
+    let mut sql = String::from(
+        "INSERT INTO saga_sent (message_id, instance_id, step, phase, kind, sent_at) VALUES ",
+    );
+    for i in 0..sends.len() {
+        let n = i * 6;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(${}, ${}, ${}, ${}, ${}, ${})",
+            n + 1,
+            n + 2,
+            n + 3,
+            n + 4,
+            n + 5,
+            n + 6
+        ));
+    }
+    writes.push(&sql, |b| {
+        for (id, kind, step, phase) in sends {
+            b.bind(id.to_string())
+                .bind(instance.to_string())
+                .bind(i64::try_from(*step).unwrap_or(i64::MAX))
+                .bind(phase.as_str())
+                .bind((*kind).to_owned())
+                .bind(now);
+        }
+    });
 }
 
 /// The command `message_id`, if a saga sent it: the step and phase it
@@ -283,32 +296,28 @@ pub(crate) struct NewTransition<'a> {
     pub(crate) at: i64,
 }
 
-/// Appends a transition to its instance's history.
-pub(crate) async fn insert_transition(
-    conn: &mut AnyConnection,
-    t: &NewTransition<'_>,
-) -> sqlx::Result<()> {
-    // The next number in the instance's history, computed in the insert
-    // (one statement). Writers that change the instance are serialised by
-    // its version check before this; any other collision violates the
-    // primary key and the transaction is retried.
-    sqlx::query(
+/// Adds to `writes` a transition appended to its instance's history.
+pub(crate) fn push_transition(writes: &mut Statements, t: &NewTransition<'_>) {
+    // The next number in the instance's history, computed in the insert.
+    // Writers that change the instance are serialised by its version check
+    // before this; any other collision violates the primary key and the
+    // transaction is retried.
+    writes.push(
         "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
          VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM saga_transitions WHERE instance_id = $1), \
          $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(t.instance.to_string())
-    .bind(t.at)
-    .bind(t.from.map(SagaStatus::as_str))
-    .bind(t.to.as_str())
-    .bind(t.step)
-    .bind(t.cause_id.map(|c| c.to_string()))
-    .bind(t.cause)
-    .bind(serde_json::to_string(t.sent).unwrap_or_else(|_| "[]".into()))
-    .bind(t.note)
-    .execute(conn)
-    .await?;
-    Ok(())
+        |b| {
+            b.bind(t.instance.to_string())
+                .bind(t.at)
+                .bind(t.from.map(SagaStatus::as_str))
+                .bind(t.to.as_str())
+                .bind(t.step.map(str::to_owned))
+                .bind(t.cause_id.map(|c| c.to_string()))
+                .bind(t.cause.to_owned())
+                .bind(serde_json::to_string(t.sent).unwrap_or_else(|_| "[]".into()))
+                .bind(t.note.to_owned());
+        },
+    );
 }
 
 /// Every transition of `instance`, oldest first.

@@ -84,27 +84,36 @@ impl Commands {
         if let Some(first) = store::payment(tx, c.order_id).await.map_err(db)? {
             return answer_again(tx, &c, first, context).await;
         }
-        if store::balance(tx, c.customer_id)
-            .await
-            .map_err(db)?
-            .is_none()
-        {
-            if delivered < ACCOUNT_WAIT_DELIVERIES {
-                return Err(HandlerError::transient(format!(
-                    "no account for customer {} yet (delivery {delivered} of {ACCOUNT_WAIT_DELIVERIES} before declining)",
-                    c.customer_id
-                )));
+        // The common case first: take the money in one statement, and only
+        // when that takes nothing find out why (no account yet, or short).
+        let provider_declines = self.provider.declines(c.order_id);
+        let taken = if provider_declines {
+            None
+        } else {
+            store::take(tx, c.customer_id, c.amount_cents)
+                .await
+                .map_err(db)?
+        };
+        let Some(balance_cents) = taken else {
+            if store::balance(tx, c.customer_id)
+                .await
+                .map_err(db)?
+                .is_none()
+            {
+                if delivered < ACCOUNT_WAIT_DELIVERIES {
+                    return Err(HandlerError::transient(format!(
+                        "no account for customer {} yet (delivery {delivered} of {ACCOUNT_WAIT_DELIVERIES} before declining)",
+                        c.customer_id
+                    )));
+                }
+                return decline(tx, &c, reason::UNKNOWN_ACCOUNT, context).await;
             }
-            return decline(tx, &c, reason::UNKNOWN_ACCOUNT, context).await;
-        }
-        if self.provider.declines(c.order_id) {
-            return decline(tx, &c, reason::PROVIDER_DECLINED, context).await;
-        }
-        let Some(balance_cents) = store::take(tx, c.customer_id, c.amount_cents)
-            .await
-            .map_err(db)?
-        else {
-            return decline(tx, &c, reason::INSUFFICIENT_FUNDS, context).await;
+            let why = if provider_declines {
+                reason::PROVIDER_DECLINED
+            } else {
+                reason::INSUFFICIENT_FUNDS
+            };
+            return decline(tx, &c, why, context).await;
         };
         let payment = Payment {
             customer_id: c.customer_id,

@@ -12,7 +12,7 @@ use skein_contracts::orders::{
 };
 use skein_message::envelope::format_time;
 use skein_message::Envelope;
-use skein_outbox::{Backend, Store, Tx, TxHandler};
+use skein_outbox::{Backend, Statements, Store, Tx, TxHandler};
 use sqlx::AnyConnection;
 use uuid::Uuid;
 
@@ -177,11 +177,14 @@ pub async fn apply(
         return Ok(Applied::Ignored);
     };
 
+    // The order and its timeline entry: one trip to the database where the
+    // backend allows it.
+    let mut writes = Statements::for_connection(conn);
     if let (Some((customer_id, total_cents, status)), true) =
         (change, model.includes(ReadModel::Orders))
     {
-        store::upsert_order(
-            conn,
+        store::push_upsert_order(
+            &mut writes,
             &OrderChange {
                 order_id,
                 customer_id,
@@ -190,13 +193,11 @@ pub async fn apply(
                 status_seq: seq,
                 at,
             },
-        )
-        .await
-        .map_err(db)?;
+        );
     }
     if model.includes(ReadModel::Timeline) {
-        store::add_timeline_entry(
-            conn,
+        store::push_timeline_entry(
+            &mut writes,
             &TimelineEntry {
                 event_id: envelope.id,
                 order_id,
@@ -205,10 +206,9 @@ pub async fn apply(
                 event_time: format_time(envelope.time),
                 event_at: at,
             },
-        )
-        .await
-        .map_err(db)?;
+        );
     }
+    writes.run(conn).await.map_err(db)?;
     Ok(Applied::Projected)
 }
 

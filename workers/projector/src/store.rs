@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use skein_contracts::orders::OrderStatus;
 use skein_contracts::Role;
-use skein_outbox::{Backend, Store};
+use skein_outbox::{Backend, Statements, Store};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
@@ -235,10 +235,7 @@ pub(crate) struct OrderChange {
 /// the earliest time, and the status only if it is newer by (rank, sequence).
 /// Every column is a max/min/constant over the events, so the result does
 /// not depend on the order they come in.
-pub(crate) async fn upsert_order(
-    conn: &mut AnyConnection,
-    change: &OrderChange,
-) -> Result<(), sqlx::Error> {
+pub(crate) fn push_upsert_order(writes: &mut Statements, change: &OrderChange) {
     const NEWER: &str = "(excluded.status_rank > orders.status_rank OR \
         (excluded.status_rank = orders.status_rank AND excluded.status_seq > orders.status_seq))";
     let total = if change.total_cents.is_some() {
@@ -258,17 +255,15 @@ pub(crate) async fn upsert_order(
          placed_at = CASE WHEN excluded.placed_at < orders.placed_at \
              THEN excluded.placed_at ELSE orders.placed_at END"
     );
-    sqlx::query(&sql)
-        .bind(change.order_id.to_string())
-        .bind(change.customer_id.to_string())
-        .bind(change.total_cents.unwrap_or(0))
-        .bind(change.status.as_str())
-        .bind(status_rank(change.status))
-        .bind(change.status_seq)
-        .bind(change.at)
-        .execute(conn)
-        .await?;
-    Ok(())
+    writes.push(&sql, |b| {
+        b.bind(change.order_id.to_string())
+            .bind(change.customer_id.to_string())
+            .bind(change.total_cents.unwrap_or(0))
+            .bind(change.status.as_str())
+            .bind(status_rank(change.status))
+            .bind(change.status_seq)
+            .bind(change.at);
+    });
 }
 
 /// One event in an order's timeline.
@@ -283,23 +278,19 @@ pub(crate) struct TimelineEntry {
 }
 
 /// Adds an entry once: a replayed event is already there.
-pub(crate) async fn add_timeline_entry(
-    conn: &mut AnyConnection,
-    entry: &TimelineEntry,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+pub(crate) fn push_timeline_entry(writes: &mut Statements, entry: &TimelineEntry) {
+    writes.push(
         "INSERT INTO timeline (event_id, order_id, stream_seq, kind, event_time, event_at) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING",
-    )
-    .bind(entry.event_id.to_string())
-    .bind(entry.order_id.to_string())
-    .bind(entry.stream_seq)
-    .bind(&entry.kind)
-    .bind(&entry.event_time)
-    .bind(entry.event_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+        |b| {
+            b.bind(entry.event_id.to_string())
+                .bind(entry.order_id.to_string())
+                .bind(entry.stream_seq)
+                .bind(entry.kind.clone())
+                .bind(entry.event_time.clone())
+                .bind(entry.event_at);
+        },
+    );
 }
 
 // ---- reads ----
