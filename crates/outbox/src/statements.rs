@@ -1,28 +1,39 @@
 //! Statements that travel together.
 //!
-//! Every statement on SQLite is a hand-off to the connection's own thread
-//! and back: two thread wake-ups, which on a small machine cost more than
-//! the statement. [`Statements`] collects a handler's writes that do not
-//! depend on each other's answers and sends them to SQLite as one query
-//! string, in one hand-off; sqlx's SQLite driver runs each statement of a
-//! string in turn and stops at the first that fails (a behaviour sqlx 0.8
-//! keeps but calls deprecated: should a later sqlx drop it, every test that
-//! writes through a saga or a read model fails at once). PostgreSQL allows
-//! one statement per prepared query, so there they run one by one, on the
-//! same transaction.
+//! Every statement costs a trip: on SQLite a hand-off to the connection's
+//! own thread and back (two thread wake-ups, which on a small machine cost
+//! more than the statement), on PostgreSQL a round trip to the server.
+//! [`Statements`] collects a handler's writes that do not depend on each
+//! other and sends them in one trip:
+//!
+//! - SQLite: as one query string. sqlx's SQLite driver runs each statement
+//!   of a string in turn and stops at the first that fails (a behaviour
+//!   sqlx 0.8 keeps but calls deprecated: should a later sqlx drop it, every
+//!   test that writes through a saga or a read model fails at once).
+//! - PostgreSQL: as one statement, the others attached to it as
+//!   data-modifying `WITH` queries, which PostgreSQL runs exactly once each,
+//!   all or none.
+//!
+//! So the statements must not depend on each other's effects (on
+//! PostgreSQL they all see the database as it was before them), must not
+//! change the same row twice, and at most one of them returns the rows the
+//! caller wants ([`Statements::push_returning`]).
 //!
 //! ```no_run
 //! # async fn f(tx: &mut skein_outbox::Tx) -> Result<(), sqlx::Error> {
 //! use skein_outbox::Statements;
 //!
 //! let mut writes = Statements::new(tx.backend());
-//! writes.push("UPDATE accounts SET balance = balance - $1 WHERE id = $2 RETURNING balance", |b| {
-//!     b.bind(500_i64).bind("alice".to_owned());
-//! });
-//! writes.push("INSERT INTO payments (account, amount) VALUES ($1, $2)", |b| {
+//! writes.push_returning(
+//!     "UPDATE accounts SET balance = balance - $1 WHERE id = $2 AND balance >= $1 RETURNING balance",
+//!     |b| {
+//!         b.bind(500_i64).bind("alice".to_owned());
+//!     },
+//! );
+//! writes.push("INSERT INTO audit (account, amount) VALUES ($1, $2)", |b| {
 //!     b.bind("alice".to_owned()).bind(500_i64);
 //! });
-//! let rows = writes.run(tx).await?; // the UPDATE's RETURNING row, if it matched
+//! let taken = writes.run(tx).await?; // the UPDATE's row, if it matched
 //! # Ok(()) }
 //! ```
 
@@ -34,27 +45,28 @@ use crate::store::Backend;
 #[cfg(doc)]
 use crate::tx::Tx;
 
-/// Statements to run one after another in a transaction, sent together
-/// where the backend allows it (see the [module docs](self)).
+/// Independent statements sent to a transaction in one trip (see the
+/// [module docs](self)).
 ///
 /// Each statement is written with its own placeholders, `$1` upwards, and
-/// its values bound in their order. Rows that statements return
-/// (`RETURNING`) come back together, in statement order.
+/// its values bound in their order.
 pub struct Statements {
-    /// SQLite: one string and one argument list for all.
-    joined: Option<(String, AnyArguments<'static>)>,
-    /// PostgreSQL: each statement with its own arguments.
-    each: Vec<(String, AnyArguments<'static>)>,
-    error: Option<BoxDynError>,
+    backend: Backend,
+    /// Each statement, its placeholders already numbered in `args`.
+    parts: Vec<String>,
+    /// Which of `parts` returns the caller's rows.
+    returning: Option<usize>,
+    args: AnyArguments<'static>,
+    error: Option<String>,
 }
 
 impl std::fmt::Debug for Statements {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let sql: Vec<&str> = match &self.joined {
-            Some((sql, _)) => vec![sql.as_str()],
-            None => self.each.iter().map(|(sql, _)| sql.as_str()).collect(),
-        };
-        f.debug_struct("Statements").field("sql", &sql).finish()
+        f.debug_struct("Statements")
+            .field("backend", &self.backend)
+            .field("parts", &self.parts)
+            .field("values", &self.args.len())
+            .finish()
     }
 }
 
@@ -62,8 +74,10 @@ impl Statements {
     /// No statements yet, for a transaction on `backend`.
     pub fn new(backend: Backend) -> Self {
         Self {
-            joined: (backend == Backend::Sqlite).then(|| (String::new(), AnyArguments::default())),
-            each: Vec::new(),
+            backend,
+            parts: Vec::new(),
+            returning: None,
+            args: AnyArguments::default(),
             error: None,
         }
     }
@@ -80,65 +94,83 @@ impl Statements {
 
     /// Whether no statement was added.
     pub fn is_empty(&self) -> bool {
-        match &self.joined {
-            Some((sql, _)) => sql.is_empty(),
-            None => self.each.is_empty(),
-        }
+        self.parts.is_empty()
     }
 
-    /// Adds `sql`, whose placeholders are `$1`, `$2`, ..., with the values
-    /// `bind` binds to them in that order.
+    /// Adds `sql`, a statement that returns no rows, whose placeholders
+    /// are `$1`, `$2`, ..., with the values `bind` binds to them in that
+    /// order.
     pub fn push(&mut self, sql: &str, bind: impl FnOnce(&mut Binder<'_>)) -> &mut Self {
-        match &mut self.joined {
-            Some((joined, args)) => {
-                if !joined.is_empty() {
-                    joined.push_str(";\n");
-                }
-                push_renumbered(joined, sql, args.len());
-                let mut binder = Binder { args, error: None };
-                bind(&mut binder);
-                if let Some(e) = binder.error {
-                    self.error.get_or_insert(e);
-                }
-            }
-            None => {
-                let mut args = AnyArguments::default();
-                let mut binder = Binder {
-                    args: &mut args,
-                    error: None,
-                };
-                bind(&mut binder);
-                if let Some(e) = binder.error {
-                    self.error.get_or_insert(e);
-                }
-                self.each.push((sql.to_owned(), args));
-            }
+        let mut part = String::with_capacity(sql.len() + 8);
+        push_renumbered(&mut part, sql, self.args.len());
+        self.parts.push(part);
+        let mut binder = Binder {
+            args: &mut self.args,
+            error: None,
+        };
+        bind(&mut binder);
+        if let Some(e) = binder.error {
+            self.error.get_or_insert(e.to_string());
         }
         self
     }
 
+    /// Adds `sql` like [`push`](Self::push); [`run`](Self::run) returns
+    /// its rows (`RETURNING`). One statement per batch may.
+    pub fn push_returning(&mut self, sql: &str, bind: impl FnOnce(&mut Binder<'_>)) -> &mut Self {
+        if self.returning.is_some() {
+            self.error.get_or_insert_with(|| {
+                "only one statement sent together may return rows".to_owned()
+            });
+        }
+        self.returning = Some(self.parts.len());
+        self.push(sql, bind)
+    }
+
+    /// The statements as one text for the backend.
+    fn text(&self) -> String {
+        match self.backend {
+            Backend::Sqlite => self.parts.join(";\n"),
+            Backend::Postgres => {
+                let main = self.returning.unwrap_or(self.parts.len() - 1);
+                let mut sql = String::new();
+                for (i, part) in self.parts.iter().enumerate().filter(|(i, _)| *i != main) {
+                    sql.push_str(if sql.is_empty() { "WITH " } else { ", " });
+                    sql.push_str(&format!("w{i} AS ({part})"));
+                }
+                if !sql.is_empty() {
+                    sql.push('\n');
+                }
+                sql.push_str(&self.parts[main]);
+                sql
+            }
+        }
+    }
+
     /// Runs the statements on `conn` (a transaction: a [`Tx`] or an open
-    /// one), in order; stops at the first that fails (the transaction must
-    /// then be dropped). Returns every row they returned, in order.
+    /// one). On an error the transaction must be dropped: what ran before
+    /// the failing statement is still in it. Returns the rows of the
+    /// statement added with [`push_returning`](Self::push_returning).
     pub async fn run(self, conn: &mut AnyConnection) -> Result<Vec<AnyRow>, sqlx::Error> {
         if let Some(e) = self.error {
-            return Err(sqlx::Error::Encode(e));
+            return Err(sqlx::Error::Encode(e.into()));
         }
-        let mut rows = Vec::new();
-        match self.joined {
-            Some((sql, _)) if sql.is_empty() => {}
-            Some((sql, args)) => {
-                // One text per combination of statements: worth preparing
-                // once and keeping.
-                rows = sqlx::query_with(&sql, args).fetch_all(&mut *conn).await?;
-            }
-            None => {
-                for (sql, args) in self.each {
-                    rows.extend(sqlx::query_with(&sql, args).fetch_all(&mut *conn).await?);
-                }
-            }
+        if self.parts.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(rows)
+        let sql = self.text();
+        // One text per combination of statements: worth preparing once and
+        // keeping.
+        let rows = sqlx::query_with(&sql, self.args)
+            .fetch_all(&mut *conn)
+            .await?;
+        // On SQLite statements without RETURNING return no rows, so the
+        // rows are the returning statement's; an error above came first.
+        Ok(if self.returning.is_some() {
+            rows
+        } else {
+            Vec::new()
+        })
     }
 }
 

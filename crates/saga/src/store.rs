@@ -98,7 +98,7 @@ pub(crate) async fn insert(conn: &mut AnyConnection, inst: &Instance) -> sqlx::R
 /// version) if the stored one is still at `expected`. It returns one row
 /// (the new version) when it did, none when another change got there first.
 pub(crate) fn push_update(writes: &mut Statements, inst: &Instance, expected: i64) {
-    writes.push(
+    writes.push_returning(
         "UPDATE saga_instances SET status = $1, step = $2, attempt = $3, compensations = $4, \
          finish = $5, data = $6, reason = $7, deadline_at = $8, version = $9, updated_at = $10 \
          WHERE id = $11 AND version = $12 RETURNING version",
