@@ -68,12 +68,20 @@ pub use store::{Backend, Store, StoreConfig};
 pub use tx::Tx;
 
 /// The outbox's own migrations.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    description: "outbox, inbox and relay lease",
-    sqlite: include_str!("../migrations/0001_outbox_inbox.sqlite.sql"),
-    postgres: include_str!("../migrations/0001_outbox_inbox.postgres.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "outbox, inbox and relay lease",
+        sqlite: include_str!("../migrations/0001_outbox_inbox.sqlite.sql"),
+        postgres: include_str!("../migrations/0001_outbox_inbox.postgres.sql"),
+    },
+    Migration {
+        version: 2,
+        description: "relays notified by the outbox insert itself",
+        sqlite: include_str!("../migrations/0002_notify_on_insert.sqlite.sql"),
+        postgres: include_str!("../migrations/0002_notify_on_insert.postgres.sql"),
+    },
+];
 
 /// Now, in microseconds since the Unix epoch: the time column type of every
 /// skein table (portable across SQLite and PostgreSQL).

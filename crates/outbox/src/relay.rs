@@ -5,7 +5,8 @@
 //! Others wait as standbys and take over when the holder dies.
 //!
 //! The relay wakes at once when a transaction of this process commits
-//! messages, on PostgreSQL also on `NOTIFY skein_outbox` from any process,
+//! messages, on PostgreSQL also on `NOTIFY skein_outbox` from any process
+//! (sent by a trigger on the outbox insert),
 //! and otherwise polls (`poll_interval`) as a fallback.
 //!
 //! Each round reads up to `batch_size` unpublished rows in `seq` order,

@@ -214,13 +214,8 @@ impl Tx {
                         .await
                         .map_err(Error::query("cannot write to the outbox"))?;
                 }
-                if has_messages {
-                    // Delivered to LISTENing relays when (and only if) we commit.
-                    sqlx::query("NOTIFY skein_outbox")
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(Error::query("cannot notify the relay"))?;
-                }
+                // The outbox's insert trigger has notified the LISTENing
+                // relays; they hear it when (and only if) we commit.
                 tx.commit().await.map_err(Error::query("cannot commit"))?;
             }
         }

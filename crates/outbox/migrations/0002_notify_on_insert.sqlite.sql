@@ -1,0 +1,3 @@
+-- Nothing on SQLite: a relay serves one file and is woken by its own
+-- process's commits (and polls for other processes').
+SELECT 1;
