@@ -27,8 +27,11 @@ pub enum SagaStatus {
     Completed,
     /// Every completed step was compensated.
     Compensated,
-    /// It could neither go on nor back (a step after the pivot or a
-    /// compensation got no answer after its retries): needs an operator.
+    /// It could neither go on nor back: a step after the pivot or a
+    /// compensation got no answer after its retries, or answered with a
+    /// failure. One that failed for want of an answer still takes that
+    /// answer if it comes late, and goes on as if it had come in time; one
+    /// failed by an answer stays failed and needs an operator.
     Failed,
 }
 
