@@ -212,7 +212,55 @@ fn placed(id: &str) -> anyhow::Result<Envelope> {
 backend_tests!(
     a_compensation_answered_after_the_instance_failed_finishes_compensating,
     a_step_after_the_pivot_answered_after_the_instance_failed_completes_it,
+    a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing,
 );
+
+/// An operator deleted an instance (say, purging old sagas) while one of
+/// its commands was still out: the reply is refused as a permanent error
+/// naming the instance (its worker dead-letters it), and nothing of it is
+/// kept, not even the inbox record, so a redrive after restoring the
+/// instance would apply it.
+async fn a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    shop.deliver(&placed("o3")?).await?;
+    let placed_instance = shop.instance("o3").await?;
+    let reserve = last(&placed_instance, "shop.reserve.v1")?;
+    sqlx::query("DELETE FROM saga_instances WHERE id = $1")
+        .bind(placed_instance.id.to_string())
+        .execute(shop.store.pool())
+        .await?;
+    let store = shop.store.clone();
+    let transitions = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM saga_transitions")
+            .fetch_one(store.pool())
+            .await
+    };
+    let before = transitions().await?;
+
+    let refused = shop.answer(reserve, &Reserved { id: "o3".into() }).await;
+    let reason = match refused {
+        Ok(envelope) => anyhow::bail!("the reply {} was accepted", envelope.id),
+        Err(e) => e.to_string(),
+    };
+    anyhow::ensure!(
+        reason.contains(&placed_instance.id.to_string()) && reason.contains("is gone"),
+        "the refusal does not name the deleted instance: {reason}"
+    );
+    anyhow::ensure!(
+        transitions().await? == before,
+        "a refused reply wrote a transition"
+    );
+    let inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM skein_inbox")
+        .fetch_one(shop.store.pool())
+        .await?;
+    anyhow::ensure!(
+        inbox == 1,
+        "only the placed event is in the inbox, found {inbox}"
+    );
+    Ok(())
+}
 
 async fn a_compensation_answered_after_the_instance_failed_finishes_compensating(
     backend: Backend,
