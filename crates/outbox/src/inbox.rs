@@ -15,7 +15,9 @@
 //! waiting, up to [`MAX_BATCH`], and handles
 //! them one after another in one transaction: one `BEGIN`, one inbox insert,
 //! one outbox insert and one `COMMIT` for the lot, where each message used to
-//! pay for all four. Nothing waits for a batch to fill: a delivery that finds
+//! pay for all four. The `BEGIN` goes to SQLite's connection thread with the
+//! inbox insert, the `COMMIT` with the outbox insert: a batch's bookkeeping
+//! is two hand-offs to that thread. Nothing waits for a batch to fill: a delivery that finds
 //! the queue empty is handled alone, at once; under load batches form by
 //! themselves.
 //!
@@ -194,6 +196,7 @@ impl<H: TxHandler> Shared<H> {
             .map_err(HandlerError::transient)?;
         if fresh.is_empty() {
             tracing::debug!(id = %delivery.envelope.id, handler = %self.name, "already processed, skipping");
+            tx.rollback().await.map_err(HandlerError::transient)?;
             return Ok(Processed::AlreadyProcessed);
         }
         self.handler.handle(&mut tx, delivery).await?;

@@ -101,8 +101,9 @@ impl Statements {
     /// are `$1`, `$2`, ..., with the values `bind` binds to them in that
     /// order.
     pub fn push(&mut self, sql: &str, bind: impl FnOnce(&mut Binder<'_>)) -> &mut Self {
+        let offset = self.args.len();
         let mut part = String::with_capacity(sql.len() + 8);
-        push_renumbered(&mut part, sql, self.args.len());
+        let placeholders = push_renumbered(&mut part, sql, offset);
         self.parts.push(part);
         let mut binder = Binder {
             args: &mut self.args,
@@ -111,6 +112,17 @@ impl Statements {
         bind(&mut binder);
         if let Some(e) = binder.error {
             self.error.get_or_insert(e.to_string());
+        }
+        // The next statement's numbers start after this one's values: they
+        // must be as many as its placeholders.
+        let bound = self.args.len() - offset;
+        if bound != placeholders {
+            self.error.get_or_insert_with(|| {
+                format!(
+                    "statement {} has {placeholders} placeholders but {bound} values were bound: {sql}",
+                    self.parts.len()
+                )
+            });
         }
         self
     }
@@ -204,63 +216,137 @@ impl Binder<'_> {
 }
 
 /// Appends `sql` to `out` with each placeholder `$n` written as
-/// `$(n + offset)`; text in single quotes (literals) and double quotes
-/// (names) is copied as it is.
-fn push_renumbered(out: &mut String, sql: &str, offset: usize) {
-    let mut chars = sql.char_indices().peekable();
-    let mut quote: Option<char> = None;
-    while let Some((_, c)) = chars.next() {
-        match (quote, c) {
-            (Some(q), c) if c == q => {
-                quote = None;
-                out.push(c);
-            }
-            (Some(_), c) => out.push(c),
-            (None, '\'' | '"') => {
-                quote = Some(c);
-                out.push(c);
-            }
-            (None, '$') => {
-                let mut digits = String::new();
-                while let Some((_, d)) = chars.peek().filter(|(_, d)| d.is_ascii_digit()) {
-                    digits.push(*d);
-                    chars.next();
-                }
-                match digits.parse::<usize>() {
-                    Ok(n) => {
+/// `$(n + offset)`, and returns the highest `n`. Text in single quotes
+/// (literals), double quotes (names), dollar quotes and comments is copied
+/// as it is, and so is a `$` inside a name (`a$1`).
+fn push_renumbered(out: &mut String, sql: &str, offset: usize) -> usize {
+    let bytes = sql.as_bytes();
+    let mut highest = 0;
+    let mut i = 0;
+    // Copies `sql[from..]` up to and including the first `end` at or after
+    // `search`, or to the end; returns where it stopped.
+    let copy_through = |out: &mut String, from: usize, search: usize, end: &str| -> usize {
+        let stop = sql[search..]
+            .find(end)
+            .map_or(sql.len(), |at| search + at + end.len());
+        out.push_str(&sql[from..stop]);
+        stop
+    };
+    while i < bytes.len() {
+        let c = bytes[i];
+        let next = bytes.get(i + 1).copied();
+        match c {
+            // A doubled quote inside is two quoted runs back to back.
+            b'\'' => i = copy_through(out, i, i + 1, "'"),
+            b'"' => i = copy_through(out, i, i + 1, "\""),
+            b'-' if next == Some(b'-') => i = copy_through(out, i, i + 2, "\n"),
+            b'/' if next == Some(b'*') => i = copy_through(out, i, i + 2, "*/"),
+            b'$' => {
+                let after_name = i > 0
+                    && (bytes[i - 1].is_ascii_alphanumeric()
+                        || bytes[i - 1] == b'_'
+                        || bytes[i - 1] == b'$');
+                let digits = bytes[i + 1..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_digit())
+                    .count();
+                if after_name {
+                    out.push('$');
+                    i += 1;
+                } else if digits > 0 {
+                    let n: usize = sql[i + 1..i + 1 + digits].parse().unwrap_or(usize::MAX);
+                    highest = highest.max(n);
+                    out.push('$');
+                    out.push_str(&n.saturating_add(offset).to_string());
+                    i += 1 + digits;
+                } else {
+                    // A dollar quote, `$$` or `$tag$`: copy to its closing tag.
+                    let tag_len = bytes[i + 1..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_alphanumeric() || **b == b'_')
+                        .count();
+                    if bytes.get(i + 1 + tag_len) == Some(&b'$') {
+                        let tag = &sql[i..i + 2 + tag_len];
+                        i = copy_through(out, i, i + tag.len(), tag);
+                    } else {
                         out.push('$');
-                        out.push_str(&(n + offset).to_string());
-                    }
-                    Err(_) => {
-                        out.push('$');
-                        out.push_str(&digits);
+                        i += 1;
                     }
                 }
             }
-            (None, c) => out.push(c),
+            _ => {
+                // Up to the next byte that may start something above.
+                let run = bytes[i..]
+                    .iter()
+                    .position(|b| matches!(b, b'\'' | b'"' | b'-' | b'/' | b'$'))
+                    .map_or(bytes.len(), |p| i + p.max(1));
+                out.push_str(&sql[i..run]);
+                i = run;
+            }
         }
     }
+    highest
 }
 
 #[cfg(test)]
 mod tests {
-    use super::push_renumbered;
+    use super::{push_renumbered, Statements};
+    use crate::store::Backend;
+
+    fn renumbered(sql: &str, offset: usize) -> (String, usize) {
+        let mut out = String::new();
+        let highest = push_renumbered(&mut out, sql, offset);
+        (out, highest)
+    }
 
     #[test]
     fn placeholders_move_up_by_the_values_before_them() {
-        let mut sql = String::from("UPDATE t SET a = $1 WHERE b = $2;\n");
-        push_renumbered(
-            &mut sql,
-            "INSERT INTO u (x, y) VALUES ($1, $2), ($3, '$1 stays'), (\"$2\", $10)",
-            2,
-        );
         assert_eq!(
-            sql,
-            "UPDATE t SET a = $1 WHERE b = $2;\n\
-             INSERT INTO u (x, y) VALUES ($3, $4), ($5, '$1 stays'), (\"$2\", $12)"
+            renumbered(
+                "INSERT INTO u (x, y) VALUES ($1, $2), ($3, '$1 stays'), (\"$2\", $10)",
+                2
+            ),
+            (
+                "INSERT INTO u (x, y) VALUES ($3, $4), ($5, '$1 stays'), (\"$2\", $12)".into(),
+                10
+            )
         );
-        let mut none = String::new();
-        push_renumbered(&mut none, "SELECT 1", 7);
-        assert_eq!(none, "SELECT 1");
+        assert_eq!(renumbered("SELECT 1", 7), ("SELECT 1".into(), 0));
+        assert_eq!(
+            renumbered("SELECT $1::text, 'it''s $2', x -> $2", 1),
+            ("SELECT $2::text, 'it''s $2', x -> $3".into(), 2)
+        );
+    }
+
+    #[test]
+    fn a_statement_with_more_placeholders_than_values_is_refused() {
+        let mut writes = Statements::new(Backend::Sqlite);
+        writes.push("INSERT INTO t (a, b) VALUES ($1, $2)", |b| {
+            b.bind(1_i64);
+        });
+        let error = writes.error.clone().unwrap_or_default();
+        assert!(
+            error.contains("statement 1 has 2 placeholders but 1 values"),
+            "{error}"
+        );
+        let mut right = Statements::new(Backend::Postgres);
+        right.push("UPDATE t SET a = $1 WHERE b = $2", |b| {
+            b.bind(1_i64).bind(2_i64);
+        });
+        assert!(right.error.is_none());
+    }
+
+    #[test]
+    fn comments_dollar_quotes_and_names_keep_their_dollars() {
+        let sql =
+            "SELECT a$1, $1 -- don't touch $2\n, $2 /* nor $3 */, $$ $1 $$, $q$ it's $1 $q$, $3";
+        assert_eq!(
+            renumbered(sql, 5),
+            (
+                "SELECT a$1, $6 -- don't touch $2\n, $7 /* nor $3 */, $$ $1 $$, $q$ it's $1 $q$, $8"
+                    .into(),
+                3
+            )
+        );
     }
 }

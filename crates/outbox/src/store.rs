@@ -122,22 +122,22 @@ impl Writer {
         if self.lost.swap(false, Ordering::Relaxed) {
             state.conn = None;
         }
-        if state.conn.is_none() && !state.closed {
-            state.conn = Some(open_sqlite_writer(&self.options, self.busy_timeout).await?);
-            self.in_tx.store(false, Ordering::Relaxed);
-        }
-        if self.in_tx.load(Ordering::Relaxed) {
+        if self.in_tx.swap(false, Ordering::Relaxed) {
             if let Some(conn) = state.conn.as_mut() {
                 match sqlx::query("ROLLBACK").execute(conn).await {
-                    // An error from SQLite itself: no transaction was open.
-                    Ok(_) | Err(sqlx::Error::Database(_)) => {}
+                    Ok(_) => {}
+                    Err(sqlx::Error::Database(e)) if e.message().contains("no transaction") => {}
+                    // Anything else leaves the connection in doubt: a new
+                    // one, and dropping this one rolls back what it holds.
                     Err(e) => {
+                        tracing::warn!(error = %e, "cannot roll back a transaction left open; reopening the writer connection");
                         state.conn = None;
-                        return Err(Error::query("cannot roll back a transaction left open")(e));
                     }
                 }
             }
-            self.in_tx.store(false, Ordering::Relaxed);
+        }
+        if state.conn.is_none() && !state.closed {
+            state.conn = Some(open_sqlite_writer(&self.options, self.busy_timeout).await?);
         }
         let conn =
             OwnedMutexGuard::try_map(state, |s| s.conn.as_mut()).map_err(|_| Error::Closed)?;
@@ -200,11 +200,11 @@ impl SqliteTurn {
         self.writer.in_tx.store(false, Ordering::Relaxed);
     }
 
-    /// Notes `e`, an error of a statement on this connection: one that
-    /// SQLite did not report means the connection is lost, and the next
-    /// turn opens a new one.
+    /// Notes `e`, an error of a statement on this connection: when the
+    /// connection's thread is gone or I/O failed, the connection is lost and
+    /// the next turn opens a new one.
     pub(crate) fn failed(&mut self, e: sqlx::Error) -> sqlx::Error {
-        if !matches!(e, sqlx::Error::Database(_)) {
+        if matches!(e, sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) {
             self.writer.lost.store(true, Ordering::Relaxed);
         }
         e
@@ -240,8 +240,11 @@ impl Drop for SqliteTurn {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let writer = self.writer.clone();
                 runtime.spawn(async move {
-                    if let Err(e) = writer.turn().await {
-                        tracing::warn!(error = %e, "cannot roll back a transaction left open");
+                    match writer.turn().await {
+                        Ok(_) | Err(Error::Closed) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot roll back a transaction left open")
+                        }
                     }
                 });
             }

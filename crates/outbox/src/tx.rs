@@ -20,6 +20,11 @@ use crate::store::{SqliteTurn, Store, WritePermit};
 /// the handled message with [`Tx::mark_processed`], queue outgoing messages
 /// with [`Tx::publish`], then [`Tx::commit`]. Dropping it without committing
 /// rolls everything back, messages included.
+///
+/// For a part that may fail on its own, write `SAVEPOINT name`, `RELEASE
+/// name` and `ROLLBACK TO name` as statements; sqlx's nested `begin()` on
+/// the connection is not for this transaction (on SQLite it would send a
+/// second `BEGIN`, which fails).
 #[derive(Debug)]
 pub struct Tx {
     conn: TxConn,

@@ -154,13 +154,26 @@ impl Coordinator {
                 at: now,
             },
         );
-        let updated = writes.run(tx).await.map_err(db)?;
-        if check_version && updated.is_empty() {
-            return Err(HandlerError::transient(format!(
+        let changed_meanwhile = || {
+            HandlerError::transient(format!(
                 "saga {} changed meanwhile (another coordinator copy); applying again",
                 inst.id
             ))
-            .retry_after(Duration::from_millis(20)));
+            .retry_after(Duration::from_millis(20))
+        };
+        let updated = match writes.run(tx).await {
+            Ok(rows) => rows,
+            // PostgreSQL: the update waited for another copy's change and
+            // then matched nothing, while the transition insert, which saw
+            // the database as it was before (one statement), took the
+            // number that copy's transition has.
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                return Err(changed_meanwhile())
+            }
+            Err(e) => return Err(db(e)),
+        };
+        if check_version && updated.is_empty() {
+            return Err(changed_meanwhile());
         }
         tracing::debug!(saga = %inst.saga, instance = %inst.id, key = %inst.key, status = inst.status.as_str(), note = %out.note, "saga transition");
         Ok(())
@@ -238,10 +251,13 @@ impl Coordinator {
         for id in due {
             let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
             let Some(mut inst) = store::load(&mut tx, id).await.map_err(db)? else {
+                tx.rollback().await.map_err(HandlerError::transient)?;
                 continue;
             };
             if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > now) {
-                continue; // another copy got there first
+                // Another copy got there first.
+                tx.rollback().await.map_err(HandlerError::transient)?;
+                continue;
             }
             let saga = self.saga(&inst.saga)?;
             let from = inst.status;

@@ -397,3 +397,59 @@ async fn a_step_after_the_pivot_answered_after_the_instance_failed_completes_it(
     shop.store.close().await;
     Ok(())
 }
+
+/// PostgreSQL: another copy changes the instance while this one applies a
+/// reply to it. This copy's step (instance update, sent records and
+/// transition in one statement) waits for the other's commit, then finds
+/// the instance moved on; it must answer "changed meanwhile" (a quick
+/// retry on the new state), not a duplicate-key database error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_step_racing_another_copy_is_retried_as_changed_meanwhile() -> anyhow::Result<()>
+{
+    let mut shop = Shop::start(Backend::Postgres).await?;
+    shop.deliver(&placed("o4")?).await?;
+    let instance = shop.instance("o4").await?;
+    let reserve = last(&instance, "shop.reserve.v1")?;
+
+    // The other copy's change, not committed yet: the instance's next
+    // version and its next transition.
+    let mut other = shop.store.pool().begin().await?;
+    sqlx::query("UPDATE saga_instances SET version = version + 1 WHERE id = $1")
+        .bind(instance.id.to_string())
+        .execute(&mut *other)
+        .await?;
+    sqlx::query(
+        "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
+         VALUES ($1, (SELECT MAX(seq) + 1 FROM saga_transitions WHERE instance_id = $1), 0, 'running', 'running', 'reserve', NULL, 'test', '[]', 'the other copy')",
+    )
+    .bind(instance.id.to_string())
+    .execute(&mut *other)
+    .await?;
+
+    let reserved = Reserved { id: "o4".into() };
+    let (answered, committed) = tokio::join!(shop.answer(reserve, &reserved), async {
+        // Long enough for the reply to reach its statement and wait.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        other.commit().await
+    });
+    committed?;
+    let reason = match answered {
+        Ok(envelope) => anyhow::bail!(
+            "the reply {} applied over the other copy's change",
+            envelope.id
+        ),
+        Err(e) => e.to_string(),
+    };
+    anyhow::ensure!(
+        reason.contains("changed meanwhile"),
+        "expected a changed-meanwhile retry, got: {reason}"
+    );
+    // Applied again on the new state, it goes through.
+    shop.answer(reserve, &reserved).await?;
+    let after = shop.instance("o4").await?;
+    anyhow::ensure!(
+        sent(&after, "shop.pay.v1").len() == 1,
+        "the retried reply did not move the saga on: {after:#?}"
+    );
+    Ok(())
+}
