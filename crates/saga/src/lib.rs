@@ -33,6 +33,7 @@ pub mod definition;
 mod engine;
 mod store;
 #[cfg(test)]
+#[path = "../tests/support/shop_messages.rs"]
 mod test_messages;
 
 pub use coordinator::Coordinator;

@@ -13,44 +13,15 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use skein_bus::{Delivery, DeliveryInfo};
 use skein_contracts::orchestrator::{SagaInstance, SagaStatus};
-use skein_message::{Command, Contract, Envelope, Event, MessageContext};
+use skein_message::{Envelope, Event, MessageContext};
 use skein_outbox::{Inbox, Processed, Store};
 use skein_saga::{Coordinator, Saga};
 use skein_testkit::{backend_tests, Backend, TestDb};
 use uuid::Uuid;
 
-macro_rules! message {
-    ($t:ident, $name:literal, $kind:ident) => {
-        #[derive(Debug, Serialize, Deserialize)]
-        struct $t {
-            id: String,
-        }
-        impl Contract for $t {
-            const SERVICE: &'static str = "shop";
-            const NAME: &'static str = $name;
-            const VERSION: u32 = 1;
-        }
-        impl $kind for $t {
-            fn entity_id(&self) -> String {
-                self.id.clone()
-            }
-        }
-    };
-}
-message!(Placed, "placed", Event);
-message!(Reserve, "reserve", Command);
-message!(Reserved, "reserved", Event);
-message!(Release, "release", Command);
-message!(Released, "released", Event);
-message!(Pay, "pay", Command);
-message!(Paid, "paid", Event);
-message!(Refund, "refund", Command);
-message!(Refunded, "refunded", Event);
-message!(Ship, "ship", Command);
-message!(Shipped, "shipped", Event);
-message!(Notify, "notify", Command);
-message!(Notified, "notified", Event);
-message!(Reject, "reject", Command);
+#[path = "support/shop_messages.rs"]
+mod shop_messages;
+use shop_messages::*;
 
 #[derive(Serialize, Deserialize)]
 struct Order {

@@ -1,5 +1,8 @@
-//! Messages of a "shop" service for the crate's unit tests: commands and
-//! events that carry only the id of their entity.
+//! Messages of a "shop" service for the saga tests: commands and events
+//! that carry only the id of their entity. One file for the unit tests
+//! (`src/lib.rs` includes it as `test_messages`) and the integration tests
+//! (`tests/coordinator.rs`); each uses part of it.
+#![allow(dead_code)]
 
 use serde::{Deserialize, Serialize};
 use skein_message::{Command, Contract, Event};
@@ -39,3 +42,4 @@ message!(Shipped, "shipped", Event);
 message!(Lost, "lost", Event);
 message!(Notify, "notify", Command);
 message!(Notified, "notified", Event);
+message!(Reject, "reject", Command);
