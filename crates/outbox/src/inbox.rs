@@ -17,9 +17,9 @@
 //! one outbox insert and one `COMMIT` for the lot, where each message used to
 //! pay for all four. The `BEGIN` goes to SQLite's connection thread with the
 //! inbox insert, the `COMMIT` with the outbox insert: a batch's bookkeeping
-//! is two hand-offs to that thread. Nothing waits for a batch to fill: a delivery that finds
-//! the queue empty is handled alone, at once; under load batches form by
-//! themselves.
+//! is two hand-offs to that thread. Nothing waits for a batch to fill: a
+//! delivery that finds the queue empty is handled alone, at once; under
+//! load batches form by themselves.
 //!
 //! On PostgreSQL there are no batches: concurrent batches took locks on hot
 //! rows (a product, an account) in different orders and deadlocked, and a

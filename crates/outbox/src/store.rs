@@ -184,7 +184,7 @@ impl SqliteTurn {
     /// wait for each other instead of failing on a lock upgrade.
     pub(crate) async fn begin(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.beginning();
-        self.end("BEGIN IMMEDIATE").await
+        self.run("BEGIN IMMEDIATE").await
     }
 
     /// To be called before a `BEGIN` is sent (alone or with other
@@ -211,18 +211,19 @@ impl SqliteTurn {
     }
 
     pub(crate) async fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
-        self.end("COMMIT").await?;
+        self.run("COMMIT").await?;
         self.ended();
         Ok(())
     }
 
     pub(crate) async fn rollback(&mut self) -> std::result::Result<(), sqlx::Error> {
-        self.end("ROLLBACK").await?;
+        self.run("ROLLBACK").await?;
         self.ended();
         Ok(())
     }
 
-    async fn end(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
+    /// Runs `sql`, a transaction control statement.
+    async fn run(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
         match sqlx::query(sql).execute(&mut *self.conn).await {
             Ok(_) => Ok(()),
             Err(e) => Err(self.failed(e)),

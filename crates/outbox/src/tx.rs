@@ -67,17 +67,7 @@ impl Tx {
     /// it already had: the caller must then skip the message's effects (and
     /// may commit or drop the transaction; nothing changed).
     pub async fn mark_processed(&mut self, handler: &str, id: Uuid) -> Result<bool> {
-        let done = sqlx::query(
-            "INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (handler, message_id) DO NOTHING",
-        )
-        .bind(handler)
-        .bind(id.to_string())
-        .bind(crate::now_micros())
-        .execute(&mut **self)
-        .await
-        .map_err(Error::query("cannot record the message in the inbox"))?;
-        Ok(done.rows_affected() == 1)
+        Ok(!self.record(handler, &[id]).await?.is_empty())
     }
 
     /// Records that `handler` processed each message of `ids`, in one
