@@ -10,10 +10,11 @@
 # (COPIES copies of each, sharing their consumer groups) and one `skein
 # ingress`, then runs `skein load`: once as fast as CONCURRENCY orders in
 # flight allow (the maximum rate), once open-loop at half that rate. Then the
-# floor under it on the same machine: raw JetStream publishing (the
-# skein-bus `floor` example) and database commits (the skein-outbox
-# `throughput` example), and the resident memory of `skein up` idle and under
-# load. Everything is built with --release first. Prints one Markdown table;
+# floor under it on the same machine: raw JetStream publishing and
+# saga-shaped message chains with no service work (the skein-bus `floor`
+# example), database commits, the relay and one consumer through the inbox
+# (the skein-outbox `throughput` example), and the resident memory of `skein
+# up` idle and under load. Everything is built with --release first. Prints one Markdown table;
 # the raw `skein load --json` reports are kept in $OUT (default
 # target/bench).
 #
@@ -218,7 +219,7 @@ printf '%s\n' "${rows[@]}"
 work="$(mktemp -d /tmp/skein-bench.XXXXXX)"
 start_nats
 echo
-log "floor: raw JetStream publishing"
+log "floor: raw JetStream publishing, saga-shaped chains"
 "$root/target/release/examples/floor" --nats-url "$NATS_URL" --messages 100000
 stop_all
 for backend in $backends; do

@@ -1,5 +1,5 @@
-//! Raw JetStream publish throughput: the floor under everything skein
-//! publishes (the relay, the ingress), with no database and no envelope work.
+//! The broker's floor: what JetStream and its client library alone cost, with
+//! no database and no envelope work.
 //!
 //! ```sh
 //! cargo run --release -p skein-bus --example floor -- --nats-url nats://127.0.0.1:4222
@@ -13,7 +13,20 @@
 //!    awaiting their acks at once, the way the relay publishes batches;
 //! 2. one at a time: `--serial` publishes (default a tenth of `--messages`),
 //!    each awaiting its ack before the next is sent, the way one request
-//!    through the ingress waits.
+//!    through the ingress waits;
+//! 3. saga-shaped chains: `--chains` (default 2,000) runs of the message
+//!    pattern of one place-order saga, `--chain-in-flight` (default 64) at
+//!    a time. A chain is 8 messages, each published by the stage before
+//!    (its publish ack awaited), pulled by a durable consumer of its own
+//!    (batches of 64, as a worker pulls) and acknowledged once the next
+//!    message is stored, as a worker acknowledges after its handler's
+//!    outbox commit; messages 2 and 8 (the saga's `order_placed` and
+//!    `order_confirmed`) also go to an observer consumer, as they go to
+//!    the projector: 8 publishes, 10 deliveries and 10 acks per chain. Each
+//!    stage has its own connection, as each worker process has. Reported
+//!    with the CPU time the whole machine spent per chain (`/proc/stat`),
+//!    this is the rate the broker and client library allow for sagas on
+//!    this machine before any service does any work.
 //!
 //! Every message carries `--size` payload bytes (default 256) and a unique
 //! `Nats-Msg-Id` (so the duplicate window is paid for, as in skein). The
@@ -25,8 +38,10 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
 
 const STREAM: &str = "FLOOR";
 
@@ -38,10 +53,12 @@ struct Options {
     size: usize,
     in_flight: usize,
     replicas: usize,
+    chains: usize,
+    chain_in_flight: usize,
 }
 
 fn usage() -> &'static str {
-    "usage: floor --nats-url URL [--messages N] [--serial N] [--size BYTES] [--in-flight N] [--replicas N]"
+    "usage: floor --nats-url URL [--messages N] [--serial N] [--size BYTES] [--in-flight N] [--replicas N] [--chains N] [--chain-in-flight N]"
 }
 
 fn parse_args() -> anyhow::Result<Options> {
@@ -52,6 +69,8 @@ fn parse_args() -> anyhow::Result<Options> {
         size: 256,
         in_flight: 512,
         replicas: 1,
+        chains: 2_000,
+        chain_in_flight: 64,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -74,6 +93,8 @@ fn parse_args() -> anyhow::Result<Options> {
             "--size" => options.size = number()?,
             "--in-flight" => options.in_flight = number()?.max(1),
             "--replicas" => options.replicas = number()?.max(1),
+            "--chains" => options.chains = number()?,
+            "--chain-in-flight" => options.chain_in_flight = number()?.max(1),
             other => bail!("unknown flag {other}\n{}", usage()),
         }
     }
@@ -109,8 +130,13 @@ async fn main() -> anyhow::Result<()> {
     .context("cannot create the FLOOR stream")?;
 
     let result = measure(&js, &options).await;
+    let chained = match &result {
+        Ok(_) if options.chains > 0 => Some(chains(&js, &options).await),
+        _ => None,
+    };
     let deleted = js.delete_stream(STREAM).await;
     let (async_rate, serial_rate) = result?;
+    let chained = chained.transpose()?;
     deleted.context("cannot delete the FLOOR stream")?;
 
     let serial = options.serial.unwrap_or(options.messages / 10).max(1);
@@ -118,6 +144,16 @@ async fn main() -> anyhow::Result<()> {
         "{} B payload, R{}: async ({} in flight, {} messages) {async_rate:.0}/s; one at a time ({serial} messages) {serial_rate:.0}/s",
         options.size, options.replicas, options.in_flight, options.messages
     );
+    if let Some(chained) = chained {
+        println!(
+            "saga-shaped chains (8 publishes, 10 deliveries and acks each; {} in flight, {} chains): {:.0} chains/s, machine {:.0} % busy, {:.2} ms CPU per chain",
+            options.chain_in_flight,
+            options.chains,
+            chained.rate,
+            chained.busy_percent,
+            chained.cpu_ms_per_chain
+        );
+    }
     Ok(())
 }
 
@@ -173,4 +209,194 @@ async fn check(ack: jetstream::context::PublishAckFuture) -> anyhow::Result<()> 
         bail!("the server took a message for a duplicate");
     }
     Ok(())
+}
+
+/// Stages in a chain: the place-order saga's messages (place, placed,
+/// reserve, reserved, authorize, authorized, confirm, confirmed).
+const HOPS: usize = 8;
+/// The hops an observer (the projector) also consumes.
+const OBSERVED: [usize; 2] = [2, HOPS];
+
+/// What the chains measured.
+#[derive(Debug)]
+struct Chained {
+    rate: f64,
+    busy_percent: f64,
+    cpu_ms_per_chain: f64,
+}
+
+/// Runs `--chains` saga-shaped chains (see the module docs) and measures
+/// their rate and the machine's CPU time per chain.
+async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Chained> {
+    let (done_tx, mut done) = mpsc::channel::<u64>(options.chain_in_flight.max(1));
+    let mut stages = Vec::new();
+    for hop in 1..=HOPS {
+        let connection = connect(options).await?;
+        let stream = connection.get_stream(STREAM).await?;
+        let consumer = stream
+            .create_consumer(pull::Config {
+                durable_name: Some(format!("hop{hop}")),
+                filter_subject: format!("floor.hop.{hop}"),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ..Default::default()
+            })
+            .await
+            .with_context(|| format!("cannot create the consumer of hop {hop}"))?;
+        let done = (hop == HOPS).then(|| done_tx.clone());
+        stages.push(tokio::spawn(stage(connection, consumer, hop, done)));
+    }
+    let observer = connect(options).await?;
+    let consumer = observer
+        .get_stream(STREAM)
+        .await?
+        .create_consumer(pull::Config {
+            durable_name: Some("observer".into()),
+            filter_subjects: OBSERVED.iter().map(|h| format!("floor.hop.{h}")).collect(),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .context("cannot create the observer's consumer")?;
+    stages.push(tokio::spawn(stage(observer, consumer, 0, None)));
+    drop(done_tx);
+
+    let payload = vec![b'x'; options.size.max(8)];
+    let start = |chain: u64| {
+        let mut body = payload.clone();
+        body[..8].copy_from_slice(&chain.to_le_bytes());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("chain-{chain}-1").as_str());
+        js.publish_with_headers("floor.hop.1", headers, Bytes::from(body))
+    };
+    let cpu = CpuTicks::now();
+    let started = Instant::now();
+    let total = options.chains as u64;
+    let mut next = 0u64;
+    let mut finished = 0u64;
+    let outcome = async {
+        while next < total.min(options.chain_in_flight as u64) {
+            check(start(next).await?).await?;
+            next += 1;
+        }
+        while finished < total {
+            let Some(_) = tokio::time::timeout(Duration::from_secs(30), done.recv())
+                .await
+                .context("no chain finished for 30 s")?
+            else {
+                bail!("a stage stopped");
+            };
+            finished += 1;
+            if next < total {
+                check(start(next).await?).await?;
+                next += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let elapsed = started.elapsed();
+    let cpu = CpuTicks::now()
+        .zip(cpu)
+        .map(|(now, before)| now.since(before));
+    for stage in &stages {
+        stage.abort();
+    }
+    outcome?;
+    let (busy, cpu_seconds) = cpu.unwrap_or((0.0, 0.0));
+    Ok(Chained {
+        rate: total as f64 / elapsed.as_secs_f64(),
+        busy_percent: busy * 100.0,
+        cpu_ms_per_chain: cpu_seconds * 1000.0 / total.max(1) as f64,
+    })
+}
+
+async fn connect(options: &Options) -> anyhow::Result<jetstream::Context> {
+    let client = async_nats::connect(options.nats_url.as_str())
+        .await
+        .with_context(|| format!("cannot connect to {}", options.nats_url))?;
+    Ok(jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build(client))
+}
+
+/// One stage: pulls its hop's messages, publishes each chain's next message
+/// and acknowledges a message once its successor is stored. The last hop
+/// reports the chain finished; the observer (`hop` 0) only acknowledges.
+async fn stage(
+    js: jetstream::Context,
+    consumer: jetstream::consumer::Consumer<pull::Config>,
+    hop: usize,
+    done: Option<mpsc::Sender<u64>>,
+) -> anyhow::Result<()> {
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(64)
+        .messages()
+        .await?;
+    let mut stored = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else { return Ok(()) };
+                let message = message.map_err(|e| anyhow::anyhow!("pull failed: {e}"))?;
+                let chain = message
+                    .payload
+                    .get(..8)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_le_bytes)
+                    .context("a chain message without its chain number")?;
+                if hop == 0 || hop == HOPS {
+                    message.ack().await.map_err(|e| anyhow::anyhow!("ack failed: {e}"))?;
+                    if let Some(done) = &done {
+                        done.send(chain).await?;
+                    }
+                    continue;
+                }
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", format!("chain-{chain}-{}", hop + 1).as_str());
+                let ack = js
+                    .publish_with_headers(format!("floor.hop.{}", hop + 1), headers, message.payload.clone())
+                    .await?;
+                stored.push(async move { check(ack).await.map(|()| message) });
+            }
+            Some(next) = stored.next(), if !stored.is_empty() => {
+                next?.ack().await.map_err(|e| anyhow::anyhow!("ack failed: {e}"))?;
+            }
+        }
+    }
+}
+
+/// The whole machine's CPU time so far, in clock ticks (Linux).
+#[derive(Debug, Clone, Copy)]
+struct CpuTicks {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTicks {
+    fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .find(|l| l.starts_with("cpu "))?
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal
+        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
+        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
+        Some(Self {
+            busy,
+            total: busy + field(3) + field(4),
+        })
+    }
+
+    /// The busy share of all CPUs since `before`, and the CPU seconds spent
+    /// (ticks are 1/100 s on Linux).
+    fn since(self, before: Self) -> (f64, f64) {
+        let busy = self.busy.saturating_sub(before.busy) as f64;
+        let total = self.total.saturating_sub(before.total).max(1) as f64;
+        (busy / total, busy / 100.0)
+    }
 }
