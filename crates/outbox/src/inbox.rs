@@ -10,21 +10,24 @@
 //!
 //! # Group commit
 //!
-//! On SQLite, deliveries from the worker's lanes queue for the inbox's
-//! *committer* (one: SQLite has one writer anyway). It takes every delivery
-//! waiting, up to [`MAX_BATCH`], and handles
-//! them one after another in one transaction: one `BEGIN`, one inbox insert,
-//! one outbox insert and one `COMMIT` for the lot, where each message used to
-//! pay for all four. The `BEGIN` goes to SQLite's connection thread with the
-//! inbox insert, the `COMMIT` with the outbox insert: a batch's bookkeeping
-//! is two hand-offs to that thread. Nothing waits for a batch to fill: a
+//! Deliveries from the worker's lanes queue for the inbox's *committer*
+//! (one per inbox). It takes every delivery waiting, up to [`MAX_BATCH`],
+//! and handles them one after another in one transaction: one `BEGIN`, one
+//! inbox insert, one outbox insert and one `COMMIT` for the lot, where each
+//! message used to pay for all four. Nothing waits for a batch to fill: a
 //! delivery that finds the queue empty is handled alone, at once; under
 //! load batches form by themselves.
 //!
-//! On PostgreSQL there are no batches: concurrent batches took locks on hot
-//! rows (a product, an account) in different orders and deadlocked, and a
-//! run fell from 123 to 30 sagas/s. Each delivery runs in its own
-//! transaction on its lane, as many at once as lanes and pool allow.
+//! On SQLite, which has one writer anyway, the `BEGIN` goes to the
+//! connection's thread with the inbox insert and the `COMMIT` with the
+//! outbox insert: a batch's bookkeeping is two hand-offs to that thread.
+//!
+//! On PostgreSQL one committer means a copy's batches never wait for each
+//! other's row locks (several committers per copy took hot rows, a product
+//! or an account, in different orders and deadlocked: a run fell from 123
+//! to 30 sagas/s). Batches of *different* copies still can, so a batch
+//! waits at most 50 ms for a lock and then counts as failed (below), long
+//! before PostgreSQL's deadlock detection would step in.
 //!
 //! A batch is all or nothing. When any handler in it fails, or the commit
 //! does, the whole transaction rolls back and every message of the batch is
@@ -44,7 +47,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{Backend, Store};
+use crate::store::Store;
 use crate::tx::Tx;
 
 /// The most messages one transaction takes.
@@ -70,7 +73,7 @@ pub trait TxHandler: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct Inbox<H> {
     shared: Arc<Shared<H>>,
-    /// SQLite only; started on the first delivery (spawning needs a runtime).
+    /// Started on the first delivery (spawning needs a runtime).
     committer: OnceLock<Committer>,
 }
 
@@ -159,9 +162,6 @@ impl<H: TxHandler> Inbox<H> {
 
 impl<H: TxHandler> Handler for Inbox<H> {
     async fn handle(&self, delivery: &Delivery) -> Result<(), HandlerError> {
-        if self.shared.store.backend() == Backend::Postgres {
-            return self.shared.process(delivery).await.map(|_| ());
-        }
         let stopped = || HandlerError::transient("the inbox's committer stopped");
         let (outcome, answer) = oneshot::channel();
         let job = Job {

@@ -91,6 +91,13 @@ impl Tx {
     /// keeps but calls deprecated; no other driver has it, so PostgreSQL
     /// gets them one by one). Should a later sqlx run only the first, no
     /// message would be recorded and every inbox test fails at once.
+    ///
+    /// On PostgreSQL a transaction recording more than one message (a
+    /// batch) waits at most 50 ms for any lock: batches of two copies of a
+    /// worker may take the same rows in different orders, and rather than
+    /// wait for PostgreSQL's deadlock detection (a second by default), the
+    /// batch fails and the inbox handles its messages one by one, each in
+    /// a transaction that waits as long as it takes.
     pub(crate) async fn begin_recording(
         store: &Store,
         handler: &str,
@@ -116,6 +123,19 @@ impl Tx {
                     store: store.clone(),
                 };
                 fresh.extend(tx.record(handler, rest).await?);
+                Ok((tx, fresh))
+            }
+            WritePermit::Postgres(pool) if ids.len() > 1 => {
+                let conn = pool
+                    .begin_with(BEGIN_BATCH)
+                    .await
+                    .map_err(Error::query("cannot begin a transaction"))?;
+                let mut tx = Self {
+                    conn: TxConn::Postgres(conn),
+                    outgoing: Vec::new(),
+                    store: store.clone(),
+                };
+                let fresh = tx.record(handler, &ids).await?;
                 Ok((tx, fresh))
             }
             permit => {
@@ -248,6 +268,10 @@ impl DerefMut for Tx {
         }
     }
 }
+
+/// `BEGIN` for a batch on PostgreSQL, with how long it waits for a lock
+/// before it gives up (see [`Tx::begin_recording`]): one simple query.
+const BEGIN_BATCH: &str = "BEGIN; SET LOCAL lock_timeout = '50ms'";
 
 /// Rows per multi-row statement: far below the bind-parameter limits of
 /// SQLite (32,766) and PostgreSQL (65,535) at five parameters a row.

@@ -1101,16 +1101,11 @@ async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
             other => anyhow::bail!("message {i}: unexpected outcome {other:?}"),
         }
     }
-    // SQLite: the batch ran up to the first bad message (7 calls), rolled
-    // back, then every message ran alone (20 calls). PostgreSQL has no
-    // batches: each message once.
-    let expected = match backend {
-        Backend::Sqlite => 27,
-        Backend::Postgres => 20,
-    };
+    // The batch ran up to the first bad message (7 calls), rolled back,
+    // then every message ran alone (20 calls).
     ensure!(
-        calls.load(Ordering::SeqCst) == expected,
-        "{} handler calls, expected {expected}",
+        calls.load(Ordering::SeqCst) == 27,
+        "{} handler calls, expected 27",
         calls.load(Ordering::SeqCst)
     );
     ensure!(h.count("SELECT COUNT(*) FROM items").await? == 18);
@@ -1159,6 +1154,62 @@ async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
     distinct.sort();
     distinct.dedup();
     ensure!(distinct.len() == 28, "duplicate echoes: {echoes:?}");
+    Ok(())
+}
+
+/// PostgreSQL: a batch that waits for a row lock gives up after its lock
+/// timeout (50 ms) instead of waiting for the lock holder, which may be
+/// another copy's batch waiting for this one (a deadlock PostgreSQL would
+/// only break after a second), and its messages run one by one, each
+/// waiting as long as the lock is held. Without the timeout the batch
+/// would wait and run once: 3 handler calls instead of 4.
+#[tokio::test]
+async fn postgres_a_batch_blocked_by_a_lock_gives_up_and_runs_its_messages_alone(
+) -> anyhow::Result<()> {
+    use skein_bus::Handler;
+    let h = Harness::start(Backend::Postgres).await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inbox = Inbox::new(
+        h.store.clone(),
+        "batch",
+        CountingApply {
+            calls: calls.clone(),
+        },
+    );
+    // Another transaction holds the table the handler writes to.
+    let mut holder = h.store.pool().begin().await?;
+    sqlx::query("LOCK TABLE items IN EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await?;
+    let deliveries = (0..3)
+        .map(|i| delivery_of(&format!("e{i}"), i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let release = async {
+        // Well past the batch's lock timeout after its first handler call.
+        eventually(Duration::from_secs(10), || async {
+            (calls.load(Ordering::SeqCst) >= 1).then_some(())
+        })
+        .await
+        .context("the batch's handler never ran")?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        holder.rollback().await?;
+        anyhow::Ok(())
+    };
+    let (outcomes, released) = tokio::join!(
+        futures::future::join_all(deliveries.iter().map(|d| inbox.handle(d))),
+        release
+    );
+    released?;
+    ensure!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    // The batch's first call, which gave up, then each message alone.
+    ensure!(
+        calls.load(Ordering::SeqCst) == 4,
+        "{} handler calls, expected 4",
+        calls.load(Ordering::SeqCst)
+    );
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 3);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_inbox").await? == 3);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_outbox").await? == 3);
     Ok(())
 }
 
