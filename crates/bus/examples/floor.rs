@@ -41,6 +41,7 @@ use anyhow::{bail, Context};
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
+use skein_testkit::cpu::CpuTicks;
 use tokio::sync::mpsc;
 
 const STREAM: &str = "FLOOR";
@@ -295,18 +296,18 @@ async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Ch
     }
     .await;
     let elapsed = started.elapsed();
-    let cpu = CpuTicks::now()
+    let spent = CpuTicks::now()
         .zip(cpu)
         .map(|(now, before)| now.since(before));
     for stage in &stages {
         stage.abort();
     }
     outcome?;
-    let (busy, cpu_seconds) = cpu.unwrap_or((0.0, 0.0));
+    let spent = spent.context("cannot read the machine's CPU time (/proc/stat)")?;
     Ok(Chained {
         rate: total as f64 / elapsed.as_secs_f64(),
-        busy_percent: busy * 100.0,
-        cpu_ms_per_chain: cpu_seconds * 1000.0 / total.max(1) as f64,
+        busy_percent: spent.busy_share * 100.0,
+        cpu_ms_per_chain: spent.cpu_seconds * 1000.0 / total.max(1) as f64,
     })
 }
 
@@ -363,40 +364,5 @@ async fn stage(
                 next?.ack().await.map_err(|e| anyhow::anyhow!("ack failed: {e}"))?;
             }
         }
-    }
-}
-
-/// The whole machine's CPU time so far, in clock ticks (Linux).
-#[derive(Debug, Clone, Copy)]
-struct CpuTicks {
-    busy: u64,
-    total: u64,
-}
-
-impl CpuTicks {
-    fn now() -> Option<Self> {
-        let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let fields: Vec<u64> = stat
-            .lines()
-            .find(|l| l.starts_with("cpu "))?
-            .split_whitespace()
-            .skip(1)
-            .map(|v| v.parse().ok())
-            .collect::<Option<_>>()?;
-        // user nice system idle iowait irq softirq steal
-        let field = |i: usize| fields.get(i).copied().unwrap_or(0);
-        let busy = field(0) + field(1) + field(2) + field(5) + field(6) + field(7);
-        Some(Self {
-            busy,
-            total: busy + field(3) + field(4),
-        })
-    }
-
-    /// The busy share of all CPUs since `before`, and the CPU seconds spent
-    /// (ticks are 1/100 s on Linux).
-    fn since(self, before: Self) -> (f64, f64) {
-        let busy = self.busy.saturating_sub(before.busy) as f64;
-        let total = self.total.saturating_sub(before.total).max(1) as f64;
-        (busy / total, busy / 100.0)
     }
 }

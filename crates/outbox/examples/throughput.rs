@@ -15,6 +15,10 @@
 //! 3. consumer: one worker copy (16 lanes) applying every event through the
 //!    inbox, one transaction per message (messages/s);
 //! 4. raw: JetStream async publish of N messages, no database (the ceiling).
+//!
+//! Each phase also reports how busy the whole machine was and the CPU time
+//! it spent per event (every process counts: nats-server, a local
+//! PostgreSQL, this program), so the phases add up to what a message costs.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +28,7 @@ use skein_bus::provision::{apply_builtin_streams, EVENTS};
 use skein_bus::{Bus, BusConfig, Delivery, HandlerError, Outgoing, Worker, WorkerConfig};
 use skein_message::{Contract, Envelope, Event, MessageContext};
 use skein_outbox::{Inbox, Migration, Relay, RelayConfig, Store, Tx, TxHandler};
+use skein_testkit::cpu::CpuTicks;
 use skein_testkit::{eventually, Backend, NatsServer, TestDb};
 
 #[derive(Serialize, Deserialize)]
@@ -63,9 +68,23 @@ impl TxHandler for Apply {
     }
 }
 
-fn rate(n: usize, d: Duration) -> String {
+/// The rate of a phase that handled `n` events in `d`, and what the whole
+/// machine spent on each (every process counts: nats-server, a local
+/// PostgreSQL, this program).
+fn rate(n: usize, d: Duration, cpu: Option<CpuTicks>) -> String {
+    let spent = CpuTicks::now()
+        .zip(cpu)
+        .map(|(now, before)| now.since(before))
+        .map(|s| {
+            format!(
+                ", machine {:.0} % busy, {:.0} us CPU per event",
+                s.busy_share * 100.0,
+                s.cpu_seconds * 1e6 / n.max(1) as f64
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{:>9.0}/s ({n} in {:.2}s)",
+        "{:>9.0}/s ({n} in {:.2}s){spent}",
         n as f64 / d.as_secs_f64(),
         d.as_secs_f64()
     )
@@ -95,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
     println!("backend {backend}, {n} events");
 
     // 1. commit
+    let cpu = CpuTicks::now();
     let started = Instant::now();
     let ctx = MessageContext::root();
     for chunk in (0..n).collect::<Vec<_>>().chunks(100) {
@@ -108,19 +128,21 @@ async fn main() -> anyhow::Result<()> {
         }
         tx.commit().await?;
     }
-    println!("commit   {}", rate(n, started.elapsed()));
+    println!("commit   {}", rate(n, started.elapsed(), cpu));
 
     // 2. relay
     let relay = Relay::new(store.clone(), bus.publisher(), RelayConfig::default());
+    let cpu = CpuTicks::now();
     let started = Instant::now();
     let published = relay.drain().await?;
     let relay_time = started.elapsed();
     if store.outbox_backlog().await? != 0 || published != n {
         bail!("relay published {published} of {n}");
     }
-    println!("relay    {}", rate(n, relay_time));
+    println!("relay    {}", rate(n, relay_time, cpu));
 
     // 3. consumer
+    let cpu = CpuTicks::now();
     let started = Instant::now();
     let worker = Worker::start(
         &bus,
@@ -134,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
     .await
     .context("the consumer did not finish")?;
     let consumer_time = started.elapsed();
+    let consumer = rate(n, consumer_time, cpu);
     worker.shutdown().await;
     let applied: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ticks")
         .fetch_one(store.pool())
@@ -141,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
     if applied as usize != n {
         bail!("applied {applied} of {n}");
     }
-    println!("consumer {}", rate(n, consumer_time));
+    println!("consumer {consumer}");
 
     // 4. raw JetStream publish, same message sizes, no database.
     let messages: Vec<Outgoing> = (0..n)
@@ -154,12 +177,13 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect::<Result<_, _>>()?;
     let publisher = bus.publisher();
+    let cpu = CpuTicks::now();
     let started = Instant::now();
     for chunk in messages.chunks(512) {
         for result in publisher.publish_batch(chunk).await {
             result?;
         }
     }
-    println!("raw      {}", rate(n, started.elapsed()));
+    println!("raw      {}", rate(n, started.elapsed(), cpu));
     Ok(())
 }

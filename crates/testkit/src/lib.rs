@@ -11,12 +11,15 @@
 //!   dropped afterwards (and kept, with its name printed, when the test fails).
 //! - [`backend_tests!`]: runs one async test function against every storage
 //!   backend, so SQLite and PostgreSQL pass the same suite.
+//! - [`cpu`]: the machine's CPU time over a stretch of work, for the
+//!   benchmark programs.
 //!
 //! A test that cannot reach the server it needs fails with a message that
 //! says how to provide it; nothing is skipped in silence.
 //!
 //! Set `TEST_LOG=debug` (or any `tracing` filter) to see logs.
 
+pub mod cpu;
 pub mod db;
 pub mod nats;
 
