@@ -228,7 +228,7 @@ log "floor: raw JetStream publishing, saga-shaped chains"
 stop_all
 for backend in $backends; do
   log "floor: $backend commits and one consumer through the inbox"
-  SKEIN_NATS_SERVER="$nats_bin" "$root/target/release/examples/throughput" "$backend" 20000
+  SKEIN_NATS_SERVER="$nats_bin" "$root/target/release/examples/throughput" "$backend" 50000
 done
 
 # --- Memory of skein up -----------------------------------------------------------

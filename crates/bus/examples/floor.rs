@@ -14,7 +14,7 @@
 //! 2. one at a time: `--serial` publishes (default a tenth of `--messages`),
 //!    each awaiting its ack before the next is sent, the way one request
 //!    through the ingress waits;
-//! 3. saga-shaped chains: `--chains` (default 2,000) runs of the message
+//! 3. saga-shaped chains: `--chains` (default 10,000) runs of the message
 //!    pattern of one place-order saga, `--chain-in-flight` (default 64) at
 //!    a time. A chain is 8 messages, each published by the stage before
 //!    (its publish ack awaited), pulled by a durable consumer of its own
@@ -70,7 +70,7 @@ fn parse_args() -> anyhow::Result<Options> {
         size: 256,
         in_flight: 512,
         replicas: 1,
-        chains: 2_000,
+        chains: 10_000,
         chain_in_flight: 64,
     };
     let mut args = std::env::args().skip(1);
@@ -269,6 +269,8 @@ async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Ch
         headers.insert("Nats-Msg-Id", format!("chain-{chain}-1").as_str());
         js.publish_with_headers("floor.hop.1", headers, Bytes::from(body))
     };
+    let aborts: Vec<_> = stages.iter().map(|s| s.abort_handle()).collect();
+    let mut running: FuturesUnordered<_> = stages.into_iter().collect();
     let cpu = CpuTicks::now();
     let started = Instant::now();
     let total = options.chains as u64;
@@ -280,12 +282,20 @@ async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Ch
             next += 1;
         }
         while finished < total {
-            let Some(_) = tokio::time::timeout(Duration::from_secs(30), done.recv())
-                .await
-                .context("no chain finished for 30 s")?
-            else {
-                bail!("a stage stopped");
-            };
+            tokio::select! {
+                chain = done.recv() => {
+                    chain.context("the last stage stopped")?;
+                }
+                // A stage runs until it is aborted: one that ends failed.
+                Some(stopped) = running.next() => match stopped {
+                    Ok(Ok(())) => bail!("a stage's pull stream ended"),
+                    Ok(Err(e)) => return Err(e.context("a stage failed")),
+                    Err(e) => bail!("a stage panicked: {e}"),
+                },
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                    bail!("no chain finished for 30 s")
+                }
+            }
             finished += 1;
             if next < total {
                 check(start(next).await?).await?;
@@ -299,7 +309,7 @@ async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Ch
     let spent = CpuTicks::now()
         .zip(cpu)
         .map(|(now, before)| now.since(before));
-    for stage in &stages {
+    for stage in &aborts {
         stage.abort();
     }
     outcome?;

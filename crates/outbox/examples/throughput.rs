@@ -13,7 +13,7 @@
 //! 2. relay: from the first poll to every row acknowledged by JetStream and
 //!    marked published (events/s committed-to-acked);
 //! 3. consumer: one worker copy (16 lanes) applying every event through the
-//!    inbox, one transaction per message (messages/s);
+//!    inbox, the deliveries that wait together in one transaction (messages/s);
 //! 4. raw: JetStream async publish of N messages, no database (the ceiling).
 //!
 //! Each phase also reports how busy the whole machine was and the CPU time

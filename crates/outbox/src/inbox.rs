@@ -22,12 +22,20 @@
 //! connection's thread with the inbox insert and the `COMMIT` with the
 //! outbox insert: a batch's bookkeeping is two hand-offs to that thread.
 //!
-//! On PostgreSQL one committer means a copy's batches never wait for each
-//! other's row locks (several committers per copy took hot rows, a product
-//! or an account, in different orders and deadlocked: a run fell from 123
-//! to 30 sagas/s). Batches of *different* copies still can, so a batch
-//! waits at most 50 ms for a lock and then counts as failed (below), long
-//! before PostgreSQL's deadlock detection would step in.
+//! On PostgreSQL one committer means an inbox's batches never wait for
+//! each other's row locks (several committers per inbox took hot rows, a
+//! product or an account, in different orders and deadlocked: a run fell
+//! from 123 to 30 sagas/s). Batches of other transactions still can (the
+//! same inbox in another copy of the worker, another inbox of the worker,
+//! the saga deadline runner), so while its handlers run a batch waits at
+//! most 50 ms for a lock and then counts as failed (below), long before
+//! PostgreSQL's deadlock detection would step in.
+//!
+//! One committer also means an inbox handles one transaction at a time on
+//! both backends: the lanes still keep each entity's messages in order and
+//! let work done before the transaction (a wrapper around the inbox)
+//! overlap, but a handler that waits inside its transaction holds up every
+//! message of its inbox in this copy.
 //!
 //! A batch is all or nothing. When any handler in it fails, or the commit
 //! does, the whole transaction rolls back and every message of the batch is
