@@ -114,13 +114,13 @@ impl Relay {
         // rows just committed in its cache.
         let mut permit = self.store.write_permit().await?;
         let rows = permit
-            .fetch_all(
+            .fetch_all(|| {
                 sqlx::query(
                     "SELECT seq, id, subject, headers, payload FROM skein_outbox \
                      WHERE published_at IS NULL ORDER BY seq LIMIT $1",
                 )
-                .bind(self.config.batch_size),
-            )
+                .bind(self.config.batch_size)
+            })
             .await
             .map_err(Error::query("cannot read the outbox"))?;
         drop(permit);
@@ -158,15 +158,16 @@ impl Relay {
             "UPDATE skein_outbox SET published_at = $1 WHERE seq IN ({list}) AND published_at IS NULL"
         );
         let mut permit = self.store.write_permit().await?;
+        let now = crate::now_micros();
         permit
-            .execute(
+            .execute(|| {
                 sqlx::query(&sql)
                     // A new text every round: kept prepared, each would stay in
                     // the connection's statement cache (a hundred per
                     // connection, each as large as its list) for nothing.
                     .persistent(false)
-                    .bind(crate::now_micros()),
-            )
+                    .bind(now)
+            })
             .await
             .map_err(Error::query("cannot mark outbox rows published"))?;
         Ok(())
@@ -246,20 +247,20 @@ impl Relay {
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         let mut permit = self.store.write_permit().await?;
         let outbox = permit
-            .execute(
+            .execute(|| {
                 sqlx::query(
                     "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
                 )
-                .bind(now.saturating_sub(micros(self.config.retention))),
-            )
+                .bind(now.saturating_sub(micros(self.config.retention)))
+            })
             .await
             .map_err(Error::query("cannot clean up the outbox"))?
             .rows_affected();
         let inbox = permit
-            .execute(
+            .execute(|| {
                 sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
-                    .bind(now.saturating_sub(micros(self.config.inbox_retention))),
-            )
+                    .bind(now.saturating_sub(micros(self.config.inbox_retention)))
+            })
             .await
             .map_err(Error::query("cannot clean up the inbox"))?
             .rows_affected();
@@ -406,7 +407,7 @@ impl Relay {
                 let until =
                     now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
                 let taken = permit
-                    .execute(
+                    .execute(|| {
                         sqlx::query(
                             "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
                              ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
@@ -414,8 +415,8 @@ impl Relay {
                         )
                         .bind(&self.owner)
                         .bind(until)
-                        .bind(now),
-                    )
+                        .bind(now)
+                    })
                     .await
                 .map_err(Error::query("cannot take the relay lease"))?
                 .rows_affected();
@@ -442,12 +443,12 @@ impl Relay {
         if self.store.backend() == Backend::Sqlite {
             if let Ok(mut permit) = self.store.write_permit().await {
                 let _ = permit
-                    .execute(
+                    .execute(|| {
                         sqlx::query(
                             "DELETE FROM skein_relay_lease WHERE name = 'outbox' AND owner = $1",
                         )
-                        .bind(&self.owner),
-                    )
+                        .bind(&self.owner)
+                    })
                     .await;
             }
         }

@@ -9,6 +9,7 @@ use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyQueryResult,
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Any, AnyConnection, AnyPool, ConnectOptions, Connection, Executor};
 use tokio::sync::{Mutex, Notify, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tokio::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::migrate::{self, Migration};
@@ -44,7 +45,9 @@ pub struct StoreConfig {
     /// Pool size. SQLite serialises writers anyway; a few connections let
     /// readers run beside the writer.
     pub max_connections: u32,
-    /// How long a SQLite writer waits for the write lock.
+    /// How long a SQLite writer waits for the write lock held by another
+    /// process (trying every millisecond), and a reader for a lock it
+    /// needs, before it fails with "database is locked".
     pub busy_timeout: Duration,
 }
 
@@ -137,7 +140,7 @@ impl Writer {
             }
         }
         if state.conn.is_none() && !state.closed {
-            state.conn = Some(open_sqlite_writer(&self.options, self.busy_timeout).await?);
+            state.conn = Some(open_sqlite_writer(&self.options).await?);
         }
         let conn =
             OwnedMutexGuard::try_map(state, |s| s.conn.as_mut()).map_err(|_| Error::Closed)?;
@@ -148,15 +151,13 @@ impl Writer {
     }
 }
 
-/// Opens the SQLite writer connection.
-async fn open_sqlite_writer(
-    options: &AnyConnectOptions,
-    busy_timeout: Duration,
-) -> Result<AnyConnection> {
+/// Opens the SQLite writer connection, without a busy handler: its
+/// statements wait for another process's write lock in [`busy_again`].
+async fn open_sqlite_writer(options: &AnyConnectOptions) -> Result<AnyConnection> {
     let mut conn = AnyConnection::connect_with(options)
         .await
         .map_err(Error::query("cannot open the SQLite writer connection"))?;
-    set_up_sqlite(&mut conn, busy_timeout)
+    set_up_sqlite(&mut conn, Duration::ZERO)
         .await
         .map_err(Error::query("cannot set up the SQLite writer connection"))?;
     Ok(conn)
@@ -184,7 +185,23 @@ impl SqliteTurn {
     /// wait for each other instead of failing on a lock upgrade.
     pub(crate) async fn begin(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.beginning();
-        self.run("BEGIN IMMEDIATE").await
+        let deadline = self.lock_deadline();
+        loop {
+            match self.run("BEGIN IMMEDIATE").await {
+                Err(e) if busy_again(&e, deadline).await => continue,
+                done => return done,
+            }
+        }
+    }
+
+    /// Until when a statement that finds SQLite's write lock held by
+    /// another process is tried again (the store's busy timeout from now).
+    /// The writer connection has no busy handler of its own: SQLite's
+    /// sleeps 1, 2, 5, 10, 15, 20 and 25 ms between attempts, so a copy
+    /// that found the lock taken once sleeps on while another copy takes
+    /// and releases it many times. [`busy_again`] tries every millisecond.
+    pub(crate) fn lock_deadline(&self) -> Instant {
+        Instant::now() + self.writer.busy_timeout
     }
 
     /// To be called before a `BEGIN` is sent (alone or with other
@@ -253,6 +270,29 @@ impl Drop for SqliteTurn {
     }
 }
 
+/// Whether `e` says another process holds SQLite's write lock and
+/// `deadline` has not passed; if so, waits a millisecond first. A statement
+/// that failed so did nothing: it can be sent again as it was.
+pub(crate) async fn busy_again(e: &sqlx::Error, deadline: Instant) -> bool {
+    let busy = match e {
+        // SQLITE_BUSY, or one of its extended codes (low byte 5).
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| c & 0xff == 5),
+        _ => false,
+    };
+    if !busy || Instant::now() >= deadline {
+        return false;
+    }
+    tokio::time::sleep(LOCK_RETRY).await;
+    true
+}
+
+/// The pause between attempts to take SQLite's write lock from another
+/// process (see [`SqliteTurn::lock_deadline`]).
+const LOCK_RETRY: Duration = Duration::from_millis(1);
+
 /// This process's turn to write (on SQLite; at once on PostgreSQL), and
 /// where to write. Held by a [`Tx`] until it commits or is dropped.
 #[derive(Debug)]
@@ -264,26 +304,44 @@ pub(crate) enum WritePermit {
 }
 
 impl WritePermit {
-    /// Runs `query` where writes go.
+    /// Runs the query `query` builds where writes go; on SQLite again while
+    /// another process holds the write lock (so it builds it per attempt).
     pub(crate) async fn execute<'q>(
         &mut self,
-        query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+        query: impl Fn() -> sqlx::query::Query<'q, Any, AnyArguments<'q>>,
     ) -> std::result::Result<AnyQueryResult, sqlx::Error> {
         match self {
-            WritePermit::Sqlite(turn) => query.execute(turn.conn()).await,
-            WritePermit::Postgres(pool) => query.execute(&*pool).await,
+            WritePermit::Sqlite(turn) => {
+                let deadline = turn.lock_deadline();
+                loop {
+                    match query().execute(turn.conn()).await {
+                        Err(e) if busy_again(&e, deadline).await => continue,
+                        done => return done,
+                    }
+                }
+            }
+            WritePermit::Postgres(pool) => query().execute(&*pool).await,
         }
     }
 
-    /// Runs `query` where writes go and returns its rows: on SQLite a read
-    /// on the writer connection, which finds what it just wrote in its cache.
+    /// Runs the query `query` builds where writes go and returns its rows:
+    /// on SQLite a read on the writer connection, which finds what it just
+    /// wrote in its cache.
     pub(crate) async fn fetch_all<'q>(
         &mut self,
-        query: sqlx::query::Query<'q, Any, AnyArguments<'q>>,
+        query: impl Fn() -> sqlx::query::Query<'q, Any, AnyArguments<'q>>,
     ) -> std::result::Result<Vec<AnyRow>, sqlx::Error> {
         match self {
-            WritePermit::Sqlite(turn) => query.fetch_all(turn.conn()).await,
-            WritePermit::Postgres(pool) => query.fetch_all(&*pool).await,
+            WritePermit::Sqlite(turn) => {
+                let deadline = turn.lock_deadline();
+                loop {
+                    match query().fetch_all(turn.conn()).await {
+                        Err(e) if busy_again(&e, deadline).await => continue,
+                        done => return done,
+                    }
+                }
+            }
+            WritePermit::Postgres(pool) => query().fetch_all(&*pool).await,
         }
     }
 }
@@ -310,12 +368,10 @@ impl Store {
                 let url = sqlite_url_creating(&config.url)?;
                 let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
                 // The writer first: it creates the file and switches it to WAL.
-                let conn = open_sqlite_writer(&options, config.busy_timeout)
-                    .await
-                    .map_err(|e| match e {
-                        Error::Query { source, .. } => connect_error(source),
-                        other => other,
-                    })?;
+                let conn = open_sqlite_writer(&options).await.map_err(|e| match e {
+                    Error::Query { source, .. } => connect_error(source),
+                    other => other,
+                })?;
                 let readers = sqlite_pool(config.busy_timeout)
                     .max_connections(config.max_connections)
                     .connect_with(options.clone())
@@ -404,8 +460,9 @@ impl Store {
     /// that find the lock taken sleep in its busy handler (1, 2, 5, 10 ms
     /// and longer) and the lock often sits free while they sleep; under
     /// load most of the time goes there. Writers of one process queue here
-    /// instead, in arrival order, and the busy handler only sees other
-    /// processes (a second copy, the CLI). Writes go through one
+    /// instead, in arrival order; the lock held by another process (a
+    /// second copy, the CLI) is tried for every millisecond, up to the busy
+    /// timeout (see [`SqliteTurn::lock_deadline`]). Writes go through one
     /// connection of their own, so readers keep the pool.
     pub(crate) async fn write_permit(&self) -> Result<WritePermit> {
         match &self.inner.writer {

@@ -12,7 +12,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{SqliteTurn, Store, WritePermit};
+use crate::store::{busy_again, SqliteTurn, Store, WritePermit};
 
 /// An open transaction on a service's [`Store`].
 ///
@@ -115,13 +115,21 @@ impl Tx {
                 let (first, rest) = ids.split_at(ids.len().min(ROWS_PER_STATEMENT));
                 let sql = format!("BEGIN IMMEDIATE; {}", inbox_insert(first.len()));
                 turn.beginning();
-                let inserted = bind_inbox(sqlx::query_scalar(&sql), handler, first)
-                    .fetch_all(turn.conn())
-                    .await
-                    .map_err(|e| turn.failed(e))
-                    .map_err(Error::query(
-                        "cannot begin a transaction and record the messages in the inbox",
-                    ))?;
+                let deadline = turn.lock_deadline();
+                let inserted = loop {
+                    // A `BEGIN` that found the lock taken ran nothing after it.
+                    match bind_inbox(sqlx::query_scalar(&sql), handler, first)
+                        .fetch_all(turn.conn())
+                        .await
+                    {
+                        Err(e) if busy_again(&e, deadline).await => continue,
+                        done => break done,
+                    }
+                }
+                .map_err(|e| turn.failed(e))
+                .map_err(Error::query(
+                    "cannot begin a transaction and record the messages in the inbox",
+                ))?;
                 let mut fresh = parse_ids(inserted)?;
                 let mut tx = Self {
                     conn: TxConn::Sqlite(turn),

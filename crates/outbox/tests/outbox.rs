@@ -1295,6 +1295,77 @@ async fn sqlite_writers_of_one_process_take_turns_without_busy_errors() -> anyho
     Ok(())
 }
 
+/// SQLite, two processes (stores) on one file: a writer that finds the
+/// write lock held by the other waits for it (its connection has no busy
+/// handler; the store tries again every millisecond) and gets it once the
+/// holder commits: a transaction, an autocommit write of the relay, and
+/// the relay's lease. One that waits longer than its busy timeout fails
+/// with "database is locked" and leaves nothing behind.
+#[tokio::test]
+async fn sqlite_a_writer_waits_for_another_process_s_lock_and_gets_it() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    let store = h.store.clone();
+    let other = Store::connect_with(skein_outbox::StoreConfig {
+        busy_timeout: Duration::from_secs(10),
+        ..skein_outbox::StoreConfig::new(h.db.url())
+    })
+    .await?;
+
+    let mut holder = store.begin().await?;
+    insert_item(&mut holder, "first", 0).await?;
+    let waiting = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let mut tx = other.begin().await?;
+            insert_item(&mut tx, "second", 0).await?;
+            tx.commit().await?;
+            anyhow::Ok(())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        !waiting.is_finished(),
+        "the second writer did not wait for the lock"
+    );
+    holder.commit().await?;
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .context("the second writer did not get the lock once it was free")???;
+
+    // The relay's writes outside a transaction wait the same way.
+    let holder = store.begin().await?;
+    let relay = Relay::new(other.clone(), h.bus.publisher(), RelayConfig::default());
+    let cleanup = tokio::spawn(async move { relay.cleanup().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        !cleanup.is_finished(),
+        "the relay's cleanup did not wait for the lock"
+    );
+    holder.commit().await?;
+    tokio::time::timeout(Duration::from_secs(5), cleanup)
+        .await
+        .context("the relay's cleanup did not get the lock once it was free")???;
+
+    // Past the busy timeout: a clear error, nothing written.
+    let impatient = Store::connect_with(skein_outbox::StoreConfig {
+        busy_timeout: Duration::from_millis(200),
+        ..skein_outbox::StoreConfig::new(h.db.url())
+    })
+    .await?;
+    let holder = store.begin().await?;
+    let failed = impatient.begin().await;
+    let Err(e) = failed else {
+        anyhow::bail!("a writer got the lock while another process held it");
+    };
+    ensure!(
+        format!("{e:#}").contains("locked"),
+        "unexpected error: {e:#}"
+    );
+    holder.rollback().await?;
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 2);
+    Ok(())
+}
+
 /// A transaction dropped without a commit (a handler that returned early, a
 /// cancelled task) gives SQLite's write lock back at once, not when this
 /// process next writes: another process, here a second store on the same
