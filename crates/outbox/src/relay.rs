@@ -403,11 +403,14 @@ impl Relay {
             }
             Backend::Sqlite => {
                 let mut permit = self.store.write_permit().await?;
-                let now = crate::now_micros();
-                let until =
-                    now + i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
+                let lease = i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
                 let taken = permit
                     .execute(|| {
+                        // The time of this attempt: one that waited for
+                        // another process's lock must not write a lease that
+                        // ran out while it waited.
+                        let now = crate::now_micros();
+                        let until = now.saturating_add(lease);
                         sqlx::query(
                             "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
                              ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \

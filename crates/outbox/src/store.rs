@@ -46,8 +46,8 @@ pub struct StoreConfig {
     /// readers run beside the writer.
     pub max_connections: u32,
     /// How long a SQLite writer waits for the write lock held by another
-    /// process (trying every millisecond), and a reader for a lock it
-    /// needs, before it fails with "database is locked".
+    /// process (trying every millisecond or two), and a reader for a lock
+    /// it needs, before it fails with "database is locked".
     pub busy_timeout: Duration,
 }
 
@@ -197,9 +197,10 @@ impl SqliteTurn {
     /// Until when a statement that finds SQLite's write lock held by
     /// another process is tried again (the store's busy timeout from now).
     /// The writer connection has no busy handler of its own: SQLite's
-    /// sleeps 1, 2, 5, 10, 15, 20 and 25 ms between attempts, so a copy
-    /// that found the lock taken once sleeps on while another copy takes
-    /// and releases it many times. [`busy_again`] tries every millisecond.
+    /// sleeps 1, 2, 5, 10, 15, 20, 25, 25, 25, 50, 50 and 100 ms between
+    /// attempts, so a copy that found the lock taken once sleeps on while
+    /// another copy takes and releases it many times. [`busy_again`] tries
+    /// again after a millisecond (a tick of tokio's timer: one to two).
     pub(crate) fn lock_deadline(&self) -> Instant {
         Instant::now() + self.writer.busy_timeout
     }
@@ -271,8 +272,11 @@ impl Drop for SqliteTurn {
 }
 
 /// Whether `e` says another process holds SQLite's write lock and
-/// `deadline` has not passed; if so, waits a millisecond first. A statement
-/// that failed so did nothing: it can be sent again as it was.
+/// `deadline` has not passed; if so, waits a millisecond first. Only for a
+/// single statement outside a transaction or a string whose first
+/// statement is the `BEGIN`: those did nothing when they failed so, and
+/// can be sent again as they were (a later statement of a string, such as
+/// a `COMMIT`, may fail with the same code after the others ran).
 pub(crate) async fn busy_again(e: &sqlx::Error, deadline: Instant) -> bool {
     let busy = match e {
         // SQLITE_BUSY, or one of its extended codes (low byte 5).
@@ -461,8 +465,8 @@ impl Store {
     /// and longer) and the lock often sits free while they sleep; under
     /// load most of the time goes there. Writers of one process queue here
     /// instead, in arrival order; the lock held by another process (a
-    /// second copy, the CLI) is tried for every millisecond, up to the busy
-    /// timeout (see [`SqliteTurn::lock_deadline`]). Writes go through one
+    /// second copy, the CLI) is tried for every millisecond or two, up to
+    /// the busy timeout (see [`SqliteTurn::lock_deadline`]). Writes go through one
     /// connection of their own, so readers keep the pool.
     pub(crate) async fn write_permit(&self) -> Result<WritePermit> {
         match &self.inner.writer {

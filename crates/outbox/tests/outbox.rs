@@ -1297,10 +1297,11 @@ async fn sqlite_writers_of_one_process_take_turns_without_busy_errors() -> anyho
 
 /// SQLite, two processes (stores) on one file: a writer that finds the
 /// write lock held by the other waits for it (its connection has no busy
-/// handler; the store tries again every millisecond) and gets it once the
-/// holder commits: a transaction, an autocommit write of the relay, and
-/// the relay's lease. One that waits longer than its busy timeout fails
-/// with "database is locked" and leaves nothing behind.
+/// handler, which would sleep up to 100 ms between attempts; the store
+/// tries again every millisecond or two) and gets it once the holder
+/// commits: a transaction, and the relay's writes outside one. One that
+/// waits longer than its busy timeout fails with "database is locked" and
+/// can write again afterwards.
 #[tokio::test]
 async fn sqlite_a_writer_waits_for_another_process_s_lock_and_gets_it() -> anyhow::Result<()> {
     let h = Harness::start(Backend::Sqlite).await?;
@@ -1310,6 +1311,17 @@ async fn sqlite_a_writer_waits_for_another_process_s_lock_and_gets_it() -> anyho
         ..skein_outbox::StoreConfig::new(h.db.url())
     })
     .await?;
+
+    // The writer connection has no busy handler: the store waits itself.
+    let mut tx = other.begin().await?;
+    let handler_ms: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+        .fetch_one(&mut *tx)
+        .await?;
+    ensure!(
+        handler_ms == 0,
+        "the writer's busy handler waits {handler_ms} ms"
+    );
+    tx.rollback().await?;
 
     let mut holder = store.begin().await?;
     insert_item(&mut holder, "first", 0).await?;
@@ -1362,7 +1374,12 @@ async fn sqlite_a_writer_waits_for_another_process_s_lock_and_gets_it() -> anyho
         "unexpected error: {e:#}"
     );
     holder.rollback().await?;
-    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 2);
+    let mut tx = impatient.begin().await?;
+    insert_item(&mut tx, "third", 0).await?;
+    tx.commit().await?;
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 3);
+    other.close().await;
+    impatient.close().await;
     Ok(())
 }
 
