@@ -151,6 +151,23 @@ impl Writer {
     }
 }
 
+/// Evaluates `$attempt`, a statement awaited on the connection of `$turn`
+/// (a [`SqliteTurn`]), again while another process holds SQLite's write
+/// lock, up to the busy timeout. Only for statements [`busy_again`] says
+/// may be sent again.
+macro_rules! while_busy {
+    ($turn:expr, $attempt:expr) => {{
+        let deadline = $turn.lock_deadline();
+        loop {
+            match $attempt {
+                Err(e) if $crate::store::busy_again(&e, deadline).await => continue,
+                done => break done,
+            }
+        }
+    }};
+}
+pub(crate) use while_busy;
+
 /// Opens the SQLite writer connection, without a busy handler: its
 /// statements wait for another process's write lock in [`busy_again`].
 async fn open_sqlite_writer(options: &AnyConnectOptions) -> Result<AnyConnection> {
@@ -185,13 +202,7 @@ impl SqliteTurn {
     /// wait for each other instead of failing on a lock upgrade.
     pub(crate) async fn begin(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.beginning();
-        let deadline = self.lock_deadline();
-        loop {
-            match self.run("BEGIN IMMEDIATE").await {
-                Err(e) if busy_again(&e, deadline).await => continue,
-                done => return done,
-            }
-        }
+        while_busy!(self, self.run("BEGIN IMMEDIATE").await)
     }
 
     /// Until when a statement that finds SQLite's write lock held by
@@ -315,15 +326,7 @@ impl WritePermit {
         query: impl Fn() -> sqlx::query::Query<'q, Any, AnyArguments<'q>>,
     ) -> std::result::Result<AnyQueryResult, sqlx::Error> {
         match self {
-            WritePermit::Sqlite(turn) => {
-                let deadline = turn.lock_deadline();
-                loop {
-                    match query().execute(turn.conn()).await {
-                        Err(e) if busy_again(&e, deadline).await => continue,
-                        done => return done,
-                    }
-                }
-            }
+            WritePermit::Sqlite(turn) => while_busy!(turn, query().execute(turn.conn()).await),
             WritePermit::Postgres(pool) => query().execute(&*pool).await,
         }
     }
@@ -336,15 +339,7 @@ impl WritePermit {
         query: impl Fn() -> sqlx::query::Query<'q, Any, AnyArguments<'q>>,
     ) -> std::result::Result<Vec<AnyRow>, sqlx::Error> {
         match self {
-            WritePermit::Sqlite(turn) => {
-                let deadline = turn.lock_deadline();
-                loop {
-                    match query().fetch_all(turn.conn()).await {
-                        Err(e) if busy_again(&e, deadline).await => continue,
-                        done => return done,
-                    }
-                }
-            }
+            WritePermit::Sqlite(turn) => while_busy!(turn, query().fetch_all(turn.conn()).await),
             WritePermit::Postgres(pool) => query().fetch_all(&*pool).await,
         }
     }

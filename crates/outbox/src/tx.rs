@@ -12,7 +12,7 @@ use sqlx::{Any, AnyConnection, Transaction};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::{busy_again, SqliteTurn, Store, WritePermit};
+use crate::store::{while_busy, SqliteTurn, Store, WritePermit};
 
 /// An open transaction on a service's [`Store`].
 ///
@@ -115,17 +115,13 @@ impl Tx {
                 let (first, rest) = ids.split_at(ids.len().min(ROWS_PER_STATEMENT));
                 let sql = format!("BEGIN IMMEDIATE; {}", inbox_insert(first.len()));
                 turn.beginning();
-                let deadline = turn.lock_deadline();
-                let inserted = loop {
-                    // A `BEGIN` that found the lock taken ran nothing after it.
-                    match bind_inbox(sqlx::query_scalar(&sql), handler, first)
+                // A `BEGIN` that found the lock taken ran nothing after it.
+                let inserted = while_busy!(
+                    turn,
+                    bind_inbox(sqlx::query_scalar(&sql), handler, first)
                         .fetch_all(turn.conn())
                         .await
-                    {
-                        Err(e) if busy_again(&e, deadline).await => continue,
-                        done => break done,
-                    }
-                }
+                )
                 .map_err(|e| turn.failed(e))
                 .map_err(Error::query(
                     "cannot begin a transaction and record the messages in the inbox",
