@@ -101,11 +101,10 @@ struct Writer {
     state: Arc<Mutex<WriterState>>,
     /// Set while a transaction may be open on the connection (from before
     /// `BEGIN` until `COMMIT` or `ROLLBACK` succeeds): whoever takes the
-    /// turn next rolls it back first. Only changed with the turn held.
+    /// turn next rolls it back first, and opens a new connection when that
+    /// fails for any reason but "no transaction is active" (its thread is
+    /// gone, I/O). Only changed with the turn held.
     in_tx: AtomicBool,
-    /// Set when the connection failed in a way a statement does not
-    /// explain (its thread is gone, I/O): the next turn opens a new one.
-    lost: AtomicBool,
     options: AnyConnectOptions,
     busy_timeout: Duration,
 }
@@ -122,9 +121,6 @@ impl Writer {
     /// was lost, a transaction left open rolled back.
     async fn turn(self: &Arc<Self>) -> Result<SqliteTurn> {
         let mut state = self.state.clone().lock_owned().await;
-        if self.lost.swap(false, Ordering::Relaxed) {
-            state.conn = None;
-        }
         if self.in_tx.swap(false, Ordering::Relaxed) {
             if let Some(conn) = state.conn.as_mut() {
                 match sqlx::query("ROLLBACK").execute(conn).await {
@@ -229,16 +225,6 @@ impl SqliteTurn {
         self.writer.in_tx.store(false, Ordering::Relaxed);
     }
 
-    /// Notes `e`, an error of a statement on this connection: when the
-    /// connection's thread is gone or I/O failed, the connection is lost and
-    /// the next turn opens a new one.
-    pub(crate) fn failed(&mut self, e: sqlx::Error) -> sqlx::Error {
-        if matches!(e, sqlx::Error::WorkerCrashed | sqlx::Error::Io(_)) {
-            self.writer.lost.store(true, Ordering::Relaxed);
-        }
-        e
-    }
-
     pub(crate) async fn commit(&mut self) -> std::result::Result<(), sqlx::Error> {
         self.run("COMMIT").await?;
         self.ended();
@@ -253,10 +239,7 @@ impl SqliteTurn {
 
     /// Runs `sql`, a transaction control statement.
     async fn run(&mut self, sql: &'static str) -> std::result::Result<(), sqlx::Error> {
-        match sqlx::query(sql).execute(&mut *self.conn).await {
-            Ok(_) => Ok(()),
-            Err(e) => Err(self.failed(e)),
-        }
+        sqlx::query(sql).execute(&mut *self.conn).await.map(|_| ())
     }
 }
 
@@ -382,7 +365,6 @@ impl Store {
                         closed: false,
                     })),
                     in_tx: AtomicBool::new(false),
-                    lost: AtomicBool::new(false),
                     options,
                     busy_timeout: config.busy_timeout,
                 };

@@ -122,7 +122,6 @@ impl Tx {
                         .fetch_all(turn.conn())
                         .await
                 )
-                .map_err(|e| turn.failed(e))
                 .map_err(Error::query(
                     "cannot begin a transaction and record the messages in the inbox",
                 ))?;
@@ -227,7 +226,6 @@ impl Tx {
                         bind_outbox(sqlx::query(&sql), chunk, now)
                             .execute(turn.conn())
                             .await
-                            .map_err(|e| turn.failed(e))
                             .map_err(Error::query("cannot write to the outbox and commit"))?;
                         turn.ended();
                     }

@@ -166,8 +166,11 @@ impl Coordinator {
             // PostgreSQL: the update waited for another copy's change and
             // then matched nothing, while the transition insert, which saw
             // the database as it was before (one statement), took the
-            // number that copy's transition has.
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            // number that copy's transition has. Only that key: any other
+            // duplicate is no race and must not be retried as one.
+            Err(sqlx::Error::Database(e))
+                if e.is_unique_violation() && e.constraint() == Some("saga_transitions_pkey") =>
+            {
                 return Err(changed_meanwhile())
             }
             Err(e) => return Err(db(e)),
