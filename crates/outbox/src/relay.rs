@@ -16,9 +16,24 @@
 //! and consumers' inboxes absorb them after it. A row whose publish failed is
 //! retried on the next round, after rows behind it may have been published.
 //!
+//! On SQLite the active relay marks rows published together, at most
+//! [`MARK_DELAY`] after it published the first of them, instead of after
+//! every round: a mark is a write transaction, and the rows of a busy
+//! outbox share pages, so one `UPDATE` for many rounds writes each page to
+//! the log once where every round wrote it again. Until then the relay
+//! remembers how far it has published: SQLite has one writer, so rows
+//! commit in `seq` order, and every row committed after a round has a
+//! larger `seq` than the rows it read. (PostgreSQL gives out `seq` when a
+//! row is inserted, not when it commits, so there a round marks its rows at
+//! once.) Rows published and not yet marked when the relay stops are
+//! published again by the next one, as after a crash; [`Store::outbox_backlog`]
+//! counts them meanwhile.
+//!
 //! Published rows are kept for `retention` (for `skein audit`) and then
 //! deleted, as are inbox records older than `inbox_retention`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -82,6 +97,8 @@ pub struct Relay {
     config: RelayConfig,
     owner: String,
     stats: Option<std::sync::Arc<skein_bus::WorkerStats>>,
+    /// Publishes the stream acknowledged as duplicates, shared by clones.
+    duplicates: Arc<AtomicU64>,
 }
 
 impl Relay {
@@ -93,6 +110,7 @@ impl Relay {
             config,
             owner: Uuid::now_v7().to_string(),
             stats: None,
+            duplicates: Arc::default(),
         }
     }
 
@@ -108,8 +126,21 @@ impl Relay {
         tokio::spawn(async move { self.run(shutdown).await })
     }
 
+    /// How many rows this relay (and its clones) published that the
+    /// stream already had: rows published again after a relay died between
+    /// publishing and marking them, or after a lost lock. None while one
+    /// relay runs undisturbed.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+
     /// Reads the next unpublished rows in commit order.
     pub async fn fetch_pending(&self) -> Result<Vec<PendingRow>> {
+        self.fetch_after(0).await
+    }
+
+    /// Reads the next unpublished rows with a `seq` above `after`.
+    async fn fetch_after(&self, after: i64) -> Result<Vec<PendingRow>> {
         // Where writes go: on SQLite the writer connection, which has the
         // rows just committed in its cache.
         let mut permit = self.store.write_permit().await?;
@@ -117,8 +148,9 @@ impl Relay {
             .fetch_all(|| {
                 sqlx::query(
                     "SELECT seq, id, subject, headers, payload FROM skein_outbox \
-                     WHERE published_at IS NULL ORDER BY seq LIMIT $1",
+                     WHERE published_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
                 )
+                .bind(after)
                 .bind(self.config.batch_size)
             })
             .await
@@ -134,7 +166,12 @@ impl Relay {
         let mut acked = Vec::with_capacity(rows.len());
         for (row, result) in rows.iter().zip(results) {
             match result {
-                Ok(_) => acked.push(row.seq),
+                Ok(ack) => {
+                    if ack.duplicate {
+                        self.duplicates.fetch_add(1, Ordering::Relaxed);
+                    }
+                    acked.push(row.seq)
+                }
                 Err(e) => {
                     tracing::warn!(id = %row.id, error = %e, "outbox publish failed, will retry")
                 }
@@ -182,6 +219,51 @@ impl Relay {
         let acked = self.publish(&rows).await;
         self.mark_published(&acked).await?;
         Ok((rows.len(), acked.len()))
+    }
+
+    /// SQLite's rounds as the active relay: like [`Relay::drain`], marking
+    /// the rows published through `unmarked` (see the [module docs](self)).
+    async fn drain_unmarked(&self, unmarked: &mut Unmarked) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let rows = self.fetch_after(unmarked.through).await?;
+            if rows.is_empty() {
+                break;
+            }
+            let acked = self.publish(&rows).await;
+            total += acked.len();
+            if !unmarked.published(&rows, acked) {
+                // A publish failed and rows behind it were published: mark
+                // those now, or the next round reads them again with the
+                // failed one.
+                self.mark_unmarked(unmarked).await?;
+                return Ok(total);
+            }
+            if rows.len() < usize::try_from(self.config.batch_size).unwrap_or(usize::MAX) {
+                break;
+            }
+        }
+        if unmarked.due_in() == Some(Duration::ZERO) {
+            self.mark_unmarked(unmarked).await?;
+        }
+        Ok(total)
+    }
+
+    /// Marks the rows of `unmarked` published.
+    async fn mark_unmarked(&self, unmarked: &mut Unmarked) -> Result<()> {
+        self.mark_published(&unmarked.seqs).await?;
+        unmarked.seqs.clear();
+        unmarked.since = None;
+        Ok(())
+    }
+
+    /// One pass of the active relay: every round [`Relay::drain`] would
+    /// run, on SQLite marking through `unmarked`.
+    async fn pass(&self, unmarked: &mut Unmarked) -> Result<usize> {
+        match self.store.backend() {
+            Backend::Sqlite => self.drain_unmarked(unmarked).await,
+            Backend::Postgres => self.drain().await,
+        }
     }
 
     /// Publishes until the outbox is empty or a round publishes nothing.
@@ -316,12 +398,34 @@ impl Relay {
             },
             Backend::Sqlite => None,
         };
+        let mut unmarked = Unmarked::default();
+        let result = self
+            .serve_rounds(&mut lock, &mut listener, &mut unmarked, shutdown)
+            .await;
+        // Whatever ended the term (shutdown, a lost lock or database), rows
+        // published are published: mark them if the database lets us, so
+        // the next relay does not send them again.
+        if !unmarked.seqs.is_empty() {
+            if let Err(e) = self.mark_unmarked(&mut unmarked).await {
+                tracing::debug!(error = %e, "cannot mark the last rows published; the next relay publishes them again");
+            }
+        }
+        result
+    }
+
+    async fn serve_rounds(
+        &self,
+        lock: &mut Lock,
+        listener: &mut Option<PgListener>,
+        unmarked: &mut Unmarked,
+        shutdown: &CancellationToken,
+    ) -> Result<()> {
         let mut last_cleanup = tokio::time::Instant::now();
         let mut last_lock_check = tokio::time::Instant::now();
         let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
         loop {
-            match self.drain().await {
+            match self.pass(unmarked).await {
                 Ok(_) => {
                     failures = 0;
                     // At most once a second: rounds can come at commit rate.
@@ -334,6 +438,10 @@ impl Relay {
                         if let Ok(backlog) = self.store.outbox_backlog().await {
                             stats.set_gauge("outbox_backlog", backlog);
                         }
+                        stats.set_gauge(
+                            "outbox_duplicates",
+                            i64::try_from(self.duplicates()).unwrap_or(i64::MAX),
+                        );
                     }
                 }
                 Err(e) => {
@@ -353,22 +461,24 @@ impl Relay {
             }
             if last_lock_check.elapsed() >= self.config.lease / 3 {
                 last_lock_check = tokio::time::Instant::now();
-                self.keep(&mut lock).await?;
+                self.keep(lock).await?;
             }
             let wait = if failures > 0 {
                 Duration::from_millis(100 * u64::from(failures.min(20)))
             } else {
                 self.config.poll_interval
             };
+            // Wake for the marks when they are due, if nothing comes before.
+            let wait = unmarked.due_in().map_or(wait, |due| wait.min(due));
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Publish what is committed before leaving.
-                    let _ = self.drain().await;
+                    let _ = self.pass(unmarked).await;
                     return Ok(());
                 }
                 _ = self.store.committed() => {}
                 _ = tokio::time::sleep(wait) => {}
-                notification = recv(&mut listener) => {
+                notification = recv(listener) => {
                     if let Err(e) = notification {
                         tracing::debug!(error = %e, "LISTEN connection lost; it reconnects");
                     }
@@ -456,6 +566,52 @@ impl Relay {
             }
         }
         // The PostgreSQL lock goes with its connection.
+    }
+}
+
+/// How long the active relay on SQLite lets published rows wait before it
+/// marks them published (see the [module docs](self)).
+pub const MARK_DELAY: Duration = Duration::from_millis(100);
+
+/// On SQLite, how far the active relay has published in its term, and the
+/// rows it published and has not yet marked.
+#[derive(Debug, Default)]
+struct Unmarked {
+    /// Every row up to this `seq` is published (marked or in `seqs`).
+    through: i64,
+    /// Published, not yet marked.
+    seqs: Vec<i64>,
+    /// When the first of `seqs` was published.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Unmarked {
+    /// Takes the outcome of a round: `rows` were read in `seq` order and
+    /// `acked` (in the same order) acknowledged. Returns whether every
+    /// row was; `through` moves only over rows all acknowledged, so a failed
+    /// one is read again.
+    fn published(&mut self, rows: &[PendingRow], acked: Vec<i64>) -> bool {
+        let all = acked.len() == rows.len();
+        let through = rows
+            .iter()
+            .zip(&acked)
+            .take_while(|(row, seq)| row.seq == **seq)
+            .last()
+            .map(|(row, _)| row.seq);
+        if let Some(through) = through {
+            self.through = through;
+        }
+        if !acked.is_empty() && self.since.is_none() {
+            self.since = Some(tokio::time::Instant::now());
+        }
+        self.seqs.extend(acked);
+        all
+    }
+
+    /// How long until the rows are to be marked; `None` when there are none.
+    fn due_in(&self) -> Option<Duration> {
+        self.since
+            .map(|since| MARK_DELAY.saturating_sub(since.elapsed()))
     }
 }
 

@@ -37,6 +37,12 @@ impl Backend {
     }
 }
 
+/// [`StoreConfig::checkpoint_pages`] by default: a log of up to about 40
+/// MiB per database. Against SQLite's 1,000 pages, a saga costs 10 % less
+/// CPU and writes 10 % fewer bytes (runs alternated, `skein load`, one copy
+/// of every worker).
+pub const DEFAULT_CHECKPOINT_PAGES: u32 = 10_000;
+
 /// How to open a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -49,6 +55,14 @@ pub struct StoreConfig {
     /// process (trying every millisecond or two), and a reader for a lock
     /// it needs, before it fails with "database is locked".
     pub busy_timeout: Duration,
+    /// SQLite: the write-ahead log's length, in pages (4 KiB each), at which
+    /// a commit copies the log into the database file (`PRAGMA
+    /// wal_autocheckpoint`; 0 never does). A copy writes each page changed
+    /// since the last one once, however often it changed, and syncs the
+    /// file: a longer log makes fewer and cheaper copies of a busy
+    /// outbox's pages, and costs its length in disk space (the log file
+    /// keeps its size once grown) and in recovery time after a crash.
+    pub checkpoint_pages: u32,
 }
 
 impl StoreConfig {
@@ -60,6 +74,7 @@ impl StoreConfig {
             url,
             max_connections,
             busy_timeout: Duration::from_secs(10),
+            checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
         }
     }
 }
@@ -107,6 +122,7 @@ struct Writer {
     in_tx: AtomicBool,
     options: AnyConnectOptions,
     busy_timeout: Duration,
+    checkpoint_pages: u32,
 }
 
 #[derive(Debug)]
@@ -136,7 +152,7 @@ impl Writer {
             }
         }
         if state.conn.is_none() && !state.closed {
-            state.conn = Some(open_sqlite_writer(&self.options).await?);
+            state.conn = Some(open_sqlite_writer(&self.options, self.checkpoint_pages).await?);
         }
         let conn =
             OwnedMutexGuard::try_map(state, |s| s.conn.as_mut()).map_err(|_| Error::Closed)?;
@@ -164,13 +180,21 @@ macro_rules! while_busy {
 }
 pub(crate) use while_busy;
 
-/// Opens the SQLite writer connection, without a busy handler: its
-/// statements wait for another process's write lock in [`busy_again`].
-async fn open_sqlite_writer(options: &AnyConnectOptions) -> Result<AnyConnection> {
+/// Opens the SQLite writer connection, without a busy handler (its
+/// statements wait for another process's write lock in [`busy_again`]) and
+/// checkpointing at `checkpoint_pages` (a commit checkpoints on the
+/// connection that made it, and only the writer commits under load).
+async fn open_sqlite_writer(
+    options: &AnyConnectOptions,
+    checkpoint_pages: u32,
+) -> Result<AnyConnection> {
     let mut conn = AnyConnection::connect_with(options)
         .await
         .map_err(Error::query("cannot open the SQLite writer connection"))?;
     set_up_sqlite(&mut conn, Duration::ZERO)
+        .await
+        .map_err(Error::query("cannot set up the SQLite writer connection"))?;
+    conn.execute(format!("PRAGMA wal_autocheckpoint = {checkpoint_pages}").as_str())
         .await
         .map_err(Error::query("cannot set up the SQLite writer connection"))?;
     Ok(conn)
@@ -350,10 +374,12 @@ impl Store {
                 let url = sqlite_url_creating(&config.url)?;
                 let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
                 // The writer first: it creates the file and switches it to WAL.
-                let conn = open_sqlite_writer(&options).await.map_err(|e| match e {
-                    Error::Query { source, .. } => connect_error(source),
-                    other => other,
-                })?;
+                let conn = open_sqlite_writer(&options, config.checkpoint_pages)
+                    .await
+                    .map_err(|e| match e {
+                        Error::Query { source, .. } => connect_error(source),
+                        other => other,
+                    })?;
                 let readers = sqlite_pool(config.busy_timeout)
                     .max_connections(config.max_connections)
                     .connect_with(options.clone())
@@ -367,6 +393,7 @@ impl Store {
                     in_tx: AtomicBool::new(false),
                     options,
                     busy_timeout: config.busy_timeout,
+                    checkpoint_pages: config.checkpoint_pages,
                 };
                 (readers, Some(Arc::new(writer)))
             }

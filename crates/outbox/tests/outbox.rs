@@ -9,7 +9,7 @@ use anyhow::{ensure, Context};
 use serde::{Deserialize, Serialize};
 use skein_bus::provision::{apply_builtin_streams, EVENTS};
 use skein_bus::replay::{read, StartAt};
-use skein_bus::{Bus, BusConfig, Delivery, HandlerError, Worker, WorkerConfig};
+use skein_bus::{Bus, BusConfig, Delivery, HandlerError, Outgoing, Worker, WorkerConfig};
 use skein_message::{Contract, Envelope, Event, MessageContext};
 use skein_outbox::{Inbox, Migration, Relay, RelayConfig, Statements, Store, Tx, TxHandler};
 use skein_testkit::{backend_tests, eventually, Backend, NatsServer, TestDb};
@@ -390,6 +390,106 @@ async fn a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_no
         stored.len() == 20,
         "expected 20 messages in the stream, found {}",
         stored.len()
+    );
+    Ok(())
+}
+
+/// The active relay publishes every row once, round after round, however
+/// late it marks them: on SQLite it marks them together (many rounds, few
+/// marks), remembering meanwhile how far it has published.
+async fn the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_together(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let relay = h.relay(fast_relay());
+    let watch = relay.clone();
+    relay.spawn(h.shutdown.clone());
+    // One row per round: each is on the stream before the next commits.
+    let rows = 30;
+    for n in 0..rows {
+        h.write("e", n).await?;
+        let expected = usize::try_from(n + 1)?;
+        eventually(Duration::from_secs(5), || async {
+            (h.stream_messages().await.ok()?.len() == expected).then_some(())
+        })
+        .await
+        .with_context(|| format!("row {n} was not published"))?;
+    }
+    eventually(Duration::from_secs(5), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the rows were not marked published")?;
+    ensure!(
+        watch.duplicates() == 0,
+        "{} rows were published again",
+        watch.duplicates()
+    );
+    ensure!(h.stream_messages().await?.len() == usize::try_from(rows)?);
+    if backend == Backend::Sqlite {
+        // One mark sets one time on all its rows.
+        let marks = h
+            .count("SELECT COUNT(DISTINCT published_at) FROM skein_outbox")
+            .await?;
+        ensure!(
+            marks <= rows / 2,
+            "{rows} rounds took {marks} marks: rows are not marked together"
+        );
+    }
+    Ok(())
+}
+
+/// A row the stream refuses holds back only itself: the rows around it are
+/// published and marked, and it is published once it can be.
+async fn a_row_that_cannot_be_published_holds_back_only_itself(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let relay = h.relay(fast_relay());
+    let watch = relay.clone();
+    h.write("before", 1).await?;
+    let mut tx = h.store.begin().await?;
+    // No stream takes this subject yet.
+    let mut later = Outgoing::from(&happened("later", 2)?);
+    later.subject = "later.test".to_owned();
+    tx.publish_outgoing(later);
+    tx.commit().await?;
+    h.write("after", 3).await?;
+    relay.spawn(h.shutdown.clone());
+
+    eventually(Duration::from_secs(10), || async {
+        (h.stream_messages().await.ok()?.len() == 2).then_some(())
+    })
+    .await
+    .context("the rows around the refused one were not published")?;
+    eventually(Duration::from_secs(5), || async {
+        (h.store.outbox_backlog().await.ok()? == 1).then_some(())
+    })
+    .await
+    .context("the published rows were not marked")?;
+    // Some rounds retry the refused row.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(h.store.outbox_backlog().await? == 1);
+    ensure!(h.stream_messages().await?.len() == 2);
+
+    h.bus
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "LATER".into(),
+            subjects: vec!["later.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    eventually(Duration::from_secs(10), || async {
+        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
+    })
+    .await
+    .context("the refused row was not published once a stream took it")?;
+    ensure!(h.stream_messages().await?.len() == 2);
+    ensure!(
+        watch.duplicates() == 0,
+        "{} rows were published again",
+        watch.duplicates()
     );
     Ok(())
 }
@@ -1223,6 +1323,8 @@ backend_tests!(
     statements_sent_together_apply_with_their_own_values,
     the_relay_publishes_in_commit_order,
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
+    the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_together,
+    a_row_that_cannot_be_published_holds_back_only_itself,
     a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,
     the_same_message_handled_twice_has_one_effect,
     a_failing_handler_commits_nothing_and_can_run_again,
@@ -1447,5 +1549,32 @@ async fn sqlite_a_dropped_transaction_releases_the_write_lock_at_once() -> anyho
     .map(|(e, n)| (e.to_owned(), n))
     .collect();
     ensure!(rows == expected, "rows {rows:?}, expected {expected:?}");
+    Ok(())
+}
+
+/// The writer connection, which makes the commits and so the checkpoints,
+/// checkpoints at the configured length of the log.
+#[tokio::test]
+async fn sqlite_the_writer_checkpoints_at_the_configured_log_length() -> anyhow::Result<()> {
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let checkpoint_pages = async |store: &Store| -> anyhow::Result<i64> {
+        let mut tx = store.begin().await?;
+        Ok(sqlx::query_scalar("PRAGMA wal_autocheckpoint")
+            .fetch_one(&mut *tx)
+            .await?)
+    };
+    let default = Store::connect(db.url()).await?;
+    let pages = checkpoint_pages(&default).await?;
+    ensure!(
+        pages == i64::from(skein_outbox::store::DEFAULT_CHECKPOINT_PAGES),
+        "the writer checkpoints at {pages} pages by default"
+    );
+    let short = Store::connect_with(skein_outbox::StoreConfig {
+        checkpoint_pages: 50,
+        ..skein_outbox::StoreConfig::new(db.url())
+    })
+    .await?;
+    let pages = checkpoint_pages(&short).await?;
+    ensure!(pages == 50, "configured 50 pages, the writer has {pages}");
     Ok(())
 }
