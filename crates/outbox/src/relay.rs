@@ -16,9 +16,9 @@
 //! and consumers' inboxes absorb them after it. A row whose publish failed is
 //! retried on the next round, after rows behind it may have been published.
 //!
-//! On SQLite the active relay marks rows published together, at most
-//! [`MARK_DELAY`] after it published the first of them, instead of after
-//! every round: a mark is a write transaction, and the rows of a busy
+//! On SQLite the active relay marks rows published together,
+//! `mark_delay` (100 ms) after it published the first of them or after
+//! eight full batches of a backlog, instead of after every round: a mark is a write transaction, and the rows of a busy
 //! outbox share pages, so one `UPDATE` for many rounds writes each page to
 //! the log once where every round wrote it again. Until then the relay
 //! remembers how far it has published: SQLite has one writer, so rows
@@ -26,8 +26,8 @@
 //! larger `seq` than the rows it read. (PostgreSQL gives out `seq` when a
 //! row is inserted, not when it commits, so there a round marks its rows at
 //! once.) Rows published and not yet marked when the relay stops are
-//! published again by the next one, as after a crash; [`Store::outbox_backlog`]
-//! counts them meanwhile.
+//! published again by the next one, as after a crash;
+//! [`Store::outbox_backlog`] counts them meanwhile.
 //!
 //! Published rows are kept for `retention` (for `skein audit`) and then
 //! deleted, as are inbox records older than `inbox_retention`.
@@ -63,6 +63,10 @@ pub struct RelayConfig {
     pub cleanup_interval: Duration,
     /// Lease duration on SQLite; standbys retry at this period.
     pub lease: Duration,
+    /// SQLite: how long the active relay lets published rows wait before
+    /// it marks them published, to mark the rows of many rounds in one
+    /// write (see the [module docs](self)).
+    pub mark_delay: Duration,
 }
 
 impl Default for RelayConfig {
@@ -74,6 +78,7 @@ impl Default for RelayConfig {
             inbox_retention: Duration::from_secs(30 * 24 * 3600),
             cleanup_interval: Duration::from_secs(60),
             lease: Duration::from_secs(10),
+            mark_delay: Duration::from_millis(100),
         }
     }
 }
@@ -115,7 +120,9 @@ impl Relay {
     }
 
     /// Reports the outbox backlog as the `outbox_backlog` gauge of `stats`
-    /// (the worker's figures on the NATS service API) after every round.
+    /// (the worker's figures on the NATS service API), and
+    /// [`Relay::duplicates`] as `outbox_duplicates`, after a round at most
+    /// once a second.
     pub fn with_stats(mut self, stats: std::sync::Arc<skein_bus::WorkerStats>) -> Self {
         self.stats = Some(stats);
         self
@@ -127,9 +134,11 @@ impl Relay {
     }
 
     /// How many rows this relay (and its clones) published that the
-    /// stream already had: rows published again after a relay died between
-    /// publishing and marking them, or after a lost lock. None while one
-    /// relay runs undisturbed.
+    /// stream acknowledged as duplicates: rows published again within the
+    /// stream's duplicate window, after a relay died or lost its lock
+    /// between publishing and marking them, or after a lost ack or a
+    /// failed mark. A row published again after the window is stored
+    /// again (the consumers' inboxes absorb it) and not counted here.
     pub fn duplicates(&self) -> u64 {
         self.duplicates.load(Ordering::Relaxed)
     }
@@ -224,26 +233,35 @@ impl Relay {
     /// SQLite's rounds as the active relay: like [`Relay::drain`], marking
     /// the rows published through `unmarked` (see the [module docs](self)).
     async fn drain_unmarked(&self, unmarked: &mut Unmarked) -> Result<usize> {
+        let batch = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
         let mut total = 0;
         loop {
+            // Before reading: rows that are due get marked even when the
+            // read fails.
+            if unmarked.due(self.config.mark_delay, batch) {
+                self.mark_unmarked(unmarked).await?;
+            }
             let rows = self.fetch_after(unmarked.through).await?;
             if rows.is_empty() {
                 break;
             }
             let acked = self.publish(&rows).await;
-            total += acked.len();
+            let published = acked.len();
+            total += published;
             if !unmarked.published(&rows, acked) {
                 // A publish failed and rows behind it were published: mark
                 // those now, or the next round reads them again with the
                 // failed one.
                 self.mark_unmarked(unmarked).await?;
-                return Ok(total);
+                if published == 0 {
+                    break;
+                }
             }
-            if rows.len() < usize::try_from(self.config.batch_size).unwrap_or(usize::MAX) {
+            if rows.len() < batch {
                 break;
             }
         }
-        if unmarked.due_in() == Some(Duration::ZERO) {
+        if unmarked.due(self.config.mark_delay, batch) {
             self.mark_unmarked(unmarked).await?;
         }
         Ok(total)
@@ -466,10 +484,14 @@ impl Relay {
             let wait = if failures > 0 {
                 Duration::from_millis(100 * u64::from(failures.min(20)))
             } else {
-                self.config.poll_interval
+                // Wake for the marks when they are due, if nothing comes
+                // before (not after a failure: a mark that failed is due at
+                // once and would be tried again without a pause).
+                let poll = self.config.poll_interval;
+                unmarked
+                    .due_in(self.config.mark_delay)
+                    .map_or(poll, |due| poll.min(due))
             };
-            // Wake for the marks when they are due, if nothing comes before.
-            let wait = unmarked.due_in().map_or(wait, |due| wait.min(due));
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Publish what is committed before leaving.
@@ -569,9 +591,9 @@ impl Relay {
     }
 }
 
-/// How long the active relay on SQLite lets published rows wait before it
-/// marks them published (see the [module docs](self)).
-pub const MARK_DELAY: Duration = Duration::from_millis(100);
+/// A backlog published round after round is marked at least every this
+/// many batches, however short the rounds.
+const MAX_UNMARKED_BATCHES: usize = 8;
 
 /// On SQLite, how far the active relay has published in its term, and the
 /// rows it published and has not yet marked.
@@ -608,10 +630,19 @@ impl Unmarked {
         all
     }
 
-    /// How long until the rows are to be marked; `None` when there are none.
-    fn due_in(&self) -> Option<Duration> {
+    /// How long until the rows are to be marked, `mark_delay` after the
+    /// first; `None` when there are none.
+    fn due_in(&self, mark_delay: Duration) -> Option<Duration> {
         self.since
-            .map(|since| MARK_DELAY.saturating_sub(since.elapsed()))
+            .map(|since| mark_delay.saturating_sub(since.elapsed()))
+    }
+
+    /// Whether the rows are to be marked now: `mark_delay` has passed
+    /// since the first, or a backlog published without a pause has
+    /// gathered [`MAX_UNMARKED_BATCHES`] batches of `batch` rows.
+    fn due(&self, mark_delay: Duration, batch: usize) -> bool {
+        self.due_in(mark_delay) == Some(Duration::ZERO)
+            || self.seqs.len() >= batch.saturating_mul(MAX_UNMARKED_BATCHES)
     }
 }
 

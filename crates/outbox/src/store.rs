@@ -37,8 +37,8 @@ impl Backend {
     }
 }
 
-/// [`StoreConfig::checkpoint_pages`] by default: a log of up to about 40
-/// MiB per database. Against SQLite's 1,000 pages, a saga costs 10 % less
+/// [`StoreConfig::checkpoint_pages`] by default: a log of about 40 MB per
+/// database. Against SQLite's 1,000 pages, a saga costs 10 % less
 /// CPU and writes 10 % fewer bytes (runs alternated, `skein load`, one copy
 /// of every worker).
 pub const DEFAULT_CHECKPOINT_PAGES: u32 = 10_000;
@@ -479,7 +479,9 @@ impl Store {
         }
     }
 
-    /// Messages committed but not yet acknowledged by the stream.
+    /// Messages committed and not yet marked published: not yet
+    /// acknowledged by the stream, and on SQLite also those acknowledged in
+    /// the last `RelayConfig::mark_delay` (the relay marks them together).
     pub async fn outbox_backlog(&self) -> Result<i64> {
         sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM skein_outbox WHERE published_at IS NULL")
             .fetch_one(&self.inner.pool)

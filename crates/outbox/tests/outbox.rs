@@ -401,7 +401,12 @@ async fn the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_toget
     backend: Backend,
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
-    let relay = h.relay(fast_relay());
+    // Marks a second apart: however slow the machine, 30 rounds take far
+    // fewer marks than rounds.
+    let relay = h.relay(RelayConfig {
+        mark_delay: Duration::from_secs(1),
+        ..fast_relay()
+    });
     let watch = relay.clone();
     relay.spawn(h.shutdown.clone());
     // One row per round: each is on the stream before the next commits.
@@ -415,7 +420,7 @@ async fn the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_toget
         .await
         .with_context(|| format!("row {n} was not published"))?;
     }
-    eventually(Duration::from_secs(5), || async {
+    eventually(Duration::from_secs(10), || async {
         (h.store.outbox_backlog().await.ok()? == 0).then_some(())
     })
     .await
@@ -436,6 +441,42 @@ async fn the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_toget
             "{rows} rounds took {marks} marks: rows are not marked together"
         );
     }
+    Ok(())
+}
+
+/// A backlog is marked while it is published, every eight batches, not
+/// only once it is drained and the delay has passed; what is left is marked
+/// when the relay stops.
+#[tokio::test]
+async fn sqlite_a_backlog_is_marked_while_the_relay_publishes_it() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    for n in 0..100 {
+        h.write("e", n).await?;
+    }
+    let stop = CancellationToken::new();
+    let running = h
+        .relay(RelayConfig {
+            batch_size: 10,
+            mark_delay: Duration::from_secs(3600),
+            ..fast_relay()
+        })
+        .spawn(stop.clone());
+    eventually(Duration::from_secs(10), || async {
+        (h.stream_messages().await.ok()?.len() == 100).then_some(())
+    })
+    .await
+    .context("the backlog was not published")?;
+    eventually(Duration::from_secs(5), || async {
+        (h.store.outbox_backlog().await.ok()? <= 20).then_some(())
+    })
+    .await
+    .context("a backlog of ten batches was not marked every eight batches")?;
+    stop.cancel();
+    running.await?;
+    ensure!(
+        h.store.outbox_backlog().await? == 0,
+        "the relay stopped without marking the rows it had published"
+    );
     Ok(())
 }
 
@@ -1555,7 +1596,8 @@ async fn sqlite_a_dropped_transaction_releases_the_write_lock_at_once() -> anyho
 /// The writer connection, which makes the commits and so the checkpoints,
 /// checkpoints at the configured length of the log.
 #[tokio::test]
-async fn sqlite_the_writer_checkpoints_at_the_configured_log_length() -> anyhow::Result<()> {
+async fn sqlite_the_writer_is_set_to_checkpoint_at_the_configured_log_length() -> anyhow::Result<()>
+{
     let db = TestDb::new(Backend::Sqlite).await?;
     let checkpoint_pages = async |store: &Store| -> anyhow::Result<i64> {
         let mut tx = store.begin().await?;
