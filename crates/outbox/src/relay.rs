@@ -16,11 +16,12 @@
 //! and consumers' inboxes absorb them after it. A row whose publish failed is
 //! retried on the next round, after rows behind it may have been published.
 //!
-//! On SQLite the active relay marks rows published together,
-//! `mark_delay` (100 ms) after it published the first of them or after
-//! eight full batches of a backlog, instead of after every round: a mark is a write transaction, and the rows of a busy
-//! outbox share pages, so one `UPDATE` for many rounds writes each page to
-//! the log once where every round wrote it again. Until then the relay
+//! On SQLite the active relay marks rows published together, `mark_delay`
+//! (100 ms) after it published the first of them or after eight full
+//! batches of a backlog, instead of after every round: a mark is a write
+//! transaction, and the rows of a busy outbox share pages, so one `UPDATE`
+//! for many rounds writes each page to the log once where every round
+//! wrote it again. Until then the relay
 //! remembers how far it has published: SQLite has one writer, so rows
 //! commit in `seq` order, and every row committed after a round has a
 //! larger `seq` than the rows it read. (PostgreSQL gives out `seq` when a

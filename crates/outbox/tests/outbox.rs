@@ -95,6 +95,23 @@ impl Harness {
         Ok(read(&self.bus, EVENTS, "events.test.>", StartAt::Beginning).await?)
     }
 
+    /// Waits up to `within` until at most `rows` outbox rows are left
+    /// unpublished (or published and not yet marked).
+    async fn backlog_at_most(&self, rows: i64, within: Duration) -> Option<()> {
+        eventually(within, || async {
+            (self.store.outbox_backlog().await.ok()? <= rows).then_some(())
+        })
+        .await
+    }
+
+    /// Waits up to `within` until the stream holds `messages` test events.
+    async fn stream_holds(&self, messages: usize, within: Duration) -> Option<()> {
+        eventually(within, || async {
+            (self.stream_messages().await.ok()?.len() == messages).then_some(())
+        })
+        .await
+    }
+
     async fn count(&self, sql: &str) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(self.store.pool())
@@ -172,11 +189,9 @@ async fn a_committed_change_is_published_and_a_rolled_back_one_is_not(
     )?);
     drop(dropped);
 
-    eventually(Duration::from_secs(10), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the relay did not publish the committed message")?;
+    h.backlog_at_most(0, Duration::from_secs(10))
+        .await
+        .context("the relay did not publish the committed message")?;
     let stored = h.stream_messages().await?;
     ensure!(
         stored.len() == 1,
@@ -341,11 +356,9 @@ async fn the_relay_publishes_in_commit_order(backend: Backend) -> anyhow::Result
         written.push(h.write(&format!("e{}", n % 7), n).await?.id);
     }
     h.spawn_relay();
-    eventually(Duration::from_secs(20), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("outbox not drained")?;
+    h.backlog_at_most(0, Duration::from_secs(20))
+        .await
+        .context("outbox not drained")?;
     let ids: Vec<String> = h
         .stream_messages()
         .await?
@@ -414,17 +427,13 @@ async fn the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_toget
     for n in 0..rows {
         h.write("e", n).await?;
         let expected = usize::try_from(n + 1)?;
-        eventually(Duration::from_secs(5), || async {
-            (h.stream_messages().await.ok()?.len() == expected).then_some(())
-        })
-        .await
-        .with_context(|| format!("row {n} was not published"))?;
+        h.stream_holds(expected, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("row {n} was not published"))?;
     }
-    eventually(Duration::from_secs(10), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the rows were not marked published")?;
+    h.backlog_at_most(0, Duration::from_secs(10))
+        .await
+        .context("the rows were not marked published")?;
     ensure!(
         watch.duplicates() == 0,
         "{} rows were published again",
@@ -461,21 +470,65 @@ async fn sqlite_a_backlog_is_marked_while_the_relay_publishes_it() -> anyhow::Re
             ..fast_relay()
         })
         .spawn(stop.clone());
-    eventually(Duration::from_secs(10), || async {
-        (h.stream_messages().await.ok()?.len() == 100).then_some(())
-    })
-    .await
-    .context("the backlog was not published")?;
-    eventually(Duration::from_secs(5), || async {
-        (h.store.outbox_backlog().await.ok()? <= 20).then_some(())
-    })
-    .await
-    .context("a backlog of ten batches was not marked every eight batches")?;
+    h.stream_holds(100, Duration::from_secs(10))
+        .await
+        .context("the backlog was not published")?;
+    h.backlog_at_most(20, Duration::from_secs(5))
+        .await
+        .context("a backlog of ten batches was not marked every eight batches")?;
     stop.cancel();
     running.await?;
     ensure!(
         h.store.outbox_backlog().await? == 0,
         "the relay stopped without marking the rows it had published"
+    );
+    Ok(())
+}
+
+/// The active relay crashes holding rows it published and has not yet
+/// marked (on SQLite it marks late): the relay that takes over publishes
+/// them again, and the stream keeps each once.
+#[tokio::test]
+async fn sqlite_a_relay_that_crashes_before_marking_loses_nothing_and_duplicates_nothing(
+) -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    let first = h
+        .relay(RelayConfig {
+            mark_delay: Duration::from_secs(3600),
+            ..fast_relay()
+        })
+        .spawn(CancellationToken::new());
+    for n in 0..10 {
+        h.write("e", n).await?;
+    }
+    h.stream_holds(10, Duration::from_secs(10))
+        .await
+        .context("the first relay did not publish")?;
+    ensure!(
+        h.store.outbox_backlog().await? == 10,
+        "the rows were marked before their delay"
+    );
+    // A crash: no final mark, no lease released.
+    first.abort();
+    let _ = first.await;
+
+    // Another process's relay takes over once the lease runs out.
+    let other = Store::connect(h.db.url()).await?;
+    let standby = Relay::new(other, h.bus.publisher(), fast_relay());
+    let watch = standby.clone();
+    standby.spawn(h.shutdown.clone());
+    h.backlog_at_most(0, Duration::from_secs(15))
+        .await
+        .context("the relay that took over did not publish the unmarked rows")?;
+    let stored = h.stream_messages().await?.len();
+    ensure!(
+        stored == 10,
+        "expected 10 messages in the stream, found {stored}"
+    );
+    ensure!(
+        watch.duplicates() == 10,
+        "the stream called {} of the 10 rows published again duplicates",
+        watch.duplicates()
     );
     Ok(())
 }
@@ -498,16 +551,12 @@ async fn a_row_that_cannot_be_published_holds_back_only_itself(
     h.write("after", 3).await?;
     relay.spawn(h.shutdown.clone());
 
-    eventually(Duration::from_secs(10), || async {
-        (h.stream_messages().await.ok()?.len() == 2).then_some(())
-    })
-    .await
-    .context("the rows around the refused one were not published")?;
-    eventually(Duration::from_secs(5), || async {
-        (h.store.outbox_backlog().await.ok()? == 1).then_some(())
-    })
-    .await
-    .context("the published rows were not marked")?;
+    h.stream_holds(2, Duration::from_secs(10))
+        .await
+        .context("the rows around the refused one were not published")?;
+    h.backlog_at_most(1, Duration::from_secs(5))
+        .await
+        .context("the published rows were not marked")?;
     // Some rounds retry the refused row.
     tokio::time::sleep(Duration::from_millis(500)).await;
     ensure!(h.store.outbox_backlog().await? == 1);
@@ -521,11 +570,9 @@ async fn a_row_that_cannot_be_published_holds_back_only_itself(
             ..Default::default()
         })
         .await?;
-    eventually(Duration::from_secs(10), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the refused row was not published once a stream took it")?;
+    h.backlog_at_most(0, Duration::from_secs(10))
+        .await
+        .context("the refused row was not published once a stream took it")?;
     ensure!(h.stream_messages().await?.len() == 2);
     ensure!(
         watch.duplicates() == 0,
@@ -697,11 +744,9 @@ async fn the_relay_wakes_on_commit_without_waiting_for_the_poll(
     // Let the relay take its lock and go to sleep.
     tokio::time::sleep(Duration::from_millis(300)).await;
     h.write("a", 1).await?;
-    eventually(Duration::from_secs(3), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the relay did not wake on an in-process commit")?;
+    h.backlog_at_most(0, Duration::from_secs(3))
+        .await
+        .context("the relay did not wake on an in-process commit")?;
 
     if backend == Backend::Postgres {
         // A commit from another process (here: another pool) arrives by NOTIFY.
@@ -716,11 +761,9 @@ async fn the_relay_wakes_on_commit_without_waiting_for_the_poll(
             &MessageContext::root(),
         )?);
         tx.commit().await?;
-        eventually(Duration::from_secs(3), || async {
-            (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-        })
-        .await
-        .context("the relay did not wake on NOTIFY")?;
+        h.backlog_at_most(0, Duration::from_secs(3))
+            .await
+            .context("the relay did not wake on NOTIFY")?;
     }
     Ok(())
 }
@@ -732,11 +775,9 @@ async fn a_standby_relay_takes_over_when_the_active_one_stops(
     let first_stop = CancellationToken::new();
     h.relay(fast_relay()).spawn(first_stop.clone());
     h.write("a", 1).await?;
-    eventually(Duration::from_secs(5), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("first relay did not publish")?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("first relay did not publish")?;
     // The standby, with its own pool as another process would have.
     let other = Store::connect(h.db.url()).await?;
     let standby = Relay::new(other, h.bus.publisher(), fast_relay());
@@ -746,11 +787,9 @@ async fn a_standby_relay_takes_over_when_the_active_one_stops(
     for n in 0..5 {
         h.write("b", n).await?;
     }
-    eventually(Duration::from_secs(10), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the standby did not take over")?;
+    h.backlog_at_most(0, Duration::from_secs(10))
+        .await
+        .context("the standby did not take over")?;
     ensure!(h.stream_messages().await?.len() == 6);
     Ok(())
 }
@@ -761,11 +800,9 @@ async fn rows_committed_while_nats_is_down_are_published_when_it_returns(
     let mut h = Harness::start(backend).await?;
     h.spawn_relay();
     h.write("before", 0).await?;
-    eventually(Duration::from_secs(5), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("not published before the restart")?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("not published before the restart")?;
     h.nats.kill();
     for n in 1..=10 {
         h.write("during", n).await?;
@@ -776,11 +813,9 @@ async fn rows_committed_while_nats_is_down_are_published_when_it_returns(
         "rows cannot be published while NATS is down"
     );
     h.nats.start_again().await?;
-    eventually(Duration::from_secs(30), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("outbox not drained after NATS returned")?;
+    h.backlog_at_most(0, Duration::from_secs(30))
+        .await
+        .context("outbox not drained after NATS returned")?;
     ensure!(h.stream_messages().await?.len() == 11);
     Ok(())
 }
@@ -1279,11 +1314,9 @@ async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
 
     // Every outgoing message reaches the stream once, in commit order.
     h.spawn_relay();
-    eventually(Duration::from_secs(10), || async {
-        (h.store.outbox_backlog().await.ok()? == 0).then_some(())
-    })
-    .await
-    .context("the relay did not publish the batches' messages")?;
+    h.backlog_at_most(0, Duration::from_secs(10))
+        .await
+        .context("the relay did not publish the batches' messages")?;
     let published = h.stream_messages().await?;
     let echoes: Vec<String> = published
         .iter()
