@@ -44,6 +44,12 @@ impl Publisher {
         Self { js }
     }
 
+    /// The NATS connection it publishes on, for core messages that need no
+    /// stream (such as waking another process's outbox relay).
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
     /// Publishes one envelope and awaits its ack.
     pub async fn publish(&self, envelope: &Envelope) -> Result<PublishAck> {
         self.publish_outgoing(&Outgoing::from(envelope)).await

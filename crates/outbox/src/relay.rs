@@ -5,9 +5,14 @@
 //! Others wait as standbys and take over when the holder dies.
 //!
 //! The relay wakes at once when a transaction of this process commits
-//! messages, on PostgreSQL also on `NOTIFY skein_outbox` from any process
-//! (sent by a trigger on the outbox insert),
-//! and otherwise polls (`poll_interval`) as a fallback.
+//! messages, and when another process commits to the same database: on
+//! PostgreSQL by `NOTIFY skein_outbox` (sent by a trigger on the outbox
+//! insert), on SQLite by a core NATS message on
+//! `skein.outbox.wake.<owner>` (the active relay's lease owner), which a
+//! standby relay sends on every commit of its own process. A process that
+//! writes to a SQLite outbox must therefore run a relay (every worker and
+//! `skein replay --into` do); rows of one that does not are published at
+//! the next poll. The relay polls (`poll_interval`) as a fallback.
 //!
 //! Each round reads up to `batch_size` unpublished rows in `seq` order,
 //! publishes them pipelined, awaits every ack, and marks the acknowledged
@@ -38,6 +43,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
 use skein_bus::{Outgoing, Publisher};
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
@@ -304,10 +311,10 @@ impl Relay {
     /// (`skein replay --into`).
     ///
     /// The relay takes its lock like any other: when the worker's own relay
-    /// is active this one stands by while that one publishes (at once on
-    /// PostgreSQL, which notifies every process; within its
-    /// `poll_interval` on SQLite), and takes over when there is none (after
-    /// a crashed holder's lease runs out, on SQLite). Returns how many of
+    /// is active this one stands by while that one publishes (at once: on
+    /// PostgreSQL the commits notified it, on SQLite this relay wakes it as
+    /// it stands by), and takes over when there is none (after a crashed
+    /// holder's lease runs out, on SQLite). Returns how many of
     /// those rows are still unpublished when `timeout` passes (0: all
     /// published); they stay committed and wait for the next relay.
     pub async fn publish_committed(&self, timeout: Duration) -> Result<i64> {
@@ -375,7 +382,7 @@ impl Relay {
                 Ok(Some(lock)) => lock,
                 Ok(None) => {
                     tracing::debug!(db = %url, "another relay is active; standing by");
-                    if sleep_or_cancel(&shutdown, self.config.lease / 2).await {
+                    if self.stand_by(&shutdown).await {
                         break;
                     }
                     continue;
@@ -399,27 +406,92 @@ impl Relay {
         self.release().await;
     }
 
+    /// Until the next attempt to take the lock (half a lease), or until
+    /// `shutdown` (then returns `true`): on SQLite, wakes the active relay
+    /// whenever this process commits, and once at the start for what it
+    /// committed before.
+    async fn stand_by(&self, shutdown: &CancellationToken) -> bool {
+        let retry = tokio::time::Instant::now() + self.config.lease / 2;
+        if self.store.backend() == Backend::Postgres {
+            // NOTIFY reaches the active relay from every process.
+            return sleep_or_cancel(shutdown, self.config.lease / 2).await;
+        }
+        let holder = match self.holder().await {
+            Ok(holder) => holder,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the relay lease; not waking the active relay");
+                None
+            }
+        };
+        let client = self.publisher.client();
+        let wake = |holder: &str| {
+            let client = client.clone();
+            let subject = wake_subject(holder);
+            async move {
+                if let Err(e) = client.publish(subject, Bytes::new()).await {
+                    tracing::debug!(error = %e, "cannot wake the active relay; it polls");
+                }
+            }
+        };
+        if let Some(holder) = &holder {
+            wake(holder).await;
+        }
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return true,
+                _ = tokio::time::sleep_until(retry) => return false,
+                _ = self.store.committed() => {
+                    if let Some(holder) = &holder {
+                        wake(holder).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The owner of the SQLite relay lease, if it has not run out.
+    async fn holder(&self) -> Result<Option<String>> {
+        sqlx::query_scalar(
+            "SELECT owner FROM skein_relay_lease WHERE name = 'outbox' AND expires_at >= $1",
+        )
+        .bind(crate::now_micros())
+        .fetch_optional(self.store.pool())
+        .await
+        .map_err(Error::query("cannot read the relay lease"))
+    }
+
     /// Holds the lock and relays until shutdown or until the lock is lost.
     async fn serve(&self, mut lock: Lock, shutdown: &CancellationToken) -> Result<()> {
-        let mut listener = match self.store.backend() {
+        let mut wakeups = match self.store.backend() {
             Backend::Postgres => match PgListener::connect(self.store.url()).await {
                 Ok(mut l) => match l.listen("skein_outbox").await {
-                    Ok(()) => Some(l),
+                    Ok(()) => Wakeups::Notify(l),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot LISTEN; falling back to polling");
-                        None
+                        Wakeups::None
                     }
                 },
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot LISTEN; falling back to polling");
-                    None
+                    Wakeups::None
                 }
             },
-            Backend::Sqlite => None,
+            Backend::Sqlite => match self
+                .publisher
+                .client()
+                .subscribe(wake_subject(&self.owner))
+                .await
+            {
+                Ok(subscriber) => Wakeups::Nats(subscriber),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to wake-ups from other processes; their rows wait for the poll");
+                    Wakeups::None
+                }
+            },
         };
         let mut unmarked = Unmarked::default();
         let result = self
-            .serve_rounds(&mut lock, &mut listener, &mut unmarked, shutdown)
+            .serve_rounds(&mut lock, &mut wakeups, &mut unmarked, shutdown)
             .await;
         // Whatever ended the term (shutdown, a lost lock or database), rows
         // published are published: mark them if the database lets us, so
@@ -435,7 +507,7 @@ impl Relay {
     async fn serve_rounds(
         &self,
         lock: &mut Lock,
-        listener: &mut Option<PgListener>,
+        wakeups: &mut Wakeups,
         unmarked: &mut Unmarked,
         shutdown: &CancellationToken,
     ) -> Result<()> {
@@ -492,7 +564,9 @@ impl Relay {
                 unmarked
                     .due_in(self.config.mark_delay)
                     .map_or(poll, |due| poll.min(due))
-            };
+            }
+            // Back in time to renew the lock, whatever the poll.
+            .min((self.config.lease / 3).saturating_sub(last_lock_check.elapsed()));
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Publish what is committed before leaving.
@@ -501,11 +575,7 @@ impl Relay {
                 }
                 _ = self.store.committed() => {}
                 _ = tokio::time::sleep(wait) => {}
-                notification = recv(listener) => {
-                    if let Err(e) = notification {
-                        tracing::debug!(error = %e, "LISTEN connection lost; it reconnects");
-                    }
-                }
+                _ = wakeups.next() => {}
             }
         }
     }
@@ -655,11 +725,43 @@ enum Lock {
     Lease,
 }
 
-async fn recv(listener: &mut Option<PgListener>) -> Result<(), sqlx::Error> {
-    match listener {
-        Some(l) => l.recv().await.map(|_| ()),
-        None => std::future::pending().await,
+/// How the active relay hears of commits in other processes.
+enum Wakeups {
+    /// PostgreSQL: `LISTEN skein_outbox`.
+    Notify(PgListener),
+    /// SQLite: `skein.outbox.wake.<owner>`, sent by the standby relays.
+    Nats(async_nats::Subscriber),
+    /// Neither could be set up: the poll only.
+    None,
+}
+
+impl Wakeups {
+    /// Waits for the next wake-up.
+    async fn next(&mut self) {
+        match self {
+            Wakeups::Notify(listener) => {
+                if let Err(e) = listener.recv().await {
+                    tracing::debug!(error = %e, "LISTEN connection lost; it reconnects");
+                }
+            }
+            Wakeups::Nats(subscriber) => {
+                if subscriber.next().await.is_none() {
+                    // The subscription ended (the connection closed for
+                    // good): poll from now on.
+                    *self = Wakeups::None;
+                    return;
+                }
+                // Wake-ups that came meanwhile are answered by the same pass.
+                while let Some(Some(_)) = subscriber.next().now_or_never() {}
+            }
+            Wakeups::None => std::future::pending().await,
+        }
     }
+}
+
+/// Where the SQLite relay holding the lease as `owner` is woken.
+fn wake_subject(owner: &str) -> String {
+    format!("skein.outbox.wake.{owner}")
 }
 
 async fn sleep_or_cancel(shutdown: &CancellationToken, d: Duration) -> bool {

@@ -736,11 +736,14 @@ async fn the_relay_wakes_on_commit_without_waiting_for_the_poll(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
+    // Neither a poll nor a lease running out (a standby taking over) comes
+    // within the test.
     let slow_poll = RelayConfig {
         poll_interval: Duration::from_secs(3600),
+        lease: Duration::from_secs(600),
         ..fast_relay()
     };
-    h.relay(slow_poll).spawn(h.shutdown.clone());
+    h.relay(slow_poll.clone()).spawn(h.shutdown.clone());
     // Let the relay take its lock and go to sleep.
     tokio::time::sleep(Duration::from_millis(300)).await;
     h.write("a", 1).await?;
@@ -748,22 +751,22 @@ async fn the_relay_wakes_on_commit_without_waiting_for_the_poll(
         .await
         .context("the relay did not wake on an in-process commit")?;
 
-    if backend == Backend::Postgres {
-        // A commit from another process (here: another pool) arrives by NOTIFY.
-        let other = Store::connect(h.db.url()).await?;
+    // A commit from another process (here: another store, with its own
+    // pool and writer): on PostgreSQL it arrives by NOTIFY; on SQLite the
+    // other process's relay, standing by, wakes the active one over NATS.
+    let other = Store::connect(h.db.url()).await?;
+    if backend == Backend::Sqlite {
+        Relay::new(other.clone(), h.bus.publisher(), slow_poll.clone()).spawn(h.shutdown.clone());
+        // Let it find the lease taken and stand by.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for n in 2..5 {
         let mut tx = other.begin().await?;
-        tx.publish(&Envelope::event(
-            "test",
-            &Happened {
-                entity: "b".into(),
-                n: 2,
-            },
-            &MessageContext::root(),
-        )?);
+        tx.publish(&happened("b", n)?);
         tx.commit().await?;
-        h.backlog_at_most(0, Duration::from_secs(3))
+        h.stream_holds(usize::try_from(n)?, Duration::from_secs(3))
             .await
-            .context("the relay did not wake on NOTIFY")?;
+            .with_context(|| format!("the relay did not wake on commit {n} of another process"))?;
     }
     Ok(())
 }
@@ -1651,5 +1654,43 @@ async fn sqlite_the_writer_is_set_to_checkpoint_at_the_configured_log_length() -
     .await?;
     let pages = checkpoint_pages(&short).await?;
     ensure!(pages == 50, "configured 50 pages, the writer has {pages}");
+    Ok(())
+}
+
+/// An active SQLite relay with nothing to do renews its lease in time even
+/// when it polls less often than the lease lasts: a lease that ran out
+/// would hand the outbox to a standby with every idle spell.
+#[tokio::test]
+async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    h.relay(RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        lease: Duration::from_millis(900),
+        ..fast_relay()
+    })
+    .spawn(h.shutdown.clone());
+    let lease_left = async || -> anyhow::Result<Option<i64>> {
+        Ok(sqlx::query_scalar::<_, i64>(
+            "SELECT expires_at - $1 FROM skein_relay_lease WHERE name = 'outbox'",
+        )
+        .bind(skein_outbox::now_micros())
+        .fetch_optional(h.store.pool())
+        .await?)
+    };
+    eventually(Duration::from_secs(5), || async {
+        lease_left().await.ok().flatten()
+    })
+    .await
+    .context("the relay did not take its lease")?;
+    // Three leases long, nothing committed.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let left = lease_left().await?.context("the lease row is gone")?;
+        ensure!(
+            left > 0,
+            "the idle relay's lease ran out {} ms ago",
+            -left / 1000
+        );
+    }
     Ok(())
 }
