@@ -152,6 +152,7 @@ pub struct RunningWorker {
     lanes: Vec<tokio::task::AbortHandle>,
     stats: Arc<WorkerStats>,
     name: String,
+    stream: String,
 }
 
 impl Worker {
@@ -190,6 +191,7 @@ impl Worker {
             stats: stats.clone(),
         });
         let name = runtime.config.name.clone();
+        let stream = runtime.config.stream.clone();
         let lanes = runtime.config.lanes.max(1);
         let mut senders = Vec::with_capacity(lanes);
         let mut lane_tasks = Vec::with_capacity(lanes);
@@ -228,6 +230,7 @@ impl Worker {
             lanes: aborts,
             stats,
             name,
+            stream,
         })
     }
 }
@@ -262,6 +265,18 @@ impl RunningWorker {
     /// This copy's figures.
     pub fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
+    }
+
+    /// The stream its consumer reads.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// A handle that tells, without the worker, whether its pulling task
+    /// has ended ([`tokio::task::AbortHandle::is_finished`]): once it is
+    /// stopped, or on its own (a panic), which only a restart repairs.
+    pub fn watch_handle(&self) -> Option<tokio::task::AbortHandle> {
+        self.task.as_ref().map(JoinHandle::abort_handle)
     }
 }
 

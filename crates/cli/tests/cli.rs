@@ -442,6 +442,98 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
     Ok(())
 }
 
+/// `skein worker --health-http`: live and ready while all is well; not
+/// ready (and still live) while NATS is away, ready again once it is back;
+/// not ready while stopping; a taken address refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_s_health_endpoint_says_live_ready_and_what_fails() -> anyhow::Result<()> {
+    let mut server = NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let spawn = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(["worker", "catalog", "orders", "--health-http", &addr])
+            .env("NATS_URL", server.url())
+            .env("DATABASE_URL", &database_url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+    };
+    let mut worker = spawn()?;
+    let get = |path: &'static str| http(port, "GET", path, None, &[], None);
+    let ready = eventually(Duration::from_secs(30), || async {
+        get("/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the worker never answered 200 on /health/ready")?
+    .1;
+    ensure!(ready["status"] == "ok", "ready: {ready}");
+    ensure!(ready["nats"] == true, "ready: {ready}");
+    for name in ["catalog", "orders"] {
+        ensure!(
+            ready["workers"][name]["database"] == true,
+            "{name} not in {ready}"
+        );
+    }
+    let (code, live) = get("/health/live").await?;
+    ensure!(code == 200 && live["status"] == "ok", "live: {code} {live}");
+
+    // A second copy asking for the same address is refused at once.
+    let taken = spawn()?.wait_with_output().await?;
+    ensure!(
+        !taken.status.success(),
+        "a second copy took the same address"
+    );
+    ensure!(
+        stderr(&taken).contains("--health-http"),
+        "the error does not name the flag: {}",
+        stderr(&taken)
+    );
+
+    server.kill();
+    let (_, away) = eventually(Duration::from_secs(10), || async {
+        get("/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 503)
+    })
+    .await
+    .context("still ready with NATS gone")?;
+    ensure!(
+        away["failing"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|r| r == "not connected to NATS")),
+        "not ready for another reason: {away}"
+    );
+    let (code, live) = get("/health/live").await?;
+    ensure!(code == 200, "not live with NATS away: {live}");
+    server.start_again().await?;
+    eventually(Duration::from_secs(20), || async {
+        get("/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("not ready again after NATS came back")?;
+
+    let pid = worker.id().context("no pid")?;
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    let status = tokio::time::timeout(Duration::from_secs(15), worker.wait())
+        .await
+        .context("did not stop on SIGTERM")??;
+    ensure!(status.success(), "exited with {status}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_rebuild_builds_a_read_model_from_history_and_reports_what_changed(
 ) -> anyhow::Result<()> {

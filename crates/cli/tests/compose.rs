@@ -372,6 +372,16 @@ fn compose_yaml_runs_every_worker_in_copies_after_the_streams() -> anyhow::Resul
                 replicas > 1,
                 "{name} runs one copy of {worker}; a consumer group wants more"
             );
+            // Its health check asks its own endpoint, where it listens.
+            let listen = s["environment"]["SKEIN_HEALTH_HTTP"]
+                .as_str()
+                .with_context(|| format!("{name} sets no SKEIN_HEALTH_HTTP"))?;
+            let port = listen.rsplit(':').next().unwrap_or_default();
+            let check = s["healthcheck"]["test"].to_string();
+            ensure!(
+                check.contains(&format!(":{port}/health/live")),
+                "{name}'s health check {check} does not ask /health/live on port {port}"
+            );
         }
     }
     ensure!(

@@ -479,6 +479,15 @@ impl Store {
         }
     }
 
+    /// Runs a trivial query on the pool: whether the database answers.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.inner.pool)
+            .await
+            .map(|_| ())
+            .map_err(Error::query("the database does not answer"))
+    }
+
     /// Messages committed and not yet marked published: not yet
     /// acknowledged by the stream, and on SQLite also those acknowledged in
     /// the last `RelayConfig::mark_delay` (the relay marks them together).

@@ -9,7 +9,9 @@ use skein_bus::{Bus, RunningWorker, Worker, WorkerConfig, WorkerStats};
 use skein_contracts::ServiceError;
 use skein_message::{envelope::headers, MessageContext, Query};
 use skein_outbox::{Inbox, Relay, RelayConfig, Store, TxHandler};
-use tokio::task::JoinHandle;
+use std::time::Duration;
+
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::Result;
@@ -191,6 +193,24 @@ impl Host {
         &self.config.name
     }
 
+    /// What a health check needs to see of this worker, without holding it.
+    pub fn probe(&self) -> HostProbe {
+        let mut parts = vec![("the outbox relay".to_owned(), self.relay.abort_handle())];
+        for worker in &self.workers {
+            if let Some(task) = worker.watch_handle() {
+                parts.push((format!("the consumer on {}", worker.stream()), task));
+            }
+        }
+        for (n, task) in self.tasks.iter().enumerate() {
+            parts.push((format!("background task {}", n + 1), task.abort_handle()));
+        }
+        HostProbe {
+            name: self.config.name.clone(),
+            store: self.store.clone(),
+            parts,
+        }
+    }
+
     /// Stops consuming (finishing in-flight messages), publishes what is
     /// committed, stops answering.
     pub async fn shutdown(self) {
@@ -215,5 +235,41 @@ impl Host {
         }
         self.relay.abort();
         drop(self.service);
+    }
+}
+
+/// A running [`Host`] as a health check sees it ([`Host::probe`]).
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    name: String,
+    store: Store,
+    parts: Vec<(String, AbortHandle)>,
+}
+
+impl HostProbe {
+    /// The worker name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The parts of the worker (relay, consumers, background tasks) that
+    /// stopped, each named. They run until the host shuts down; one that
+    /// ended before (a panic) comes back only with a restart.
+    pub fn stopped(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .filter(|(_, task)| task.is_finished())
+            .map(|(what, _)| what.clone())
+            .collect()
+    }
+
+    /// Whether the worker's database answers a query within `within`; if
+    /// not, why.
+    pub async fn database(&self, within: Duration) -> std::result::Result<(), String> {
+        match tokio::time::timeout(within, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {} ms", within.as_millis())),
+        }
     }
 }

@@ -423,7 +423,46 @@ async fn concurrent_reservations_never_oversell(backend: Backend) -> anyhow::Res
     Ok(())
 }
 
+/// A health check's view of the worker: every part running and the
+/// database answering; then, the worker gone as in a crash, each part named
+/// as stopped, and a closed database as not answering.
+async fn a_probe_sees_the_parts_running_and_names_those_that_stop(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut c = Catalog::start(backend).await?;
+    let host = c.host.take().context("no host")?;
+    let probe = host.probe();
+    ensure!(probe.name() == "catalog");
+    ensure!(
+        probe.stopped().is_empty(),
+        "stopped while running: {:?}",
+        probe.stopped()
+    );
+    probe
+        .database(Duration::from_secs(2))
+        .await
+        .map_err(anyhow::Error::msg)
+        .context("the database did not answer")?;
+    let store = host.store().clone();
+    host.abort();
+    skein_testkit::eventually(Duration::from_secs(5), || async {
+        let stopped = probe.stopped();
+        (stopped.iter().any(|p| p == "the outbox relay")
+            && stopped.iter().any(|p| p == "the consumer on COMMANDS"))
+        .then_some(())
+    })
+    .await
+    .with_context(|| format!("after the abort only {:?} stopped", probe.stopped()))?;
+    store.close().await;
+    ensure!(
+        probe.database(Duration::from_secs(2)).await.is_err(),
+        "a closed database answered"
+    );
+    Ok(())
+}
+
 backend_tests!(
+    a_probe_sees_the_parts_running_and_names_those_that_stop,
     admins_add_and_restock_products_and_everyone_lists_them,
     bad_product_requests_are_refused_precisely_and_change_nothing,
     a_reservation_takes_every_line_or_none,

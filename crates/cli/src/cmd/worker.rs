@@ -13,6 +13,8 @@ use skein_bus::Bus;
 use skein_outbox::{Store, StoreConfig};
 use skein_service::{Host, HostConfig};
 
+use super::health::HealthServer;
+
 /// Where `skein worker` keeps data unless told otherwise.
 pub(crate) const DEFAULT_DATA_DIR: &str = "data";
 /// The database URL template that goes with it.
@@ -24,6 +26,10 @@ pub(crate) struct Args {
     /// The workers to run.
     #[arg(required = true, value_enum)]
     names: Vec<Name>,
+    /// Serve `/health/live` and `/health/ready` for this process's workers
+    /// on this address (e.g. 0.0.0.0:9090), for health checks.
+    #[arg(long, env = "SKEIN_HEALTH_HTTP", value_name = "ADDR")]
+    health_http: Option<std::net::SocketAddr>,
     #[command(flatten)]
     settings: Settings,
 }
@@ -139,6 +145,10 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     args.settings.check()?;
     let mut names = args.names.clone();
     names.dedup();
+    let listener = match args.health_http {
+        Some(addr) => Some(super::health::bind(addr).await?),
+        None => None,
+    };
     let bus = super::connect(nats_url).await?;
     apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
         .await
@@ -146,10 +156,20 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let data_dir = Path::new(DEFAULT_DATA_DIR);
     let admin = admin_seed(&args.settings);
     let hosts = start(&bus, &names, &args.settings, data_dir, admin).await?;
+    let health = listener.map(|listener| {
+        let probes = hosts.iter().map(Host::probe).collect();
+        HealthServer::start(listener, bus.clone(), probes)
+    });
     skein_service::standalone::wait_for_stop().await?;
     eprintln!("stopping: finishing messages in flight");
+    if let Some(health) = &health {
+        health.stopping();
+    }
     for host in hosts.into_iter().rev() {
         host.shutdown().await;
+    }
+    if let Some(health) = health {
+        health.stop();
     }
     Ok(())
 }

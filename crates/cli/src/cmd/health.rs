@@ -1,0 +1,189 @@
+//! `skein worker --health-http ADDR`: this process's workers over HTTP, for
+//! container health checks, orchestrators and load balancers.
+//!
+//! - `GET /health/live`: 200 while every part of every worker in this
+//!   process runs (the outbox relay, each consumer, each background task),
+//!   else 503 naming the parts that stopped. A part stops only at shutdown
+//!   or when it failed for good (a panic), which a restart repairs, so a
+//!   supervisor may restart the process on it. NATS or a database being
+//!   away is not a reason: the workers reconnect by themselves.
+//! - `GET /health/ready`: 200 when the process is live, connected to NATS,
+//!   and every worker's database answers within two seconds; 503 naming what
+//!   fails otherwise, and while the process is stopping.
+//!
+//! The answers are JSON like the ingress's `/health`: `status` (`ok` or
+//! `failing`), `failing` (what fails, in words) and the details.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use skein_bus::Bus;
+use skein_service::HostProbe;
+use tokio::task::JoinHandle;
+
+/// How long a database has to answer the readiness check.
+const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The health endpoint of a running `skein worker`.
+#[derive(Debug)]
+pub(crate) struct HealthServer {
+    stopping: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+/// Binds `addr` for the endpoint: before the workers start, so a taken
+/// port fails the command at once.
+pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot listen on {addr} for --health-http; choose a free address and port")
+    })
+}
+
+impl HealthServer {
+    /// Answers on `listener` for `probes` until [`HealthServer::stop`].
+    pub(crate) fn start(
+        listener: tokio::net::TcpListener,
+        bus: Bus,
+        probes: Vec<HostProbe>,
+    ) -> Self {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let state = Arc::new(Checked {
+            bus,
+            probes,
+            stopping: stopping.clone(),
+        });
+        let app = axum::Router::new()
+            .route("/health/live", get(live))
+            .route("/health/ready", get(ready))
+            .with_state(state);
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the health endpoint stopped");
+            }
+        });
+        Self { stopping, task }
+    }
+
+    /// From now on `/health/ready` answers 503 (`stopping`): the process is
+    /// finishing its messages and takes no more work.
+    pub(crate) fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops answering.
+    pub(crate) fn stop(self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug)]
+struct Checked {
+    bus: Bus,
+    probes: Vec<HostProbe>,
+    stopping: Arc<AtomicBool>,
+}
+
+/// One worker as the checks see it.
+#[derive(Debug, Serialize)]
+struct WorkerHealth {
+    /// Its parts that stopped.
+    stopped: Vec<String>,
+    /// Whether its database answered (readiness only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+    failing: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nats: Option<bool>,
+    workers: BTreeMap<String, WorkerHealth>,
+}
+
+impl Health {
+    fn new() -> Self {
+        Self {
+            status: "ok",
+            failing: Vec::new(),
+            nats: None,
+            workers: BTreeMap::new(),
+        }
+    }
+
+    /// The parts of every worker that stopped.
+    fn liveness(&mut self, checked: &Checked) {
+        for probe in &checked.probes {
+            let stopped = probe.stopped();
+            for part in &stopped {
+                self.failing
+                    .push(format!("{}: {part} stopped", probe.name()));
+            }
+            self.workers.insert(
+                probe.name().to_owned(),
+                WorkerHealth {
+                    stopped,
+                    database: None,
+                },
+            );
+        }
+    }
+
+    fn into_response(mut self) -> Response {
+        let code = if self.failing.is_empty() {
+            StatusCode::OK
+        } else {
+            self.status = "failing";
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, axum::Json(self)).into_response()
+    }
+}
+
+async fn live(State(checked): State<Arc<Checked>>) -> Response {
+    let mut health = Health::new();
+    health.liveness(&checked);
+    health.into_response()
+}
+
+async fn ready(State(checked): State<Arc<Checked>>) -> Response {
+    let mut health = Health::new();
+    if checked.stopping.load(Ordering::Relaxed) {
+        health.failing.push("stopping".into());
+    }
+    health.liveness(&checked);
+    let connected =
+        checked.bus.client().connection_state() == async_nats::connection::State::Connected;
+    if !connected {
+        health.failing.push("not connected to NATS".into());
+    }
+    health.nats = Some(connected);
+    let databases = futures::future::join_all(
+        checked
+            .probes
+            .iter()
+            .map(|probe| probe.database(DATABASE_TIMEOUT)),
+    )
+    .await;
+    for (probe, answered) in checked.probes.iter().zip(databases) {
+        if let Err(reason) = &answered {
+            health
+                .failing
+                .push(format!("{}: database: {reason}", probe.name()));
+        }
+        if let Some(worker) = health.workers.get_mut(probe.name()) {
+            worker.database = Some(answered.is_ok());
+        }
+    }
+    health.into_response()
+}
