@@ -681,3 +681,29 @@ async fn bad_combinations_of_replay_into_say_what_is_wrong() -> anyhow::Result<(
     );
     Ok(())
 }
+
+/// A dry run changes nothing: against a PostgreSQL server without the
+/// worker's database it says so, and the database is still not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_on_postgres_creates_no_database() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let db = TestDb::new(Backend::Postgres).await?;
+    let template = db.sibling_url("{service}");
+    let projector = template.replace("{service}", "projector");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["replay", "--into", "projector", "--dry-run"])
+        .env("NATS_URL", server.url())
+        .env("DATABASE_URL", &template)
+        .output()
+        .await?;
+    ensure!(
+        !out.status.success() && stderr(&out).contains("no projector database"),
+        "expected an error naming the missing database, got {}",
+        stderr(&out)
+    );
+    ensure!(
+        !skein_outbox::store::database_exists(&projector).await?,
+        "the dry run created {projector}"
+    );
+    Ok(())
+}

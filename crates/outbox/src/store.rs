@@ -573,6 +573,35 @@ fn sqlite_url_creating(url: &str) -> Result<String> {
 
 /// Creates the database a PostgreSQL URL names when it does not exist, by
 /// connecting to the server's `postgres` database.
+/// Whether the database at `url` exists, without creating it or changing
+/// anything: the file for `sqlite:`, the database on the server for
+/// `postgres:` (the server must be reachable).
+pub async fn database_exists(url: &str) -> Result<bool> {
+    match Backend::of_url(url)? {
+        Backend::Sqlite => {
+            let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            let path = rest.split('?').next().unwrap_or(rest);
+            Ok(!path.is_empty() && std::path::Path::new(path).exists())
+        }
+        Backend::Postgres => {
+            let connect_error = |source| Error::Connect {
+                url: redact(url),
+                source,
+            };
+            let options = PgConnectOptions::from_str(url).map_err(connect_error)?;
+            match options.connect().await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    Ok(true)
+                }
+                // invalid_catalog_name: the server is there, the database not.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => Ok(false),
+                Err(e) => Err(connect_error(e)),
+            }
+        }
+    }
+}
+
 async fn create_postgres_database_if_missing(url: &str) -> Result<()> {
     let connect_error = |source| Error::Connect {
         url: redact(url),

@@ -108,7 +108,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     }
     if let Some(worker) = args.into {
         // Refused before touching NATS or a database.
-        into::check(worker, &stream, &args)?;
+        into::check(worker, &stream, &args).await?;
     }
     let bus = super::connect(nats_url).await?;
     if args.follow && stream == "COMMANDS" {

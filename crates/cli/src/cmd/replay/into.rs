@@ -35,7 +35,7 @@ use super::{Args, Format};
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Refuses what cannot work, before anything is read or opened.
-pub(super) fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Result<()> {
+pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Result<()> {
     let force = args.force_reprocess.as_deref();
     if worker == Name::Identity {
         bail!(
@@ -64,14 +64,16 @@ pub(super) fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Result<(
         // A dry run changes nothing, so it does not create the database.
         let service = worker.as_str();
         let url = args.database_url.replace("{service}", service);
-        if let Some(path) = url.strip_prefix("sqlite:") {
-            let path = path.trim_start_matches("//");
-            let path = path.split('?').next().unwrap_or(path);
-            if !std::path::Path::new(path).exists() {
-                bail!(
-                    "no {service} database at {path}: nothing to compare with (check --database-url / DATABASE_URL)"
-                );
-            }
+        let shown = skein_outbox::store::redact(&url);
+        let exists = skein_outbox::store::database_exists(&url)
+            .await
+            .with_context(|| {
+                format!("cannot look for the {service} database {shown}; check --database-url / DATABASE_URL")
+            })?;
+        if !exists {
+            bail!(
+                "no {service} database at {shown}: nothing to compare with (check --database-url / DATABASE_URL)"
+            );
         }
     }
     Ok(())
