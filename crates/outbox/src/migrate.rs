@@ -3,6 +3,11 @@
 //! Each component (the outbox itself, each worker) keeps its own numbered
 //! migrations with one SQL text per backend. Applied versions are recorded
 //! in `skein_migrations` per component, so components never collide.
+//!
+//! A migration runs in a transaction that holds the database's migration
+//! lock (SQLite's write lock, a PostgreSQL advisory lock), so copies
+//! starting together apply each once; versions already applied are skipped
+//! without taking it.
 
 use sqlx::Executor;
 
@@ -80,7 +85,17 @@ async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Re
                 .map_err(Error::query("cannot create skein_migrations"))?;
         }
     }
-    for m in migrations {
+    // What is applied already, read without a lock: a start with nothing
+    // to apply (every start but the first of a version) takes no write
+    // lock, so it does not wait for another process's transaction. Each
+    // version missing here is checked again under the lock.
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM skein_migrations WHERE component = $1")
+            .bind(component)
+            .fetch_all(store.pool())
+            .await
+            .map_err(Error::query("cannot read skein_migrations"))?;
+    for m in migrations.iter().filter(|m| !applied.contains(&m.version)) {
         let failed = |source| Error::Migrate {
             component: component.to_owned(),
             version: m.version,

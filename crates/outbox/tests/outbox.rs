@@ -1694,3 +1694,36 @@ async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Res
     }
     Ok(())
 }
+
+/// A copy that starts while another process holds SQLite's write lock (a
+/// long transaction) is not held up by migrations already applied: it
+/// reads what is applied without taking the lock.
+#[tokio::test]
+async fn sqlite_a_start_with_nothing_to_migrate_does_not_wait_for_the_write_lock(
+) -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    let mut holder = h.store.begin().await?;
+    insert_item(&mut holder, "held", 0).await?;
+    let started = tokio::time::timeout(Duration::from_secs(5), async {
+        let copy = Store::connect_with(skein_outbox::StoreConfig {
+            busy_timeout: Duration::from_millis(200),
+            ..skein_outbox::StoreConfig::new(h.db.url())
+        })
+        .await?;
+        copy.migrate("test_items", ITEMS).await?;
+        anyhow::Ok(copy)
+    })
+    .await
+    .context("the start waited for the write lock")?
+    .context("the start failed while another process held the write lock")?;
+    holder.rollback().await?;
+    let versions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM skein_migrations")
+        .fetch_one(started.pool())
+        .await?;
+    ensure!(
+        versions == i64::try_from(skein_outbox::MIGRATIONS.len() + ITEMS.len())?,
+        "{versions} versions recorded"
+    );
+    started.close().await;
+    Ok(())
+}
