@@ -444,7 +444,7 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
 
 /// `skein worker --health-http`: live and ready while all is well; not
 /// ready (and still live) while NATS is away, ready again once it is back;
-/// not ready while stopping; a taken address refused at start.
+/// a taken address refused at start; SIGTERM stops it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_s_health_endpoint_says_live_ready_and_what_fails() -> anyhow::Result<()> {
     let mut server = NatsServer::start().await?;

@@ -103,6 +103,9 @@ pub struct PendingRow {
 }
 
 /// The outbox relay of one database.
+///
+/// Run one relay per [`Store`] (per process): the relays of one store share
+/// its wake-up on commit, which only one of them receives.
 #[derive(Debug, Clone)]
 pub struct Relay {
     store: Store,
@@ -409,42 +412,39 @@ impl Relay {
     /// Until the next attempt to take the lock (half a lease), or until
     /// `shutdown` (then returns `true`): on SQLite, wakes the active relay
     /// whenever this process commits, and once at the start for what it
-    /// committed before.
+    /// committed before. Returns early, to try the lock, when no relay
+    /// holds the lease.
     async fn stand_by(&self, shutdown: &CancellationToken) -> bool {
         let retry = tokio::time::Instant::now() + self.config.lease / 2;
         if self.store.backend() == Backend::Postgres {
             // NOTIFY reaches the active relay from every process.
             return sleep_or_cancel(shutdown, self.config.lease / 2).await;
         }
-        let holder = match self.holder().await {
-            Ok(holder) => holder,
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot read the relay lease; not waking the active relay");
-                None
-            }
-        };
         let client = self.publisher.client();
-        let wake = |holder: &str| {
-            let client = client.clone();
-            let subject = wake_subject(holder);
-            async move {
-                if let Err(e) = client.publish(subject, Bytes::new()).await {
-                    tracing::debug!(error = %e, "cannot wake the active relay; it polls");
-                }
-            }
-        };
-        if let Some(holder) = &holder {
-            wake(holder).await;
-        }
+        let mut holder = None;
+        let mut read_at = None::<tokio::time::Instant>;
         loop {
+            // The holder, read again at most every HOLDER_MAX_AGE: another
+            // relay may have taken over since.
+            if read_at.is_none_or(|at| at.elapsed() >= HOLDER_MAX_AGE) {
+                read_at = Some(tokio::time::Instant::now());
+                holder = match self.holder().await {
+                    Ok(Some(owner)) => Some(owner),
+                    // Nobody holds it: try to take it now.
+                    Ok(None) => return false,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot read the relay lease; not waking the active relay");
+                        None
+                    }
+                };
+            }
+            if let Some(holder) = &holder {
+                wake(&client, holder).await;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return true,
                 _ = tokio::time::sleep_until(retry) => return false,
-                _ = self.store.committed() => {
-                    if let Some(holder) = &holder {
-                        wake(holder).await;
-                    }
-                }
+                _ = self.store.committed() => {}
             }
         }
     }
@@ -482,7 +482,14 @@ impl Relay {
                 .subscribe(wake_subject(&self.owner))
                 .await
             {
-                Ok(subscriber) => Wakeups::Nats(subscriber),
+                Ok(subscriber) => {
+                    // The server knows the subscription before the first
+                    // pass: a wake-up sent after that pass read is not lost.
+                    if let Err(e) = self.publisher.client().flush().await {
+                        tracing::debug!(error = %e, "cannot flush the wake-up subscription");
+                    }
+                    Wakeups::Nats(subscriber)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot subscribe to wake-ups from other processes; their rows wait for the poll");
                     Wakeups::None
@@ -756,6 +763,26 @@ impl Wakeups {
             }
             Wakeups::None => std::future::pending().await,
         }
+    }
+}
+
+/// How long a standby relay trusts the lease holder it read before it reads
+/// it again to wake it.
+const HOLDER_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Wakes the SQLite relay holding the lease as `holder`, if NATS is
+/// reachable now: never waits for a reconnection (the holder polls).
+async fn wake(client: &async_nats::Client, holder: &str) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return;
+    }
+    let sent = tokio::time::timeout(
+        Duration::from_millis(100),
+        client.publish(wake_subject(holder), Bytes::new()),
+    )
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
+        tracing::debug!("cannot wake the active relay; it polls");
     }
 }
 

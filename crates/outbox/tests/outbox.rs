@@ -1665,7 +1665,7 @@ async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Res
     let h = Harness::start(Backend::Sqlite).await?;
     h.relay(RelayConfig {
         poll_interval: Duration::from_secs(3600),
-        lease: Duration::from_millis(900),
+        lease: Duration::from_secs(2),
         ..fast_relay()
     })
     .spawn(h.shutdown.clone());
@@ -1682,9 +1682,9 @@ async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Res
     })
     .await
     .context("the relay did not take its lease")?;
-    // Three leases long, nothing committed.
-    for _ in 0..6 {
-        tokio::time::sleep(Duration::from_millis(450)).await;
+    // Two and a half leases long, nothing committed.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let left = lease_left().await?.context("the lease row is gone")?;
         ensure!(
             left > 0,
@@ -1725,5 +1725,42 @@ async fn sqlite_a_start_with_nothing_to_migrate_does_not_wait_for_the_write_lock
         "{versions} versions recorded"
     );
     started.close().await;
+    Ok(())
+}
+
+/// A standby relay whose process commits after the active relay (in
+/// another process) stopped and gave its lease back takes the lease itself
+/// and publishes at once, instead of waking the gone relay until its next
+/// attempt at the lock.
+#[tokio::test]
+async fn sqlite_a_standby_that_commits_after_the_holder_left_takes_over_at_once(
+) -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    // Attempts at the lock five minutes apart, no poll within the test.
+    let slow = RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        lease: Duration::from_secs(600),
+        ..fast_relay()
+    };
+    let first_stop = CancellationToken::new();
+    let first = h.relay(slow.clone()).spawn(first_stop.clone());
+    h.write("a", 1).await?;
+    h.backlog_at_most(0, Duration::from_secs(3))
+        .await
+        .context("the first relay did not publish")?;
+    let other = Store::connect(h.db.url()).await?;
+    Relay::new(other.clone(), h.bus.publisher(), slow).spawn(h.shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The first relay stops and gives its lease back.
+    first_stop.cancel();
+    first.await?;
+    // Past the time the standby trusts the holder it read.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut tx = other.begin().await?;
+    tx.publish(&happened("b", 2)?);
+    tx.commit().await?;
+    h.stream_holds(2, Duration::from_secs(3))
+        .await
+        .context("the standby did not take over when its process committed")?;
     Ok(())
 }

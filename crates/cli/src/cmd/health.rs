@@ -3,10 +3,12 @@
 //!
 //! - `GET /health/live`: 200 while every part of every worker in this
 //!   process runs (the outbox relay, each consumer, each background task),
-//!   else 503 naming the parts that stopped. A part stops only at shutdown
-//!   or when it failed for good (a panic), which a restart repairs, so a
-//!   supervisor may restart the process on it. NATS or a database being
-//!   away is not a reason: the workers reconnect by themselves.
+//!   else 503 naming the parts that stopped. A part stops before shutdown
+//!   only when it failed for good (a panic): `skein worker` then stops the
+//!   process with an error, for a supervisor to restart it, and this
+//!   answers 503 meanwhile. While the process stops on a signal it
+//!   answers 200. NATS or a database being away is not a reason: the
+//!   workers reconnect by themselves.
 //! - `GET /health/ready`: 200 when the process is live, connected to NATS,
 //!   and every worker's database answers within two seconds; 503 naming what
 //!   fails otherwise, and while the process is stopping.
@@ -152,8 +154,24 @@ impl Health {
 
 async fn live(State(checked): State<Arc<Checked>>) -> Response {
     let mut health = Health::new();
-    health.liveness(&checked);
+    // Parts stop one by one as the process stops: that is no failure.
+    if !checked.stopping.load(Ordering::Relaxed) {
+        health.liveness(&checked);
+    }
     health.into_response()
+}
+
+/// The first part of a worker in `probes` found stopped, checked once a
+/// second; pending while all run.
+pub(crate) async fn first_stopped(probes: &[HostProbe]) -> String {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for probe in probes {
+            if let Some(part) = probe.stopped().into_iter().next() {
+                return format!("{}: {part} stopped", probe.name());
+            }
+        }
+    }
 }
 
 async fn ready(State(checked): State<Arc<Checked>>) -> Response {

@@ -143,8 +143,14 @@ impl Name {
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     args.settings.check()?;
+    // Each worker once, in the order given.
     let mut names = args.names.clone();
-    names.dedup();
+    let mut seen = Vec::new();
+    names.retain(|n| {
+        let first = !seen.contains(n);
+        seen.push(*n);
+        first
+    });
     let listener = match args.health_http {
         Some(addr) => Some(super::health::bind(addr).await?),
         None => None,
@@ -156,22 +162,32 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let data_dir = Path::new(DEFAULT_DATA_DIR);
     let admin = admin_seed(&args.settings);
     let hosts = start(&bus, &names, &args.settings, data_dir, admin).await?;
-    let health = listener.map(|listener| {
-        let probes = hosts.iter().map(Host::probe).collect();
-        HealthServer::start(listener, bus.clone(), probes)
-    });
-    skein_service::standalone::wait_for_stop().await?;
-    eprintln!("stopping: finishing messages in flight");
-    if let Some(health) = &health {
-        health.stopping();
-    }
+    let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
+    let health =
+        listener.map(|listener| HealthServer::start(listener, bus.clone(), probes.clone()));
+    // A part that stops on its own (a panic) does not come back: stop the
+    // process with an error, so that its supervisor restarts it.
+    let failed = tokio::select! {
+        stop = skein_service::standalone::wait_for_stop() => {
+            stop?;
+            eprintln!("stopping: finishing messages in flight");
+            if let Some(health) = &health {
+                health.stopping();
+            }
+            None
+        }
+        stopped = super::health::first_stopped(&probes) => Some(stopped),
+    };
     for host in hosts.into_iter().rev() {
         host.shutdown().await;
     }
     if let Some(health) = health {
         health.stop();
     }
-    Ok(())
+    match failed {
+        Some(stopped) => anyhow::bail!("{stopped} on its own; the process stopped, restart it"),
+        None => Ok(()),
+    }
 }
 
 /// Starts `names` on `bus`, each with its own database, identity with
