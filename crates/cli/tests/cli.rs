@@ -430,16 +430,26 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
     );
 
     for child in [&mut first, &mut second] {
-        let pid = child.id().context("no pid")?;
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-            .await
-            .context("did not stop on SIGTERM")??;
+        let status = terminate(child, Duration::from_secs(15)).await?;
         ensure!(status.success(), "exited with {status}");
     }
     Ok(())
+}
+
+/// Sends `child` SIGTERM and waits up to `within` for its exit status.
+async fn terminate(
+    child: &mut tokio::process::Child,
+    within: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = child.id().context("already exited")?;
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    tokio::time::timeout(within, child.wait())
+        .await
+        .context("did not stop on SIGTERM")?
+        .context("cannot wait for it")
 }
 
 /// `skein worker --health-http`: live and ready while all is well; not
@@ -523,13 +533,7 @@ async fn a_worker_s_health_endpoint_says_live_ready_and_what_fails() -> anyhow::
     .await
     .context("not ready again after NATS came back")?;
 
-    let pid = worker.id().context("no pid")?;
-    std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    let status = tokio::time::timeout(Duration::from_secs(15), worker.wait())
-        .await
-        .context("did not stop on SIGTERM")??;
+    let status = terminate(&mut worker, Duration::from_secs(15)).await?;
     ensure!(status.success(), "exited with {status}");
     Ok(())
 }
@@ -724,12 +728,7 @@ impl Up {
 
     /// SIGTERM, then the exit status.
     async fn stop(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = self.child.id().context("already exited")?;
-        tokio::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .await?;
-        Ok(tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await??)
+        terminate(&mut self.child, Duration::from_secs(30)).await
     }
 }
 
@@ -1239,12 +1238,7 @@ async fn replay_follow_prints_the_history_then_what_arrives_until_stopped() -> a
         .await??
         .context("nothing followed")?;
     ensure!(second.contains("\"n\":2"), "{second}");
-    let pid = child.id().context("exited")?;
-    tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await??;
+    let status = terminate(&mut child, Duration::from_secs(10)).await?;
     ensure!(
         status.success(),
         "Ctrl-C or SIGTERM ends it cleanly: {status}"
