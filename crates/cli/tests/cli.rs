@@ -348,16 +348,7 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
     let bus = bus(&server).await?;
     let dir = tempfile::tempdir()?;
     let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
-    let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
-            .args(["worker", "catalog"])
-            .env("NATS_URL", server.url())
-            .env("DATABASE_URL", &database_url)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-    };
+    let spawn = || spawn_worker(&server, &database_url, &["catalog"]);
     let mut first = spawn()?;
     eventually(Duration::from_secs(20), || async {
         (service_replies(&bus, "PING", "catalog").await.ok()?.len() == 1).then_some(())
@@ -436,6 +427,24 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
     Ok(())
 }
 
+/// `skein worker ARGS` on `server` and the databases of `database_url`,
+/// its errors kept.
+fn spawn_worker(
+    server: &NatsServer,
+    database_url: &str,
+    args: &[&str],
+) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .arg("worker")
+        .args(args)
+        .env("NATS_URL", server.url())
+        .env("DATABASE_URL", database_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
 /// Sends `child` SIGTERM and waits up to `within` for its exit status.
 async fn terminate(
     child: &mut tokio::process::Child,
@@ -463,14 +472,11 @@ async fn a_worker_s_health_endpoint_says_live_ready_and_what_fails() -> anyhow::
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let spawn = || {
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
-            .args(["worker", "catalog", "orders", "--health-http", &addr])
-            .env("NATS_URL", server.url())
-            .env("DATABASE_URL", &database_url)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
+        spawn_worker(
+            &server,
+            &database_url,
+            &["catalog", "orders", "--health-http", &addr],
+        )
     };
     let mut worker = spawn()?;
     let get = |path: &'static str| http(port, "GET", path, None, &[], None);
