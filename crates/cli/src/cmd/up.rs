@@ -161,13 +161,24 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
     let server = tokio::spawn(ingress.run_until(async {
         let _ = stop_rx.await;
     }));
+    // A worker's part that stops on its own (a panic) does not come back:
+    // stop everything, with an error, as `skein worker` does.
+    let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
+    let mut part_stopped = None;
     let server_result = tokio::select! {
         r = skein_service::standalone::wait_for_stop() => { r?; None }
         r = server => Some(r),
+        stopped = super::health::first_stopped(&probes) => {
+            part_stopped = Some(stopped);
+            None
+        }
     };
     eprintln!("stopping: finishing requests and messages in flight");
     let _ = stop_tx.send(());
     stop_hosts(hosts).await;
+    if let Some(stopped) = part_stopped {
+        anyhow::bail!("{stopped} on its own; everything stopped, start skein up again");
+    }
     match server_result {
         Some(r) => r
             .context("the ingress task failed")?
