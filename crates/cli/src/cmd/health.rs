@@ -205,3 +205,36 @@ async fn ready(State(checked): State<Arc<Checked>>) -> Response {
     }
     health.into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skein_bus::BusConfig;
+    use skein_outbox::Store;
+    use skein_service::{Host, HostConfig};
+    use skein_testkit::{Backend, NatsServer, TestDb};
+
+    /// The watch `skein worker` and `skein up` keep: pending while every
+    /// part runs, then the first part that stopped, named.
+    #[tokio::test]
+    async fn the_watch_names_the_first_part_that_stopped() -> anyhow::Result<()> {
+        let nats = NatsServer::start().await?;
+        let bus = Bus::connect(&BusConfig::new(nats.url(), "health-test")).await?;
+        let db = TestDb::new(Backend::Sqlite).await?;
+        let store = Store::connect(db.url()).await?;
+        let host = Host::start(bus, store, HostConfig::new("watched")).await?;
+        let probes = vec![host.probe()];
+        let watch = tokio::spawn(async move { first_stopped(&probes).await });
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        anyhow::ensure!(!watch.is_finished(), "the watch ended while every part ran");
+        host.abort();
+        let stopped = tokio::time::timeout(Duration::from_secs(5), watch)
+            .await
+            .context("the watch did not see the relay stop")??;
+        anyhow::ensure!(
+            stopped == "watched: the outbox relay stopped",
+            "the watch said {stopped:?}"
+        );
+        Ok(())
+    }
+}
