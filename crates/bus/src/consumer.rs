@@ -20,13 +20,19 @@
 //! | transient error at `max_deliver`, permanent error, undecodable message | dead letter, then ack |
 //!
 //! While a handler runs, the runtime sends "in progress" to the server every
-//! third of `ack_wait`, so a slow handler is not redelivered to another copy.
+//! third of `ack_wait`, so a slow handler is not redelivered to another copy;
+//! so it does for a message handed to a lane that waits behind others there
+//! (a slow entity's backlog), which would otherwise be redelivered while it
+//! waits, run twice and count deliveries towards the dead-letter limit
+//! without ever failing. (Messages pulled and not yet handed to a lane, at
+//! most one pull batch, wait only while a lane's queue is full.)
 //! The server itself redelivers without limit (`max_deliver = -1` on the
 //! consumer): the runtime counts deliveries and dead-letters a message that
 //! exceeded the limit *before* running it, so a message whose handler kills
 //! its process every time still ends in the DLQ.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -130,6 +136,12 @@ impl WorkerConfig {
         }
     }
 
+    /// How often a message held by this copy is reported in progress: a
+    /// third of `ack_wait`, at least 100 ms.
+    fn progress_period(&self) -> Duration {
+        (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
     fn delay_for(&self, delivered: u64) -> Duration {
         let i = usize::try_from(delivered.saturating_sub(1)).unwrap_or(usize::MAX);
         self.backoff
@@ -193,20 +205,30 @@ impl Worker {
         let name = runtime.config.name.clone();
         let stream = runtime.config.stream.clone();
         let lanes = runtime.config.lanes.max(1);
+        let waiting = Arc::new(Waiting::default());
         let mut senders = Vec::with_capacity(lanes);
         let mut lane_tasks = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             // A short queue per lane: the pull batch, not the lanes, is the buffer.
-            let (tx, mut rx) = mpsc::channel::<jetstream::Message>(8);
+            let (tx, mut rx) = mpsc::channel::<(u64, jetstream::Message)>(8);
             senders.push(tx);
             let runtime = runtime.clone();
+            let waiting = waiting.clone();
             lane_tasks.push(tokio::spawn(async move {
-                while let Some(message) = rx.recv().await {
+                while let Some((key, message)) = rx.recv().await {
+                    waiting.remove(key);
                     runtime.process(message).await;
                 }
             }));
         }
         let mut aborts: Vec<_> = lane_tasks.iter().map(JoinHandle::abort_handle).collect();
+        let keeper = tokio::spawn(keep_waiting(
+            bus.client().clone(),
+            waiting.clone(),
+            runtime.config.progress_period(),
+        ))
+        .abort_handle();
+        aborts.push(keeper.clone());
         let figures = tokio::spawn(watch_figures(
             bus.clone(),
             spec.clone(),
@@ -220,8 +242,12 @@ impl Worker {
             bus.clone(),
             spec,
             consumer,
-            senders,
-            lane_tasks,
+            Lanes {
+                senders,
+                tasks: lane_tasks,
+                waiting,
+                keeper,
+            },
             shutdown.clone(),
         ));
         Ok(RunningWorker {
@@ -295,15 +321,29 @@ struct Runtime<H> {
     stats: Arc<WorkerStats>,
 }
 
+/// A worker copy's lanes: where messages go, the tasks that run them, and
+/// the messages waiting in them, kept from redelivery by `keeper`.
+struct Lanes {
+    senders: Vec<mpsc::Sender<(u64, jetstream::Message)>>,
+    tasks: Vec<JoinHandle<()>>,
+    waiting: Arc<Waiting>,
+    keeper: tokio::task::AbortHandle,
+}
+
 async fn run<H: Handler>(
     runtime: Arc<Runtime<H>>,
     bus: Bus,
     spec: ConsumerSpec,
     mut consumer: jetstream::consumer::Consumer<pull::Config>,
-    senders: Vec<mpsc::Sender<jetstream::Message>>,
-    lane_tasks: Vec<JoinHandle<()>>,
+    lanes_of: Lanes,
     shutdown: CancellationToken,
 ) {
+    let Lanes {
+        senders,
+        tasks: lane_tasks,
+        waiting,
+        keeper,
+    } = lanes_of;
     let lanes = senders.len();
     let mut backoff = Duration::from_millis(100);
     'pull: while !shutdown.is_cancelled() {
@@ -339,7 +379,8 @@ async fn run<H: Handler>(
                 Some(Ok(message)) => {
                     backoff = Duration::from_millis(100);
                     let lane = lane_of(&message, lanes);
-                    if senders[lane].send(message).await.is_err() {
+                    let key = waiting.add(&message);
+                    if senders[lane].send((key, message)).await.is_err() {
                         break 'pull;
                     }
                 }
@@ -375,7 +416,70 @@ async fn run<H: Handler>(
     for task in lane_tasks {
         let _ = task.await;
     }
+    keeper.abort();
     tracing::info!(worker = %runtime.config.name, "worker stopped");
+}
+
+/// Messages handed to a lane and not yet started, with their reply
+/// subjects (where acknowledgements go) and when they were last reported
+/// in progress.
+#[derive(Debug, Default)]
+struct Waiting {
+    next: std::sync::atomic::AtomicU64,
+    messages: std::sync::Mutex<HashMap<u64, (async_nats::Subject, tokio::time::Instant)>>,
+}
+
+impl Waiting {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, (async_nats::Subject, tokio::time::Instant)>> {
+        // The map stays consistent whatever a panicking holder did.
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `message` as waiting; the key to remove it with.
+    fn add(&self, message: &jetstream::Message) -> u64 {
+        let key = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(reply) = &message.reply {
+            self.lock()
+                .insert(key, (reply.clone(), tokio::time::Instant::now()));
+        }
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.lock().remove(&key);
+    }
+}
+
+/// Reports "in progress" every `period` for each message that has waited
+/// in a lane that long since it arrived or was last reported.
+async fn keep_waiting(client: async_nats::Client, waiting: Arc<Waiting>, period: Duration) {
+    let progress = bytes::Bytes::from_static(b"+WPI");
+    let mut ticks = tokio::time::interval(period / 2);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let due: Vec<async_nats::Subject> = {
+            let mut messages = waiting.lock();
+            let now = tokio::time::Instant::now();
+            messages
+                .values_mut()
+                .filter(|(_, at)| now.duration_since(*at) >= period)
+                .map(|(reply, at)| {
+                    *at = now;
+                    reply.clone()
+                })
+                .collect()
+        };
+        for reply in due {
+            if let Err(e) = client.publish(reply, progress.clone()).await {
+                tracing::debug!(error = %e, "cannot send in-progress for a waiting message");
+            }
+        }
+    }
 }
 
 /// Keeps the gauges `consumer_lag` (messages not yet delivered to the
@@ -543,7 +647,7 @@ impl<H: Handler> Runtime<H> {
     ) -> Result<(), HandlerError> {
         let handle = self.handler.handle(delivery);
         tokio::pin!(handle);
-        let period = (self.config.ack_wait / 3).max(Duration::from_millis(100));
+        let period = self.config.progress_period();
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {

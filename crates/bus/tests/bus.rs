@@ -892,6 +892,51 @@ async fn a_slow_handler_keeps_its_message_by_reporting_progress() -> anyhow::Res
     Ok(())
 }
 
+/// Messages waiting in a lane behind a slow one (one entity's backlog) are
+/// reported in progress too: each runs once, none is redelivered while it
+/// waits longer than `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_waiting_behind_a_slow_one_keep_theirs_by_reporting_progress() -> anyhow::Result<()>
+{
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "queued";
+    let calls: Arc<Mutex<Vec<(u32, u64)>>> = Arc::default();
+    let mut config = fast_worker(WORKER);
+    config.ack_wait = Duration::from_secs(1);
+    let running = Worker::start(&bus, config, {
+        let calls = calls.clone();
+        handler(move |d: Delivery| {
+            let calls = calls.clone();
+            async move {
+                let event: Happened = d
+                    .envelope
+                    .decode()
+                    .map_err(|e| HandlerError::permanent(e.to_string()))?;
+                lock_in_handler(&calls)?.push((event.n, d.info.delivered));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    // One entity, one lane: the last waits about 2.5 s, past ack_wait.
+    for n in 1..=6 {
+        bus.publisher().publish(&happened("e-1", n)?).await?;
+    }
+    handled_at_least(running.stats(), 6, Duration::from_secs(15)).await?;
+    let info = all_acked(&bus, WORKER, Duration::from_secs(3)).await?;
+    assert_eq!(info.num_redelivered, 0, "redelivered: {info:?}");
+    assert_eq!(
+        lock(&calls)?.clone(),
+        (1..=6).map(|n| (n, 1)).collect::<Vec<_>>(),
+        "each once, first delivery, in order"
+    );
+    running.shutdown().await;
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // Service API, connecting, broker restarts
 // ---------------------------------------------------------------------------
