@@ -24,8 +24,11 @@
 //! so it does for a message handed to a lane that waits behind others there
 //! (a slow entity's backlog), which would otherwise be redelivered while it
 //! waits, run twice and count deliveries towards the dead-letter limit
-//! without ever failing. (Messages pulled and not yet handed to a lane, at
-//! most one pull batch, wait only while a lane's queue is full.)
+//! without ever failing. Messages pulled and not yet handed to a lane are
+//! not reported: they wait only while the lane they go to is full (its
+//! queue holds 8), but then so does the rest of the pull batch, and what
+//! waits longer than `ack_wait` there is redelivered (the inbox absorbs the
+//! second run).
 //! The server itself redelivers without limit (`max_deliver = -1` on the
 //! consumer): the runtime counts deliveries and dead-letters a message that
 //! exceeded the limit *before* running it, so a message whose handler kills
@@ -35,7 +38,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, AckKind};
@@ -210,13 +213,14 @@ impl Worker {
         let mut lane_tasks = Vec::with_capacity(lanes);
         for _ in 0..lanes {
             // A short queue per lane: the pull batch, not the lanes, is the buffer.
-            let (tx, mut rx) = mpsc::channel::<(u64, jetstream::Message)>(8);
+            let (tx, rx) = mpsc::channel::<(u64, jetstream::Message)>(8);
             senders.push(tx);
             let runtime = runtime.clone();
             let waiting = waiting.clone();
             lane_tasks.push(tokio::spawn(async move {
-                while let Some((key, message)) = rx.recv().await {
-                    waiting.remove(key);
+                let mut lane = LaneQueue { rx, waiting };
+                while let Some((key, message)) = lane.rx.recv().await {
+                    lane.waiting.start(key).await;
                     runtime.process(message).await;
                 }
             }));
@@ -224,7 +228,7 @@ impl Worker {
         let mut aborts: Vec<_> = lane_tasks.iter().map(JoinHandle::abort_handle).collect();
         let keeper = tokio::spawn(keep_waiting(
             bus.client().clone(),
-            waiting.clone(),
+            Arc::downgrade(&waiting),
             runtime.config.progress_period(),
         ))
         .abort_handle();
@@ -381,6 +385,7 @@ async fn run<H: Handler>(
                     let lane = lane_of(&message, lanes);
                     let key = waiting.add(&message);
                     if senders[lane].send((key, message)).await.is_err() {
+                        waiting.remove(key);
                         break 'pull;
                     }
                 }
@@ -427,6 +432,10 @@ async fn run<H: Handler>(
 struct Waiting {
     next: std::sync::atomic::AtomicU64,
     messages: std::sync::Mutex<HashMap<u64, (async_nats::Subject, tokio::time::Instant)>>,
+    /// Held by the keeper while it sends reports; a lane starting a message
+    /// waits for it, so no report of a message follows its ack or nak (a
+    /// report after a nak would stretch the nak's backoff to `ack_wait`).
+    reporting: tokio::sync::Mutex<()>,
 }
 
 impl Waiting {
@@ -452,22 +461,52 @@ impl Waiting {
     fn remove(&self, key: u64) {
         self.lock().remove(&key);
     }
+
+    /// The message `key` leaves the queue to run: no more reports from the
+    /// keeper, once those already on their way are sent.
+    async fn start(&self, key: u64) {
+        self.remove(key);
+        drop(self.reporting.lock().await);
+    }
 }
 
-/// Reports "in progress" every `period` for each message that has waited
-/// in a lane that long since it arrived or was last reported.
-async fn keep_waiting(client: async_nats::Client, waiting: Arc<Waiting>, period: Duration) {
+/// A lane's queue. However the lane's task ends (a handler that panicked),
+/// the messages still queued stop being reported in progress, so the
+/// server redelivers them after `ack_wait`.
+struct LaneQueue {
+    rx: mpsc::Receiver<(u64, jetstream::Message)>,
+    waiting: Arc<Waiting>,
+}
+
+impl Drop for LaneQueue {
+    fn drop(&mut self) {
+        self.rx.close();
+        while let Ok((key, _)) = self.rx.try_recv() {
+            self.waiting.remove(key);
+        }
+    }
+}
+
+/// Reports "in progress", every half `period`, for each message that has
+/// waited in a lane that long since it arrived or was last reported; ends
+/// with the worker (when `waiting` is gone).
+async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period: Duration) {
     let progress = bytes::Bytes::from_static(b"+WPI");
-    let mut ticks = tokio::time::interval(period / 2);
+    let every = period / 2;
+    let mut ticks = tokio::time::interval(every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
+        let Some(waiting) = waiting.upgrade() else {
+            return;
+        };
+        let _reporting = waiting.reporting.lock().await;
         let due: Vec<async_nats::Subject> = {
             let mut messages = waiting.lock();
             let now = tokio::time::Instant::now();
             messages
                 .values_mut()
-                .filter(|(_, at)| now.duration_since(*at) >= period)
+                .filter(|(_, at)| now.duration_since(*at) >= every)
                 .map(|(reply, at)| {
                     *at = now;
                     reply.clone()
@@ -648,7 +687,9 @@ impl<H: Handler> Runtime<H> {
         let handle = self.handler.handle(delivery);
         tokio::pin!(handle);
         let period = self.config.progress_period();
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // The first report after half a period: the message may have waited
+        // up to a period in its lane since the last one.
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period / 2, period);
         loop {
             tokio::select! {
                 result = &mut handle => return result,
