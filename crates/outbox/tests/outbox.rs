@@ -1764,3 +1764,45 @@ async fn sqlite_a_standby_that_commits_after_the_holder_left_takes_over_at_once(
         .context("the standby did not take over when its process committed")?;
     Ok(())
 }
+
+/// A relay that finds its lease taken (here written over, as a relay that
+/// took an expired lease would) ends its term by marking the rows it
+/// published and had not yet marked, so the next relay does not send them
+/// again; it then stands by and publishes nothing more.
+#[tokio::test]
+async fn sqlite_a_relay_that_loses_its_lease_marks_what_it_published() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    let relay = h.relay(RelayConfig {
+        mark_delay: Duration::from_secs(3600),
+        ..fast_relay()
+    });
+    relay.clone().spawn(h.shutdown.clone());
+    for n in 0..5 {
+        h.write("e", n).await?;
+    }
+    h.stream_holds(5, Duration::from_secs(10))
+        .await
+        .context("the relay did not publish")?;
+    ensure!(
+        h.store.outbox_backlog().await? == 5,
+        "the rows were marked before their delay"
+    );
+    // Another owner holds the lease from now on, for longer than the test.
+    let far = skein_outbox::now_micros() + 3_600_000_000;
+    sqlx::query("UPDATE skein_relay_lease SET owner = 'someone else', expires_at = $1")
+        .bind(far)
+        .execute(h.store.pool())
+        .await?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("the relay that lost its lease did not mark the rows it had published")?;
+    // Standing by: a new row waits for the holder.
+    h.write("e", 5).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        h.stream_messages().await?.len() == 5,
+        "a relay without the lease published"
+    );
+    ensure!(relay.duplicates() == 0);
+    Ok(())
+}
