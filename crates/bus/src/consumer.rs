@@ -500,6 +500,12 @@ async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period
         let Some(waiting) = waiting.upgrade() else {
             return;
         };
+        // Not while reconnecting: a publish would wait for the connection,
+        // holding up every lane (the server keeps nothing alive meanwhile
+        // anyway).
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
         let _reporting = waiting.reporting.lock().await;
         let due: Vec<async_nats::Subject> = {
             let mut messages = waiting.lock();
@@ -514,8 +520,15 @@ async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period
                 .collect()
         };
         for reply in due {
-            if let Err(e) = client.publish(reply, progress.clone()).await {
-                tracing::debug!(error = %e, "cannot send in-progress for a waiting message");
+            // Bounded: lanes wait for the reports to be sent.
+            let sent = tokio::time::timeout(
+                Duration::from_millis(100),
+                client.publish(reply, progress.clone()),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!("cannot send in-progress for waiting messages now");
+                break;
             }
         }
     }
