@@ -13,19 +13,35 @@ use crate::error::{Error, Result};
 use crate::relay::{decode_row, PendingRow};
 use crate::store::Store;
 
-/// Published rows still kept, in commit order, with a sequence above
-/// `after`, at most `limit`.
-pub async fn published_rows(store: &Store, after: i64, limit: i64) -> Result<Vec<PendingRow>> {
+/// Published rows still kept, marked published before `before` (Unix
+/// microseconds), in commit order, with a sequence above `after`, at most
+/// `limit`.
+pub async fn published_rows(
+    store: &Store,
+    after: i64,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<PendingRow>> {
     let rows = sqlx::query(
         "SELECT seq, id, subject, headers, payload FROM skein_outbox \
-         WHERE published_at IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+         WHERE published_at IS NOT NULL AND published_at < $2 AND seq > $1 ORDER BY seq LIMIT $3",
     )
     .bind(after)
+    .bind(before)
     .bind(limit)
     .fetch_all(store.pool())
     .await
     .map_err(Error::query("cannot read the outbox"))?;
     rows.iter().map(decode_row).collect()
+}
+
+/// Rows marked published at or after `since` (Unix microseconds).
+pub async fn published_since(store: &Store, since: i64) -> Result<i64> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM skein_outbox WHERE published_at >= $1")
+        .bind(since)
+        .fetch_one(store.pool())
+        .await
+        .map_err(Error::query("cannot read the outbox"))
 }
 
 /// The message ids the inbox of `handler` recorded (kept for the inbox
