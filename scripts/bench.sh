@@ -9,7 +9,9 @@
 # own store, a free port), every worker as its own `skein worker` process
 # (COPIES copies of each, sharing their consumer groups) and one `skein
 # ingress`, then runs `skein load`: once as fast as CONCURRENCY orders in
-# flight allow (the maximum rate), once open-loop at half that rate. Then the
+# flight allow (the maximum rate), once open-loop at half that rate, and
+# once at a low rate (LOW_RATE orders/s, LOW_ORDERS orders: the latency of
+# a system with time to spare, where a wake-up that comes late shows). Then the
 # floor under it on the same machine: raw JetStream publishing and
 # saga-shaped message chains with no service work (the skein-bus `floor`
 # example), database commits, the relay and one consumer through the inbox
@@ -33,6 +35,8 @@ ORDERS="${ORDERS:-2000}"
 CONCURRENCY="${CONCURRENCY:-64}"
 CUSTOMERS="${CUSTOMERS:-64}"
 COPIES="${COPIES:-1 2 4}"
+LOW_RATE="${LOW_RATE:-20}"
+LOW_ORDERS="${LOW_ORDERS:-400}"
 OUT="${OUT:-$root/target/bench}"
 PG_ADMIN="${SKEIN_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # The server part and the query string of PG_ADMIN, to name other databases
@@ -202,9 +206,13 @@ for backend in $backends; do
     max="$(field "$OUT/$name-max.json" throughput)"
     half="$(python3 -c "print(round($max / 2, 1))")"
     load "$name-half" --rate "$half"
-    for r in max half; do
+    ORDERS="$LOW_ORDERS" load "$name-low" --rate "$LOW_RATE"
+    for r in max half low; do
       f="$OUT/$name-$r.json"
-      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$( [ "$r" = half ] && echo ", $half/s offered")) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" machine_cpu.busy_percent) % | $(field "$f" machine_cpu.cpu_ms_per_order) | $(field "$f" ok) |")
+      offered=""
+      [ "$r" = half ] && offered=", $half/s offered"
+      [ "$r" = low ] && offered=", $LOW_RATE/s offered"
+      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$offered) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" machine_cpu.busy_percent) % | $(field "$f" machine_cpu.cpu_ms_per_order) | $(field "$f" ok) |")
     done
     stop_all
     drop_databases
