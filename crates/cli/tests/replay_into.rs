@@ -737,10 +737,11 @@ async fn bad_combinations_of_replay_into_say_what_is_wrong() -> anyhow::Result<(
     Ok(())
 }
 
-/// A dry run changes nothing: against a PostgreSQL server without the
-/// worker's database it says so, and the database is still not there.
+/// A dry run changes nothing, nor does an audit: against a PostgreSQL
+/// server without the worker's database they say so, and the database is
+/// still not there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dry_run_on_postgres_creates_no_database() -> anyhow::Result<()> {
+async fn a_dry_run_or_an_audit_on_postgres_creates_no_database() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
     let db = TestDb::new(Backend::Postgres).await?;
     let template = db.sibling_url("{service}");
@@ -759,6 +760,24 @@ async fn a_dry_run_on_postgres_creates_no_database() -> anyhow::Result<()> {
     ensure!(
         !skein_outbox::store::database_exists(&projector).await?,
         "the dry run created {projector}"
+    );
+    // Nor does an audit: it skips the service and says so.
+    let bus = Bus::connect(&BusConfig::new(server.url(), "audit-test")).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["audit", "--services", "projector"])
+        .env("NATS_URL", server.url())
+        .env("DATABASE_URL", &template)
+        .output()
+        .await?;
+    ensure!(
+        stderr(&out).contains("projector: no database at"),
+        "the audit did not say it skipped the missing database: {}",
+        stderr(&out)
+    );
+    ensure!(
+        !skein_outbox::store::database_exists(&projector).await?,
+        "the audit created {projector}"
     );
     Ok(())
 }

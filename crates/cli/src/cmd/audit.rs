@@ -286,12 +286,16 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
     for service in &services {
         let url = template.replace("{service}", service);
-        if let Some(path) = url.strip_prefix("sqlite:") {
-            let path = path.trim_start_matches("//");
-            if !Path::new(path.split('?').next().unwrap_or(path)).exists() {
-                eprintln!("{service}: no database at {path}; skipped");
-                continue;
-            }
+        let shown = skein_outbox::store::redact(&url);
+        // An audit changes nothing: a missing database is not created.
+        let exists = skein_outbox::store::database_exists(&url)
+            .await
+            .with_context(|| {
+                format!("cannot look for the {service} database {shown}; check --database-url")
+            })?;
+        if !exists {
+            eprintln!("{service}: no database at {shown}; skipped");
+            continue;
         }
         let store = Store::connect(&url)
             .await
