@@ -53,7 +53,7 @@ use crate::connect::Bus;
 use crate::dlq::{publish_dead_letter, DeadLetterInfo};
 use crate::error::{ErrorKind, HandlerError, Result};
 use crate::provision::{apply_consumer, ConsumerSpec};
-use crate::publish::Publisher;
+use crate::publish::{send_if_connected, Publisher};
 use crate::stats::WorkerStats;
 
 /// Where a message came from and how often it has been delivered.
@@ -425,13 +425,17 @@ async fn run<H: Handler>(
     tracing::info!(worker = %runtime.config.name, "worker stopped");
 }
 
+/// Each waiting message by key: its reply subject and when it was last
+/// reported in progress (or arrived).
+type WaitingMessages = HashMap<u64, (async_nats::Subject, tokio::time::Instant)>;
+
 /// Messages handed to a lane and not yet started, with their reply
 /// subjects (where acknowledgements go) and when they were last reported
 /// in progress.
 #[derive(Debug, Default)]
 struct Waiting {
     next: std::sync::atomic::AtomicU64,
-    messages: std::sync::Mutex<HashMap<u64, (async_nats::Subject, tokio::time::Instant)>>,
+    messages: std::sync::Mutex<WaitingMessages>,
     /// Held by the keeper while it sends reports; a lane starting a message
     /// waits for it, so no report of a message follows its ack or nak (a
     /// report after a nak would stretch the nak's backoff to `ack_wait`).
@@ -439,9 +443,7 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, (async_nats::Subject, tokio::time::Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WaitingMessages> {
         // The map stays consistent whatever a panicking holder did.
         self.messages
             .lock()
@@ -500,12 +502,6 @@ async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period
         let Some(waiting) = waiting.upgrade() else {
             return;
         };
-        // Not while reconnecting: a publish would wait for the connection,
-        // holding up every lane (the server keeps nothing alive meanwhile
-        // anyway).
-        if client.connection_state() != async_nats::connection::State::Connected {
-            continue;
-        }
         let _reporting = waiting.reporting.lock().await;
         let due: Vec<async_nats::Subject> = {
             let mut messages = waiting.lock();
@@ -519,14 +515,12 @@ async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period
                 })
                 .collect()
         };
+        // Never held up by a reconnection: lanes wait for the reports (and
+        // the server keeps nothing alive meanwhile anyway).
         for reply in due {
-            // Bounded: lanes wait for the reports to be sent.
-            let sent = tokio::time::timeout(
-                Duration::from_millis(100),
-                client.publish(reply, progress.clone()),
-            )
-            .await;
-            if !matches!(sent, Ok(Ok(()))) {
+            if !send_if_connected(&client, reply, progress.clone(), Duration::from_millis(100))
+                .await
+            {
                 tracing::debug!("cannot send in-progress for waiting messages now");
                 break;
             }

@@ -108,3 +108,23 @@ impl Publisher {
             })
     }
 }
+
+/// Sends a core NATS message (no stream, no ack) if the connection is up,
+/// waiting at most `within` for room in the client's queue; returns whether
+/// it went out. For signals that the poll or the server's timers make up
+/// for when lost (a relay's wake-up, "in progress"), and that must never
+/// hold their sender up while the client reconnects.
+pub async fn send_if_connected(
+    client: &async_nats::Client,
+    subject: impl async_nats::subject::ToSubject,
+    payload: Bytes,
+    within: std::time::Duration,
+) -> bool {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        return false;
+    }
+    matches!(
+        tokio::time::timeout(within, client.publish(subject, payload)).await,
+        Ok(Ok(()))
+    )
+}

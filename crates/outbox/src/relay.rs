@@ -45,6 +45,7 @@ use std::time::Duration;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
+use skein_bus::publish::send_if_connected;
 use skein_bus::{Outgoing, Publisher};
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{ConnectOptions, Connection, PgConnection, Row};
@@ -415,11 +416,11 @@ impl Relay {
     /// committed before. Returns early, to try the lock, when no relay
     /// holds the lease.
     async fn stand_by(&self, shutdown: &CancellationToken) -> bool {
-        let retry = tokio::time::Instant::now() + self.config.lease / 2;
         if self.store.backend() == Backend::Postgres {
             // NOTIFY reaches the active relay from every process.
             return sleep_or_cancel(shutdown, self.config.lease / 2).await;
         }
+        let retry = tokio::time::Instant::now() + self.config.lease / 2;
         let client = self.publisher.client();
         let mut holder = None;
         let mut read_at = None::<tokio::time::Instant>;
@@ -773,15 +774,8 @@ const HOLDER_MAX_AGE: Duration = Duration::from_secs(1);
 /// Wakes the SQLite relay holding the lease as `holder`, if NATS is
 /// reachable now: never waits for a reconnection (the holder polls).
 async fn wake(client: &async_nats::Client, holder: &str) {
-    if client.connection_state() != async_nats::connection::State::Connected {
-        return;
-    }
-    let sent = tokio::time::timeout(
-        Duration::from_millis(100),
-        client.publish(wake_subject(holder), Bytes::new()),
-    )
-    .await;
-    if !matches!(sent, Ok(Ok(()))) {
+    let subject = wake_subject(holder);
+    if !send_if_connected(client, subject, Bytes::new(), Duration::from_millis(100)).await {
         tracing::debug!("cannot wake the active relay; it polls");
     }
 }
