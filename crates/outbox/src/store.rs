@@ -544,13 +544,18 @@ async fn set_up_sqlite(
     Ok(())
 }
 
+/// The file path of a `sqlite:` URL and its query string, if any.
+fn sqlite_path(url: &str) -> (&str, Option<&str>) {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    match rest.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (rest, None),
+    }
+}
+
 /// `url` with `mode=rwc` so SQLite creates the file, and its directory created.
 fn sqlite_url_creating(url: &str) -> Result<String> {
-    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
-    let (path, query) = match rest.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (rest, None),
-    };
+    let (path, query) = sqlite_path(url);
     if path.is_empty() || path == ":memory:" {
         return Err(Error::UnsupportedUrl(format!(
             "{url}: an in-memory SQLite database cannot be shared by the relay; give a file path"
@@ -579,8 +584,7 @@ fn sqlite_url_creating(url: &str) -> Result<String> {
 pub async fn database_exists(url: &str) -> Result<bool> {
     match Backend::of_url(url)? {
         Backend::Sqlite => {
-            let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
-            let path = rest.split('?').next().unwrap_or(rest);
+            let (path, _) = sqlite_path(url);
             Ok(!path.is_empty() && std::path::Path::new(path).exists())
         }
         Backend::Postgres => {
