@@ -24,11 +24,20 @@
 //! so it does for a message handed to a lane that waits behind others there
 //! (a slow entity's backlog), which would otherwise be redelivered while it
 //! waits, run twice and count deliveries towards the dead-letter limit
-//! without ever failing. Messages pulled and not yet handed to a lane are
-//! not reported: they wait only while the lane they go to is full (its
-//! queue holds 8), but then so does the rest of the pull batch, and what
-//! waits longer than `ack_wait` there is redelivered (the inbox absorbs the
-//! second run).
+//! without ever failing.
+//!
+//! A lane's queue has no bound of its own: a copy holds at most `max_held`
+//! messages, queued or running, whatever lanes they are in, so one slow
+//! entity's backlog never holds up the messages of the others (head-of-line
+//! blocking). Only when the copy holds `max_held` does it stop taking
+//! messages from the pull; those pulled and not yet handed to a lane (at most
+//! about one and a half pull batches) are then not reported in progress, and
+//! what waits there longer than `ack_wait` is redelivered (the inbox absorbs
+//! the second run).
+//!
+//! Shutdown stops pulling, lets every lane finish the message it runs, and
+//! gives the messages still queued back to the server at once (a nak without
+//! delay), so other copies take them instead of waiting for this one.
 //! The server itself redelivers without limit (`max_deliver = -1` on the
 //! consumer): the runtime counts deliveries and dead-letters a message that
 //! exceeded the limit *before* running it, so a message whose handler kills
@@ -44,7 +53,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, AckKind};
 use futures::StreamExt;
 use skein_message::Envelope;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -106,6 +115,9 @@ pub struct WorkerConfig {
     pub backoff: Vec<Duration>,
     /// Messages pulled per request.
     pub batch: usize,
+    /// Messages this copy holds at most, queued in its lanes or running; it
+    /// pulls no more while it holds that many.
+    pub max_held: usize,
     /// How often the consumer lag and DLQ depth gauges are refreshed.
     pub figures_interval: Duration,
 }
@@ -135,6 +147,7 @@ impl WorkerConfig {
             // Pulled but not yet handled messages wait on this copy; keep
             // the buffer near what the lanes can take.
             batch: 64,
+            max_held: 128,
             figures_interval: Duration::from_secs(5),
         }
     }
@@ -209,19 +222,25 @@ impl Worker {
         let stream = runtime.config.stream.clone();
         let lanes = runtime.config.lanes.max(1);
         let waiting = Arc::new(Waiting::default());
+        let held = Arc::new(Semaphore::new(runtime.config.max_held.max(1)));
         let mut senders = Vec::with_capacity(lanes);
         let mut lane_tasks = Vec::with_capacity(lanes);
         for _ in 0..lanes {
-            // A short queue per lane: the pull batch, not the lanes, is the buffer.
-            let (tx, rx) = mpsc::channel::<(u64, jetstream::Message)>(8);
+            // No bound per lane: `held` bounds them all together.
+            let (tx, rx) = mpsc::unbounded_channel::<Held>();
             senders.push(tx);
             let runtime = runtime.clone();
             let waiting = waiting.clone();
+            let shutdown = shutdown.clone();
             lane_tasks.push(tokio::spawn(async move {
                 let mut lane = LaneQueue { rx, waiting };
-                while let Some((key, message)) = lane.rx.recv().await {
+                while let Some(Held { key, message, .. }) = lane.rx.recv().await {
                     lane.waiting.start(key).await;
-                    runtime.process(message).await;
+                    if shutdown.is_cancelled() {
+                        let _ = release(&message).await;
+                    } else {
+                        runtime.process(message).await;
+                    }
                 }
             }));
         }
@@ -250,6 +269,7 @@ impl Worker {
                 senders,
                 tasks: lane_tasks,
                 waiting,
+                held,
                 keeper,
             },
             shutdown.clone(),
@@ -266,7 +286,8 @@ impl Worker {
 }
 
 impl RunningWorker {
-    /// Stops pulling, lets in-flight and queued messages finish, and returns.
+    /// Stops pulling, lets the messages running finish, gives those still
+    /// queued back to the server for other copies, and returns.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
@@ -325,13 +346,23 @@ struct Runtime<H> {
     stats: Arc<WorkerStats>,
 }
 
-/// A worker copy's lanes: where messages go, the tasks that run them, and
-/// the messages waiting in them, kept from redelivery by `keeper`.
+/// A worker copy's lanes: where messages go, the tasks that run them, the
+/// messages waiting in them (kept from redelivery by `keeper`), and the
+/// permits that bound how many the copy holds.
 struct Lanes {
-    senders: Vec<mpsc::Sender<(u64, jetstream::Message)>>,
+    senders: Vec<mpsc::UnboundedSender<Held>>,
     tasks: Vec<JoinHandle<()>>,
     waiting: Arc<Waiting>,
+    held: Arc<Semaphore>,
     keeper: tokio::task::AbortHandle,
+}
+
+/// A message in a lane: its key among the waiting ones, and the permit it
+/// holds until it has run (or been released).
+struct Held {
+    key: u64,
+    message: jetstream::Message,
+    _permit: OwnedSemaphorePermit,
 }
 
 async fn run<H: Handler>(
@@ -346,6 +377,7 @@ async fn run<H: Handler>(
         senders,
         tasks: lane_tasks,
         waiting,
+        held,
         keeper,
     } = lanes_of;
     let lanes = senders.len();
@@ -372,6 +404,18 @@ async fn run<H: Handler>(
             }
         };
         loop {
+            // Room for one more first: while the copy holds `max_held`
+            // messages it takes none from the pull.
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    release_buffered(messages).await;
+                    break 'pull;
+                }
+                permit = held.clone().acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break 'pull,
+                },
+            };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
                     release_buffered(messages).await;
@@ -384,7 +428,14 @@ async fn run<H: Handler>(
                     backoff = Duration::from_millis(100);
                     let lane = lane_of(&message, lanes);
                     let key = waiting.add(&message);
-                    if senders[lane].send((key, message)).await.is_err() {
+                    let held = Held {
+                        key,
+                        message,
+                        _permit: permit,
+                    };
+                    if senders[lane].send(held).is_err() {
+                        // The lane's task ended (a panic): stop, so the
+                        // worker's watch sees it.
                         waiting.remove(key);
                         break 'pull;
                     }
@@ -416,7 +467,7 @@ async fn run<H: Handler>(
         }
     }
     // Stop pulling first (dropping the stream ends the pull request), then let
-    // the lanes drain what they hold.
+    // the lanes finish what runs and release what is queued.
     drop(senders);
     for task in lane_tasks {
         let _ = task.await;
@@ -476,15 +527,28 @@ impl Waiting {
 /// the messages still queued stop being reported in progress, so the
 /// server redelivers them after `ack_wait`.
 struct LaneQueue {
-    rx: mpsc::Receiver<(u64, jetstream::Message)>,
+    rx: mpsc::UnboundedReceiver<Held>,
     waiting: Arc<Waiting>,
 }
 
 impl Drop for LaneQueue {
     fn drop(&mut self) {
         self.rx.close();
-        while let Ok((key, _)) = self.rx.try_recv() {
-            self.waiting.remove(key);
+        while let Ok(held) = self.rx.try_recv() {
+            self.waiting.remove(held.key);
+        }
+    }
+}
+
+/// Gives a message back to the server unrun (a nak without delay), so the
+/// next pull request, most likely another copy's, takes it at once. False
+/// when the nak could not be sent: the server redelivers after `ack_wait`.
+async fn release(message: &jetstream::Message) -> bool {
+    match message.ack_with(AckKind::Nak(None)).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot release a message; the server redelivers it after ack_wait");
+            false
         }
     }
 }
@@ -596,7 +660,7 @@ async fn release_buffered(mut messages: pull::Stream) {
     drop(messages);
     let mut released = 0;
     for message in buffered {
-        if message.ack_with(AckKind::Nak(None)).await.is_ok() {
+        if release(&message).await {
             released += 1;
         }
     }

@@ -822,7 +822,7 @@ async fn messages_pulled_but_not_started_go_to_another_copy_at_shutdown() -> any
         })
     };
     let first = Worker::start(&bus, config.clone(), slow).await?;
-    // One entity: one lane, so most messages wait in the pull buffer.
+    // One entity: one lane, so most messages wait in its queue.
     let outgoing = (0..COUNT)
         .map(|i| Ok(Outgoing::from(&happened("only", i)?)))
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -830,7 +830,21 @@ async fn messages_pulled_but_not_started_go_to_another_copy_at_shutdown() -> any
         result?;
     }
     handled_at_least(first.stats(), 3, Duration::from_secs(10)).await?;
+    let first_stats = first.stats().clone();
+    let stopping = Instant::now();
     first.shutdown().await;
+    // The stopping copy finished the message it ran, not its whole queue
+    // (which takes it 100 ms a message).
+    let by_first = first_stats.snapshot().handled;
+    assert!(
+        by_first < u64::from(COUNT) / 2,
+        "the stopping copy ran {by_first} of {COUNT} messages instead of handing its queue over"
+    );
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
 
     let other = connect(&server, "other").await?;
     let second = Worker::start(&other, config, {
@@ -933,6 +947,135 @@ async fn messages_waiting_behind_a_slow_one_keep_theirs_by_reporting_progress() 
         (1..=6).map(|n| (n, 1)).collect::<Vec<_>>(),
         "each once, first delivery, in order"
     );
+    running.shutdown().await;
+    Ok(())
+}
+
+/// A slow entity's backlog does not hold up the other entities: a lane's
+/// queue has no bound of its own, so the pull goes on past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_entity_s_backlog_does_not_hold_up_the_others() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "unblocked";
+    const BACKLOG: u32 = 20;
+    const OTHERS: u32 = 40;
+    // The slow entity's messages wait for this gate until the end.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let others = Arc::new(AtomicU64::new(0));
+    let running = Worker::start(&bus, fast_worker(WORKER), {
+        let (gate, others) = (gate.clone(), others.clone());
+        handler(move |d: Delivery| {
+            let (gate, others) = (gate.clone(), others.clone());
+            async move {
+                let event: Happened = d.envelope.decode()?;
+                if event.entity == "slow" {
+                    let _open = gate
+                        .acquire()
+                        .await
+                        .map_err(|_| HandlerError::transient("gate closed"))?;
+                } else {
+                    others.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(())
+            }
+        })
+    })
+    .await?;
+
+    // The backlog first, in the stream ahead of everyone else's messages.
+    let outgoing = (0..BACKLOG)
+        .map(|n| Ok(Outgoing::from(&happened("slow", n)?)))
+        .chain((0..OTHERS).map(|n| Ok(Outgoing::from(&happened(&format!("other-{n}"), n)?))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+    // Entities that share the slow one's lane wait behind it (one in eight
+    // on average, and the same ones every run: the lane is a fixed hash);
+    // every other entity runs.
+    eventually(Duration::from_secs(10), || async {
+        (others.load(Ordering::SeqCst) >= u64::from(OTHERS) * 3 / 4).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "only {} of the {OTHERS} other entities' messages ran while one entity's backlog waited",
+            others.load(Ordering::SeqCst)
+        )
+    })?;
+    gate.add_permits(BACKLOG as usize);
+    handled_at_least(
+        running.stats(),
+        u64::from(BACKLOG + OTHERS),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let info = all_acked(&bus, WORKER, Duration::from_secs(3)).await?;
+    assert_eq!(info.num_redelivered, 0, "redelivered: {info:?}");
+    running.shutdown().await;
+    Ok(())
+}
+
+/// However its messages spread over lanes, a copy holds at most `max_held`
+/// of them (and what one pull request brings): the rest stay with the server
+/// for other copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_holds_no_more_than_max_held_messages() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "bounded";
+    const COUNT: u32 = 40;
+    let mut config = fast_worker(WORKER);
+    config.lanes = 4;
+    config.max_held = 6;
+    config.batch = 2;
+    config.ack_wait = Duration::from_secs(30);
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicU64::new(0));
+    let running = Worker::start(&bus, config, {
+        let (gate, started) = (gate.clone(), started.clone());
+        handler(move |_: Delivery| {
+            let (gate, started) = (gate.clone(), started.clone());
+            async move {
+                started.fetch_add(1, Ordering::SeqCst);
+                let _open = gate
+                    .acquire()
+                    .await
+                    .map_err(|_| HandlerError::transient("gate closed"))?;
+                Ok(())
+            }
+        })
+    })
+    .await?;
+    let outgoing = (0..COUNT)
+        .map(|n| Ok(Outgoing::from(&happened(&format!("e-{n}"), n)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for result in bus.publisher().publish_batch(&outgoing).await {
+        result?;
+    }
+    eventually(Duration::from_secs(10), || async {
+        (started.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await
+    .context("no handler started")?;
+    // Time for the copy to take all it would.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = consumer_info(&bus, WORKER).await?;
+    // Held (6) plus at most two pull requests in the client's buffer.
+    assert!(
+        (6..=10).contains(&info.num_ack_pending),
+        "the copy holds {} messages, with max_held 6 and pull batches of 2",
+        info.num_ack_pending
+    );
+    assert!(
+        info.num_pending >= u64::from(COUNT) - 10,
+        "{} left with the server",
+        info.num_pending
+    );
+    gate.add_permits(COUNT as usize);
+    handled_at_least(running.stats(), u64::from(COUNT), Duration::from_secs(10)).await?;
+    all_acked(&bus, WORKER, Duration::from_secs(3)).await?;
     running.shutdown().await;
     Ok(())
 }
