@@ -634,9 +634,7 @@ async fn skein_saga_without_an_orchestrator_says_how_to_start_one() -> anyhow::R
 
 /// A free TCP port on loopback.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(skein_testkit::free_port()?)
 }
 
 /// One HTTP/1.1 request on a fresh connection; the status and the body.

@@ -48,9 +48,7 @@ const WORKERS: [&str; 6] = [
 const FAULT_LOAD_WITHIN: Duration = Duration::from_secs(420);
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    Ok(skein_testkit::free_port()?)
 }
 
 /// A GET on a fresh connection: the status, or an error when nothing answers.

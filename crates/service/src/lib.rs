@@ -34,6 +34,7 @@
 
 pub mod client;
 pub mod consumers;
+pub mod health;
 pub mod host;
 pub mod redeliver;
 pub mod standalone;

@@ -6,14 +6,18 @@
 //! let env = skein_service::standalone::connect("catalog").await?;
 //! # let start = |bus, store, config| async move { skein_service::Host::start(bus, store, config).await };
 //! let host = start(env.bus.clone(), env.store.clone(), skein_service::HostConfig::new("catalog")).await?;
-//! skein_service::standalone::serve(host).await
+//! skein_service::standalone::serve(host, env.health).await
 //! # }
 //! ```
+
+use std::net::SocketAddr;
 
 use anyhow::Context;
 use skein_bus::{provision, Bus, BusConfig};
 use skein_outbox::Store;
+use tokio::net::TcpListener;
 
+use crate::health::{self, HealthServer};
 use crate::Host;
 
 /// A worker process's connections.
@@ -27,10 +31,14 @@ pub struct Standalone {
     pub nats_url: String,
     /// `DATABASE_URL` (default `sqlite:data/<name>.db`).
     pub database_url: String,
+    /// Where to serve the health endpoint: `SKEIN_HEALTH_HTTP` (e.g.
+    /// `0.0.0.0:9090`), when set.
+    pub health: Option<SocketAddr>,
 }
 
-/// Installs logging (`RUST_LOG`, default `info`), reads `NATS_URL` and
-/// `DATABASE_URL`, connects, applies the streams and opens the store.
+/// Installs logging (`RUST_LOG`, default `info`), reads `NATS_URL`,
+/// `DATABASE_URL` and `SKEIN_HEALTH_HTTP`, connects, applies the streams and
+/// opens the store.
 pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -40,6 +48,7 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
     let database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| format!("sqlite:data/{name}.db"));
+    let health = health_address()?;
     let bus = Bus::connect(&BusConfig::new(&nats_url, name)).await?;
     provision::apply_builtin_streams(bus.jetstream(), &Default::default())
         .await
@@ -53,19 +62,76 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
         store,
         nats_url,
         database_url,
+        health,
     })
 }
 
-/// Runs `host` until Ctrl-C or SIGTERM, then shuts it down gracefully.
-pub async fn serve(host: Host) -> anyhow::Result<()> {
+/// `SKEIN_HEALTH_HTTP`, when set and not empty.
+fn health_address() -> anyhow::Result<Option<SocketAddr>> {
+    match std::env::var("SKEIN_HEALTH_HTTP") {
+        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).with_context(|| {
+            format!("SKEIN_HEALTH_HTTP={v:?} is not an address and port such as 0.0.0.0:9090")
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// Runs `host` as [`run`] does, with the health endpoint on `health` (from
+/// [`Standalone::health`]); an address that cannot be bound stops `host`
+/// and fails.
+pub async fn serve(host: Host, health: Option<SocketAddr>) -> anyhow::Result<()> {
+    let listener = match health {
+        Some(addr) => match health::bind(addr).await {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                host.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     tracing::info!(worker = host.name(), "running; Ctrl-C or SIGTERM stops");
-    wait_for_stop().await?;
-    tracing::info!(
-        worker = host.name(),
-        "stopping: finishing messages in flight"
-    );
-    host.shutdown().await;
-    Ok(())
+    run(vec![host], listener).await
+}
+
+/// Runs `hosts` until Ctrl-C or SIGTERM, then shuts them down gracefully
+/// (in reverse order), answering on `health` meanwhile (the NATS
+/// connection it reports is the first host's).
+///
+/// A part of a host that stops on its own (a panic) does not come back: the
+/// others are then shut down too and the error names it, so that the
+/// process exits with it and its supervisor restarts it.
+pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Result<()> {
+    let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
+    let health = match (health, hosts.first()) {
+        (Some(listener), Some(first)) => Some(HealthServer::start(
+            listener,
+            first.bus().clone(),
+            probes.clone(),
+        )),
+        _ => None,
+    };
+    let failed = tokio::select! {
+        stop = wait_for_stop() => {
+            stop?;
+            tracing::info!("stopping: finishing messages in flight");
+            if let Some(health) = &health {
+                health.stopping();
+            }
+            None
+        }
+        stopped = health::first_stopped(&probes) => Some(stopped),
+    };
+    for host in hosts.into_iter().rev() {
+        host.shutdown().await;
+    }
+    if let Some(health) = health {
+        health.stop();
+    }
+    match failed {
+        Some(stopped) => anyhow::bail!("{stopped} on its own; the process stopped, restart it"),
+        None => Ok(()),
+    }
 }
 
 /// Waits for Ctrl-C or SIGTERM.

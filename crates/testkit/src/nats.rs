@@ -149,7 +149,8 @@ impl Drop for NatsServer {
     }
 }
 
-fn free_port() -> Result<u16> {
+/// A free TCP port on loopback (free when asked; bind it soon).
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
         context: "cannot bind a loopback port".into(),
         source,

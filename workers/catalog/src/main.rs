@@ -15,5 +15,5 @@ async fn main() -> anyhow::Result<()> {
     let host = skein_catalog::start(env.bus, env.store, HostConfig::new(skein_catalog::NAME))
         .await
         .context("failed to start the catalog worker")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }

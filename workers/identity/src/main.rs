@@ -70,5 +70,5 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the identity worker")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }

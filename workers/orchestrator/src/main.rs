@@ -22,5 +22,5 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the orchestrator")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }

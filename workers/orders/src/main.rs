@@ -15,5 +15,5 @@ async fn main() -> anyhow::Result<()> {
     let host = skein_orders::start(env.bus, env.store, HostConfig::new(skein_orders::NAME))
         .await
         .context("failed to start the orders worker")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }

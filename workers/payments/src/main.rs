@@ -25,7 +25,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the payments worker")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }
 
 fn config_from_env() -> anyhow::Result<PaymentsConfig> {

@@ -29,5 +29,5 @@ async fn main() -> anyhow::Result<()> {
     let host = skein_projector::start(env.bus, env.store, HostConfig::new(skein_projector::NAME))
         .await
         .context("failed to start the projector")?;
-    standalone::serve(host).await
+    standalone::serve(host, env.health).await
 }

@@ -2,7 +2,6 @@
 
 pub(crate) mod audit;
 pub(crate) mod dlq;
-pub(crate) mod health;
 pub(crate) mod ingress;
 pub(crate) mod load;
 pub(crate) mod replay;

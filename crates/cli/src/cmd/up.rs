@@ -168,7 +168,7 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
     let server_result = tokio::select! {
         r = skein_service::standalone::wait_for_stop() => { r?; None }
         r = server => Some(r),
-        stopped = super::health::first_stopped(&probes) => {
+        stopped = skein_service::health::first_stopped(&probes) => {
             part_stopped = Some(stopped);
             None
         }

@@ -13,8 +13,6 @@ use skein_bus::Bus;
 use skein_outbox::{Store, StoreConfig};
 use skein_service::{Host, HostConfig};
 
-use super::health::HealthServer;
-
 /// Where `skein worker` keeps data unless told otherwise.
 pub(crate) const DEFAULT_DATA_DIR: &str = "data";
 /// The database URL template that goes with it.
@@ -152,7 +150,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         first
     });
     let listener = match args.health_http {
-        Some(addr) => Some(super::health::bind(addr).await?),
+        Some(addr) => Some(skein_service::health::bind(addr).await?),
         None => None,
     };
     let bus = super::connect(nats_url).await?;
@@ -162,32 +160,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let data_dir = Path::new(DEFAULT_DATA_DIR);
     let admin = admin_seed(&args.settings);
     let hosts = start(&bus, &names, &args.settings, data_dir, admin).await?;
-    let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
-    let health =
-        listener.map(|listener| HealthServer::start(listener, bus.clone(), probes.clone()));
-    // A part that stops on its own (a panic) does not come back: stop the
-    // process with an error, so that its supervisor restarts it.
-    let failed = tokio::select! {
-        stop = skein_service::standalone::wait_for_stop() => {
-            stop?;
-            eprintln!("stopping: finishing messages in flight");
-            if let Some(health) = &health {
-                health.stopping();
-            }
-            None
-        }
-        stopped = super::health::first_stopped(&probes) => Some(stopped),
-    };
-    for host in hosts.into_iter().rev() {
-        host.shutdown().await;
-    }
-    if let Some(health) = health {
-        health.stop();
-    }
-    match failed {
-        Some(stopped) => anyhow::bail!("{stopped} on its own; the process stopped, restart it"),
-        None => Ok(()),
-    }
+    skein_service::standalone::run(hosts, listener).await
 }
 
 /// Starts `names` on `bus`, each with its own database, identity with

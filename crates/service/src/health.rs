@@ -1,11 +1,13 @@
-//! `skein worker --health-http ADDR`: this process's workers over HTTP, for
-//! container health checks, orchestrators and load balancers.
+//! The health endpoint of a worker process (`skein worker --health-http
+//! ADDR`, or `SKEIN_HEALTH_HTTP` for the per-worker binaries): this
+//! process's workers over HTTP, for container health checks, orchestrators
+//! and load balancers.
 //!
 //! - `GET /health/live`: 200 while every part of every worker in this
 //!   process runs (the outbox relay, each consumer, each background task),
 //!   else 503 naming the parts that stopped. A part stops before shutdown
-//!   only when it failed for good (a panic): `skein worker` then stops the
-//!   process with an error, for a supervisor to restart it, and this
+//!   only when it failed for good (a panic): the process then stops with an
+//!   error ([`crate::standalone::run`]), for a supervisor to restart it, and this
 //!   answers 503 meanwhile. While the process stops on a signal it
 //!   answers 200. NATS or a database being away is not a reason: the
 //!   workers reconnect by themselves.
@@ -22,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::HostProbe;
 use anyhow::Context;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -29,34 +32,31 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Serialize;
 use skein_bus::Bus;
-use skein_service::HostProbe;
 use tokio::task::JoinHandle;
 
 /// How long a database has to answer the readiness check.
 const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The health endpoint of a running `skein worker`.
+/// The health endpoint of a running worker process.
 #[derive(Debug)]
-pub(crate) struct HealthServer {
+pub struct HealthServer {
     stopping: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
 /// Binds `addr` for the endpoint: before the workers start, so a taken
 /// port fails the command at once.
-pub(crate) async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr} for --health-http; choose a free address and port")
+        format!(
+            "cannot listen on {addr} for the health endpoint (--health-http or SKEIN_HEALTH_HTTP); choose a free address and port"
+        )
     })
 }
 
 impl HealthServer {
     /// Answers on `listener` for `probes` until [`HealthServer::stop`].
-    pub(crate) fn start(
-        listener: tokio::net::TcpListener,
-        bus: Bus,
-        probes: Vec<HostProbe>,
-    ) -> Self {
+    pub fn start(listener: tokio::net::TcpListener, bus: Bus, probes: Vec<HostProbe>) -> Self {
         let stopping = Arc::new(AtomicBool::new(false));
         let state = Arc::new(Checked {
             bus,
@@ -77,12 +77,12 @@ impl HealthServer {
 
     /// From now on `/health/ready` answers 503 (`stopping`): the process is
     /// finishing its messages and takes no more work.
-    pub(crate) fn stopping(&self) {
+    pub fn stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Stops answering.
-    pub(crate) fn stop(self) {
+    pub fn stop(self) {
         self.task.abort();
     }
 }
@@ -163,7 +163,7 @@ async fn live(State(checked): State<Arc<Checked>>) -> Response {
 
 /// The first part of a worker in `probes` found stopped, checked once a
 /// second; pending while all run.
-pub(crate) async fn first_stopped(probes: &[HostProbe]) -> String {
+pub async fn first_stopped(probes: &[HostProbe]) -> String {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for probe in probes {
@@ -209,12 +209,12 @@ async fn ready(State(checked): State<Arc<Checked>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Host, HostConfig};
     use skein_bus::BusConfig;
     use skein_outbox::Store;
-    use skein_service::{Host, HostConfig};
     use skein_testkit::{Backend, NatsServer, TestDb};
 
-    /// The watch `skein worker` and `skein up` keep: pending while every
+    /// The watch every worker process keeps: pending while every
     /// part runs, then the first part that stopped, named.
     #[tokio::test]
     async fn the_watch_names_the_first_part_that_stopped() -> anyhow::Result<()> {

@@ -1,0 +1,102 @@
+//! `skein-catalog`, the catalog worker as its own process: the part every
+//! per-worker binary shares (`skein_service::standalone`), run for real.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use skein_testkit::{eventually, free_port, Backend, NatsServer, TestDb};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A GET on a fresh connection: the status line's code and the body.
+async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let code = response
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("not an HTTP response: {response:?}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+fn spawn(nats: &NatsServer, db: &TestDb, health: &str) -> std::io::Result<tokio::process::Child> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
+        .env("NATS_URL", nats.url())
+        .env("DATABASE_URL", db.url())
+        .env("SKEIN_HEALTH_HTTP", health)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// `SKEIN_HEALTH_HTTP` gives the binary the health endpoint `skein worker
+/// --health-http` has: live and ready while it runs; a taken address or a
+/// malformed one fails the start with a message naming the variable; SIGTERM
+/// stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_its_health_endpoint_and_stops_on_sigterm() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let port = free_port()?;
+    let addr = format!("127.0.0.1:{port}");
+    let mut worker = spawn(&nats, &db, &addr)?;
+    let (_, ready) = eventually(Duration::from_secs(30), || async {
+        get(port, "/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the binary never answered 200 on /health/ready")?;
+    let ready: serde_json::Value = serde_json::from_str(&ready)?;
+    ensure!(
+        ready["status"] == "ok" && ready["workers"]["catalog"]["database"] == true,
+        "ready: {ready}"
+    );
+    let (code, live) = get(port, "/health/live").await?;
+    ensure!(code == 200, "live: {code} {live}");
+
+    for (health, says) in [
+        (addr.as_str(), "cannot listen on"),
+        ("localhost-9090", "SKEIN_HEALTH_HTTP"),
+    ] {
+        let failed = tokio::time::timeout(
+            Duration::from_secs(30),
+            spawn(&nats, &db, health)?.wait_with_output(),
+        )
+        .await
+        .with_context(|| format!("a start with SKEIN_HEALTH_HTTP={health} did not fail"))??;
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        ensure!(
+            !failed.status.success()
+                && stderr.contains(says)
+                && stderr.contains("SKEIN_HEALTH_HTTP"),
+            "SKEIN_HEALTH_HTTP={health}: {}, {stderr}",
+            failed.status
+        );
+    }
+
+    let pid = worker.id().context("the worker exited early")?;
+    tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(15), worker.wait())
+        .await
+        .context("did not stop on SIGTERM")??;
+    ensure!(status.success(), "exited with {status}");
+    Ok(())
+}
