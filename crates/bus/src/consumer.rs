@@ -27,17 +27,21 @@
 //! without ever failing.
 //!
 //! A lane's queue has no bound of its own: a copy holds at most `max_held`
-//! messages, queued or running, whatever lanes they are in, so one slow
-//! entity's backlog never holds up the messages of the others (head-of-line
-//! blocking). Only when the copy holds `max_held` does it stop taking
+//! messages, queued or running, whatever lanes they are in, so a slow
+//! entity's backlog smaller than that does not hold up the messages of the
+//! others (head-of-line blocking). Only when the copy holds `max_held`
+//! (one entity's backlog of that many, or every lane busy) does it stop taking
 //! messages from the pull; those pulled and not yet handed to a lane (at most
 //! about one and a half pull batches) are then not reported in progress, and
 //! what waits there longer than `ack_wait` is redelivered (the inbox absorbs
-//! the second run).
+//! the second run). A `max_held` below `lanes` also caps how many run at once.
 //!
 //! Shutdown stops pulling, lets every lane finish the message it runs, and
-//! gives the messages still queued back to the server at once (a nak without
-//! delay), so other copies take them instead of waiting for this one.
+//! then gives the messages still queued behind it back to the server (a nak
+//! without delay, sent once this copy's pull request is gone, so that the
+//! server hands them to other copies), instead of running them: a stopping
+//! copy takes as long as its slowest running message, whatever its backlog.
+//! Each such hand-over counts as a delivery towards `max_deliver`.
 //! The server itself redelivers without limit (`max_deliver = -1` on the
 //! consumer): the runtime counts deliveries and dead-letters a message that
 //! exceeded the limit *before* running it, so a message whose handler kills
@@ -223,6 +227,8 @@ impl Worker {
         let lanes = runtime.config.lanes.max(1);
         let waiting = Arc::new(Waiting::default());
         let held = Arc::new(Semaphore::new(runtime.config.max_held.max(1)));
+        // Cancelled once this copy pulls no more (its pull request is gone).
+        let pulled = CancellationToken::new();
         let mut senders = Vec::with_capacity(lanes);
         let mut lane_tasks = Vec::with_capacity(lanes);
         for _ in 0..lanes {
@@ -231,14 +237,18 @@ impl Worker {
             senders.push(tx);
             let runtime = runtime.clone();
             let waiting = waiting.clone();
-            let shutdown = shutdown.clone();
+            let (shutdown, pulled) = (shutdown.clone(), pulled.clone());
             lane_tasks.push(tokio::spawn(async move {
                 let mut lane = LaneQueue { rx, waiting };
                 while let Some(Held { key, message, .. }) = lane.rx.recv().await {
-                    lane.waiting.start(key).await;
                     if shutdown.is_cancelled() {
-                        let _ = release(&message).await;
+                        // Not before this copy's pull request is gone: the
+                        // server would hand the message straight back.
+                        pulled.cancelled().await;
+                        lane.waiting.start(key).await;
+                        let _ = release(&runtime.publisher.client(), &message).await;
                     } else {
+                        lane.waiting.start(key).await;
                         runtime.process(message).await;
                     }
                 }
@@ -270,6 +280,7 @@ impl Worker {
                 tasks: lane_tasks,
                 waiting,
                 held,
+                pulled,
                 keeper,
             },
             shutdown.clone(),
@@ -287,7 +298,7 @@ impl Worker {
 
 impl RunningWorker {
     /// Stops pulling, lets the messages running finish, gives those still
-    /// queued back to the server for other copies, and returns.
+    /// queued behind them back to the server for other copies, and returns.
     pub async fn shutdown(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
@@ -354,6 +365,7 @@ struct Lanes {
     tasks: Vec<JoinHandle<()>>,
     waiting: Arc<Waiting>,
     held: Arc<Semaphore>,
+    pulled: CancellationToken,
     keeper: tokio::task::AbortHandle,
 }
 
@@ -378,6 +390,7 @@ async fn run<H: Handler>(
         tasks: lane_tasks,
         waiting,
         held,
+        pulled,
         keeper,
     } = lanes_of;
     let lanes = senders.len();
@@ -408,7 +421,7 @@ async fn run<H: Handler>(
             // messages it takes none from the pull.
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    release_buffered(messages).await;
+                    release_buffered(bus.client(), messages).await;
                     break 'pull;
                 }
                 permit = held.clone().acquire_owned() => match permit {
@@ -418,7 +431,7 @@ async fn run<H: Handler>(
             };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    release_buffered(messages).await;
+                    release_buffered(bus.client(), messages).await;
                     break 'pull;
                 }
                 next = messages.next() => next,
@@ -466,13 +479,27 @@ async fn run<H: Handler>(
             }
         }
     }
-    // Stop pulling first (dropping the stream ends the pull request), then let
+    // Pulling has stopped (dropping the stream ended the pull request): let
     // the lanes finish what runs and release what is queued.
+    pulled.cancel();
     drop(senders);
     for task in lane_tasks {
         let _ = task.await;
     }
     keeper.abort();
+    // The last acks and naks are written to the server before the process
+    // may exit (else their messages wait for `ack_wait`); never waiting for
+    // a reconnection.
+    let client = bus.client();
+    if client.connection_state() == async_nats::connection::State::Connected {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(1), client.flush())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+        {
+            tracing::debug!(worker = %runtime.config.name, error = %e, "cannot flush the last acknowledgements");
+        }
+    }
     tracing::info!(worker = %runtime.config.name, "worker stopped");
 }
 
@@ -541,16 +568,26 @@ impl Drop for LaneQueue {
 }
 
 /// Gives a message back to the server unrun (a nak without delay), so the
-/// next pull request, most likely another copy's, takes it at once. False
-/// when the nak could not be sent: the server redelivers after `ack_wait`.
-async fn release(message: &jetstream::Message) -> bool {
-    match message.ack_with(AckKind::Nak(None)).await {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot release a message; the server redelivers it after ack_wait");
-            false
+/// next pull request, another copy's, takes it at once. False when the nak
+/// could not be sent (never waiting for a reconnection: this runs while
+/// stopping): the server redelivers after `ack_wait`.
+async fn release(client: &async_nats::Client, message: &jetstream::Message) -> bool {
+    let sent = match &message.reply {
+        Some(reply) => {
+            send_if_connected(
+                client,
+                reply.clone(),
+                bytes::Bytes::from_static(b"-NAK"),
+                Duration::from_millis(100),
+            )
+            .await
         }
+        None => false,
+    };
+    if !sent {
+        tracing::debug!("cannot release a message; the server redelivers it after ack_wait");
     }
+    sent
 }
 
 /// Reports "in progress", every half `period`, for each message that has
@@ -647,7 +684,7 @@ async fn watch_figures(
 /// drops the pull subscription, and only then naks them, so the server
 /// redelivers them to the other copies' pull requests, not to this one's.
 /// A message that arrives after that waits for `ack_wait`.
-async fn release_buffered(mut messages: pull::Stream) {
+async fn release_buffered(client: &async_nats::Client, mut messages: pull::Stream) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
     let mut buffered = Vec::new();
     while tokio::time::Instant::now() < deadline {
@@ -660,7 +697,7 @@ async fn release_buffered(mut messages: pull::Stream) {
     drop(messages);
     let mut released = 0;
     for message in buffered {
-        if release(&message).await {
+        if release(client, &message).await {
             released += 1;
         }
     }

@@ -4,9 +4,10 @@
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {
 //! let env = skein_service::standalone::connect("catalog").await?;
+//! let health = skein_service::standalone::listen(env.health).await?;
 //! # let start = |bus, store, config| async move { skein_service::Host::start(bus, store, config).await };
 //! let host = start(env.bus.clone(), env.store.clone(), skein_service::HostConfig::new("catalog")).await?;
-//! skein_service::standalone::serve(host, env.health).await
+//! skein_service::standalone::serve(host, health).await
 //! # }
 //! ```
 
@@ -76,22 +77,20 @@ fn health_address() -> anyhow::Result<Option<SocketAddr>> {
     }
 }
 
+/// Binds the health endpoint's address ([`Standalone::health`]), if any:
+/// before the worker starts, so that a taken one fails at once.
+pub async fn listen(health: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+    match health {
+        Some(addr) => Ok(Some(health::bind(addr).await?)),
+        None => Ok(None),
+    }
+}
+
 /// Runs `host` as [`run`] does, with the health endpoint on `health` (from
-/// [`Standalone::health`]); an address that cannot be bound stops `host`
-/// and fails.
-pub async fn serve(host: Host, health: Option<SocketAddr>) -> anyhow::Result<()> {
-    let listener = match health {
-        Some(addr) => match health::bind(addr).await {
-            Ok(listener) => Some(listener),
-            Err(e) => {
-                host.shutdown().await;
-                return Err(e);
-            }
-        },
-        None => None,
-    };
+/// [`listen`]).
+pub async fn serve(host: Host, health: Option<TcpListener>) -> anyhow::Result<()> {
     tracing::info!(worker = host.name(), "running; Ctrl-C or SIGTERM stops");
-    run(vec![host], listener).await
+    run(vec![host], health).await
 }
 
 /// Runs `hosts` until Ctrl-C or SIGTERM, then shuts them down gracefully
@@ -114,7 +113,7 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
     let failed = tokio::select! {
         stop = wait_for_stop() => {
             stop?;
-            tracing::info!("stopping: finishing messages in flight");
+            eprintln!("stopping: finishing messages in flight");
             if let Some(health) = &health {
                 health.stopping();
             }

@@ -62,6 +62,7 @@ fn config() -> anyhow::Result<IdentityConfig> {
 async fn main() -> anyhow::Result<()> {
     let config = config()?;
     let env = standalone::connect(skein_identity::NAME).await?;
+    let health = standalone::listen(env.health).await?;
     let host = skein_identity::start(
         env.bus,
         env.store,
@@ -70,5 +71,5 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the identity worker")?;
-    standalone::serve(host, env.health).await
+    standalone::serve(host, health).await
 }

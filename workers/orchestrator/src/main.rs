@@ -14,6 +14,7 @@ use skein_service::{standalone, HostConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = standalone::connect(skein_orchestrator::NAME).await?;
+    let health = standalone::listen(env.health).await?;
     let host = skein_orchestrator::start(
         env.bus,
         env.store,
@@ -22,5 +23,5 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the orchestrator")?;
-    standalone::serve(host, env.health).await
+    standalone::serve(host, health).await
 }

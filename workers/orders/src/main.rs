@@ -12,8 +12,9 @@ use skein_service::{standalone, HostConfig};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = standalone::connect(skein_orders::NAME).await?;
+    let health = standalone::listen(env.health).await?;
     let host = skein_orders::start(env.bus, env.store, HostConfig::new(skein_orders::NAME))
         .await
         .context("failed to start the orders worker")?;
-    standalone::serve(host, env.health).await
+    standalone::serve(host, health).await
 }

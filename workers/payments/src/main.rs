@@ -17,6 +17,7 @@ use skein_service::{standalone, HostConfig};
 async fn main() -> anyhow::Result<()> {
     let config = config_from_env()?;
     let env = standalone::connect(skein_payments::NAME).await?;
+    let health = standalone::listen(env.health).await?;
     let host = skein_payments::start(
         env.bus,
         env.store,
@@ -25,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await
     .context("failed to start the payments worker")?;
-    standalone::serve(host, env.health).await
+    standalone::serve(host, health).await
 }
 
 fn config_from_env() -> anyhow::Result<PaymentsConfig> {

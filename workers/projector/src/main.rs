@@ -26,8 +26,9 @@ async fn main() -> anyhow::Result<()> {
         print!("{report}");
         return Ok(());
     }
+    let health = standalone::listen(env.health).await?;
     let host = skein_projector::start(env.bus, env.store, HostConfig::new(skein_projector::NAME))
         .await
         .context("failed to start the projector")?;
-    standalone::serve(host, env.health).await
+    standalone::serve(host, health).await
 }
