@@ -581,9 +581,12 @@ impl Relay {
                     let _ = self.pass(unmarked).await;
                     return Ok(());
                 }
-                _ = self.store.committed() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = wakeups.next() => {}
+                // After a failure the backoff runs out first: commits and
+                // wake-ups would run the failing round again at their rate
+                // (on PostgreSQL republishing every row it could not mark).
+                _ = self.store.committed(), if failures == 0 => {}
+                _ = wakeups.next(), if failures == 0 => {}
             }
         }
     }

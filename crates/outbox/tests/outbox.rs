@@ -1413,6 +1413,58 @@ backend_tests!(
     a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
 );
 
+/// A relay whose marks keep failing (here a trigger refuses them; in life a
+/// revoked privilege, say) backs off between rounds instead of running one
+/// per commit: on PostgreSQL every such round publishes again each row it
+/// could not mark. Once marks work again it catches up and every message is
+/// in the stream once.
+#[tokio::test]
+async fn postgres_a_relay_whose_marks_fail_backs_off_instead_of_republishing_at_commit_rate(
+) -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Postgres).await?;
+    for sql in [
+        "CREATE FUNCTION refuse_marks() RETURNS trigger AS $$ \
+         BEGIN RAISE EXCEPTION 'marks refused'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_marks BEFORE UPDATE ON skein_outbox \
+         FOR EACH ROW EXECUTE FUNCTION refuse_marks()",
+    ] {
+        sqlx::query(sql).execute(h.store.pool()).await?;
+    }
+    let relay = h.relay(fast_relay());
+    relay.clone().spawn(h.shutdown.clone());
+    h.write("a", 0).await?;
+    h.stream_holds(1, Duration::from_secs(5))
+        .await
+        .context("the first row was not published")?;
+    // A commit every 25 ms for a second, each a wake-up of the relay.
+    const COMMITS: i64 = 40;
+    for n in 1..=COMMITS {
+        h.write("a", n).await?;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // A round per commit would publish about COMMITS² / 2 (800) rows again;
+    // rounds 100, 200, 300 ms ... apart publish well under COMMITS * 5.
+    let again = relay.duplicates();
+    ensure!(
+        again < 300,
+        "{again} rows published again in a second of failing marks: the relay did not back off"
+    );
+    sqlx::query("DROP TRIGGER refuse_marks ON skein_outbox")
+        .execute(h.store.pool())
+        .await?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("the relay did not catch up once marks worked again")?;
+    let messages = h.stream_messages().await?;
+    ensure!(
+        messages.len() == usize::try_from(COMMITS + 1)?,
+        "{} messages in the stream for {} rows",
+        messages.len(),
+        COMMITS + 1
+    );
+    Ok(())
+}
+
 /// Writers of one process take turns on a SQLite database instead of
 /// meeting at its lock: with SQLite's own busy wait switched off
 /// (`busy_timeout` 0), concurrent transactions that hold the lock for a
