@@ -367,6 +367,7 @@ async fn two_worker_processes_share_the_consumer_group_and_stop_gracefully() -> 
             name: "Tea".into(),
             price_cents: 100,
             stock: 1000,
+            product_id: None,
         },
     )
     .await?;

@@ -61,6 +61,12 @@ pub struct AddProduct {
     /// Initial stock, 0 to 10000.
     #[validate(range(min = 0, max = 10000))]
     pub stock: i64,
+    /// The new product's id, when the caller chooses it (the ingress derives
+    /// it from an `Idempotency-Key`): asked again for a product that exists
+    /// with this id, sku, name and price, the answer is that product as it
+    /// is now and nothing changes. Without it the catalog picks a new id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_id: Option<Uuid>,
 }
 contract!(query AddProduct, "catalog", "add_product", v 1, reply = Product);
 
@@ -102,6 +108,11 @@ pub struct Restock {
     /// Units to add, 1 to 10000.
     #[validate(range(min = 1, max = 10000))]
     pub quantity: i64,
+    /// An id for this restock, when the caller has one (the ingress derives
+    /// it from an `Idempotency-Key`): a restock whose id was applied before
+    /// is not applied again; the answer is the product as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<Uuid>,
 }
 contract!(query Restock, "catalog", "restock", v 1, reply = Product);
 

@@ -13,7 +13,9 @@
 //! ingress copies receiving the same request publish the same message:
 //! JetStream drops the second within its duplicate window, and the orders
 //! service, which treats a `place_order` for an existing order id as done,
-//! absorbs it after that.
+//! absorbs it after that. Adding a product and restocking derive ids the
+//! same way (the new product's, the restock's), which the catalog
+//! recognises: a retry through another copy is not applied twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;

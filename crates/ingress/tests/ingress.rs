@@ -246,7 +246,29 @@ impl App {
     }
 
     async fn send(&self, req: Req) -> anyhow::Result<Answer> {
-        let stream = tokio::net::TcpStream::connect(self.addr).await?;
+        self.send_to(self.addr, req).await
+    }
+
+    /// Another ingress copy on the same NATS, as a load balancer would have
+    /// behind it; it stops when the returned sender is dropped.
+    async fn another_ingress(
+        &self,
+    ) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+        let ingress = Ingress::build(
+            test_config(),
+            self.p.connect("ingress-2").await.map_err(boxed)?,
+        )
+        .await?;
+        let addr = ingress.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(ingress.run_until(async {
+            let _ = rx.await;
+        }));
+        Ok((addr, tx))
+    }
+
+    async fn send_to(&self, addr: SocketAddr, req: Req) -> anyhow::Result<Answer> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut sender, conn) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(conn);
@@ -1084,6 +1106,69 @@ async fn concurrent_duplicates_with_one_idempotency_key_place_one_order() -> any
         list.body["items"].as_array().map(Vec::len) == Some(1),
         "{list:?}"
     );
+    Ok(())
+}
+
+/// An admin's keyed request retried through another ingress copy, which
+/// has not seen the key: the new product is the same one, the restock is
+/// applied once (the catalog recognises the ids derived from the key).
+#[tokio::test]
+async fn a_keyed_new_product_or_restock_retried_through_another_copy_applies_once(
+) -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let (other, _stop) = app.another_ingress().await?;
+    let copies = [app.addr, other];
+    let new_product = json!({"sku": "MUG-1", "name": "Mug", "price_cents": 900, "stock": 3});
+    let mut ids = Vec::new();
+    for addr in copies {
+        let a = app
+            .send_to(
+                addr,
+                Req::new("POST", "/v1/products")
+                    .token(&app.admin)
+                    .header("idempotency-key", "mug")
+                    .json(&new_product),
+            )
+            .await?;
+        ensure!(a.status == 201, "{a:?}");
+        ids.push(a.body["id"].clone());
+    }
+    ensure!(ids[0] == ids[1], "two products for one key: {ids:?}");
+    let id = ids[0].as_str().context("no product id")?;
+
+    let path = format!("/v1/products/{id}/restock");
+    for addr in copies {
+        let a = app
+            .send_to(
+                addr,
+                Req::new("POST", &path)
+                    .token(&app.admin)
+                    .header("idempotency-key", "restock-1")
+                    .json(&json!({"quantity": 5})),
+            )
+            .await?;
+        ensure!(
+            a.status == 200 && a.body["available"] == 8,
+            "the restock through copy {addr}: {a:?}"
+        );
+    }
+    let list = app.get("/v1/products", &app.admin).await?;
+    let items = list.body["items"].as_array().context("no product list")?;
+    ensure!(
+        items.len() == 1 && items[0]["id"] == id && items[0]["available"] == 8,
+        "{list:?}"
+    );
+    // Another key is another restock.
+    let a = app
+        .send_to(
+            other,
+            Req::new("POST", &path)
+                .token(&app.admin)
+                .header("idempotency-key", "restock-2")
+                .json(&json!({"quantity": 5})),
+        )
+        .await?;
+    ensure!(a.status == 200 && a.body["available"] == 13, "{a:?}");
     Ok(())
 }
 

@@ -12,6 +12,9 @@ use uuid::Uuid;
 use crate::store;
 use crate::NAME;
 
+/// The inbox name under which applied restocks are recorded by id.
+const RESTOCKS: &str = "catalog.restock";
+
 fn internal(e: impl std::fmt::Display) -> ServiceError {
     tracing::error!(error = %e, "catalog query failed");
     ServiceError::internal()
@@ -43,11 +46,12 @@ async fn add_product(
         return Err(ServiceError::forbidden("only admins may add products"));
     }
     q.validate().map_err(|v| ServiceError::invalid(&v))?;
-    let id = Uuid::now_v7();
+    let id = q.product_id.unwrap_or_else(Uuid::now_v7);
     let mut tx = store.begin().await.map_err(internal)?;
+    // Neither the SKU nor the id may be taken.
     let inserted = sqlx::query(
         "INSERT INTO products (id, sku, name, price_cents, on_hand, reserved, created_at) \
-         VALUES ($1, $2, $3, $4, $5, 0, $6) ON CONFLICT (sku) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, 0, $6) ON CONFLICT DO NOTHING",
     )
     .bind(id.to_string())
     .bind(q.sku.trim())
@@ -60,6 +64,19 @@ async fn add_product(
     .map_err(internal)?
     .rows_affected();
     if inserted == 0 {
+        // Asked again for a product it added (a retry under the same
+        // idempotency key): the same answer, nothing added.
+        if let Some(existing) = store::product(&mut tx, id).await.map_err(internal)? {
+            if existing.sku == q.sku.trim()
+                && existing.name == q.name.trim()
+                && existing.price_cents == q.price_cents
+            {
+                return Ok(existing);
+            }
+            return Err(ServiceError::conflict(format!(
+                "product {id} exists with another sku, name or price: its idempotency key was used for another product"
+            )));
+        }
         return Err(ServiceError::conflict(format!(
             "a product with sku {:?} already exists",
             q.sku.trim()
@@ -89,6 +106,21 @@ async fn restock(store: Store, q: Restock, ctx: MessageContext) -> Result<Produc
     }
     q.validate().map_err(|v| ServiceError::invalid(&v))?;
     let mut tx = store.begin().await.map_err(internal)?;
+    if let Some(request_id) = q.request_id {
+        // Recorded with the restock, in its transaction: a retry of one
+        // already applied (under the same idempotency key) answers the
+        // product as it is.
+        if !tx
+            .mark_processed(RESTOCKS, request_id)
+            .await
+            .map_err(internal)?
+        {
+            return store::product(&mut tx, q.product_id)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| ServiceError::not_found(format!("no product {}", q.product_id)));
+        }
+    }
     let updated = sqlx::query("UPDATE products SET on_hand = on_hand + $1 WHERE id = $2")
         .bind(q.quantity)
         .bind(q.product_id.to_string())

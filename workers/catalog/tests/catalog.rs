@@ -46,6 +46,7 @@ impl Catalog {
                 name: format!("Product {sku}"),
                 price_cents,
                 stock,
+                product_id: None,
             },
         )
         .await?)
@@ -100,6 +101,7 @@ async fn admins_add_and_restock_products_and_everyone_lists_them(
             caller: admin(),
             product_id: tea.id,
             quantity: 5,
+            request_id: None,
         },
     )
     .await?;
@@ -147,6 +149,7 @@ async fn bad_product_requests_are_refused_precisely_and_change_nothing(
             name: "X".into(),
             price_cents: 1,
             stock: 1,
+            product_id: None,
         },
     )
     .await
@@ -167,6 +170,7 @@ async fn bad_product_requests_are_refused_precisely_and_change_nothing(
             name: "ok".into(),
             price_cents: -5,
             stock: 1_000_000,
+            product_id: None,
         },
     )
     .await
@@ -184,6 +188,7 @@ async fn bad_product_requests_are_refused_precisely_and_change_nothing(
             caller: admin(),
             product_id: Uuid::now_v7(),
             quantity: 1,
+            request_id: None,
         },
     )
     .await
@@ -196,6 +201,7 @@ async fn bad_product_requests_are_refused_precisely_and_change_nothing(
             caller: admin(),
             product_id: Uuid::now_v7(),
             quantity: 0,
+            request_id: None,
         },
     )
     .await
@@ -461,7 +467,92 @@ async fn a_probe_sees_the_parts_running_and_names_those_that_stop(
     Ok(())
 }
 
+/// A restock or a new product asked again with the same id (a client's
+/// retry under one `Idempotency-Key`, through another ingress copy) is
+/// applied once: the repeat gets the product as it is, and no event.
+async fn a_restock_or_product_asked_again_with_its_id_is_applied_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let new_product = |product_id, name: &str| AddProduct {
+        caller: admin(),
+        sku: "MUG-1".into(),
+        name: name.into(),
+        price_cents: 900,
+        stock: 3,
+        product_id,
+    };
+    let id = Uuid::now_v7();
+    let mug = request(&c.p.bus, &new_product(Some(id), "Mug")).await?;
+    ensure!(mug.id == id && mug.available == 3, "{mug:?}");
+    let again = request(&c.p.bus, &new_product(Some(id), "Mug")).await?;
+    ensure!(again == mug, "the repeat answered {again:?}");
+    // The same id for another product is refused, and so is the same SKU
+    // without an id.
+    for other in [new_product(Some(id), "Cup"), new_product(None, "Mug")] {
+        let refused = request(&c.p.bus, &other)
+            .await
+            .err()
+            .context("added a product twice")?;
+        ensure!(status(&refused) == 409, "{refused}");
+    }
+
+    let restock = |request_id, quantity| Restock {
+        caller: admin(),
+        product_id: id,
+        quantity,
+        request_id,
+    };
+    let once = Uuid::now_v7();
+    let first = request(&c.p.bus, &restock(Some(once), 5)).await?;
+    ensure!(first.available == 8, "{first:?}");
+    let repeat = request(&c.p.bus, &restock(Some(once), 5)).await?;
+    ensure!(
+        repeat.available == 8,
+        "a repeated restock was applied: {repeat:?}"
+    );
+    let other = request(&c.p.bus, &restock(Some(Uuid::now_v7()), 2)).await?;
+    ensure!(other.available == 10, "{other:?}");
+    let unkeyed = request(&c.p.bus, &restock(None, 1)).await?;
+    ensure!(unkeyed.available == 11, "{unkeyed:?}");
+    // A restock of an unknown product records nothing: its id stays free.
+    let missing = Restock {
+        product_id: Uuid::now_v7(),
+        ..restock(Some(Uuid::now_v7()), 1)
+    };
+    ensure!(
+        status(
+            &request(&c.p.bus, &missing)
+                .await
+                .err()
+                .context("restocked nothing")?
+        ) == 404
+    );
+
+    // One product_added and three restocked events, whatever was repeated.
+    let added =
+        c.p.wait_events::<ProductAdded>(&id.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    let restocks =
+        c.p.wait_events::<Restocked>(&id.to_string(), 3)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let envelopes =
+        c.p.envelopes(&format!("events.catalog.{id}.>"))
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    ensure!(
+        added.len() == 1 && restocks.len() == 3 && envelopes.len() == 4,
+        "{} events for one product and three restocks",
+        envelopes.len()
+    );
+    Ok(())
+}
+
 backend_tests!(
+    a_restock_or_product_asked_again_with_its_id_is_applied_once,
     a_probe_sees_the_parts_running_and_names_those_that_stop,
     admins_add_and_restock_products_and_everyone_lists_them,
     bad_product_requests_are_refused_precisely_and_change_nothing,

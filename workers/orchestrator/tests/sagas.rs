@@ -137,6 +137,7 @@ impl Shop {
                 name: "Thing".into(),
                 price_cents,
                 stock,
+                product_id: None,
             },
         )
         .await?;

@@ -250,6 +250,7 @@ async fn seed_demo(bus: &skein_bus::Bus, data: &Path) -> anyhow::Result<usize> {
                 name: name.into(),
                 price_cents,
                 stock,
+                product_id: None,
             },
         )
         .await;

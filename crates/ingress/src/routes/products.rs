@@ -14,6 +14,7 @@ use super::{idempotent, json, path_id};
 use crate::auth::Admin;
 use crate::body::{body, Json};
 use crate::context::RequestContext;
+use crate::idempotency::derived_id;
 use crate::problem::ApiError;
 use crate::state::Shared;
 
@@ -36,13 +37,14 @@ pub struct NewProduct {
 }
 
 impl NewProduct {
-    fn into_request(self, caller: Caller) -> AddProduct {
+    fn into_request(self, caller: Caller, product_id: Option<Uuid>) -> AddProduct {
         AddProduct {
             caller,
             sku: self.sku,
             name: self.name,
             price_cents: self.price_cents,
             stock: self.stock,
+            product_id,
         }
     }
 }
@@ -59,6 +61,7 @@ impl Validate for NewProduct {
             name: self.name.clone(),
             price_cents: self.price_cents,
             stock: self.stock,
+            product_id: None,
         }
         .violations()
     }
@@ -82,6 +85,7 @@ impl Validate for RestockBody {
             },
             product_id: Uuid::nil(),
             quantity: self.quantity,
+            request_id: None,
         }
         .violations()
     }
@@ -105,9 +109,14 @@ pub(crate) async fn add(
     Json(body, raw): Json<NewProduct>,
 ) -> Response {
     let scope = format!("user:{}", caller.user_id);
-    idempotent(&state, &headers, &scope, "add_product", &raw, |_| async {
+    idempotent(&state, &headers, &scope, "add_product", &raw, |key| async {
+        // With a key the product's id is derived from it: a retry through
+        // another ingress copy (which has not seen the key) asks for the
+        // same product, which the catalog then answers without adding it
+        // again.
+        let product_id = key.map(|key| derived_id("product", &scope, &key));
         let product = state
-            .ask(&body.into_request(caller), &ctx.request_id)
+            .ask(&body.into_request(caller, product_id), &ctx.request_id)
             .await?;
         Ok(json(StatusCode::CREATED, &product))
     })
@@ -128,11 +137,21 @@ pub(crate) async fn restock(
     };
     let scope = format!("user:{}", caller.user_id);
     let what = format!("restock {product_id}");
-    idempotent(&state, &headers, &scope, &what, &raw, |_| async {
+    idempotent(&state, &headers, &scope, &what, &raw, |key| async {
+        // With a key the restock's id is derived from it and from what it
+        // asks: a retry through another ingress copy is not applied twice.
+        let request_id = key.map(|key| {
+            derived_id(
+                &format!("restock {product_id} {}", body.quantity),
+                &scope,
+                &key,
+            )
+        });
         let request = Restock {
             caller,
             product_id,
             quantity: body.quantity,
+            request_id,
         };
         let product = state.ask(&request, &ctx.request_id).await?;
         Ok(json(StatusCode::OK, &product))
