@@ -118,6 +118,47 @@ pub(crate) fn key_id(public: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(&digest.as_ref()[..12])
 }
 
+/// The verification keys of the Ed25519 public keys in `text`: any number of
+/// SubjectPublicKeyInfo PEM blocks (`-----BEGIN PUBLIC KEY-----`, what
+/// `openssl pkey -in KEY -pubout` prints), one after another, for tokens
+/// with `issuer` and `audience`. Text outside the blocks is ignored; a
+/// private key is refused, so that one is never published by mistake.
+pub fn verification_keys_from_pem(
+    text: &str,
+    issuer: &str,
+    audience: &str,
+) -> Result<Vec<VerificationKey>> {
+    if text.contains(&format!("-----BEGIN {PRIVATE_LABEL}-----")) {
+        return Err(AuthError::InvalidKey(
+            "a private key where public keys go: give its public half (openssl pkey -in KEY -pubout)"
+                .into(),
+        ));
+    }
+    let end = format!("-----END {PUBLIC_LABEL}-----");
+    let mut keys = Vec::new();
+    let mut rest = text;
+    while let Some(stop) = rest.find(&end) {
+        let block = &rest[..stop + end.len()];
+        let public = public_key_from_pem(block)?;
+        let mut spki = ED25519_SPKI_PREFIX.to_vec();
+        spki.extend_from_slice(&public);
+        keys.push(VerificationKey {
+            algorithm: ALGORITHM.into(),
+            key_id: key_id(&public),
+            public_key_pem: pem(PUBLIC_LABEL, &spki),
+            issuer: issuer.into(),
+            audience: audience.into(),
+        });
+        rest = &rest[stop + end.len()..];
+    }
+    if rest.contains("-----BEGIN") {
+        return Err(AuthError::InvalidKey(
+            "a PEM block that is not a public key, or one without its END line".into(),
+        ));
+    }
+    Ok(keys)
+}
+
 /// The 32 key bytes of an Ed25519 SubjectPublicKeyInfo PEM.
 pub(crate) fn public_key_from_pem(text: &str) -> Result<[u8; 32]> {
     let der = unpem(PUBLIC_LABEL, text)?;
@@ -209,5 +250,39 @@ MCowBQYDK2VwAyEAzZW/f/m+ITwpCIVqsrbjwD4G1UsEyA2s98YEaVsbuKE=
         }
         assert!(public_key_from_pem(OPENSSL_KEY).is_err());
         assert!(!format!("{:?}", SigningKey::from_pem(OPENSSL_KEY)).contains("MC4C"));
+    }
+
+    #[test]
+    fn a_bundle_of_public_keys_reads_as_verification_keys_and_private_ones_are_refused(
+    ) -> Result<()> {
+        let other = SigningKey::generate()?;
+        let bundle = format!(
+            "# the next key\n{OPENSSL_PUBLIC}\n# the previous one\n{}",
+            other.public_key_pem()
+        );
+        let keys = verification_keys_from_pem(&bundle, "iss", "aud")?;
+        let openssl = SigningKey::from_pem(OPENSSL_KEY)?;
+        assert_eq!(
+            keys,
+            vec![
+                openssl.verification_key("iss", "aud"),
+                other.verification_key("iss", "aud")
+            ]
+        );
+        assert_eq!(verification_keys_from_pem("", "iss", "aud")?, vec![]);
+        for bad in [
+            format!("{OPENSSL_PUBLIC}{OPENSSL_KEY}"),
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_owned(),
+            format!("{OPENSSL_PUBLIC}-----BEGIN PUBLIC KEY-----\nMCow"),
+        ] {
+            assert!(
+                matches!(
+                    verification_keys_from_pem(&bad, "iss", "aud"),
+                    Err(AuthError::InvalidKey(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        Ok(())
     }
 }

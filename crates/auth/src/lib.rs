@@ -54,7 +54,7 @@ pub mod refresh;
 pub mod token;
 
 pub use error::{AuthError, Result};
-pub use keys::SigningKey;
+pub use keys::{verification_keys_from_pem, SigningKey};
 pub use password::{hash_password, random_password, verify_password};
 pub use refresh::{hash_refresh_token, new_refresh_token};
 pub use skein_contracts::identity::VerificationKey;

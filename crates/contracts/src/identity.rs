@@ -116,6 +116,21 @@ contract!(query GetUser, "identity", "get_user", v 1, reply = User);
 pub struct GetVerificationKey {}
 contract!(query GetVerificationKey, "identity", "verification_key", v 1, reply = VerificationKey);
 
+/// Every public key that verifies access tokens now: the signing key's,
+/// and those configured besides it for a rotation (the next key before
+/// identity signs with it, the previous one until its tokens expire).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GetVerificationKeys {}
+contract!(query GetVerificationKeys, "identity", "verification_keys", v 1, reply = VerificationKeys);
+
+/// The answer to `verification_keys`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VerificationKeys {
+    /// The keys, the one tokens are signed with now first; key ids unique.
+    pub keys: Vec<VerificationKey>,
+}
+
 /// A token verification key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VerificationKey {

@@ -131,6 +131,7 @@ pub fn all() -> Vec<Entry> {
     entries.extend(query::<identity::RefreshToken>());
     entries.extend(query::<identity::GetUser>());
     entries.extend(query::<identity::GetVerificationKey>());
+    entries.extend(query::<identity::GetVerificationKeys>());
     entries.extend(query::<catalog::AddProduct>());
     entries.extend(query::<catalog::Restock>());
     entries.extend(query::<catalog::ListProducts>());

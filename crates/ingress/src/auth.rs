@@ -1,14 +1,21 @@
-//! Bearer tokens: verified with identity's public key, never minted here.
+//! Bearer tokens: verified with identity's public keys, never minted here.
 //!
-//! The key comes from identity's `verification_key` query, fetched on first
-//! use and again when a token names a key id the ingress does not know (a
+//! The keys come from identity's `verification_keys` query (its signing
+//! key's and those it publishes besides for a rotation; an identity from
+//! before key sets answers `verification_key`, one key): fetched on first
+//! use, again when a token names a key id the ingress does not know (a
 //! rotated key), at most once per `key_refresh_interval` so forged key ids
-//! cannot turn the ingress into a load generator against identity.
+//! cannot turn the ingress into a load generator against identity, and
+//! again once they are `key_max_age` old, so that a key identity no longer
+//! publishes stops verifying. A token verifies with whichever key its
+//! `kid` names, so tokens of the old and the new key both work while a
+//! rotation is under way.
 //!
 //! `authenticate` runs once per request in the middleware; it leaves an
 //! `Authn` in the request's extensions, which the [`Caller`] extractors read.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -16,27 +23,63 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap};
 use skein_auth::{AuthError, Claims, Verifier};
-use skein_contracts::identity::GetVerificationKey;
+use skein_contracts::identity::{GetVerificationKey, GetVerificationKeys};
 use skein_contracts::{Caller, Role};
 
 use crate::problem::ApiError;
-use crate::state::AppState;
+use crate::state::{AppState, Shared};
 
 /// Most verified tokens remembered; past it the memory starts over.
 const VERIFIED_CAPACITY: usize = 10_000;
 
-/// The verifier, when the key was last fetched, and the tokens it verified.
+/// The verifiers, when the keys were last fetched, and the tokens they
+/// verified.
 ///
 /// A signature check costs far more than the rest of a request, and clients
 /// send the same access token for its whole life, so verified tokens are
 /// remembered by their exact text (the same text has the same signature) and
-/// only their expiry is checked again. The memory is dropped whenever the key
-/// changes.
+/// only their expiry is checked again. The memory is dropped whenever the
+/// keys change.
 #[derive(Debug, Default)]
 pub(crate) struct Keys {
-    verifier: RwLock<Option<Arc<Verifier>>>,
+    set: RwLock<Option<Arc<KeySet>>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
     verified: Mutex<HashMap<String, Claims>>,
+    /// A fetch of keys grown old runs in the background.
+    refreshing: AtomicBool,
+}
+
+/// Lowers a flag when dropped, however its holder ends.
+struct Lowered<'a>(&'a AtomicBool);
+
+impl Drop for Lowered<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+/// The keys of one fetch.
+#[derive(Debug)]
+struct KeySet {
+    verifiers: Vec<Verifier>,
+    fetched: Instant,
+}
+
+impl KeySet {
+    fn ids(&self) -> Vec<&str> {
+        self.verifiers.iter().map(Verifier::key_id).collect()
+    }
+
+    /// Verifies `token` with the key its `kid` names.
+    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        for verifier in &self.verifiers {
+            match verifier.verify(token) {
+                Err(AuthError::UnknownKey) => continue,
+                other => return other,
+            }
+        }
+        Err(AuthError::UnknownKey)
+    }
 }
 
 /// What the middleware found out about the caller.
@@ -71,19 +114,16 @@ fn refusal(e: &AuthError) -> ApiError {
 }
 
 impl Keys {
-    fn current(&self) -> Option<Arc<Verifier>> {
-        self.verifier
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn current(&self) -> Option<Arc<KeySet>> {
+        self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Fetches the key from identity, unless one is held and was fetched
-    /// within the refresh interval. Concurrent callers wait for one fetch.
+    /// Fetches the keys from identity, unless some are held and were
+    /// fetched within the refresh interval. Concurrent callers wait for one
+    /// fetch.
     async fn refresh(&self, state: &AppState, correlation: &str) -> Result<(), ApiError> {
         let mut last = self.last_fetch.lock().await;
-        let have = self.current().is_some();
-        if have {
+        if self.current().is_some() {
             if let Some(at) = *last {
                 if at.elapsed() < state.config.key_refresh_interval {
                     return Ok(());
@@ -91,33 +131,70 @@ impl Keys {
             }
         }
         *last = Some(Instant::now());
-        let key = state
-            .ask(&GetVerificationKey {}, correlation)
-            .await
-            .inspect_err(|e| tracing::warn!(error = %e, "cannot fetch the verification key"))?;
-        let verifier = Verifier::new(&key).map_err(|e| {
-            tracing::error!(error = %e, "identity published an unusable verification key");
-            ApiError::Internal
-        })?;
-        tracing::info!(key_id = verifier.key_id(), "verification key loaded");
-        let mut current = self.verifier.write().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().map(|v| v.key_id()) != Some(verifier.key_id()) {
+        let keys = match state.ask(&GetVerificationKeys {}, correlation).await {
+            Ok(set) => set.keys,
+            // An identity from before key sets has the one key.
+            Err(e) => match state.ask(&GetVerificationKey {}, correlation).await {
+                Ok(key) => vec![key],
+                Err(_) => {
+                    tracing::warn!(error = %e, "cannot fetch the verification keys");
+                    return Err(e);
+                }
+            },
+        };
+        let verifiers: Vec<Verifier> = keys
+            .iter()
+            .filter_map(|key| {
+                Verifier::new(key)
+                    .inspect_err(|e| {
+                        tracing::error!(key_id = %key.key_id, error = %e, "identity published an unusable verification key")
+                    })
+                    .ok()
+            })
+            .collect();
+        if verifiers.is_empty() {
+            tracing::error!("identity published no usable verification key");
+            return Err(ApiError::Internal);
+        }
+        let set = KeySet {
+            verifiers,
+            fetched: Instant::now(),
+        };
+        let mut current = self.set.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().map(|c| c.ids()) != Some(set.ids()) {
+            tracing::info!(key_ids = ?set.ids(), "verification keys loaded");
             self.verified
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
-        *current = Some(Arc::new(verifier));
+        *current = Some(Arc::new(set));
         Ok(())
     }
 
-    /// Verifies `token`, fetching the key when needed.
+    /// Verifies `token`, fetching the keys when needed.
     async fn verify(
         &self,
-        state: &AppState,
+        state: &Shared,
         token: &str,
         correlation: &str,
     ) -> Result<Claims, ApiError> {
+        if self
+            .current()
+            .is_some_and(|set| set.fetched.elapsed() >= state.config.key_max_age)
+            && !self.refreshing.swap(true, Ordering::AcqRel)
+        {
+            // Fetched again in the background: requests meanwhile use the
+            // keys held (and go on doing so while identity does not answer).
+            // A key identity stopped publishing then takes its remembered
+            // tokens with it.
+            let state = state.clone();
+            let correlation = correlation.to_owned();
+            tokio::spawn(async move {
+                let _done = Lowered(&state.keys.refreshing);
+                let _ = state.keys.refresh(&state, &correlation).await;
+            });
+        }
         if let Some(claims) = self.remembered(token) {
             return Ok(claims);
         }
@@ -152,19 +229,20 @@ impl Keys {
         if self.current().is_none() {
             self.refresh(state, correlation).await?;
         }
-        let Some(verifier) = self.current() else {
+        let Some(set) = self.current() else {
             return Err(ApiError::ServiceUnavailable {
                 service: "identity".into(),
                 retry_after: std::time::Duration::from_secs(1),
             });
         };
-        match verifier.verify(token) {
+        match set.verify(token) {
             Err(AuthError::UnknownKey) => {
-                // Maybe identity rotated its key: fetch it (rate-limited) and retry.
+                // Maybe identity rotated its key: fetch the keys
+                // (rate-limited) and try again.
                 self.refresh(state, correlation).await?;
                 match self.current() {
-                    Some(v) if v.key_id() != verifier.key_id() => {
-                        v.verify(token).map_err(|e| refusal(&e))
+                    Some(now) if !Arc::ptr_eq(&now, &set) => {
+                        now.verify(token).map_err(|e| refusal(&e))
                     }
                     _ => Err(refusal(&AuthError::UnknownKey)),
                 }
@@ -182,11 +260,7 @@ fn unix_now() -> u64 {
 }
 
 /// Reads and verifies the `Authorization` header.
-pub(crate) async fn authenticate(
-    state: &AppState,
-    headers: &HeaderMap,
-    correlation: &str,
-) -> Authn {
+pub(crate) async fn authenticate(state: &Shared, headers: &HeaderMap, correlation: &str) -> Authn {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Authn::Anonymous;
     };

@@ -55,9 +55,13 @@ pub struct IngressConfig {
     pub idempotency_ttl: Duration,
     /// Most idempotency keys kept; the oldest go first (default 100 000).
     pub idempotency_capacity: usize,
-    /// Fewest seconds between two fetches of identity's verification key
+    /// Fewest seconds between two fetches of identity's verification keys
     /// when a token names an unknown key (default 10 s).
     pub key_refresh_interval: Duration,
+    /// How long the verification keys fetched are used before they are
+    /// fetched again on the next request (default 5 min): a key identity
+    /// stopped publishing (the end of a rotation) stops verifying by then.
+    pub key_max_age: Duration,
     /// Services `/health` pings and reads figures from.
     pub services: Vec<String>,
     /// How long `/health` waits for each check (default 1 s).
@@ -96,6 +100,7 @@ impl IngressConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_capacity: 100_000,
             key_refresh_interval: Duration::from_secs(10),
+            key_max_age: Duration::from_secs(300),
             services: [
                 "identity",
                 "catalog",

@@ -118,6 +118,8 @@ struct App {
     hosts: BTreeMap<&'static str, (Host, skein_bus::Bus)>,
     /// Identity's signing key, so tests can forge tokens it would sign.
     key: SigningKey,
+    /// Public keys identity publishes besides its signing key's.
+    verifying: Option<String>,
     admin: String,
 }
 
@@ -180,6 +182,7 @@ impl App {
             server: None,
             hosts: BTreeMap::new(),
             key,
+            verifying: None,
             admin: String::new(),
         };
         for name in workers {
@@ -208,6 +211,7 @@ impl App {
             "identity" => {
                 let identity = IdentityConfig {
                     signing_key_pem: Some(self.key.to_pem()),
+                    verification_keys_pem: self.verifying.clone(),
                     admin: Some(AdminSeed {
                         email: ADMIN_EMAIL.into(),
                         password: PASSWORD.into(),
@@ -1425,6 +1429,68 @@ async fn a_rotated_signing_key_is_fetched_when_a_token_names_it() -> anyhow::Res
         a.status == 401,
         "a token of the retired key must not: {a:?}"
     );
+    Ok(())
+}
+
+/// The rotation README.md describes: identity first publishes the next
+/// key, then signs with it while still publishing the previous one, then
+/// drops the previous one. Tokens of both keys work throughout; once the
+/// previous key is gone and the ingress fetched the keys again, its tokens
+/// stop working.
+#[tokio::test]
+async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Result<()> {
+    let mut app = App::start_with(|c| {
+        c.key_refresh_interval = Duration::from_millis(200);
+        c.key_max_age = Duration::from_millis(500);
+    })
+    .await?;
+    let (_, old_token) = app.customer("ada@example.org").await?;
+    async fn me(app: &App, token: &str) -> anyhow::Result<u16> {
+        Ok(app.get("/v1/me", token).await?.status)
+    }
+    ensure!(me(&app, &old_token).await? == 200);
+    let old = SigningKey::from_pem(&app.key.to_pem())?;
+    let new = SigningKey::generate()?;
+
+    // 1. The next key is published, not used.
+    app.stop_worker("identity").await?;
+    app.verifying = Some(new.public_key_pem());
+    app.start_worker("identity").await?;
+    ensure!(me(&app, &old_token).await? == 200);
+    // The wait the procedure asks for: every ingress copy fetches the keys
+    // again within their maximum age.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    ensure!(me(&app, &old_token).await? == 200);
+
+    // 2. Identity signs with the next key and still publishes the old one.
+    app.stop_worker("identity").await?;
+    app.key = SigningKey::from_pem(&new.to_pem())?;
+    app.verifying = Some(old.public_key_pem());
+    app.start_worker("identity").await?;
+    let new_token = app.login("ada@example.org").await?;
+    for round in 0..3 {
+        for (which, token) in [("new", &new_token), ("old", &old_token)] {
+            let status = me(&app, token).await?;
+            ensure!(
+                status == 200,
+                "round {round}: a token of the {which} key got {status} while both are published"
+            );
+        }
+        // Past the keys' age: the ingress fetches them again in between.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // 3. The old key is dropped: once the ingress fetched the keys again,
+    // its tokens are refused; the new key's are not.
+    app.stop_worker("identity").await?;
+    app.verifying = None;
+    app.start_worker("identity").await?;
+    eventually(WAIT, || async {
+        (me(&app, &old_token).await.ok()? == 401).then_some(())
+    })
+    .await
+    .context("a token of the dropped key is still accepted")?;
+    ensure!(me(&app, &new_token).await? == 200);
     Ok(())
 }
 

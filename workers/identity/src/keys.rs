@@ -8,13 +8,17 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use skein_auth::{AuthError, SigningKey};
+use skein_auth::{verification_keys_from_pem, AuthError, SigningKey, VerificationKey};
 
 use crate::IdentityConfig;
 
 /// File name of the key in the key directory. Renaming it makes identity
 /// generate a new key, and every token issued before stops verifying.
 pub const KEY_FILE: &str = "identity-signing-key.pem";
+
+/// File name, in the key directory, of more public keys that verify tokens
+/// (a rotation's next or previous key).
+pub const VERIFICATION_KEYS_FILE: &str = "identity-verification-keys.pem";
 
 /// Why the signing key could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,49 @@ pub enum KeyError {
     /// No key could be generated.
     #[error("cannot generate a signing key")]
     Generate(#[source] AuthError),
+    /// The verification keys configured or in the key directory are not
+    /// Ed25519 public keys.
+    #[error("the verification keys in {from} are unusable")]
+    Verification {
+        /// `SKEIN_VERIFICATION_KEYS_PEM` or the file.
+        from: String,
+        /// Why.
+        #[source]
+        source: AuthError,
+    },
+}
+
+/// Every key that verifies tokens: `signing`'s first, then those of
+/// [`IdentityConfig::verification_keys_pem`] and of
+/// `<key_dir>/identity-verification-keys.pem` (when it exists), each key id
+/// once.
+pub fn verification_keys(
+    config: &IdentityConfig,
+    signing: &SigningKey,
+) -> Result<Vec<VerificationKey>, KeyError> {
+    let mut keys = vec![signing.verification_key(&config.issuer, &config.audience)];
+    let mut more = |text: &str, from: String| {
+        let found = verification_keys_from_pem(text, &config.issuer, &config.audience)
+            .map_err(|source| KeyError::Verification { from, source })?;
+        for key in found {
+            if !keys.iter().any(|k| k.key_id == key.key_id) {
+                keys.push(key);
+            }
+        }
+        Ok::<_, KeyError>(())
+    };
+    if let Some(pem) = &config.verification_keys_pem {
+        more(pem, "SKEIN_VERIFICATION_KEYS_PEM".into())?;
+    }
+    if let Some(dir) = &config.key_dir {
+        let path = dir.join(VERIFICATION_KEYS_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => more(&text, path.display().to_string())?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("read", &path)(e)),
+        }
+    }
+    Ok(keys)
 }
 
 /// The key from [`IdentityConfig::signing_key_pem`]; else the one in
@@ -184,6 +231,52 @@ mod tests {
             load_or_create(&broken),
             Err(KeyError::Configured(_))
         ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_verification_keys_are_the_signing_key_s_then_the_configured_and_the_file_s(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (signing, next, previous) = (
+            SigningKey::generate()?,
+            SigningKey::generate()?,
+            SigningKey::generate()?,
+        );
+        let config = IdentityConfig {
+            key_dir: Some(dir.path().to_owned()),
+            // The signing key's own public key again changes nothing.
+            verification_keys_pem: Some(format!(
+                "{}{}",
+                next.public_key_pem(),
+                signing.public_key_pem()
+            )),
+            ..IdentityConfig::default()
+        };
+        let ids = |keys: Vec<VerificationKey>| -> Vec<String> {
+            keys.into_iter().map(|k| k.key_id).collect()
+        };
+        assert_eq!(
+            ids(verification_keys(&config, &signing)?),
+            [signing.key_id(), next.key_id()]
+        );
+        std::fs::write(
+            dir.path().join(VERIFICATION_KEYS_FILE),
+            format!("{}{}", previous.public_key_pem(), next.public_key_pem()),
+        )?;
+        assert_eq!(
+            ids(verification_keys(&config, &signing)?),
+            [signing.key_id(), next.key_id(), previous.key_id()]
+        );
+        // A private key where public ones go is refused, naming where.
+        std::fs::write(dir.path().join(VERIFICATION_KEYS_FILE), previous.to_pem())?;
+        let refused = verification_keys(&config, &signing)
+            .err()
+            .ok_or("a private key was accepted")?;
+        assert!(
+            matches!(&refused, KeyError::Verification { from, .. } if from.ends_with(VERIFICATION_KEYS_FILE)),
+            "{refused:?}"
+        );
         Ok(())
     }
 }

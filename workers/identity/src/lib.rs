@@ -22,9 +22,13 @@
 //!   used, revoked or expired: 401.
 //! - `get_user`: the caller itself, or anyone for an admin; 403 for another
 //!   customer (checked before existence, so nothing leaks), 404 unknown.
-//! - `verification_key`: the public key, key id, issuer and audience that
-//!   verify access tokens; the ingress builds its
-//!   [`skein_auth::Verifier`] from it and never holds the signing key.
+//! - `verification_keys`: every public key, with its key id, issuer and
+//!   audience, that verifies access tokens now: the signing key's first,
+//!   then those of [`IdentityConfig::verification_keys_pem`] and
+//!   `<key_dir>/identity-verification-keys.pem` (a rotation's next or
+//!   previous key). The ingress builds a [`skein_auth::Verifier`] for each
+//!   and never holds the signing key. `verification_key` (the signing key's
+//!   alone) answers ingress copies from before key sets.
 //!
 //! Event: `user_registered` (`events.identity.<user_id>.user_registered`),
 //! also for the seeded admin, with role `admin`.
@@ -107,8 +111,15 @@ pub struct IdentityConfig {
     /// The signing key as PKCS#8 PEM; wins over `key_dir`. Never logged.
     pub signing_key_pem: Option<String>,
     /// Where the signing key is kept: loaded from, or generated into,
-    /// `<key_dir>/identity-signing-key.pem`.
+    /// `<key_dir>/identity-signing-key.pem`. Public keys in
+    /// `<key_dir>/identity-verification-keys.pem`, when it exists, verify
+    /// tokens too (as `verification_keys_pem`).
     pub key_dir: Option<PathBuf>,
+    /// More public keys (SubjectPublicKeyInfo PEM blocks, any number) that
+    /// verify tokens besides the signing key: during a rotation the next key
+    /// before identity signs with it, then the previous one until the tokens
+    /// it signed have expired. Public, so not secret.
+    pub verification_keys_pem: Option<String>,
     /// The first admin, created once.
     pub admin: Option<AdminSeed>,
 }
@@ -125,6 +136,10 @@ impl std::fmt::Debug for IdentityConfig {
                 &self.signing_key_pem.as_ref().map(|_| "<redacted>"),
             )
             .field("key_dir", &self.key_dir)
+            .field(
+                "verification_keys_pem",
+                &self.verification_keys_pem.is_some(),
+            )
             .field("admin", &self.admin)
             .finish()
     }
@@ -138,6 +153,7 @@ impl Default for IdentityConfig {
             access_ttl: Duration::from_secs(900),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             signing_key_pem: None,
+            verification_keys_pem: None,
             key_dir: None,
             admin: None,
         }
@@ -202,7 +218,12 @@ pub async fn start(
         .await
         .map_err(skein_service::Error::from)?;
     let key = keys::load_or_create(&config)?;
-    tracing::info!(key_id = key.key_id(), "token signing key ready");
+    let verification_keys = keys::verification_keys(&config, &key)?;
+    tracing::info!(
+        key_id = key.key_id(),
+        verifying = ?verification_keys.iter().map(|k| k.key_id.as_str()).collect::<Vec<_>>(),
+        "token signing key ready"
+    );
     let mut conn = store.pool().acquire().await.map_err(StartError::Database)?;
     let expired = store::delete_expired_refresh_tokens(&mut conn, None, skein_outbox::now_micros())
         .await
@@ -211,7 +232,12 @@ pub async fn start(
     if expired > 0 {
         tracing::info!(count = expired, "deleted expired refresh tokens");
     }
-    let state = Arc::new(queries::State::new(store.clone(), key, config));
+    let state = Arc::new(queries::State::new(
+        store.clone(),
+        key,
+        verification_keys,
+        config,
+    ));
     if let Some(admin) = &state.config.admin {
         queries::seed_admin(&state, admin)
             .await

@@ -48,6 +48,7 @@ fn config() -> anyhow::Result<IdentityConfig> {
         access_ttl: secs("SKEIN_ACCESS_TTL_SECS", defaults.access_ttl)?,
         refresh_ttl: secs("SKEIN_REFRESH_TTL_SECS", defaults.refresh_ttl)?,
         signing_key_pem: std::env::var("SKEIN_SIGNING_KEY_PEM").ok(),
+        verification_keys_pem: std::env::var("SKEIN_VERIFICATION_KEYS_PEM").ok(),
         key_dir: Some(
             std::env::var_os("SKEIN_KEY_DIR")
                 .unwrap_or_else(|| "data".into())

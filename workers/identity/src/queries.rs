@@ -7,8 +7,8 @@ use skein_auth::{
     hash_password, hash_refresh_token, new_refresh_token, verify_password, Claims, SigningKey,
 };
 use skein_contracts::identity::{
-    GetUser, GetVerificationKey, IssueToken, RefreshToken, Register, TokenPair, User,
-    UserRegistered, VerificationKey,
+    GetUser, GetVerificationKey, GetVerificationKeys, IssueToken, RefreshToken, Register,
+    TokenPair, User, UserRegistered, VerificationKey, VerificationKeys,
 };
 use skein_contracts::validate::describe;
 use skein_contracts::{Role, ServiceError, Validate, Violation};
@@ -41,6 +41,8 @@ pub struct State {
     pub key: SigningKey,
     /// Its public half, as published.
     pub verification_key: VerificationKey,
+    /// Every key that verifies tokens, the signing key's first.
+    pub verification_keys: VerificationKeys,
     /// Settings.
     pub config: IdentityConfig,
     /// Bounds concurrent argon2 work: each hash holds 19 MiB and a core, and
@@ -50,10 +52,18 @@ pub struct State {
 
 impl State {
     /// The state of one identity worker.
-    pub fn new(store: Store, key: SigningKey, config: IdentityConfig) -> Self {
+    pub fn new(
+        store: Store,
+        key: SigningKey,
+        verification_keys: Vec<VerificationKey>,
+        config: IdentityConfig,
+    ) -> Self {
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
         Self {
             verification_key: key.verification_key(&config.issuer, &config.audience),
+            verification_keys: VerificationKeys {
+                keys: verification_keys,
+            },
             store,
             key,
             config,
@@ -152,10 +162,16 @@ pub async fn register(host: &mut Host, state: Arc<State>) -> skein_service::Resu
     let s = state.clone();
     host.query(move |q: GetUser, _| get_user(s.clone(), q))
         .await?;
-    let s = state;
+    let s = state.clone();
     host.query(move |_: GetVerificationKey, _| {
         let key = s.verification_key.clone();
         async move { Ok(key) }
+    })
+    .await?;
+    let s = state;
+    host.query(move |_: GetVerificationKeys, _| {
+        let keys = s.verification_keys.clone();
+        async move { Ok(keys) }
     })
     .await?;
     Ok(())

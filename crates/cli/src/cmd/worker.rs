@@ -65,6 +65,12 @@ pub(crate) struct Settings {
     /// Identity's token signing key as PKCS#8 PEM (wins over --key-dir).
     #[arg(long, env = "SKEIN_SIGNING_KEY_PEM", hide_env_values = true)]
     signing_key_pem: Option<String>,
+    /// More public keys (PEM blocks) that verify tokens besides the signing
+    /// key, for a key rotation: the next key before identity signs with it,
+    /// then the previous one until its tokens expire. Also read from
+    /// KEY_DIR/identity-verification-keys.pem.
+    #[arg(long, env = "SKEIN_VERIFICATION_KEYS_PEM")]
+    verification_keys_pem: Option<String>,
     /// Email of the first admin account (created once, with --admin-password).
     #[arg(long, env = "SKEIN_ADMIN_EMAIL")]
     pub(crate) admin_email: Option<String>,
@@ -214,6 +220,7 @@ async fn start_one(
                 let identity = skein_identity::IdentityConfig {
                     key_dir: Some(args.key_dir.clone().unwrap_or_else(|| data_dir.to_owned())),
                     signing_key_pem: args.signing_key_pem.clone(),
+                    verification_keys_pem: args.verification_keys_pem.clone(),
                     admin,
                     ..Default::default()
                 };
