@@ -128,11 +128,22 @@ pub fn verification_keys_from_pem(
     issuer: &str,
     audience: &str,
 ) -> Result<Vec<VerificationKey>> {
-    if text.contains(&format!("-----BEGIN {PRIVATE_LABEL}-----")) {
-        return Err(AuthError::InvalidKey(
-            "a private key where public keys go: give its public half (openssl pkey -in KEY -pubout)"
-                .into(),
-        ));
+    // Every block must be a public key: any private key (PKCS#8, encrypted,
+    // OpenSSH, ...) is refused, so that one is never handed around as a
+    // verification key by mistake.
+    for label in text
+        .split("-----BEGIN ")
+        .skip(1)
+        .filter_map(|b| b.split_once("-----"))
+    {
+        if label.0 != PUBLIC_LABEL {
+            return Err(AuthError::InvalidKey(if label.0.contains("PRIVATE") {
+                "a private key where public keys go: give its public half (openssl pkey -in KEY -pubout)"
+                    .into()
+            } else {
+                format!("a {} block where public keys go", label.0)
+            }));
+        }
     }
     let end = format!("-----END {PUBLIC_LABEL}-----");
     let mut keys = Vec::new();
@@ -273,6 +284,8 @@ MCowBQYDK2VwAyEAzZW/f/m+ITwpCIVqsrbjwD4G1UsEyA2s98YEaVsbuKE=
         for bad in [
             format!("{OPENSSL_PUBLIC}{OPENSSL_KEY}"),
             "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_owned(),
+            format!("-----BEGIN OPENSSH PRIVATE KEY-----\nAAAA\n-----END OPENSSH PRIVATE KEY-----\n{OPENSSL_PUBLIC}"),
+            format!("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n{OPENSSL_PUBLIC}"),
             format!("{OPENSSL_PUBLIC}-----BEGIN PUBLIC KEY-----\nMCow"),
         ] {
             assert!(

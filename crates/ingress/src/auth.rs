@@ -6,10 +6,14 @@
 //! use, again when a token names a key id the ingress does not know (a
 //! rotated key), at most once per `key_refresh_interval` so forged key ids
 //! cannot turn the ingress into a load generator against identity, and
-//! again once they are `key_max_age` old, so that a key identity no longer
-//! publishes stops verifying. A token verifies with whichever key its
-//! `kid` names, so tokens of the old and the new key both work while a
-//! rotation is under way.
+//! again, in the background, on the first request after they are
+//! `key_max_age` old, so that a key identity no longer publishes stops
+//! verifying. Keys that could not be fetched again for three times
+//! `key_max_age` verify nothing more (503 until identity answers): a key
+//! removed while identity was away must not verify for ever, and with
+//! identity away no client can refresh its tokens anyway. A token verifies
+//! with whichever key its `kid` names, so tokens of the old and the new key
+//! both work while a rotation is under way.
 //!
 //! `authenticate` runs once per request in the middleware; it leaves an
 //! `Authn` in the request's extensions, which the [`Caller`] extractors read.
@@ -17,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -44,7 +48,8 @@ const VERIFIED_CAPACITY: usize = 10_000;
 pub(crate) struct Keys {
     set: RwLock<Option<Arc<KeySet>>>,
     last_fetch: tokio::sync::Mutex<Option<Instant>>,
-    verified: Mutex<HashMap<String, Claims>>,
+    /// Verified tokens, with the id of the key that verified each.
+    verified: Mutex<HashMap<String, (Claims, String)>>,
     /// A fetch of keys grown old runs in the background.
     refreshing: AtomicBool,
 }
@@ -66,16 +71,24 @@ struct KeySet {
 }
 
 impl KeySet {
+    /// The key ids, sorted: identity copies may list them in another order.
     fn ids(&self) -> Vec<&str> {
-        self.verifiers.iter().map(Verifier::key_id).collect()
+        let mut ids: Vec<&str> = self.verifiers.iter().map(Verifier::key_id).collect();
+        ids.sort_unstable();
+        ids
     }
 
-    /// Verifies `token` with the key its `kid` names.
-    fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    fn has(&self, key_id: &str) -> bool {
+        self.verifiers.iter().any(|v| v.key_id() == key_id)
+    }
+
+    /// Verifies `token` with the key its `kid` names: its claims and that
+    /// key's id.
+    fn verify(&self, token: &str) -> Result<(Claims, String), AuthError> {
         for verifier in &self.verifiers {
             match verifier.verify(token) {
                 Err(AuthError::UnknownKey) => continue,
-                other => return other,
+                other => return other.map(|claims| (claims, verifier.key_id().to_owned())),
             }
         }
         Err(AuthError::UnknownKey)
@@ -118,14 +131,19 @@ impl Keys {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Fetches the keys from identity, unless some are held and were
-    /// fetched within the refresh interval. Concurrent callers wait for one
+    /// Fetches the keys from identity, unless some are held and the last
+    /// attempt was less than `every` ago. Concurrent callers wait for one
     /// fetch.
-    async fn refresh(&self, state: &AppState, correlation: &str) -> Result<(), ApiError> {
+    async fn refresh(
+        &self,
+        state: &AppState,
+        correlation: &str,
+        every: Duration,
+    ) -> Result<(), ApiError> {
         let mut last = self.last_fetch.lock().await;
         if self.current().is_some() {
             if let Some(at) = *last {
-                if at.elapsed() < state.config.key_refresh_interval {
+                if at.elapsed() < every {
                     return Ok(());
                 }
             }
@@ -133,14 +151,22 @@ impl Keys {
         *last = Some(Instant::now());
         let keys = match state.ask(&GetVerificationKeys {}, correlation).await {
             Ok(set) => set.keys,
-            // An identity from before key sets has the one key.
-            Err(e) => match state.ask(&GetVerificationKey {}, correlation).await {
-                Ok(key) => vec![key],
-                Err(_) => {
-                    tracing::warn!(error = %e, "cannot fetch the verification keys");
-                    return Err(e);
+            // Nobody answers that query: an identity from before key sets,
+            // which has the one key. (Any other failure is no reason to
+            // drop the keys held for one.)
+            Err(e @ ApiError::ServiceUnavailable { .. }) => {
+                match state.ask(&GetVerificationKey {}, correlation).await {
+                    Ok(key) => vec![key],
+                    Err(_) => {
+                        tracing::warn!(error = %e, "cannot fetch the verification keys");
+                        return Err(e);
+                    }
                 }
-            },
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot fetch the verification keys");
+                return Err(e);
+            }
         };
         let verifiers: Vec<Verifier> = keys
             .iter()
@@ -179,9 +205,18 @@ impl Keys {
         token: &str,
         correlation: &str,
     ) -> Result<Claims, ApiError> {
-        if self
-            .current()
-            .is_some_and(|set| set.fetched.elapsed() >= state.config.key_max_age)
+        let age = self.current().map(|set| set.fetched.elapsed());
+        if age.is_some_and(|age| age >= state.config.key_max_age * 3) {
+            // Too old to trust: fetched now, or nothing verifies.
+            self.refresh(state, correlation, state.config.key_refresh_interval)
+                .await?;
+            if self
+                .current()
+                .is_none_or(|set| set.fetched.elapsed() >= state.config.key_max_age * 3)
+            {
+                return Err(identity_unavailable());
+            }
+        } else if age.is_some_and(|age| age >= state.config.key_max_age)
             && !self.refreshing.swap(true, Ordering::AcqRel)
         {
             // Fetched again in the background: requests meanwhile use the
@@ -192,26 +227,30 @@ impl Keys {
             let correlation = correlation.to_owned();
             tokio::spawn(async move {
                 let _done = Lowered(&state.keys.refreshing);
-                let _ = state.keys.refresh(&state, &correlation).await;
+                // At most once per maximum age, also while it fails.
+                let every = state.config.key_max_age;
+                let _ = state.keys.refresh(&state, &correlation, every).await;
             });
         }
         if let Some(claims) = self.remembered(token) {
             return Ok(claims);
         }
-        let claims = self.check(state, token, correlation).await?;
+        let (claims, key_id) = self.check(state, token, correlation).await?;
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
         if verified.len() >= VERIFIED_CAPACITY {
             verified.clear();
         }
-        verified.insert(token.to_owned(), claims.clone());
+        verified.insert(token.to_owned(), (claims.clone(), key_id));
         Ok(claims)
     }
 
-    /// The claims of a token verified before, while it has not expired.
+    /// The claims of a token verified before, while it has not expired and
+    /// the key that verified it is still held.
     fn remembered(&self, token: &str) -> Option<Claims> {
+        let set = self.current()?;
         let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        let claims = verified.get(token)?;
-        if claims.exp.saturating_add(skein_auth::LEEWAY_SECS) > unix_now() {
+        let (claims, key_id) = verified.get(token)?;
+        if claims.exp.saturating_add(skein_auth::LEEWAY_SECS) > unix_now() && set.has(key_id) {
             Some(claims.clone())
         } else {
             verified.remove(token);
@@ -225,21 +264,20 @@ impl Keys {
         state: &AppState,
         token: &str,
         correlation: &str,
-    ) -> Result<Claims, ApiError> {
+    ) -> Result<(Claims, String), ApiError> {
         if self.current().is_none() {
-            self.refresh(state, correlation).await?;
+            self.refresh(state, correlation, state.config.key_refresh_interval)
+                .await?;
         }
         let Some(set) = self.current() else {
-            return Err(ApiError::ServiceUnavailable {
-                service: "identity".into(),
-                retry_after: std::time::Duration::from_secs(1),
-            });
+            return Err(identity_unavailable());
         };
         match set.verify(token) {
             Err(AuthError::UnknownKey) => {
                 // Maybe identity rotated its key: fetch the keys
                 // (rate-limited) and try again.
-                self.refresh(state, correlation).await?;
+                self.refresh(state, correlation, state.config.key_refresh_interval)
+                    .await?;
                 match self.current() {
                     Some(now) if !Arc::ptr_eq(&now, &set) => {
                         now.verify(token).map_err(|e| refusal(&e))
@@ -249,6 +287,13 @@ impl Keys {
             }
             other => other.map_err(|e| refusal(&e)),
         }
+    }
+}
+
+fn identity_unavailable() -> ApiError {
+    ApiError::ServiceUnavailable {
+        service: "identity".into(),
+        retry_after: std::time::Duration::from_secs(1),
     }
 }
 

@@ -125,6 +125,21 @@ struct App {
 
 const SERVICES: [&str; 4] = ["identity", "catalog", "orders", "projector"];
 
+/// Identity signing with `key`, publishing `verifying` besides, with the
+/// tests' admin.
+fn identity_config(key: &SigningKey, verifying: Option<String>) -> IdentityConfig {
+    IdentityConfig {
+        signing_key_pem: Some(key.to_pem()),
+        verification_keys_pem: verifying,
+        admin: Some(AdminSeed {
+            email: ADMIN_EMAIL.into(),
+            password: PASSWORD.into(),
+            name: "Admin".into(),
+        }),
+        ..IdentityConfig::default()
+    }
+}
+
 /// Settings for tests: quick breakers and timeouts, generous rate limits.
 fn test_config() -> IngressConfig {
     let mut c = IngressConfig::new(([127, 0, 0, 1], 0).into());
@@ -209,16 +224,7 @@ impl App {
         let config = HostConfig::new(name);
         let host = match name {
             "identity" => {
-                let identity = IdentityConfig {
-                    signing_key_pem: Some(self.key.to_pem()),
-                    verification_keys_pem: self.verifying.clone(),
-                    admin: Some(AdminSeed {
-                        email: ADMIN_EMAIL.into(),
-                        password: PASSWORD.into(),
-                        name: "Admin".into(),
-                    }),
-                    ..IdentityConfig::default()
-                };
+                let identity = identity_config(&self.key, self.verifying.clone());
                 skein_identity::start(bus, store, config, identity).await?
             }
             "catalog" => skein_catalog::start(bus, store, config).await?,
@@ -237,6 +243,25 @@ impl App {
         };
         self.hosts.insert(name, (host, connection));
         Ok(())
+    }
+
+    /// Another copy of identity, signing with `key` and publishing
+    /// `verifying` besides: with the one of `hosts`, two copies configured
+    /// differently, as during a rolling restart.
+    async fn another_identity(
+        &self,
+        key: &SigningKey,
+        verifying: Option<String>,
+    ) -> anyhow::Result<Host> {
+        let store = self.p.store("identity").await.map_err(boxed)?;
+        let bus = self.p.connect("identity").await.map_err(boxed)?;
+        Ok(skein_identity::start(
+            bus,
+            store,
+            HostConfig::new("identity"),
+            identity_config(key, verifying),
+        )
+        .await?)
     }
 
     /// Stops a worker as its process would stop: gracefully, then its
@@ -1434,46 +1459,75 @@ async fn a_rotated_signing_key_is_fetched_when_a_token_names_it() -> anyhow::Res
 
 /// The rotation README.md describes: identity first publishes the next
 /// key, then signs with it while still publishing the previous one, then
-/// drops the previous one. Tokens of both keys work throughout; once the
-/// previous key is gone and the ingress fetched the keys again, its tokens
-/// stop working.
+/// drops the previous one, each step a rolling restart (two copies
+/// configured differently for a while). Tokens of both keys work
+/// throughout; once the previous key is gone and the ingress fetched the
+/// keys again, its tokens stop working. A token naming an unknown key makes
+/// the ingress fetch the keys at most once a minute here, so only the
+/// fetches of keys grown old can teach it a key.
 #[tokio::test]
 async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Result<()> {
     let mut app = App::start_with(|c| {
-        c.key_refresh_interval = Duration::from_millis(200);
+        c.key_refresh_interval = Duration::from_secs(60);
         c.key_max_age = Duration::from_millis(500);
     })
     .await?;
-    let (_, old_token) = app.customer("ada@example.org").await?;
+    let (ada, old_token) = app.customer("ada@example.org").await?;
     async fn me(app: &App, token: &str) -> anyhow::Result<u16> {
         Ok(app.get("/v1/me", token).await?.status)
     }
     ensure!(me(&app, &old_token).await? == 200);
     let old = SigningKey::from_pem(&app.key.to_pem())?;
     let new = SigningKey::generate()?;
+    let ada_claims = Claims::new(
+        ada,
+        Role::Customer,
+        "skein",
+        "skein-api",
+        Duration::from_secs(600),
+    );
+    // What identity will sign with the next key.
+    let next_token = new.issue(&ada_claims)?;
 
-    // 1. The next key is published, not used.
-    app.stop_worker("identity").await?;
+    // 1. The next key is published, not used: a copy with the new settings
+    // beside one with the old, then only the new settings.
     app.verifying = Some(new.public_key_pem());
+    let second = app.another_identity(&old, app.verifying.clone()).await?;
+    app.stop_worker("identity").await?;
     app.start_worker("identity").await?;
-    ensure!(me(&app, &old_token).await? == 200);
-    // The wait the procedure asks for: every ingress copy fetches the keys
-    // again within their maximum age.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    second.shutdown().await;
+    // Within the keys' maximum age (and a request to notice it) the
+    // ingress knows the next key.
+    eventually(WAIT, || async {
+        (me(&app, &next_token).await.ok()? == 200).then_some(())
+    })
+    .await
+    .context("the ingress never learnt the next key")?;
     ensure!(me(&app, &old_token).await? == 200);
 
-    // 2. Identity signs with the next key and still publishes the old one.
+    // 2. Identity signs with the next key and still publishes the old one:
+    // while the copies are restarted one by one, tokens of both keys are
+    // issued, and both verify whichever copy the ingress asks.
+    let second = app
+        .another_identity(&new, Some(old.public_key_pem()))
+        .await?;
+    let mut tokens = vec![old_token.clone()];
+    for _ in 0..4 {
+        tokens.push(app.login("ada@example.org").await?);
+    }
     app.stop_worker("identity").await?;
     app.key = SigningKey::from_pem(&new.to_pem())?;
     app.verifying = Some(old.public_key_pem());
     app.start_worker("identity").await?;
+    second.shutdown().await;
     let new_token = app.login("ada@example.org").await?;
+    tokens.push(new_token.clone());
     for round in 0..3 {
-        for (which, token) in [("new", &new_token), ("old", &old_token)] {
+        for (n, token) in tokens.iter().enumerate() {
             let status = me(&app, token).await?;
             ensure!(
                 status == 200,
-                "round {round}: a token of the {which} key got {status} while both are published"
+                "round {round}: token {n} got {status} while both keys are published"
             );
         }
         // Past the keys' age: the ingress fetches them again in between.
@@ -1481,7 +1535,7 @@ async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Re
     }
 
     // 3. The old key is dropped: once the ingress fetched the keys again,
-    // its tokens are refused; the new key's are not.
+    // its tokens are refused, remembered or not; the new key's are not.
     app.stop_worker("identity").await?;
     app.verifying = None;
     app.start_worker("identity").await?;
@@ -1491,6 +1545,39 @@ async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Re
     .await
     .context("a token of the dropped key is still accepted")?;
     ensure!(me(&app, &new_token).await? == 200);
+    Ok(())
+}
+
+/// Keys the ingress could not fetch again for three times their maximum
+/// age verify nothing more, remembered tokens included: a key removed while
+/// identity was away is not trusted for ever. Identity back, all is well.
+#[tokio::test]
+async fn keys_not_fetched_again_for_long_verify_nothing_until_identity_answers(
+) -> anyhow::Result<()> {
+    let mut app = App::start_with(|c| {
+        c.key_max_age = Duration::from_millis(300);
+        c.key_refresh_interval = Duration::from_millis(200);
+    })
+    .await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    // My orders: a route that needs a token and not identity.
+    ensure!(app.get("/v1/orders", &token).await?.status == 200);
+    app.stop_worker("identity").await?;
+    // Within three maximum ages the keys held still verify.
+    let a = app.get("/v1/orders", &token).await?;
+    ensure!(a.status == 200, "{a:?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let a = app.get("/v1/orders", &token).await?;
+    ensure!(
+        a.status == 503 && a.header("retry-after").is_some(),
+        "keys a second old verified with identity away: {a:?}"
+    );
+    app.start_worker("identity").await?;
+    eventually(WAIT, || async {
+        (app.get("/v1/orders", &token).await.ok()?.status == 200).then_some(())
+    })
+    .await
+    .context("tokens did not verify again once identity was back")?;
     Ok(())
 }
 
