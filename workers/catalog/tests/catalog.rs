@@ -516,9 +516,10 @@ async fn a_restock_or_product_asked_again_with_its_id_is_applied_once(
     let unkeyed = request(&c.p.bus, &restock(None, 1)).await?;
     ensure!(unkeyed.available == 11, "{unkeyed:?}");
     // A restock of an unknown product records nothing: its id stays free.
+    let free = Uuid::now_v7();
     let missing = Restock {
         product_id: Uuid::now_v7(),
-        ..restock(Some(Uuid::now_v7()), 1)
+        ..restock(Some(free), 1)
     };
     ensure!(
         status(
@@ -528,14 +529,19 @@ async fn a_restock_or_product_asked_again_with_its_id_is_applied_once(
                 .context("restocked nothing")?
         ) == 404
     );
+    let later = request(&c.p.bus, &restock(Some(free), 1)).await?;
+    ensure!(
+        later.available == 12,
+        "the id of a failed restock was kept: {later:?}"
+    );
 
-    // One product_added and three restocked events, whatever was repeated.
+    // One product_added and four restocked events, whatever was repeated.
     let added =
         c.p.wait_events::<ProductAdded>(&id.to_string(), 1)
             .await
             .map_err(anyhow::Error::from_boxed)?;
     let restocks =
-        c.p.wait_events::<Restocked>(&id.to_string(), 3)
+        c.p.wait_events::<Restocked>(&id.to_string(), 4)
             .await
             .map_err(anyhow::Error::from_boxed)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -544,8 +550,8 @@ async fn a_restock_or_product_asked_again_with_its_id_is_applied_once(
             .await
             .map_err(anyhow::Error::from_boxed)?;
     ensure!(
-        added.len() == 1 && restocks.len() == 3 && envelopes.len() == 4,
-        "{} events for one product and three restocks",
+        added.len() == 1 && restocks.len() == 4 && envelopes.len() == 5,
+        "{} events for one product and four restocks",
         envelopes.len()
     );
     Ok(())
