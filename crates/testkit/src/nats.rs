@@ -16,6 +16,9 @@ use crate::{Error, Result};
 pub struct NatsServer {
     binary: PathBuf,
     port: u16,
+    /// The server's name, unique: what tells this server from another that
+    /// got the same port first.
+    name: String,
     store: TempDir,
     extra_args: Vec<String>,
     child: Option<Child>,
@@ -37,6 +40,7 @@ impl NatsServer {
             let mut server = Self {
                 binary: binary.clone(),
                 port: free_port()?,
+                name: format!("skein-test-{}", uuid::Uuid::now_v7().simple()),
                 store: tempfile::Builder::new()
                     .prefix("skein-nats-")
                     .tempdir()
@@ -96,6 +100,7 @@ impl NatsServer {
         command
             .args(["-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
+            .args(["-n", &self.name])
             .arg("-js")
             .arg("-sd")
             .arg(self.store.path())
@@ -111,19 +116,36 @@ impl NatsServer {
         self.child = Some(child);
 
         let url = self.url();
+        let name = self.name.clone();
+        // Ready when JetStream answers, and it is this server that does: if
+        // another test's server took the port first, this one exits, and the
+        // one answering has another name (the port is tried again).
         let ready = crate::eventually(Duration::from_secs(10), || {
-            let url = url.clone();
+            let (url, name) = (url.clone(), name.clone());
             async move {
                 let client = async_nats::ConnectOptions::new()
                     .connection_timeout(Duration::from_millis(500))
                     .connect(&url)
                     .await
                     .ok()?;
+                if client.server_info().server_name != name {
+                    return Some(false);
+                }
                 let js = async_nats::jetstream::new(client);
-                js.query_account().await.ok().map(|_| ())
+                js.query_account().await.ok().map(|_| true)
             }
         })
         .await;
+        let ready = match ready {
+            Some(true) => Some(()),
+            Some(false) => {
+                self.kill();
+                return Err(Error::NatsServerStart(format!(
+                    "another server answers on {url}: the port was taken"
+                )));
+            }
+            None => None,
+        };
         if ready.is_none() {
             let exited = self
                 .child
@@ -207,4 +229,33 @@ fn version_of(binary: &Path) -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server whose port another test's server took first is not
+    /// mistaken for its own: the start fails (and `start` tries another
+    /// port) instead of two tests sharing one broker.
+    #[tokio::test]
+    async fn a_server_started_on_a_port_another_holds_is_refused() -> Result<()> {
+        let first = NatsServer::start().await?;
+        let mut second = NatsServer {
+            binary: first.binary.clone(),
+            port: first.port(),
+            name: "skein-test-second".into(),
+            store: tempfile::tempdir().map_err(|source| Error::Io {
+                context: "cannot create a store directory".into(),
+                source,
+            })?,
+            extra_args: Vec::new(),
+            child: None,
+        };
+        match second.start_process().await {
+            Err(Error::NatsServerStart(why)) => assert!(why.contains("another server"), "{why}"),
+            other => panic!("a start on a taken port gave {other:?}"),
+        }
+        Ok(())
+    }
 }
