@@ -206,10 +206,17 @@ impl Keys {
         correlation: &str,
     ) -> Result<Claims, ApiError> {
         let age = self.current().map(|set| set.fetched.elapsed());
+        // Keys grown old are fetched again at most this often, whatever
+        // else fetched them or failed to.
+        let aged_every = state
+            .config
+            .key_refresh_interval
+            .min(state.config.key_max_age);
         if age.is_some_and(|age| age >= state.config.key_max_age * 3) {
             // Too old to trust: fetched now, or nothing verifies.
-            self.refresh(state, correlation, state.config.key_refresh_interval)
-                .await?;
+            self.refresh(state, correlation, aged_every)
+                .await
+                .map_err(|_| identity_unavailable())?;
             if self
                 .current()
                 .is_none_or(|set| set.fetched.elapsed() >= state.config.key_max_age * 3)
@@ -227,9 +234,7 @@ impl Keys {
             let correlation = correlation.to_owned();
             tokio::spawn(async move {
                 let _done = Lowered(&state.keys.refreshing);
-                // At most once per maximum age, also while it fails.
-                let every = state.config.key_max_age;
-                let _ = state.keys.refresh(&state, &correlation, every).await;
+                let _ = state.keys.refresh(&state, &correlation, aged_every).await;
             });
         }
         if let Some(claims) = self.remembered(token) {

@@ -30,7 +30,9 @@ impl NatsServer {
         Self::start_with_args(&[]).await
     }
 
-    /// Starts a new server with extra command-line arguments.
+    /// Starts a new server with extra command-line arguments. They must not
+    /// name the server (`-n`): the harness names each server uniquely, to
+    /// tell it from another that got its port.
     pub async fn start_with_args(args: &[&str]) -> Result<Self> {
         let binary = find_binary()?;
         let mut last_error = None;

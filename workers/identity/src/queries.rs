@@ -162,16 +162,20 @@ pub async fn register(host: &mut Host, state: Arc<State>) -> skein_service::Resu
     let s = state.clone();
     host.query(move |q: GetUser, _| get_user(s.clone(), q))
         .await?;
+    // The key set before the single key: a copy answering the single-key
+    // query (which an ingress asks only when nobody answers the key set)
+    // answers the key set too, so a copy still starting never makes an
+    // ingress drop the keys besides its signing key.
     let s = state.clone();
-    host.query(move |_: GetVerificationKey, _| {
-        let key = s.verification_key.clone();
-        async move { Ok(key) }
-    })
-    .await?;
-    let s = state;
     host.query(move |_: GetVerificationKeys, _| {
         let keys = s.verification_keys.clone();
         async move { Ok(keys) }
+    })
+    .await?;
+    let s = state;
+    host.query(move |_: GetVerificationKey, _| {
+        let key = s.verification_key.clone();
+        async move { Ok(key) }
     })
     .await?;
     Ok(())
