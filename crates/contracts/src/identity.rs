@@ -45,6 +45,12 @@ pub struct Register {
     /// Display name, 1 to 100 characters.
     #[validate(length(min = 1, max = 100))]
     pub name: String,
+    /// The new user's id, when the caller chooses it (the ingress derives
+    /// it from an `Idempotency-Key`): registering again with this id, email,
+    /// name and password answers that user instead of `email already
+    /// registered`. Without it identity picks a new id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<Uuid>,
 }
 contract!(query Register, "identity", "register", v 1, reply = User);
 

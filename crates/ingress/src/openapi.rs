@@ -30,7 +30,7 @@ fn operation(method: &str, path: &str) -> Operation {
     };
     match (method, path) {
         ("POST", "/v1/auth/register") => op(
-            Some("identity.register.v1"),
+            Some("ingress.Register"),
             "201",
             Some("identity.register.reply.v1"),
             &["409", "422"],
@@ -240,6 +240,7 @@ pub fn document() -> Value {
     }
     use crate::routes::{auth, orders, products};
     for (name, schema) in [
+        local::<auth::Registration>("ingress.Register"),
         local::<auth::Login>("ingress.Login"),
         local::<auth::Refresh>("ingress.Refresh"),
         local::<products::NewProduct>("ingress.NewProduct"),

@@ -1138,15 +1138,33 @@ async fn concurrent_duplicates_with_one_idempotency_key_place_one_order() -> any
     Ok(())
 }
 
-/// An admin's keyed request retried through another ingress copy, which
-/// has not seen the key: the new product is the same one, the restock is
-/// applied once (the catalog recognises the ids derived from the key).
+/// A keyed request retried through another ingress copy, which has not
+/// seen the key: the registration answers the same account, the new
+/// product is the same one, the restock is applied once (identity and the
+/// catalog recognise the ids derived from the key).
 #[tokio::test]
-async fn a_keyed_new_product_or_restock_retried_through_another_copy_applies_once(
+async fn a_keyed_registration_product_or_restock_retried_through_another_copy_applies_once(
 ) -> anyhow::Result<()> {
     let app = App::start().await?;
     let (other, _stop) = app.another_ingress().await?;
     let copies = [app.addr, other];
+    let mut users = Vec::new();
+    for addr in copies {
+        let a = app
+            .send_to(
+                addr,
+                Req::new("POST", "/v1/auth/register")
+                    .header("idempotency-key", "sign-up")
+                    .json(&json!({"email": "grace@example.org", "password": PASSWORD, "name": "Grace"})),
+            )
+            .await?;
+        ensure!(
+            a.status == 201,
+            "the registration through copy {addr}: {a:?}"
+        );
+        users.push(a.body["id"].clone());
+    }
+    ensure!(users[0] == users[1], "two answers for one key: {users:?}");
     let new_product = json!({"sku": "MUG-1", "name": "Mug", "price_cents": 900, "stock": 3});
     let mut ids = Vec::new();
     for addr in copies {

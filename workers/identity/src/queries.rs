@@ -194,28 +194,17 @@ pub async fn create_user(
     let name = q.name.trim().to_owned();
     // Skip the slow hash when the answer is already known; the insert below
     // still settles a race between two registrations.
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(failed("open a connection"))?;
-    if store::user_by_email(&mut conn, &email)
-        .await
-        .map_err(failed("look up an email"))?
-        .is_some()
-    {
-        return Err(CreateUserError::EmailTaken);
+    if let Some(existing) = registered(state, &email).await? {
+        return again(state, existing, q.user_id, &name, role, q.password).await;
     }
-    drop(conn);
-    let password = q.password;
+    let password = q.password.clone();
     let hash = state
         .hashing(move || hash_password(&password))
         .await
         .map_err(failed("hash a password"))?
         .map_err(failed("hash a password"))?;
     let user = User {
-        id: Uuid::now_v7(),
+        id: q.user_id.unwrap_or_else(Uuid::now_v7),
         email,
         name,
         role,
@@ -241,7 +230,13 @@ pub async fn create_user(
     .await
     .map_err(failed("insert a user"))?;
     if !inserted {
-        return Err(CreateUserError::EmailTaken);
+        // Another registration of this email (or id) committed meanwhile:
+        // maybe this one's own retry.
+        drop(tx);
+        return match registered(state, &user.email).await? {
+            Some(existing) => again(state, existing, q.user_id, &user.name, role, q.password).await,
+            None => Err(CreateUserError::EmailTaken),
+        };
     }
     let event = UserRegistered {
         user_id: user.id,
@@ -258,6 +253,46 @@ pub async fn create_user(
     })
 }
 
+/// The user registered with `email` (lower-cased), if any.
+async fn registered(state: &State, email: &str) -> Result<Option<store::UserRow>, CreateUserError> {
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(failed("open a connection"))?;
+    store::user_by_email(&mut conn, email)
+        .await
+        .map_err(failed("look up an email"))
+}
+
+/// A registration of an email that is taken: the same registration asked
+/// again (a retry under one idempotency key: the same id, name, role and
+/// password) answers its user; anything else is `EmailTaken`.
+async fn again(
+    state: &State,
+    existing: store::UserRow,
+    user_id: Option<Uuid>,
+    name: &str,
+    role: Role,
+    password: String,
+) -> Result<User, CreateUserError> {
+    if user_id != Some(existing.user.id) || existing.user.name != name || existing.user.role != role
+    {
+        return Err(CreateUserError::EmailTaken);
+    }
+    let hash = existing.password_hash;
+    let same = state
+        .hashing(move || verify_password(&password, &hash))
+        .await
+        .map_err(failed("verify a password"))?;
+    if same {
+        Ok(existing.user)
+    } else {
+        Err(CreateUserError::EmailTaken)
+    }
+}
+
 /// Creates the admin account unless a user with its email exists (then
 /// nothing changes, also when that user is a customer: it is not promoted).
 pub async fn seed_admin(state: &State, admin: &AdminSeed) -> Result<(), CreateUserError> {
@@ -265,6 +300,7 @@ pub async fn seed_admin(state: &State, admin: &AdminSeed) -> Result<(), CreateUs
         email: admin.email.clone(),
         password: admin.password.clone(),
         name: admin.name.clone(),
+        user_id: None,
     };
     match create_user(state, request, Role::Admin, &MessageContext::root()).await {
         Ok(user) => {

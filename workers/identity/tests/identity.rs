@@ -54,6 +54,7 @@ impl Identity {
                 email: email.into(),
                 password: PASSWORD.into(),
                 name: "Ada".into(),
+                user_id: None,
             },
         )
         .await
@@ -169,6 +170,60 @@ async fn registering_creates_a_customer_and_announces_it_once(
     Ok(())
 }
 
+/// A registration asked again with the id it was given (a client's retry
+/// under one `Idempotency-Key`, through another ingress copy) answers the
+/// same user and announces nothing more; the same email with another id,
+/// name or password is still taken.
+async fn a_registration_asked_again_with_its_id_answers_the_same_user(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let user_id = Uuid::now_v7();
+    let registration = Register {
+        email: "Grace@Example.org".into(),
+        password: PASSWORD.into(),
+        name: "Grace".into(),
+        user_id: Some(user_id),
+    };
+    let first = request(&id.p.bus, &registration).await?;
+    ensure!(first.id == user_id, "{first:?}");
+    let again = request(&id.p.bus, &registration).await?;
+    ensure!(
+        again == first,
+        "the repeat answered {again:?}, not {first:?}"
+    );
+    for other in [
+        Register {
+            user_id: None,
+            ..registration.clone()
+        },
+        Register {
+            user_id: Some(Uuid::now_v7()),
+            ..registration.clone()
+        },
+        Register {
+            name: "Someone else".into(),
+            ..registration.clone()
+        },
+        Register {
+            password: "another long password".into(),
+            ..registration.clone()
+        },
+    ] {
+        let (status, message) = refused(request(&id.p.bus, &other).await)?;
+        ensure!(
+            status == 409 && message == "email already registered",
+            "{other:?}: {status} {message}"
+        );
+    }
+    let registered = id.registrations_settled().await?;
+    ensure!(
+        registered.len() == 1 && registered[0].user_id == user_id,
+        "announced: {registered:?}"
+    );
+    Ok(())
+}
+
 async fn invalid_registrations_name_every_bad_field_and_store_nothing(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -177,6 +232,7 @@ async fn invalid_registrations_name_every_bad_field_and_store_nothing(
         email: "eve@example.org".into(),
         password: PASSWORD.into(),
         name: "Eve".into(),
+        user_id: None,
     };
     let cases = [
         (
@@ -205,6 +261,7 @@ async fn invalid_registrations_name_every_bad_field_and_store_nothing(
                 email: "eve@".into(),
                 password: "123456789".into(),
                 name: String::new(),
+                user_id: None,
             },
             vec!["/email", "/password", "/name"],
         ),
@@ -522,6 +579,7 @@ async fn a_configured_key_is_used_and_bad_settings_refuse_to_start(
 
 backend_tests!(
     registering_creates_a_customer_and_announces_it_once,
+    a_registration_asked_again_with_its_id_answers_the_same_user,
     invalid_registrations_name_every_bad_field_and_store_nothing,
     a_login_token_verifies_with_the_published_key_and_bad_logins_look_alike,
     a_refresh_token_works_once_and_its_reuse_ends_the_login,

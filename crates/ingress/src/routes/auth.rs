@@ -7,13 +7,54 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use skein_contracts::identity::{GetUser, IssueToken, RefreshToken, Register};
 use skein_contracts::validate::{is_text, Checker, Validate, Violation};
+use uuid::Uuid;
 
 use super::{idempotent, json, with_header};
 use crate::auth::User;
 use crate::body::{body, Json};
 use crate::context::{ClientKey, RequestContext};
+use crate::idempotency::derived_id;
 use crate::problem::ApiError;
 use crate::state::Shared;
+
+/// Registration body: email, password and name (what `register` takes,
+/// less the id the ingress may derive).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Registration {
+    /// Email, unique (case-insensitive).
+    #[schemars(length(min = 3, max = 254))]
+    pub email: String,
+    /// Password, at least 10 characters.
+    #[schemars(length(min = 10, max = 1024))]
+    pub password: String,
+    /// Display name, 1 to 100 characters.
+    #[schemars(length(min = 1, max = 100))]
+    pub name: String,
+}
+
+impl Registration {
+    fn into_request(self, user_id: Option<Uuid>) -> Register {
+        Register {
+            email: self.email,
+            password: self.password,
+            name: self.name,
+            user_id,
+        }
+    }
+}
+
+impl Validate for Registration {
+    fn violations(&self) -> Vec<Violation> {
+        Register {
+            email: self.email.clone(),
+            password: self.password.clone(),
+            name: self.name.clone(),
+            user_id: None,
+        }
+        .violations()
+    }
+}
 
 /// Log-in body: email and password.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -61,17 +102,31 @@ impl Validate for Refresh {
     }
 }
 
-body!(Register, Login, Refresh);
+body!(Registration, Login, Refresh);
 
 pub(crate) async fn register(
     State(state): State<Shared>,
     ctx: RequestContext,
     ClientKey(client): ClientKey,
     headers: HeaderMap,
-    Json(body, raw): Json<Register>,
+    Json(body, raw): Json<Registration>,
 ) -> Response {
-    idempotent(&state, &headers, &client, "register", &raw, |_| async {
-        let user = state.ask(&body, &ctx.request_id).await?;
+    idempotent(&state, &headers, &client, "register", &raw, |key| async {
+        // With a key the new user's id is derived from it (and the email,
+        // so that clients behind one address using the same key do not
+        // meet): a retry through another ingress copy, which has not seen
+        // the key, gets the same account instead of `email already
+        // registered`.
+        let user_id = key.map(|key| {
+            derived_id(
+                &format!("user {}", body.email.to_lowercase()),
+                &client,
+                &key,
+            )
+        });
+        let user = state
+            .ask(&body.into_request(user_id), &ctx.request_id)
+            .await?;
         let location = format!("/v1/users/{}/profile", user.id);
         Ok(with_header(
             json(StatusCode::CREATED, &user),
