@@ -1,5 +1,7 @@
-//! Connecting to NATS.
+//! Connecting to NATS, with credentials and TLS when the server asks for
+//! them ([`NatsSecurity`]).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -18,18 +20,199 @@ pub struct BusConfig {
     pub connect_timeout: Duration,
     /// Timeout of JetStream API requests and publish acks.
     pub request_timeout: Duration,
+    /// Credentials and TLS.
+    pub security: NatsSecurity,
 }
 
 impl BusConfig {
-    /// Defaults for `url`: retry for 10 s, 10 s request timeout.
+    /// Defaults for `url`: retry for 10 s, 10 s request timeout, no
+    /// credentials but those in the URL (`nats://user:password@host`).
     pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             name: name.into(),
             connect_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            security: NatsSecurity::default(),
         }
     }
+
+    /// Like [`BusConfig::new`], with the security settings of the
+    /// environment ([`NatsSecurity::from_env`]): what every skein process
+    /// uses.
+    pub fn from_env(url: impl Into<String>, name: impl Into<String>) -> Result<Self> {
+        Ok(Self {
+            security: NatsSecurity::from_env()?,
+            ..Self::new(url, name)
+        })
+    }
+}
+
+/// How a connection proves who it is and protects itself, for a server
+/// that asks (`authorization` and `tls` in its configuration).
+///
+/// Credentials: a user and password, or a token; a user and password in the
+/// URL (`nats://user:password@host:4222`, percent-encoded) count when none
+/// are set here. TLS: the server's certificate is checked against `ca_file`
+/// (else the system's roots), and `client_cert` is presented to a server
+/// that verifies clients. TLS is used when the server asks for it, the URL
+/// is `tls://`, or a CA or client certificate is given.
+#[derive(Clone, Default)]
+pub struct NatsSecurity {
+    /// User and password (`NATS_USER`, `NATS_PASSWORD`).
+    pub user_password: Option<(String, String)>,
+    /// Token (`NATS_TOKEN`).
+    pub token: Option<String>,
+    /// PEM certificate(s) of the CA that signs the server's (`NATS_CA`).
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate and key of this client (`NATS_CERT`, `NATS_KEY`).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl std::fmt::Debug for NatsSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSecurity")
+            .field("user", &self.user_password.as_ref().map(|(u, _)| u))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .finish()
+    }
+}
+
+impl NatsSecurity {
+    /// From `NATS_USER` and `NATS_PASSWORD` (both or neither),
+    /// `NATS_TOKEN` (not with a user), `NATS_CA`, and `NATS_CERT` and
+    /// `NATS_KEY` (both or neither); files must be readable. Empty values
+    /// count as unset.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Self::from_values(
+            var("NATS_USER"),
+            var("NATS_PASSWORD"),
+            var("NATS_TOKEN"),
+            var("NATS_CA"),
+            var("NATS_CERT"),
+            var("NATS_KEY"),
+        )
+    }
+
+    fn from_values(
+        user: Option<String>,
+        password: Option<String>,
+        token: Option<String>,
+        ca: Option<String>,
+        cert: Option<String>,
+        key: Option<String>,
+    ) -> Result<Self> {
+        let user_password = match (user, password) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Security(
+                    "set both NATS_USER and NATS_PASSWORD, or neither".into(),
+                ))
+            }
+        };
+        if user_password.is_some() && token.is_some() {
+            return Err(Error::Security(
+                "set NATS_USER and NATS_PASSWORD, or NATS_TOKEN, not both".into(),
+            ));
+        }
+        let readable = |name: &str, path: String| -> Result<PathBuf> {
+            std::fs::metadata(&path).map_err(|e| Error::Security(format!("{name}={path}: {e}")))?;
+            Ok(PathBuf::from(path))
+        };
+        let client_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((readable("NATS_CERT", c)?, readable("NATS_KEY", k)?)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Security(
+                    "set both NATS_CERT and NATS_KEY, or neither".into(),
+                ))
+            }
+        };
+        Ok(Self {
+            user_password,
+            token,
+            ca_file: ca.map(|c| readable("NATS_CA", c)).transpose()?,
+            client_cert,
+        })
+    }
+
+    /// `options` with these settings, or with the credentials of `servers`'
+    /// URLs when none are set here.
+    fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+        servers: &[async_nats::ServerAddr],
+    ) -> async_nats::ConnectOptions {
+        let from_url = servers.iter().find_map(|s| {
+            let decode = |v: &str| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            s.username().map(|u| (decode(u), s.password().map(decode)))
+        });
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        } else if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        } else if let Some((user, password)) = from_url {
+            options = match password {
+                Some(password) => options.user_and_password(user, password),
+                // `nats://token@host`
+                None => options.token(user),
+            };
+        }
+        if let Some(ca) = &self.ca_file {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &self.client_cert {
+            options = options
+                .add_client_certificate(cert.clone(), key.clone())
+                .require_tls(true);
+        }
+        options
+    }
+}
+
+/// A failed TLS set-up or handshake: the client's TLS settings (a file that
+/// cannot be read), or what the handshake refused (a certificate, by
+/// either side), which the client library reports as I/O errors of kind
+/// `InvalidData`.
+fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
+    if error.kind() == async_nats::ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::InvalidData)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// `url` with the password of each server replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|one| match (one.find("://"), one.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                let userinfo = &one[scheme + 3..at];
+                match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{}{user}:***{}", &one[..scheme + 3], &one[at..]),
+                    None => format!("{}***{}", &one[..scheme + 3], &one[at..]),
+                }
+            }
+            _ => one.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A connection to NATS with its JetStream context. Cheap to clone.
@@ -56,7 +239,7 @@ impl Bus {
             .map(|u| {
                 u.parse::<async_nats::ServerAddr>()
                     .map_err(|source| Error::Url {
-                        url: u.to_owned(),
+                        url: redact_url(u),
                         source,
                     })
             })
@@ -64,7 +247,7 @@ impl Bus {
         if servers.is_empty() {
             // "" or ",": the client would wait for a server that is never named.
             return Err(Error::Url {
-                url: config.url.clone(),
+                url: redact_url(&config.url),
                 source: std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     "no server address given",
@@ -76,7 +259,9 @@ impl Bus {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let options = async_nats::ConnectOptions::new()
+            let options = config
+                .security
+                .apply(async_nats::ConnectOptions::new(), &servers)
                 .name(&config.name)
                 .connection_timeout(Duration::from_secs(2))
                 .request_timeout(Some(config.request_timeout))
@@ -101,14 +286,24 @@ impl Bus {
                     });
                 }
                 Err(source) => {
+                    use async_nats::ConnectErrorKind as K;
+                    let url = redact_url(&config.url);
+                    // Trying again does not change the server's mind.
+                    match source.kind() {
+                        K::AuthorizationViolation | K::Authentication => {
+                            return Err(Error::Auth { url, source })
+                        }
+                        _ if is_tls_failure(&source) => return Err(Error::Tls { url, source }),
+                        _ => {}
+                    }
                     if tokio::time::Instant::now() + delay > deadline {
                         return Err(Error::Connect {
-                            url: config.url.clone(),
+                            url,
                             attempts,
                             source,
                         });
                     }
-                    tracing::debug!(url = %config.url, error = %source, "NATS not reachable yet, retrying");
+                    tracing::debug!(url = %redact_url(&config.url), error = %source, "NATS not reachable yet, retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -140,6 +335,45 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn security_settings_come_in_pairs_and_name_readable_files() {
+        let some = |v: &str| Some(v.to_owned());
+        let refused = |r: Result<NatsSecurity>, says: &str| match r {
+            Err(Error::Security(why)) => assert!(why.contains(says), "{why}"),
+            other => panic!("expected a refusal naming {says}: {other:?}"),
+        };
+        refused(
+            NatsSecurity::from_values(some("u"), None, None, None, None, None),
+            "NATS_PASSWORD",
+        );
+        refused(
+            NatsSecurity::from_values(some("u"), some("p"), some("t"), None, None, None),
+            "not both",
+        );
+        refused(
+            NatsSecurity::from_values(None, None, None, None, some("c.pem"), None),
+            "NATS_KEY",
+        );
+        refused(
+            NatsSecurity::from_values(None, None, None, some("/no/such/ca.pem"), None, None),
+            "NATS_CA=/no/such/ca.pem",
+        );
+        let fine = NatsSecurity::from_values(some("u"), some("p"), None, None, None, None);
+        assert!(
+            matches!(&fine, Ok(s) if s.user_password == Some(("u".into(), "p".into()))),
+            "{fine:?}"
+        );
+        assert!(!format!("{fine:?}").contains("\"p\""), "{fine:?}");
+    }
+
+    #[test]
+    fn passwords_and_tokens_are_left_out_of_urls_shown() {
+        assert_eq!(
+            redact_url("nats://a:secret@h1:4222, tls://token@h2:4222,nats://h3:4222"),
+            "nats://a:***@h1:4222, tls://***@h2:4222,nats://h3:4222"
+        );
+    }
 
     #[tokio::test]
     async fn a_url_list_without_a_server_is_an_invalid_url() {

@@ -22,6 +22,28 @@ pub enum Error {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// The server refused the connection's credentials.
+    #[error("NATS at {url} refused the credentials ({source}); set NATS_USER and NATS_PASSWORD (or user:password@ in the URL), or NATS_TOKEN, to what the server expects")]
+    Auth {
+        /// The URL tried, without its password.
+        url: String,
+        /// What the server said.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The TLS handshake with the server failed.
+    #[error("TLS with NATS at {url} failed ({source}); set NATS_CA to the certificate (PEM) of the CA that signed the server's, and NATS_CERT and NATS_KEY if the server verifies clients")]
+    Tls {
+        /// The URL tried, without its password.
+        url: String,
+        /// Why.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The connection's security settings are inconsistent or name files
+    /// that cannot be read.
+    #[error("NATS security settings: {0}")]
+    Security(String),
     /// A NATS URL that cannot be parsed.
     #[error(
         "invalid NATS URL {url:?} ({source}); give nats://host:port, several separated by commas"

@@ -58,7 +58,7 @@ pub mod replay;
 pub mod service;
 pub mod stats;
 
-pub use connect::{Bus, BusConfig};
+pub use connect::{redact_url, Bus, BusConfig, NatsSecurity};
 pub use consumer::{Delivery, DeliveryInfo, Handler, RunningWorker, Worker, WorkerConfig};
 pub use error::{Error, ErrorKind, HandlerError, Result};
 pub use publish::{Outgoing, Publisher};

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail, ensure, Context};
 use async_nats::jetstream::consumer::{self, pull};
 use serde::{Deserialize, Serialize};
 use skein_bus::dlq::DeadLetterInfo;
@@ -18,11 +18,11 @@ use skein_bus::provision::{apply_builtin_streams, Change, COMMANDS, DLQ, EVENTS}
 use skein_bus::replay::{read, StartAt, StoredMessage};
 use skein_bus::service::start_service;
 use skein_bus::{
-    Bus, BusConfig, Delivery, Error, Handler, HandlerError, Outgoing, StatsSnapshot, Worker,
-    WorkerConfig, WorkerStats,
+    Bus, BusConfig, Delivery, Error, Handler, HandlerError, NatsSecurity, Outgoing, StatsSnapshot,
+    Worker, WorkerConfig, WorkerStats,
 };
 use skein_message::{new_id, Contract, Envelope, Event, MessageContext};
-use skein_testkit::{eventually, init_tracing, NatsServer};
+use skein_testkit::{eventually, init_tracing, tls_dir, NatsServer, Secured};
 use uuid::Uuid;
 
 // ---------------------------------------------------------------------------
@@ -1133,6 +1133,126 @@ async fn the_service_api_answers_ping_stats_and_status() -> anyhow::Result<()> {
     assert_eq!(snapshot.handled, 1);
     assert_eq!(snapshot.gauges.get("outbox_backlog"), Some(&7));
     running.shutdown().await;
+    Ok(())
+}
+
+/// A server that asks for TLS with client certificates and a user: a
+/// client lacking the CA, its certificate or the credentials is refused at
+/// once with a message naming what to set; with all three it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secured_server_lets_in_only_clients_with_its_ca_certificate_and_credentials(
+) -> anyhow::Result<()> {
+    init_tracing();
+    let server = NatsServer::start_secured(Secured {
+        user_password: Some(("orders".into(), "a long secret".into())),
+        verify_clients: true,
+        ..Secured::default()
+    })
+    .await?;
+    let dir = tls_dir();
+    let full = NatsSecurity {
+        user_password: Some(("orders".into(), "a long secret".into())),
+        token: None,
+        ca_file: Some(dir.join("ca.pem")),
+        client_cert: Some((dir.join("client.pem"), dir.join("client-key.pem"))),
+    };
+    let attempt = |security: NatsSecurity| {
+        let mut config = BusConfig::new(server.url(), "secured");
+        config.security = security;
+        // A refusal must not wait for this.
+        config.connect_timeout = Duration::from_secs(20);
+        async move {
+            let started = Instant::now();
+            let result = Bus::connect(&config).await;
+            (result, started.elapsed())
+        }
+    };
+    let refusals = [
+        (NatsSecurity::default(), "NATS_CA"),
+        (
+            NatsSecurity {
+                user_password: None,
+                ..full.clone()
+            },
+            "NATS_USER",
+        ),
+        (
+            NatsSecurity {
+                user_password: Some(("orders".into(), "wrong".into())),
+                ..full.clone()
+            },
+            "NATS_USER",
+        ),
+    ];
+    for (security, names) in refusals {
+        let described = format!("{security:?}");
+        let (result, took) = attempt(security).await;
+        let error = match result {
+            Ok(_) => bail!("{described} was let in"),
+            Err(e) => e.to_string(),
+        };
+        ensure!(error.contains(names), "{described}: {error}");
+        ensure!(!error.contains("a long secret"), "the password in {error}");
+        ensure!(
+            took < Duration::from_secs(5),
+            "{described}: refused after {took:?}"
+        );
+    }
+    // Without its certificate the server ends the handshake.
+    let (without_cert, _) = attempt(NatsSecurity {
+        client_cert: None,
+        ..full.clone()
+    })
+    .await;
+    ensure!(without_cert.is_err(), "let in without a client certificate");
+
+    let (bus, _) = attempt(full).await;
+    let bus = bus?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    bus.publisher().publish(&happened("e-1", 1)?).await?;
+    Ok(())
+}
+
+/// Credentials in the URL (percent-encoded) and a token there work like
+/// the settings, and a URL's password never shows in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_are_used_and_never_shown() -> anyhow::Result<()> {
+    init_tracing();
+    let server = NatsServer::start_secured(Secured {
+        user_password: Some(("catalog".into(), "p@ss:w/rd".into())),
+        ..Secured::default()
+    })
+    .await?;
+    let port = server.port();
+    let bus = Bus::connect(&BusConfig::new(
+        format!("nats://catalog:p%40ss%3Aw%2Frd@127.0.0.1:{port}"),
+        "url-user",
+    ))
+    .await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let wrong = format!("nats://catalog:not-it@127.0.0.1:{port}");
+    let error = match Bus::connect(&BusConfig::new(&wrong, "url-user")).await {
+        Ok(_) => bail!("a wrong password was let in"),
+        Err(e) => e.to_string(),
+    };
+    ensure!(
+        error.contains("refused the credentials") && !error.contains("not-it"),
+        "{error}"
+    );
+    ensure!(
+        skein_bus::redact_url(&wrong) == format!("nats://catalog:***@127.0.0.1:{port}"),
+        "{}",
+        skein_bus::redact_url(&wrong)
+    );
+
+    let with_token = NatsServer::start_secured(Secured {
+        token: Some("s3cret-token".into()),
+        ..Secured::default()
+    })
+    .await?;
+    let url = format!("nats://s3cret-token@127.0.0.1:{}", with_token.port());
+    Bus::connect(&BusConfig::new(&url, "url-token")).await?;
+    ensure!(!skein_bus::redact_url(&url).contains("s3cret"));
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use skein_bus::provision::{apply_builtin_streams, EVENTS};
 use skein_bus::{Bus, BusConfig, Delivery, Handler, HandlerError, Worker, WorkerConfig};
 use skein_message::{Contract, Envelope, Event, MessageContext};
-use skein_testkit::{eventually, NatsServer};
+use skein_testkit::{eventually, tls_dir, NatsServer, Secured};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Noted {
@@ -67,6 +67,97 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
         "{}",
         stdout(&second)
     );
+    Ok(())
+}
+
+/// Every skein process takes NATS credentials and TLS from the environment
+/// (`NATS_USER`, `NATS_PASSWORD`, `NATS_CA`, `NATS_CERT`, `NATS_KEY`):
+/// refused without them, with a message naming what to set; a worker runs
+/// with them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() -> anyhow::Result<()>
+{
+    let server = NatsServer::start_secured(Secured {
+        user_password: Some(("ops".into(), "a long secret".into())),
+        verify_clients: true,
+        ..Secured::default()
+    })
+    .await?;
+    let dir = tls_dir();
+    let file = |name: &str| dir.join(name).display().to_string();
+    let secured = [
+        ("NATS_USER", "ops".to_owned()),
+        ("NATS_PASSWORD", "a long secret".to_owned()),
+        ("NATS_CA", file("ca.pem")),
+        ("NATS_CERT", file("client.pem")),
+        ("NATS_KEY", file("client-key.pem")),
+    ];
+    let run = |env: Vec<(&'static str, String)>, args: &'static [&'static str]| {
+        let url = server.url();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+                .args(args)
+                .env("NATS_URL", url)
+                .envs(env)
+                .output()
+                .await
+                .context("cannot run skein")
+        }
+    };
+    for (env, says) in [
+        (vec![], "NATS_CA"),
+        (secured[2..].to_vec(), "NATS_USER"),
+        (
+            secured[..1].to_vec(),
+            "set both NATS_USER and NATS_PASSWORD",
+        ),
+    ] {
+        let out = run(env, &["streams", "apply"]).await?;
+        ensure!(
+            !out.status.success() && stderr(&out).contains(says),
+            "expected a refusal naming {says}: {}",
+            stderr(&out)
+        );
+        ensure!(!stderr(&out).contains("a long secret"), "{}", stderr(&out));
+    }
+    let out = run(secured.to_vec(), &["streams", "apply"]).await?;
+    ensure!(
+        out.status.success() && stdout(&out).matches("created").count() == 3,
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    // A worker, the same way.
+    let data = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args([
+            "worker",
+            "catalog",
+            "--health-http",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("NATS_URL", server.url())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite:{}/{{service}}.db", data.path().display()),
+        )
+        .envs(secured.clone())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(Duration::from_secs(30), || async {
+        http(port, "GET", "/health/ready", None, &[], None)
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("a worker with the credentials never became ready")?;
+    let status = terminate(&mut worker, Duration::from_secs(15)).await?;
+    ensure!(status.success(), "exited with {status}");
     Ok(())
 }
 

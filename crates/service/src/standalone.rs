@@ -50,14 +50,14 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| format!("sqlite:data/{name}.db"));
     let health = health_address()?;
-    let bus = Bus::connect(&BusConfig::new(&nats_url, name)).await?;
+    let bus = Bus::connect(&BusConfig::from_env(&nats_url, name)?).await?;
     provision::apply_builtin_streams(bus.jetstream(), &Default::default())
         .await
         .context("failed to apply the streams")?;
     let store = Store::connect(&database_url)
         .await
         .with_context(|| format!("failed to open the {name} database; check DATABASE_URL"))?;
-    tracing::info!(nats = %nats_url, db = %skein_outbox::store::redact(&database_url), "{name} connected");
+    tracing::info!(nats = %skein_bus::redact_url(&nats_url), db = %skein_outbox::store::redact(&database_url), "{name} connected");
     Ok(Standalone {
         bus,
         store,

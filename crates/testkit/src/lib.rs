@@ -24,7 +24,7 @@ pub mod db;
 pub mod nats;
 
 pub use db::{Backend, TestDb};
-pub use nats::{free_port, NatsServer};
+pub use nats::{free_port, tls_dir, NatsServer, Secured};
 
 /// Error of the test harness.
 #[derive(Debug, thiserror::Error)]

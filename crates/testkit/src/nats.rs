@@ -21,7 +21,81 @@ pub struct NatsServer {
     name: String,
     store: TempDir,
     extra_args: Vec<String>,
+    secured: Secured,
     child: Option<Child>,
+}
+
+/// What a server asks of its clients: credentials, TLS, client
+/// certificates (from [`tls_dir`]).
+#[derive(Debug, Clone, Default)]
+pub struct Secured {
+    /// A user and password every client must give.
+    pub user_password: Option<(String, String)>,
+    /// A token every client must give (instead of a user).
+    pub token: Option<String>,
+    /// TLS with the test server certificate.
+    pub tls: bool,
+    /// Clients must present a certificate signed by the test CA (implies
+    /// `tls`).
+    pub verify_clients: bool,
+}
+
+impl Secured {
+    fn args(&self) -> Vec<String> {
+        let file = |name: &str| tls_dir().join(name).display().to_string();
+        let mut args = Vec::new();
+        if let Some((user, password)) = &self.user_password {
+            args.extend([
+                "--user".into(),
+                user.clone(),
+                "--pass".into(),
+                password.clone(),
+            ]);
+        }
+        if let Some(token) = &self.token {
+            args.extend(["--auth".into(), token.clone()]);
+        }
+        if self.tls || self.verify_clients {
+            args.extend([
+                "--tls".into(),
+                "--tlscert".into(),
+                file("server.pem"),
+                "--tlskey".into(),
+                file("server-key.pem"),
+            ]);
+        }
+        if self.verify_clients {
+            args.extend(["--tlsverify".into(), "--tlscacert".into(), file("ca.pem")]);
+        }
+        args
+    }
+
+    /// What a client needs to be let in.
+    fn client(&self, mut options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+        if let Some((user, password)) = &self.user_password {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        if self.tls || self.verify_clients {
+            options = options.add_root_certificates(tls_dir().join("ca.pem"));
+        }
+        if self.verify_clients {
+            options = options.add_client_certificate(
+                tls_dir().join("client.pem"),
+                tls_dir().join("client-key.pem"),
+            );
+        }
+        options
+    }
+}
+
+/// The test CA, server and client certificates and keys (`ca.pem`,
+/// `server.pem`, `server-key.pem`, `client.pem`, `client-key.pem`): for
+/// tests only, their keys are public.
+pub fn tls_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tls")
 }
 
 impl NatsServer {
@@ -30,10 +104,19 @@ impl NatsServer {
         Self::start_with_args(&[]).await
     }
 
+    /// Starts a new server that asks `secured` of its clients.
+    pub async fn start_secured(secured: Secured) -> Result<Self> {
+        Self::start_with(&[], secured).await
+    }
+
     /// Starts a new server with extra command-line arguments. They must not
     /// name the server (`-n`): the harness names each server uniquely, to
     /// tell it from another that got its port.
     pub async fn start_with_args(args: &[&str]) -> Result<Self> {
+        Self::start_with(args, Secured::default()).await
+    }
+
+    async fn start_with(args: &[&str], secured: Secured) -> Result<Self> {
         let binary = find_binary()?;
         let mut last_error = None;
         // A free port can be taken between choosing it and the server binding
@@ -51,6 +134,7 @@ impl NatsServer {
                         source,
                     })?,
                 extra_args: args.iter().map(|a| (*a).to_owned()).collect(),
+                secured: secured.clone(),
                 child: None,
             };
             match server.start_process().await {
@@ -109,6 +193,7 @@ impl NatsServer {
             .arg("-l")
             .arg(&log)
             .args(&self.extra_args)
+            .args(self.secured.args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -124,12 +209,11 @@ impl NatsServer {
         // one answering has another name (the port is tried again).
         let ready = crate::eventually(Duration::from_secs(10), || {
             let (url, name) = (url.clone(), name.clone());
+            let options = self.secured.client(
+                async_nats::ConnectOptions::new().connection_timeout(Duration::from_millis(500)),
+            );
             async move {
-                let client = async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_millis(500))
-                    .connect(&url)
-                    .await
-                    .ok()?;
+                let client = options.connect(&url).await.ok()?;
                 if client.server_info().server_name != name {
                     return Some(false);
                 }
@@ -252,6 +336,7 @@ mod tests {
                 source,
             })?,
             extra_args: Vec::new(),
+            secured: Secured::default(),
             child: None,
         };
         match second.start_process().await {

@@ -78,7 +78,7 @@ pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let config = config(&args)?;
-    let bus = Bus::connect(&BusConfig::new(nats_url, "skein-ingress"))
+    let bus = Bus::connect(&BusConfig::from_env(nats_url, "skein-ingress")?)
         .await
         .context("cannot reach NATS")?;
     apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())

@@ -754,7 +754,10 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         );
     }
     let bus = super::connect(nats_url).await.with_context(|| {
-        format!("skein load reads payments' ledger over NATS at {nats_url}; pass --nats-url")
+        format!(
+            "skein load reads payments' ledger over NATS at {}; pass --nats-url",
+            skein_bus::redact_url(nats_url)
+        )
     })?;
     let ledger_before = ask(&bus, &Ledger {}, Instant::now() + Duration::from_secs(30))
         .await

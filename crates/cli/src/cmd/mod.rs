@@ -17,7 +17,7 @@ use skein_bus::{Bus, BusConfig};
 
 /// Connects for a command-line run: a short connect timeout, a clear error.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Bus> {
-    let mut config = BusConfig::new(url, "skein-cli");
+    let mut config = BusConfig::from_env(url, "skein-cli")?;
     config.connect_timeout = std::time::Duration::from_secs(3);
     Bus::connect(&config).await.context("cannot reach NATS")
 }

@@ -140,7 +140,11 @@ async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<
     };
 
     println!("skein is up: http://{http}");
-    println!("  data in {}, NATS at {nats_url}", data.display());
+    println!(
+        "  data in {}, NATS at {}",
+        data.display(),
+        skein_bus::redact_url(nats_url)
+    );
     if let Some(seed) = admin.as_ref().filter(|_| generated) {
         println!(
             "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
