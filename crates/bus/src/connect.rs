@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::publish::Publisher;
 
 /// How to reach NATS.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BusConfig {
     /// Server URL(s), comma-separated, e.g. `nats://127.0.0.1:4222`.
     pub url: String,
@@ -22,6 +22,18 @@ pub struct BusConfig {
     pub request_timeout: Duration,
     /// Credentials and TLS.
     pub security: NatsSecurity,
+}
+
+impl std::fmt::Debug for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BusConfig")
+            .field("url", &redact_url(&self.url))
+            .field("name", &self.name)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("security", &self.security)
+            .finish()
+    }
 }
 
 impl BusConfig {
@@ -120,7 +132,7 @@ impl NatsSecurity {
             ));
         }
         let readable = |name: &str, path: String| -> Result<PathBuf> {
-            std::fs::metadata(&path).map_err(|e| Error::Security(format!("{name}={path}: {e}")))?;
+            std::fs::read(&path).map_err(|e| Error::Security(format!("{name}={path}: {e}")))?;
             Ok(PathBuf::from(path))
         };
         let client_cert = match (cert, key) {
@@ -140,21 +152,13 @@ impl NatsSecurity {
         })
     }
 
-    /// `options` with these settings, or with the credentials of `servers`'
-    /// URLs when none are set here.
+    /// `options` with these settings, or with the credentials `from_url`
+    /// (of the servers' URLs) when none are set here.
     fn apply(
         &self,
         mut options: async_nats::ConnectOptions,
-        servers: &[async_nats::ServerAddr],
+        from_url: Option<UrlCredentials>,
     ) -> async_nats::ConnectOptions {
-        let from_url = servers.iter().find_map(|s| {
-            let decode = |v: &str| {
-                percent_encoding::percent_decode_str(v)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            s.username().map(|u| (decode(u), s.password().map(decode)))
-        });
         if let Some((user, password)) = &self.user_password {
             options = options.user_and_password(user.clone(), password.clone());
         } else if let Some(token) = &self.token {
@@ -176,6 +180,45 @@ impl NatsSecurity {
         }
         options
     }
+}
+
+/// A user and password, or a token, from a URL's user info.
+type UrlCredentials = (String, Option<String>);
+
+/// The servers without the credentials in their URLs (which the client
+/// library would otherwise log with the addresses), and those credentials,
+/// percent-decoded: the same in every URL that has any.
+fn split_credentials(
+    servers: Vec<async_nats::ServerAddr>,
+) -> Result<(Vec<async_nats::ServerAddr>, Option<UrlCredentials>)> {
+    let decode = |v: &str| {
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut found: Option<UrlCredentials> = None;
+    let mut bare = Vec::with_capacity(servers.len());
+    for server in servers {
+        if let Some(user) = server.username() {
+            let these = (decode(user), server.password().map(decode));
+            if found.as_ref().is_some_and(|f| *f != these) {
+                return Err(Error::Security(
+                    "the server URLs carry different credentials; give one user (NATS_USER and NATS_PASSWORD) for all".into(),
+                ));
+            }
+            found = Some(these);
+        }
+        let mut url = server.into_inner();
+        let _ = url.set_password(None);
+        let _ = url.set_username("");
+        bare.push(
+            async_nats::ServerAddr::from_url(url).map_err(|source| Error::Url {
+                url: "(a server of the list)".into(),
+                source,
+            })?,
+        );
+    }
+    Ok((bare, found))
 }
 
 /// A failed TLS set-up or handshake: the client's TLS settings (a file that
@@ -201,15 +244,20 @@ fn is_tls_failure(error: &async_nats::ConnectError) -> bool {
 /// `url` with the password of each server replaced by `***`, for messages.
 pub fn redact_url(url: &str) -> String {
     url.split(',')
-        .map(|one| match (one.find("://"), one.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                let userinfo = &one[scheme + 3..at];
-                match userinfo.split_once(':') {
-                    Some((user, _)) => format!("{}{user}:***{}", &one[..scheme + 3], &one[at..]),
-                    None => format!("{}***{}", &one[..scheme + 3], &one[at..]),
+        .map(|one| {
+            // The user info starts after the scheme, or at the start
+            // (`user:password@host`, which the client library accepts).
+            let start = one.find("://").map_or(0, |s| s + 3);
+            match one[start..].rfind('@').map(|at| start + at) {
+                Some(at) => {
+                    let (head, userinfo) = one[..at].split_at(start);
+                    match userinfo.split_once(':') {
+                        Some((user, _)) => format!("{head}{user}:***{}", &one[at..]),
+                        None => format!("{head}***{}", &one[at..]),
+                    }
                 }
+                None => one.to_owned(),
             }
-            _ => one.to_owned(),
         })
         .collect::<Vec<_>>()
         .join(",")
@@ -244,6 +292,7 @@ impl Bus {
                     })
             })
             .collect::<Result<Vec<_>>>()?;
+        let (servers, from_url) = split_credentials(servers)?;
         if servers.is_empty() {
             // "" or ",": the client would wait for a server that is never named.
             return Err(Error::Url {
@@ -261,7 +310,7 @@ impl Bus {
             attempts += 1;
             let options = config
                 .security
-                .apply(async_nats::ConnectOptions::new(), &servers)
+                .apply(async_nats::ConnectOptions::new(), from_url.clone())
                 .name(&config.name)
                 .connection_timeout(Duration::from_secs(2))
                 .request_timeout(Some(config.request_timeout))
@@ -270,6 +319,14 @@ impl Bus {
                     match event {
                         async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
                         async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                        // A permission refused, or credentials refused on
+                        // reconnecting (the server's settings changed).
+                        async_nats::Event::ServerError(e) => {
+                            tracing::warn!(error = %e, "NATS server error (for refused credentials set NATS_USER and NATS_PASSWORD, or NATS_TOKEN)")
+                        }
+                        async_nats::Event::ClientError(e) => {
+                            tracing::warn!(error = %e, "NATS client error")
+                        }
                         other => tracing::debug!(event = %other, "NATS event"),
                     }
                 });
@@ -359,6 +416,11 @@ mod tests {
             NatsSecurity::from_values(None, None, None, some("/no/such/ca.pem"), None, None),
             "NATS_CA=/no/such/ca.pem",
         );
+        let token = NatsSecurity::from_values(None, None, some("t"), None, None, None);
+        assert!(
+            matches!(&token, Ok(s) if s.token.as_deref() == Some("t") && s.user_password.is_none()),
+            "{token:?}"
+        );
         let fine = NatsSecurity::from_values(some("u"), some("p"), None, None, None, None);
         assert!(
             matches!(&fine, Ok(s) if s.user_password == Some(("u".into(), "p".into()))),
@@ -373,6 +435,9 @@ mod tests {
             redact_url("nats://a:secret@h1:4222, tls://token@h2:4222,nats://h3:4222"),
             "nats://a:***@h1:4222, tls://***@h2:4222,nats://h3:4222"
         );
+        assert_eq!(redact_url("a:secret@h1:4222"), "a:***@h1:4222");
+        assert_eq!(redact_url("token@h1"), "***@h1");
+        assert_eq!(redact_url("h1:4222"), "h1:4222");
     }
 
     #[tokio::test]

@@ -1199,12 +1199,20 @@ async fn a_secured_server_lets_in_only_clients_with_its_ca_certificate_and_crede
         );
     }
     // Without its certificate the server ends the handshake.
-    let (without_cert, _) = attempt(NatsSecurity {
+    // Without its certificate the server ends the handshake.
+    let (without_cert, took) = attempt(NatsSecurity {
         client_cert: None,
         ..full.clone()
     })
     .await;
-    ensure!(without_cert.is_err(), "let in without a client certificate");
+    match without_cert {
+        Ok(_) => bail!("let in without a client certificate"),
+        Err(e) => ensure!(
+            matches!(e, Error::Tls { .. }) && e.to_string().contains("NATS_CERT"),
+            "{e}"
+        ),
+    }
+    ensure!(took < Duration::from_secs(5), "refused after {took:?}");
 
     let (bus, _) = attempt(full).await;
     let bus = bus?;
@@ -1214,10 +1222,24 @@ async fn a_secured_server_lets_in_only_clients_with_its_ca_certificate_and_crede
 }
 
 /// Credentials in the URL (percent-encoded) and a token there work like
-/// the settings, and a URL's password never shows in an error.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// the settings, and a URL's password never shows in an error or in any
+/// log line, the client library's debug lines included.
+#[tokio::test(flavor = "current_thread")]
 async fn credentials_in_the_url_are_used_and_never_shown() -> anyhow::Result<()> {
-    init_tracing();
+    // Every log line of this test, at every level (one thread: the
+    // subscriber sees the client library's lines too).
+    let lines = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let lines = lines.clone();
+        move || LogLines(lines.clone())
+    };
+    let _logs = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(writer)
+            .with_ansi(false)
+            .finish(),
+    );
     let server = NatsServer::start_secured(Secured {
         user_password: Some(("catalog".into(), "p@ss:w/rd".into())),
         ..Secured::default()
@@ -1253,7 +1275,33 @@ async fn credentials_in_the_url_are_used_and_never_shown() -> anyhow::Result<()>
     let url = format!("nats://s3cret-token@127.0.0.1:{}", with_token.port());
     Bus::connect(&BusConfig::new(&url, "url-token")).await?;
     ensure!(!skein_bus::redact_url(&url).contains("s3cret"));
+
+    let logged = String::from_utf8_lossy(&lock(&lines)?).into_owned();
+    ensure!(
+        logged.contains("127.0.0.1"),
+        "the client library's lines were not captured: {logged}"
+    );
+    for secret in ["p@ss", "p%40ss", "not-it", "s3cret"] {
+        ensure!(!logged.contains(secret), "{secret} logged:\n{logged}");
+    }
     Ok(())
+}
+
+/// A `tracing` writer into a shared buffer.
+struct LogLines(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

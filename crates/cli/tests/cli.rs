@@ -70,6 +70,16 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The variables of NATS credentials and TLS.
+const NATS_SECURITY: [&str; 6] = [
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "NATS_TOKEN",
+    "NATS_CA",
+    "NATS_CERT",
+    "NATS_KEY",
+];
+
 /// Every skein process takes NATS credentials and TLS from the environment
 /// (`NATS_USER`, `NATS_PASSWORD`, `NATS_CA`, `NATS_CERT`, `NATS_KEY`):
 /// refused without them, with a message naming what to set; a worker runs
@@ -95,7 +105,12 @@ async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() 
     let run = |env: Vec<(&'static str, String)>, args: &'static [&'static str]| {
         let url = server.url();
         async move {
-            tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"));
+            // Only what each case gives: none inherited from the caller.
+            for name in NATS_SECURITY {
+                command.env_remove(name);
+            }
+            command
                 .args(args)
                 .env("NATS_URL", url)
                 .envs(env)
@@ -143,6 +158,7 @@ async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() 
             "DATABASE_URL",
             format!("sqlite:{}/{{service}}.db", data.path().display()),
         )
+        .env_remove("NATS_TOKEN")
         .envs(secured.clone())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -22,7 +22,6 @@ use crate::health::{self, HealthServer};
 use crate::Host;
 
 /// A worker process's connections.
-#[derive(Debug)]
 pub struct Standalone {
     /// Connected, streams applied.
     pub bus: Bus,
@@ -35,6 +34,20 @@ pub struct Standalone {
     /// Where to serve the health endpoint: `SKEIN_HEALTH_HTTP` (e.g.
     /// `0.0.0.0:9090`), when set.
     pub health: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Standalone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standalone")
+            .field("bus", &self.bus)
+            .field("nats_url", &skein_bus::redact_url(&self.nats_url))
+            .field(
+                "database_url",
+                &skein_outbox::store::redact(&self.database_url),
+            )
+            .field("health", &self.health)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Installs logging (`RUST_LOG`, default `info`), reads `NATS_URL`,

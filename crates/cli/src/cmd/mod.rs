@@ -17,7 +17,16 @@ use skein_bus::{Bus, BusConfig};
 
 /// Connects for a command-line run: a short connect timeout, a clear error.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Bus> {
-    let mut config = BusConfig::from_env(url, "skein-cli")?;
+    connect_with(BusConfig::from_env(url, "skein-cli")?).await
+}
+
+/// [`connect`] without the environment's credentials and TLS: for the
+/// server `skein up` starts itself.
+pub(crate) async fn connect_plain(url: &str) -> anyhow::Result<Bus> {
+    connect_with(BusConfig::new(url, "skein-cli")).await
+}
+
+async fn connect_with(mut config: BusConfig) -> anyhow::Result<Bus> {
     config.connect_timeout = std::time::Duration::from_secs(3);
     Bus::connect(&config).await.context("cannot reach NATS")
 }

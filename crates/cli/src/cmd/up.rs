@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::Bus;
 use skein_contracts::catalog::AddProduct;
 use skein_contracts::Caller;
 use skein_ingress::Ingress;
@@ -103,15 +104,24 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
         .map(str::to_owned)
         .or_else(|| nats.as_ref().map(|n| n.url.clone()))
         .context("no NATS URL")?;
-    let result = run_system(&url, &args, &data).await;
+    // Its own server asks for nothing: the environment's NATS settings are
+    // for a server given with NATS_URL.
+    let bus = if nats.is_some() {
+        super::connect_plain(&url).await
+    } else {
+        super::connect(&url).await
+    };
+    let result = match bus {
+        Ok(bus) => run_system(bus, &url, &args, &data).await,
+        Err(e) => Err(e),
+    };
     if let Some(nats) = nats {
         nats.stop().await;
     }
     result
 }
 
-async fn run_system(nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<()> {
-    let bus = super::connect(nats_url).await?;
+async fn run_system(bus: Bus, nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<()> {
     apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
         .await
         .context("cannot apply the streams")?;
