@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use serde_json::Value;
-use skein_testkit::{Backend, NatsServer, TestDb};
+use skein_testkit::{Backend, NatsServer, Secured, TestDb};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -323,14 +323,17 @@ impl System {
 
     /// Nothing was dead-lettered: a fault must cost retries, never messages.
     async fn no_dead_letters(&self) -> anyhow::Result<()> {
-        let servers = self
-            .nats_url
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<Vec<async_nats::ServerAddr>, _>>()?;
-        let client = async_nats::connect(servers.as_slice()).await?;
-        let js = async_nats::jetstream::new(client);
-        let dead = js.get_stream("DLQ").await?.info().await?.state.messages;
+        // Through skein's own connect, which takes credentials from the URL.
+        let bus = skein_bus::Bus::connect(&skein_bus::BusConfig::new(&self.nats_url, "load-test"))
+            .await?;
+        let dead = bus
+            .jetstream()
+            .get_stream("DLQ")
+            .await?
+            .info()
+            .await?
+            .state
+            .messages;
         if dead > 0 {
             let listed = Command::new(env!("CARGO_BIN_EXE_skein"))
                 .args(["dlq", "list", "--nats-url", &self.nats_url])
@@ -674,6 +677,85 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
         "{report:#}"
     );
     system.audit_clean(Duration::from_secs(30)).await?;
+    Ok(())
+}
+
+/// The subjects README.md says skein's processes use; a NATS user allowed
+/// only these must be enough for everything.
+const SKEIN_SUBJECTS: [&str; 9] = [
+    "events.>",
+    "commands.>",
+    "queries.>",
+    "dlq.>",
+    "skein.outbox.>",
+    "$JS.API.>",
+    "$JS.ACK.>",
+    "$SRV.>",
+    "_INBOX.>",
+];
+
+/// The whole system and its operator commands under one NATS user allowed
+/// only [`SKEIN_SUBJECTS`], its credentials in the URL: every order
+/// completes, the audit is clean, and the limit is real (another subject is
+/// refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_system_under_a_nats_user_limited_to_skein_s_subjects_completes_its_orders(
+) -> anyhow::Result<()> {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const PASSWORD: &str = "a long nats secret";
+    let subjects = SKEIN_SUBJECTS
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let nats = NatsServer::start_secured(Secured {
+        user_password: Some(("skein".into(), PASSWORD.into())),
+        authorization: Some(format!(
+            "authorization {{ users = [ {{ user: skein, password: \"{PASSWORD}\", \
+             permissions: {{ publish: {{ allow: [{subjects}] }}, subscribe: {{ allow: [{subjects}] }} }} }} ] }}\n"
+        )),
+        ..Secured::default()
+    })
+    .await?;
+    let url = format!(
+        "nats://skein:a%20long%20nats%20secret@127.0.0.1:{}",
+        nats.port()
+    );
+
+    // The limit is real: a subject outside the list is refused.
+    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("skein".into(), PASSWORD.into())
+            .event_callback(move |event| {
+                let refused_tx = refused_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = refused_tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await?;
+    client.publish("elsewhere.x", "no".into()).await?;
+    client.flush().await?;
+    let said = tokio::time::timeout(Duration::from_secs(5), refused.recv())
+        .await
+        .context("a publish outside the allowed subjects was not refused")?
+        .unwrap_or_default();
+    ensure!(
+        said.to_lowercase().contains("permissions violation"),
+        "{said}"
+    );
+
+    let system = System::start(url, None, &WORKERS, 1).await?;
+    let (status, report) = finish(
+        system.load(&["--orders", "60", "--concurrency", "8", "--wait", "5"])?,
+        Duration::from_secs(120),
+    )
+    .await?;
+    system.explain(passed(status, &report, 60), &report).await?;
+    system.audit_clean(Duration::from_secs(30)).await?;
+    system.no_dead_letters().await?;
     Ok(())
 }
 

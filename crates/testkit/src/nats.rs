@@ -38,13 +38,26 @@ pub struct Secured {
     /// Clients must present a certificate signed by the test CA (implies
     /// `tls`).
     pub verify_clients: bool,
+    /// An `authorization { ... }` block of nats-server's configuration
+    /// (users with permissions, say), in place of `user_password`'s flags;
+    /// `user_password` is then what the harness itself connects with.
+    pub authorization: Option<String>,
 }
 
 impl Secured {
-    fn args(&self) -> Vec<String> {
+    /// The server's arguments; a configuration file, when one is needed,
+    /// is written into `dir`.
+    fn args(&self, dir: &Path) -> Result<Vec<String>> {
         let file = |name: &str| tls_dir().join(name).display().to_string();
         let mut args = Vec::new();
-        if let Some((user, password)) = &self.user_password {
+        if let Some(authorization) = &self.authorization {
+            let config = dir.join("skein-test.conf");
+            std::fs::write(&config, authorization).map_err(|source| Error::Io {
+                context: format!("cannot write {}", config.display()),
+                source,
+            })?;
+            args.extend(["-c".into(), config.display().to_string()]);
+        } else if let Some((user, password)) = &self.user_password {
             args.extend([
                 "--user".into(),
                 user.clone(),
@@ -67,7 +80,7 @@ impl Secured {
         if self.verify_clients {
             args.extend(["--tlsverify".into(), "--tlscacert".into(), file("ca.pem")]);
         }
-        args
+        Ok(args)
     }
 
     /// What a client needs to be let in.
@@ -193,7 +206,7 @@ impl NatsServer {
             .arg("-l")
             .arg(&log)
             .args(&self.extra_args)
-            .args(self.secured.args())
+            .args(self.secured.args(self.store.path())?)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
