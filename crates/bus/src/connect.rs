@@ -99,7 +99,7 @@ impl NatsSecurity {
     /// count as unset.
     pub fn from_env() -> Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Self::from_values(
+        Self::new(
             var("NATS_USER"),
             var("NATS_PASSWORD"),
             var("NATS_TOKEN"),
@@ -109,7 +109,9 @@ impl NatsSecurity {
         )
     }
 
-    fn from_values(
+    /// From the values `from_env` reads, given otherwise (command-line
+    /// flags), with the same checks; messages name the variables.
+    pub fn new(
         user: Option<String>,
         password: Option<String>,
         token: Option<String>,
@@ -401,27 +403,27 @@ mod tests {
             other => panic!("expected a refusal naming {says}: {other:?}"),
         };
         refused(
-            NatsSecurity::from_values(some("u"), None, None, None, None, None),
+            NatsSecurity::new(some("u"), None, None, None, None, None),
             "NATS_PASSWORD",
         );
         refused(
-            NatsSecurity::from_values(some("u"), some("p"), some("t"), None, None, None),
+            NatsSecurity::new(some("u"), some("p"), some("t"), None, None, None),
             "not both",
         );
         refused(
-            NatsSecurity::from_values(None, None, None, None, some("c.pem"), None),
+            NatsSecurity::new(None, None, None, None, some("c.pem"), None),
             "NATS_KEY",
         );
         refused(
-            NatsSecurity::from_values(None, None, None, some("/no/such/ca.pem"), None, None),
+            NatsSecurity::new(None, None, None, some("/no/such/ca.pem"), None, None),
             "NATS_CA=/no/such/ca.pem",
         );
-        let token = NatsSecurity::from_values(None, None, some("t"), None, None, None);
+        let token = NatsSecurity::new(None, None, some("t"), None, None, None);
         assert!(
             matches!(&token, Ok(s) if s.token.as_deref() == Some("t") && s.user_password.is_none()),
             "{token:?}"
         );
-        let fine = NatsSecurity::from_values(some("u"), some("p"), None, None, None, None);
+        let fine = NatsSecurity::new(some("u"), some("p"), None, None, None, None);
         assert!(
             matches!(&fine, Ok(s) if s.user_password == Some(("u".into(), "p".into()))),
             "{fine:?}"

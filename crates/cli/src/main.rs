@@ -46,6 +46,24 @@ struct Cli {
     /// `skein up` starts its own nats-server unless this is given].
     #[arg(long, env = "NATS_URL", global = true)]
     nats_url: Option<String>,
+    /// NATS user, with --nats-password (or user:password@ in the URL).
+    #[arg(long, env = "NATS_USER", global = true)]
+    nats_user: Option<String>,
+    /// NATS password of --nats-user.
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    nats_password: Option<String>,
+    /// NATS token, instead of a user.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    nats_token: Option<String>,
+    /// PEM certificate(s) of the CA that signed the NATS server's (TLS).
+    #[arg(long, env = "NATS_CA", global = true, value_name = "FILE")]
+    nats_ca: Option<String>,
+    /// PEM certificate of this client, for a NATS server that verifies clients.
+    #[arg(long, env = "NATS_CERT", global = true, value_name = "FILE")]
+    nats_cert: Option<String>,
+    /// PEM key of --nats-cert.
+    #[arg(long, env = "NATS_KEY", global = true, value_name = "FILE")]
+    nats_key: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -85,6 +103,21 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let empty = |v: Option<String>| v.filter(|v| !v.is_empty());
+    match skein_bus::NatsSecurity::new(
+        empty(cli.nats_user),
+        empty(cli.nats_password),
+        empty(cli.nats_token),
+        empty(cli.nats_ca),
+        empty(cli.nats_cert),
+        empty(cli.nats_key),
+    ) {
+        Ok(security) => cmd::set_nats_security(security),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let nats_url = cli.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL);
     let result = match cli.command {
         Command::Up(args) => cmd::up::run(cli.nats_url.as_deref(), args).await,

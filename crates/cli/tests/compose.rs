@@ -1,7 +1,8 @@
 //! `compose.yaml` against the Compose specification and against the `skein`
 //! binary it runs: the file must be valid Compose, and every subcommand,
-//! flag, worker name and `SKEIN_*` / `NATS_URL` / `DATABASE_URL` variable it
-//! gives a skein container must be one that `skein <sub> --help` lists.
+//! flag, worker name and `SKEIN_*` / `NATS_*` / `DATABASE_URL` variable it
+//! gives a skein container must be one that `skein <sub> --help` lists; the
+//! NATS nodes' configurations must be valid and let in the user skein.
 //!
 //! The schema is vendored in `deploy/compose-spec.json` (where it came from:
 //! `deploy/README.md`). Nothing here runs Docker.
@@ -168,7 +169,7 @@ fn possible_values(help: &str) -> Option<Vec<String>> {
 
 /// A variable the binary reads (the others are left to other programs).
 fn is_skein_variable(name: &str) -> bool {
-    name.starts_with("SKEIN_") || name == "NATS_URL" || name == "DATABASE_URL"
+    name.starts_with("SKEIN_") || name.starts_with("NATS_") || name == "DATABASE_URL"
 }
 
 /// Variable names set in a service's `environment` (mapping or list form).
@@ -423,5 +424,76 @@ fn compose_yaml_runs_every_worker_in_copies_after_the_streams() -> anyhow::Resul
             "{name} does not wait for {streams} to complete"
         );
     }
+    Ok(())
+}
+
+/// Every NATS node of compose.yaml mounts `nats/skein-users.conf` beside its
+/// configuration and gets `NATS_PASSWORD`; its configuration, as mounted,
+/// is valid to `nats-server -t` and includes the users file; every skein
+/// service connects as the user skein with that password.
+#[test]
+fn compose_s_nats_nodes_let_in_the_user_skein_and_skein_connects_as_it() -> anyhow::Result<()> {
+    let compose = compose_yaml()?;
+    let services = compose["services"].as_object().context("no services")?;
+    let nats_server = skein_testkit::nats::find_binary()?;
+    let mut nodes = 0;
+    for (name, service) in services {
+        let image = service["image"].as_str().unwrap_or_default();
+        let env = &service["environment"];
+        if image.starts_with("nats:") {
+            nodes += 1;
+            let mounts: Vec<&str> = service["volumes"]
+                .as_array()
+                .map(|v| v.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            ensure!(
+                mounts.contains(&"./nats/skein-users.conf:/etc/nats/skein-users.conf:ro"),
+                "{name} does not mount the users file: {mounts:?}"
+            );
+            ensure!(
+                env["NATS_PASSWORD"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("NATS_PASSWORD")),
+                "{name} does not pass NATS_PASSWORD"
+            );
+            let config = mounts
+                .iter()
+                .find_map(|m| m.strip_suffix(":/etc/nats/skein.conf:ro"))
+                .context(format!("{name} mounts no configuration"))?;
+            let text = std::fs::read_to_string(repo_file(config))?;
+            ensure!(
+                text.lines().any(|l| l.trim() == "include skein-users.conf"),
+                "{config} does not include skein-users.conf"
+            );
+            // As mounted: the configuration and the users file side by side.
+            let dir = tempfile::tempdir()?;
+            std::fs::write(dir.path().join("skein.conf"), &text)?;
+            std::fs::copy(
+                repo_file("nats/skein-users.conf"),
+                dir.path().join("skein-users.conf"),
+            )?;
+            let checked = std::process::Command::new(&nats_server)
+                .arg("-c")
+                .arg(dir.path().join("skein.conf"))
+                .arg("-t")
+                .env("NATS_PASSWORD", "lettersAndDigits42")
+                .output()?;
+            ensure!(
+                checked.status.success(),
+                "{config}: {}{}",
+                String::from_utf8_lossy(&checked.stdout),
+                String::from_utf8_lossy(&checked.stderr)
+            );
+        } else if image.starts_with("skein") {
+            ensure!(
+                env["NATS_USER"] == "skein"
+                    && env["NATS_PASSWORD"]
+                        .as_str()
+                        .is_some_and(|p| p.contains("NATS_PASSWORD")),
+                "{name} does not connect as the user skein: {env}"
+            );
+        }
+    }
+    ensure!(nodes == 3, "{nodes} NATS nodes");
     Ok(())
 }

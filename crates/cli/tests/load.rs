@@ -680,40 +680,24 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
     Ok(())
 }
 
-/// The subjects README.md says skein's processes use; a NATS user allowed
-/// only these must be enough for everything.
-const SKEIN_SUBJECTS: [&str; 9] = [
-    "events.>",
-    "commands.>",
-    "queries.>",
-    "dlq.>",
-    "skein.outbox.>",
-    "$JS.API.>",
-    "$JS.ACK.>",
-    "$SRV.>",
-    "_INBOX.>",
-];
-
-/// The whole system and its operator commands under one NATS user allowed
-/// only [`SKEIN_SUBJECTS`], its credentials in the URL: every order
-/// completes, the audit is clean, and the limit is real (another subject is
-/// refused).
+/// The whole system and its operator commands under the NATS user of
+/// `nats/skein-users.conf` (what compose.yaml's nodes include), allowed only
+/// skein's subjects, its credentials in the URL: every order completes, the
+/// audit is clean, and the limit is real (another subject is refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_system_under_a_nats_user_limited_to_skein_s_subjects_completes_its_orders(
 ) -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
     const PASSWORD: &str = "a long nats secret";
-    let subjects = SKEIN_SUBJECTS
-        .iter()
-        .map(|s| format!("\"{s}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // The shipped users file, its password given here (the nodes read it
+    // from NATS_PASSWORD).
+    let users = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../nats/skein-users.conf"),
+    )?
+    .replace("$NATS_PASSWORD", &format!("\"{PASSWORD}\""));
     let nats = NatsServer::start_secured(Secured {
         user_password: Some(("skein".into(), PASSWORD.into())),
-        authorization: Some(format!(
-            "authorization {{ users = [ {{ user: skein, password: \"{PASSWORD}\", \
-             permissions: {{ publish: {{ allow: [{subjects}] }}, subscribe: {{ allow: [{subjects}] }} }} }} ] }}\n"
-        )),
+        authorization: Some(users),
         ..Secured::default()
     })
     .await?;

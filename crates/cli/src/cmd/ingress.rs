@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
-use skein_bus::{Bus, BusConfig};
+use skein_bus::Bus;
 use skein_ingress::config::MIN_RATE_PER_SECOND;
 use skein_ingress::{Ingress, IngressConfig, RateLimit};
 
@@ -78,7 +78,7 @@ pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let config = config(&args)?;
-    let bus = Bus::connect(&BusConfig::from_env(nats_url, "skein-ingress")?)
+    let bus = Bus::connect(&super::bus_config(nats_url, "skein-ingress"))
         .await
         .context("cannot reach NATS")?;
     apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())

@@ -16,8 +16,24 @@ use anyhow::Context;
 use skein_bus::{Bus, BusConfig};
 
 /// Connects for a command-line run: a short connect timeout, a clear error.
+/// The NATS credentials and TLS of this process (its flags and their
+/// environment variables), set once by `main`.
+static NATS_SECURITY: std::sync::OnceLock<skein_bus::NatsSecurity> = std::sync::OnceLock::new();
+
+pub(crate) fn set_nats_security(security: skein_bus::NatsSecurity) {
+    let _ = NATS_SECURITY.set(security);
+}
+
+/// How this process reaches `url`: its NATS credentials and TLS included.
+pub(crate) fn bus_config(url: &str, name: &str) -> BusConfig {
+    BusConfig {
+        security: NATS_SECURITY.get().cloned().unwrap_or_default(),
+        ..BusConfig::new(url, name)
+    }
+}
+
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Bus> {
-    connect_with(BusConfig::from_env(url, "skein-cli")?).await
+    connect_with(bus_config(url, "skein-cli")).await
 }
 
 /// [`connect`] without the environment's credentials and TLS: for the
