@@ -122,11 +122,10 @@ impl NatsSecurity {
         let user_password = match (user, password) {
             (Some(u), Some(p)) => Some((u, p)),
             (None, None) => None,
-            _ => {
-                return Err(Error::Security(
-                    "set both NATS_USER and NATS_PASSWORD, or neither".into(),
-                ))
-            }
+            _ => return Err(Error::Security(
+                "set both NATS_USER and NATS_PASSWORD (--nats-user, --nats-password), or neither"
+                    .into(),
+            )),
         };
         if user_password.is_some() && token.is_some() {
             return Err(Error::Security(
@@ -142,7 +141,7 @@ impl NatsSecurity {
             (None, None) => None,
             _ => {
                 return Err(Error::Security(
-                    "set both NATS_CERT and NATS_KEY, or neither".into(),
+                    "set both NATS_CERT and NATS_KEY (--nats-cert, --nats-key), or neither".into(),
                 ))
             }
         };
@@ -323,8 +322,13 @@ impl Bus {
                         async_nats::Event::Connected => tracing::info!("connected to NATS"),
                         // A permission refused, or credentials refused on
                         // reconnecting (the server's settings changed).
+                        async_nats::Event::ServerError(
+                            e @ async_nats::ServerError::AuthorizationViolation,
+                        ) => {
+                            tracing::warn!(error = %e, "NATS refused the credentials; set NATS_USER and NATS_PASSWORD, or NATS_TOKEN, to what it expects")
+                        }
                         async_nats::Event::ServerError(e) => {
-                            tracing::warn!(error = %e, "NATS server error (for refused credentials set NATS_USER and NATS_PASSWORD, or NATS_TOKEN)")
+                            tracing::warn!(error = %e, "NATS server error")
                         }
                         async_nats::Event::ClientError(e) => {
                             tracing::warn!(error = %e, "NATS client error")

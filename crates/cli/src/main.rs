@@ -39,7 +39,8 @@ use clap::{Parser, Subcommand};
 
 /// Run and operate a skein system: the whole system, workers, the HTTP API,
 /// streams, event history and dead letters.
-#[derive(Debug, Parser)]
+// No Debug: it holds the NATS password.
+#[derive(Parser)]
 #[command(name = "skein", version, about, long_about = None)]
 struct Cli {
     /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222;
@@ -49,10 +50,12 @@ struct Cli {
     /// NATS user, with --nats-password (or user:password@ in the URL).
     #[arg(long, env = "NATS_USER", global = true)]
     nats_user: Option<String>,
-    /// NATS password of --nats-user.
+    /// NATS password of --nats-user (prefer NATS_PASSWORD: a flag's value
+    /// shows in the process list).
     #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
     nats_password: Option<String>,
-    /// NATS token, instead of a user.
+    /// NATS token, instead of a user (prefer NATS_TOKEN: a flag's value
+    /// shows in the process list).
     #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
     nats_token: Option<String>,
     /// PEM certificate(s) of the CA that signed the NATS server's (TLS).

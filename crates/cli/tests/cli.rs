@@ -142,6 +142,32 @@ async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() 
         stdout(&out),
         stderr(&out)
     );
+    // The same as flags.
+    let out = run(
+        secured[2..].to_vec(),
+        &[
+            "--nats-user",
+            "ops",
+            "--nats-password",
+            "a long secret",
+            "streams",
+            "apply",
+        ],
+    )
+    .await?;
+    ensure!(
+        out.status.success() && stdout(&out).matches("unchanged").count() == 3,
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // And --help never shows the password of the environment.
+    let help = run(secured.to_vec(), &["streams", "--help"]).await?;
+    ensure!(
+        !stdout(&help).contains("a long secret") && stdout(&help).contains("NATS_PASSWORD"),
+        "{}",
+        stdout(&help)
+    );
 
     // A worker, the same way.
     let data = tempfile::tempdir()?;

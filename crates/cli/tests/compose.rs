@@ -484,6 +484,21 @@ fn compose_s_nats_nodes_let_in_the_user_skein_and_skein_connects_as_it() -> anyh
                 String::from_utf8_lossy(&checked.stdout),
                 String::from_utf8_lossy(&checked.stderr)
             );
+            // Why the password must start with a letter (README): the node
+            // reads it as a configuration value, and numbers or booleans
+            // are not passwords.
+            for not_a_string in ["123456", "true"] {
+                let refused = std::process::Command::new(&nats_server)
+                    .arg("-c")
+                    .arg(dir.path().join("skein.conf"))
+                    .arg("-t")
+                    .env("NATS_PASSWORD", not_a_string)
+                    .output()?;
+                ensure!(
+                    !refused.status.success(),
+                    "{config} took the password {not_a_string}"
+                );
+            }
         } else if image.starts_with("skein") {
             ensure!(
                 env["NATS_USER"] == "skein"

@@ -688,23 +688,22 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
 async fn a_system_under_a_nats_user_limited_to_skein_s_subjects_completes_its_orders(
 ) -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
-    const PASSWORD: &str = "a long nats secret";
-    // The shipped users file, its password given here (the nodes read it
-    // from NATS_PASSWORD).
+    // Letters and digits: nats-server reads it from its environment as a
+    // configuration value, as compose.yaml's nodes do.
+    const PASSWORD: &str = "aLongNatsSecret42";
+    // The shipped users file as it is, the password in the server's
+    // environment.
     let users = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../nats/skein-users.conf"),
-    )?
-    .replace("$NATS_PASSWORD", &format!("\"{PASSWORD}\""));
+    )?;
     let nats = NatsServer::start_secured(Secured {
         user_password: Some(("skein".into(), PASSWORD.into())),
         authorization: Some(users),
+        env: vec![("NATS_PASSWORD".into(), PASSWORD.into())],
         ..Secured::default()
     })
     .await?;
-    let url = format!(
-        "nats://skein:a%20long%20nats%20secret@127.0.0.1:{}",
-        nats.port()
-    );
+    let url = format!("nats://skein:{PASSWORD}@127.0.0.1:{}", nats.port());
 
     // The limit is real: a subject outside the list is refused.
     let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();

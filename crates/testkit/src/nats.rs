@@ -42,6 +42,9 @@ pub struct Secured {
     /// (users with permissions, say), in place of `user_password`'s flags;
     /// `user_password` is then what the harness itself connects with.
     pub authorization: Option<String>,
+    /// The server's environment besides the harness's (what
+    /// `$VARIABLE`s in `authorization` read).
+    pub env: Vec<(String, String)>,
 }
 
 impl Secured {
@@ -207,6 +210,7 @@ impl NatsServer {
             .arg(&log)
             .args(&self.extra_args)
             .args(self.secured.args(self.store.path())?)
+            .envs(self.secured.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

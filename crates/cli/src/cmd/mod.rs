@@ -15,7 +15,6 @@ pub(crate) mod worker;
 use anyhow::Context;
 use skein_bus::{Bus, BusConfig};
 
-/// Connects for a command-line run: a short connect timeout, a clear error.
 /// The NATS credentials and TLS of this process (its flags and their
 /// environment variables), set once by `main`.
 static NATS_SECURITY: std::sync::OnceLock<skein_bus::NatsSecurity> = std::sync::OnceLock::new();
@@ -27,11 +26,17 @@ pub(crate) fn set_nats_security(security: skein_bus::NatsSecurity) {
 /// How this process reaches `url`: its NATS credentials and TLS included.
 pub(crate) fn bus_config(url: &str, name: &str) -> BusConfig {
     BusConfig {
-        security: NATS_SECURITY.get().cloned().unwrap_or_default(),
+        // Were it not set, the environment still counts.
+        security: NATS_SECURITY
+            .get()
+            .cloned()
+            .or_else(|| skein_bus::NatsSecurity::from_env().ok())
+            .unwrap_or_default(),
         ..BusConfig::new(url, name)
     }
 }
 
+/// Connects for a command-line run: a short connect timeout, a clear error.
 pub(crate) async fn connect(url: &str) -> anyhow::Result<Bus> {
     connect_with(bus_config(url, "skein-cli")).await
 }
