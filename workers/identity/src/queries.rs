@@ -308,15 +308,7 @@ pub async fn seed_admin(state: &State, admin: &AdminSeed) -> Result<(), CreateUs
             Ok(())
         }
         Err(CreateUserError::EmailTaken) => {
-            let mut conn = state
-                .store
-                .pool()
-                .acquire()
-                .await
-                .map_err(failed("open a connection"))?;
-            let existing = store::user_by_email(&mut conn, &admin.email.to_lowercase())
-                .await
-                .map_err(failed("look up the admin"))?;
+            let existing = registered(state, &admin.email.to_lowercase()).await?;
             if existing.is_some_and(|u| u.user.role != Role::Admin) {
                 tracing::warn!(
                     email = %admin.email,
