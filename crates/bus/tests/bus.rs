@@ -1143,7 +1143,7 @@ async fn the_service_api_answers_ping_stats_and_status() -> anyhow::Result<()> {
 async fn a_secured_server_lets_in_only_clients_with_its_ca_certificate_and_credentials(
 ) -> anyhow::Result<()> {
     init_tracing();
-    let server = NatsServer::start_secured(Secured {
+    let mut server = NatsServer::start_secured(Secured {
         user_password: Some(("orders".into(), "a long secret".into())),
         verify_clients: true,
         ..Secured::default()
@@ -1218,6 +1218,16 @@ async fn a_secured_server_lets_in_only_clients_with_its_ca_certificate_and_crede
     let bus = bus?;
     apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
     bus.publisher().publish(&happened("e-1", 1)?).await?;
+
+    // A broker restart: the connection comes back by itself, through TLS
+    // and with its credentials again.
+    server.restart().await?;
+    let envelope = happened("e-1", 2)?;
+    eventually(Duration::from_secs(15), || async {
+        bus.publisher().publish(&envelope).await.ok()
+    })
+    .await
+    .context("no publish got through after the secured broker restarted")?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use skein_bus::provision::{apply_builtin_streams, EVENTS};
 use skein_bus::{Bus, BusConfig, Delivery, Handler, HandlerError, Worker, WorkerConfig};
 use skein_message::{Contract, Envelope, Event, MessageContext};
-use skein_testkit::{eventually, tls_dir, NatsServer, Secured};
+use skein_testkit::{eventually, free_port, tls_dir, NatsServer, Secured};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Noted {
@@ -764,11 +764,6 @@ async fn skein_saga_without_an_orchestrator_says_how_to_start_one() -> anyhow::R
         stderr(&out)
     );
     Ok(())
-}
-
-/// A free TCP port on loopback.
-fn free_port() -> anyhow::Result<u16> {
-    Ok(skein_testkit::free_port()?)
 }
 
 /// One HTTP/1.1 request on a fresh connection; the status and the body.

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use serde_json::Value;
-use skein_testkit::{Backend, NatsServer, Secured, TestDb};
+use skein_testkit::{free_port, Backend, NatsServer, Secured, TestDb};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::task::JoinHandle;
@@ -47,10 +47,6 @@ const WORKERS: [&str; 6] = [
 /// The nextest `slow-timeout` of this binary must exceed a test's total.
 const FAULT_LOAD_WITHIN: Duration = Duration::from_secs(420);
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(skein_testkit::free_port()?)
-}
-
 /// A GET on a fresh connection: the status, or an error when nothing answers.
 async fn get(port: u16, path: &str) -> anyhow::Result<u16> {
     Ok(request(port, "GET", path, None, None).await?.0)
@@ -64,31 +60,18 @@ async fn request(
     token: Option<&str>,
     body: Option<&Value>,
 ) -> anyhow::Result<(u16, Value)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let payload = body.map(Value::to_string).unwrap_or_default();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\ncontent-type: application/json\r\n",
-        payload.len()
-    );
-    if let Some(token) = token {
-        head.push_str(&format!("authorization: Bearer {token}\r\n"));
-    }
-    stream
-        .write_all(format!("{head}\r\n{payload}").as_bytes())
-        .await?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await??;
-    let text = String::from_utf8_lossy(&answer);
-    let (head, rest) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .context("no status line")?
-        .parse()?;
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .as_deref()
+        .map(|b| ("authorization", b))
+        .into_iter()
+        .collect();
+    let payload = body.map(Value::to_string);
+    let (status, text) =
+        skein_testkit::http::request(port, method, path, &headers, payload.as_deref()).await?;
     Ok((
         status,
-        serde_json::from_str(rest.trim()).unwrap_or(Value::Null),
+        serde_json::from_str(text.trim()).unwrap_or(Value::Null),
     ))
 }
 

@@ -21,6 +21,7 @@
 
 pub mod cpu;
 pub mod db;
+pub mod http;
 pub mod nats;
 
 pub use db::{Backend, TestDb};

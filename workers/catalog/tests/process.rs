@@ -5,29 +5,10 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use skein_testkit::{eventually, free_port, Backend, NatsServer, TestDb};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// A GET on a fresh connection: the status line's code and the body.
+/// A GET on a fresh connection: the status and the body.
 async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let code = response
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .with_context(|| format!("not an HTTP response: {response:?}"))?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Ok((code, body))
+    Ok(skein_testkit::http::request(port, "GET", path, &[], None).await?)
 }
 
 fn spawn(nats: &NatsServer, db: &TestDb, health: &str) -> std::io::Result<tokio::process::Child> {
