@@ -114,6 +114,15 @@ fn lock_in_handler<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>, HandlerErro
         .map_err(|_| HandlerError::permanent("test lock poisoned"))
 }
 
+/// Waits in a handler until the test opens `gate` (adds a permit).
+async fn pass(gate: &tokio::sync::Semaphore) -> Result<(), HandlerError> {
+    let _open = gate
+        .acquire()
+        .await
+        .map_err(|_| HandlerError::transient("gate closed"))?;
+    Ok(())
+}
+
 async fn consumer_info(bus: &Bus, name: &str) -> anyhow::Result<consumer::Info> {
     let mut consumer = bus
         .jetstream()
@@ -732,10 +741,7 @@ async fn a_graceful_shutdown_finishes_and_acknowledges_the_work_in_flight() -> a
                 let event: Happened = d.envelope.decode()?;
                 started.fetch_add(1, Ordering::SeqCst);
                 if event.n == COUNT - 1 {
-                    let _open = gate
-                        .acquire()
-                        .await
-                        .map_err(|_| HandlerError::transient("gate closed"))?;
+                    pass(&gate).await?;
                 } else {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
@@ -978,10 +984,7 @@ async fn a_slow_entity_s_backlog_does_not_hold_up_the_others() -> anyhow::Result
             async move {
                 let event: Happened = d.envelope.decode()?;
                 if event.entity == "slow" {
-                    let _open = gate
-                        .acquire()
-                        .await
-                        .map_err(|_| HandlerError::transient("gate closed"))?;
+                    pass(&gate).await?;
                 } else {
                     others.fetch_add(1, Ordering::SeqCst);
                 }
@@ -1047,10 +1050,7 @@ async fn a_copy_holds_no_more_than_max_held_messages() -> anyhow::Result<()> {
             let (gate, started) = (gate.clone(), started.clone());
             async move {
                 started.fetch_add(1, Ordering::SeqCst);
-                let _open = gate
-                    .acquire()
-                    .await
-                    .map_err(|_| HandlerError::transient("gate closed"))?;
+                pass(&gate).await?;
                 Ok(())
             }
         })

@@ -245,23 +245,26 @@ impl App {
         Ok(())
     }
 
-    /// Another copy of identity, signing with `key` and publishing
-    /// `verifying` besides: with the one of `hosts`, two copies configured
-    /// differently, as during a rolling restart.
+    /// Another copy of identity, `identity-2` (stopped with
+    /// [`App::stop_worker`]), signing with `key` and publishing `verifying`
+    /// besides: with the one of `hosts`, two copies configured differently,
+    /// as during a rolling restart.
     async fn another_identity(
-        &self,
+        &mut self,
         key: &SigningKey,
         verifying: Option<String>,
-    ) -> anyhow::Result<Host> {
+    ) -> anyhow::Result<()> {
         let store = self.p.store("identity").await.map_err(boxed)?;
         let bus = self.p.connect("identity").await.map_err(boxed)?;
-        Ok(skein_identity::start(
-            bus,
+        let host = skein_identity::start(
+            bus.clone(),
             store,
             HostConfig::new("identity"),
             identity_config(key, verifying),
         )
-        .await?)
+        .await?;
+        self.hosts.insert("identity-2", (host, bus));
+        Ok(())
     }
 
     /// Stops a worker as its process would stop: gracefully, then its
@@ -1510,10 +1513,11 @@ async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Re
     // 1. The next key is published, not used: a copy with the new settings
     // beside one with the old, then only the new settings.
     app.verifying = Some(new.public_key_pem());
-    let second = app.another_identity(&old, app.verifying.clone()).await?;
+    let verifying = app.verifying.clone();
+    app.another_identity(&old, verifying).await?;
     app.stop_worker("identity").await?;
     app.start_worker("identity").await?;
-    second.shutdown().await;
+    app.stop_worker("identity-2").await?;
     // Within the keys' maximum age (and a request to notice it) the
     // ingress knows the next key.
     eventually(WAIT, || async {
@@ -1526,8 +1530,7 @@ async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Re
     // 2. Identity signs with the next key and still publishes the old one:
     // while the copies are restarted one by one, tokens of both keys are
     // issued, and both verify whichever copy the ingress asks.
-    let second = app
-        .another_identity(&new, Some(old.public_key_pem()))
+    app.another_identity(&new, Some(old.public_key_pem()))
         .await?;
     let mut tokens = vec![old_token.clone()];
     for _ in 0..4 {
@@ -1537,7 +1540,7 @@ async fn a_key_rotation_in_three_restarts_refuses_no_valid_token() -> anyhow::Re
     app.key = SigningKey::from_pem(&new.to_pem())?;
     app.verifying = Some(old.public_key_pem());
     app.start_worker("identity").await?;
-    second.shutdown().await;
+    app.stop_worker("identity-2").await?;
     let new_token = app.login("ada@example.org").await?;
     tokens.push(new_token.clone());
     for round in 0..3 {
