@@ -160,16 +160,24 @@ impl NatsSecurity {
         mut options: async_nats::ConnectOptions,
         from_url: Option<UrlCredentials>,
     ) -> async_nats::ConnectOptions {
+        let mut named = None;
         if let Some((user, password)) = &self.user_password {
             options = options.user_and_password(user.clone(), password.clone());
+            named = Some(user.clone());
         } else if let Some(token) = &self.token {
             options = options.token(token.clone());
         } else if let Some((user, password)) = from_url {
             options = match password {
-                Some(password) => options.user_and_password(user, password),
+                Some(password) => {
+                    named = Some(user.clone());
+                    options.user_and_password(user, password)
+                }
                 // `nats://token@host`
                 None => options.token(user),
             };
+        }
+        if let Some(prefix) = named.as_deref().and_then(inbox_prefix) {
+            options = options.custom_inbox_prefix(prefix);
         }
         if let Some(ca) = &self.ca_file {
             options = options.add_root_certificates(ca.clone()).require_tls(true);
@@ -181,6 +189,16 @@ impl NatsSecurity {
         }
         options
     }
+}
+
+/// Where a client connected as `user` receives its replies:
+/// `_INBOX.<user>.`, so that a server can let each user subscribe to its own
+/// replies only (`nats/skein-users.conf`). `None` (the usual `_INBOX.`)
+/// for a name that is not one subject token.
+fn inbox_prefix(user: &str) -> Option<String> {
+    skein_message::subject::check_token(user)
+        .is_ok()
+        .then(|| format!("_INBOX.{user}"))
 }
 
 /// A user and password, or a token, from a URL's user info.
@@ -398,6 +416,15 @@ impl Bus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_named_user_gets_replies_under_its_own_inbox_prefix() {
+        assert_eq!(inbox_prefix("payments").as_deref(), Some("_INBOX.payments"));
+        // Not one subject token: the usual prefix.
+        for name in ["", "a.b", "a*", "a>", "a b"] {
+            assert_eq!(inbox_prefix(name), None, "{name:?}");
+        }
+    }
 
     #[test]
     fn security_settings_come_in_pairs_and_name_readable_files() {

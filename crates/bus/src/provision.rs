@@ -157,10 +157,7 @@ pub async fn apply_stream(
             }
             js.update_stream(&config)
                 .await
-                .map_err(|e| Error::Provision {
-                    what,
-                    source: e.into(),
-                })?;
+                .map_err(|e| stream_change_failed(what, e))?;
             Ok(Change::Updated(differences))
         }
         Err(e)
@@ -172,16 +169,31 @@ pub async fn apply_stream(
         {
             js.create_stream(config)
                 .await
-                .map_err(|e| Error::Provision {
-                    what,
-                    source: e.into(),
-                })?;
+                .map_err(|e| stream_change_failed(what, e))?;
             Ok(Change::Created)
         }
         Err(e) => Err(Error::Provision {
             what,
             source: e.into(),
         }),
+    }
+}
+
+/// Creating or updating a stream failed. No answer at all is what a NATS
+/// user without permission to change streams gets (the server refuses the
+/// request and nobody answers it), so that is said.
+fn stream_change_failed(what: String, e: jetstream::context::CreateStreamError) -> Error {
+    let what = if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut {
+        format!(
+            "{what} (no answer: if this NATS user may not change streams, create or update them \
+             with `skein streams apply` as a user that may)"
+        )
+    } else {
+        what
+    };
+    Error::Provision {
+        what,
+        source: e.into(),
     }
 }
 
@@ -226,13 +238,21 @@ pub async fn apply_consumer(
         config.max_ack_pending = max;
     }
     let what = format!("consumer {} on stream {}", spec.durable, spec.stream);
-    let stream = js
-        .get_stream(&spec.stream)
-        .await
-        .map_err(|e| Error::Provision {
-            what: what.clone(),
+    let stream = js.get_stream(&spec.stream).await.map_err(|e| {
+        let what = if matches!(
+            e.kind(),
+            jetstream::context::GetStreamErrorKind::JetStream(ref js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+        ) {
+            format!("{what} (create the streams first: `skein streams apply`)")
+        } else {
+            what.clone()
+        };
+        Error::Provision {
+            what,
             source: e.into(),
-        })?;
+        }
+    })?;
     match stream.get_consumer::<pull::Config>(&spec.durable).await {
         Ok(mut existing) => {
             let current = existing

@@ -186,6 +186,17 @@ async fn provisioning_is_idempotent_and_restores_a_stream_changed_on_the_server(
         ]
     };
 
+    // A worker started before the streams exist says what to do.
+    let early = Worker::start(&bus, fast_worker("early"), handler(|_| async { Ok(()) })).await;
+    match early {
+        Err(e) => assert!(
+            e.to_string()
+                .contains("create the streams first: `skein streams apply`"),
+            "{e}"
+        ),
+        Ok(_) => bail!("a worker started without its stream"),
+    }
+
     let first = apply_builtin_streams(js, &Default::default()).await?;
     assert_eq!(first, all(Change::Created));
     let second = apply_builtin_streams(js, &Default::default()).await?;

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
 
 fn repo_file(path: &str) -> PathBuf {
@@ -427,16 +427,73 @@ fn compose_yaml_runs_every_worker_in_copies_after_the_streams() -> anyhow::Resul
     Ok(())
 }
 
+/// Each user of `nats/skein-users.conf` and the variable its password
+/// comes from.
+type Users = Vec<(String, String)>;
+
+/// The users of `nats/skein-users.conf`, and every subject the file names.
+fn nats_users() -> anyhow::Result<(Users, Vec<String>)> {
+    let text = std::fs::read_to_string(repo_file("nats/skein-users.conf"))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(|l| l.split('#').next().unwrap_or_default().trim())
+        .collect();
+    let mut users = Vec::new();
+    let mut name = None;
+    for line in &lines {
+        if let Some(user) = line.strip_prefix("user:") {
+            name = Some(user.trim().to_owned());
+        } else if let Some(variable) = line.strip_prefix("password: $") {
+            let user = name.take().context("a password before its user")?;
+            users.push((user, variable.trim().to_owned()));
+        }
+    }
+    let subjects = lines
+        .iter()
+        .flat_map(|l| l.split('"').skip(1).step_by(2))
+        .map(str::to_owned)
+        .collect();
+    Ok((users, subjects))
+}
+
 /// Every NATS node of compose.yaml mounts `nats/skein-users.conf` beside its
-/// configuration and gets `NATS_PASSWORD`; its configuration, as mounted,
-/// is valid to `nats-server -t` and includes the users file; every skein
-/// service connects as the user skein with that password.
+/// configuration and gets every password it reads; its configuration, as
+/// mounted, is valid to `nats-server -t` and includes the users file. The
+/// `streams` container connects as the user skein, every other skein
+/// service as its own user with its own password; the user skein may use
+/// every subject any other user may.
 #[test]
-fn compose_s_nats_nodes_let_in_the_user_skein_and_skein_connects_as_it() -> anyhow::Result<()> {
+fn compose_s_nats_nodes_let_in_skein_s_users_and_each_service_connects_as_its_own(
+) -> anyhow::Result<()> {
     let compose = compose_yaml()?;
     let services = compose["services"].as_object().context("no services")?;
+    let (users, subjects) = nats_users()?;
+    let password_of = |user: &str| {
+        users
+            .iter()
+            .find(|(u, _)| u == user)
+            .map(|(_, variable)| variable.clone())
+    };
+    ensure!(
+        password_of("skein").as_deref() == Some("NATS_PASSWORD"),
+        "the user skein's password is not NATS_PASSWORD: {users:?}"
+    );
+    // skein's own allow list is the file's first subjects (its publish list).
+    let skein_allows: Vec<&str> = subjects
+        .iter()
+        .take_while(|s| s.ends_with('>'))
+        .map(|s| s.trim_end_matches('>'))
+        .collect();
+    ensure!(skein_allows.len() >= 9, "skein's list: {skein_allows:?}");
+    for subject in &subjects {
+        ensure!(
+            skein_allows.iter().any(|p| subject.starts_with(p)),
+            "{subject} is not among the user skein's subjects"
+        );
+    }
     let nats_server = skein_testkit::nats::find_binary()?;
     let mut nodes = 0;
+    let mut connected = std::collections::BTreeSet::new();
     for (name, service) in services {
         let image = service["image"].as_str().unwrap_or_default();
         let env = &service["environment"];
@@ -450,12 +507,14 @@ fn compose_s_nats_nodes_let_in_the_user_skein_and_skein_connects_as_it() -> anyh
                 mounts.contains(&"./nats/skein-users.conf:/etc/nats/skein-users.conf:ro"),
                 "{name} does not mount the users file: {mounts:?}"
             );
-            ensure!(
-                env["NATS_PASSWORD"]
-                    .as_str()
-                    .is_some_and(|p| p.contains("NATS_PASSWORD")),
-                "{name} does not pass NATS_PASSWORD"
-            );
+            for (_, variable) in &users {
+                ensure!(
+                    env[variable.as_str()]
+                        .as_str()
+                        .is_some_and(|p| p.contains(&format!("${{{variable}:?"))),
+                    "{name} does not pass {variable}: {env}"
+                );
+            }
             let config = mounts
                 .iter()
                 .find_map(|m| m.strip_suffix(":/etc/nats/skein.conf:ro"))
@@ -472,43 +531,68 @@ fn compose_s_nats_nodes_let_in_the_user_skein_and_skein_connects_as_it() -> anyh
                 repo_file("nats/skein-users.conf"),
                 dir.path().join("skein-users.conf"),
             )?;
-            let checked = std::process::Command::new(&nats_server)
-                .arg("-c")
-                .arg(dir.path().join("skein.conf"))
-                .arg("-t")
-                .env("NATS_PASSWORD", "lettersAndDigits42")
-                .output()?;
+            let check = |skein_password: &str| {
+                let mut command = std::process::Command::new(&nats_server);
+                command
+                    .arg("-c")
+                    .arg(dir.path().join("skein.conf"))
+                    .arg("-t");
+                for (user, variable) in &users {
+                    command.env(variable, format!("lettersAndDigits{user}42"));
+                }
+                command.env("NATS_PASSWORD", skein_password);
+                command.output()
+            };
+            let checked = check("lettersAndDigits42")?;
             ensure!(
                 checked.status.success(),
                 "{config}: {}{}",
                 String::from_utf8_lossy(&checked.stdout),
                 String::from_utf8_lossy(&checked.stderr)
             );
-            // Why the password must start with a letter (README): the node
+            // Why a password must start with a letter (README): the node
             // reads it as a configuration value, and numbers or booleans
             // are not passwords.
             for not_a_string in ["123456", "true"] {
-                let refused = std::process::Command::new(&nats_server)
-                    .arg("-c")
-                    .arg(dir.path().join("skein.conf"))
-                    .arg("-t")
-                    .env("NATS_PASSWORD", not_a_string)
-                    .output()?;
                 ensure!(
-                    !refused.status.success(),
+                    !check(not_a_string)?.status.success(),
                     "{config} took the password {not_a_string}"
                 );
             }
         } else if image.starts_with("skein") {
+            let command: Vec<&str> = service["command"]
+                .as_array()
+                .map(|c| c.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            // `worker <service>`, `ingress`; the streams container as skein.
+            let user = match command.as_slice() {
+                ["worker", worker] => *worker,
+                ["streams", ..] => "skein",
+                [first, ..] => first,
+                [] => bail!("{name} has no command"),
+            };
+            let variable = password_of(user)
+                .with_context(|| format!("{name}: the users file has no user {user}"))?;
             ensure!(
-                env["NATS_USER"] == "skein"
+                env["NATS_USER"] == user
                     && env["NATS_PASSWORD"]
                         .as_str()
-                        .is_some_and(|p| p.contains("NATS_PASSWORD")),
-                "{name} does not connect as the user skein: {env}"
+                        .is_some_and(|p| p.contains(&format!("${{{variable}:?"))),
+                "{name} does not connect as the user {user} with {variable}: {env}"
             );
+            ensure!(
+                env["NATS_URL"] == "nats://nats:4222",
+                "{name}'s NATS_URL: {env}"
+            );
+            connected.insert(user.to_owned());
         }
     }
     ensure!(nodes == 3, "{nodes} NATS nodes");
+    let unused: Vec<&String> = users
+        .iter()
+        .map(|(u, _)| u)
+        .filter(|u| !connected.contains(*u))
+        .collect();
+    ensure!(unused.is_empty(), "no service connects as {unused:?}");
     Ok(())
 }

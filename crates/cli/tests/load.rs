@@ -99,6 +99,8 @@ async fn wait_until_no_order_is_pending(port: u16, within: Duration) -> anyhow::
 struct Component {
     /// Its `skein` arguments.
     args: Vec<String>,
+    /// Its environment besides what every component gets.
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -110,6 +112,9 @@ struct System {
     dir: tempfile::TempDir,
     http_port: u16,
     components: Vec<(String, Component)>,
+    /// Each service's NATS password when it connects as its own NATS user
+    /// (named after it); empty: every component connects with `nats_url`.
+    users: BTreeMap<String, String>,
 }
 
 impl System {
@@ -118,6 +123,18 @@ impl System {
         database_url: Option<String>,
         workers: &[&str],
         copies: usize,
+    ) -> anyhow::Result<Self> {
+        Self::start_as_users(nats_url, database_url, workers, copies, BTreeMap::new()).await
+    }
+
+    /// [`System::start`], each service named in `users` connecting as its
+    /// own NATS user with the password there.
+    async fn start_as_users(
+        nats_url: String,
+        database_url: Option<String>,
+        workers: &[&str],
+        copies: usize,
+        users: BTreeMap<String, String>,
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("skein-load-").tempdir()?;
         let database_url = database_url
@@ -129,6 +146,7 @@ impl System {
             dir,
             http_port,
             components: Vec::new(),
+            users,
         };
         for worker in workers {
             for copy in 1..=copies {
@@ -158,7 +176,7 @@ impl System {
                 &system.database_url,
                 system.dir.path(),
                 name,
-                &component.args,
+                component,
             )?);
         }
         system.wait_healthy(workers).await?;
@@ -166,10 +184,27 @@ impl System {
     }
 
     fn add(&mut self, name: &str, args: &[&str]) {
+        // `worker <service>` or `ingress`.
+        let service = match args {
+            ["worker", service, ..] => service,
+            [command, ..] => command,
+            [] => "",
+        };
+        let env = self
+            .users
+            .get(service)
+            .map(|password| {
+                vec![
+                    ("NATS_USER".to_owned(), service.to_owned()),
+                    ("NATS_PASSWORD".to_owned(), password.clone()),
+                ]
+            })
+            .unwrap_or_default();
         self.components.push((
             name.to_owned(),
             Component {
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
+                env,
                 child: None,
             },
         ));
@@ -222,7 +257,7 @@ impl System {
         );
         let component = self.component(name)?;
         ensure!(component.child.is_none(), "{name} is running");
-        component.child = Some(spawn(&nats, &db, &dir, name, &component.args)?);
+        component.child = Some(spawn(&nats, &db, &dir, name, component)?);
         Ok(())
     }
 
@@ -394,6 +429,58 @@ impl System {
         }
         out
     }
+
+    /// An admin's trace of one placed order through the ingress (which
+    /// reads the streams and asks the orchestrator): whole, without gaps.
+    async fn trace_one_order(&self) -> anyhow::Result<()> {
+        let bus = skein_bus::Bus::connect(&skein_bus::BusConfig::new(&self.nats_url, "load-test"))
+            .await?;
+        let placed = skein_bus::replay::read(
+            &bus,
+            "EVENTS",
+            "events.orders.*.order_placed",
+            skein_bus::replay::StartAt::Beginning,
+        )
+        .await?;
+        let order = placed
+            .first()
+            .and_then(|m| m.subject.split('.').nth(2))
+            .context("no order was placed")?;
+        let credentials = serde_json::json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD});
+        let (status, pair) = request(
+            self.http_port,
+            "POST",
+            "/v1/auth/token",
+            None,
+            Some(&credentials),
+        )
+        .await?;
+        ensure!(status == 200, "admin log-in: {status} {pair}");
+        let token = pair["access_token"].as_str().context("no token")?;
+        let path = format!("/v1/trace/{order}");
+        let (status, trace) = request(self.http_port, "GET", &path, Some(token), None).await?;
+        ensure!(status == 200, "GET {path}: {status} {trace}");
+        let hops = trace["messages"].as_array().map_or(0, Vec::len);
+        ensure!(
+            hops >= 4 && trace.get("gaps").is_none(),
+            "GET {path}: {trace:#}"
+        );
+        Ok(())
+    }
+
+    /// Every line of the components' logs where NATS refused something.
+    fn refused(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (name, _) in &self.components {
+            let text = std::fs::read_to_string(log_path(self.dir.path(), name)).unwrap_or_default();
+            out.extend(
+                text.lines()
+                    .filter(|l| l.to_lowercase().contains("permissions violation"))
+                    .map(|l| format!("{name}: {l}")),
+            );
+        }
+        out
+    }
 }
 
 fn log_path(dir: &Path, name: &str) -> PathBuf {
@@ -405,14 +492,15 @@ fn spawn(
     database_url: &str,
     dir: &Path,
     name: &str,
-    args: &[String],
+    component: &Component,
 ) -> anyhow::Result<Child> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path(dir, name))?;
     Command::new(env!("CARGO_BIN_EXE_skein"))
-        .args(args)
+        .args(&component.args)
+        .envs(component.env.iter().map(|(k, v)| (k, v)))
         .env("NATS_URL", nats_url)
         .env("DATABASE_URL", database_url)
         .env("SKEIN_KEY_DIR", dir)
@@ -667,61 +755,219 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
 /// `nats/skein-users.conf` (what compose.yaml's nodes include), allowed only
 /// skein's subjects, its credentials in the URL: every order completes, the
 /// audit is clean, and the limit is real (another subject is refused).
+/// A client connected to `url` as `user`, the way skein connects (replies
+/// under `_INBOX.<user>`), and the server's errors as they come.
+async fn connect_as(
+    url: &str,
+    user: &str,
+    password: &str,
+) -> anyhow::Result<(
+    async_nats::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+)> {
+    let (errors_tx, errors) = tokio::sync::mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX.{user}"))
+        .event_callback(move |event| {
+            let errors_tx = errors_tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = errors_tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok((client, errors))
+}
+
+/// Waits for the server to refuse `subject` to this client.
+async fn refused(
+    client: &async_nats::Client,
+    errors: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    who: &str,
+    subject: &str,
+) -> anyhow::Result<()> {
+    client.flush().await?;
+    let wanted = format!("\"{}\"", subject.to_lowercase());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let said = tokio::time::timeout_at(deadline, errors.recv())
+            .await
+            .with_context(|| format!("{who} was not refused {subject}"))?
+            .unwrap_or_default()
+            .to_lowercase();
+        if said.contains("permissions violation") && said.contains(&wanted) {
+            return Ok(());
+        }
+    }
+}
+
+/// Every service connects as its own NATS user of the shipped users file
+/// (nats/skein-users.conf, the passwords in the server's environment as
+/// compose.yaml gives them), the operator commands as the user `skein`:
+/// orders complete, the audit is clean, and the server refused the system
+/// nothing it does. Each service is refused what belongs to another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_system_under_a_nats_user_limited_to_skein_s_subjects_completes_its_orders(
+async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_others_subjects(
 ) -> anyhow::Result<()> {
     let _turn = ONE_AT_A_TIME.lock().await;
-    // Letters and digits: nats-server reads it from its environment as a
-    // configuration value, as compose.yaml's nodes do.
-    const PASSWORD: &str = "aLongNatsSecret42";
-    // The shipped users file as it is, the password in the server's
-    // environment.
+    const SERVICES: [&str; 7] = [
+        "ingress",
+        "identity",
+        "catalog",
+        "orders",
+        "payments",
+        "orchestrator",
+        "projector",
+    ];
+    // Letters and digits: nats-server reads them from its environment as
+    // configuration values, as compose.yaml's nodes do.
+    let password = |user: &str| format!("secretOf{user}42");
     let users = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../nats/skein-users.conf"),
     )?;
+    let mut env = vec![("NATS_PASSWORD".to_owned(), password("skein"))];
+    env.extend(
+        SERVICES
+            .iter()
+            .map(|s| (format!("NATS_PASSWORD_{}", s.to_uppercase()), password(s))),
+    );
     let nats = NatsServer::start_secured(Secured {
-        user_password: Some(("skein".into(), PASSWORD.into())),
+        user_password: Some(("skein".into(), password("skein"))),
         authorization: Some(users),
-        env: vec![("NATS_PASSWORD".into(), PASSWORD.into())],
+        env,
         ..Secured::default()
     })
     .await?;
-    let url = format!("nats://skein:{PASSWORD}@127.0.0.1:{}", nats.port());
-
-    // The limit is real: a subject outside the list is refused.
-    let (refused_tx, mut refused) = tokio::sync::mpsc::unbounded_channel();
-    let client =
-        async_nats::ConnectOptions::with_user_and_password("skein".into(), PASSWORD.into())
-            .event_callback(move |event| {
-                let refused_tx = refused_tx.clone();
-                async move {
-                    if let async_nats::Event::ServerError(e) = event {
-                        let _ = refused_tx.send(e.to_string());
-                    }
-                }
-            })
-            .connect(nats.url())
-            .await?;
-    client.publish("elsewhere.x", "no".into()).await?;
-    client.flush().await?;
-    let said = tokio::time::timeout(Duration::from_secs(5), refused.recv())
-        .await
-        .context("a publish outside the allowed subjects was not refused")?
-        .unwrap_or_default();
-    ensure!(
-        said.to_lowercase().contains("permissions violation"),
-        "{said}"
+    let admin_url = format!(
+        "nats://skein:{}@127.0.0.1:{}",
+        password("skein"),
+        nats.port()
     );
 
-    let system = System::start(url, None, &WORKERS, 1).await?;
-    let (status, report) = finish(
-        system.load(&["--orders", "60", "--concurrency", "8", "--wait", "5"])?,
-        Duration::from_secs(120),
+    // Only skein may create the streams: the ingress, which applies them at
+    // start, fails without them, and says what to do (after its request
+    // timeout: a refused request gets no answer).
+    let early = Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args([
+            "ingress",
+            "--http",
+            "127.0.0.1:0",
+            "--nats-url",
+            &nats.url(),
+        ])
+        .env("NATS_USER", "ingress")
+        .env("NATS_PASSWORD", password("ingress"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+
+    // The user skein is limited too: a subject outside skein's is refused.
+    let (skein, mut errors) = connect_as(&nats.url(), "skein", &password("skein")).await?;
+    skein.publish("elsewhere.x", "no".into()).await?;
+    refused(&skein, &mut errors, "skein", "elsewhere.x").await?;
+
+    let early = tokio::time::timeout(Duration::from_secs(60), early.wait_with_output())
+        .await
+        .context("the ingress started without streams did not stop")??;
+    let said = String::from_utf8_lossy(&early.stderr);
+    ensure!(
+        !early.status.success() && said.contains("`skein streams apply` as a user that may"),
+        "{said}"
+    );
+    // skein creates them; the services then find them.
+    let applied = Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["streams", "apply", "--nats-url", &admin_url])
+        .output()
+        .await?;
+    ensure!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // A service is refused another's events, commands, consumer and
+    // replies, and changing a stream.
+    let (payments, mut errors) = connect_as(&nats.url(), "payments", &password("payments")).await?;
+    for subject in [
+        "events.orders.0197a0b0-0000-7000-8000-000000000001.order_confirmed",
+        "commands.orders.confirm_order",
+        "$JS.API.CONSUMER.MSG.NEXT.COMMANDS.orders",
+        "$JS.ACK.COMMANDS.orders.1.1.1.1.1.1.1",
+        "$JS.API.STREAM.DELETE.EVENTS",
+        "$JS.API.STREAM.UPDATE.EVENTS",
+    ] {
+        payments.publish(subject, "{}".into()).await?;
+        refused(&payments, &mut errors, "payments", subject).await?;
+    }
+    let _sniffer = payments.subscribe("_INBOX.ingress.>").await?;
+    refused(&payments, &mut errors, "payments", "_INBOX.ingress.>").await?;
+    // The ingress may read the streams through consumers of its own, not
+    // change a worker's, and sends only the commands clients may.
+    let (ingress, mut errors) = connect_as(&nats.url(), "ingress", &password("ingress")).await?;
+    for subject in [
+        "commands.orders.confirm_order",
+        "commands.catalog.reserve_stock",
+        "$JS.API.CONSUMER.CREATE.EVENTS.orchestrator",
+        "$JS.API.CONSUMER.CREATE.EVENTS.projector.events.>",
+        "$JS.API.CONSUMER.DELETE.EVENTS.orchestrator",
+    ] {
+        ingress.publish(subject, "{}".into()).await?;
+        refused(&ingress, &mut errors, "ingress", subject).await?;
+    }
+
+    let system = System::start_as_users(
+        admin_url,
+        None,
+        &WORKERS,
+        1,
+        SERVICES
+            .iter()
+            .map(|s| ((*s).to_owned(), password(s)))
+            .collect(),
     )
     .await?;
+    // Nor through the subject for consumers without a name in it: the
+    // server refuses a durable there, and the orchestrator's stays as it is.
+    let hijack = serde_json::json!({
+        "stream_name": "EVENTS",
+        "config": {"durable_name": "orchestrator", "name": "orchestrator",
+                   "ack_policy": "none", "filter_subject": "events.>"},
+    });
+    let answer = ingress
+        .request("$JS.API.CONSUMER.CREATE.EVENTS", hijack.to_string().into())
+        .await?;
+    let answer: Value = serde_json::from_slice(&answer.payload)?;
+    ensure!(answer.get("error").is_some(), "{answer}");
+    let admin =
+        skein_bus::Bus::connect(&skein_bus::BusConfig::new(&system.nats_url, "load-test")).await?;
+    let mut orchestrator = admin
+        .jetstream()
+        .get_stream("EVENTS")
+        .await?
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator")
+        .await
+        .map_err(|e| anyhow::anyhow!("the orchestrator's consumer: {e}"))?;
+    let kept = orchestrator.info().await?.config.clone();
+    ensure!(
+        kept.ack_policy == async_nats::jetstream::consumer::AckPolicy::Explicit,
+        "{kept:?}"
+    );
+
+    let finished = finish(
+        system.load(&["--orders", "60", "--concurrency", "8", "--wait", "5"])?,
+        Duration::from_secs(90),
+    )
+    .await;
+    let refusals = || format!("NATS refused the system:\n{}", system.refused().join("\n"));
+    let (status, report) = finished.with_context(refusals)?;
     system.explain(passed(status, &report, 60), &report).await?;
     system.audit_clean(Duration::from_secs(30)).await?;
     system.no_dead_letters().await?;
+    system.trace_one_order().await.with_context(refusals)?;
+    ensure!(system.refused().is_empty(), refusals());
     Ok(())
 }
 
