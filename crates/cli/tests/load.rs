@@ -967,6 +967,27 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
     system.audit_clean(Duration::from_secs(30)).await?;
     system.no_dead_letters().await?;
     system.trace_one_order().await.with_context(refusals)?;
+    // A service dead-letters as its own user: a command without headers.
+    let admin_js = admin.jetstream();
+    admin_js
+        .publish("commands.payments.authorize_payment", "{}".into())
+        .await?
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dead = skein_bus::replay::read(
+            &admin,
+            "DLQ",
+            "dlq.>",
+            skein_bus::replay::StartAt::Beginning,
+        )
+        .await?;
+        if dead.iter().any(|m| m.subject == "dlq.COMMANDS.payments") {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "{}", refusals());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     ensure!(system.refused().is_empty(), refusals());
     Ok(())
 }
