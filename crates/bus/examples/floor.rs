@@ -108,9 +108,7 @@ fn parse_args() -> anyhow::Result<Options> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let options = parse_args()?;
-    let client = async_nats::connect(options.nats_url.as_str())
-        .await
-        .with_context(|| format!("cannot connect to {}", options.nats_url))?;
+    let client = connect_client(options.nats_url.as_str()).await?;
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
         .max_ack_inflight(options.in_flight)
@@ -321,10 +319,19 @@ async fn chains(js: &jetstream::Context, options: &Options) -> anyhow::Result<Ch
     })
 }
 
-async fn connect(options: &Options) -> anyhow::Result<jetstream::Context> {
-    let client = async_nats::connect(options.nats_url.as_str())
+/// A connection as skein's processes make it: credentials and TLS from
+/// `NATS_USER`/`NATS_PASSWORD`, `NATS_TOKEN`, `NATS_CA`, `NATS_CERT`/`NATS_KEY`
+/// or the URL (the user must be allowed `floor.>` and `$JS.API.>`).
+async fn connect_client(url: &str) -> anyhow::Result<async_nats::Client> {
+    let config = skein_bus::BusConfig::from_env(url, "skein-floor")?;
+    let bus = skein_bus::Bus::connect(&config)
         .await
-        .with_context(|| format!("cannot connect to {}", options.nats_url))?;
+        .with_context(|| format!("cannot connect to {}", skein_bus::redact_url(url)))?;
+    Ok(bus.client().clone())
+}
+
+async fn connect(options: &Options) -> anyhow::Result<jetstream::Context> {
+    let client = connect_client(options.nats_url.as_str()).await?;
     Ok(jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
         .build(client))
