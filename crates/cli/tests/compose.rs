@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use serde_json::{json, Value};
@@ -427,6 +428,27 @@ fn compose_yaml_runs_every_worker_in_copies_after_the_streams() -> anyhow::Resul
     Ok(())
 }
 
+/// What the compose nodes' cluster blocks read from the environment.
+const ROUTE_VARIABLES: [&str; 4] = [
+    "NATS_ROUTE_PASSWORD",
+    "NATS_ROUTE_1",
+    "NATS_ROUTE_2",
+    "NATS_ROUTE_3",
+];
+
+/// The route variables for nodes whose routes listen on loopback `ports`,
+/// joining with `password`.
+fn route_environment(password: &str, ports: &[u16]) -> Vec<(String, String)> {
+    let mut env = vec![("NATS_ROUTE_PASSWORD".to_owned(), password.to_owned())];
+    env.extend(ports.iter().enumerate().map(|(n, port)| {
+        (
+            format!("NATS_ROUTE_{}", n + 1),
+            format!("nats-route://route:{password}@127.0.0.1:{port}"),
+        )
+    }));
+    env
+}
+
 /// Each user of `nats/skein-users.conf` and the variable its password
 /// comes from.
 type Users = Vec<(String, String)>;
@@ -531,6 +553,14 @@ fn compose_s_nats_nodes_let_in_skein_s_users_and_each_service_connects_as_its_ow
                 repo_file("nats/skein-users.conf"),
                 dir.path().join("skein-users.conf"),
             )?;
+            for variable in ROUTE_VARIABLES {
+                ensure!(
+                    env[variable]
+                        .as_str()
+                        .is_some_and(|v| v.contains("${NATS_ROUTE_PASSWORD:?")),
+                    "{name} does not pass {variable}: {env}"
+                );
+            }
             let check = |skein_password: &str| {
                 let mut command = std::process::Command::new(&nats_server);
                 command
@@ -541,6 +571,7 @@ fn compose_s_nats_nodes_let_in_skein_s_users_and_each_service_connects_as_its_ow
                     command.env(variable, format!("lettersAndDigits{user}42"));
                 }
                 command.env("NATS_PASSWORD", skein_password);
+                command.envs(route_environment("routeSecret42", &[6222, 6223, 6224]));
                 command.output()
             };
             let checked = check("lettersAndDigits42")?;
@@ -594,5 +625,174 @@ fn compose_s_nats_nodes_let_in_skein_s_users_and_each_service_connects_as_its_ow
         .filter(|u| !connected.contains(*u))
         .collect();
     ensure!(unused.is_empty(), "no service connects as {unused:?}");
+    Ok(())
+}
+
+/// One of compose.yaml's NATS nodes, its configuration as shipped moved to
+/// loopback ports, killed when dropped.
+struct LoopbackNode {
+    http: u16,
+    log: PathBuf,
+    _child: tokio::process::Child,
+}
+
+impl LoopbackNode {
+    /// Starts `nats/compose/node{n}.conf` in `dir` with client, route and
+    /// monitoring ports on loopback, the users' passwords and `routes`.
+    fn start(
+        dir: &std::path::Path,
+        n: usize,
+        (client, route, http): (u16, u16, u16),
+        routes: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let (users, _) = nats_users()?;
+        let node = dir.join(format!("node{n}"));
+        std::fs::create_dir_all(node.join("store"))?;
+        let mut text = std::fs::read_to_string(repo_file(&format!("nats/compose/node{n}.conf")))?;
+        for (from, to) in [
+            (
+                "listen: 0.0.0.0:4222",
+                format!("listen: 127.0.0.1:{client}"),
+            ),
+            ("http: 0.0.0.0:8222", format!("http: 127.0.0.1:{http}")),
+            ("listen: 0.0.0.0:6222", format!("listen: 127.0.0.1:{route}")),
+            (
+                "store_dir: /data",
+                format!("store_dir: \"{}\"", node.join("store").display()),
+            ),
+        ] {
+            ensure!(text.contains(from), "node{n}.conf has no `{from}`");
+            text = text.replace(from, &to);
+        }
+        std::fs::write(node.join("skein.conf"), text)?;
+        std::fs::copy(
+            repo_file("nats/skein-users.conf"),
+            node.join("skein-users.conf"),
+        )?;
+        let log = node.join("nats.log");
+        let child = tokio::process::Command::new(skein_testkit::nats::find_binary()?)
+            .arg("-c")
+            .arg(node.join("skein.conf"))
+            .envs(
+                users
+                    .iter()
+                    .map(|(user, variable)| (variable.clone(), format!("secretOf{user}42"))),
+            )
+            .envs(routes.iter().cloned())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self {
+            http,
+            log,
+            _child: child,
+        })
+    }
+
+    /// How many other nodes the node has routes to now (0 while it does
+    /// not answer; a pair of nodes shares several connections).
+    async fn routes(&self) -> usize {
+        let Ok((200, text)) =
+            skein_testkit::http::request(self.http, "GET", "/routez", &[], None).await
+        else {
+            return 0;
+        };
+        let routez: Value = serde_json::from_str(&text).unwrap_or_default();
+        routez["routes"]
+            .as_array()
+            .map(|routes| {
+                routes
+                    .iter()
+                    .filter_map(|r| r["remote_name"].as_str())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn healthy(&self) -> bool {
+        matches!(
+            skein_testkit::http::request(self.http, "GET", "/healthz", &[], None).await,
+            Ok((200, _))
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// compose.yaml's three NATS node configurations, as shipped but on
+/// loopback ports, form a cluster whose routes authenticate: the three
+/// join with the route password and elect a JetStream leader, and a node
+/// that does not know the password is refused and joins nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_s_nats_nodes_form_a_cluster_that_refuses_a_node_without_the_route_password(
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ports: Vec<(u16, u16, u16)> = (0..4)
+        .map(|_| {
+            Ok((
+                skein_testkit::free_port()?,
+                skein_testkit::free_port()?,
+                skein_testkit::free_port()?,
+            ))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let route_ports: Vec<u16> = ports[..3].iter().map(|p| p.1).collect();
+    let routes = route_environment("routeSecret42", &route_ports);
+    let nodes: Vec<LoopbackNode> = ports[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, ports)| LoopbackNode::start(dir.path(), i + 1, *ports, &routes))
+        .collect::<anyhow::Result<_>>()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut formed = true;
+        let mut seen = Vec::new();
+        for node in &nodes {
+            let (routes, healthy) = (node.routes().await, node.healthy().await);
+            formed &= routes == 2 && healthy;
+            seen.push((routes, healthy));
+        }
+        if formed {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the three nodes formed no cluster in 30 s (routes, healthy: {seen:?}):\n{}",
+            nodes
+                .iter()
+                .map(LoopbackNode::log)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // A fourth node (node 1's configuration on its own ports) that knows
+    // the routes' addresses but guesses the password.
+    let guessed = route_environment("aGuess42", &route_ports);
+    let intruder = LoopbackNode::start(&dir.path().join("intruder"), 1, ports[3], &guessed)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !nodes
+        .iter()
+        .any(|n| n.log().contains("Authentication Failure"))
+    {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no node refused the intruder:\n{}",
+            intruder.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ensure!(intruder.routes().await == 0, "{}", intruder.log());
+    for node in &nodes {
+        ensure!(node.routes().await == 2, "{}", node.log());
+        // The route URLs hold the password; the logs show none of it.
+        ensure!(!node.log().contains("routeSecret42"), "{}", node.log());
+    }
+    ensure!(!intruder.log().contains("aGuess42"), "{}", intruder.log());
     Ok(())
 }

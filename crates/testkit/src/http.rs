@@ -51,5 +51,41 @@ pub async fn request(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
+    let chunked = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(name, value)| {
+            name.trim().eq_ignore_ascii_case("transfer-encoding")
+                && value.trim().eq_ignore_ascii_case("chunked")
+        })
+    });
+    if chunked {
+        return Ok((status, dechunk(rest).ok_or_else(bad)?));
+    }
     Ok((status, rest.to_owned()))
+}
+
+/// The body of a `Transfer-Encoding: chunked` answer; `None` if it is not
+/// well formed.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_chunked_body_is_joined() {
+        assert_eq!(
+            super::dechunk("5\r\nhello\r\n7;x=1\r\n, world\r\n0\r\n\r\n").as_deref(),
+            Some("hello, world")
+        );
+        assert_eq!(super::dechunk("5\r\nhel"), None);
+    }
 }
