@@ -41,6 +41,17 @@ fn db(e: sqlx::Error) -> HandlerError {
     HandlerError::transient(format!("saga store: {e}"))
 }
 
+/// A stored instance could not be read: a row that does not decode is
+/// there for good, anything else may pass.
+fn stored(e: sqlx::Error) -> HandlerError {
+    match e {
+        sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. } => {
+            HandlerError::permanent(format!("saga store: {e}"))
+        }
+        e => db(e),
+    }
+}
+
 fn definition(e: SagaError) -> HandlerError {
     HandlerError::permanent(e)
 }
@@ -245,6 +256,13 @@ impl Coordinator {
     }
 
     /// Applies passed deadlines, up to `limit` instances; returns how many.
+    ///
+    /// An instance whose deadline cannot be applied for good (its saga or
+    /// step is no longer defined, its data no longer decodes) is failed
+    /// with the reason, so that it neither blocks the others (the earliest
+    /// deadline comes first, every tick) nor stays live unnoticed; `skein
+    /// saga list` shows it. A transient error (the database away) ends the
+    /// round, to be tried again on the next tick.
     pub async fn run_deadlines(&self, limit: i64) -> Result<usize, HandlerError> {
         let now = now_micros();
         let mut conn = self.store.pool().acquire().await.map_err(db)?;
@@ -252,41 +270,103 @@ impl Coordinator {
         drop(conn);
         let mut applied = 0;
         for id in due {
-            let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
-            let Some(mut inst) = store::load(&mut tx, id).await.map_err(db)? else {
-                tx.rollback().await.map_err(HandlerError::transient)?;
-                continue;
-            };
-            if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > now) {
-                // Another copy got there first.
-                tx.rollback().await.map_err(HandlerError::transient)?;
-                continue;
-            }
-            let saga = self.saga(&inst.saga)?;
-            let from = inst.status;
-            let out = self
-                .engine(saga, now)
-                .deadline(&mut inst)
-                .map_err(definition)?;
-            let cause = Cause {
-                id: None,
-                kind: "deadline",
-            };
-            match self
-                .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if e.kind() == skein_bus::ErrorKind::Transient => {
-                    tracing::debug!(instance = %id, "deadline raced another change: {}", e.reason());
-                    continue;
+            match self.apply_deadline(id, now).await {
+                Ok(true) => applied += 1,
+                Ok(false) => {}
+                Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Err(e),
+                Err(e) => {
+                    let reason = format!("its deadline cannot be applied: {}", e.reason());
+                    tracing::error!(instance = %id, "saga instance failed: {reason}");
+                    self.fail_for_good(id, &reason, now).await?;
+                    applied += 1;
                 }
-                Err(e) => return Err(e),
             }
-            tx.commit().await.map_err(HandlerError::transient)?;
-            applied += 1;
         }
         Ok(applied)
+    }
+
+    /// Applies instance `id`'s passed deadline; `false` when there was
+    /// none to apply (another copy got there first).
+    async fn apply_deadline(&self, id: Uuid, now: i64) -> Result<bool, HandlerError> {
+        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
+        let Some(mut inst) = store::load(&mut tx, id).await.map_err(stored)? else {
+            return Ok(false);
+        };
+        if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > now) {
+            // Another copy got there first.
+            return Ok(false);
+        }
+        let saga = self.saga(&inst.saga)?;
+        if inst.step >= saga.steps.len() {
+            return Err(HandlerError::permanent(format!(
+                "saga {:?} has no step {} any more",
+                saga.name, inst.step
+            )));
+        }
+        let from = inst.status;
+        let out = self
+            .engine(saga, now)
+            .deadline(&mut inst)
+            .map_err(definition)?;
+        let cause = Cause {
+            id: None,
+            kind: "deadline",
+        };
+        match self
+            .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if e.kind() == skein_bus::ErrorKind::Transient => {
+                tracing::debug!(instance = %id, "deadline raced another change: {}", e.reason());
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        tx.commit().await.map_err(HandlerError::transient)?;
+        Ok(true)
+    }
+
+    /// Fails instance `id` for `reason`, with its transition when it can
+    /// still be read, by a plain update when not.
+    async fn fail_for_good(&self, id: Uuid, reason: &str, now: i64) -> Result<(), HandlerError> {
+        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
+        match store::load(&mut tx, id).await {
+            Ok(Some(mut inst)) if inst.status.is_live() => {
+                let from = inst.status;
+                inst.status = SagaStatus::Failed;
+                inst.reason = Some(reason.to_owned());
+                inst.deadline_at = None;
+                inst.attempt = 0;
+                let out = Outcome {
+                    changed: true,
+                    step: self
+                        .saga(&inst.saga)
+                        .ok()
+                        .and_then(|s| s.steps.get(inst.step))
+                        .map(|s| s.name.clone()),
+                    note: format!("failed: {reason}"),
+                    ..Outcome::default()
+                };
+                let cause = Cause {
+                    id: None,
+                    kind: "deadline",
+                };
+                match self
+                    .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
+                    .await
+                {
+                    // Changed meanwhile: the next tick sees it again.
+                    Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Ok(()),
+                    other => other?,
+                }
+            }
+            Ok(_) => return Ok(()),
+            Err(_) => store::fail_unreadable(&mut tx, id, reason, now)
+                .await
+                .map_err(db)?,
+        }
+        tx.commit().await.map_err(HandlerError::transient)
     }
 
     /// Watches deadlines every `tick` until `shutdown`.

@@ -378,6 +378,18 @@ impl Saga {
         self.pivot.is_none_or(|p| index <= p)
     }
 
+    /// Whether the step at `index`, in flight with no answer, may be
+    /// undone: it is compensable and has a compensation. A pivot without
+    /// one may have taken effect, and nothing undoes it, so the saga can
+    /// only wait for its answer.
+    pub(crate) fn undoable(&self, index: usize) -> bool {
+        self.compensable(index)
+            && self
+                .steps
+                .get(index)
+                .is_some_and(|s| s.compensation.is_some())
+    }
+
     /// Every event type this saga reacts to, as `EVENTS` filter subjects.
     pub fn filter_subjects(&self) -> BTreeSet<String> {
         let mut subjects = BTreeSet::new();

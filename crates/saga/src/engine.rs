@@ -6,8 +6,11 @@
 //! - Running at step *s*: a completing event moves to *s + 1* (or
 //!   `completed`); a failing event compensates steps *0..s* (the failed step
 //!   had no effect); a passed deadline sends again while attempts remain,
-//!   then compensates steps *0..=s* if *s* is not past the pivot (the step
-//!   in flight may still take effect, so it is undone too) or fails.
+//!   then compensates steps *0..=s* if *s* can be undone: before the pivot,
+//!   or the pivot with a compensation (the step in flight may still take
+//!   effect, so it is undone too). Otherwise (after the pivot, or a pivot
+//!   without a compensation, which may have taken effect) it fails and
+//!   waits for the answer.
 //! - Compensating: compensations run one at a time in reverse order, each
 //!   sent again on its deadline until its attempts run out (then `failed`);
 //!   after the last, the final command (`on_compensated`, or `on_cancelled`
@@ -20,7 +23,7 @@
 //!   that reason. An instance failed by an answer (a step after the pivot
 //!   failed) waits for nothing and stays `failed`.
 //! - A cancel before the pivot completes compensates like a deadline; after
-//!   it, the instance goes on.
+//!   it (or at a pivot without a compensation), the instance goes on.
 //! - Anything else (a late reply to an earlier step or attempt, a reply to
 //!   a finished instance) changes nothing and is noted.
 
@@ -281,19 +284,18 @@ impl Engine<'_> {
     /// when it is not failed, or failed on an answer (`attempt` is then 0).
     ///
     /// Which of the two follows from the step: an instance fails going
-    /// forward only after the pivot, where nothing is compensated, and
-    /// compensates only steps up to the pivot.
+    /// forward only at a step it cannot undo (after the pivot, or a pivot
+    /// without a compensation), and fails compensating only a step that
+    /// has a compensation.
     fn awaited_late(&self, inst: &Instance) -> Option<Phase> {
         if inst.status != SagaStatus::Failed || inst.attempt == 0 {
             return None;
         }
-        let def = self.saga.steps.get(inst.step)?;
-        if !self.saga.compensable(inst.step) {
-            Some(Phase::Forward)
-        } else if def.compensation.is_some() {
+        self.saga.steps.get(inst.step)?;
+        if self.saga.undoable(inst.step) {
             Some(Phase::Compensation)
         } else {
-            None
+            Some(Phase::Forward)
         }
     }
 
@@ -423,7 +425,7 @@ impl Engine<'_> {
                 );
                 self.send_forward(inst, index, &context, &mut out)?;
             }
-            SagaStatus::Running if self.saga.compensable(index) => {
+            SagaStatus::Running if self.saga.undoable(index) => {
                 let why = format!("{} got no answer before its deadline", def.name);
                 out.note = format!("{why}; compensating, {} included", def.name);
                 self.begin_compensation(
@@ -437,10 +439,18 @@ impl Engine<'_> {
                 )?;
             }
             SagaStatus::Running => {
-                let why = format!(
-                    "{} got no answer after {} attempts, after the pivot: the saga cannot go back",
-                    def.name, def.attempts
-                );
+                let why = if self.saga.compensable(index) {
+                    format!(
+                        "{} got no answer after {} attempts; it is the pivot, has no compensation \
+                         and may have taken effect: the saga cannot go back",
+                        def.name, def.attempts
+                    )
+                } else {
+                    format!(
+                        "{} got no answer after {} attempts, after the pivot: the saga cannot go back",
+                        def.name, def.attempts
+                    )
+                };
                 out.note = format!("{why}; needs attention (a late answer resumes it)");
                 // `attempt` stays non-zero: the answer is still awaited.
                 inst.status = SagaStatus::Failed;
@@ -494,7 +504,7 @@ impl Engine<'_> {
             ..Outcome::default()
         };
         match inst.status {
-            SagaStatus::Running if self.saga.compensable(index) => {
+            SagaStatus::Running if self.saga.undoable(index) => {
                 out.changed = true;
                 out.note = format!(
                     "{} cancels it at {}; compensating, {} included",
@@ -511,6 +521,13 @@ impl Engine<'_> {
                     &context,
                     &mut out,
                 )?;
+            }
+            SagaStatus::Running if self.saga.compensable(index) => {
+                out.note = format!(
+                    "{} at the pivot {}, which has no compensation and may take effect; the saga goes on",
+                    event.kind,
+                    self.step_name(index)
+                );
             }
             SagaStatus::Running => {
                 out.note = format!("{} after the pivot; the saga goes on", event.kind);
@@ -693,6 +710,44 @@ mod tests {
             .expect("a valid definition")
     }
 
+    /// `shop`, but pay (the pivot) has no compensation and is sent twice.
+    fn shop_with_a_bare_pivot() -> Saga {
+        Saga::builder::<Order>("shop")
+            .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
+            .step("reserve", |s| {
+                s.send(|o: &Order| Reserve { id: o.id.clone() })
+                    .completes_on::<Reserved>()
+                    .fails_on(|_: &Refused| "refused".to_owned())
+                    .compensate(|o: &Order| Release { id: o.id.clone() })
+                    .compensation_completes_on::<Released>()
+                    .deadline(DEADLINE)
+            })
+            .step("pay", |s| {
+                s.pivot()
+                    .send(|o: &Order| Pay { id: o.id.clone() })
+                    .completes_on::<Paid>()
+                    .fails_on(|_: &Declined| "declined".to_owned())
+                    .attempts(2)
+                    .deadline(DEADLINE)
+            })
+            .step("ship", |s| {
+                s.send(|o: &Order| Ship { id: o.id.clone() })
+                    .completes_on::<Shipped>()
+                    .deadline(DEADLINE)
+            })
+            .cancel_on(|e: &Stop| (e.id.clone(), "stopped".to_owned()))
+            .on_compensated(|o: &Order, why: &str| Reject {
+                id: o.id.clone(),
+                reason: format!("rejected: {why}"),
+            })
+            .on_cancelled(|o: &Order, why: &str| Reject {
+                id: o.id.clone(),
+                reason: format!("cancelled: {why}"),
+            })
+            .build()
+            .expect("a valid definition")
+    }
+
     /// What one input did, as a test sees it.
     #[derive(Debug)]
     struct Did {
@@ -713,7 +768,10 @@ mod tests {
 
     impl Run {
         fn start() -> Self {
-            let saga = shop();
+            Self::start_of(shop())
+        }
+
+        fn start_of(saga: Saga) -> Self {
             let now = 1_000_000;
             let inst = Instance::new(
                 &saga,
@@ -837,6 +895,48 @@ mod tests {
             let failed = self.deadline();
             assert_eq!(self.inst.status, SagaStatus::Failed, "{failed:?}");
         }
+    }
+
+    #[test]
+    fn a_pivot_without_compensation_that_gets_no_answer_waits_for_it_instead_of_compensating() {
+        let mut run = Run::start_of(shop_with_a_bare_pivot());
+        run.reply_to_reserve();
+        // A cancel while pay may still take effect changes nothing.
+        let cancel = run.cancel();
+        assert!(!cancel.changed, "{cancel:?}");
+        assert_eq!(
+            cancel.note,
+            "shop.stop.v1 at the pivot pay, which has no compensation and may take effect; the saga goes on"
+        );
+        assert_eq!(run.deadline().sent, ["shop.pay.v1"]);
+        // Out of attempts: the payment may have gone through and nothing
+        // refunds it, so nothing is released and nothing rejected.
+        let failed = run.deadline();
+        assert!(failed.sent.is_empty(), "{failed:?}");
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some(
+                "pay got no answer after 2 attempts; it is the pivot, has no compensation and \
+                 may have taken effect: the saga cannot go back"
+            )
+        );
+        assert!(run.sent("shop.release.v1").is_empty());
+        // The late answer resumes it forward.
+        let pays = run.sent("shop.pay.v1");
+        let resumed = run.answer(pays[0], &Paid { id: "o1".into() });
+        assert_eq!(resumed.sent, ["shop.ship.v1"], "{resumed:?}");
+        assert_eq!((run.inst.status, run.inst.step), (SagaStatus::Running, 2));
+        // A late refusal instead would have compensated the steps before
+        // it: pay had no effect.
+        let mut declined = Run::start_of(shop_with_a_bare_pivot());
+        declined.reply_to_reserve();
+        declined.deadline();
+        declined.deadline();
+        let pay = declined.last("shop.pay.v1");
+        let late = declined.answer(pay, &Declined { id: "o1".into() });
+        assert_eq!(late.sent, ["shop.release.v1"], "{late:?}");
+        assert_eq!(declined.inst.status, SagaStatus::Compensating);
     }
 
     #[test]

@@ -119,6 +119,26 @@ pub(crate) fn push_update(writes: &mut Statements, inst: &Instance, expected: i6
     );
 }
 
+/// Fails instance `id`, which cannot be read any more, for `reason`: no
+/// transition is recorded (the row's other columns may not decode).
+pub(crate) async fn fail_unreadable(
+    conn: &mut AnyConnection,
+    id: Uuid,
+    reason: &str,
+    now: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE saga_instances SET status = 'failed', reason = $1, deadline_at = NULL, \
+         attempt = 0, version = version + 1, updated_at = $2 WHERE id = $3",
+    )
+    .bind(reason)
+    .bind(now)
+    .bind(id.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The instance `id`.
 pub(crate) async fn load(conn: &mut AnyConnection, id: Uuid) -> sqlx::Result<Option<Instance>> {
     sqlx::query(&format!(

@@ -184,7 +184,70 @@ backend_tests!(
     a_compensation_answered_after_the_instance_failed_finishes_compensating,
     a_step_after_the_pivot_answered_after_the_instance_failed_completes_it,
     a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing,
+    an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_other,
 );
+
+/// Instances whose deadline can never be applied (their saga was renamed
+/// away, their step removed by a deploy) come first among the due ones:
+/// each is failed with the reason, and the deadlines behind them are
+/// applied in the same round, not held up every tick.
+async fn an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_other(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    for key in ["gone", "shrunk", "fine"] {
+        shop.deliver(&placed(key)?).await?;
+        let reserve = last(&shop.instance(key).await?, "shop.reserve.v1")?;
+        shop.answer(reserve, &Reserved { id: key.into() }).await?;
+    }
+    // Both broken ones fall due before the sound one.
+    for (key, change) in [("gone", "saga = 'renamed away'"), ("shrunk", "step = 99")] {
+        sqlx::query(&format!(
+            "UPDATE saga_instances SET {change}, deadline_at = deadline_at - 1000000 \
+             WHERE saga_key = $1"
+        ))
+        .bind(key)
+        .execute(shop.store.pool())
+        .await?;
+    }
+    tokio::time::sleep(SHORT * 2).await;
+    let applied = shop
+        .coordinator
+        .run_deadlines(100)
+        .await
+        .map_err(|e| anyhow::anyhow!("deadlines: {}", e.reason()))?;
+    anyhow::ensure!(applied == 3, "{applied} deadlines applied");
+    let fine = shop.instance("fine").await?;
+    anyhow::ensure!(
+        fine.status == SagaStatus::Compensating,
+        "the sound instance's deadline was not applied: {fine:#?}"
+    );
+    for (key, says) in [
+        ("gone", "no saga named \"renamed away\""),
+        ("shrunk", "has no step 99"),
+    ] {
+        let (status, reason, deadline): (String, Option<String>, Option<i64>) = sqlx::query_as(
+            "SELECT status, reason, deadline_at FROM saga_instances WHERE saga_key = $1",
+        )
+        .bind(key)
+        .fetch_one(shop.store.pool())
+        .await?;
+        anyhow::ensure!(
+            status == "failed"
+                && deadline.is_none()
+                && reason.as_deref().is_some_and(|r| r.contains(says)),
+            "{key}: {status} {reason:?} {deadline:?}"
+        );
+    }
+    // Nothing is due any more: the next round applies nothing.
+    let again = shop
+        .coordinator
+        .run_deadlines(100)
+        .await
+        .map_err(|e| anyhow::anyhow!("deadlines: {}", e.reason()))?;
+    anyhow::ensure!(again == 0, "{again} deadlines applied again");
+    Ok(())
+}
 
 /// An operator deleted an instance (say, purging old sagas) while one of
 /// its commands was still out: the reply is refused as a permanent error
