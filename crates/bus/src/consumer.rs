@@ -126,6 +126,21 @@ pub struct WorkerConfig {
     pub figures_interval: Duration,
 }
 
+/// The durable consumer a worker with this configuration binds (what
+/// [`Worker::start`] creates or updates, and `skein streams apply` creates
+/// for workers whose NATS user may not).
+impl From<&WorkerConfig> for ConsumerSpec {
+    fn from(config: &WorkerConfig) -> Self {
+        Self {
+            stream: config.stream.clone(),
+            durable: config.name.clone(),
+            filter_subjects: config.filter_subjects.clone(),
+            ack_wait: Some(config.ack_wait),
+            max_ack_pending: None,
+        }
+    }
+}
+
 impl WorkerConfig {
     /// Defaults: 16 lanes, 10 deliveries (with the backoff, a transient
     /// failure such as a database restarting is retried for about 20 s
@@ -206,13 +221,7 @@ impl Worker {
         handler: H,
         stats: Arc<WorkerStats>,
     ) -> Result<RunningWorker> {
-        let spec = ConsumerSpec {
-            stream: config.stream.clone(),
-            durable: config.name.clone(),
-            filter_subjects: config.filter_subjects.clone(),
-            ack_wait: Some(config.ack_wait),
-            max_ack_pending: None,
-        };
+        let spec = ConsumerSpec::from(&config);
         let (consumer, change) = apply_consumer(bus.jetstream(), &spec).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let shutdown = CancellationToken::new();

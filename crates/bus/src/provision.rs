@@ -52,6 +52,9 @@ pub enum Change {
     Updated(Vec<String>),
     /// It existed as defined.
     Unchanged,
+    /// It existed with different settings in these fields, and was left as
+    /// it is ([`ProvisionOptions::keep_existing`]).
+    Differs(Vec<String>),
 }
 
 impl std::fmt::Display for Change {
@@ -60,6 +63,11 @@ impl std::fmt::Display for Change {
             Change::Created => f.write_str("created"),
             Change::Updated(fields) => write!(f, "updated ({})", fields.join(", ")),
             Change::Unchanged => f.write_str("unchanged"),
+            Change::Differs(fields) => write!(
+                f,
+                "differs from the definitions ({}), left as it is: `skein streams apply` changes it",
+                fields.join(", ")
+            ),
         }
     }
 }
@@ -71,6 +79,23 @@ pub struct ProvisionOptions {
     /// streams with the definitions' count (one) and leaves an existing
     /// stream's replicas as they are.
     pub replicas: Option<usize>,
+    /// Create missing streams only; leave an existing stream that differs
+    /// from its definition as it is ([`Change::Differs`]). What a worker or
+    /// the ingress does at start: changing streams is `skein streams
+    /// apply`'s (whose definitions may be an operator's own, `--dir`), and
+    /// a service's NATS user may not.
+    pub keep_existing: bool,
+}
+
+impl ProvisionOptions {
+    /// What a service applies at start: missing streams created, existing
+    /// ones kept as they are.
+    pub fn at_service_start() -> Self {
+        Self {
+            replicas: None,
+            keep_existing: true,
+        }
+    }
 }
 
 /// The stream definitions shipped in `nats/streams/`, compiled in.
@@ -124,6 +149,18 @@ pub async fn apply_builtin_streams(
     Ok(changes)
 }
 
+/// What a worker or the ingress does at start: creates missing built-in
+/// streams and warns about existing ones that differ from their
+/// definitions, leaving them as they are.
+pub async fn ensure_builtin_streams(js: &jetstream::Context) -> Result<()> {
+    for (name, change) in apply_builtin_streams(js, &ProvisionOptions::at_service_start()).await? {
+        if let Change::Differs(_) = change {
+            tracing::warn!(stream = %name, "stream {change}");
+        }
+    }
+    Ok(())
+}
+
 /// Creates `config`'s stream, or updates it where it differs.
 pub async fn apply_stream(
     js: &jetstream::Context,
@@ -155,6 +192,9 @@ pub async fn apply_stream(
             if differences.is_empty() {
                 return Ok(Change::Unchanged);
             }
+            if options.keep_existing {
+                return Ok(Change::Differs(differences));
+            }
             js.update_stream(&config)
                 .await
                 .map_err(|e| stream_change_failed(what, e))?;
@@ -183,17 +223,23 @@ pub async fn apply_stream(
 /// user without permission to change streams gets (the server refuses the
 /// request and nobody answers it), so that is said.
 fn stream_change_failed(what: String, e: jetstream::context::CreateStreamError) -> Error {
-    let what = if e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut {
+    let timed_out = e.kind() == jetstream::context::CreateStreamErrorKind::TimedOut;
+    Error::Provision {
+        what: unanswered(what, timed_out),
+        source: e.into(),
+    }
+}
+
+/// `what` with the likely reasons why JetStream did not answer a change,
+/// when it did not.
+fn unanswered(what: String, timed_out: bool) -> String {
+    if timed_out {
         format!(
-            "{what} (no answer: if this NATS user may not change streams, create or update them \
-             with `skein streams apply` as a user that may)"
+            "{what} (no answer: JetStream has no leader, or this NATS user may not change \
+             streams and consumers; then run `skein streams apply` as a user that may)"
         )
     } else {
         what
-    };
-    Error::Provision {
-        what,
-        source: e.into(),
     }
 }
 
@@ -273,23 +319,23 @@ pub async fn apply_consumer(
             if differences.is_empty() {
                 return Ok((existing, Change::Unchanged));
             }
-            let updated = stream
-                .update_consumer(config)
-                .await
-                .map_err(|e| Error::Provision {
-                    what,
+            let updated = stream.update_consumer(config).await.map_err(|e| {
+                let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
+                Error::Provision {
+                    what: unanswered(what, timed_out),
                     source: e.into(),
-                })?;
+                }
+            })?;
             Ok((updated, Change::Updated(differences)))
         }
         Err(_) => {
-            let created = stream
-                .create_consumer(config)
-                .await
-                .map_err(|e| Error::Provision {
-                    what,
+            let created = stream.create_consumer(config).await.map_err(|e| {
+                let timed_out = e.kind() == jetstream::stream::ConsumerErrorKind::TimedOut;
+                Error::Provision {
+                    what: unanswered(what, timed_out),
                     source: e.into(),
-                })?;
+                }
+            })?;
             Ok((created, Change::Created))
         }
     }

@@ -21,6 +21,14 @@ use futures::{Stream, StreamExt};
 use crate::connect::Bus;
 use crate::error::{Error, Result};
 
+/// A reading consumer's name: its own, never a worker's, so that it is
+/// created through `$JS.API.CONSUMER.CREATE.<stream>.<name>…`, which a
+/// server's permissions can tell from a worker's durable consumer (the
+/// ingress's NATS user may create the one, not the other).
+fn reader_name() -> String {
+    format!("skein-read-{}", skein_message::new_id().simple())
+}
+
 /// Where to start reading.
 #[derive(Debug, Clone, Copy)]
 pub enum StartAt {
@@ -66,6 +74,7 @@ pub async fn read(
     };
     let consumer = handle
         .create_consumer(pull::OrderedConfig {
+            name: Some(reader_name()),
             filter_subject: filter.to_owned(),
             deliver_policy,
             ..Default::default()
@@ -158,6 +167,7 @@ pub async fn follow(
     }
     let consumer = handle
         .create_consumer(pull::OrderedConfig {
+            name: Some(reader_name()),
             filter_subject: filter.to_owned(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: after + 1,

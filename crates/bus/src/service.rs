@@ -57,6 +57,14 @@ impl ServiceHandle {
         let handler = Arc::new(handler);
         self.tasks.push(tokio::spawn(async move {
             while let Some(request) = endpoint.next().await {
+                if !answerable(request.message.reply.as_deref()) {
+                    tracing::warn!(
+                        subject = %request.message.subject,
+                        reply = ?request.message.reply.as_deref(),
+                        "not answering a request whose reply subject is no inbox"
+                    );
+                    continue;
+                }
                 let handler = handler.clone();
                 tokio::spawn(async move {
                     let answer =
@@ -85,6 +93,15 @@ impl Drop for ServiceHandle {
             task.abort();
         }
     }
+}
+
+/// Whether a request's answer may go to `reply`: only to an inbox
+/// (`_INBOX.` or a user's `_INBOX.<user>.`). An answer is published with
+/// this service's permissions, so a caller that names another subject as
+/// its reply (say `$JS.ACK.…` of a message this service is handling, which
+/// an empty error answer would acknowledge) must get none.
+fn answerable(reply: Option<&str>) -> bool {
+    reply.is_some_and(|r| r.starts_with("_INBOX."))
 }
 
 /// Registers `name` on the service API, answering with `stats`, with the
@@ -120,4 +137,21 @@ pub async fn start_service(
         })
         .await?;
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn answers_go_only_to_inboxes() {
+        assert!(super::answerable(Some("_INBOX.abc.1")));
+        assert!(super::answerable(Some("_INBOX.payments.abc.1")));
+        for reply in [
+            None,
+            Some("$JS.ACK.COMMANDS.payments.1.2.3.4.5"),
+            Some("commands.orders.confirm_order"),
+            Some("_INBOXES.x"),
+        ] {
+            assert!(!super::answerable(reply), "{reply:?}");
+        }
+    }
 }

@@ -57,15 +57,43 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
     let first = skein(&server, &["streams", "apply"]).await?;
     ensure!(first.status.success(), "{}", stderr(&first));
     let out = stdout(&first);
+    // The three streams, then every worker's consumers as it binds them.
+    let created: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.strip_suffix("created"))
+        .map(str::trim)
+        .collect();
     ensure!(
-        out.matches("created").count() == 3 && out.contains("EVENTS"),
+        created
+            == [
+                "EVENTS",
+                "COMMANDS",
+                "DLQ",
+                "COMMANDS/catalog",
+                "EVENTS/orders",
+                "COMMANDS/orders",
+                "EVENTS/payments",
+                "COMMANDS/payments",
+                "EVENTS/projector",
+                "EVENTS/orchestrator",
+            ],
         "{out}"
     );
+    // (That they equal what the live workers bind, so that a worker
+    // without permission to change them starts, the load test of services
+    // under their own NATS users shows.)
     let second = skein(&server, &["streams", "apply"]).await?;
     ensure!(
-        stdout(&second).matches("unchanged").count() == 3,
+        stdout(&second).matches("unchanged").count() == 10,
         "{}",
         stdout(&second)
+    );
+    let other = NatsServer::start().await?;
+    let only = skein(&other, &["streams", "apply", "--streams-only"]).await?;
+    ensure!(
+        stdout(&only).matches("created").count() == 3 && !stdout(&only).contains('/'),
+        "{}",
+        stdout(&only)
     );
     Ok(())
 }
@@ -137,7 +165,7 @@ async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() 
     }
     let out = run(secured.to_vec(), &["streams", "apply"]).await?;
     ensure!(
-        out.status.success() && stdout(&out).matches("created").count() == 3,
+        out.status.success() && stdout(&out).matches("created").count() == 10,
         "{}{}",
         stdout(&out),
         stderr(&out)
@@ -156,7 +184,7 @@ async fn the_commands_reach_a_secured_nats_with_the_environment_s_credentials() 
     )
     .await?;
     ensure!(
-        out.status.success() && stdout(&out).matches("unchanged").count() == 3,
+        out.status.success() && stdout(&out).matches("unchanged").count() == 10,
         "{}{}",
         stdout(&out),
         stderr(&out)

@@ -115,6 +115,9 @@ struct System {
     /// Each service's NATS password when it connects as its own NATS user
     /// (named after it); empty: every component connects with `nats_url`.
     users: BTreeMap<String, String>,
+    /// The URL the components connect to: `nats_url`, or without its
+    /// credentials when they connect as their own users.
+    component_url: String,
 }
 
 impl System {
@@ -124,13 +127,24 @@ impl System {
         workers: &[&str],
         copies: usize,
     ) -> anyhow::Result<Self> {
-        Self::start_as_users(nats_url, database_url, workers, copies, BTreeMap::new()).await
+        let component_url = nats_url.clone();
+        Self::start_as_users(
+            nats_url,
+            component_url,
+            database_url,
+            workers,
+            copies,
+            BTreeMap::new(),
+        )
+        .await
     }
 
-    /// [`System::start`], each service named in `users` connecting as its
-    /// own NATS user with the password there.
+    /// [`System::start`], each service named in `users` connecting to
+    /// `component_url` (no credentials in it) as its own NATS user with the
+    /// password there; `nats_url` is for the operator commands.
     async fn start_as_users(
         nats_url: String,
+        component_url: String,
         database_url: Option<String>,
         workers: &[&str],
         copies: usize,
@@ -147,6 +161,7 @@ impl System {
             http_port,
             components: Vec::new(),
             users,
+            component_url,
         };
         for worker in workers {
             for copy in 1..=copies {
@@ -172,7 +187,7 @@ impl System {
         );
         for (name, component) in &mut system.components {
             component.child = Some(spawn(
-                &system.nats_url,
+                &system.component_url,
                 &system.database_url,
                 system.dir.path(),
                 name,
@@ -251,7 +266,7 @@ impl System {
     /// Starts a killed component again.
     fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let (nats, db, dir) = (
-            self.nats_url.clone(),
+            self.component_url.clone(),
             self.database_url.clone(),
             self.dir.path().to_owned(),
         );
@@ -466,6 +481,11 @@ impl System {
             "GET {path}: {trace:#}"
         );
         Ok(())
+    }
+
+    /// A component's log so far.
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(log_path(self.dir.path(), name)).unwrap_or_default()
     }
 
     /// Every line of the components' logs where NATS refused something.
@@ -751,10 +771,6 @@ async fn load_passes_on_a_healthy_system_and_fails_a_run_whose_orders_get_stuck(
     Ok(())
 }
 
-/// The whole system and its operator commands under the NATS user of
-/// `nats/skein-users.conf` (what compose.yaml's nodes include), allowed only
-/// skein's subjects, its credentials in the URL: every order completes, the
-/// audit is clean, and the limit is real (another subject is refused).
 /// A client connected to `url` as `user`, the way skein connects (replies
 /// under `_INBOX.<user>`), and the server's errors as they come.
 async fn connect_as(
@@ -865,9 +881,9 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
         .spawn()?;
 
     // The user skein is limited too: a subject outside skein's is refused.
-    let (skein, mut errors) = connect_as(&nats.url(), "skein", &password("skein")).await?;
+    let (skein, mut skein_errors) = connect_as(&nats.url(), "skein", &password("skein")).await?;
     skein.publish("elsewhere.x", "no".into()).await?;
-    refused(&skein, &mut errors, "skein", "elsewhere.x").await?;
+    refused(&skein, &mut skein_errors, "skein", "elsewhere.x").await?;
 
     let early = tokio::time::timeout(Duration::from_secs(60), early.wait_with_output())
         .await
@@ -877,25 +893,51 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
         !early.status.success() && said.contains("`skein streams apply` as a user that may"),
         "{said}"
     );
-    // skein creates them; the services then find them.
+    // skein creates them and every worker's consumers; the services then
+    // find them.
     let applied = Command::new(env!("CARGO_BIN_EXE_skein"))
         .args(["streams", "apply", "--nats-url", &admin_url])
         .output()
         .await?;
+    let listed = String::from_utf8_lossy(&applied.stdout);
     ensure!(
-        applied.status.success(),
-        "{}",
+        applied.status.success()
+            && ["COMMANDS/payments", "EVENTS/orchestrator", "EVENTS/orders"]
+                .iter()
+                .all(|c| listed
+                    .lines()
+                    .any(|l| l.starts_with(c) && l.ends_with("created"))),
+        "{listed}{}",
         String::from_utf8_lossy(&applied.stderr)
     );
+    let admin =
+        skein_bus::Bus::connect(&skein_bus::BusConfig::new(&admin_url, "load-test")).await?;
+    let consumer_config = |stream: &'static str, name: &'static str| {
+        let js = admin.jetstream().clone();
+        async move {
+            let mut consumer = js
+                .get_stream(stream)
+                .await?
+                .get_consumer::<async_nats::jetstream::consumer::pull::Config>(name)
+                .await
+                .map_err(|e| anyhow::anyhow!("consumer {name} on {stream}: {e}"))?;
+            anyhow::Ok(consumer.info().await?.config.clone())
+        }
+    };
+    let orchestrator_before = consumer_config("EVENTS", "orchestrator").await?;
 
     // A service is refused another's events, commands, consumer and
-    // replies, and changing a stream.
+    // replies, creating consumers (its own name included: a push consumer
+    // could deliver anywhere), and changing a stream.
     let (payments, mut errors) = connect_as(&nats.url(), "payments", &password("payments")).await?;
     for subject in [
         "events.orders.0197a0b0-0000-7000-8000-000000000001.order_confirmed",
         "commands.orders.confirm_order",
         "$JS.API.CONSUMER.MSG.NEXT.COMMANDS.orders",
         "$JS.ACK.COMMANDS.orders.1.1.1.1.1.1.1",
+        "$JS.API.CONSUMER.CREATE.DLQ.payments",
+        "$JS.API.CONSUMER.CREATE.COMMANDS.payments.commands.payments.>",
+        "$JS.API.CONSUMER.CREATE.COMMANDS",
         "$JS.API.STREAM.DELETE.EVENTS",
         "$JS.API.STREAM.UPDATE.EVENTS",
     ] {
@@ -905,7 +947,8 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
     let _sniffer = payments.subscribe("_INBOX.ingress.>").await?;
     refused(&payments, &mut errors, "payments", "_INBOX.ingress.>").await?;
     // The ingress may read the streams through consumers of its own, not
-    // change a worker's, and sends only the commands clients may.
+    // create, pull from or delete a worker's, and sends only the commands
+    // clients may.
     let (ingress, mut errors) = connect_as(&nats.url(), "ingress", &password("ingress")).await?;
     for subject in [
         "commands.orders.confirm_order",
@@ -913,13 +956,45 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
         "$JS.API.CONSUMER.CREATE.EVENTS.orchestrator",
         "$JS.API.CONSUMER.CREATE.EVENTS.projector.events.>",
         "$JS.API.CONSUMER.DELETE.EVENTS.orchestrator",
+        "$JS.API.CONSUMER.MSG.NEXT.EVENTS.orchestrator",
+        "$JS.API.CONSUMER.CREATE.COMMANDS",
     ] {
         ingress.publish(subject, "{}".into()).await?;
         refused(&ingress, &mut errors, "ingress", subject).await?;
     }
+    // Nor through the subject without a name in it, whose request would
+    // replace the orchestrator's consumer.
+    let hijack = serde_json::json!({
+        "stream_name": "EVENTS",
+        "config": {"name": "orchestrator", "ack_policy": "explicit",
+                   "filter_subject": "events.none.>", "max_ack_pending": 1},
+    });
+    ingress
+        .publish_with_reply(
+            "$JS.API.CONSUMER.CREATE.EVENTS",
+            "_INBOX.ingress.hijack",
+            hijack.to_string().into(),
+        )
+        .await?;
+    refused(
+        &ingress,
+        &mut errors,
+        "ingress",
+        "$JS.API.CONSUMER.CREATE.EVENTS",
+    )
+    .await?;
+    let answer = "refused";
+    let orchestrator_after = consumer_config("EVENTS", "orchestrator").await?;
+    ensure!(
+        orchestrator_after.filter_subjects == orchestrator_before.filter_subjects
+            && orchestrator_after.filter_subject == orchestrator_before.filter_subject
+            && orchestrator_after.max_ack_pending == orchestrator_before.max_ack_pending,
+        "the ingress changed the orchestrator's consumer ({answer}): {orchestrator_after:?}"
+    );
 
     let system = System::start_as_users(
         admin_url,
+        nats.url(),
         None,
         &WORKERS,
         1,
@@ -929,32 +1004,53 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
             .collect(),
     )
     .await?;
-    // Nor through the subject for consumers without a name in it: the
-    // server refuses a durable there, and the orchestrator's stays as it is.
-    let hijack = serde_json::json!({
-        "stream_name": "EVENTS",
-        "config": {"durable_name": "orchestrator", "name": "orchestrator",
-                   "ack_policy": "none", "filter_subject": "events.>"},
-    });
-    let answer = ingress
-        .request("$JS.API.CONSUMER.CREATE.EVENTS", hijack.to_string().into())
+    // A reply subject outside what the sender may subscribe to is refused
+    // by the server: the ingress cannot make payments answer to `$JS.ACK`
+    // (an empty error answer there would acknowledge one of its messages).
+    let forged = "$JS.ACK.COMMANDS.payments.1.1.1.1.1.1";
+    ingress
+        .publish_with_reply("queries.payments.status", forged, "{}".into())
         .await?;
-    let answer: Value = serde_json::from_slice(&answer.payload)?;
-    ensure!(answer.get("error").is_some(), "{answer}");
-    let admin =
-        skein_bus::Bus::connect(&skein_bus::BusConfig::new(&system.nats_url, "load-test")).await?;
-    let mut orchestrator = admin
-        .jetstream()
-        .get_stream("EVENTS")
-        .await?
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("orchestrator")
-        .await
-        .map_err(|e| anyhow::anyhow!("the orchestrator's consumer: {e}"))?;
-    let kept = orchestrator.info().await?.config.clone();
-    ensure!(
-        kept.ack_policy == async_nats::jetstream::consumer::AckPolicy::Explicit,
-        "{kept:?}"
-    );
+    ingress.flush().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let said = tokio::time::timeout_at(deadline, errors.recv())
+            .await
+            .context("the ingress was not refused a $JS.ACK reply subject")?
+            .unwrap_or_default();
+        if said.contains("Publish with Reply") && said.contains(forged) {
+            break;
+        }
+    }
+    // (The server refuses `$JS.ACK` reply subjects to every user with
+    // permissions.) And a service answers only to an inbox, whoever asks:
+    // an answer to a command subject would be stored in COMMANDS, with
+    // the service's permissions (a response is allowed anywhere).
+    skein
+        .publish_with_reply(
+            "queries.payments.status",
+            "commands.orders.confirm_order",
+            "{}".into(),
+        )
+        .await?;
+    skein.flush().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !system
+        .log("payments-1")
+        .contains("not answering a request whose reply subject is no inbox")
+    {
+        if Instant::now() > deadline {
+            let mut said = Vec::new();
+            while let Ok(e) = skein_errors.try_recv() {
+                said.push(e);
+            }
+            bail!(
+                "payments answered to a command subject (skein was told {said:?}):\n{}",
+                system.log("payments-1")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let finished = finish(
         system.load(&["--orders", "60", "--concurrency", "8", "--wait", "5"])?,

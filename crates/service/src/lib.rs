@@ -41,7 +41,7 @@ pub mod standalone;
 pub mod trace;
 
 pub use client::{request, request_with, RequestError};
-pub use consumers::Consumers;
+pub use consumers::{ConsumerPlan, Consumers};
 pub use host::{Host, HostConfig, HostProbe};
 pub use redeliver::{Outcome, Preview, Redelivery};
 pub use skein_contracts::ServiceError;

@@ -64,9 +64,9 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
         std::env::var("DATABASE_URL").unwrap_or_else(|_| format!("sqlite:data/{name}.db"));
     let health = health_address()?;
     let bus = Bus::connect(&BusConfig::from_env(&nats_url, name)?).await?;
-    provision::apply_builtin_streams(bus.jetstream(), &Default::default())
+    provision::ensure_builtin_streams(bus.jetstream())
         .await
-        .context("failed to apply the streams")?;
+        .context("failed to create the streams")?;
     let store = Store::connect(&database_url)
         .await
         .with_context(|| format!("failed to open the {name} database; check DATABASE_URL"))?;

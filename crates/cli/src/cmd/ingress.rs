@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::provision::ensure_builtin_streams;
 use skein_bus::Bus;
 use skein_ingress::config::MIN_RATE_PER_SECOND;
 use skein_ingress::{Ingress, IngressConfig, RateLimit};
@@ -81,9 +81,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let bus = Bus::connect(&super::bus_config(nats_url, "skein-ingress"))
         .await
         .context("cannot reach NATS")?;
-    apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
+    ensure_builtin_streams(bus.jetstream())
         .await
-        .context("cannot apply the streams")?;
+        .context("cannot create the streams")?;
     let ingress = Ingress::build(config, bus)
         .await
         .context("cannot start the ingress")?;

@@ -2,7 +2,14 @@
 
 use std::path::PathBuf;
 
-use skein_bus::provision::{apply_stream, builtin_streams, streams_from_dir, ProvisionOptions};
+use anyhow::Context;
+use clap::ValueEnum;
+use skein_bus::provision::{
+    apply_consumer, apply_stream, builtin_streams, streams_from_dir, ConsumerSpec, ProvisionOptions,
+};
+use skein_service::ConsumerPlan;
+
+use super::worker::{bind_worker, Name};
 
 /// Manage the JetStream streams.
 #[derive(Debug, clap::Args)]
@@ -13,7 +20,10 @@ pub(crate) struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Action {
-    /// Create missing streams and update changed ones, showing what changed.
+    /// Create missing streams and update changed ones, then every worker's
+    /// durable consumers (as the workers would bind them), showing what
+    /// changed. Workers whose NATS user may not create consumers need this
+    /// before they start, and again after an upgrade that changes them.
     Apply {
         /// Read the definitions from this directory instead of the built-in ones (nats/streams).
         #[arg(long)]
@@ -21,24 +31,72 @@ enum Action {
         /// Replicas per stream (3 on a 3-node cluster).
         #[arg(long, env = "SKEIN_STREAM_REPLICAS")]
         replicas: Option<usize>,
+        /// Only the streams, not the workers' consumers.
+        #[arg(long)]
+        streams_only: bool,
     },
 }
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     match args.action {
-        Action::Apply { dir, replicas } => {
+        Action::Apply {
+            dir,
+            replicas,
+            streams_only,
+        } => {
             let bus = super::connect(nats_url).await?;
             let definitions = match dir {
                 Some(dir) => streams_from_dir(&dir)?,
                 None => builtin_streams()?,
             };
-            let options = ProvisionOptions { replicas };
+            let options = ProvisionOptions {
+                replicas,
+                keep_existing: false,
+            };
             for config in definitions {
                 let name = config.name.clone();
                 let change = apply_stream(bus.jetstream(), config, &options).await?;
                 println!("{name:<10} {change}");
             }
+            if streams_only {
+                return Ok(());
+            }
+            for spec in consumer_specs().await? {
+                let (_, change) = apply_consumer(bus.jetstream(), &spec).await?;
+                let name = format!("{}/{}", spec.stream, spec.durable);
+                println!("{name:<22} {change}");
+            }
             Ok(())
         }
     }
+}
+
+/// Every worker's durable consumers, as its live copies would bind them:
+/// its own code binds its handlers to a [`ConsumerPlan`] on a throw-away
+/// database (built, never run).
+pub(crate) async fn consumer_specs() -> anyhow::Result<Vec<ConsumerSpec>> {
+    let dir = tempfile::Builder::new()
+        .prefix("skein-consumers-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let mut specs = Vec::new();
+    for &worker in Name::value_variants() {
+        if worker == Name::Identity {
+            continue;
+        }
+        let url = format!("sqlite:{}/{}.db", dir.path().display(), worker.as_str());
+        let store = skein_outbox::Store::connect(&url).await?;
+        let mut plan = ConsumerPlan::new(store.clone(), worker.as_str());
+        bind_worker(
+            worker,
+            &store,
+            &mut plan,
+            &skein_payments::PaymentsConfig::default(),
+        )
+        .await
+        .with_context(|| format!("cannot list the consumers of {}", worker.as_str()))?;
+        specs.extend(plan.into_specs());
+        store.close().await;
+    }
+    Ok(specs)
 }

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::provision::ensure_builtin_streams;
 use skein_bus::Bus;
 use skein_outbox::{Store, StoreConfig};
 use skein_service::{Host, HostConfig};
@@ -145,6 +145,53 @@ impl Name {
     }
 }
 
+/// Binds `worker`'s handlers to `consumers` as the live worker binds them,
+/// on `store`, migrated first. `payments` configures the payments worker.
+pub(crate) async fn bind_worker<C: skein_service::Consumers>(
+    worker: Name,
+    store: &skein_outbox::Store,
+    consumers: &mut C,
+    payments: &skein_payments::PaymentsConfig,
+) -> anyhow::Result<()> {
+    match worker {
+        Name::Catalog => {
+            store
+                .migrate(skein_catalog::NAME, skein_catalog::MIGRATIONS)
+                .await?;
+            skein_catalog::bind_consumers(consumers).await?;
+        }
+        Name::Orders => {
+            store
+                .migrate(skein_orders::NAME, skein_orders::MIGRATIONS)
+                .await?;
+            skein_orders::bind_consumers(consumers, |_| {}).await?;
+        }
+        Name::Payments => {
+            store
+                .migrate(skein_payments::NAME, skein_payments::MIGRATIONS)
+                .await?;
+            skein_payments::bind_consumers(consumers, payments).await?;
+        }
+        Name::Projector => {
+            store
+                .migrate(skein_projector::NAME, skein_projector::MIGRATIONS)
+                .await?;
+            skein_projector::bind_consumers(consumers).await?;
+        }
+        Name::Orchestrator => {
+            let coordinator = skein_orchestrator::coordinator(
+                store,
+                skein_orchestrator::NAME,
+                &skein_orchestrator::OrchestratorConfig::default(),
+            )
+            .await?;
+            skein_orchestrator::bind_consumers(consumers, coordinator, |_| {}).await?;
+        }
+        Name::Identity => anyhow::bail!("identity consumes no stream"),
+    }
+    Ok(())
+}
+
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     args.settings.check()?;
     // Each worker once, in the order given.
@@ -160,9 +207,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let bus = super::connect(nats_url).await?;
-    apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
+    ensure_builtin_streams(bus.jetstream())
         .await
-        .context("cannot apply the streams")?;
+        .context("cannot create the streams")?;
     let data_dir = Path::new(DEFAULT_DATA_DIR);
     let admin = admin_seed(&args.settings);
     let hosts = start(&bus, &names, &args.settings, data_dir, admin).await?;

@@ -243,54 +243,19 @@ pub(super) async fn run(
 /// The worker's handlers, bound as the live worker binds them, on its
 /// migrated database.
 async fn bind(worker: Name, store: &Store, args: &Args) -> anyhow::Result<Redelivery> {
-    let mut redelivery = Redelivery::new(store.clone(), worker.as_str());
-    match worker {
-        Name::Catalog => {
-            store
-                .migrate(skein_catalog::NAME, skein_catalog::MIGRATIONS)
-                .await?;
-            skein_catalog::bind_consumers(&mut redelivery).await?;
-        }
-        Name::Orders => {
-            store
-                .migrate(skein_orders::NAME, skein_orders::MIGRATIONS)
-                .await?;
-            skein_orders::bind_consumers(&mut redelivery, |_| {}).await?;
-        }
-        Name::Payments => {
-            let config = skein_payments::PaymentsConfig {
-                starting_balance_cents: args.starting_balance_cents,
-                provider: skein_payments::ProviderConfig {
-                    // The provider's latency only slows a run down.
-                    latency: Duration::ZERO,
-                    failure_rate: args.provider_failure_rate,
-                },
-            };
-            if let Err(problem) = config.validate() {
-                bail!("{problem}");
-            }
-            store
-                .migrate(skein_payments::NAME, skein_payments::MIGRATIONS)
-                .await?;
-            skein_payments::bind_consumers(&mut redelivery, &config).await?;
-        }
-        Name::Projector => {
-            store
-                .migrate(skein_projector::NAME, skein_projector::MIGRATIONS)
-                .await?;
-            skein_projector::bind_consumers(&mut redelivery).await?;
-        }
-        Name::Orchestrator => {
-            let coordinator = skein_orchestrator::coordinator(
-                store,
-                skein_orchestrator::NAME,
-                &skein_orchestrator::OrchestratorConfig::default(),
-            )
-            .await?;
-            skein_orchestrator::bind_consumers(&mut redelivery, coordinator, |_| {}).await?;
-        }
-        Name::Identity => bail!("identity consumes no stream"),
+    let payments = skein_payments::PaymentsConfig {
+        starting_balance_cents: args.starting_balance_cents,
+        provider: skein_payments::ProviderConfig {
+            // The provider's latency only slows a run down.
+            latency: Duration::ZERO,
+            failure_rate: args.provider_failure_rate,
+        },
+    };
+    if let Err(problem) = payments.validate() {
+        bail!("{problem}");
     }
+    let mut redelivery = Redelivery::new(store.clone(), worker.as_str());
+    crate::cmd::worker::bind_worker(worker, store, &mut redelivery, &payments).await?;
     Ok(redelivery)
 }
 
