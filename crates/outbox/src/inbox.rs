@@ -41,12 +41,18 @@
 //! does, the whole transaction rolls back and every message of the batch is
 //! handled again alone, in its own transaction, as if there had been no
 //! batch: each gets its own outcome (ack, retry or dead letter) and a
-//! failing message never takes the others' effects with it. Order is kept:
+//! failing message never takes the others' effects with it. A handler
+//! that panics fails the same way, permanently (the message is
+//! dead-lettered with the panic's message): the committer runs every
+//! message of the inbox and goes on. Order is kept:
 //! a lane sends the next message about an entity only after the previous
 //! one's outcome, and a batch runs in arrival order.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
+
+use futures::FutureExt;
 
 use skein_bus::{Delivery, Handler, HandlerError};
 use tokio::sync::{mpsc, oneshot};
@@ -207,9 +213,33 @@ impl<H: TxHandler> Shared<H> {
             tx.rollback().await.map_err(HandlerError::transient)?;
             return Ok(Processed::AlreadyProcessed);
         }
-        self.handler.handle(&mut tx, delivery).await?;
+        self.handle_caught(&mut tx, delivery).await?;
         tx.commit().await.map_err(HandlerError::transient)?;
         Ok(Processed::Applied)
+    }
+
+    /// The handler on `delivery`, a panic turned into a permanent error
+    /// (its transaction then rolls back like any failure's). Handlers run
+    /// on the committer's task, which every message of the worker goes
+    /// through: a panic must not end it.
+    async fn handle_caught(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        match AssertUnwindSafe(self.handler.handle(tx, delivery))
+            .catch_unwind()
+            .await
+        {
+            Ok(result) => result,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                tracing::error!(handler = %self.name, id = %delivery.envelope.id, "the handler panicked: {what}");
+                Err(HandlerError::permanent(format!(
+                    "the handler panicked: {what}"
+                )))
+            }
+        }
     }
 
     /// Handles `batch` in one transaction, or, when that fails, each
@@ -244,8 +274,7 @@ impl<H: TxHandler> Shared<H> {
         for job in batch {
             // `remove`: the same message twice in one batch runs once.
             if fresh.remove(&job.delivery.envelope.id) {
-                self.handler
-                    .handle(&mut tx, &job.delivery)
+                self.handle_caught(&mut tx, &job.delivery)
                     .instrument(job.span.clone())
                     .await?;
                 outcomes.push(Processed::Applied);

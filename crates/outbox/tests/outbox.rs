@@ -1334,6 +1334,81 @@ async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
     Ok(())
 }
 
+/// Applies a message, or panics for an entity starting with "boom".
+struct PanicsOnBoom;
+
+impl TxHandler for PanicsOnBoom {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: Happened = delivery.envelope.decode()?;
+        if event.entity.starts_with("boom") {
+            panic!("a bug in the handler for {}", event.entity);
+        }
+        Apply.handle(tx, delivery).await
+    }
+}
+
+#[tokio::test]
+async fn sqlite_a_panicking_handler() -> anyhow::Result<()> {
+    a_panicking_handler_fails_its_message_for_good_and_the_inbox_goes_on(Backend::Sqlite).await
+}
+
+#[tokio::test]
+async fn postgres_a_panicking_handler() -> anyhow::Result<()> {
+    a_panicking_handler_fails_its_message_for_good_and_the_inbox_goes_on(Backend::Postgres).await
+}
+
+/// A handler that panics fails its message permanently, naming the panic
+/// (its worker dead-letters it), in a batch or alone, and the inbox's
+/// committer goes on: its batch-mates and every later message apply once.
+async fn a_panicking_handler_fails_its_message_for_good_and_the_inbox_goes_on(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    use skein_bus::Handler;
+    let h = Harness::start(backend).await?;
+    let inbox = Inbox::new(h.store.clone(), "panics", PanicsOnBoom);
+    let deliveries = (0..6)
+        .map(|i| {
+            delivery_of(
+                &if i == 2 {
+                    "boom2".to_owned()
+                } else {
+                    format!("e{i}")
+                },
+                i,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // One batch (a runtime of one thread: all queue before the committer runs).
+    let outcomes = futures::future::join_all(deliveries.iter().map(|d| inbox.handle(d))).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match outcome {
+            Err(e) if i == 2 => ensure!(
+                e.kind() == skein_bus::ErrorKind::Permanent
+                    && e.reason()
+                        .contains("the handler panicked: a bug in the handler for boom2"),
+                "message {i}: {e:?}"
+            ),
+            Ok(()) if i != 2 => {}
+            other => anyhow::bail!("message {i}: unexpected outcome {other:?}"),
+        }
+    }
+    // Alone, and after it: the committer still runs.
+    let alone = inbox.handle(&delivery_of("boom6", 6)?).await;
+    ensure!(
+        alone
+            .as_ref()
+            .is_err_and(|e| e.kind() == skein_bus::ErrorKind::Permanent),
+        "{alone:?}"
+    );
+    inbox
+        .handle(&delivery_of("e7", 7)?)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(h.count("SELECT COUNT(*) FROM items").await? == 6);
+    ensure!(h.count("SELECT COUNT(*) FROM skein_inbox").await? == 6);
+    Ok(())
+}
+
 /// PostgreSQL: a batch that waits for a lock gives up after its lock
 /// timeout (50 ms) instead of waiting for the lock holder, which may be
 /// another copy's batch waiting for this one (a deadlock PostgreSQL would
