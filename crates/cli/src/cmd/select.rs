@@ -12,14 +12,26 @@ pub(crate) fn parse_time(value: &str) -> anyhow::Result<OffsetDateTime> {
     if let Ok(t) = OffsetDateTime::parse(value, &Rfc3339) {
         return Ok(t);
     }
+    match parse_duration(value) {
+        Ok(ago) => Ok(OffsetDateTime::now_utc() - ago),
+        // A number first: meant as a duration, and the unit is wrong.
+        Err(e) if value.starts_with(|c: char| c.is_ascii_digit()) => Err(e),
+        Err(_) => {
+            bail!("{value:?} is neither an RFC 3339 time nor a duration such as 15m, 2h or 7d")
+        }
+    }
+}
+
+/// Parses a duration such as `90s`, `15m`, `2h` or `7d`.
+pub(crate) fn parse_duration(value: &str) -> anyhow::Result<time::Duration> {
     let (number, unit) = value.split_at(
         value
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(value.len()),
     );
-    let n: i64 = number.parse().with_context(|| {
-        format!("{value:?} is neither an RFC 3339 time nor a duration such as 15m, 2h or 7d")
-    })?;
+    let n: i64 = number
+        .parse()
+        .with_context(|| format!("{value:?} is not a duration such as 15m, 2h or 7d"))?;
     let seconds = match unit {
         "s" => n,
         "m" => n * 60,
@@ -27,7 +39,7 @@ pub(crate) fn parse_time(value: &str) -> anyhow::Result<OffsetDateTime> {
         "d" => n * 86_400,
         _ => bail!("{value:?}: a duration ends in s, m, h or d (e.g. 15m)"),
     };
-    Ok(OffsetDateTime::now_utc() - time::Duration::seconds(seconds))
+    Ok(time::Duration::seconds(seconds))
 }
 
 /// Parses a sequence range: `A-B`, `A-`, `-B` or `A`.

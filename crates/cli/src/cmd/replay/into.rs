@@ -99,6 +99,7 @@ struct Summary {
     skipped: usize,
     not_subscribed: usize,
     failed: usize,
+    held_back: usize,
     would_apply: usize,
     would_reprocess: usize,
 }
@@ -115,6 +116,11 @@ pub(super) async fn run(
         .as_deref()
         .map(str::parse)
         .transpose()?;
+    let retention =
+        crate::cmd::select::parse_duration(&args.inbox_retention).context("--inbox-retention")?;
+    // What the inbox may have forgotten: stored before this.
+    let forgotten_before =
+        (retention > time::Duration::ZERO).then(|| time::OffsetDateTime::now_utc() - retention);
     let service = worker.as_str();
     let url = args.database_url.replace("{service}", service);
     let store = Store::connect(&url).await.with_context(|| {
@@ -164,7 +170,30 @@ pub(super) async fn run(
             }
             Some(ref envelope) => {
                 let delivery = redelivery.delivery(stream, message.sequence, envelope.clone());
-                if args.dry_run {
+                let forgotten = force.is_none()
+                    && forgotten_before.is_some_and(|before| message.published < before)
+                    && matches!(
+                        redelivery
+                            .preview(&delivery)
+                            .await
+                            .context("cannot read the inbox")?,
+                        Preview::WouldApply
+                    );
+                if forgotten {
+                    summary.held_back += 1;
+                    (
+                        "held_back",
+                        Some(format!(
+                            "stored {}, before what the inbox remembers ({}): it may have run \
+                             already; --inbox-retention 0s delivers it anyway",
+                            message
+                                .published
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default(),
+                            args.inbox_retention
+                        )),
+                    )
+                } else if args.dry_run {
                     dry(&redelivery, &delivery, force, &mut summary).await?
                 } else {
                     wet(&redelivery, &store, &delivery, force, &mut summary).await
@@ -200,6 +229,11 @@ pub(super) async fn run(
         "{} applied, {} reprocessed, {} skipped (already in the inbox), {} not subscribed, {} failed",
         summary.applied, summary.reprocessed, summary.skipped, summary.not_subscribed, summary.failed
     );
+    let held_back = format!(
+        ", {} held back (older than the inbox remembers)",
+        summary.held_back
+    );
+    total.push_str(&held_back);
     if args.dry_run {
         total = format!(
             "dry run, nothing changed: {} would be applied, {} reprocessed, {} skipped (already in the inbox), {} not subscribed, {} undecodable",
@@ -209,6 +243,7 @@ pub(super) async fn run(
             summary.not_subscribed,
             summary.failed
         );
+        total.push_str(&held_back);
     } else if summary.applied > 0 {
         // Handlers may have queued messages: see them published.
         let relay = Relay::new(store.clone(), bus.publisher(), RelayConfig::default());
@@ -230,6 +265,14 @@ pub(super) async fn run(
         println!("{total}");
     } else {
         eprintln!("{total}");
+    }
+    if summary.held_back > 0 && !args.dry_run {
+        bail!(
+            "{} message(s) held back: stored before what the {service} inbox remembers, they may \
+             have run already; check them (skein trace) and pass --inbox-retention 0s to deliver \
+             them anyway",
+            summary.held_back
+        );
     }
     if summary.failed > 0 && !args.dry_run {
         bail!(
