@@ -438,9 +438,60 @@ async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> 
             );
         }
     }
+    // Dead letters whose headers claim an origin their consumer does not
+    // take, or another consumer than their DLQ subject: a worker writes
+    // its dead letters' headers itself, so a redrive would publish a
+    // forged command as the operator. Refused.
+    let forge = |dlq_subject: &'static str, handler: &'static str, origin: &'static str| {
+        let bus = bus.clone();
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, value) in [
+                (skein_bus::dlq::headers::REASON, "forged"),
+                (skein_bus::dlq::headers::HANDLER, handler),
+                (skein_bus::dlq::headers::DELIVERIES, "1"),
+                (skein_bus::dlq::headers::STREAM, "EVENTS"),
+                (skein_bus::dlq::headers::STREAM_SEQ, "1"),
+                (skein_bus::dlq::headers::SUBJECT, origin),
+            ] {
+                headers.insert(name, value);
+            }
+            bus.jetstream()
+                .publish_with_headers(dlq_subject, headers, "{}".into())
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    forge(
+        "dlq.EVENTS.fragile",
+        "fragile",
+        "commands.orders.confirm_order",
+    )
+    .await?;
+    forge("dlq.EVENTS.fragile", "orders", "events.notes.x.noted").await?;
+    let r = skein(&server, &["dlq", "redrive", "--max-redrives", "1"]).await?;
+    ensure!(
+        stdout(&r).contains(
+            "refused, its origin commands.orders.confirm_order is not what fragile takes from EVENTS (events.notes.>)"
+        ) && stdout(&r).contains(
+            "refused, it was dead-lettered on dlq.EVENTS.fragile but its headers name dlq.EVENTS.orders"
+        ) && !stdout(&r).contains("redriven to"),
+        "{}",
+        stdout(&r)
+    );
+    let commands = bus
+        .jetstream()
+        .get_stream("COMMANDS")
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    ensure!(commands == 0, "{commands} message(s) reached COMMANDS");
     let purge = skein(&server, &["dlq", "purge"]).await?;
     ensure!(
-        stderr(&purge).contains("1 dead letter(s) purged"),
+        stderr(&purge).contains("3 dead letter(s) purged"),
         "{}",
         stderr(&purge)
     );

@@ -191,6 +191,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     refused += 1;
                     continue;
                 };
+                if let Err(why) = origin_checked(&bus, &s.message.subject, info).await {
+                    println!("#{seq}: refused, {why}");
+                    refused += 1;
+                    continue;
+                }
                 let (outgoing, times) = redriven(&s.message, info)?;
                 if times > max_redrives {
                     println!("#{seq}: refused, already redriven {} times (--max-redrives {max_redrives}); fix the cause: {}", times - 1, info.reason);
@@ -255,6 +260,64 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Why a dead letter must not be redriven where its headers say it came
+/// from, if so. A worker may publish to the DLQ under its own name only
+/// (`dlq.<stream>.<worker>`, which a NATS user per service enforces), but
+/// it writes the headers itself: a redrive, published as the operator,
+/// goes back only to what the named worker's consumer takes from the
+/// named stream.
+async fn origin_checked(
+    bus: &skein_bus::Bus,
+    dlq_subject: &str,
+    info: &DeadLetterInfo,
+) -> Result<(), String> {
+    if dlq_subject != info.dlq_subject() {
+        return Err(format!(
+            "it was dead-lettered on {dlq_subject} but its headers name {} (stream {}, handler {})",
+            info.dlq_subject(),
+            info.stream,
+            info.handler
+        ));
+    }
+    let config = match bus.jetstream().get_stream(&info.stream).await {
+        Ok(stream) => match stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&info.handler)
+            .await
+        {
+            Ok(mut consumer) => match consumer.info().await {
+                Ok(info) => info.config.clone(),
+                Err(e) => return Err(format!("cannot read consumer {}: {e}", info.handler)),
+            },
+            Err(e) => {
+                return Err(format!(
+                    "{} has no consumer {} to send it back to ({e})",
+                    info.stream, info.handler
+                ))
+            }
+        },
+        Err(e) => return Err(format!("cannot open stream {}: {e}", info.stream)),
+    };
+    let mut filters = config.filter_subjects.clone();
+    if !config.filter_subject.is_empty() {
+        filters.push(config.filter_subject.clone());
+    }
+    let taken = filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| skein_message::subject::matches(f, &info.subject));
+    if taken {
+        Ok(())
+    } else {
+        Err(format!(
+            "its origin {} is not what {} takes from {} ({}): a dead letter goes back only to its consumer",
+            info.subject,
+            info.handler,
+            info.stream,
+            filters.join(", ")
+        ))
     }
 }
 
