@@ -8,7 +8,8 @@
 //! messages, and when another process commits to the same database: on
 //! PostgreSQL by `NOTIFY skein_outbox` (sent by a trigger on the outbox
 //! insert), on SQLite by a core NATS message on
-//! `skein.outbox.wake.<owner>` (the active relay's lease owner), which a
+//! `skein.outbox.wake.<owner>` (the active relay's lease owner,
+//! `<service>.<id>` for a service's relay), which a
 //! standby relay sends on every commit of its own process. A process that
 //! writes to a SQLite outbox must therefore run a relay (every worker and
 //! `skein replay --into` do); rows of one that does not are published at
@@ -129,6 +130,17 @@ impl Relay {
             stats: None,
             duplicates: Arc::default(),
         }
+    }
+
+    /// The relay of service `name`'s database: its SQLite lease owner, and
+    /// so the subject a standby wakes it on, is `<name>.<id>`
+    /// (`skein.outbox.wake.<name>.<id>`), which a NATS user per service can
+    /// be limited to. `name` must be one subject token.
+    pub fn for_service(mut self, name: &str) -> Self {
+        if skein_message::subject::check_token(name).is_ok() {
+            self.owner = format!("{name}.{}", Uuid::now_v7());
+        }
+        self
     }
 
     /// Reports the outbox backlog as the `outbox_backlog` gauge of `stats`

@@ -59,6 +59,7 @@ impl Host {
         let stats = Arc::new(WorkerStats::default());
         let shutdown = CancellationToken::new();
         let relay = Relay::new(store.clone(), bus.publisher(), config.relay.clone())
+            .for_service(&config.name)
             .with_stats(stats.clone())
             .spawn(shutdown.clone());
         let service = start_service(&bus, &config.name, &config.version, stats.clone()).await?;
