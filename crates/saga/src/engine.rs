@@ -5,7 +5,8 @@
 //!
 //! - Running at step *s*: a completing event moves to *s + 1* (or
 //!   `completed`); a failing event compensates steps *0..s* (the failed step
-//!   had no effect); a passed deadline sends again while attempts remain,
+//!   had no effect; *0..=s* when it was sent more than once, as an earlier
+//!   attempt may have); a passed deadline sends again while attempts remain,
 //!   then compensates steps *0..=s* if *s* can be undone: before the pivot,
 //!   or the pivot with a compensation (the step in flight may still take
 //!   effect, so it is undone too). Otherwise (after the pivot, or a pivot
@@ -337,8 +338,20 @@ impl Engine<'_> {
             let why = format!("{}: {}", def.name, reason(event)?);
             out.changed = true;
             if self.saga.compensable(step) {
-                out.note = format!("{} failed {}; compensating", event.kind, def.name);
-                self.begin_compensation(inst, step, false, why, Finish::Failure, &context, out)?;
+                // The failed step had no effect, unless it was sent more
+                // than once: an earlier attempt may still have taken
+                // effect, so it is undone too (compensations are safe
+                // for what never happened).
+                let resent = inst.attempt > 1;
+                out.note = if resent {
+                    format!(
+                        "{} failed {} (sent {} times: it is compensated too); compensating",
+                        event.kind, def.name, inst.attempt
+                    )
+                } else {
+                    format!("{} failed {}; compensating", event.kind, def.name)
+                };
+                self.begin_compensation(inst, step, resent, why, Finish::Failure, &context, out)?;
             } else {
                 out.note = if late {
                     format!(
@@ -895,6 +908,45 @@ mod tests {
             let failed = self.deadline();
             assert_eq!(self.inst.status, SagaStatus::Failed, "{failed:?}");
         }
+    }
+
+    #[test]
+    fn a_step_sent_twice_and_then_failed_is_compensated_too() {
+        let saga = Saga::builder::<Order>("shop")
+            .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
+            .step("reserve", |s| {
+                s.send(|o: &Order| Reserve { id: o.id.clone() })
+                    .completes_on::<Reserved>()
+                    .fails_on(|_: &Refused| "refused".to_owned())
+                    .compensate(|o: &Order| Release { id: o.id.clone() })
+                    .compensation_completes_on::<Released>()
+                    .attempts(2)
+                    .deadline(DEADLINE)
+            })
+            .step("pay", |s| {
+                s.pivot()
+                    .send(|o: &Order| Pay { id: o.id.clone() })
+                    .completes_on::<Paid>()
+                    .deadline(DEADLINE)
+            })
+            .on_compensated(|o: &Order, why: &str| Reject {
+                id: o.id.clone(),
+                reason: format!("rejected: {why}"),
+            })
+            .build()
+            .expect("a valid definition");
+        // Sent once and refused: it had no effect, nothing to undo.
+        let mut once = Run::start_of(saga.clone());
+        let reserve = once.last("shop.reserve.v1");
+        let refused = once.answer(reserve, &Refused { id: "o1".into() });
+        assert_eq!(refused.sent, ["shop.reject.v1"], "{refused:?}");
+        // Sent twice, the second refused: the first may have reserved.
+        let mut twice = Run::start_of(saga);
+        assert_eq!(twice.deadline().sent, ["shop.reserve.v1"]);
+        let second = twice.last("shop.reserve.v1");
+        let refused = twice.answer(second, &Refused { id: "o1".into() });
+        assert_eq!(refused.sent, ["shop.release.v1"], "{refused:?}");
+        assert_eq!(twice.inst.status, SagaStatus::Compensating);
     }
 
     #[test]
