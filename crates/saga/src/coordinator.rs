@@ -392,12 +392,15 @@ impl Coordinator {
     fn view(&self, inst: &Instance) -> SagaInstance {
         let saga = self.sagas.iter().find(|s| s.name == inst.saga);
         let live = inst.status.is_live();
+        // Failed for want of an answer: it still waits for it (a step it
+        // cannot undo, or a compensation), and says which.
+        let awaiting = inst.status == SagaStatus::Failed && inst.attempt > 0;
         SagaInstance {
             id: inst.id,
             saga: inst.saga.clone(),
             key: inst.key.clone(),
             status: inst.status,
-            step: live
+            step: (live || awaiting)
                 .then(|| {
                     saga.and_then(|s| s.steps.get(inst.step))
                         .map(|s| s.name.clone())
@@ -407,6 +410,7 @@ impl Coordinator {
                 Some(s) if live => {
                     s.waiting_for(inst.step, inst.status == SagaStatus::Compensating)
                 }
+                Some(s) if awaiting => s.waiting_for(inst.step, s.undoable(inst.step)),
                 _ => Vec::new(),
             },
             deadline: inst.deadline_at.map(crate::rfc3339),

@@ -318,6 +318,11 @@ async fn a_compensation_answered_after_the_instance_failed_finishes_compensating
         )
     );
     assert_eq!(shop.stuck().await?, [failed.id], "stuck lists it");
+    // And says what it still waits for: the refund's answer.
+    assert_eq!(
+        (failed.step.as_deref(), failed.waiting_for.as_slice()),
+        (Some("pay"), ["shop.refunded".to_owned()].as_slice())
+    );
     let refunds = sent(&failed, "shop.refund.v1");
     assert_eq!(refunds.len(), 2);
 
@@ -398,6 +403,10 @@ async fn a_step_after_the_pivot_answered_after_the_instance_failed_completes_it(
     let failed = shop.instance("o2").await?;
     assert_eq!(failed.status, SagaStatus::Failed, "{failed:#?}");
     assert_eq!(shop.stuck().await?, [failed.id]);
+    assert_eq!(
+        (failed.step.as_deref(), failed.waiting_for.as_slice()),
+        (Some("ship"), ["shop.shipped".to_owned()].as_slice())
+    );
     let ships = sent(&failed, "shop.ship.v1");
     assert_eq!(ships.len(), 2);
 
