@@ -166,8 +166,11 @@ pub async fn follow(
         ));
     }
     let consumer = handle
+        // No name: a long follow outlives reconnections and leader
+        // changes, after which the client recreates its consumer, and a
+        // new name each time never clashes with one it could not delete.
+        // (Only the user skein follows; the ingress reads, named.)
         .create_consumer(pull::OrderedConfig {
-            name: Some(reader_name()),
             filter_subject: filter.to_owned(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: after + 1,

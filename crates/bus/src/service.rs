@@ -61,7 +61,7 @@ impl ServiceHandle {
                     tracing::warn!(
                         subject = %request.message.subject,
                         reply = ?request.message.reply.as_deref(),
-                        "not answering a request whose reply subject is no inbox"
+                        "not answering a request whose reply subject is not an inbox"
                     );
                     continue;
                 }
@@ -95,13 +95,30 @@ impl Drop for ServiceHandle {
     }
 }
 
-/// Whether a request's answer may go to `reply`: only to an inbox
-/// (`_INBOX.` or a user's `_INBOX.<user>.`). An answer is published with
-/// this service's permissions, so a caller that names another subject as
-/// its reply (say `$JS.ACK.…` of a message this service is handling, which
-/// an empty error answer would acknowledge) must get none.
+/// Subjects an answer must never go to: JetStream's and the system's API
+/// and skein's own message subjects.
+const NOT_A_REPLY: [&str; 10] = [
+    "$JS.",
+    "$KV.",
+    "$O.",
+    "$SRV.",
+    "$SYS.",
+    "events.",
+    "commands.",
+    "queries.",
+    "dlq.",
+    "skein.",
+];
+
+/// Whether a request's answer may go to `reply`. An answer is published
+/// with this service's permissions, so a caller that names one of skein's
+/// subjects or JetStream's API as its reply (say `$JS.ACK.…` of a message
+/// this service is handling, which an empty error answer would
+/// acknowledge, or a command subject, which would store the answer in
+/// `COMMANDS`) gets none. Inboxes of any prefix (`_INBOX.`, a user's, a
+/// client's own, `_R_.` of an imported service) are answered.
 fn answerable(reply: Option<&str>) -> bool {
-    reply.is_some_and(|r| r.starts_with("_INBOX."))
+    reply.is_some_and(|r| !NOT_A_REPLY.iter().any(|p| r.starts_with(p)))
 }
 
 /// Registers `name` on the service API, answering with `stats`, with the
@@ -143,13 +160,21 @@ pub async fn start_service(
 mod tests {
     #[test]
     fn answers_go_only_to_inboxes() {
-        assert!(super::answerable(Some("_INBOX.abc.1")));
-        assert!(super::answerable(Some("_INBOX.payments.abc.1")));
+        for reply in [
+            "_INBOX.abc.1",
+            "_INBOX.payments.abc.1",
+            "MY_INBOX.abc.1",
+            "_R_.abc.1",
+        ] {
+            assert!(super::answerable(Some(reply)), "{reply}");
+        }
         for reply in [
             None,
             Some("$JS.ACK.COMMANDS.payments.1.2.3.4.5"),
+            Some("$JS.API.STREAM.DELETE.EVENTS"),
             Some("commands.orders.confirm_order"),
-            Some("_INBOXES.x"),
+            Some("events.orders.x.order_confirmed"),
+            Some("skein.outbox.wake.orders.x"),
         ] {
             assert!(!super::answerable(reply), "{reply:?}");
         }

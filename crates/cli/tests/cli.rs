@@ -95,6 +95,22 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
         "{}",
         stdout(&only)
     );
+    // Some workers' consumers only.
+    let some = skein(
+        &other,
+        &["streams", "apply", "--workers", "catalog,projector"],
+    )
+    .await?;
+    let some = stdout(&some);
+    let created: Vec<&str> = some
+        .lines()
+        .filter_map(|l| l.strip_suffix("created"))
+        .map(str::trim)
+        .collect();
+    ensure!(
+        created == ["COMMANDS/catalog", "EVENTS/projector"],
+        "{some}"
+    );
     Ok(())
 }
 

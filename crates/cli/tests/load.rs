@@ -1039,7 +1039,7 @@ async fn every_service_as_its_own_nats_user_completes_orders_and_is_refused_the_
     let deadline = Instant::now() + Duration::from_secs(10);
     // Either copy may have got it (a queue group).
     let payments_logs = || format!("{}{}", system.log("payments-1"), system.log("payments-2"));
-    while !payments_logs().contains("not answering a request whose reply subject is no inbox") {
+    while !payments_logs().contains("not answering a request whose reply subject is not an inbox") {
         if Instant::now() > deadline {
             let mut said = Vec::new();
             while let Ok(e) = skein_errors.try_recv() {

@@ -256,6 +256,28 @@ async fn replaying_into_the_projector_skips_what_it_has_and_applies_what_it_miss
         }
         ensure!(order(&skein_projector::snapshot(&store).await?, o3).is_none());
     }
+    // As old, but in the inbox: skipped as ever, not held back.
+    let o1_text = o1.to_string();
+    let had = setup
+        .skein(&[
+            "replay",
+            "--into",
+            "projector",
+            "--entity",
+            &o1_text,
+            "--inbox-retention",
+            "1s",
+        ])
+        .await?;
+    ensure!(
+        had.status.success()
+            && stdout(&had).contains(
+                "2 skipped (already in the inbox), 0 not subscribed, 0 failed, 0 held back"
+            ),
+        "{}{}",
+        stdout(&had),
+        stderr(&had)
+    );
     let first = setup
         .skein(&["replay", "--into", "projector", "--entity", &o3_text])
         .await?;

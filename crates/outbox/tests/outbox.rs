@@ -1334,16 +1334,18 @@ async fn a_batch_with_a_failing_message_applies_the_others_once_and_only_them(
     Ok(())
 }
 
-/// Applies a message, or panics for an entity starting with "boom".
+/// Applies a message, and then panics for an entity starting with "boom"
+/// (its write inside the open transaction).
 struct PanicsOnBoom;
 
 impl TxHandler for PanicsOnBoom {
     async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
         let event: Happened = delivery.envelope.decode()?;
+        Apply.handle(tx, delivery).await?;
         if event.entity.starts_with("boom") {
             panic!("a bug in the handler for {}", event.entity);
         }
-        Apply.handle(tx, delivery).await
+        Ok(())
     }
 }
 
@@ -1404,7 +1406,13 @@ async fn a_panicking_handler_fails_its_message_for_good_and_the_inbox_goes_on(
         .handle(&delivery_of("e7", 7)?)
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The panicking handlers' writes rolled back with their transactions.
     ensure!(h.count("SELECT COUNT(*) FROM items").await? == 6);
+    ensure!(
+        h.count("SELECT COUNT(*) FROM items WHERE entity LIKE '%boom%'")
+            .await?
+            == 0
+    );
     ensure!(h.count("SELECT COUNT(*) FROM skein_inbox").await? == 6);
     Ok(())
 }

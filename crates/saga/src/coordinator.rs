@@ -255,18 +255,23 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Applies passed deadlines, up to `limit` instances; returns how many.
+    /// Applies passed deadlines, up to `limit` instances of this
+    /// coordinator's sagas; returns how many.
     ///
-    /// An instance whose deadline cannot be applied for good (its saga or
-    /// step is no longer defined, its data no longer decodes) is failed
-    /// with the reason, so that it neither blocks the others (the earliest
-    /// deadline comes first, every tick) nor stays live unnoticed; `skein
-    /// saga list` shows it. A transient error (the database away) ends the
+    /// An instance whose deadline this copy cannot apply (its step is not
+    /// in this copy's definition, its data does not decode: a newer
+    /// version's, during a rolling upgrade, or a broken row) is left as it
+    /// is for a copy that can, logged, and holds up none of the others:
+    /// the round goes on with them. It stays overdue, so `skein saga
+    /// stuck` lists it. A transient error (the database away) ends the
     /// round, to be tried again on the next tick.
     pub async fn run_deadlines(&self, limit: i64) -> Result<usize, HandlerError> {
         let now = now_micros();
         let mut conn = self.store.pool().acquire().await.map_err(db)?;
-        let due = store::due(&mut conn, now, limit).await.map_err(db)?;
+        let names: Vec<&str> = self.sagas.iter().map(|s| s.name.as_str()).collect();
+        let due = store::due(&mut conn, &names, now, limit)
+            .await
+            .map_err(db)?;
         drop(conn);
         let mut applied = 0;
         for id in due {
@@ -274,12 +279,11 @@ impl Coordinator {
                 Ok(true) => applied += 1,
                 Ok(false) => {}
                 Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Err(e),
-                Err(e) => {
-                    let reason = format!("its deadline cannot be applied: {}", e.reason());
-                    tracing::error!(instance = %id, "saga instance failed: {reason}");
-                    self.fail_for_good(id, &reason, now).await?;
-                    applied += 1;
-                }
+                Err(e) => tracing::error!(
+                    instance = %id,
+                    "cannot apply the saga instance's deadline; left for a copy that can: {}",
+                    e.reason()
+                ),
             }
         }
         Ok(applied)
@@ -299,7 +303,7 @@ impl Coordinator {
         let saga = self.saga(&inst.saga)?;
         if inst.step >= saga.steps.len() {
             return Err(HandlerError::permanent(format!(
-                "saga {:?} has no step {} any more",
+                "saga {:?} has no step {} here",
                 saga.name, inst.step
             )));
         }
@@ -325,48 +329,6 @@ impl Coordinator {
         }
         tx.commit().await.map_err(HandlerError::transient)?;
         Ok(true)
-    }
-
-    /// Fails instance `id` for `reason`, with its transition when it can
-    /// still be read, by a plain update when not.
-    async fn fail_for_good(&self, id: Uuid, reason: &str, now: i64) -> Result<(), HandlerError> {
-        let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
-        match store::load(&mut tx, id).await {
-            Ok(Some(mut inst)) if inst.status.is_live() => {
-                let from = inst.status;
-                inst.status = SagaStatus::Failed;
-                inst.reason = Some(reason.to_owned());
-                inst.deadline_at = None;
-                inst.attempt = 0;
-                let out = Outcome {
-                    changed: true,
-                    step: self
-                        .saga(&inst.saga)
-                        .ok()
-                        .and_then(|s| s.steps.get(inst.step))
-                        .map(|s| s.name.clone()),
-                    note: format!("failed: {reason}"),
-                    ..Outcome::default()
-                };
-                let cause = Cause {
-                    id: None,
-                    kind: "deadline",
-                };
-                match self
-                    .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
-                    .await
-                {
-                    // Changed meanwhile: the next tick sees it again.
-                    Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Ok(()),
-                    other => other?,
-                }
-            }
-            Ok(_) => return Ok(()),
-            Err(_) => store::fail_unreadable(&mut tx, id, reason, now)
-                .await
-                .map_err(db)?,
-        }
-        tx.commit().await.map_err(HandlerError::transient)
     }
 
     /// Watches deadlines every `tick` until `shutdown`.

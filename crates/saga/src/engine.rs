@@ -337,12 +337,24 @@ impl Engine<'_> {
         } else if let Some((_, reason)) = def.fails.iter().find(|(e, _)| e.matches(event)) {
             let why = format!("{}: {}", def.name, reason(event)?);
             out.changed = true;
-            if self.saga.compensable(step) {
+            let resent = inst.attempt > 1;
+            if resent && self.saga.compensable(step) && !self.saga.undoable(step) {
+                // A pivot without a compensation, sent more than once: an
+                // earlier attempt may have taken effect and nothing undoes
+                // it, so going back would be wrong; its answer is awaited.
+                out.note = format!(
+                    "{} failed {} (sent {} times: an earlier attempt may have taken effect, and it \
+                     has no compensation); needs attention (a late answer resumes it)",
+                    event.kind, def.name, inst.attempt
+                );
+                inst.status = SagaStatus::Failed;
+                inst.reason = Some(why);
+                inst.deadline_at = None;
+            } else if self.saga.compensable(step) {
                 // The failed step had no effect, unless it was sent more
                 // than once: an earlier attempt may still have taken
                 // effect, so it is undone too (compensations are safe
                 // for what never happened).
-                let resent = inst.attempt > 1;
                 out.note = if resent {
                     format!(
                         "{} failed {} (sent {} times: it is compensated too); compensating",
@@ -979,16 +991,27 @@ mod tests {
         let resumed = run.answer(pays[0], &Paid { id: "o1".into() });
         assert_eq!(resumed.sent, ["shop.ship.v1"], "{resumed:?}");
         assert_eq!((run.inst.status, run.inst.step), (SagaStatus::Running, 2));
-        // A late refusal instead would have compensated the steps before
-        // it: pay had no effect.
+        // Refused once it was sent twice: the first send may have taken
+        // effect and nothing undoes it, so nothing is released and the
+        // instance waits; the first send's success still resumes it.
         let mut declined = Run::start_of(shop_with_a_bare_pivot());
         declined.reply_to_reserve();
         declined.deadline();
-        declined.deadline();
-        let pay = declined.last("shop.pay.v1");
-        let late = declined.answer(pay, &Declined { id: "o1".into() });
+        let pays = declined.sent("shop.pay.v1");
+        assert_eq!(pays.len(), 2);
+        let refused = declined.answer(pays[1], &Declined { id: "o1".into() });
+        assert!(refused.sent.is_empty(), "{refused:?}");
+        assert_eq!(declined.inst.status, SagaStatus::Failed);
+        let resumed = declined.answer(pays[0], &Paid { id: "o1".into() });
+        assert_eq!(resumed.sent, ["shop.ship.v1"], "{resumed:?}");
+        // Refused when sent once, it had no effect: the steps before it
+        // are compensated.
+        let mut once = Run::start_of(shop_with_a_bare_pivot());
+        once.reply_to_reserve();
+        let pay = once.last("shop.pay.v1");
+        let late = once.answer(pay, &Declined { id: "o1".into() });
         assert_eq!(late.sent, ["shop.release.v1"], "{late:?}");
-        assert_eq!(declined.inst.status, SagaStatus::Compensating);
+        assert_eq!(once.inst.status, SagaStatus::Compensating);
     }
 
     #[test]

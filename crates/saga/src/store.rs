@@ -119,26 +119,6 @@ pub(crate) fn push_update(writes: &mut Statements, inst: &Instance, expected: i6
     );
 }
 
-/// Fails instance `id`, which cannot be read any more, for `reason`: no
-/// transition is recorded (the row's other columns may not decode).
-pub(crate) async fn fail_unreadable(
-    conn: &mut AnyConnection,
-    id: Uuid,
-    reason: &str,
-    now: i64,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE saga_instances SET status = 'failed', reason = $1, deadline_at = NULL, \
-         attempt = 0, version = version + 1, updated_at = $2 WHERE id = $3",
-    )
-    .bind(reason)
-    .bind(now)
-    .bind(id.to_string())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// The instance `id`.
 pub(crate) async fn load(conn: &mut AnyConnection, id: Uuid) -> sqlx::Result<Option<Instance>> {
     sqlx::query(&format!(
@@ -169,15 +149,31 @@ pub(crate) async fn load_by_key(
 }
 
 /// Ids of live instances whose deadline is at or before `now`, earliest first.
-pub(crate) async fn due(conn: &mut AnyConnection, now: i64, limit: i64) -> sqlx::Result<Vec<Uuid>> {
-    let rows = sqlx::query(
+pub(crate) async fn due(
+    conn: &mut AnyConnection,
+    sagas: &[&str],
+    now: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<Uuid>> {
+    if sagas.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Only the sagas this coordinator knows: another version's are left to
+    // the copies that know them, and take no place in the batch.
+    let names = (0..sagas.len())
+        .map(|i| format!("${}", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
         "SELECT id FROM saga_instances WHERE deadline_at <= $1 \
-         AND status IN ('running', 'compensating') ORDER BY deadline_at LIMIT $2",
-    )
-    .bind(now)
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
+         AND status IN ('running', 'compensating') AND saga IN ({names}) \
+         ORDER BY deadline_at LIMIT $2"
+    );
+    let mut query = sqlx::query(&sql).bind(now).bind(limit);
+    for saga in sagas {
+        query = query.bind(*saga);
+    }
+    let rows = query.fetch_all(conn).await?;
     rows.iter()
         .map(|r| {
             let id: String = r.try_get("id")?;

@@ -184,14 +184,15 @@ backend_tests!(
     a_compensation_answered_after_the_instance_failed_finishes_compensating,
     a_step_after_the_pivot_answered_after_the_instance_failed_completes_it,
     a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing,
-    an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_other,
+    instances_this_copy_cannot_advance_are_left_as_they_are_and_hold_up_no_other,
 );
 
-/// Instances whose deadline can never be applied (their saga was renamed
-/// away, their step removed by a deploy) come first among the due ones:
-/// each is failed with the reason, and the deadlines behind them are
-/// applied in the same round, not held up every tick.
-async fn an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_other(
+/// Instances whose deadline this copy cannot apply (another version's
+/// saga, a step this copy's definition lacks: a rolling upgrade) come
+/// first among the due ones: they are left as they are, for a copy that
+/// can, and the deadlines behind them are applied in the same round; a
+/// saga this copy does not know takes no place in the round at all.
+async fn instances_this_copy_cannot_advance_are_left_as_they_are_and_hold_up_no_other(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let mut shop = Shop::start(backend).await?;
@@ -200,8 +201,8 @@ async fn an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_othe
         let reserve = last(&shop.instance(key).await?, "shop.reserve.v1")?;
         shop.answer(reserve, &Reserved { id: key.into() }).await?;
     }
-    // Both broken ones fall due before the sound one.
-    for (key, change) in [("gone", "saga = 'renamed away'"), ("shrunk", "step = 99")] {
+    // Both fall due before the sound one.
+    for (key, change) in [("gone", "saga = 'a newer saga'"), ("shrunk", "step = 99")] {
         sqlx::query(&format!(
             "UPDATE saga_instances SET {change}, deadline_at = deadline_at - 1000000 \
              WHERE saga_key = $1"
@@ -210,42 +211,37 @@ async fn an_instance_whose_deadline_cannot_be_applied_fails_and_holds_up_no_othe
         .execute(shop.store.pool())
         .await?;
     }
+    let state = |key: &'static str| {
+        let store = shop.store.clone();
+        async move {
+            let row: (String, i64, Option<i64>) = sqlx::query_as(
+                "SELECT status, version, deadline_at FROM saga_instances WHERE saga_key = $1",
+            )
+            .bind(key)
+            .fetch_one(store.pool())
+            .await?;
+            anyhow::Ok(row)
+        }
+    };
+    let before = (state("gone").await?, state("shrunk").await?);
     tokio::time::sleep(SHORT * 2).await;
+    // Room for two: the one of the unknown saga takes none, the one this
+    // copy cannot advance is passed over, the sound one is applied.
     let applied = shop
         .coordinator
-        .run_deadlines(100)
+        .run_deadlines(2)
         .await
         .map_err(|e| anyhow::anyhow!("deadlines: {}", e.reason()))?;
-    anyhow::ensure!(applied == 3, "{applied} deadlines applied");
+    anyhow::ensure!(applied == 1, "{applied} deadlines applied");
     let fine = shop.instance("fine").await?;
     anyhow::ensure!(
         fine.status == SagaStatus::Compensating,
         "the sound instance's deadline was not applied: {fine:#?}"
     );
-    for (key, says) in [
-        ("gone", "no saga named \"renamed away\""),
-        ("shrunk", "has no step 99"),
-    ] {
-        let (status, reason, deadline): (String, Option<String>, Option<i64>) = sqlx::query_as(
-            "SELECT status, reason, deadline_at FROM saga_instances WHERE saga_key = $1",
-        )
-        .bind(key)
-        .fetch_one(shop.store.pool())
-        .await?;
-        anyhow::ensure!(
-            status == "failed"
-                && deadline.is_none()
-                && reason.as_deref().is_some_and(|r| r.contains(says)),
-            "{key}: {status} {reason:?} {deadline:?}"
-        );
-    }
-    // Nothing is due any more: the next round applies nothing.
-    let again = shop
-        .coordinator
-        .run_deadlines(100)
-        .await
-        .map_err(|e| anyhow::anyhow!("deadlines: {}", e.reason()))?;
-    anyhow::ensure!(again == 0, "{again} deadlines applied again");
+    anyhow::ensure!(
+        (state("gone").await?, state("shrunk").await?) == before,
+        "an instance this copy cannot advance was changed"
+    );
     Ok(())
 }
 

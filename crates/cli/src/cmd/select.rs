@@ -32,13 +32,18 @@ pub(crate) fn parse_duration(value: &str) -> anyhow::Result<time::Duration> {
     let n: i64 = number
         .parse()
         .with_context(|| format!("{value:?} is not a duration such as 15m, 2h or 7d"))?;
-    let seconds = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => bail!("{value:?}: a duration ends in s, m, h or d (e.g. 15m)"),
     };
+    // Up to about 100 years: further back than any stream keeps.
+    let seconds = n
+        .checked_mul(unit_seconds)
+        .filter(|s| *s <= 100 * 366 * 86_400)
+        .with_context(|| format!("{value:?} is too long a duration"))?;
     Ok(time::Duration::seconds(seconds))
 }
 
@@ -121,6 +126,7 @@ mod tests {
             .unwrap_or_default();
         assert!(err.contains("15m"), "{err}");
         assert!(parse_time("5w").is_err());
+        assert!(parse_duration("99999999999999d").is_err());
         Ok(())
     }
 

@@ -34,6 +34,15 @@ enum Action {
         /// Only the streams, not the workers' consumers.
         #[arg(long)]
         streams_only: bool,
+        /// The consumers of these workers only (comma-separated; default
+        /// every worker): a consumer no copy pulls from shows as lag.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            conflicts_with = "streams_only"
+        )]
+        workers: Vec<Name>,
     },
 }
 
@@ -43,6 +52,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             dir,
             replicas,
             streams_only,
+            workers,
         } => {
             let bus = super::connect(nats_url).await?;
             let definitions = match dir {
@@ -61,7 +71,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             if streams_only {
                 return Ok(());
             }
-            for spec in consumer_specs().await? {
+            for spec in consumer_specs(&workers).await? {
                 let (_, change) = apply_consumer(bus.jetstream(), &spec).await?;
                 let name = format!("{}/{}", spec.stream, spec.durable);
                 println!("{name:<22} {change}");
@@ -71,17 +81,17 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     }
 }
 
-/// Every worker's durable consumers, as its live copies would bind them:
-/// its own code binds its handlers to a [`ConsumerPlan`] on a throw-away
-/// database (built, never run).
-pub(crate) async fn consumer_specs() -> anyhow::Result<Vec<ConsumerSpec>> {
+/// The durable consumers of `workers` (every worker when empty), as their
+/// live copies would bind them: each worker's own code binds its handlers
+/// to a [`ConsumerPlan`] on a throw-away database (built, never run).
+pub(crate) async fn consumer_specs(workers: &[Name]) -> anyhow::Result<Vec<ConsumerSpec>> {
     let dir = tempfile::Builder::new()
         .prefix("skein-consumers-")
         .tempdir()
         .context("cannot create a temporary directory")?;
     let mut specs = Vec::new();
     for &worker in Name::value_variants() {
-        if worker == Name::Identity {
+        if worker == Name::Identity || !(workers.is_empty() || workers.contains(&worker)) {
             continue;
         }
         let url = format!("sqlite:{}/{}.db", dir.path().display(), worker.as_str());
