@@ -20,7 +20,12 @@
 //! rows published. A crash between publishing and marking re-publishes those
 //! rows: JetStream drops them by `Nats-Msg-Id` within its duplicate window,
 //! and consumers' inboxes absorb them after it. A row whose publish failed is
-//! retried on the next round, after rows behind it may have been published.
+//! retried later, after rows behind it may have been published: it is held
+//! back from the rounds for 250 ms, doubling to 30 s, and rounds read past
+//! the rows held back. So rows that cannot be published (no stream takes
+//! their subject; a subject the relay's NATS user may not publish to, whose
+//! publish gets no answer and costs the round an ack timeout) neither fill
+//! every round nor slow each one down.
 //!
 //! On SQLite the active relay marks rows published together, `mark_delay`
 //! (100 ms) after it published the first of them or after eight full
@@ -39,6 +44,7 @@
 //! Published rows are kept for `retention` (for `skein audit`) and then
 //! deleted, as are inbox records older than `inbox_retention`.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,7 +123,29 @@ pub struct Relay {
     stats: Option<std::sync::Arc<skein_bus::WorkerStats>>,
     /// Publishes the stream acknowledged as duplicates, shared by clones.
     duplicates: Arc<AtomicU64>,
+    /// Rows whose publish failed, held back until their next try.
+    held: Arc<std::sync::Mutex<HashMap<i64, HeldRow>>>,
 }
+
+/// A row whose publish failed: how often in a row, and when to try again.
+#[derive(Debug, Clone, Copy)]
+struct HeldRow {
+    failures: u32,
+    until: tokio::time::Instant,
+}
+
+/// How long a row whose publish failed `failures` times in a row is held
+/// back: 250 ms, doubling, at most 30 s. A refused publish can cost a
+/// whole ack timeout (a subject the relay's NATS user may not publish to
+/// gets no answer), and every row of the round waits for it.
+fn hold_for(failures: u32) -> Duration {
+    Duration::from_millis(250)
+        .saturating_mul(1 << failures.saturating_sub(1).min(7))
+        .min(Duration::from_secs(30))
+}
+
+/// Rows read beyond a round's batch at most, to get past held-back ones.
+const MAX_HELD_READ: usize = 10_000;
 
 impl Relay {
     /// A relay for `store`, publishing with `publisher`.
@@ -129,6 +157,7 @@ impl Relay {
             owner: Uuid::now_v7().to_string(),
             stats: None,
             duplicates: Arc::default(),
+            held: Arc::default(),
         }
     }
 
@@ -172,8 +201,15 @@ impl Relay {
         self.fetch_after(0).await
     }
 
-    /// Reads the next unpublished rows with a `seq` above `after`.
+    /// Reads the next unpublished rows with a `seq` above `after`: a batch,
+    /// and as many more as rows are held back, so that rows that keep
+    /// failing do not fill every round.
     async fn fetch_after(&self, after: i64) -> Result<Vec<PendingRow>> {
+        let held = self.held().len().min(MAX_HELD_READ);
+        let limit = self
+            .config
+            .batch_size
+            .saturating_add(i64::try_from(held).unwrap_or(0));
         // Where writes go: on SQLite the writer connection, which has the
         // rows just committed in its cache.
         let mut permit = self.store.write_permit().await?;
@@ -184,7 +220,7 @@ impl Relay {
                      WHERE published_at IS NULL AND seq > $1 ORDER BY seq LIMIT $2",
                 )
                 .bind(after)
-                .bind(self.config.batch_size)
+                .bind(limit)
             })
             .await
             .map_err(Error::query("cannot read the outbox"))?;
@@ -192,25 +228,55 @@ impl Relay {
         rows.iter().map(decode_row).collect()
     }
 
-    /// Publishes `rows` pipelined and returns the sequences the stream acknowledged.
+    /// Publishes `rows` pipelined and returns the sequences the stream
+    /// acknowledged. A row whose publish failed is held back from the
+    /// following rounds for a while ([`hold_for`]), so that it does not
+    /// slow every round down; those rows count as not acknowledged.
     pub async fn publish(&self, rows: &[PendingRow]) -> Vec<i64> {
-        let messages: Vec<Outgoing> = rows.iter().map(|r| r.message.clone()).collect();
+        let now = tokio::time::Instant::now();
+        let due: Vec<&PendingRow> = {
+            let held = self.held();
+            rows.iter()
+                .filter(|r| held.get(&r.seq).is_none_or(|h| h.until <= now))
+                .collect()
+        };
+        let messages: Vec<Outgoing> = due.iter().map(|r| r.message.clone()).collect();
         let results = self.publisher.publish_batch(&messages).await;
-        let mut acked = Vec::with_capacity(rows.len());
-        for (row, result) in rows.iter().zip(results) {
+        let mut acked = Vec::with_capacity(due.len());
+        let mut held = self.held();
+        for (row, result) in due.into_iter().zip(results) {
             match result {
                 Ok(ack) => {
                     if ack.duplicate {
                         self.duplicates.fetch_add(1, Ordering::Relaxed);
                     }
+                    held.remove(&row.seq);
                     acked.push(row.seq)
                 }
                 Err(e) => {
-                    tracing::warn!(id = %row.id, error = %e, "outbox publish failed, will retry")
+                    let failures = held.get(&row.seq).map_or(1, |h| h.failures + 1);
+                    let wait = hold_for(failures);
+                    held.insert(
+                        row.seq,
+                        HeldRow {
+                            failures,
+                            until: tokio::time::Instant::now() + wait,
+                        },
+                    );
+                    tracing::warn!(id = %row.id, error = %e, failures, "outbox publish failed, will retry in {wait:?}")
                 }
             }
         }
+        // Rows no longer pending (published by another relay, deleted)
+        // are forgotten once they would be due.
+        if held.len() > MAX_HELD_READ {
+            held.retain(|_, h| h.until > now);
+        }
         acked
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, HeldRow>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Marks rows published.

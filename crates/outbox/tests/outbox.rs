@@ -582,6 +582,36 @@ async fn a_row_that_cannot_be_published_holds_back_only_itself(
     Ok(())
 }
 
+/// A whole batch of rows that cannot be published (no stream takes their
+/// subject) no longer fills every round: they are held back between
+/// tries, and the rows committed behind them are published.
+async fn a_batch_of_rows_that_cannot_be_published_holds_back_none_behind_it(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let relay = h.relay(RelayConfig {
+        batch_size: 3,
+        ..fast_relay()
+    });
+    let mut tx = h.store.begin().await?;
+    for n in 0..3 {
+        let mut stuck = Outgoing::from(&happened("stuck", n)?);
+        stuck.subject = "nowhere.test".to_owned();
+        tx.publish_outgoing(stuck);
+    }
+    tx.commit().await?;
+    h.write("behind", 10).await?;
+    h.write("behind", 11).await?;
+    relay.spawn(h.shutdown.clone());
+    h.stream_holds(2, Duration::from_secs(10))
+        .await
+        .context("the rows behind a batch of unpublishable ones were not published")?;
+    h.backlog_at_most(3, Duration::from_secs(5))
+        .await
+        .context("the published rows were not marked")?;
+    Ok(())
+}
+
 async fn a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -1485,6 +1515,7 @@ backend_tests!(
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
     the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_together,
     a_row_that_cannot_be_published_holds_back_only_itself,
+    a_batch_of_rows_that_cannot_be_published_holds_back_none_behind_it,
     a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,
     the_same_message_handled_twice_has_one_effect,
     a_failing_handler_commits_nothing_and_can_run_again,
