@@ -230,7 +230,7 @@ impl Relay {
 
     /// Publishes `rows` pipelined and returns the sequences the stream
     /// acknowledged. A row whose publish failed is held back from the
-    /// following rounds for a while ([`hold_for`]), so that it does not
+    /// following rounds for a while (250 ms, doubling to 30 s), so that it does not
     /// slow every round down; those rows count as not acknowledged.
     pub async fn publish(&self, rows: &[PendingRow]) -> Vec<i64> {
         let now = tokio::time::Instant::now();
