@@ -20,9 +20,10 @@
 //! rows published. A crash between publishing and marking re-publishes those
 //! rows: JetStream drops them by `Nats-Msg-Id` within its duplicate window,
 //! and consumers' inboxes absorb them after it. A row whose publish failed is
-//! retried later, after rows behind it may have been published: it is held
-//! back from the rounds for 250 ms, doubling to 30 s, and rounds read past
-//! the rows held back. So rows that cannot be published (no stream takes
+//! retried later, after rows behind it of other entities may have been
+//! published (an entity's rows go out in commit order, each once the one
+//! before it is acknowledged): it is held back from the rounds for 250 ms,
+//! doubling to 30 s, and rounds read past the rows held back. So rows that cannot be published (no stream takes
 //! their subject; a subject the relay's NATS user may not publish to, whose
 //! publish gets no answer and costs the round an ack timeout) neither fill
 //! every round nor slow each one down.
@@ -44,7 +45,7 @@
 //! Published rows are kept for `retention` (for `skein audit`) and then
 //! deleted, as are inbox records older than `inbox_retention`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -144,6 +145,15 @@ fn hold_for(failures: u32) -> Duration {
         .min(Duration::from_secs(30))
 }
 
+/// The entity a row is about (`ce-subject`), if it says.
+fn entity_of(row: &PendingRow) -> Option<&str> {
+    row.message
+        .headers
+        .get(skein_message::envelope::headers::SUBJECT)
+        .map(|v| v.as_str())
+        .filter(|e| !e.is_empty())
+}
+
 /// Rows read beyond a round's batch at most, to get past held-back ones.
 const MAX_HELD_READ: usize = 10_000;
 
@@ -228,50 +238,81 @@ impl Relay {
         rows.iter().map(decode_row).collect()
     }
 
-    /// Publishes `rows` pipelined and returns the sequences the stream
-    /// acknowledged. A row whose publish failed is held back from the
-    /// following rounds for a while (250 ms, doubling to 30 s), so that it does not
-    /// slow every round down; those rows count as not acknowledged.
+    /// Publishes `rows` (read in `seq` order) pipelined and returns the
+    /// sequences the stream acknowledged, in that order.
+    ///
+    /// One entity's rows (`ce-subject`) reach the stream in commit order,
+    /// failures included: a row goes out only once the one before it of
+    /// the same entity is acknowledged (in waves: the first row of each
+    /// entity, then the next, ...), and none goes out behind one of its
+    /// entity that failed or is held back. A row whose publish failed is
+    /// held back from the following rounds for a while (250 ms, doubling
+    /// to 30 s), so that it does not slow every round down. Rows not
+    /// published count as not acknowledged.
     pub async fn publish(&self, rows: &[PendingRow]) -> Vec<i64> {
         let now = tokio::time::Instant::now();
-        let due: Vec<&PendingRow> = {
-            let held = self.held();
-            rows.iter()
-                .filter(|r| held.get(&r.seq).is_none_or(|h| h.until <= now))
-                .collect()
-        };
-        let messages: Vec<Outgoing> = due.iter().map(|r| r.message.clone()).collect();
-        let results = self.publisher.publish_batch(&messages).await;
-        let mut acked = Vec::with_capacity(due.len());
-        let mut held = self.held();
-        for (row, result) in due.into_iter().zip(results) {
-            match result {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        self.duplicates.fetch_add(1, Ordering::Relaxed);
+        let mut blocked: HashSet<&str> = HashSet::new();
+        let mut remaining: Vec<&PendingRow> = rows.iter().collect();
+        let mut acked = Vec::with_capacity(rows.len());
+        while !remaining.is_empty() {
+            let mut wave = Vec::new();
+            let mut later = Vec::new();
+            {
+                let held = self.held();
+                let mut in_wave: HashSet<&str> = HashSet::new();
+                for row in remaining {
+                    let entity = entity_of(row);
+                    let waiting = held.get(&row.seq).is_some_and(|h| h.until > now);
+                    match entity {
+                        Some(e) if waiting || blocked.contains(e) => {
+                            blocked.insert(e);
+                        }
+                        Some(e) if !in_wave.insert(e) => later.push(row),
+                        _ if waiting => {}
+                        _ => wave.push(row),
                     }
-                    held.remove(&row.seq);
-                    acked.push(row.seq)
-                }
-                Err(e) => {
-                    let failures = held.get(&row.seq).map_or(1, |h| h.failures + 1);
-                    let wait = hold_for(failures);
-                    held.insert(
-                        row.seq,
-                        HeldRow {
-                            failures,
-                            until: tokio::time::Instant::now() + wait,
-                        },
-                    );
-                    tracing::warn!(id = %row.id, error = %e, failures, "outbox publish failed, will retry in {wait:?}")
                 }
             }
+            if wave.is_empty() {
+                break;
+            }
+            let messages: Vec<Outgoing> = wave.iter().map(|r| r.message.clone()).collect();
+            let results = self.publisher.publish_batch(&messages).await;
+            let mut held = self.held();
+            for (row, result) in wave.into_iter().zip(results) {
+                match result {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            self.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        held.remove(&row.seq);
+                        acked.push(row.seq)
+                    }
+                    Err(e) => {
+                        if let Some(entity) = entity_of(row) {
+                            blocked.insert(entity);
+                        }
+                        let failures = held.get(&row.seq).map_or(1, |h| h.failures + 1);
+                        let wait = hold_for(failures);
+                        held.insert(
+                            row.seq,
+                            HeldRow {
+                                failures,
+                                until: tokio::time::Instant::now() + wait,
+                            },
+                        );
+                        tracing::warn!(id = %row.id, error = %e, failures, "outbox publish failed, will retry in {wait:?}")
+                    }
+                }
+            }
+            // Rows no longer pending (published by another relay, deleted)
+            // are forgotten once they would be due.
+            if held.len() > MAX_HELD_READ {
+                held.retain(|_, h| h.until > now);
+            }
+            remaining = later;
         }
-        // Rows no longer pending (published by another relay, deleted)
-        // are forgotten once they would be due.
-        if held.len() > MAX_HELD_READ {
-            held.retain(|_, h| h.until > now);
-        }
+        acked.sort_unstable();
         acked
     }
 

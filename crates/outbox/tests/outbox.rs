@@ -612,6 +612,63 @@ async fn a_batch_of_rows_that_cannot_be_published_holds_back_none_behind_it(
     Ok(())
 }
 
+/// An entity's rows reach the stream in commit order even when one fails:
+/// a row whose publish fails holds back the rows of its entity behind it
+/// (not the others'), until it is published.
+async fn an_entity_s_rows_wait_behind_its_row_that_cannot_be_published(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let relay = h.relay(fast_relay());
+    let mut tx = h.store.begin().await?;
+    // No stream takes this subject yet.
+    let mut first = Outgoing::from(&happened("same", 1)?);
+    first.subject = "later.same".to_owned();
+    tx.publish_outgoing(first);
+    tx.commit().await?;
+    h.write("same", 2).await?;
+    h.write("other", 3).await?;
+    relay.spawn(h.shutdown.clone());
+    h.stream_holds(1, Duration::from_secs(10))
+        .await
+        .context("the other entity's row was not published")?;
+    // Some rounds go by: the entity's second row stays behind its first.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stored = h.stream_messages().await?;
+    ensure!(
+        stored.len() == 1 && stored[0].subject.contains("other"),
+        "published past its entity's failed row: {:?}",
+        stored
+            .iter()
+            .map(|m| m.subject.to_string())
+            .collect::<Vec<_>>()
+    );
+    let later = h
+        .bus
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "LATER".into(),
+            subjects: vec!["later.>".into()],
+            ..Default::default()
+        })
+        .await?;
+    h.backlog_at_most(0, Duration::from_secs(45))
+        .await
+        .context("the entity's rows were not published once a stream took the first")?;
+    let second = h
+        .stream_messages()
+        .await?
+        .into_iter()
+        .find(|m| m.subject.contains("same"))
+        .context("the second row is not in the stream")?;
+    let first = later.get_raw_message(1).await?;
+    ensure!(
+        first.time <= second.published,
+        "the second row was stored before the first"
+    );
+    Ok(())
+}
+
 async fn a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -1516,6 +1573,7 @@ backend_tests!(
     the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_together,
     a_row_that_cannot_be_published_holds_back_only_itself,
     a_batch_of_rows_that_cannot_be_published_holds_back_none_behind_it,
+    an_entity_s_rows_wait_behind_its_row_that_cannot_be_published,
     a_republish_beyond_the_duplicate_window_is_absorbed_by_the_inbox,
     the_same_message_handled_twice_has_one_effect,
     a_failing_handler_commits_nothing_and_can_run_again,
