@@ -23,7 +23,8 @@
 //! retried later, after rows behind it of other entities may have been
 //! published (an entity's rows go out in commit order, each once the one
 //! before it is acknowledged): it is held back from the rounds for 250 ms,
-//! doubling to 30 s, and rounds read past the rows held back. So rows that cannot be published (no stream takes
+//! doubling to 30 s, and rounds read past the rows held back and those
+//! waiting behind them (up to 10,000 more than a batch). So rows that cannot be published (no stream takes
 //! their subject; a subject the relay's NATS user may not publish to, whose
 //! publish gets no answer and costs the round an ack timeout) neither fill
 //! every round nor slow each one down.
@@ -126,6 +127,10 @@ pub struct Relay {
     duplicates: Arc<AtomicU64>,
     /// Rows whose publish failed, held back until their next try.
     held: Arc<std::sync::Mutex<HashMap<i64, HeldRow>>>,
+    /// How many rows the last round read and could not send (held back,
+    /// or behind a held row of their entity): the next round reads as many
+    /// more, so that they do not fill it.
+    unsendable: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A row whose publish failed: how often in a row, and when to try again.
@@ -168,6 +173,7 @@ impl Relay {
             stats: None,
             duplicates: Arc::default(),
             held: Arc::default(),
+            unsendable: Arc::default(),
         }
     }
 
@@ -215,11 +221,15 @@ impl Relay {
     /// and as many more as rows are held back, so that rows that keep
     /// failing do not fill every round.
     async fn fetch_after(&self, after: i64) -> Result<Vec<PendingRow>> {
-        let held = self.held().len().min(MAX_HELD_READ);
+        let unsendable = self
+            .held()
+            .len()
+            .max(self.unsendable.load(Ordering::Relaxed))
+            .min(MAX_HELD_READ);
         let limit = self
             .config
             .batch_size
-            .saturating_add(i64::try_from(held).unwrap_or(0));
+            .saturating_add(i64::try_from(unsendable).unwrap_or(0));
         // Where writes go: on SQLite the writer connection, which has the
         // rows just committed in its cache.
         let mut permit = self.store.write_permit().await?;
@@ -235,7 +245,17 @@ impl Relay {
             .await
             .map_err(Error::query("cannot read the outbox"))?;
         drop(permit);
-        rows.iter().map(decode_row).collect()
+        let rows: Vec<PendingRow> = rows.iter().map(decode_row).collect::<Result<_>>()?;
+        // Held rows in the range read that did not come back are no longer
+        // pending (another relay published them): forget them.
+        let read: HashSet<i64> = rows.iter().map(|r| r.seq).collect();
+        let end = match rows.last() {
+            Some(last) if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit => last.seq,
+            _ => i64::MAX,
+        };
+        self.held()
+            .retain(|seq, _| *seq <= after || *seq > end || read.contains(seq));
+        Ok(rows)
     }
 
     /// Publishes `rows` (read in `seq` order) pipelined and returns the
@@ -254,6 +274,7 @@ impl Relay {
         let mut blocked: HashSet<&str> = HashSet::new();
         let mut remaining: Vec<&PendingRow> = rows.iter().collect();
         let mut acked = Vec::with_capacity(rows.len());
+        let mut failed = 0;
         while !remaining.is_empty() {
             let mut wave = Vec::new();
             let mut later = Vec::new();
@@ -289,6 +310,7 @@ impl Relay {
                         acked.push(row.seq)
                     }
                     Err(e) => {
+                        failed += 1;
                         if let Some(entity) = entity_of(row) {
                             blocked.insert(entity);
                         }
@@ -305,13 +327,11 @@ impl Relay {
                     }
                 }
             }
-            // Rows no longer pending (published by another relay, deleted)
-            // are forgotten once they would be due.
-            if held.len() > MAX_HELD_READ {
-                held.retain(|_, h| h.until > now);
-            }
             remaining = later;
         }
+        // What could not be sent this time: the next round reads past it.
+        let unsent = rows.len() - acked.len() - failed;
+        self.unsendable.store(unsent, Ordering::Relaxed);
         acked.sort_unstable();
         acked
     }
