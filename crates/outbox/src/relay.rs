@@ -24,7 +24,9 @@
 //! published (an entity's rows go out in commit order, each once the one
 //! before it is acknowledged): it is held back from the rounds for 250 ms,
 //! doubling to 30 s, and rounds read past the rows held back and those
-//! waiting behind them (up to 10,000 more than a batch). So rows that cannot be published (no stream takes
+//! waiting behind them (up to 10,000 more than a batch). Rows that fail
+//! while NATS is away are not held back: they go out as soon as it is
+//! back. So rows that cannot be published (no stream takes
 //! their subject; a subject the relay's NATS user may not publish to, whose
 //! publish gets no answer and costs the round an ack timeout) neither fill
 //! every round nor slow each one down.
@@ -299,6 +301,8 @@ impl Relay {
             }
             let messages: Vec<Outgoing> = wave.iter().map(|r| r.message.clone()).collect();
             let results = self.publisher.publish_batch(&messages).await;
+            let connected = self.publisher.client().connection_state()
+                == async_nats::connection::State::Connected;
             let mut held = self.held();
             for (row, result) in wave.into_iter().zip(results) {
                 match result {
@@ -313,6 +317,13 @@ impl Relay {
                         failed += 1;
                         if let Some(entity) = entity_of(row) {
                             blocked.insert(entity);
+                        }
+                        if !connected {
+                            // Not this row's fault: every row fails while
+                            // NATS is away, and is tried again as soon as it
+                            // is back.
+                            tracing::debug!(id = %row.id, error = %e, "outbox publish failed while NATS is away");
+                            continue;
                         }
                         let failures = held.get(&row.seq).map_or(1, |h| h.failures + 1);
                         let wait = hold_for(failures);
