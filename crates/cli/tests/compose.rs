@@ -731,15 +731,7 @@ impl LoopbackNode {
 async fn compose_s_nats_nodes_form_a_cluster_that_refuses_a_node_without_the_route_password(
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    // Twelve different ports (a port just freed can be handed out again).
-    let mut distinct = std::collections::BTreeSet::new();
-    let mut picked = Vec::new();
-    while picked.len() < 12 {
-        let port = skein_testkit::free_port()?;
-        if distinct.insert(port) {
-            picked.push(port);
-        }
-    }
+    let picked = skein_testkit::free_ports(12)?;
     let ports: Vec<(u16, u16, u16)> = picked.chunks(3).map(|p| (p[0], p[1], p[2])).collect();
     let route_ports: Vec<u16> = ports[..3].iter().map(|p| p.1).collect();
     let routes = route_environment("routeSecret42", &route_ports);

@@ -1420,9 +1420,10 @@ impl Drop for ClusterNode {
 
 /// Three nodes in `dir`, each on free ports, with JetStream.
 fn cluster(dir: &Path) -> anyhow::Result<Vec<ClusterNode>> {
-    let ports: Vec<(u16, u16)> = (0..3)
-        .map(|_| Ok((free_port()?, free_port()?)))
-        .collect::<anyhow::Result<_>>()?;
+    let ports: Vec<(u16, u16)> = skein_testkit::free_ports(6)?
+        .chunks(2)
+        .map(|p| (p[0], p[1]))
+        .collect();
     let routes: Vec<String> = ports
         .iter()
         .map(|(_, route)| format!("nats-route://127.0.0.1:{route}"))

@@ -25,7 +25,7 @@ pub mod http;
 pub mod nats;
 
 pub use db::{Backend, TestDb};
-pub use nats::{free_port, tls_dir, NatsServer, Secured};
+pub use nats::{free_port, free_ports, tls_dir, NatsServer, Secured};
 
 /// Error of the test harness.
 #[derive(Debug, thiserror::Error)]

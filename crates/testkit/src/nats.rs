@@ -289,6 +289,30 @@ pub fn free_port() -> Result<u16> {
         })
 }
 
+/// `n` different free TCP ports on loopback, held together while they
+/// are picked (one at a time, a port just freed can come back).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| {
+            TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
+                context: "cannot bind a loopback port".into(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|source| Error::Io {
+                    context: "cannot read the bound port".into(),
+                    source,
+                })
+        })
+        .collect()
+}
+
 /// Finds a nats-server >= 2.10: `$SKEIN_NATS_SERVER`, the project's
 /// `.tools/bin/nats-server` (installed by `nats/find-nats-server.sh`), or PATH.
 pub fn find_binary() -> Result<PathBuf> {
