@@ -249,14 +249,18 @@ impl Relay {
         drop(permit);
         let rows: Vec<PendingRow> = rows.iter().map(decode_row).collect::<Result<_>>()?;
         // Held rows in the range read that did not come back are no longer
-        // pending (another relay published them): forget them.
-        let read: HashSet<i64> = rows.iter().map(|r| r.seq).collect();
-        let end = match rows.last() {
-            Some(last) if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit => last.seq,
-            _ => i64::MAX,
-        };
-        self.held()
-            .retain(|seq, _| *seq <= after || *seq > end || read.contains(seq));
+        // pending (another relay published them): forget them. (Nothing to
+        // do in the usual round, with none held.)
+        let mut held = self.held();
+        if !held.is_empty() {
+            let read: HashSet<i64> = rows.iter().map(|r| r.seq).collect();
+            let end = match rows.last() {
+                Some(last) if i64::try_from(rows.len()).unwrap_or(i64::MAX) >= limit => last.seq,
+                _ => i64::MAX,
+            };
+            held.retain(|seq, _| *seq <= after || *seq > end || read.contains(seq));
+        }
+        drop(held);
         Ok(rows)
     }
 
