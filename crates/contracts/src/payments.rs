@@ -21,8 +21,8 @@ pub struct AuthorizePayment {
     pub order_id: Uuid,
     /// The paying customer.
     pub customer_id: Uuid,
-    /// Amount in cents, positive.
-    #[validate(range(min = 1))]
+    /// Amount in cents; 0 for an order of free products.
+    #[validate(range(min = 0))]
     pub amount_cents: i64,
 }
 contract!(command AuthorizePayment, "payments", "authorize_payment", v 1, entity = order_id);

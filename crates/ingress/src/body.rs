@@ -172,8 +172,10 @@ impl<T: Body> FromRequest<Shared> for Json<T> {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
-        let bytes = axum::body::to_bytes(request.into_body(), limit)
+        let within = state.config.body_timeout;
+        let bytes = tokio::time::timeout(within, axum::body::to_bytes(request.into_body(), limit))
             .await
+            .map_err(|_| ApiError::BodyTimeout(within))?
             .map_err(|_| ApiError::PayloadTooLarge(limit))?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::MalformedJson(format!(

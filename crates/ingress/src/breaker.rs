@@ -4,7 +4,9 @@
 //! no responders, transport error, 5xx) open it. Open: requests are refused at
 //! once (503 with `Retry-After`) for `open_for`, so a dead service costs
 //! clients nothing and is not hammered. Then half-open: exactly one probe
-//! passes; its success closes the breaker, its failure opens it again.
+//! passes; its success closes the breaker, its failure opens it again
+//! (requests let through before the breaker opened, answering late, decide
+//! nothing then, nor does one of them abandoned free the probe's place).
 //! A business error (4xx) is a success: the service answered.
 
 use std::collections::BTreeMap;
@@ -56,19 +58,21 @@ pub(crate) struct Permit<'a> {
     breakers: &'a Breakers,
     service: String,
     reported: bool,
+    /// The half-open breaker's one probe.
+    probe: bool,
 }
 
 impl Permit<'_> {
     /// The service answered (an error answer below 500 counts as an answer).
     pub(crate) fn success(mut self) {
         self.reported = true;
-        self.breakers.report(&self.service, true);
+        self.breakers.report(&self.service, true, self.probe);
     }
 
     /// The service failed to answer.
     pub(crate) fn failure(mut self) {
         self.reported = true;
-        self.breakers.report(&self.service, false);
+        self.breakers.report(&self.service, false, self.probe);
     }
 }
 
@@ -76,7 +80,7 @@ impl Drop for Permit<'_> {
     fn drop(&mut self) {
         // A request abandoned mid-way (client went away) must not leave a
         // half-open breaker waiting for a probe that never reports.
-        if !self.reported {
+        if !self.reported && self.probe {
             self.breakers.release_probe(&self.service);
         }
     }
@@ -97,25 +101,36 @@ impl Breakers {
         let state = services
             .entry(service.to_owned())
             .or_insert(Inner::Closed { failures: 0 });
-        match state {
-            Inner::Closed { .. } => {}
+        let probe = match state {
+            Inner::Closed { .. } => false,
             Inner::Open { until } if *until > now => return Err(*until - now),
-            Inner::Open { .. } => *state = Inner::HalfOpen { probing: true },
+            Inner::Open { .. } => {
+                *state = Inner::HalfOpen { probing: true };
+                true
+            }
             Inner::HalfOpen { probing: true } => return Err(Duration::from_secs(1)),
-            Inner::HalfOpen { probing } => *probing = true,
-        }
+            Inner::HalfOpen { probing } => {
+                *probing = true;
+                true
+            }
+        };
         Ok(Permit {
             breakers: self,
             service: service.to_owned(),
             reported: false,
+            probe,
         })
     }
 
-    fn report(&self, service: &str, ok: bool) {
+    fn report(&self, service: &str, ok: bool, probe: bool) {
         let mut services = self.services.lock().unwrap_or_else(|p| p.into_inner());
         let Some(state) = services.get_mut(service) else {
             return;
         };
+        if matches!(state, Inner::HalfOpen { .. }) && !probe {
+            // A request from before the breaker opened: the probe decides.
+            return;
+        }
         let open = Inner::Open {
             until: Instant::now() + self.config.open_for,
         };
@@ -209,6 +224,30 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         b.acquire("orders").map(Permit::success).ok();
         assert_eq!(b.states()["orders"], BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_request_from_before_the_breaker_opened_decides_nothing_once_half_open() {
+        let b = breakers(Duration::from_millis(1));
+        let (early, late) = (b.acquire("orders").ok(), b.acquire("orders").ok());
+        for _ in 0..3 {
+            b.acquire("orders").map(Permit::failure).ok();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let probe = b.acquire("orders").ok();
+        assert!(probe.is_some());
+        // Abandoned meanwhile: the probe's place stays taken.
+        drop(early);
+        assert!(b.acquire("orders").is_err(), "only one probe at a time");
+        // Answering late: the probe still decides.
+        if let Some(p) = late {
+            p.success();
+        }
+        assert_eq!(b.states()["orders"], BreakerState::HalfOpen);
+        if let Some(p) = probe {
+            p.failure();
+        }
+        assert_eq!(b.states()["orders"], BreakerState::Open);
     }
 
     #[test]

@@ -41,6 +41,21 @@ pub struct IngressConfig {
     pub publish_timeout: Duration,
     /// Largest accepted body in bytes (default 64 KiB); larger is 413.
     pub body_limit: usize,
+    /// Connections served at once (default 10,000); more wait in the
+    /// listen queue until one closes. Each costs a file descriptor: keep it
+    /// under the process's limit (`ulimit -n`).
+    pub max_connections: usize,
+    /// How long a request's headers may take to arrive (default 30 s);
+    /// slower closes the connection, so a client trickling its headers
+    /// cannot hold one for ever.
+    pub header_timeout: Duration,
+    /// How long a request's body may take to arrive once its headers have
+    /// (default 30 s); slower is 408, so a client trickling a body cannot
+    /// hold a connection and a task for ever.
+    pub body_timeout: Duration,
+    /// On shutdown, how long requests in flight may take to finish
+    /// (default 30 s) before their connections are closed.
+    pub shutdown_grace: Duration,
     /// Longest `Prefer: wait=N` honoured (default and at most 30 s).
     pub max_wait: Duration,
     /// Per client (user, or IP when anonymous) on `/v1` (default 50/s, burst 100).
@@ -83,6 +98,10 @@ impl IngressConfig {
             service_timeouts: BTreeMap::new(),
             publish_timeout: Duration::from_secs(5),
             body_limit: 64 * 1024,
+            max_connections: 10_000,
+            header_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
             max_wait: Duration::from_secs(30),
             rate_limit: RateLimit {
                 per_second: 50.0,
@@ -137,6 +156,12 @@ impl IngressConfig {
         }
         if self.body_limit == 0 {
             p.push("body_limit must be positive".to_owned());
+        }
+        if self.max_connections == 0 {
+            p.push("max_connections must be at least 1".to_owned());
+        }
+        if self.body_timeout.is_zero() || self.header_timeout.is_zero() {
+            p.push("header_timeout and body_timeout must be positive".to_owned());
         }
         if self.max_wait > Duration::from_secs(30) {
             p.push("max_wait must be at most 30 s".to_owned());

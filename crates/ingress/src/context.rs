@@ -163,8 +163,9 @@ pub(crate) async fn observe(
     response
 }
 
-/// The client's address: the peer, or the first `X-Forwarded-For` hop when
-/// the ingress is configured to trust a proxy.
+/// The client's address: the peer, or, when the ingress is configured to
+/// trust a proxy, the address that proxy appended to `X-Forwarded-For`
+/// (the last one).
 fn client_ip(state: &Shared, request: &Request) -> Option<IpAddr> {
     if state.config.trust_forwarded_for {
         if let Some(ip) = forwarded_for(request.headers()) {
@@ -177,16 +178,38 @@ fn client_ip(state: &Shared, request: &Request) -> Option<IpAddr> {
         .map(|c| c.0.ip())
 }
 
+/// The last address of `X-Forwarded-For` (of its last line, when there are
+/// several): the one the proxy in front of the ingress appended, the
+/// address it saw the request come from. Those before it are whatever the
+/// client sent, free to change with every request.
 fn forwarded_for(headers: &HeaderMap) -> Option<IpAddr> {
     headers
-        .get("x-forwarded-for")?
+        .get_all("x-forwarded-for")
+        .iter()
+        .next_back()?
         .to_str()
         .ok()?
-        .split(',')
+        .rsplit(',')
         .next()?
         .trim()
         .parse()
         .ok()
+}
+
+/// The rate-limit bucket of an address: an IPv4 address, or the /64 an
+/// IPv6 address is in (one subscriber's network usually: a client could
+/// take a fresh address from it for every request).
+fn bucket_of(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let network = u128::from(v6) & (u128::MAX << 64);
+                format!("{}/64", std::net::Ipv6Addr::from(network))
+            }
+        },
+    }
 }
 
 /// Routes limited per IP with the (stricter) login limit.
@@ -205,7 +228,7 @@ pub(crate) async fn guard(
         .unwrap_or_default();
     let authn = authenticate(&state, request.headers(), &correlation).await;
     let ip = client_ip(&state, &request)
-        .map(|ip| ip.to_string())
+        .map(bucket_of)
         .unwrap_or_else(|| "unknown".to_owned());
     if LOGIN_ROUTES.contains(&request.uri().path()) {
         if let Err(retry_after) = state.login_limiter.check(&format!("ip:{ip}")) {
@@ -244,6 +267,35 @@ impl<S: Send + Sync> FromRequestParts<S> for ClientKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_is_the_address_the_proxy_appended() {
+        let header = |v: &'static str| HeaderValue::from_static(v);
+        let mut headers = HeaderMap::new();
+        assert_eq!(forwarded_for(&headers), None);
+        headers.insert("x-forwarded-for", header("203.0.113.7"));
+        assert_eq!(forwarded_for(&headers), "203.0.113.7".parse().ok());
+        headers.insert(
+            "x-forwarded-for",
+            header("6.6.6.6, 198.51.100.1 , 203.0.113.7"),
+        );
+        assert_eq!(forwarded_for(&headers), "203.0.113.7".parse().ok());
+        headers.append("x-forwarded-for", header("2001:db8::1"));
+        assert_eq!(forwarded_for(&headers), "2001:db8::1".parse().ok());
+        headers.insert("x-forwarded-for", header("1.1.1.1, not an address"));
+        assert_eq!(forwarded_for(&headers), None);
+    }
+
+    #[test]
+    fn ipv6_clients_share_a_bucket_per_64() {
+        let bucket = |s: &str| s.parse::<IpAddr>().map(bucket_of).ok();
+        assert_eq!(bucket("203.0.113.7").as_deref(), Some("203.0.113.7"));
+        let net = Some("2001:db8:1:2::/64");
+        assert_eq!(bucket("2001:db8:1:2:aaaa::1").as_deref(), net);
+        assert_eq!(bucket("2001:db8:1:2:ffff:ffff:ffff:ffff").as_deref(), net);
+        assert_ne!(bucket("2001:db8:1:3::1").as_deref(), net);
+        assert_eq!(bucket("::ffff:203.0.113.7").as_deref(), Some("203.0.113.7"));
+    }
 
     #[test]
     fn request_ids_are_kept_only_when_well_formed() {

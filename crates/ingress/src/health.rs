@@ -7,6 +7,10 @@
 //! DLQ depth) and the circuit breakers. It answers 200 when all is well,
 //! else 503 with `failing` naming each failing part. DLQ depth is reported,
 //! not failed on: dead letters need an operator, not a load balancer.
+//!
+//! An answer is reused for a second, and requests that come while one
+//! is being made wait for it: each costs a dozen requests on the bus, and
+//! `/health` answers anyone, as often as they ask.
 
 use std::collections::BTreeMap;
 
@@ -97,20 +101,47 @@ async fn service_health(state: &AppState, service: String) -> (String, ServiceHe
     (service, health)
 }
 
+/// How long an answer of `/health` is given again.
+pub(crate) const FRESH_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last answer of `/health`: when it was made, its status and body.
+pub(crate) type LastHealth = Option<(tokio::time::Instant, StatusCode, axum::body::Bytes)>;
+
 pub(crate) async fn health(State(state): State<Shared>) -> Response {
+    // Held while checking: whoever comes meanwhile gets the same answer.
+    let mut last = state.health.lock().await;
+    let (status, body) = match &*last {
+        Some((at, status, body)) if at.elapsed() < FRESH_FOR => (*status, body.clone()),
+        _ => {
+            let (status, body) = check(&state).await;
+            let body = axum::body::Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            *last = Some((tokio::time::Instant::now(), status, body.clone()));
+            (status, body)
+        }
+    };
+    drop(last);
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+async fn check(state: &AppState) -> (StatusCode, Health) {
     let nats = state.bus_connected();
     let mut failing = Vec::new();
     let mut streams = BTreeMap::new();
     let mut services = BTreeMap::new();
     if nats {
         let (found, checked) = futures::join!(
-            futures::future::join_all([EVENTS, COMMANDS, DLQ].map(|s| stream_present(&state, s))),
+            futures::future::join_all([EVENTS, COMMANDS, DLQ].map(|s| stream_present(state, s))),
             futures::future::join_all(
                 state
                     .config
                     .services
                     .iter()
-                    .map(|s| service_health(&state, s.clone()))
+                    .map(|s| service_health(state, s.clone()))
             )
         );
         streams.extend(found);
@@ -171,5 +202,5 @@ pub(crate) async fn health(State(state): State<Shared>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, axum::Json(body)).into_response()
+    (status, body)
 }

@@ -78,6 +78,9 @@ pub struct Ingress {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     router: axum::Router,
+    grace: std::time::Duration,
+    header_timeout: std::time::Duration,
+    max_connections: usize,
 }
 
 impl Ingress {
@@ -100,11 +103,19 @@ impl Ingress {
             addr: config.bind,
             source,
         })?;
+        let (grace, header_timeout, max_connections) = (
+            config.shutdown_grace,
+            config.header_timeout,
+            config.max_connections,
+        );
         let state = Arc::new(state::AppState::new(config, bus));
         Ok(Self {
             listener,
             addr,
             router: routes::router(state),
+            grace,
+            header_timeout,
+            max_connections,
         })
     }
 
@@ -114,19 +125,103 @@ impl Ingress {
     }
 
     /// Serves until `shutdown` completes, then finishes the requests in
-    /// flight and returns.
+    /// flight and returns; connections still open `shutdown_grace` later
+    /// (a client that never finishes its request) are closed.
+    ///
+    /// HTTP/1.1 with keep-alive; a client has `header_timeout` to send a
+    /// request's headers (then its connection is closed) and `body_timeout`
+    /// for its body (then 408), so a slow client holds a connection for a
+    /// bounded time.
     pub async fn run_until<F>(self, shutdown: F) -> Result<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
         tracing::info!(addr = %self.addr, "ingress listening");
-        axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(Error::Serve)
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut connections = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                // At `max_connections`, new ones wait in the listen queue
+                // until one closes (reaped below).
+                accepted = self.listener.accept(), if connections.len() < self.max_connections => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors and the like: pause rather
+                            // than spin.
+                            tracing::warn!(error = %e, "cannot accept a connection");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    connections.spawn(serve_connection(
+                        stream,
+                        peer,
+                        self.router.clone(),
+                        self.header_timeout,
+                        stopping.clone(),
+                    ));
+                }
+                // Reap finished connections as they end.
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+        drop(self.listener);
+        let _ = stop.send(true);
+        let drained = tokio::time::timeout(self.grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = connections.len(),
+                grace_s = self.grace.as_secs_f64(),
+                "requests still in flight after the shutdown grace; closing their connections"
+            );
+            connections.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+/// Serves one connection until it closes; once `stopping` turns true, ends
+/// it after the request in flight, if any.
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    router: axum::Router,
+    header_timeout: std::time::Duration,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) {
+    use tower::ServiceExt;
+    let _ = stream.set_nodelay(true);
+    let service = router.map_request(
+        move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            request
+        },
+    );
+    let service = hyper_util::service::TowerToHyperService::new(service);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => {
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            return;
+        }
+        _ = stopping.wait_for(|stop| *stop) => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    if let Err(e) = connection.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -46,8 +46,18 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records one answered request.
+    /// Records one answered request. A method outside HTTP's own is
+    /// counted as `OTHER`: a client choosing it freely would add a series
+    /// per request.
     pub(crate) fn request(&self, method: &str, route: &str, status: u16, elapsed: Duration) {
+        const KNOWN: &[&str] = &[
+            "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+        ];
+        let method = if KNOWN.contains(&method) {
+            method
+        } else {
+            "OTHER"
+        };
         let secs = elapsed.as_secs_f64();
         let mut inner = self.lock();
         *inner

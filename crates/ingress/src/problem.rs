@@ -56,6 +56,9 @@ pub enum ApiError {
     /// The body is larger than the limit, in bytes.
     #[error("body larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The body did not arrive within this long.
+    #[error("the body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
     /// The body is not `application/json`.
     #[error("unsupported media type")]
     UnsupportedMediaType,
@@ -123,6 +126,7 @@ impl ApiError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -146,6 +150,7 @@ impl ApiError {
             ApiError::Invalid(_) => "validation",
             ApiError::BadRequest(_) => "bad-request",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
+            ApiError::BodyTimeout(_) => "body-timeout",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::Unauthenticated { .. } => "unauthenticated",
             ApiError::Forbidden(_) => "forbidden",
@@ -169,6 +174,7 @@ impl ApiError {
             ApiError::Invalid(_) => "The input is invalid",
             ApiError::BadRequest(_) => "The request is malformed",
             ApiError::PayloadTooLarge(_) => "The body is too large",
+            ApiError::BodyTimeout(_) => "The body came too slowly",
             ApiError::UnsupportedMediaType => "The body must be JSON",
             ApiError::Unauthenticated { .. } => "Authentication required",
             ApiError::Forbidden(_) => "Forbidden",
@@ -201,6 +207,10 @@ impl ApiError {
             ApiError::PayloadTooLarge(limit) => {
                 format!("the body must be at most {limit} bytes")
             }
+            ApiError::BodyTimeout(limit) => format!(
+                "the body did not arrive within {} s of the headers",
+                limit.as_secs_f64()
+            ),
             ApiError::UnsupportedMediaType => "send the body as application/json".to_owned(),
             ApiError::Unauthenticated { detail, .. } => detail.clone(),
             ApiError::RouteNotFound => "there is no such route; see /openapi.json".to_owned(),

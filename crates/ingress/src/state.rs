@@ -29,6 +29,10 @@ pub(crate) struct AppState {
     pub(crate) login_limiter: RateLimiter,
     pub(crate) idempotency: IdempotencyStore,
     pub(crate) metrics: Metrics,
+    /// One trace at a time: each reads streams through.
+    pub(crate) traces: tokio::sync::Semaphore,
+    /// `/health`'s last answer, reused for a second.
+    pub(crate) health: tokio::sync::Mutex<crate::health::LastHealth>,
 }
 
 /// The state as handlers get it.
@@ -44,6 +48,8 @@ impl AppState {
             login_limiter: RateLimiter::new(config.login_rate_limit, config.rate_limit_clients),
             idempotency: IdempotencyStore::new(config.idempotency_ttl, config.idempotency_capacity),
             metrics: Metrics::default(),
+            traces: tokio::sync::Semaphore::new(1),
+            health: tokio::sync::Mutex::new(None),
             bus,
             config,
         }

@@ -692,6 +692,25 @@ async fn roles_are_enforced_and_other_customers_data_does_not_exist() -> anyhow:
             == 404
     );
     ensure!(app.get("/v1/orders/not-a-uuid", &bob_token).await?.status == 404);
+    // A path that does not decode to text is problem+json too.
+    for path in [
+        "/v1/orders/%FF",
+        "/v1/users/%C3%28/profile",
+        "/v1/trace/%FF",
+    ] {
+        let token = if path.starts_with("/v1/trace") {
+            &app.admin
+        } else {
+            &bob_token
+        };
+        let a = app.get(path, token).await?;
+        ensure!(
+            a.status == 404
+                && a.problem() == "not-found"
+                && a.header("content-type") == Some("application/problem+json"),
+            "{path}: {a:?}"
+        );
+    }
 
     let admin_view = app.get(&format!("/v1/orders/{order}"), &app.admin).await?;
     ensure!(admin_view.status == 200, "{admin_view:?}");
@@ -1450,6 +1469,35 @@ async fn an_order_waited_for_is_confirmed_by_the_saga_and_admins_see_that_saga(
     ensure!(denied.status == 403, "{denied:?}");
     let unknown = app.get("/v1/trace/no-such-request", &app.admin).await?;
     ensure!(unknown.status == 404, "{unknown:?}");
+    // A request id is looked for since a time (a day ago by default); one
+    // with colons is an id like any other.
+    let since = app
+        .get(
+            "/v1/trace/req:with:colons?since=2026-01-01T01:00:00+01:00",
+            &app.admin,
+        )
+        .await?;
+    ensure!(
+        since.status == 404
+            && since.body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("req:with:colons (since 2026-01-01T01:00:00+01:00)")),
+        "{since:?}"
+    );
+    let bad = app
+        .get(
+            "/v1/trace/no-such-request?since=yesterday&depth=2",
+            &app.admin,
+        )
+        .await?;
+    let fields: Vec<&str> = bad.body["violations"]
+        .as_array()
+        .map(|v| v.iter().filter_map(|v| v["field"].as_str()).collect())
+        .unwrap_or_default();
+    ensure!(
+        bad.status == 422 && fields == ["?depth", "?since"],
+        "{bad:?}"
+    );
 
     let products = app.get("/v1/products", &token).await?;
     ensure!(products.body["items"][0]["available"] == 8, "{products:?}");
@@ -1727,9 +1775,32 @@ async fn health_turns_503_naming_a_stopped_service_and_200_when_it_is_back() -> 
         "{healthy:?}"
     );
 
+    // Asked by many at once, it asks the services once: an answer serves
+    // everyone for a second.
+    let mut pings = app.p.bus.client().subscribe("$SRV.PING.orders").await?;
+    app.p.bus.client().flush().await?;
+    let asking = std::time::Instant::now();
+    let asked = futures::future::join_all((0..20).map(|_| app.send(Req::new("GET", "/health"))))
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    ensure!(asked.iter().all(|a| a.status == 200), "{asked:?}");
+    // One check a second at most, however slow the machine.
+    let seconds = asking.elapsed().as_secs() as usize;
+    let pinged = drain(&mut pings, Duration::from_millis(300)).await.len();
+    ensure!(
+        pinged <= 2 + seconds,
+        "20 health requests pinged orders {pinged} times in {seconds} s"
+    );
+
     app.stop_worker("projector").await?;
-    let sick = app.send(Req::new("GET", "/health")).await?;
-    ensure!(sick.status == 503, "{sick:?}");
+    // Once the answer of before is a second old.
+    let sick = eventually(WAIT, || async {
+        let a = app.send(Req::new("GET", "/health")).await.ok()?;
+        (a.status == 503).then_some(a)
+    })
+    .await
+    .context("health never turned 503")?;
     let failing = sick.body["failing"].to_string();
     ensure!(
         failing.contains("service projector: not answering"),
@@ -1832,6 +1903,176 @@ async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() 
     Ok(())
 }
 
+/// Behind a proxy (`trust_forwarded_for`), a client's log-ins are limited
+/// by the address the proxy appended to `X-Forwarded-For`, whatever the
+/// client put before it; clients the proxy tells apart have their own
+/// buckets.
+#[tokio::test]
+async fn behind_a_proxy_log_ins_are_limited_by_the_address_it_appended() -> anyhow::Result<()> {
+    let app = App::start_with(|c| {
+        c.trust_forwarded_for = true;
+        c.login_rate_limit = RateLimit {
+            per_second: 0.01,
+            burst: 3,
+        };
+    })
+    .await?;
+    let login = |forwarded: String| {
+        app.send(
+            Req::new("POST", "/v1/auth/token")
+                .header("x-forwarded-for", &forwarded)
+                .json(&json!({"email": ADMIN_EMAIL, "password": "a wrong guess"})),
+        )
+    };
+    let mut statuses = Vec::new();
+    for i in 0..4 {
+        // A spoofed first hop that changes with every try.
+        statuses.push(login(format!("10.9.8.{i}, 203.0.113.7")).await?.status);
+    }
+    ensure!(statuses == [401, 401, 401, 429], "{statuses:?}");
+    // Another client behind the proxy is not limited by the first.
+    let other = login("203.0.113.8".to_owned()).await?;
+    ensure!(other.status == 401, "{other:?}");
+    // Nor is an IPv6 client; fresh addresses of its /64 share its bucket.
+    let mut statuses = Vec::new();
+    for i in 1..=4 {
+        statuses.push(login(format!("2001:db8:7:7::{i}")).await?.status);
+    }
+    ensure!(statuses == [401, 401, 401, 429], "{statuses:?}");
+    Ok(())
+}
+
+/// A body that trickles in is answered 408 once `body_timeout` passed; and
+/// a client that never finishes its request holds up a shutdown for
+/// `shutdown_grace` at most.
+#[tokio::test]
+async fn a_slow_body_gets_408_and_a_stuck_client_does_not_hold_up_shutdown() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut app = App::start_with(|c| {
+        c.body_timeout = Duration::from_secs(1);
+        c.shutdown_grace = Duration::from_secs(1);
+    })
+    .await?;
+    let start_body = |addr: SocketAddr| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(
+                b"POST /v1/auth/token HTTP/1.1\r\nhost: localhost\r\n\
+                  content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"email\":",
+            )
+            .await?;
+        anyhow::Ok(stream)
+    };
+    let mut slow = start_body(app.addr).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("body-timeout") {
+            let n = slow.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("no answer to a body that stopped coming")??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("urn:skein:problem:body-timeout"),
+        "{answer}"
+    );
+
+    // Half the headers sent, and nothing more: the connection stays busy
+    // (no body timeout applies yet); a shutdown closes it after the grace.
+    let mut stuck = tokio::net::TcpStream::connect(app.addr).await?;
+    stuck
+        .write_all(b"POST /v1/auth/token HTTP/1.1\r\nhost: local")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stop = app.stop.take().context("stop")?;
+    let server = app.server.take().context("server")?;
+    let stopping = std::time::Instant::now();
+    let _ = stop.send(());
+    let served = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .context("the ingress did not stop with a client stuck in its request")??;
+    served?;
+    ensure!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+    Ok(())
+}
+
+/// A client that sends half its headers and stops has its connection
+/// closed after `header_timeout`; a request after it is served as usual
+/// (keep-alive included).
+#[tokio::test]
+async fn a_client_trickling_its_headers_is_cut_off() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = App::start_with(|c| c.header_timeout = Duration::from_secs(1)).await?;
+    let mut slow = tokio::net::TcpStream::connect(app.addr).await?;
+    slow.write_all(b"GET /health/live HTTP/1.1\r\nhost: loc")
+        .await?;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf))
+        .await
+        .context("the connection was still open after 10 s")?;
+    // Closed (or answered and closed) once the timeout passed, not before.
+    ensure!(
+        started.elapsed() >= Duration::from_millis(900),
+        "ended with {read:?} after {:?}",
+        started.elapsed()
+    );
+    // Two requests on one connection still work.
+    let mut kept = tokio::net::TcpStream::connect(app.addr).await?;
+    let mut answers = String::new();
+    for _ in 0..2 {
+        kept.write_all(b"GET /health/live HTTP/1.1\r\nhost: localhost\r\n\r\n")
+            .await?;
+        let n = tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf)).await??;
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    ensure!(answers.matches("HTTP/1.1 200").count() == 2, "{answers}");
+    Ok(())
+}
+
+/// Past `max_connections`, a new connection waits until one closes, and is
+/// then served.
+#[tokio::test]
+async fn connections_past_the_limit_wait_for_one_to_close() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = App::start_with(|c| c.max_connections = 1).await?;
+    let request = b"GET /health/live HTTP/1.1\r\nhost: localhost\r\n\r\n";
+    let mut buf = [0u8; 1024];
+    // Held open (keep-alive) after its answer.
+    let mut first = tokio::net::TcpStream::connect(app.addr).await?;
+    first.write_all(request).await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), first.read(&mut buf)).await??;
+    ensure!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut second = tokio::net::TcpStream::connect(app.addr).await?;
+    second.write_all(request).await?;
+    let waited = tokio::time::timeout(Duration::from_secs(1), second.read(&mut buf)).await;
+    ensure!(
+        waited.is_err(),
+        "a second connection was served: {waited:?}"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .context("the waiting connection was not served once the first closed")??;
+    ensure!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    Ok(())
+}
+
 // ---- documentation and figures ----
 
 #[tokio::test]
@@ -1902,6 +2143,10 @@ async fn metrics_count_requests_by_route_and_status_and_published_commands() -> 
         &json!({"lines": [{"product_id": Uuid::now_v7(), "quantity": 1}]}),
     )
     .await?;
+    // Methods a client makes up count as one series, not one each.
+    for method in ["ZZ1", "ZZ2", "BREW"] {
+        app.send(Req::new(method, "/no/such/route")).await?;
+    }
     let m = app.send(Req::new("GET", "/metrics")).await?;
     ensure!(
         m.header("content-type")
@@ -1919,5 +2164,13 @@ async fn metrics_count_requests_by_route_and_status_and_published_commands() -> 
     ] {
         ensure!(text.contains(expected), "missing {expected} in\n{text}");
     }
+    let other: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("skein_ingress_requests_total{method=\"OTHER\""))
+        .collect();
+    ensure!(
+        other.len() == 1 && other[0].ends_with(" 3") && !text.contains("ZZ1"),
+        "made-up methods: {other:?} in\n{text}"
+    );
     Ok(())
 }

@@ -59,7 +59,7 @@ use futures::{FutureExt, StreamExt};
 use skein_bus::publish::send_if_connected;
 use skein_bus::{Outgoing, Publisher};
 use sqlx::postgres::{PgConnectOptions, PgListener};
-use sqlx::{ConnectOptions, Connection, PgConnection, Row};
+use sqlx::{ConnectOptions, Connection, Executor, PgConnection, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -81,7 +81,10 @@ pub struct RelayConfig {
     pub inbox_retention: Duration,
     /// How often old rows are cleaned up.
     pub cleanup_interval: Duration,
-    /// Lease duration on SQLite; standbys retry at this period.
+    /// Lease duration on SQLite; standbys retry at this period. The active
+    /// relay checks its lock every third of it; on PostgreSQL the server
+    /// ends a lock session silent for three leases (freeing the lock for a
+    /// standby), and a check unanswered within a lease gives the lock up.
     pub lease: Duration,
     /// SQLite: how long the active relay lets published rows wait before
     /// it marks them published, to mark the rows of many rounds in one
@@ -398,9 +401,13 @@ impl Relay {
 
     /// SQLite's rounds as the active relay: like [`Relay::drain`], marking
     /// the rows published through `unmarked` (see the [module docs](self)).
-    async fn drain_unmarked(&self, unmarked: &mut Unmarked) -> Result<usize> {
+    async fn drain_unmarked(
+        &self,
+        unmarked: &mut Unmarked,
+        until: tokio::time::Instant,
+    ) -> Result<bool> {
         let batch = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
-        let mut total = 0;
+        let mut more = false;
         loop {
             // Before reading: rows that are due get marked even when the
             // read fails.
@@ -413,7 +420,6 @@ impl Relay {
             }
             let acked = self.publish(&rows).await;
             let published = acked.len();
-            total += published;
             if !unmarked.published(&rows, acked) {
                 // A publish failed and rows behind it were published: mark
                 // those now, or the next round reads them again with the
@@ -426,11 +432,15 @@ impl Relay {
             if rows.len() < batch {
                 break;
             }
+            if tokio::time::Instant::now() >= until {
+                more = true;
+                break;
+            }
         }
         if unmarked.due(self.config.mark_delay, batch) {
             self.mark_unmarked(unmarked).await?;
         }
-        Ok(total)
+        Ok(more)
     }
 
     /// Marks the rows of `unmarked` published.
@@ -441,17 +451,29 @@ impl Relay {
         Ok(())
     }
 
-    /// One pass of the active relay: every round [`Relay::drain`] would
-    /// run, on SQLite marking through `unmarked`.
-    async fn pass(&self, unmarked: &mut Unmarked) -> Result<usize> {
+    /// One pass of the active relay: the rounds [`Relay::drain`] would
+    /// run, on SQLite marking through `unmarked`, but none begun after
+    /// `until`; whether it stopped for that with rows left. A backlog takes
+    /// several passes, and the lock is checked between them: a SQLite lease
+    /// not renewed for longer than itself runs out, and a standby would
+    /// take over while this relay still publishes; a PostgreSQL lock
+    /// session found lost ends the term.
+    async fn pass(&self, unmarked: &mut Unmarked, until: tokio::time::Instant) -> Result<bool> {
         match self.store.backend() {
-            Backend::Sqlite => self.drain_unmarked(unmarked).await,
-            Backend::Postgres => self.drain().await,
+            Backend::Sqlite => self.drain_unmarked(unmarked, until).await,
+            Backend::Postgres => Ok(self.drain_until(Some(until)).await?.1),
         }
     }
 
     /// Publishes until the outbox is empty or a round publishes nothing.
     pub async fn drain(&self) -> Result<usize> {
+        let (total, _) = self.drain_until(None).await?;
+        Ok(total)
+    }
+
+    /// [`Relay::drain`], beginning no round after `until`; also whether
+    /// it stopped for that with rows left.
+    async fn drain_until(&self, until: Option<tokio::time::Instant>) -> Result<(usize, bool)> {
         let mut total = 0;
         loop {
             let (fetched, published) = self.publish_pending_once().await?;
@@ -459,7 +481,10 @@ impl Relay {
             if published == 0
                 || fetched < usize::try_from(self.config.batch_size).unwrap_or(usize::MAX)
             {
-                return Ok(total);
+                return Ok((total, false));
+            }
+            if until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+                return Ok((total, true));
             }
         }
     }
@@ -618,9 +643,12 @@ impl Relay {
     /// Holds the lock and relays until shutdown or until the lock is lost.
     async fn serve(&self, mut lock: Lock, shutdown: &CancellationToken) -> Result<()> {
         let mut wakeups = match self.store.backend() {
-            Backend::Postgres => match PgListener::connect(self.store.url()).await {
+            Backend::Postgres => match self.listener().await {
                 Ok(mut l) => match l.listen("skein_outbox").await {
-                    Ok(()) => Wakeups::Notify(l),
+                    Ok(()) => Wakeups::Notify {
+                        listener: l,
+                        retry_at: None,
+                    },
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot LISTEN; falling back to polling");
                         Wakeups::None
@@ -678,8 +706,11 @@ impl Relay {
         let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
         loop {
-            match self.pass(unmarked).await {
-                Ok(_) => {
+            let until = tokio::time::Instant::now() + self.config.lease / 3;
+            let mut more = false;
+            match self.pass(unmarked, until).await {
+                Ok(left) => {
+                    more = left;
                     failures = 0;
                     // At most once a second: rounds can come at commit rate.
                     if let Some(stats) = self
@@ -716,7 +747,10 @@ impl Relay {
                 last_lock_check = tokio::time::Instant::now();
                 self.keep(lock).await?;
             }
-            let wait = if failures > 0 {
+            let wait = if more {
+                // Rows are left: on with them once the lock is checked.
+                Duration::ZERO
+            } else if failures > 0 {
                 Duration::from_millis(100 * u64::from(failures.min(20)))
             } else {
                 // Wake for the marks when they are due, if nothing comes
@@ -731,8 +765,10 @@ impl Relay {
             .min((self.config.lease / 3).saturating_sub(last_lock_check.elapsed()));
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    // Publish what is committed before leaving.
-                    let _ = self.pass(unmarked).await;
+                    // Publish what is committed before leaving (for a
+                    // third of a lease at most: the next relay takes the
+                    // rest).
+                    let _ = self.pass(unmarked, tokio::time::Instant::now() + self.config.lease / 3).await;
                     return Ok(());
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -753,17 +789,20 @@ impl Relay {
                     .url()
                     .parse()
                     .map_err(Error::query("invalid PostgreSQL URL"))?;
+                // Named, so `pg_stat_activity` shows who holds the lock.
                 let mut conn = options
+                    .application_name(&session_name("relay", &self.owner))
                     .connect()
                     .await
                     .map_err(Error::query("cannot open the relay lock connection"))?;
+                self.end_with_silence(&mut conn).await;
                 let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                     .bind(RELAY_LOCK_KEY)
                     .fetch_one(&mut conn)
                     .await
                     .map_err(Error::query("cannot take the relay lock"))?;
                 if got {
-                    Ok(Some(Lock::Postgres(conn)))
+                    Ok(Some(Lock::Postgres(PgLock::hold(conn, self.config.lease))))
                 } else {
                     let _ = conn.close().await;
                     Ok(None)
@@ -796,13 +835,69 @@ impl Relay {
         }
     }
 
+    /// The connection that hears of commits in other processes (`LISTEN`),
+    /// named `skein relay listen <owner>` in `pg_stat_activity`.
+    async fn listener(&self) -> std::result::Result<PgListener, sqlx::Error> {
+        let options: PgConnectOptions = self.store.url().parse()?;
+        let name = session_name("relay listen", &self.owner);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            // It only reconnects the listener: no timeouts.
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with(options.application_name(&name));
+        PgListener::connect_with(&pool).await
+    }
+
+    /// Asks the server to end the lock session, and so free the lock, once
+    /// this relay stops talking on it: a relay pings it every third of a
+    /// lease, and the server ends it after three leases without a word
+    /// (`idle_session_timeout`, PostgreSQL 14 and later) or when TCP
+    /// keepalives find its peer gone. Without that, a relay whose host
+    /// died without closing the connection (power lost, a partition, a
+    /// paused machine) would keep the lock, and every copy's outbox
+    /// waiting, until the server's own keepalives notice: two hours by
+    /// default.
+    ///
+    /// Best effort: a server (or a proxy) that refuses these settings gets
+    /// a warning, and the lock is taken without them.
+    async fn end_with_silence(&self, conn: &mut PgConnection) {
+        let lease = self.config.lease;
+        let idle = (lease * 3).as_millis().max(1);
+        let keepalive_idle = lease.as_secs().max(1);
+        let keepalive_interval = (lease / 3).as_secs().max(1);
+        if let Err(e) = conn
+            .execute(
+                format!(
+                    "SET tcp_keepalives_idle = {keepalive_idle}; \
+                     SET tcp_keepalives_interval = {keepalive_interval}; \
+                     SET tcp_keepalives_count = 3"
+                )
+                .as_str(),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "cannot set TCP keepalives on the relay lock session");
+        }
+        match conn
+            .execute(format!("SET idle_session_timeout = {idle}").as_str())
+            .await
+        {
+            Ok(_) => {}
+            // Before PostgreSQL 14: the keepalives only (on TCP).
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42704") => {
+                tracing::debug!(error = %e, "no idle_session_timeout on this server; a silent relay keeps the lock until TCP keepalives end its session");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set idle_session_timeout on the relay lock session; a silent relay keeps the lock until TCP keepalives end its session");
+            }
+        }
+    }
+
     /// Checks that the lock is still held (renewing the SQLite lease).
     async fn keep(&self, lock: &mut Lock) -> Result<()> {
         match lock {
-            Lock::Postgres(conn) => conn
-                .ping()
-                .await
-                .map_err(Error::query("relay lock connection lost")),
+            Lock::Postgres(held) => held.check().await,
             Lock::Lease => match self.acquire().await? {
                 Some(_) => Ok(()),
                 None => Err(Error::LockLost),
@@ -882,18 +977,85 @@ impl Unmarked {
     }
 }
 
+/// `skein <role> <owner>`, cut to the 63 bytes PostgreSQL keeps of an
+/// `application_name`, at a character boundary (an owner may be any subject
+/// token, not only ASCII).
+fn session_name(role: &str, owner: &str) -> String {
+    let mut name = format!("skein {role} {owner}");
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
 /// Advisory lock key of the relay ("skein" outbox).
 const RELAY_LOCK_KEY: i64 = 0x736b_6569_6e00_0001;
 
 enum Lock {
-    Postgres(PgConnection),
+    Postgres(PgLock),
     Lease,
+}
+
+/// The PostgreSQL lock's session, pinged every third of a lease by a task
+/// of its own, whatever the relay is doing (a long cleanup, a round waiting
+/// for NATS): the server ends a session silent for three leases, and must
+/// not end this one while its relay works. Dropped, it closes the session,
+/// which frees the lock.
+struct PgLock {
+    /// Ends, with why, once the session is lost.
+    pinger: JoinHandle<Error>,
+}
+
+impl PgLock {
+    fn hold(mut conn: PgConnection, lease: Duration) -> Self {
+        let pinger = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(lease / 3);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                // Given up when the server does not answer within a lease:
+                // it may have ended the session already.
+                match tokio::time::timeout(lease, conn.ping()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        return Error::Query {
+                            context: "relay lock connection lost",
+                            source: e,
+                        }
+                    }
+                    Err(_) => return Error::LockUnanswered(lease),
+                }
+            }
+        });
+        Self { pinger }
+    }
+
+    /// Why the session was lost, once it was.
+    async fn check(&mut self) -> Result<()> {
+        if !self.pinger.is_finished() {
+            return Ok(());
+        }
+        Err((&mut self.pinger).await.unwrap_or(Error::LockLost))
+    }
+}
+
+impl Drop for PgLock {
+    fn drop(&mut self) {
+        self.pinger.abort();
+    }
 }
 
 /// How the active relay hears of commits in other processes.
 enum Wakeups {
-    /// PostgreSQL: `LISTEN skein_outbox`.
-    Notify(PgListener),
+    /// PostgreSQL: `LISTEN skein_outbox`; after a reconnection failed, not
+    /// before `retry_at`.
+    Notify {
+        listener: PgListener,
+        retry_at: Option<tokio::time::Instant>,
+    },
     /// SQLite: `skein.outbox.wake.<owner>`, sent by the standby relays.
     Nats(async_nats::Subscriber),
     /// Neither could be set up: the poll only.
@@ -904,9 +1066,27 @@ impl Wakeups {
     /// Waits for the next wake-up.
     async fn next(&mut self) {
         match self {
-            Wakeups::Notify(listener) => {
-                if let Err(e) = listener.recv().await {
-                    tracing::debug!(error = %e, "LISTEN connection lost; it reconnects");
+            Wakeups::Notify { listener, retry_at } => {
+                // Kept across calls: this future is dropped whenever a
+                // commit or the poll comes first.
+                if let Some(at) = *retry_at {
+                    tokio::time::sleep_until(at).await;
+                    *retry_at = None;
+                }
+                match listener.try_recv().await {
+                    // A notification; or the connection was lost and is
+                    // back, listening again: the pass that follows reads
+                    // what was committed while nobody listened.
+                    Ok(_) => {}
+                    // It cannot reconnect (the server full or away). Not
+                    // again for a second: each failure runs a pass, and a
+                    // reconnection that keeps failing while passes succeed
+                    // would spin, opening a connection per pass. The poll
+                    // covers the pause.
+                    Err(e) => {
+                        tracing::debug!(error = %e, "LISTEN connection lost; reconnecting in a second");
+                        *retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                    }
                 }
             }
             Wakeups::Nats(subscriber) => {
@@ -975,4 +1155,18 @@ pub(crate) fn decode_row(row: &sqlx::any::AnyRow) -> Result<PendingRow> {
             payload: payload.into(),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_names_fit_postgres_and_cut_at_a_character() {
+        assert_eq!(session_name("relay", "orders.1"), "skein relay orders.1");
+        // "skein relay " is 12 bytes, each "é" 2: byte 63 falls inside one.
+        let long = session_name("relay", &"é".repeat(40));
+        assert!(long.starts_with("skein relay é") && long.ends_with('é'));
+        assert_eq!(long.len(), 62, "{long}");
+    }
 }

@@ -63,6 +63,13 @@ pub struct StoreConfig {
     /// outbox's pages, and costs its length in disk space (the log file
     /// keeps its size once grown) and in recovery time after a crash.
     pub checkpoint_pages: u32,
+    /// SQLite: the page cache of each connection, in KiB (`PRAGMA
+    /// cache_size`); `None` keeps SQLite's default of about 2 MB. The
+    /// writer's cache fills up under load and stays allocated, so a
+    /// process holding several databases pays it once per database; a
+    /// smaller one costs a read from the operating system's page cache on
+    /// a miss.
+    pub sqlite_cache_kib: Option<u32>,
 }
 
 impl StoreConfig {
@@ -75,6 +82,7 @@ impl StoreConfig {
             max_connections,
             busy_timeout: Duration::from_secs(10),
             checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
+            sqlite_cache_kib: None,
         }
     }
 }
@@ -123,6 +131,7 @@ struct Writer {
     options: AnyConnectOptions,
     busy_timeout: Duration,
     checkpoint_pages: u32,
+    cache_kib: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -152,7 +161,9 @@ impl Writer {
             }
         }
         if state.conn.is_none() && !state.closed {
-            state.conn = Some(open_sqlite_writer(&self.options, self.checkpoint_pages).await?);
+            state.conn = Some(
+                open_sqlite_writer(&self.options, self.checkpoint_pages, self.cache_kib).await?,
+            );
         }
         let conn =
             OwnedMutexGuard::try_map(state, |s| s.conn.as_mut()).map_err(|_| Error::Closed)?;
@@ -187,11 +198,12 @@ pub(crate) use while_busy;
 async fn open_sqlite_writer(
     options: &AnyConnectOptions,
     checkpoint_pages: u32,
+    cache_kib: Option<u32>,
 ) -> Result<AnyConnection> {
     let mut conn = AnyConnection::connect_with(options)
         .await
         .map_err(Error::query("cannot open the SQLite writer connection"))?;
-    set_up_sqlite(&mut conn, Duration::ZERO)
+    set_up_sqlite(&mut conn, Duration::ZERO, cache_kib)
         .await
         .map_err(Error::query("cannot set up the SQLite writer connection"))?;
     conn.execute(format!("PRAGMA wal_autocheckpoint = {checkpoint_pages}").as_str())
@@ -374,13 +386,14 @@ impl Store {
                 let url = sqlite_url_creating(&config.url)?;
                 let options = AnyConnectOptions::from_str(&url).map_err(connect_error)?;
                 // The writer first: it creates the file and switches it to WAL.
-                let conn = open_sqlite_writer(&options, config.checkpoint_pages)
-                    .await
-                    .map_err(|e| match e {
-                        Error::Query { source, .. } => connect_error(source),
-                        other => other,
-                    })?;
-                let readers = sqlite_pool(config.busy_timeout)
+                let conn =
+                    open_sqlite_writer(&options, config.checkpoint_pages, config.sqlite_cache_kib)
+                        .await
+                        .map_err(|e| match e {
+                            Error::Query { source, .. } => connect_error(source),
+                            other => other,
+                        })?;
+                let readers = sqlite_pool(config.busy_timeout, config.sqlite_cache_kib)
                     .max_connections(config.max_connections)
                     .connect_with(options.clone())
                     .await
@@ -394,6 +407,7 @@ impl Store {
                     options,
                     busy_timeout: config.busy_timeout,
                     checkpoint_pages: config.checkpoint_pages,
+                    cache_kib: config.sqlite_cache_kib,
                 };
                 (readers, Some(Arc::new(writer)))
             }
@@ -521,12 +535,12 @@ impl Store {
 
 /// Pool options for a SQLite database: no ping before use, and each
 /// connection set up for WAL.
-fn sqlite_pool(busy_timeout: Duration) -> AnyPoolOptions {
+fn sqlite_pool(busy_timeout: Duration, cache_kib: Option<u32>) -> AnyPoolOptions {
     AnyPoolOptions::new()
         // A file does not drop connections: no ping (a round trip to the
         // connection's thread) before every use.
         .test_before_acquire(false)
-        .after_connect(move |conn, _meta| Box::pin(set_up_sqlite(conn, busy_timeout)))
+        .after_connect(move |conn, _meta| Box::pin(set_up_sqlite(conn, busy_timeout, cache_kib)))
 }
 
 /// Sets a new SQLite connection up: WAL lets readers run beside the
@@ -535,12 +549,18 @@ fn sqlite_pool(busy_timeout: Duration) -> AnyPoolOptions {
 async fn set_up_sqlite(
     conn: &mut AnyConnection,
     busy_timeout: Duration,
+    cache_kib: Option<u32>,
 ) -> std::result::Result<(), sqlx::Error> {
     conn.execute("PRAGMA journal_mode = WAL").await?;
     conn.execute("PRAGMA synchronous = NORMAL").await?;
     conn.execute(format!("PRAGMA busy_timeout = {}", busy_timeout.as_millis()).as_str())
         .await?;
     conn.execute("PRAGMA foreign_keys = ON").await?;
+    if let Some(kib) = cache_kib {
+        // Negative: a size in KiB rather than in pages.
+        conn.execute(format!("PRAGMA cache_size = -{}", kib.max(1)).as_str())
+            .await?;
+    }
     Ok(())
 }
 

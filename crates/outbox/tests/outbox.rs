@@ -886,6 +886,74 @@ async fn a_standby_relay_takes_over_when_the_active_one_stops(
     Ok(())
 }
 
+/// A backlog that takes the active relay several leases to publish does
+/// not cost it its lock (the SQLite lease running out: it is renewed
+/// between passes; the PostgreSQL server ending a lock session silent for
+/// three leases: it is pinged by a task of its own): a standby beside it
+/// never takes over mid-drain, so no row goes out twice.
+async fn a_backlog_longer_than_a_lease_to_publish_keeps_the_active_relay_its_lock(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let commit = async |from: i64, rows: i64| -> anyhow::Result<()> {
+        for chunk in (from..from + rows).step_by(1000) {
+            let mut tx = h.store.begin().await?;
+            for n in chunk..(chunk + 1000).min(from + rows) {
+                tx.publish(&happened(&format!("e{}", n % 64), n)?);
+            }
+            tx.commit().await?;
+        }
+        Ok(())
+    };
+    let config = RelayConfig {
+        lease: Duration::from_millis(500),
+        ..fast_relay()
+    };
+    // How fast this machine publishes, so that the backlog takes several
+    // leases whatever its speed.
+    const PROBE: i64 = 5_000;
+    commit(0, PROBE).await?;
+    let probing = std::time::Instant::now();
+    h.relay(config.clone()).drain().await?;
+    let per_second = PROBE as f64 / probing.elapsed().as_secs_f64().max(0.001);
+    let rows = ((per_second * config.lease.as_secs_f64() * 8.0) as i64).clamp(20_000, 400_000);
+    commit(PROBE, rows).await?;
+
+    let started = std::time::Instant::now();
+    let active = h.relay(config.clone());
+    active.clone().spawn(h.shutdown.clone());
+    h.backlog_at_most(rows - 1, Duration::from_secs(10))
+        .await
+        .context("the first relay published nothing")?;
+    let standby = Relay::new(
+        Store::connect(h.db.url()).await?,
+        h.bus.publisher(),
+        config.clone(),
+    );
+    standby.clone().spawn(h.shutdown.clone());
+    h.backlog_at_most(0, Duration::from_secs(120))
+        .await
+        .context("the backlog was not published")?;
+    let took = started.elapsed();
+    // Else the test shows nothing.
+    ensure!(
+        took > config.lease * 4,
+        "{rows} rows took {took:?} to publish, not several leases (probed {per_second:.0}/s)"
+    );
+    let (active, standby) = (active.duplicates(), standby.duplicates());
+    ensure!(
+        active + standby == 0,
+        "rows published twice: {active} by the first relay, {standby} by the standby (in {took:?})"
+    );
+    let published = h.stream_messages().await?.len();
+    ensure!(
+        i64::try_from(published)? == PROBE + rows,
+        "{published} messages in the stream, expected {}",
+        PROBE + rows
+    );
+    Ok(())
+}
+
 async fn rows_committed_while_nats_is_down_are_published_when_it_returns(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -1581,6 +1649,7 @@ backend_tests!(
     a_failing_handler_commits_nothing_and_can_run_again,
     the_relay_wakes_on_commit_without_waiting_for_the_poll,
     a_standby_relay_takes_over_when_the_active_one_stops,
+    a_backlog_longer_than_a_lease_to_publish_keeps_the_active_relay_its_lock,
     rows_committed_while_nats_is_down_are_published_when_it_returns,
     published_rows_are_kept_for_the_retention_period_then_removed,
     migrations_run_once_per_component,
@@ -1880,6 +1949,182 @@ async fn sqlite_the_writer_is_set_to_checkpoint_at_the_configured_log_length() -
     .await?;
     let pages = checkpoint_pages(&short).await?;
     ensure!(pages == 50, "configured 50 pages, the writer has {pages}");
+    Ok(())
+}
+
+/// Every SQLite connection, the writer and the readers, has the configured
+/// page cache; without one, SQLite's default.
+#[tokio::test]
+async fn sqlite_every_connection_has_the_configured_page_cache() -> anyhow::Result<()> {
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let caches = async |store: &Store| -> anyhow::Result<(i64, i64)> {
+        let mut tx = store.begin().await?;
+        let writer: i64 = sqlx::query_scalar("PRAGMA cache_size")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.rollback().await?;
+        let reader: i64 = sqlx::query_scalar("PRAGMA cache_size")
+            .fetch_one(store.pool())
+            .await?;
+        Ok((writer, reader))
+    };
+    let default = Store::connect(db.url()).await?;
+    let (writer, reader) = caches(&default).await?;
+    // SQLite's default: 2,000 KiB, given as a negative number of KiB.
+    ensure!(
+        (writer, reader) == (-2000, -2000),
+        "by default the writer's cache is {writer} and a reader's {reader}"
+    );
+    let small = Store::connect_with(skein_outbox::StoreConfig {
+        sqlite_cache_kib: Some(300),
+        ..skein_outbox::StoreConfig::new(db.url())
+    })
+    .await?;
+    let (writer, reader) = caches(&small).await?;
+    ensure!(
+        (writer, reader) == (-300, -300),
+        "configured 300 KiB, the writer's cache is {writer} and a reader's {reader}"
+    );
+    Ok(())
+}
+
+/// A PostgreSQL relay that goes silent while it holds the lock (its machine
+/// paused or cut off, its connection left open) loses the lock within a few
+/// leases, and a standby publishes what is committed meanwhile; before,
+/// the server kept the silent session's lock until its TCP keepalives gave
+/// up, two hours by default. The lock session is named after its relay.
+#[tokio::test]
+async fn postgres_a_standby_takes_over_from_an_active_relay_gone_silent() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Postgres).await?;
+    let config = RelayConfig {
+        lease: Duration::from_secs(1),
+        ..fast_relay()
+    };
+    // The first relay runs on a thread of its own, which the test then
+    // blocks: its lock connection stays open and says nothing, as on a
+    // paused machine.
+    const SILENCE: Duration = Duration::from_secs(15);
+    let (silence_tx, silence_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = CancellationToken::new();
+    let silent = {
+        let (url, publisher, config, stop) = (
+            h.db.url().to_owned(),
+            h.bus.publisher(),
+            config.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let store = Store::connect(&url).await?;
+                let relay = Relay::new(store, publisher, config).spawn(stop.clone());
+                if silence_rx.await.is_ok() {
+                    std::thread::sleep(SILENCE);
+                }
+                stop.cancel();
+                relay.await?;
+                Ok(())
+            })
+        })
+    };
+    h.write("a", 1).await?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("the first relay did not publish")?;
+    let holders: Vec<String> = sqlx::query_scalar(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND a.datname = current_database()",
+    )
+    .fetch_all(h.store.pool())
+    .await?;
+    ensure!(
+        holders.len() == 1 && holders[0].starts_with("skein relay "),
+        "the relay lock is held by sessions named {holders:?}"
+    );
+
+    let _ = silence_tx.send(());
+    let other = Store::connect(h.db.url()).await?;
+    Relay::new(other, h.bus.publisher(), config).spawn(h.shutdown.clone());
+    for n in 0..3 {
+        h.write("b", n).await?;
+    }
+    let taken_over = h.backlog_at_most(0, Duration::from_secs(10)).await;
+    stop.cancel();
+    let joined = tokio::task::spawn_blocking(move || silent.join()).await?;
+    taken_over.context("the standby did not take over from the silent relay")?;
+    joined
+        .map_err(|_| anyhow::anyhow!("the silent relay's thread panicked"))?
+        .context("the silent relay")?;
+    let published = h.stream_messages().await?.len();
+    ensure!(
+        published == 4,
+        "{published} messages in the stream, expected 4"
+    );
+    Ok(())
+}
+
+/// The PostgreSQL relay's LISTEN connection, lost, comes back: what another
+/// process commits as it is lost is published at once, not at the next
+/// poll (an hour here). The connection is named after its relay. (Whether
+/// the notification of that commit comes before the relay listens again is
+/// a race this test does not control; the relay runs a pass on reconnecting
+/// for the case it does.)
+#[tokio::test]
+async fn postgres_a_commit_while_the_relay_s_listen_connection_was_lost_is_published_at_once(
+) -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Postgres).await?;
+    h.relay(RelayConfig {
+        poll_interval: Duration::from_secs(3600),
+        lease: Duration::from_secs(600),
+        ..fast_relay()
+    })
+    .spawn(h.shutdown.clone());
+    let other = Store::connect(h.db.url()).await?;
+    let listener = "SELECT pid FROM pg_stat_activity \
+                    WHERE datname = current_database() AND application_name LIKE 'skein relay listen %'";
+    // Commits from another process; with `cut`, its transaction first ends
+    // the relay's LISTEN session, so that the commit's notification comes
+    // before the relay listens again.
+    let commit_elsewhere = async |n: i64, cut: bool| -> anyhow::Result<()> {
+        let mut tx = other.begin().await?;
+        tx.publish(&happened("b", n)?);
+        if cut {
+            let terminated: Vec<bool> = sqlx::query_scalar(&format!(
+                "SELECT pg_terminate_backend(pid, 5000) FROM ({listener}) AS l"
+            ))
+            .fetch_all(&mut *tx)
+            .await?;
+            ensure!(terminated == [true], "terminated {terminated:?}");
+        }
+        tx.commit().await?;
+        Ok(())
+    };
+    eventually(Duration::from_secs(5), || async {
+        let pids: Vec<i32> = sqlx::query_scalar(listener)
+            .fetch_all(h.store.pool())
+            .await
+            .ok()?;
+        (pids.len() == 1).then_some(())
+    })
+    .await
+    .context("no session named 'skein relay listen …'")?;
+    commit_elsewhere(1, false).await?;
+    h.stream_holds(1, Duration::from_secs(3))
+        .await
+        .context("the relay did not wake on another process's commit")?;
+
+    for round in 2..5 {
+        commit_elsewhere(round, true).await?;
+        h.stream_holds(usize::try_from(round)?, Duration::from_secs(5))
+            .await
+            .with_context(|| {
+                format!(
+                    "a commit after the LISTEN connection was lost ({round}) waits for the poll"
+                )
+            })?;
+    }
     Ok(())
 }
 

@@ -185,15 +185,24 @@ async fn record(
     Ok(())
 }
 
-async fn set_status(tx: &mut Tx, order: &str, status: &str) -> Result<(), HandlerError> {
-    sqlx::query("UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3")
-        .bind(status)
-        .bind(now_micros())
-        .bind(order)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
-    Ok(())
+/// Moves the reservation of `order` from `from` to `to`; false when it is
+/// not (or no longer) `from`. The stock moves only after this succeeds: two
+/// copies handling a release (or commit) of one order at once both read
+/// `reserved`, and on PostgreSQL the second waits for the first's row lock
+/// and then finds the status changed, instead of moving the stock twice.
+async fn claim(tx: &mut Tx, order: &str, from: &str, to: &str) -> Result<bool, HandlerError> {
+    let moved = sqlx::query(
+        "UPDATE reservations SET status = $1, updated_at = $2 WHERE order_id = $3 AND status = $4",
+    )
+    .bind(to)
+    .bind(now_micros())
+    .bind(order)
+    .bind(from)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    Ok(moved == 1)
 }
 
 async fn release(
@@ -204,10 +213,16 @@ async fn release(
     let order = command.order_id;
     let existing = store::reservation(tx, order).await.map_err(db)?;
     let lines: Vec<StockLine> = match &existing {
-        Some(r) if r.status == "reserved" => r.lines.clone(),
+        Some(r)
+            if r.status == "reserved"
+                && claim(tx, &order.to_string(), "reserved", "released").await? =>
+        {
+            r.lines.clone()
+        }
         // Nothing held (rejected, already released or committed, or never
-        // reserved): releasing is a no-op that still answers, so a saga
-        // compensating blindly always hears back.
+        // reserved, or released by another copy just now): releasing is a
+        // no-op that still answers, so a saga compensating blindly always
+        // hears back.
         Some(_) | None => Vec::new(),
     };
     if existing.is_none() {
@@ -228,9 +243,6 @@ async fn release(
             .execute(&mut **tx)
             .await
             .map_err(db)?;
-    }
-    if !lines.is_empty() {
-        set_status(tx, &order.to_string(), "released").await?;
     }
     emit(
         tx,
@@ -254,7 +266,19 @@ async fn commit(
             "commit_stock: order {order} has no reservation"
         )));
     };
-    match existing.status.as_str() {
+    let status = if existing.status == "reserved"
+        && !claim(tx, &order.to_string(), "reserved", "committed").await?
+    {
+        // Another copy moved it just now: answer as for that state.
+        store::reservation(tx, order)
+            .await
+            .map_err(db)?
+            .map_or_else(|| existing.status.clone(), |r| r.status)
+    } else {
+        existing.status.clone()
+    };
+    match status.as_str() {
+        // Claimed above: the stock moves below.
         "reserved" => {}
         "committed" => return emit(tx, &StockCommitted { order_id: order }, context),
         other => {
@@ -273,6 +297,5 @@ async fn commit(
         .await
         .map_err(db)?;
     }
-    set_status(tx, &order.to_string(), "committed").await?;
     emit(tx, &StockCommitted { order_id: order }, context)
 }

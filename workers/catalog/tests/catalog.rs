@@ -429,6 +429,71 @@ async fn concurrent_reservations_never_oversell(backend: Backend) -> anyhow::Res
     Ok(())
 }
 
+/// A saga that sends a release again (its deadline passed while the
+/// catalog was slow) can have two copies of the catalog release one
+/// reservation at the same moment: the stock comes back once. Another
+/// order's reservation on the product keeps `reserved` above zero, so a
+/// second release would not be refused by the table's check.
+async fn two_copies_releasing_one_reservation_at_once_give_its_stock_back_once(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let c = Catalog::start(backend).await?;
+    let second = skein_catalog::start(
+        c.p.connect("catalog")
+            .await
+            .map_err(anyhow::Error::from_boxed)?,
+        c.p.store("catalog")
+            .await
+            .map_err(anyhow::Error::from_boxed)?,
+        HostConfig::new("catalog"),
+    )
+    .await?;
+    let a = c.add("A", 100, 150).await?;
+    let bystander = Uuid::now_v7();
+    c.reserve(bystander, &[(a.id, 50)]).await?;
+    let orders: Vec<Uuid> = (0..60).map(|_| Uuid::now_v7()).collect();
+    for order in &orders {
+        c.reserve(*order, &[(a.id, 1)]).await?;
+    }
+    for order in orders.iter().chain([&bystander]) {
+        c.p.wait_events::<StockReserved>(&order.to_string(), 1)
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+    }
+    ensure!(c.available(a.id).await? == 40);
+    // Each release twice, under two message ids, as a saga sends it again;
+    // one after the other, so that each copy likely takes one of them.
+    for order in &orders {
+        for round in 0..2 {
+            c.p.send(&ReleaseStock {
+                order_id: *order,
+                reason: format!("deadline, send {round}"),
+            })
+            .await
+            .map_err(anyhow::Error::from_boxed)?;
+        }
+    }
+    let mut given_back = 0;
+    for order in &orders {
+        let released =
+            c.p.wait_events::<StockReleased>(&order.to_string(), 2)
+                .await
+                .map_err(anyhow::Error::from_boxed)?;
+        given_back += released
+            .iter()
+            .flat_map(|r| &r.lines)
+            .map(|l| l.quantity)
+            .sum::<i64>();
+    }
+    let available = c.available(a.id).await?;
+    second.abort();
+    ensure!(
+        given_back == 60 && available == 100,
+        "60 units released once each: {given_back} given back, {available} available (expected 100)"
+    );
+    Ok(())
+}
+
 /// A health check's view of the worker: every part running and the
 /// database answering; then, the worker gone as in a crash, each part named
 /// as stopped, and a closed database as not answering.
@@ -567,4 +632,5 @@ backend_tests!(
     release_gives_stock_back_and_commit_sells_it,
     an_invalid_reservation_is_dead_lettered_and_reserves_nothing,
     concurrent_reservations_never_oversell,
+    two_copies_releasing_one_reservation_at_once_give_its_stock_back_once,
 );

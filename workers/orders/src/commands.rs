@@ -23,8 +23,13 @@ use crate::NAME;
 /// Deliveries of a `place_order` whose customer or products are not in the
 /// replicas yet before the order is rejected: the `user_registered` or
 /// `product_added` event may still be on its way (the replicas and the
-/// commands are different consumers, with no order between them).
-pub const REPLICA_GRACE_DELIVERIES: u64 = 3;
+/// commands are different consumers, with no order between them). With the
+/// consumer's default backoff the first five wait 0.1 + 0.2 + 0.4 + 0.8 +
+/// 1.6 s: about 3 s for the replica to catch up (3 deliveries, 0.3 s, were
+/// too few for a replica consumer a moment behind, and a new customer's
+/// first order was rejected for good), leaving four of the ten deliveries
+/// for other transient failures.
+pub const REPLICA_GRACE_DELIVERIES: u64 = 6;
 
 /// Handles `commands.orders.*`.
 #[derive(Debug)]
@@ -41,7 +46,7 @@ impl skein_outbox::TxHandler for Commands {
         } else if envelope.is::<RejectOrder>() {
             reject(tx, envelope.decode()?, &context).await
         } else if envelope.is::<CancelOrder>() {
-            cancel(tx, envelope.decode()?, &context).await
+            cancel(tx, envelope.decode()?, delivery.info.delivered, &context).await
         } else if envelope.is::<MarkCancelled>() {
             mark_cancelled(tx, envelope.decode()?, &context).await
         } else {
@@ -204,19 +209,12 @@ async fn confirm(
         tracing::info!(order = %order.id, status = order.status.as_str(), "confirm_order for an order that is not pending; nothing to do");
         return Ok(());
     }
-    let moved = store::transition(
-        tx,
-        order.id,
-        OrderStatus::Pending,
-        OrderStatus::Confirmed,
-        None,
-        now_micros(),
-    )
-    .await
-    .map_err(db)?;
-    if !moved {
+    let Some(cancel_requested_by) = store::confirm(tx, order.id, now_micros())
+        .await
+        .map_err(db)?
+    else {
         return Err(changed_meanwhile(order.id));
-    }
+    };
     emit(
         tx,
         &OrderConfirmed {
@@ -226,7 +224,7 @@ async fn confirm(
         },
         context,
     )?;
-    if let Some(requested_by) = order.cancel_requested_by {
+    if let Some(requested_by) = cancel_requested_by {
         // The cancellation was asked for while the order was pending but
         // came too late to stop its placement (the payment was already
         // authorized): ask again, now as a confirmed order's, which refunds
@@ -282,9 +280,22 @@ async fn reject(
 async fn cancel(
     tx: &mut Tx,
     command: CancelOrder,
+    delivered: u64,
     context: &MessageContext,
 ) -> Result<(), HandlerError> {
-    let order = existing(tx, command.order_id, "cancel_order").await?;
+    // A cancel can overtake its order's place_order (another copy has it,
+    // or it waits for a replica): retried like a place_order waiting for
+    // its replicas before an unknown order is a mistake.
+    let Some(order) = store::order(tx, command.order_id).await.map_err(db)? else {
+        let message = format!("cancel_order: no order {}", command.order_id);
+        return Err(if delivered < REPLICA_GRACE_DELIVERIES {
+            HandlerError::transient(format!(
+                "{message} (not placed yet? delivery {delivered} of {REPLICA_GRACE_DELIVERIES})"
+            ))
+        } else {
+            HandlerError::permanent(message)
+        });
+    };
     let caller = &command.caller;
     if !caller.may_access(order.customer_id) {
         return Err(HandlerError::permanent(format!(

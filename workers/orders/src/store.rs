@@ -287,6 +287,36 @@ pub async fn transition(
     Ok(updated == 1)
 }
 
+/// Confirms a pending order. `None` when it is no longer pending; else who
+/// asked to cancel it, if anyone, as of this change: read by the update
+/// itself, which on PostgreSQL waits for a cancellation request committing
+/// at the same moment and then sees it (a read before the update would
+/// miss it, and the request would be lost).
+pub async fn confirm(
+    conn: &mut AnyConnection,
+    id: Uuid,
+    now: i64,
+) -> Result<Option<Option<Uuid>>, sqlx::Error> {
+    let row = sqlx::query(
+        "UPDATE orders SET status = $1, updated_at = $2 WHERE id = $3 AND status = $4 \
+         RETURNING cancel_requested_by",
+    )
+    .bind(OrderStatus::Confirmed.as_str())
+    .bind(now)
+    .bind(id.to_string())
+    .bind(OrderStatus::Pending.as_str())
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let by: Option<String> = row.try_get("cancel_requested_by")?;
+    let by = by
+        .map(|s| Uuid::parse_str(&s).map_err(decode_err))
+        .transpose()?;
+    Ok(Some(by))
+}
+
 /// Opens a cancellation request on an order that is in `status` and has
 /// none open. Returns `false` when the order changed meanwhile.
 pub async fn request_cancellation(

@@ -481,6 +481,75 @@ async fn saga_replies_that_come_late_never_flip_a_final_order(
     o.check_schemas().await
 }
 
+/// A cancellation request and the saga's confirmation of the same pending
+/// order, handled by two copies at the same moment: whichever commits
+/// first, the order ends with a cancellation request as a confirmed order's
+/// (which refunds and releases). Before, a confirmation that read the order
+/// before the request committed, and updated it after, dropped the request.
+async fn a_cancellation_committed_as_another_copy_confirms_the_order_is_not_lost(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let o = Orders::start(backend).await?;
+    let second = skein_orders::start_with(
+        o.p.connect("orders").await.map_err(boxed)?,
+        o.p.store("orders").await.map_err(boxed)?,
+        HostConfig::new("orders"),
+        |config| config.backoff = vec![Duration::from_millis(50)],
+    )
+    .await?;
+    let tea = o.product("TEA", 450).await?;
+    let c = o.customer().await?;
+    let mut orders = Vec::new();
+    for _ in 0..30 {
+        orders.push(o.place(c, &[(tea, 1)]).await?);
+    }
+    for (id, placed) in &orders {
+        o.handled(placed).await?;
+        ensure!(o.emitted(*id).await? == ["order_placed"], "order {id}");
+    }
+    // One after the other, so that each copy likely takes one of them.
+    let mut sent = Vec::new();
+    for (id, _) in &orders {
+        sent.push(o.send(&ConfirmOrder { order_id: *id }).await?);
+        sent.push(
+            o.send(&CancelOrder {
+                order_id: *id,
+                caller: customer(c),
+            })
+            .await?,
+        );
+    }
+    for envelope in &sent {
+        o.handled(envelope).await?;
+    }
+    second.abort();
+    let mut lost = Vec::new();
+    for (id, _) in &orders {
+        let requested =
+            o.p.wait_events::<OrderCancellationRequested>(&id.to_string(), 1)
+                .await
+                .map_err(boxed)?;
+        let as_confirmed = eventually(Duration::from_secs(5), || async {
+            o.p.events::<OrderCancellationRequested>(&id.to_string())
+                .await
+                .ok()?
+                .iter()
+                .any(|r| r.status == OrderStatus::Confirmed)
+                .then_some(())
+        })
+        .await;
+        if as_confirmed.is_none() {
+            lost.push((*id, requested));
+        }
+    }
+    ensure!(
+        lost.is_empty(),
+        "{} of 30 confirmed orders have no cancellation request as a confirmed order's: {lost:?}",
+        lost.len()
+    );
+    Ok(())
+}
+
 async fn owners_and_admins_cancel_pending_and_confirmed_orders_through_the_saga(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -638,6 +707,51 @@ async fn another_customer_cannot_cancel_an_order_and_nothing_changes(
         dead.iter()
             .any(|(i, _)| i.reason.contains(&format!("no order {nothing}"))),
         "{dead:?}"
+    );
+    Ok(())
+}
+
+/// A cancel that arrives before its order's place_order (handled by
+/// another copy, or waiting for a replica) is retried until the order is
+/// there, instead of being dead-lettered while the client was told 202.
+async fn a_cancel_that_overtakes_its_order_waits_for_it(backend: Backend) -> anyhow::Result<()> {
+    let o = Orders::start(backend).await?;
+    let tea = o.product("TEA", 450).await?;
+    let c = o.customer().await?;
+    let order_id = Uuid::now_v7();
+    let cancel = o
+        .send(&CancelOrder {
+            order_id,
+            caller: customer(c),
+        })
+        .await?;
+    // Its first delivery has found no order.
+    eventually(WAIT, || async {
+        (o.host().ok()?.stats().snapshot().transient_failures > 0).then_some(())
+    })
+    .await
+    .context("the cancel was not tried before its order")?;
+    o.send(&PlaceOrder {
+        order_id,
+        customer_id: c,
+        lines: vec![StockLine {
+            product_id: tea,
+            quantity: 1,
+        }],
+    })
+    .await?;
+    o.handled(&cancel).await?;
+    let requested =
+        o.p.wait_events::<OrderCancellationRequested>(&order_id.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+    ensure!(
+        requested[0].status == OrderStatus::Pending && requested[0].requested_by == c,
+        "{requested:?}"
+    );
+    ensure!(
+        o.p.dead_letters().await.map_err(boxed)?.is_empty(),
+        "a dead letter"
     );
     Ok(())
 }
@@ -854,4 +968,6 @@ backend_tests!(
     a_customer_pages_through_their_orders_newest_first,
     an_order_of_an_unknown_customer_is_retried_then_rejected,
     an_order_placed_before_its_customer_is_replicated_waits_for_them,
+    a_cancellation_committed_as_another_copy_confirms_the_order_is_not_lost,
+    a_cancel_that_overtakes_its_order_waits_for_it,
 );

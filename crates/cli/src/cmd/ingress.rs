@@ -39,6 +39,10 @@ pub(crate) struct Args {
     /// Take the client IP from X-Forwarded-For (only behind a trusted proxy).
     #[arg(long, env = "SKEIN_TRUST_FORWARDED_FOR")]
     trust_forwarded_for: bool,
+    /// Connections served at once; more wait until one closes. Keep it
+    /// under the process's file descriptor limit (`ulimit -n`).
+    #[arg(long, env = "SKEIN_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
 }
 
 /// The ingress configuration these flags describe, or which flag is wrong.
@@ -53,6 +57,9 @@ pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
                  (one in 1,000 s), not {rate}"
             );
         }
+    }
+    if args.max_connections == 0 {
+        anyhow::bail!("--max-connections must be at least 1");
     }
     for (flag, burst) in [
         ("--rate-burst", args.rate_burst),
@@ -73,6 +80,7 @@ pub(crate) fn config(args: &Args) -> anyhow::Result<IngressConfig> {
         burst: args.login_rate_burst,
     };
     config.trust_forwarded_for = args.trust_forwarded_for;
+    config.max_connections = args.max_connections;
     Ok(config)
 }
 

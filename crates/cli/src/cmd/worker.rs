@@ -49,6 +49,12 @@ pub(crate) struct Settings {
     /// server's max_connections.
     #[arg(long, env = "SKEIN_DATABASE_POOL")]
     database_pool: Option<u32>,
+    /// SQLite page cache of each database connection, in KiB (default:
+    /// 256 in `skein up`, whose six databases share one process; SQLite's
+    /// own, about 2,000, in `skein worker`). A worker's writer connection
+    /// fills its cache under load and keeps it.
+    #[arg(long, env = "SKEIN_SQLITE_CACHE_KIB", value_name = "KIB")]
+    pub(crate) sqlite_cache_kib: Option<u32>,
     /// Starting balance of new payment accounts, in cents.
     #[arg(long, env = "SKEIN_STARTING_BALANCE_CENTS", default_value_t = 100_000)]
     starting_balance_cents: i64,
@@ -87,6 +93,9 @@ impl Settings {
         }
         if self.database_pool == Some(0) {
             anyhow::bail!("--database-pool must be at least 1");
+        }
+        if self.sqlite_cache_kib == Some(0) {
+            anyhow::bail!("--sqlite-cache-kib must be at least 1 (KiB)");
         }
         if self.starting_balance_cents < 0 {
             anyhow::bail!("--starting-balance-cents must not be negative");
@@ -255,6 +264,7 @@ async fn start_one(
         if let Some(pool) = args.database_pool {
             store_config.max_connections = pool;
         }
+        store_config.sqlite_cache_kib = args.sqlite_cache_kib;
         let store = Store::connect_with(store_config).await.with_context(|| {
             format!("cannot open the {service} database; check --database-url / DATABASE_URL")
         })?;

@@ -205,6 +205,60 @@ async fn openapi() -> Response {
     axum::Json(crate::openapi::document()).into_response()
 }
 
+/// The one parameter of a route's path (`{id}`), as [`axum::extract::Path`]
+/// takes it, but refused as problem+json: a path that does not decode (a
+/// percent-encoded byte that is not UTF-8) names nothing there, 404.
+#[derive(Debug)]
+pub(crate) struct PathParam(pub(crate) String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(id)) => Ok(Self(id)),
+            Err(_) => Err(ApiError::NotFound(format!(
+                "nothing at {}: the path does not decode to text",
+                parts.uri.path()
+            ))),
+        }
+    }
+}
+
+/// A route's query string, as axum's `Query` extractor gave it.
+pub(crate) type QueryParams = Result<
+    axum::extract::Query<std::collections::BTreeMap<String, String>>,
+    axum::extract::rejection::QueryRejection,
+>;
+
+/// The parameters of a query string, and a violation for each one not in
+/// `known`; 400 when the string does not decode.
+pub(crate) fn query_params(
+    params: QueryParams,
+    known: &[&str],
+) -> Result<
+    (
+        std::collections::BTreeMap<String, String>,
+        Vec<skein_contracts::Violation>,
+    ),
+    ApiError,
+> {
+    let axum::extract::Query(params) = params
+        .map_err(|_| ApiError::BadRequest("the query string is not valid URL encoding".into()))?;
+    let unknown = params
+        .keys()
+        .filter(|k| !known.contains(&k.as_str()))
+        .map(|k| skein_contracts::Violation {
+            field: format!("?{k}"),
+            message: "unknown query parameter".into(),
+        })
+        .collect();
+    Ok((params, unknown))
+}
+
 /// A path id: not a UUID means there is no such thing (404, not 400).
 pub(crate) fn path_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::NotFound(format!("no {what} {raw}")))

@@ -1,9 +1,8 @@
 //! `/v1/orders`: placing and cancelling are commands (202), reading is a query.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
@@ -15,7 +14,7 @@ use skein_contracts::Caller;
 use skein_message::Envelope;
 use uuid::Uuid;
 
-use super::{idempotent, json, path_id, with_header};
+use super::{idempotent, json, path_id, query_params, with_header, PathParam, QueryParams};
 use crate::auth::User;
 use crate::body::{body, Json};
 use crate::context::RequestContext;
@@ -162,7 +161,7 @@ pub(crate) async fn get(
     State(state): State<Shared>,
     ctx: RequestContext,
     User(caller): User,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(&id, "order")?;
     let order = state
@@ -178,18 +177,9 @@ pub(crate) async fn list(
     State(state): State<Shared>,
     ctx: RequestContext,
     User(caller): User,
-    params: Result<Query<BTreeMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    params: QueryParams,
 ) -> Result<Response, ApiError> {
-    let Query(params) = params
-        .map_err(|_| ApiError::BadRequest("the query string is not valid URL encoding".into()))?;
-    let mut violations: Vec<Violation> = params
-        .keys()
-        .filter(|k| !LIST_PARAMS.contains(&k.as_str()))
-        .map(|k| Violation {
-            field: format!("?{k}"),
-            message: "unknown query parameter".into(),
-        })
-        .collect();
+    let (params, mut violations) = query_params(params, LIST_PARAMS)?;
     let limit = match params.get("limit").map(|l| l.parse::<u32>()) {
         None => 20,
         Some(Ok(l)) => l,
@@ -222,7 +212,7 @@ pub(crate) async fn cancel(
     State(state): State<Shared>,
     ctx: RequestContext,
     User(caller): User,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let order_id = path_id(&id, "order")?;

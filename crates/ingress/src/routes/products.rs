@@ -1,6 +1,6 @@
 //! `/v1/products`: catalog's requests.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use schemars::JsonSchema;
@@ -10,7 +10,7 @@ use skein_contracts::validate::{Validate, Violation};
 use skein_contracts::{Caller, Role};
 use uuid::Uuid;
 
-use super::{idempotent, json, path_id};
+use super::{idempotent, json, path_id, PathParam};
 use crate::auth::Admin;
 use crate::body::{body, Json};
 use crate::context::RequestContext;
@@ -127,7 +127,7 @@ pub(crate) async fn restock(
     State(state): State<Shared>,
     ctx: RequestContext,
     Admin(caller): Admin,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     headers: HeaderMap,
     Json(body, raw): Json<RestockBody>,
 ) -> Response {

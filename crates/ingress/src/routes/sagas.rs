@@ -1,11 +1,11 @@
 //! `/v1/sagas/{id}`: a saga instance with its transitions (admins).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use skein_contracts::orchestrator::{GetSaga, ListSagas};
 
-use super::{json, path_id};
+use super::{json, path_id, PathParam};
 use crate::auth::Admin;
 use crate::context::RequestContext;
 use crate::problem::ApiError;
@@ -17,7 +17,7 @@ pub(crate) async fn get(
     State(state): State<Shared>,
     ctx: RequestContext,
     Admin(caller): Admin,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "saga")?;
     let by_id = GetSaga {

@@ -1,11 +1,11 @@
 //! `/v1/users/{id}/profile` and `/v1/dashboard`: the projector's read models.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use skein_contracts::projector::{GetDashboard, GetProfile};
 
-use super::{json, path_id};
+use super::{json, path_id, PathParam};
 use crate::auth::{Admin, User};
 use crate::context::RequestContext;
 use crate::problem::ApiError;
@@ -15,7 +15,7 @@ pub(crate) async fn profile(
     State(state): State<Shared>,
     ctx: RequestContext,
     User(caller): User,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let user_id = path_id(&id, "user")?;
     // Another customer's profile does not exist as far as this caller knows.
