@@ -7,14 +7,23 @@
 //! Further endpoints (a service's queries) are added with
 //! [`ServiceHandle::add_endpoint`]; all share the queue group `<name>`, so a
 //! request goes to exactly one copy.
+//!
+//! A copy that stops ([`ServiceHandle::stop`]) unsubscribes, waits until the
+//! server has processed that (so the requests sent afterwards go to the
+//! other copies) and answers every request that reached it before it
+//! returns: a rolling restart costs callers no timeouts. What is still
+//! lost is a request the server routed to the copy in the instant between
+//! the copy's dropping its subscription and the server's reading of the
+//! unsubscribe (the client library has no drain that waits for the server).
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::service::{Service, ServiceExt};
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::connect::Bus;
 use crate::error::{Error, Result};
@@ -24,17 +33,27 @@ use crate::stats::WorkerStats;
 /// `Nats-Service-Error-Code` and `Nats-Service-Error` headers.
 pub type EndpointError = (u16, String);
 
-/// A registered service; stops answering when dropped or stopped.
+/// How long a stopping copy waits for the requests that reached it to be
+/// answered: far past any caller's timeout (the ingress gives a query 3 s by
+/// default), so only a handler that hangs is cut off.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A registered service; stops answering when stopped ([`ServiceHandle::stop`],
+/// gracefully) or dropped (at once).
 #[derive(Debug)]
 pub struct ServiceHandle {
-    service: Service,
+    service: Option<Service>,
+    client: async_nats::Client,
+    /// One task per endpoint; it ends once its subscription is gone and
+    /// every request it received has been answered.
     tasks: Vec<JoinHandle<()>>,
     name: String,
 }
 
 impl ServiceHandle {
     /// Answers requests on `subject` with `handler`, each request in its own
-    /// task. `name` shows in `$SRV.INFO` and `$SRV.STATS`.
+    /// task. `name` shows in `$SRV.INFO` and `$SRV.STATS`. Once this returns
+    /// the server routes requests on `subject` to this copy.
     pub async fn add_endpoint<F, Fut>(
         &mut self,
         name: &str,
@@ -45,8 +64,13 @@ impl ServiceHandle {
         F: Fn(async_nats::Message) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Bytes, EndpointError>> + Send + 'static,
     {
-        let mut endpoint = self
-            .service
+        let Some(service) = &self.service else {
+            return Err(Error::jetstream(
+                format!("cannot add endpoint {subject} to {}", self.name),
+                "the service has stopped",
+            ));
+        };
+        let mut endpoint = service
             .endpoint_builder()
             .name(name)
             .add(subject)
@@ -56,7 +80,18 @@ impl ServiceHandle {
             })?;
         let handler = Arc::new(handler);
         self.tasks.push(tokio::spawn(async move {
-            while let Some(request) = endpoint.next().await {
+            // Each request runs in a task of its own; they are awaited
+            // before this task ends, so a stop answers them all.
+            let mut in_flight = JoinSet::new();
+            loop {
+                let request = tokio::select! {
+                    request = endpoint.next() => match request {
+                        Some(request) => request,
+                        // Stopped: what had arrived has been handed out.
+                        None => break,
+                    },
+                    Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
+                };
                 if !answerable(request.message.reply.as_deref()) {
                     tracing::warn!(
                         subject = %request.message.subject,
@@ -66,7 +101,7 @@ impl ServiceHandle {
                     continue;
                 }
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                in_flight.spawn(async move {
                     let answer =
                         handler(request.message.clone())
                             .await
@@ -79,12 +114,61 @@ impl ServiceHandle {
                     }
                 });
             }
+            while in_flight.join_next().await.is_some() {}
         }));
+        // Once this returns the server knows the subscription, so a request
+        // sent right after (from any connection) finds a responder: a
+        // request on this connection is processed after its SUB, and any
+        // copy's answer proves the server has got that far.
+        let ping = format!("$SRV.PING.{}", self.name);
+        self.client
+            .request(ping.clone(), Bytes::new())
+            .await
+            .map_err(|e| Error::Io {
+                context: format!("cannot confirm the endpoint {subject} with {ping}"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         Ok(())
     }
 
-    /// Stops answering.
-    pub fn stop(self) {}
+    /// Stops answering, gracefully: the endpoints unsubscribe, the requests
+    /// that reached this copy are answered (for at most [`STOP_GRACE`]),
+    /// and a round trip to the server confirms it has dropped this copy's
+    /// subscriptions, so a request sent once this returns goes to another
+    /// copy (or gets "no responders" at once) instead of waiting for an
+    /// answer that never comes.
+    pub async fn stop(mut self) {
+        if let Some(service) = self.service.take() {
+            // Every endpoint sees the stop on its next poll and
+            // unsubscribes; its stream then ends after what had arrived.
+            let _ = service.stop().await;
+        }
+        let tasks = std::mem::take(&mut self.tasks);
+        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if tokio::time::timeout(STOP_GRACE, futures::future::join_all(tasks))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                service = %self.name,
+                grace = ?STOP_GRACE,
+                "requests still unanswered after the grace; stopping them"
+            );
+            for abort in aborts {
+                abort.abort();
+            }
+        }
+        // The unsubscribes went out before this request on the same
+        // connection, so any reply (an answer from another copy, or the
+        // server's "no responders") comes after the server processed them.
+        let confirm = format!("$SRV.PING.{}", self.name);
+        let request = async_nats::Request::new().timeout(Some(STOP_GRACE));
+        if let Err(e) = self.client.send_request(confirm, request).await {
+            if e.kind() != async_nats::client::RequestErrorKind::NoResponders {
+                tracing::debug!(service = %self.name, error = %e, "cannot confirm the unsubscribe");
+            }
+        }
+    }
 }
 
 impl Drop for ServiceHandle {
@@ -142,7 +226,8 @@ pub async fn start_service(
         .await
         .map_err(|e| Error::jetstream(format!("cannot register service {name}"), e))?;
     let mut handle = ServiceHandle {
-        service,
+        service: Some(service),
+        client: bus.client().clone(),
         tasks: Vec::new(),
         name: name.to_owned(),
     };

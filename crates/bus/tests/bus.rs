@@ -1147,6 +1147,111 @@ async fn the_service_api_answers_ping_stats_and_status() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A copy of a service answering queries that stops answers the request
+/// it is working on before its stop returns, and once it has returned
+/// every request goes to the copies still running (none waits for an
+/// answer that never comes). (A request the server routes to the copy in
+/// the instant it unsubscribes is still lost: see `skein_bus::service`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_stops_answers_what_reached_it_and_receives_nothing_after() -> anyhow::Result<()>
+{
+    init_tracing();
+    let (server, bus) = start().await?;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let finished = Arc::new(AtomicUsize::new(0));
+    // A copy whose answers take `slow` and say which copy answered.
+    async fn copy(
+        bus: &Bus,
+        who: String,
+        slow: Duration,
+        started: Arc<tokio::sync::Notify>,
+        finished: Arc<AtomicUsize>,
+    ) -> anyhow::Result<skein_bus::service::ServiceHandle> {
+        let mut service = start_service(bus, "tester", "0.1.0", Arc::default()).await?;
+        service
+            .add_endpoint("echo", "queries.tester.echo", move |_request| {
+                let (started, finished) = (started.clone(), finished.clone());
+                let who = who.clone();
+                async move {
+                    started.notify_one();
+                    tokio::time::sleep(slow).await;
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    Ok(bytes::Bytes::from(who))
+                }
+            })
+            .await?;
+        Ok(service)
+    }
+    let ask = |client: async_nats::Client| async move {
+        let request = async_nats::Request::new()
+            .payload(bytes::Bytes::new())
+            .timeout(Some(Duration::from_secs(5)));
+        let reply = client
+            .send_request("queries.tester.echo", request)
+            .await
+            .context("a query got no answer")?;
+        anyhow::Ok(String::from_utf8_lossy(&reply.payload).into_owned())
+    };
+
+    let first_bus = connect(&server, "first").await?;
+    let first = copy(
+        &first_bus,
+        "first".into(),
+        Duration::from_millis(500),
+        started.clone(),
+        finished.clone(),
+    )
+    .await?;
+    let in_flight = tokio::spawn(ask(bus.client().clone()));
+    tokio::time::timeout(Duration::from_secs(10), started.notified())
+        .await
+        .context("the first copy never got the query")?;
+    let second_bus = connect(&server, "second").await?;
+    let second = copy(
+        &second_bus,
+        "second".into(),
+        Duration::ZERO,
+        Arc::default(),
+        Arc::default(),
+    )
+    .await?;
+    tokio::time::timeout(Duration::from_secs(30), first.stop())
+        .await
+        .context("the stop never returned")?;
+    ensure!(
+        finished.load(Ordering::SeqCst) >= 1,
+        "the stop returned before the request the copy was working on was answered"
+    );
+    ensure!(in_flight.await?? == "first");
+    for _ in 0..100 {
+        let who = ask(bus.client().clone()).await?;
+        ensure!(who == "second", "a stopped copy answered");
+    }
+    // A rolling restart with nothing in flight: each stop is quick, and
+    // the same holds once it returns.
+    let (mut running, mut connections) = (second, vec![first_bus, second_bus]);
+    for step in 0..10 {
+        let who = format!("copy {step}");
+        connections.push(connect(&server, &who).await?);
+        let next = copy(
+            connections.last().context("no connection")?,
+            who.clone(),
+            Duration::ZERO,
+            Arc::default(),
+            Arc::default(),
+        )
+        .await?;
+        running.stop().await;
+        for _ in 0..20 {
+            let answered = ask(bus.client().clone()).await?;
+            ensure!(answered == who, "a stopped copy answered");
+        }
+        running = next;
+    }
+    running.stop().await;
+    Ok(())
+}
+
 /// A server that asks for TLS with client certificates and a user: a
 /// client lacking the CA, its certificate or the credentials is refused at
 /// once with a message naming what to set; with all three it works.

@@ -150,19 +150,6 @@ impl Host {
                 }
             })
             .await?;
-        // Once this returns the server knows the subscription, so a request
-        // sent right after (from any connection) finds a responder: a
-        // request on this connection is processed after its SUB, and any
-        // copy's answer proves the server has got that far.
-        let ping = format!("$SRV.PING.{}", self.config.name);
-        self.bus
-            .client()
-            .request(ping.clone(), Bytes::new())
-            .await
-            .map_err(|e| skein_bus::Error::Io {
-                context: format!("cannot confirm the endpoint {subject} with {ping}"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
         Ok(())
     }
 
@@ -213,7 +200,9 @@ impl Host {
     }
 
     /// Stops consuming (finishing in-flight messages), publishes what is
-    /// committed, stops answering.
+    /// committed, stops answering queries (answering those that reached
+    /// this copy; once this returns the server sends its queries to the
+    /// other copies).
     pub async fn shutdown(self) {
         for worker in self.workers {
             worker.shutdown().await;
@@ -223,7 +212,7 @@ impl Host {
             let _ = task.await;
         }
         let _ = self.relay.await;
-        drop(self.service);
+        self.service.stop().await;
     }
 
     /// Stops everything at once, as a crash would.
