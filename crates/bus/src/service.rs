@@ -132,7 +132,7 @@ impl ServiceHandle {
     }
 
     /// Stops answering, gracefully: the endpoints unsubscribe, the requests
-    /// that reached this copy are answered (for at most [`STOP_GRACE`]),
+    /// that reached this copy are answered (for at most 10 s),
     /// and a round trip to the server confirms it has dropped this copy's
     /// subscriptions, so a request sent once this returns goes to another
     /// copy (or gets "no responders" at once) instead of waiting for an
