@@ -198,32 +198,23 @@ impl Keys {
         Ok(())
     }
 
-    /// Verifies `token`, fetching the keys when needed.
-    async fn verify(
-        &self,
-        state: &Shared,
-        token: &str,
-        correlation: &str,
-    ) -> Result<Claims, ApiError> {
-        let age = self.current().map(|set| set.fetched.elapsed());
-        // Keys grown old are fetched again at most this often, whatever
-        // else fetched them or failed to.
-        let aged_every = state
+    /// Keys grown old are fetched again at most this often, whatever else
+    /// fetched them or failed to.
+    fn aged_every(state: &AppState) -> Duration {
+        state
             .config
             .key_refresh_interval
-            .min(state.config.key_max_age);
+            .min(state.config.key_max_age)
+    }
+
+    /// Whether the keys held are too old to trust without fetching them
+    /// now; keys merely old are fetched again in the background.
+    fn too_old(&self, state: &Shared, correlation: &str) -> bool {
+        let age = self.current().map(|set| set.fetched.elapsed());
         if age.is_some_and(|age| age >= state.config.key_max_age * 3) {
-            // Too old to trust: fetched now, or nothing verifies.
-            self.refresh(state, correlation, aged_every)
-                .await
-                .map_err(|_| identity_unavailable())?;
-            if self
-                .current()
-                .is_none_or(|set| set.fetched.elapsed() >= state.config.key_max_age * 3)
-            {
-                return Err(identity_unavailable());
-            }
-        } else if age.is_some_and(|age| age >= state.config.key_max_age)
+            return true;
+        }
+        if age.is_some_and(|age| age >= state.config.key_max_age)
             && !self.refreshing.swap(true, Ordering::AcqRel)
         {
             // Fetched again in the background: requests meanwhile use the
@@ -234,8 +225,40 @@ impl Keys {
             let correlation = correlation.to_owned();
             tokio::spawn(async move {
                 let _done = Lowered(&state.keys.refreshing);
-                let _ = state.keys.refresh(&state, &correlation, aged_every).await;
+                let every = Self::aged_every(&state);
+                let _ = state.keys.refresh(&state, &correlation, every).await;
             });
+        }
+        false
+    }
+
+    /// The claims of `token` if it was verified before and the keys are
+    /// fresh enough to trust it: no signature check, no fetch.
+    fn known(&self, state: &Shared, token: &str, correlation: &str) -> Option<Claims> {
+        if self.too_old(state, correlation) {
+            return None;
+        }
+        self.remembered(token)
+    }
+
+    /// Verifies `token`, fetching the keys when needed.
+    async fn verify(
+        &self,
+        state: &Shared,
+        token: &str,
+        correlation: &str,
+    ) -> Result<Claims, ApiError> {
+        if self.too_old(state, correlation) {
+            // Too old to trust: fetched now, or nothing verifies.
+            self.refresh(state, correlation, Self::aged_every(state))
+                .await
+                .map_err(|_| identity_unavailable())?;
+            if self
+                .current()
+                .is_none_or(|set| set.fetched.elapsed() >= state.config.key_max_age * 3)
+            {
+                return Err(identity_unavailable());
+            }
         }
         if let Some(claims) = self.remembered(token) {
             return Ok(claims);
@@ -277,6 +300,7 @@ impl Keys {
         let Some(set) = self.current() else {
             return Err(identity_unavailable());
         };
+        state.metrics.token_checked();
         match set.verify(token) {
             Err(AuthError::UnknownKey) => {
                 // Maybe identity rotated its key: fetch the keys
@@ -285,6 +309,7 @@ impl Keys {
                     .await?;
                 match self.current() {
                     Some(now) if !Arc::ptr_eq(&now, &set) => {
+                        state.metrics.token_checked();
                         now.verify(token).map_err(|e| refusal(&e))
                     }
                     _ => Err(refusal(&AuthError::UnknownKey)),
@@ -309,10 +334,24 @@ fn unix_now() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Reads and verifies the `Authorization` header.
-pub(crate) async fn authenticate(state: &Shared, headers: &HeaderMap, correlation: &str) -> Authn {
+/// What a request's `Authorization` header presents, as far as it can be
+/// told without checking a signature.
+pub(crate) enum Presented<'a> {
+    /// Known at once: no header, a header that holds no bearer token, or a
+    /// token verified before (while the keys are fresh enough).
+    Known(Authn),
+    /// A token whose signature must be checked ([`verify`]).
+    Unchecked(&'a str),
+}
+
+/// Reads the `Authorization` header.
+pub(crate) fn presented<'a>(
+    state: &Shared,
+    headers: &'a HeaderMap,
+    correlation: &str,
+) -> Presented<'a> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
-        return Authn::Anonymous;
+        return Presented::Known(Authn::Anonymous);
     };
     let token = value
         .to_str()
@@ -323,8 +362,19 @@ pub(crate) async fn authenticate(state: &Shared, headers: &HeaderMap, correlatio
         })
         .filter(|t| !t.is_empty());
     let Some(token) = token else {
-        return Authn::Refused(invalid("use the Bearer scheme with an access token"));
+        return Presented::Known(Authn::Refused(invalid(
+            "use the Bearer scheme with an access token",
+        )));
     };
+    match state.keys.known(state, token, correlation) {
+        Some(claims) => Presented::Known(Authn::Verified(claims)),
+        None => Presented::Unchecked(token),
+    }
+}
+
+/// Verifies a token [`presented`] found unchecked, fetching the keys when
+/// needed.
+pub(crate) async fn verify(state: &Shared, token: &str, correlation: &str) -> Authn {
     match state.keys.verify(state, token, correlation).await {
         Ok(claims) => Authn::Verified(claims),
         Err(e) => Authn::Refused(e),

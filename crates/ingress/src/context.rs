@@ -19,7 +19,7 @@ use skein_message::MessageContext;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::auth::{authenticate, Authn};
+use crate::auth::{presented, verify, Authn, Presented};
 use crate::problem::{render, ApiError, Problem};
 use crate::state::Shared;
 
@@ -216,6 +216,14 @@ fn bucket_of(ip: IpAddr) -> String {
 const LOGIN_ROUTES: &[&str] = &["/v1/auth/token", "/v1/auth/register"];
 
 /// On `/v1`: authenticates once and applies the rate limits.
+///
+/// A request is limited by its user when it carries a valid token, else by
+/// its address. A token not verified before is charged to the address
+/// *before* its signature is checked (the costliest step of a request, and
+/// for a key id the ingress does not know a fetch from identity): a client
+/// sending made-up tokens is limited as an anonymous one is, without the
+/// ingress doing that work for each. A user's first request with a new
+/// token is so charged to both its address and itself.
 pub(crate) async fn guard(
     State(state): State<Shared>,
     mut request: Request,
@@ -226,21 +234,34 @@ pub(crate) async fn guard(
         .get::<RequestContext>()
         .map(|c| c.request_id.clone())
         .unwrap_or_default();
-    let authn = authenticate(&state, request.headers(), &correlation).await;
-    let ip = client_ip(&state, &request)
-        .map(bucket_of)
-        .unwrap_or_else(|| "unknown".to_owned());
+    let ip = format!(
+        "ip:{}",
+        client_ip(&state, &request)
+            .map(bucket_of)
+            .unwrap_or_else(|| "unknown".to_owned())
+    );
     if LOGIN_ROUTES.contains(&request.uri().path()) {
-        if let Err(retry_after) = state.login_limiter.check(&format!("ip:{ip}")) {
+        if let Err(retry_after) = state.login_limiter.check(&ip) {
             return ApiError::RateLimited { retry_after }.into_response();
         }
     }
-    let client = match &authn {
-        Authn::Verified(claims) => format!("user:{}", claims.sub),
-        _ => format!("ip:{ip}"),
+    let (authn, address_charged) = match presented(&state, request.headers(), &correlation) {
+        Presented::Known(authn) => (authn, false),
+        Presented::Unchecked(token) => {
+            if let Err(retry_after) = state.limiter.check(&ip) {
+                return ApiError::RateLimited { retry_after }.into_response();
+            }
+            (verify(&state, token, &correlation).await, true)
+        }
     };
-    if let Err(retry_after) = state.limiter.check(&client) {
-        return ApiError::RateLimited { retry_after }.into_response();
+    let (client, by_user) = match &authn {
+        Authn::Verified(claims) => (format!("user:{}", claims.sub), true),
+        _ => (ip, false),
+    };
+    if by_user || !address_charged {
+        if let Err(retry_after) = state.limiter.check(&client) {
+            return ApiError::RateLimited { retry_after }.into_response();
+        }
     }
     request.extensions_mut().insert(ClientKey(client));
     request.extensions_mut().insert(authn);

@@ -4,7 +4,9 @@
 //! - `skein_ingress_request_duration_seconds{route}`: latency histogram;
 //! - `skein_ingress_commands_published_total{type,duplicate}`: commands
 //!   stored by JetStream (`duplicate="true"` when its dedup dropped a repeat);
-//! - `skein_ingress_breaker_state{service,state}`: 1 for each breaker's state.
+//! - `skein_ingress_breaker_state{service,state}`: 1 for each breaker's state;
+//! - `skein_ingress_token_signature_checks_total`: access tokens whose
+//!   signature was checked (a token is checked once, then remembered).
 //!
 //! Routes are the matched templates (`/v1/orders/{id}`), never raw paths, so
 //! the number of series stays bounded.
@@ -33,6 +35,7 @@ struct Inner {
     requests: BTreeMap<(String, String, u16), u64>,
     latency: BTreeMap<String, Histogram>,
     commands: BTreeMap<(String, bool), u64>,
+    token_checks: u64,
 }
 
 /// The ingress's figures.
@@ -83,6 +86,11 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    /// Records one signature check of an access token.
+    pub(crate) fn token_checked(&self) {
+        self.lock().token_checks += 1;
+    }
+
     /// The exposition text, with the breakers' current states.
     pub(crate) fn render(&self, breakers: &BTreeMap<String, BreakerState>) -> String {
         let inner = self.lock();
@@ -125,6 +133,13 @@ impl Metrics {
                 escape(kind)
             );
         }
+        out.push_str("# HELP skein_ingress_token_signature_checks_total Access tokens whose signature was checked.\n");
+        out.push_str("# TYPE skein_ingress_token_signature_checks_total counter\n");
+        let _ = writeln!(
+            out,
+            "skein_ingress_token_signature_checks_total {}",
+            inner.token_checks
+        );
         out.push_str(
             "# HELP skein_ingress_breaker_state Circuit breaker state per service (1 = current).\n",
         );

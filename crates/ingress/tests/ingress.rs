@@ -1903,6 +1903,55 @@ async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() 
     Ok(())
 }
 
+/// Tokens not verified before are charged to their address before their
+/// signature is checked: past the address's burst a client sending forged
+/// tokens gets 429 without the ingress checking them (the costliest step of
+/// a request), while a user whose token was verified before goes on from
+/// the same address, limited as that user.
+#[tokio::test]
+async fn forged_tokens_are_limited_before_their_signature_is_checked() -> anyhow::Result<()> {
+    let app = App::start_with(|c| {
+        c.rate_limit = RateLimit {
+            per_second: 0.01,
+            burst: 5,
+        };
+    })
+    .await?;
+    ensure!(app.get("/v1/me", &app.admin).await?.status == 200);
+    let checks = || async {
+        let metrics = app.send(Req::new("GET", "/metrics")).await?;
+        let text = metrics.body.as_str().unwrap_or("").to_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("skein_ingress_token_signature_checks_total "))
+            .context("no signature-check count in /metrics")?
+            .parse::<u64>()
+            .context("a count that is not a number")
+    };
+    let before = checks().await?;
+    // The admin's token with its signature changed: a known key id, so
+    // one check each and no fetch from identity.
+    let (head, signature) = app.admin.rsplit_once('.').context("not a JWT")?;
+    let flipped = if signature.starts_with('A') { "B" } else { "A" };
+    let forged = format!("{head}.{flipped}{}", &signature[1..]);
+    let mut statuses = Vec::new();
+    for _ in 0..20 {
+        statuses.push(app.get("/v1/me", &forged).await?.status);
+    }
+    let refused = statuses.iter().take_while(|s| **s == 401).count();
+    ensure!(
+        (1..=5).contains(&refused) && statuses[refused..].iter().all(|s| *s == 429),
+        "{statuses:?}"
+    );
+    let checked = checks().await? - before;
+    ensure!(
+        checked == refused as u64,
+        "{checked} signatures checked for {refused} requests let through"
+    );
+    let me = app.get("/v1/me", &app.admin).await?;
+    ensure!(me.status == 200, "{me:?}");
+    Ok(())
+}
+
 /// Behind a proxy (`trust_forwarded_for`), a client's log-ins are limited
 /// by the address the proxy appended to `X-Forwarded-For`, whatever the
 /// client put before it; clients the proxy tells apart have their own
