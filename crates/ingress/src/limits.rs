@@ -4,7 +4,11 @@
 //! request takes one or is refused with the time until one is there
 //! (`Retry-After`). Buckets are kept in memory (the ingress is stateless, so
 //! with N copies a client gets up to N times the rate); at capacity, buckets
-//! that are full again (idle clients) are dropped first.
+//! that are full again (idle clients) are dropped first. Looking for those
+//! visits every bucket, so it is done at most once per [`SWEEP_EVERY`]; in
+//! between, a new client at capacity takes the place of an arbitrary one (a
+//! flood of new addresses, say one per IPv6 /64, costs a map operation per
+//! request, not a scan).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -17,10 +21,22 @@ use crate::config::RateLimit;
 /// one token.
 const MAX_WAIT: Duration = Duration::from_secs(1000);
 
+/// How often, at most, a limiter at capacity looks for idle clients.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+/// The buckets, and when idle ones were last looked for.
+#[derive(Debug, Default)]
+struct Buckets {
+    by_client: HashMap<String, Bucket>,
+    swept: Option<Instant>,
+    /// Sweeps so far (for tests).
+    sweeps: u64,
 }
 
 /// Token buckets for one limit.
@@ -28,7 +44,7 @@ struct Bucket {
 pub(crate) struct RateLimiter {
     limit: RateLimit,
     capacity: usize,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
 
 impl RateLimiter {
@@ -36,7 +52,7 @@ impl RateLimiter {
         Self {
             limit,
             capacity,
-            buckets: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(Buckets::default()),
         }
     }
 
@@ -48,11 +64,23 @@ impl RateLimiter {
     fn check_at(&self, client: &str, now: Instant) -> Result<(), Duration> {
         let burst = f64::from(self.limit.burst);
         let rate = self.limit.per_second;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let buckets = &mut state.by_client;
         if buckets.len() >= self.capacity && !buckets.contains_key(client) {
-            buckets.retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst);
+            if state
+                .swept
+                .is_none_or(|at| now.duration_since(at) >= SWEEP_EVERY)
+            {
+                state.swept = Some(now);
+                state.sweeps += 1;
+                buckets.retain(|_, b| {
+                    b.tokens + now.duration_since(b.at).as_secs_f64() * rate < burst
+                });
+            }
             if buckets.len() >= self.capacity {
-                // Everyone is busy: forget an arbitrary one rather than grow.
+                // Everyone is busy (or was at the last sweep): forget an
+                // arbitrary one rather than grow.
                 if let Some(k) = buckets.keys().next().cloned() {
                     buckets.remove(&k);
                 }
@@ -141,6 +169,33 @@ mod tests {
         for c in ["a", "b", "c", "d"] {
             assert!(l.check_at(c, t).is_ok());
         }
-        assert!(l.buckets.lock().map(|b| b.len()).unwrap_or(0) <= 2);
+        assert!(l.buckets.lock().map(|b| b.by_client.len()).unwrap_or(0) <= 2);
+    }
+
+    #[test]
+    fn new_clients_at_capacity_do_not_each_look_through_every_bucket() {
+        let l = RateLimiter::new(
+            RateLimit {
+                per_second: 0.01,
+                burst: 5,
+            },
+            100,
+        );
+        let t = Instant::now();
+        let sweeps = || l.buckets.lock().map(|b| b.sweeps).unwrap_or(u64::MAX);
+        for c in 0..1_000 {
+            assert!(l
+                .check_at(&format!("10.0.{}.{}", c / 256, c % 256), t)
+                .is_ok());
+        }
+        assert_eq!(sweeps(), 1, "one sweep for 900 clients over capacity");
+        let len = l.buckets.lock().map(|b| b.by_client.len()).unwrap_or(0);
+        assert!(len <= 100, "{len} buckets");
+        // A second later idle clients are looked for again, and dropped.
+        let later = t + Duration::from_secs(1000);
+        assert!(l.check_at("a latecomer", later).is_ok());
+        assert_eq!(sweeps(), 2);
+        let len = l.buckets.lock().map(|b| b.by_client.len()).unwrap_or(0);
+        assert_eq!(len, 1, "the idle clients were dropped");
     }
 }
