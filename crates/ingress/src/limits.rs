@@ -5,7 +5,7 @@
 //! (`Retry-After`). Buckets are kept in memory (the ingress is stateless, so
 //! with N copies a client gets up to N times the rate); at capacity, buckets
 //! that are full again (idle clients) are dropped first. Looking for those
-//! visits every bucket, so it is done at most once per [`SWEEP_EVERY`]; in
+//! visits every bucket, so it is done at most once a second; in
 //! between, a new client at capacity takes the place of an arbitrary one (a
 //! flood of new addresses, say one per IPv6 /64, costs a map operation per
 //! request, not a scan).
