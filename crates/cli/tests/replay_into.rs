@@ -471,11 +471,20 @@ async fn replaying_into_a_stopped_orchestrator_starts_its_saga_once_and_publishe
 ) -> anyhow::Result<()> {
     let setup = Setup::start(backend).await?;
     let (customer, order_id) = (Uuid::now_v7(), Uuid::now_v7());
-    // The orchestrator never ran: its database does not exist yet.
+    // The orchestrator never ran: its database does not exist yet, and
+    // the replay creates it only when told to.
     setup.publish(&user(customer, 1)?).await?;
     setup.publish(&placed(order_id, customer, 1200)?).await?;
+    let refused = setup.skein(&["replay", "--into", "orchestrator"]).await?;
+    ensure!(
+        !refused.status.success() && stderr(&refused).contains("--create-database"),
+        "{}",
+        stderr(&refused)
+    );
 
-    let first = setup.skein(&["replay", "--into", "orchestrator"]).await?;
+    let first = setup
+        .skein(&["replay", "--into", "orchestrator", "--create-database"])
+        .await?;
     ensure!(first.status.success(), "{}", stderr(&first));
     let out = stdout(&first);
     ensure!(
@@ -728,7 +737,7 @@ backend_tests!(
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_combinations_of_replay_into_say_what_is_wrong() -> anyhow::Result<()> {
+async fn bad_replays_and_audits_say_what_is_wrong_and_create_nothing() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
     let run = |args: &'static [&'static str]| {
@@ -778,6 +787,15 @@ async fn bad_combinations_of_replay_into_say_what_is_wrong() -> anyhow::Result<(
             &["replay", "--into", "projector", "--dry-run"],
             "no projector database",
         ),
+        // A real run neither: it would apply everything to a new database.
+        (
+            &["replay", "--into", "orchestrator"],
+            "no orchestrator database",
+        ),
+        // An audit that would check nothing does not say "clean".
+        (&["audit", "--services", "order"], "no service \"order\""),
+        (&["audit", "--services", "orders"], "no orders database"),
+        (&["audit"], "nothing to audit"),
     ];
     for (args, expected) in cases {
         let out = run(args).await?;
@@ -818,7 +836,7 @@ async fn a_dry_run_or_an_audit_on_postgres_creates_no_database() -> anyhow::Resu
         !skein_outbox::store::database_exists(&projector).await?,
         "the dry run created {projector}"
     );
-    // Nor does an audit: it skips the service and says so.
+    // Nor does an audit: it refuses, naming the missing database.
     let bus = Bus::connect(&BusConfig::new(server.url(), "audit-test")).await?;
     apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
@@ -828,8 +846,8 @@ async fn a_dry_run_or_an_audit_on_postgres_creates_no_database() -> anyhow::Resu
         .output()
         .await?;
     ensure!(
-        stderr(&out).contains("projector: no database at"),
-        "the audit did not say it skipped the missing database: {}",
+        !out.status.success() && stderr(&out).contains("projector: no database at"),
+        "the audit did not fail naming the missing database: {}",
         stderr(&out)
     );
     ensure!(

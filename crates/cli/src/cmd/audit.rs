@@ -238,11 +238,53 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         .database_url
         .clone()
         .unwrap_or_else(|| Settings::default_database_url(Path::new(DEFAULT_DATA_DIR)));
-    let services: Vec<String> = if args.services.is_empty() {
-        SERVICES.iter().map(|s| (*s).to_owned()).collect()
-    } else {
+    if let Some(unknown) = args
+        .services
+        .iter()
+        .find(|s| !SERVICES.contains(&s.as_str()))
+    {
+        anyhow::bail!(
+            "--services: no service {unknown:?}; the services are {}",
+            SERVICES.join(", ")
+        );
+    }
+    let named = !args.services.is_empty();
+    let mut services: Vec<String> = if named {
         args.services.clone()
+    } else {
+        SERVICES.iter().map(|s| (*s).to_owned()).collect()
     };
+    // An audit changes nothing: a missing database is not created. A
+    // service named in --services must have one; of the default list,
+    // those without are skipped, but not all of them (an audit that checked
+    // nothing must not say "clean").
+    let mut skipped = Vec::new();
+    for service in &services {
+        let url = template.replace("{service}", service);
+        let shown = skein_outbox::store::redact(&url);
+        let exists = skein_outbox::store::database_exists(&url)
+            .await
+            .with_context(|| {
+                format!("cannot look for the {service} database {shown}; check --database-url / DATABASE_URL")
+            })?;
+        if !exists {
+            eprintln!("{service}: no database at {shown}; skipped");
+            skipped.push(service.clone());
+        }
+    }
+    if named && !skipped.is_empty() {
+        anyhow::bail!(
+            "no {} database (see above): check --database-url / DATABASE_URL, or leave the service out of --services",
+            skipped.join(", ")
+        );
+    }
+    if skipped.len() == services.len() {
+        anyhow::bail!(
+            "no service database found with {}: nothing to audit; check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory)",
+            skein_outbox::store::redact(&template)
+        );
+    }
+    services.retain(|s| !skipped.contains(s));
     let bus = super::connect(nats_url).await?;
 
     // The consumers first: whatever is at or below an acknowledgement floor
@@ -286,17 +328,6 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
     for service in &services {
         let url = template.replace("{service}", service);
-        let shown = skein_outbox::store::redact(&url);
-        // An audit changes nothing: a missing database is not created.
-        let exists = skein_outbox::store::database_exists(&url)
-            .await
-            .with_context(|| {
-                format!("cannot look for the {service} database {shown}; check --database-url")
-            })?;
-        if !exists {
-            eprintln!("{service}: no database at {shown}; skipped");
-            continue;
-        }
         let store = Store::connect(&url)
             .await
             .with_context(|| format!("cannot open the {service} database; check --database-url"))?;
@@ -511,13 +542,17 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         anyhow::bail!("{problems} problem(s) found{hint}");
     }
     if args.format == Format::Table {
-        if unconsumed > 0 {
-            println!(
-                "clean: every published message is where it belongs; {unconsumed} not yet consumed (lag, not loss)"
-            );
+        let lag = if unconsumed > 0 {
+            format!("; {unconsumed} not yet consumed (lag, not loss)")
         } else {
-            println!("clean: every published message is where it belongs");
-        }
+            String::new()
+        };
+        let skipped = if skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; not audited (no database): {}", skipped.join(", "))
+        };
+        println!("clean: every published message is where it belongs{lag}{skipped}");
     }
     Ok(())
 }

@@ -75,6 +75,11 @@ pub(crate) struct Args {
     /// changing nothing.
     #[arg(long, requires = "into")]
     dry_run: bool,
+    /// With --into: the worker has never run here; create its database and
+    /// apply the history to it. Without this a missing database is refused
+    /// (a wrong --database-url would otherwise apply every event as new).
+    #[arg(long, requires = "into", conflicts_with = "dry_run")]
+    create_database: bool,
     /// With --into: how long the worker's inbox remembers the messages it
     /// handled (its relay deletes older records; 30 days unless the worker
     /// was built otherwise). A selected message stored longer ago that the

@@ -60,8 +60,12 @@ pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Re
         }
         model.parse::<ReadModel>()?;
     }
-    if args.dry_run {
-        // A dry run changes nothing, so it does not create the database.
+    if !args.create_database {
+        // The worker's own database, unless told to create one: a dry run
+        // changes nothing, and a real run into a database made by mistake
+        // (a wrong --database-url, the default data/ path from another
+        // directory) would find an empty inbox and apply every event as
+        // new, its handlers sending commands again under new ids.
         let service = worker.as_str();
         let url = args.database_url.replace("{service}", service);
         let shown = skein_outbox::store::redact(&url);
@@ -72,7 +76,8 @@ pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Re
             })?;
         if !exists {
             bail!(
-                "no {service} database at {shown}: nothing to compare with (check --database-url / DATABASE_URL)"
+                "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
+                if args.dry_run { "" } else { "; if the worker has never run, --create-database creates it and applies the history" }
             );
         }
     }
