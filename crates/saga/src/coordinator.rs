@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use skein_bus::{Delivery, HandlerError};
+use skein_bus::{Bus, Delivery, HandlerError};
 use skein_contracts::orchestrator::{SagaInstance, SagaStatus, SentMessage, StuckSaga};
 use skein_message::Envelope;
 use skein_outbox::{now_micros, Statements, Store, Tx, TxHandler};
@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::backlog::Backlog;
 use crate::definition::{Saga, SagaError};
 use crate::engine::{Engine, Instance, Outcome};
 use crate::store::{self, NewTransition};
@@ -35,7 +36,12 @@ pub struct Coordinator {
     sagas: Arc<Vec<Saga>>,
     store: Store,
     source: String,
+    /// The consumer whose backlog deadlines wait for, if any.
+    backlog: Option<Arc<Backlog>>,
 }
+
+/// What a persist that lost a race to another copy says (and only it).
+const CHANGED_MEANWHILE: &str = "changed meanwhile";
 
 fn db(e: sqlx::Error) -> HandlerError {
     HandlerError::transient(format!("saga store: {e}"))
@@ -88,7 +94,18 @@ impl Coordinator {
             sagas: Arc::new(sagas),
             store,
             source: source.into(),
+            backlog: None,
         })
+    }
+
+    /// Applies a deadline only once `consumer` (the one that delivers this
+    /// coordinator's replies) has acknowledged every message `stream` stored
+    /// before it: a reply that came in time but waited in its backlog (the
+    /// coordinator was down or behind) is applied instead of being judged
+    /// late. Without this, deadlines go by the clock alone.
+    pub fn deadlines_wait_for(mut self, bus: Bus, stream: &str, consumer: &str) -> Self {
+        self.backlog = Some(Arc::new(Backlog::new(bus, stream, consumer)));
+        self
     }
 
     /// The `EVENTS` filter subjects of every event the sagas react to.
@@ -167,7 +184,7 @@ impl Coordinator {
         );
         let changed_meanwhile = || {
             HandlerError::transient(format!(
-                "saga {} changed meanwhile (another coordinator copy); applying again",
+                "saga {} {CHANGED_MEANWHILE} (another coordinator copy); applying again",
                 inst.id
             ))
             .retry_after(Duration::from_millis(20))
@@ -265,38 +282,75 @@ impl Coordinator {
     /// the round goes on with them. It stays overdue, so `skein saga
     /// stuck` lists it. A transient error (the database away) ends the
     /// round, to be tried again on the next tick.
+    ///
+    /// With [`Coordinator::deadlines_wait_for`], only deadlines up to the
+    /// time the consumer has acknowledged everything before are applied;
+    /// the others wait for it.
     pub async fn run_deadlines(&self, limit: i64) -> Result<usize, HandlerError> {
         let now = now_micros();
-        let mut conn = self.store.pool().acquire().await.map_err(db)?;
         let names: Vec<&str> = self.sagas.iter().map(|s| s.name.as_str()).collect();
-        let due = store::due(&mut conn, &names, now, limit)
-            .await
-            .map_err(db)?;
-        drop(conn);
-        let mut applied = 0;
-        for id in due {
-            match self.apply_deadline(id, now).await {
-                Ok(true) => applied += 1,
-                Ok(false) => {}
-                Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Err(e),
-                Err(e) => tracing::error!(
-                    instance = %id,
-                    "cannot apply the saga instance's deadline; left for a copy that can: {}",
-                    e.reason()
-                ),
+        let mut conn = self.store.pool().acquire().await.map_err(db)?;
+        let mut cutoff = now;
+        if let Some(backlog) = &self.backlog {
+            if store::due(&mut conn, &names, now, None, 1)
+                .await
+                .map_err(db)?
+                .is_empty()
+            {
+                return Ok(0);
+            }
+            cutoff = match backlog.consumed_before(now).await {
+                Ok(before) => before.min(now),
+                Err(e) => {
+                    // Nothing to go by (NATS away): the clock decides, as
+                    // it would without the wait.
+                    tracing::debug!(error = %e, "cannot tell how far the consumer has got");
+                    now
+                }
+            };
+            if cutoff < now {
+                tracing::debug!(
+                    behind_ms = now.saturating_sub(cutoff) / 1000,
+                    "saga deadlines wait for the consumer's backlog"
+                );
             }
         }
-        Ok(applied)
+        // Page by page: instances this copy cannot advance (a newer
+        // version's, a broken row) are passed over, however many there are.
+        let mut after = None;
+        let mut applied = 0;
+        loop {
+            let page = store::due(&mut conn, &names, cutoff, after, limit)
+                .await
+                .map_err(db)?;
+            let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= limit;
+            after = page.last().map(|(id, at)| (*at, *id));
+            for (id, _) in page {
+                match self.apply_deadline(id, now, cutoff).await {
+                    Ok(true) => applied += 1,
+                    Ok(false) => {}
+                    Err(e) if e.kind() == skein_bus::ErrorKind::Transient => return Err(e),
+                    Err(e) => tracing::error!(
+                        instance = %id,
+                        "cannot apply the saga instance's deadline; left for a copy that can: {}",
+                        e.reason()
+                    ),
+                }
+            }
+            if !full || i64::try_from(applied).unwrap_or(i64::MAX) >= limit {
+                return Ok(applied);
+            }
+        }
     }
 
-    /// Applies instance `id`'s passed deadline; `false` when there was
-    /// none to apply (another copy got there first).
-    async fn apply_deadline(&self, id: Uuid, now: i64) -> Result<bool, HandlerError> {
+    /// Applies instance `id`'s deadline if it is at or before `cutoff`;
+    /// `false` when there was none to apply (another copy got there first).
+    async fn apply_deadline(&self, id: Uuid, now: i64, cutoff: i64) -> Result<bool, HandlerError> {
         let mut tx = self.store.begin().await.map_err(HandlerError::transient)?;
         let Some(mut inst) = store::load(&mut tx, id).await.map_err(stored)? else {
             return Ok(false);
         };
-        if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > now) {
+        if !inst.status.is_live() || inst.deadline_at.is_none_or(|d| d > cutoff) {
             // Another copy got there first.
             return Ok(false);
         }
@@ -321,7 +375,7 @@ impl Coordinator {
             .await
         {
             Ok(()) => {}
-            Err(e) if e.kind() == skein_bus::ErrorKind::Transient => {
+            Err(e) if e.reason().contains(CHANGED_MEANWHILE) => {
                 tracing::debug!(instance = %id, "deadline raced another change: {}", e.reason());
                 return Ok(false);
             }

@@ -28,6 +28,7 @@
 //! - `store`: the tables; [`MIGRATIONS`].
 //! - [`coordinator`]: consuming, deadlines, views for queries.
 
+mod backlog;
 pub mod coordinator;
 pub mod definition;
 mod engine;

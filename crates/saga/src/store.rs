@@ -148,28 +148,37 @@ pub(crate) async fn load_by_key(
     .transpose()
 }
 
-/// Ids of live instances whose deadline is at or before `now`, earliest first.
+/// Live instances whose deadline is at or before `now`, earliest first (by
+/// deadline, then id), after `after` (a page's last), with their deadlines.
 pub(crate) async fn due(
     conn: &mut AnyConnection,
     sagas: &[&str],
     now: i64,
+    after: Option<(i64, Uuid)>,
     limit: i64,
-) -> sqlx::Result<Vec<Uuid>> {
+) -> sqlx::Result<Vec<(Uuid, i64)>> {
     if sagas.is_empty() {
         return Ok(Vec::new());
     }
     // Only the sagas this coordinator knows: another version's are left to
     // the copies that know them, and take no place in the batch.
     let names = (0..sagas.len())
-        .map(|i| format!("${}", i + 3))
+        .map(|i| format!("${}", i + 5))
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "SELECT id FROM saga_instances WHERE deadline_at <= $1 \
+        "SELECT id, deadline_at FROM saga_instances WHERE deadline_at <= $1 \
          AND status IN ('running', 'compensating') AND saga IN ({names}) \
-         ORDER BY deadline_at LIMIT $2"
+         AND (deadline_at > $3 OR (deadline_at = $3 AND id > $4)) \
+         ORDER BY deadline_at, id LIMIT $2"
     );
-    let mut query = sqlx::query(&sql).bind(now).bind(limit);
+    let (after_at, after_id) =
+        after.map_or((i64::MIN, String::new()), |(at, id)| (at, id.to_string()));
+    let mut query = sqlx::query(&sql)
+        .bind(now)
+        .bind(limit)
+        .bind(after_at)
+        .bind(after_id);
     for saga in sagas {
         query = query.bind(*saga);
     }
@@ -177,7 +186,10 @@ pub(crate) async fn due(
     rows.iter()
         .map(|r| {
             let id: String = r.try_get("id")?;
-            Uuid::parse_str(&id).map_err(decode_error)
+            let at: i64 = r.try_get("deadline_at")?;
+            Uuid::parse_str(&id)
+                .map(|id| (id, at))
+                .map_err(decode_error)
         })
         .collect()
 }

@@ -139,7 +139,10 @@ pub async fn start_with(
         .migrate("saga", skein_saga::MIGRATIONS)
         .await
         .map_err(StartError::Migrate)?;
-    let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?;
+    // Deadlines wait for replies that came in time but wait in the
+    // consumer's backlog (this worker was down, or is behind).
+    let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?
+        .deadlines_wait_for(bus.clone(), EVENTS, &host.name);
     let mut host = Host::start(bus, store, host).await?;
     register_queries(&mut host, Arc::new(coordinator.clone())).await?;
     let watcher = coordinator.clone();

@@ -335,6 +335,7 @@ backend_tests!(
     a_declined_payment_gives_the_stock_back_and_rejects_the_order,
     a_payment_past_its_deadline_is_compensated_and_the_late_authorization_refunded,
     a_coordinator_killed_mid_saga_resumes_and_sends_each_step_once,
+    a_coordinator_down_past_its_deadlines_applies_the_replies_that_came_in_time,
     duplicate_and_stale_events_change_nothing,
     two_coordinator_copies_share_the_work_without_doing_anything_twice,
     cancelling_a_confirmed_order_refunds_and_releases,
@@ -554,6 +555,60 @@ async fn a_coordinator_killed_mid_saga_resumes_and_sends_each_step_once(
     assert_eq!(shop.available(thing).await?, 4);
     let ledger = request(&shop.p.bus, &Ledger {}).await?;
     assert_eq!(ledger.captured_cents, 300);
+    shop.shutdown().await;
+    Ok(())
+}
+
+/// The coordinator is down (stopped for a deploy) while the payments it
+/// asked for are authorized in time, and comes back after their deadline:
+/// it applies the replies waiting in its backlog before it judges the
+/// deadlines, so the orders are confirmed, not compensated.
+async fn a_coordinator_down_past_its_deadlines_applies_the_replies_that_came_in_time(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let config = OrchestratorConfig {
+        payment_deadline: Duration::from_millis(1_500),
+        // Deadlines looked at as soon as it is back.
+        tick: Duration::from_millis(1),
+        ..quick()
+    };
+    let slow = ProviderConfig {
+        latency: Duration::from_millis(500),
+        ..ProviderConfig::default()
+    };
+    let mut shop = Shop::start(backend, config, slow).await?;
+    let buyer = shop.customer().await?;
+    let thing = shop.product(100, 50).await?;
+    shop.replicas_ready(&[buyer], &[thing]).await?;
+    let mut orders = Vec::new();
+    for _ in 0..8 {
+        orders.push(shop.place(buyer, &[(thing, 1)]).await?);
+    }
+    for order in &orders {
+        shop.wait_step(*order, "authorize_payment").await?;
+    }
+    shop.orchestrators
+        .pop()
+        .context("no orchestrator")?
+        .shutdown()
+        .await;
+    // Authorized within the deadline, while nobody coordinates.
+    for order in &orders {
+        shop.p
+            .wait_events::<PaymentAuthorized>(&order.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+    }
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    shop.add_orchestrator().await?;
+    for order in &orders {
+        let saga = shop
+            .wait_saga("place_order", *order, SagaStatus::Completed)
+            .await?;
+        assert_eq!(sent(&saga, "payments.refund_payment"), 0, "{saga:#?}");
+        assert_eq!(shop.order(*order).await?.status, OrderStatus::Confirmed);
+    }
+    assert_eq!(shop.balance(buyer).await?, BALANCE - 800);
     shop.shutdown().await;
     Ok(())
 }

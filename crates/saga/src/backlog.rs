@@ -1,0 +1,91 @@
+//! How far the coordinator's consumer has got: deadlines wait for it.
+//!
+//! A step's deadline is about when its reply was *sent*, not about when the
+//! coordinator got round to it. When the coordinator was down (a deploy, a
+//! crash) or falls behind, replies that came in time wait in its consumer's
+//! backlog; judging deadlines by the clock alone would compensate steps
+//! that succeeded in time, and ignore their replies as late. So a deadline
+//! is applied only once the consumer has acknowledged every message stored
+//! in the stream before it.
+//!
+//! The server says how far a consumer has acknowledged as a stream
+//! sequence (its acknowledgement floor), not a time, so [`Backlog`] keeps
+//! samples of the stream's last sequence with the time each was taken:
+//! once the floor reaches a sample's sequence, everything stored before
+//! that sample's time has been acknowledged. It needs only the stream's
+//! and the consumer's info, which a service's own NATS user may read.
+//!
+//! What this costs: a message that fails again and again (until it is
+//! dead-lettered) holds the floor, and with it the deadlines of everything
+//! after it, for as long as its retries last.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use skein_bus::Bus;
+
+/// Most samples kept while the consumer is behind (one per deadline round):
+/// past it no new ones are taken, and the oldest, which are the first to
+/// be reached, stay.
+const MAX_SAMPLES: usize = 10_000;
+
+/// A consumer whose acknowledgements deadlines wait for.
+#[derive(Debug)]
+pub(crate) struct Backlog {
+    bus: Bus,
+    stream: String,
+    consumer: String,
+    /// (when, the stream's last sequence then), oldest first.
+    samples: Mutex<VecDeque<(i64, u64)>>,
+}
+
+impl Backlog {
+    pub(crate) fn new(bus: Bus, stream: &str, consumer: &str) -> Self {
+        Self {
+            bus,
+            stream: stream.to_owned(),
+            consumer: consumer.to_owned(),
+            samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// A time (µs since the epoch, at most `now`) before which every message
+    /// stored in the stream has been acknowledged by the consumer: deadlines
+    /// up to it may be applied. `i64::MIN` while nothing can be said yet.
+    pub(crate) async fn consumed_before(&self, now: i64) -> Result<i64, String> {
+        let js = self.bus.jetstream();
+        let stream = js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| format!("cannot read stream {}: {e}", self.stream))?;
+        // Every message stored before `now` has a sequence up to this one.
+        let last = stream.cached_info().state.last_sequence;
+        let info = stream
+            .consumer_info(&self.consumer)
+            .await
+            .map_err(|e| format!("cannot read consumer {}: {e}", self.consumer))?;
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            // Nothing left to deliver or to acknowledge.
+            samples.clear();
+            return Ok(now);
+        }
+        if samples.len() < MAX_SAMPLES {
+            samples.push_back((now, last));
+        }
+        let floor = info.ack_floor.stream_sequence;
+        let mut reached = i64::MIN;
+        while let Some(&(at, sequence)) = samples.front() {
+            if sequence > floor {
+                break;
+            }
+            reached = at;
+            samples.pop_front();
+        }
+        if reached > i64::MIN {
+            // Kept: the floor does not go back, so it stays reached.
+            samples.push_front((reached, 0));
+        }
+        Ok(reached)
+    }
+}
