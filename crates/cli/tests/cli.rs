@@ -296,6 +296,31 @@ async fn replay_filters_return_exactly_the_matching_events() -> anyhow::Result<(
     ensure!(json_ids(&by_correlation)? == vec![ids[2].clone(), ids[3].clone()]);
     let by_seq = skein(&server, &["replay", "--seq", "2-3", "--format", "json"]).await?;
     ensure!(json_ids(&by_seq)? == vec![ids[1].clone(), ids[2].clone()]);
+    // --since still filters when --seq says where to start reading.
+    let seq_and_since = skein(
+        &server,
+        &[
+            "replay",
+            "--seq",
+            "1-",
+            "--since",
+            "2099-01-01T00:00:00Z",
+            "--format",
+            "json",
+        ],
+    )
+    .await?;
+    ensure!(
+        json_ids(&seq_and_since)?.is_empty(),
+        "{}",
+        stdout(&seq_and_since)
+    );
+    let backwards = skein(&server, &["replay", "--since", "1h", "--until", "2h"]).await?;
+    ensure!(
+        !backwards.status.success() && stderr(&backwards).contains("--until is before --since"),
+        "{}",
+        stderr(&backwards)
+    );
     let by_type = skein(
         &server,
         &["replay", "--type", "notes.other", "--format", "json"],
@@ -437,6 +462,15 @@ async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> 
     )?;
     bus.publisher().publish(&e).await?;
     // Redrive it into the still-broken handler until the limit.
+    // A rate a pause cannot be made of is refused, not a panic.
+    for rate in ["1e-20", "0", "NaN"] {
+        let r = skein(&server, &["dlq", "redrive", "--rate", rate]).await?;
+        ensure!(
+            !r.status.success() && stderr(&r).contains("--rate takes messages per second"),
+            "--rate {rate}: {}",
+            stderr(&r)
+        );
+    }
     for round in 1..=2u64 {
         eventually(Duration::from_secs(10), || async {
             (worker.stats().snapshot().dead_lettered == round).then_some(())

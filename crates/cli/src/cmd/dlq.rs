@@ -172,8 +172,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             rate,
             max_redrives,
         } => {
-            if !rate.is_finite() || rate <= 0.0 {
-                bail!("--rate must be a positive number of messages per second");
+            // From one message in 1,000 s (a pause a Duration holds).
+            if !rate.is_finite() || rate < 0.001 {
+                bail!("--rate takes messages per second, at least 0.001");
             }
             let selected = select(&bus, seq.as_deref(), reason.as_deref()).await?;
             let stream = bus

@@ -227,8 +227,8 @@ fn validate(args: &Args) -> anyhow::Result<Mix> {
         args.rate
     );
     ensure!(
-        args.settle_timeout > 0,
-        "--settle-timeout must be at least 1 second"
+        (1..=86_400).contains(&args.settle_timeout),
+        "--settle-timeout takes seconds from 1 to 86400 (a day)"
     );
     Ok(mix)
 }
@@ -2167,6 +2167,17 @@ mod tests {
         for fine in ["0", "0.001", "2.5", "1e9"] {
             validate(&args(&["--rate", fine])).expect(fine);
         }
+    }
+
+    #[test]
+    fn a_settle_timeout_past_a_day_is_refused_not_an_overflow() {
+        for bad in ["0", "86401", "18446744073709551615"] {
+            let e = validate(&args(&["--settle-timeout", bad]))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.starts_with("--settle-timeout takes"), "{bad}: {e}");
+        }
+        validate(&args(&["--settle-timeout", "86400"])).expect("a day");
     }
 
     #[test]

@@ -206,6 +206,12 @@ async fn select(
     let range = args.seq.as_deref().map(parse_range).transpose()?;
     let since = args.since.as_deref().map(parse_time).transpose()?;
     let until = args.until.as_deref().map(parse_time).transpose()?;
+    if let (Some(since), Some(until)) = (since, until) {
+        anyhow::ensure!(
+            since <= until,
+            "--until is before --since: no message can be in that window"
+        );
+    }
     let filter = server_filter(args, stream);
     let start = match (range.as_ref(), since) {
         (Some(r), _) => StartAt::Sequence(*r.start()),
@@ -220,6 +226,8 @@ async fn select(
         if range
             .as_ref()
             .is_some_and(|r| !r.contains(&message.sequence))
+            // With --seq the read starts at a sequence: --since filters.
+            || since.is_some_and(|t| message.published < t)
             || until.is_some_and(|u| message.published > u)
         {
             continue;
