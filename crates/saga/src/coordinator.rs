@@ -123,6 +123,20 @@ impl Coordinator {
         })
     }
 
+    /// The saga of `inst` if this copy can advance it (answering `step`):
+    /// an instance of a saga, or at a step, this copy's definitions lack is
+    /// another version's (a rolling upgrade), and a transient error leaves
+    /// the message for a copy that has it instead of dead-lettering it.
+    fn advancing(&self, inst: &Instance, step: usize) -> Result<&Saga, HandlerError> {
+        match self.sagas.iter().find(|s| s.name == inst.saga) {
+            Some(saga) if inst.step < saga.steps.len() && step < saga.steps.len() => Ok(saga),
+            _ => Err(HandlerError::transient(format!(
+                "saga instance {} ({:?} at step {}) is another version's: left for a copy that has its definition",
+                inst.id, inst.saga, inst.step.max(step)
+            ))),
+        }
+    }
+
     fn engine<'a>(&'a self, saga: &'a Saga, now: i64) -> Engine<'a> {
         Engine {
             saga,
@@ -239,6 +253,7 @@ impl Coordinator {
                     let (key, reason) = key(event).map_err(definition)?;
                     match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
                         Some(mut inst) => {
+                            self.advancing(&inst, inst.step)?;
                             let from = inst.status;
                             let out = self
                                 .engine(saga, now)
@@ -259,7 +274,7 @@ impl Coordinator {
                 let mut inst = inst.map_err(|id| {
                     HandlerError::permanent(format!("saga instance {id} of a sent command is gone"))
                 })?;
-                let saga = self.saga(&inst.saga)?;
+                let saga = self.advancing(&inst, step)?;
                 let from = inst.status;
                 let out = self
                     .engine(saga, now)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use skein_bus::{Delivery, DeliveryInfo};
+use skein_bus::{Delivery, DeliveryInfo, ErrorKind, HandlerError};
 use skein_contracts::orchestrator::{SagaInstance, SagaStatus};
 use skein_message::{Envelope, Event, MessageContext};
 use skein_outbox::{Inbox, Processed, Store};
@@ -97,6 +97,13 @@ impl Shop {
 
     /// Hands `envelope` to the coordinator as its worker would.
     async fn deliver(&mut self, envelope: &Envelope) -> anyhow::Result<Processed> {
+        self.deliver_raw(envelope).await.map_err(|e| {
+            anyhow::anyhow!("the coordinator refused {}: {}", envelope.kind, e.reason())
+        })
+    }
+
+    /// [`Shop::deliver`], with the coordinator's own error.
+    async fn deliver_raw(&mut self, envelope: &Envelope) -> Result<Processed, HandlerError> {
         self.delivered += 1;
         let delivery = Delivery {
             envelope: envelope.clone(),
@@ -107,9 +114,7 @@ impl Shop {
                 delivered: 1,
             },
         };
-        self.inbox.process(&delivery).await.map_err(|e| {
-            anyhow::anyhow!("the coordinator refused {}: {}", envelope.kind, e.reason())
-        })
+        self.inbox.process(&delivery).await
     }
 
     /// `event` in answer to the command `to`.
@@ -185,7 +190,64 @@ backend_tests!(
     a_step_after_the_pivot_answered_after_the_instance_failed_completes_it,
     a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing,
     instances_this_copy_cannot_advance_are_left_as_they_are_and_hold_up_no_other,
+    a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it,
 );
+
+/// During a rolling upgrade a reply can reach a copy whose definitions lack
+/// its instance's saga or step: it is refused as transient (the message
+/// goes back, for a copy that has them), never dead-lettered, and the
+/// instance is not touched.
+async fn a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    let mut replies = Vec::new();
+    for key in ["gone", "shrunk"] {
+        shop.deliver(&placed(key)?).await?;
+        let reserve = last(&shop.instance(key).await?, "shop.reserve.v1")?;
+        let context = MessageContext {
+            correlation_id: "request-1".into(),
+            causation_id: Some(reserve),
+            traceparent: None,
+        };
+        replies.push(Envelope::event(
+            "shop",
+            &Reserved { id: key.into() },
+            &context,
+        )?);
+    }
+    for (key, change) in [("gone", "saga = 'a newer saga'"), ("shrunk", "step = 99")] {
+        sqlx::query(&format!(
+            "UPDATE saga_instances SET {change} WHERE saga_key = $1"
+        ))
+        .bind(key)
+        .execute(shop.store.pool())
+        .await?;
+    }
+    let store = shop.store.clone();
+    let rows = || {
+        let store = store.clone();
+        async move {
+            let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                "SELECT saga_key, status, step, version FROM saga_instances ORDER BY saga_key",
+            )
+            .fetch_all(store.pool())
+            .await?;
+            anyhow::Ok(rows)
+        }
+    };
+    let before = rows().await?;
+    for reply in &replies {
+        let refused = shop.deliver_raw(reply).await;
+        anyhow::ensure!(
+            matches!(&refused, Err(e) if e.kind() == ErrorKind::Transient
+                && e.reason().contains("another version's")),
+            "{refused:?}"
+        );
+    }
+    anyhow::ensure!(rows().await? == before, "an instance was changed");
+    Ok(())
+}
 
 /// Instances whose deadline this copy cannot apply (another version's
 /// saga, a step this copy's definition lacks: a rolling upgrade) come
