@@ -260,13 +260,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // nothing must not say "clean").
     let mut skipped = Vec::new();
     for service in &services {
-        let url = template.replace("{service}", service);
-        let shown = skein_outbox::store::redact(&url);
-        let exists = skein_outbox::store::database_exists(&url)
-            .await
-            .with_context(|| {
-                format!("cannot look for the {service} database {shown}; check --database-url / DATABASE_URL")
-            })?;
+        let (shown, exists) = super::select::service_database(&template, service).await?;
         if !exists {
             eprintln!("{service}: no database at {shown}; skipped");
             skipped.push(service.clone());

@@ -70,6 +70,22 @@ pub(crate) fn parse_range(value: &str) -> anyhow::Result<RangeInclusive<u64>> {
     Ok(from..=to)
 }
 
+/// Whether a service's database (from a `{service}` URL template) exists,
+/// with its URL as shown (password hidden); nothing is created.
+pub(crate) async fn service_database(
+    template: &str,
+    service: &str,
+) -> anyhow::Result<(String, bool)> {
+    let url = template.replace("{service}", service);
+    let shown = skein_outbox::store::redact(&url);
+    let exists = skein_outbox::store::database_exists(&url)
+        .await
+        .with_context(|| {
+            format!("cannot look for the {service} database {shown}; check --database-url / DATABASE_URL")
+        })?;
+    Ok((shown, exists))
+}
+
 /// A fixed-width cell: cut with `…` when longer.
 pub(crate) fn cell(text: &str, width: usize) -> String {
     let clean: String = text

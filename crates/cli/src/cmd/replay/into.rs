@@ -67,13 +67,8 @@ pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Re
         // directory) would find an empty inbox and apply every event as
         // new, its handlers sending commands again under new ids.
         let service = worker.as_str();
-        let url = args.database_url.replace("{service}", service);
-        let shown = skein_outbox::store::redact(&url);
-        let exists = skein_outbox::store::database_exists(&url)
-            .await
-            .with_context(|| {
-                format!("cannot look for the {service} database {shown}; check --database-url / DATABASE_URL")
-            })?;
+        let (shown, exists) =
+            crate::cmd::select::service_database(&args.database_url, service).await?;
         if !exists {
             bail!(
                 "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
