@@ -29,7 +29,17 @@ pub mod headers {
     pub const SUBJECT: &str = "Skein-Dlq-Subject";
     /// When it was dead-lettered, RFC 3339.
     pub const TIME: &str = "Skein-Dlq-Time";
+    /// On a purge record: when the dead letter was purged, RFC 3339.
+    pub const PURGED: &str = "Skein-Dlq-Purged";
 }
+
+/// The dead letters' subjects, `dlq.<stream>.<consumer>`: what is listed,
+/// counted and redriven. Purge records (`dlq.purged.<stream>.<consumer>`)
+/// are not among them.
+pub const DEAD_LETTERS: &str = "dlq.*.*";
+
+/// The token after `dlq.` of a purge record's subject.
+const PURGED_TOKEN: &str = "purged";
 
 /// Why, where and by whom a message was dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,4 +139,42 @@ pub async fn publish_dead_letter(
             },
             other => other,
         })
+}
+
+/// Records that the dead letter `dead_letter_subject` #`dlq_sequence` (with
+/// `dead_letter_headers`) is being purged by an operator, before it is
+/// deleted: its headers (the original message's and the dead-letter ones)
+/// without its payload, on `dlq.purged.<stream>.<consumer>`, outside
+/// [`DEAD_LETTERS`]. `skein audit` reads these, so a message an operator
+/// discarded is not taken for one the broker lost (and not published again
+/// by `--repair`). Its `Nats-Msg-Id` is `purged:<dlq sequence>`: a purge
+/// tried again records it once.
+pub async fn publish_purge_record(
+    publisher: &Publisher,
+    dead_letter_subject: &str,
+    dead_letter_headers: Option<&HeaderMap>,
+    dlq_sequence: u64,
+) -> Result<PublishAck> {
+    let mut h = dead_letter_headers.cloned().unwrap_or_default();
+    h.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{PURGED_TOKEN}:{dlq_sequence}").as_str(),
+    );
+    h.insert(
+        headers::PURGED,
+        skein_message::envelope::format_time(OffsetDateTime::now_utc()).as_str(),
+    );
+    let rest = dead_letter_subject
+        .strip_prefix(skein_message::subject::DLQ_PREFIX)
+        .and_then(|r| r.strip_prefix('.'))
+        .unwrap_or(dead_letter_subject);
+    let outgoing = Outgoing {
+        subject: format!(
+            "{}.{PURGED_TOKEN}.{rest}",
+            skein_message::subject::DLQ_PREFIX
+        ),
+        headers: h,
+        payload: Bytes::new(),
+    };
+    publisher.publish_outgoing(&outgoing).await
 }

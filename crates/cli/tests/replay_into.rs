@@ -652,7 +652,6 @@ async fn audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_
     Ok(())
 }
 
-/// `skein audit` of identity and the projector.
 /// `skein audit` of identity and the projector. Nothing is published while
 /// it runs, so every row is checked, the newest too (`--skip-recent 0`).
 async fn audit(setup: &Setup, format: &str) -> anyhow::Result<Output> {
@@ -734,7 +733,78 @@ backend_tests!(
     replaying_into_a_stopped_orchestrator_starts_its_saga_once_and_publishes_what_it_sends,
     audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_missed,
     audit_leaves_rows_published_just_before_it_to_the_next_one,
+    a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed,
 );
+
+/// A consumer gave up on an event (dead-lettered, not in its inbox): the
+/// audit counts it as handled. An operator then purges the dead letter: the
+/// purge leaves a record, so the audit still does not take the event for
+/// one the consumer missed (nor suggest replaying what was discarded).
+async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let setup = Setup::start(backend).await?;
+    let identity = setup.store("identity").await?;
+    let projector = setup.store("projector").await?;
+    let host = setup.projector(&projector).await?;
+    announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    host.shutdown().await;
+    let id = outbox_id(&identity, 0).await?;
+    // As if the projector had given up on it.
+    execute(
+        &projector,
+        &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
+    )
+    .await?;
+    let event = read(&setup.bus, EVENTS, "events.>", StartAt::Beginning)
+        .await?
+        .into_iter()
+        .next()
+        .context("the event is not in EVENTS")?;
+    skein_bus::dlq::publish_dead_letter(
+        &setup.bus.publisher(),
+        event.headers.as_ref(),
+        event.payload.clone(),
+        &skein_bus::dlq::DeadLetterInfo {
+            reason: "refused".into(),
+            handler: "projector".into(),
+            deliveries: 1,
+            stream: EVENTS.into(),
+            stream_sequence: event.sequence,
+            subject: event.subject.clone(),
+        },
+    )
+    .await?;
+    let dead_lettered = audit(&setup, "table").await?;
+    ensure!(
+        dead_lettered.status.success(),
+        "{}{}",
+        stdout(&dead_lettered),
+        stderr(&dead_lettered)
+    );
+
+    let purge = setup.skein(&["dlq", "purge"]).await?;
+    ensure!(
+        stderr(&purge).contains("1 dead letter(s) purged"),
+        "{}",
+        stderr(&purge)
+    );
+    let list = setup.skein(&["dlq", "list"]).await?;
+    ensure!(
+        stdout(&list).lines().count() == 1,
+        "the purge record is listed as a dead letter: {}",
+        stdout(&list)
+    );
+    let purged = audit(&setup, "table").await?;
+    ensure!(
+        purged.status.success() && !stdout(&purged).contains("missed by"),
+        "{}{}",
+        stdout(&purged),
+        stderr(&purged)
+    );
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replays_and_audits_say_what_is_wrong_and_create_nothing() -> anyhow::Result<()> {

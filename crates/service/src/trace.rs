@@ -204,7 +204,7 @@ pub async fn trace(
         }
         Err(e) => gaps.push(format!("commands still queued are not shown: {e}")),
     }
-    for message in read(bus, "DLQ", ">", StartAt::Beginning)
+    for message in read(bus, "DLQ", skein_bus::dlq::DEAD_LETTERS, StartAt::Beginning)
         .await
         .map_err(stream("DLQ"))?
     {

@@ -64,7 +64,9 @@ enum Action {
         #[arg(long, default_value_t = 3)]
         max_redrives: u32,
     },
-    /// Delete dead letters (all of them without --seq).
+    /// Delete dead letters (all of them without --seq), leaving a record of
+    /// each (its headers, on dlq.purged.<stream>.<consumer>) so that `skein
+    /// audit` knows it was discarded, not lost.
     Purge {
         /// Only these DLQ sequences, e.g. 10-20.
         #[arg(long)]
@@ -86,7 +88,7 @@ async fn select(
     let start = range
         .as_ref()
         .map_or(StartAt::Beginning, |r| StartAt::Sequence(*r.start()));
-    let messages = read(bus, DLQ, "dlq.>", start)
+    let messages = read(bus, DLQ, skein_bus::dlq::DEAD_LETTERS, start)
         .await
         .context("cannot read the DLQ")?;
     Ok(messages
@@ -243,22 +245,28 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 .get_stream(DLQ)
                 .await
                 .context("cannot open the DLQ")?;
-            match seq {
-                None => {
-                    let purged = stream.purge().await.context("cannot purge the DLQ")?;
-                    eprintln!("{} dead letter(s) purged", purged.purged);
-                }
-                Some(seq) => {
-                    let selected = select(&bus, Some(&seq), None).await?;
-                    for s in &selected {
-                        stream
-                            .delete_message(s.message.sequence)
-                            .await
-                            .with_context(|| format!("cannot delete #{}", s.message.sequence))?;
-                    }
-                    eprintln!("{} dead letter(s) deleted", selected.len());
-                }
+            // Each dead letter leaves a record first (its headers), so
+            // that `skein audit` knows it was discarded, not lost.
+            let selected = select(&bus, seq.as_deref(), None).await?;
+            let publisher = bus.publisher();
+            for s in &selected {
+                let sequence = s.message.sequence;
+                skein_bus::dlq::publish_purge_record(
+                    &publisher,
+                    &s.message.subject,
+                    s.message.headers.as_ref(),
+                    sequence,
+                )
+                .await
+                .with_context(|| {
+                    format!("cannot record the purge of #{sequence}; nothing deleted")
+                })?;
+                stream
+                    .delete_message(sequence)
+                    .await
+                    .with_context(|| format!("cannot delete #{sequence}"))?;
             }
+            eprintln!("{} dead letter(s) purged", selected.len());
             Ok(())
         }
     }
