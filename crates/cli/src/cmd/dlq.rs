@@ -65,8 +65,8 @@ enum Action {
         max_redrives: u32,
     },
     /// Delete dead letters (all of them without --seq), leaving a record of
-    /// each (its headers, on dlq.purged.<stream>.<consumer>) so that `skein
-    /// audit` knows it was discarded, not lost.
+    /// each (its headers, on `dlq.purged.<stream>.<consumer>`) so that
+    /// `skein audit` knows it was discarded, not lost.
     Purge {
         /// Only these DLQ sequences, e.g. 10-20.
         #[arg(long)]
