@@ -217,9 +217,14 @@ pub struct StuckSaga {
     pub overdue_ms: u64,
 }
 
-/// Instances that need attention, most overdue first.
+/// Instances that need attention: the live ones waiting past their
+/// deadline (most overdue first), then the failed ones.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StuckList {
     /// Instances.
     pub items: Vec<StuckSaga>,
+    /// More instances need attention than are listed (the list stops at
+    /// 500).
+    #[serde(default)]
+    pub more: bool,
 }

@@ -494,14 +494,27 @@ impl Coordinator {
         Ok((rows.iter().map(|i| self.view(i)).collect(), next))
     }
 
-    /// Live instances past their deadline by `min_overdue` or more, and
-    /// failed ones.
-    pub async fn stuck(&self, min_overdue: Duration) -> sqlx::Result<Vec<StuckSaga>> {
+    /// Live instances past their deadline by `min_overdue` or more (most
+    /// overdue first), then failed ones: at most `limit`, and whether there
+    /// are more.
+    pub async fn stuck(
+        &self,
+        min_overdue: Duration,
+        limit: usize,
+    ) -> sqlx::Result<(Vec<StuckSaga>, bool)> {
         let now = now_micros();
         let mut conn = self.store.pool().acquire().await?;
         let overdue = i64::try_from(min_overdue.as_micros()).unwrap_or(i64::MAX);
-        let rows = store::stuck(&mut conn, now, overdue, 500).await?;
-        Ok(rows
+        let mut rows = store::stuck(
+            &mut conn,
+            now,
+            overdue,
+            i64::try_from(limit.saturating_add(1)).unwrap_or(i64::MAX),
+        )
+        .await?;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let items = rows
             .iter()
             .map(|inst| StuckSaga {
                 instance: self.view(inst),
@@ -510,7 +523,8 @@ impl Coordinator {
                     .filter(|_| inst.status.is_live())
                     .map_or(0, |d| u64::try_from((now - d) / 1000).unwrap_or(0)),
             })
-            .collect())
+            .collect();
+        Ok((items, more))
     }
 }
 

@@ -228,7 +228,8 @@ pub(crate) async fn stuck(
     let rows = sqlx::query(&format!(
         "SELECT {COLUMNS} FROM saga_instances \
          WHERE (status IN ('running', 'compensating') AND deadline_at <= $1) OR status = 'failed' \
-         ORDER BY CASE WHEN deadline_at IS NULL THEN 1 ELSE 0 END, deadline_at, id LIMIT $2"
+         ORDER BY CASE WHEN status = 'failed' THEN 1 ELSE 0 END, \
+         CASE WHEN deadline_at IS NULL THEN 1 ELSE 0 END, deadline_at, id LIMIT $2"
     ))
     .bind(now.saturating_sub(min_overdue))
     .bind(limit)

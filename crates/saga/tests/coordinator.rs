@@ -151,8 +151,9 @@ impl Shop {
     async fn stuck(&self) -> anyhow::Result<Vec<Uuid>> {
         Ok(self
             .coordinator
-            .stuck(Duration::ZERO)
+            .stuck(Duration::ZERO, 500)
             .await?
+            .0
             .into_iter()
             .map(|s| s.instance.id)
             .collect())
@@ -191,7 +192,48 @@ backend_tests!(
     a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing,
     instances_this_copy_cannot_advance_are_left_as_they_are_and_hold_up_no_other,
     a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it,
+    the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_stops,
 );
+
+/// What needs attention now comes first: live instances past their
+/// deadline, then failed ones (whatever their deadlines), and a list cut
+/// short says so.
+async fn the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_stops(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    for key in ["failed", "late", "later"] {
+        shop.deliver(&placed(key)?).await?;
+    }
+    for (key, change) in [
+        ("failed", "status = 'failed', deadline_at = 1"),
+        ("late", "deadline_at = 2"),
+        ("later", "deadline_at = 3"),
+    ] {
+        sqlx::query(&format!(
+            "UPDATE saga_instances SET {change} WHERE saga_key = $1"
+        ))
+        .bind(key)
+        .execute(shop.store.pool())
+        .await?;
+    }
+    let keys = |list: &[skein_contracts::orchestrator::StuckSaga]| -> Vec<String> {
+        list.iter().map(|s| s.instance.key.clone()).collect()
+    };
+    let (two, more) = shop.coordinator.stuck(Duration::ZERO, 2).await?;
+    anyhow::ensure!(
+        keys(&two) == ["late", "later"] && more,
+        "{:?} {more}",
+        keys(&two)
+    );
+    let (all, more) = shop.coordinator.stuck(Duration::ZERO, 3).await?;
+    anyhow::ensure!(
+        keys(&all) == ["late", "later", "failed"] && !more,
+        "{:?} {more}",
+        keys(&all)
+    );
+    Ok(())
+}
 
 /// During a rolling upgrade a reply can reach a copy whose definitions lack
 /// its instance's saga or step: it is refused as transient (the message

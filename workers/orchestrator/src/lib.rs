@@ -244,9 +244,8 @@ async fn register_queries(
         async move {
             admin_only(&q.caller)?;
             let overdue = Duration::from_millis(q.min_overdue_ms.unwrap_or(5000));
-            Ok(StuckList {
-                items: c.stuck(overdue).await.map_err(internal)?,
-            })
+            let (items, more) = c.stuck(overdue, 500).await.map_err(internal)?;
+            Ok(StuckList { items, more })
         }
     })
     .await?;

@@ -170,6 +170,12 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             )
             .await
             .map_err(explain)?;
+            if stuck.more {
+                eprintln!(
+                    "more sagas need attention than the {} listed: deal with these first, or raise --overdue",
+                    stuck.items.len()
+                );
+            }
             match args.format {
                 Format::Json => {
                     for item in &stuck.items {
