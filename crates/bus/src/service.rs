@@ -136,7 +136,7 @@ impl ServiceHandle {
     /// and a round trip to the server confirms it has dropped this copy's
     /// subscriptions, so a request sent once this returns goes to another
     /// copy (or gets "no responders" at once) instead of waiting for an
-    /// answer that never comes.
+    /// answer that never comes. Disconnected from NATS, it stops at once.
     pub async fn stop(mut self) {
         if let Some(service) = self.service.take() {
             // Every endpoint sees the stop on its next poll and
@@ -145,6 +145,14 @@ impl ServiceHandle {
         }
         let tasks = std::mem::take(&mut self.tasks);
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            // Nothing reaches the server now: no unsubscribe, no answer.
+            // Waiting would only hold up the stop.
+            for abort in aborts {
+                abort.abort();
+            }
+            return;
+        }
         if tokio::time::timeout(STOP_GRACE, futures::future::join_all(tasks))
             .await
             .is_err()
@@ -161,8 +169,10 @@ impl ServiceHandle {
         // The unsubscribes went out before this request on the same
         // connection, so any reply (an answer from another copy, or the
         // server's "no responders") comes after the server processed them.
+        // (Should it reach this copy's own PING handler, stopping too, no
+        // answer comes: a second is all that waits for one.)
         let confirm = format!("$SRV.PING.{}", self.name);
-        let request = async_nats::Request::new().timeout(Some(STOP_GRACE));
+        let request = async_nats::Request::new().timeout(Some(Duration::from_secs(1)));
         if let Err(e) = self.client.send_request(confirm, request).await {
             if e.kind() != async_nats::client::RequestErrorKind::NoResponders {
                 tracing::debug!(service = %self.name, error = %e, "cannot confirm the unsubscribe");

@@ -218,12 +218,13 @@ const LOGIN_ROUTES: &[&str] = &["/v1/auth/token", "/v1/auth/register"];
 /// On `/v1`: authenticates once and applies the rate limits.
 ///
 /// A request is limited by its user when it carries a valid token, else by
-/// its address. A token not verified before is charged to the address
-/// *before* its signature is checked (the costliest step of a request, and
-/// for a key id the ingress does not know a fetch from identity): a client
-/// sending made-up tokens is limited as an anonymous one is, without the
-/// ingress doing that work for each. A user's first request with a new
-/// token is so charged to both its address and itself.
+/// its address. A token not verified before is first charged to its
+/// address in a bucket of its own, *before* its signature is checked (the
+/// costliest step of a request, and for a key id the ingress does not know
+/// a fetch from identity): a client sending made-up tokens is limited
+/// without the ingress doing that work for each, while anonymous requests
+/// from the same address (a NAT, a proxy) do not use up what its users'
+/// new tokens need.
 pub(crate) async fn guard(
     State(state): State<Shared>,
     mut request: Request,
@@ -245,23 +246,21 @@ pub(crate) async fn guard(
             return ApiError::RateLimited { retry_after }.into_response();
         }
     }
-    let (authn, address_charged) = match presented(&state, request.headers(), &correlation) {
-        Presented::Known(authn) => (authn, false),
+    let authn = match presented(&state, request.headers(), &correlation) {
+        Presented::Known(authn) => authn,
         Presented::Unchecked(token) => {
-            if let Err(retry_after) = state.limiter.check(&ip) {
+            if let Err(retry_after) = state.unchecked_limiter.check(&ip) {
                 return ApiError::RateLimited { retry_after }.into_response();
             }
-            (verify(&state, token, &correlation).await, true)
+            verify(&state, token, &correlation).await
         }
     };
-    let (client, by_user) = match &authn {
-        Authn::Verified(claims) => (format!("user:{}", claims.sub), true),
-        _ => (ip, false),
+    let client = match &authn {
+        Authn::Verified(claims) => format!("user:{}", claims.sub),
+        _ => ip,
     };
-    if by_user || !address_charged {
-        if let Err(retry_after) = state.limiter.check(&client) {
-            return ApiError::RateLimited { retry_after }.into_response();
-        }
+    if let Err(retry_after) = state.limiter.check(&client) {
+        return ApiError::RateLimited { retry_after }.into_response();
     }
     request.extensions_mut().insert(ClientKey(client));
     request.extensions_mut().insert(authn);

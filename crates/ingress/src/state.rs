@@ -27,6 +27,10 @@ pub(crate) struct AppState {
     pub(crate) breakers: Breakers,
     pub(crate) limiter: RateLimiter,
     pub(crate) login_limiter: RateLimiter,
+    /// Per address, for tokens not verified before (a signature check
+    /// each): `rate_limit`'s settings, a bucket of its own, so anonymous
+    /// requests from a shared address do not lock its users out.
+    pub(crate) unchecked_limiter: RateLimiter,
     pub(crate) idempotency: IdempotencyStore,
     pub(crate) metrics: Metrics,
     /// One trace at a time: each reads streams through.
@@ -46,6 +50,7 @@ impl AppState {
             breakers: Breakers::new(config.breaker),
             limiter: RateLimiter::new(config.rate_limit, config.rate_limit_clients),
             login_limiter: RateLimiter::new(config.login_rate_limit, config.rate_limit_clients),
+            unchecked_limiter: RateLimiter::new(config.rate_limit, config.rate_limit_clients),
             idempotency: IdempotencyStore::new(config.idempotency_ttl, config.idempotency_capacity),
             metrics: Metrics::default(),
             traces: tokio::sync::Semaphore::new(1),

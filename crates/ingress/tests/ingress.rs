@@ -1952,6 +1952,30 @@ async fn forged_tokens_are_limited_before_their_signature_is_checked() -> anyhow
     Ok(())
 }
 
+/// Many users behind one address (a NAT, a proxy): anonymous requests that
+/// use up the address's bucket do not stop a user's new token, whose check
+/// is charged to a bucket of its own.
+#[tokio::test]
+async fn anonymous_requests_from_a_shared_address_do_not_lock_out_its_users_new_tokens(
+) -> anyhow::Result<()> {
+    let app = App::start_with(|c| {
+        c.rate_limit = RateLimit {
+            per_second: 0.01,
+            burst: 5,
+        };
+    })
+    .await?;
+    let fresh = app.login(ADMIN_EMAIL).await?;
+    let mut anonymous = Vec::new();
+    for _ in 0..6 {
+        anonymous.push(app.send(Req::new("GET", "/v1/me")).await?.status);
+    }
+    ensure!(anonymous.last() == Some(&429), "{anonymous:?}");
+    let me = app.get("/v1/me", &fresh).await?;
+    ensure!(me.status == 200, "{me:?}");
+    Ok(())
+}
+
 /// Behind a proxy (`trust_forwarded_for`), a client's log-ins are limited
 /// by the address the proxy appended to `X-Forwarded-For`, whatever the
 /// client put before it; clients the proxy tells apart have their own

@@ -16,11 +16,15 @@
 //! and the consumer's info, which a service's own NATS user may read.
 //!
 //! What this costs: a message that fails again and again (until it is
-//! dead-lettered) holds the floor, and with it the deadlines of everything
-//! after it, for as long as its retries last.
+//! dead-lettered), or a handler that hangs, holds the floor, and with it the
+//! deadlines of everything after it. So the wait is bounded: a deadline
+//! more than [`MAX_HOLD`] past is applied whatever the consumer's state,
+//! and while NATS cannot say how far the consumer has got, the last answer
+//! it gave stands (within the same bound).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use skein_bus::Bus;
 
@@ -28,6 +32,11 @@ use skein_bus::Bus;
 /// past it no new ones are taken, and the oldest, which are the first to
 /// be reached, stay.
 const MAX_SAMPLES: usize = 10_000;
+
+/// The longest a deadline waits for the consumer: far longer than a
+/// deploy's restart, short enough that a stuck message does not hold every
+/// saga for good.
+pub(crate) const MAX_HOLD: Duration = Duration::from_secs(600);
 
 /// A consumer whose acknowledgements deadlines wait for.
 #[derive(Debug)]
@@ -37,6 +46,8 @@ pub(crate) struct Backlog {
     consumer: String,
     /// (when, the stream's last sequence then), oldest first.
     samples: Mutex<VecDeque<(i64, u64)>>,
+    /// The last time [`Backlog::consumed_before`] answered.
+    known: Mutex<i64>,
 }
 
 impl Backlog {
@@ -46,7 +57,27 @@ impl Backlog {
             stream: stream.to_owned(),
             consumer: consumer.to_owned(),
             samples: Mutex::new(VecDeque::new()),
+            known: Mutex::new(i64::MIN),
         }
+    }
+
+    /// The time (µs since the epoch) up to which deadlines may be applied
+    /// at `now`: what [`Backlog::consumed_before`] says (or said last, when
+    /// NATS cannot answer now), but never earlier than [`MAX_HOLD`] ago.
+    pub(crate) async fn cutoff(&self, now: i64) -> i64 {
+        let known = match self.consumed_before(now).await {
+            Ok(before) => {
+                let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+                *known = (*known).max(before);
+                *known
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot tell how far the consumer has got");
+                *self.known.lock().unwrap_or_else(|p| p.into_inner())
+            }
+        };
+        let bound = now.saturating_sub(i64::try_from(MAX_HOLD.as_micros()).unwrap_or(i64::MAX));
+        known.max(bound).min(now)
     }
 
     /// A time (µs since the epoch, at most `now`) before which every message

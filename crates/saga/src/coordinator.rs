@@ -304,25 +304,23 @@ impl Coordinator {
     pub async fn run_deadlines(&self, limit: i64) -> Result<usize, HandlerError> {
         let now = now_micros();
         let names: Vec<&str> = self.sagas.iter().map(|s| s.name.as_str()).collect();
-        let mut conn = self.store.pool().acquire().await.map_err(db)?;
+        // A connection per query, given back before the deadlines are
+        // applied (each takes one of its own: a pool of one must do).
+        let due = |cutoff: i64, after: Option<(i64, Uuid)>, limit: i64| {
+            let names = &names;
+            async move {
+                let mut conn = self.store.pool().acquire().await.map_err(db)?;
+                store::due(&mut conn, names, cutoff, after, limit)
+                    .await
+                    .map_err(db)
+            }
+        };
         let mut cutoff = now;
         if let Some(backlog) = &self.backlog {
-            if store::due(&mut conn, &names, now, None, 1)
-                .await
-                .map_err(db)?
-                .is_empty()
-            {
+            if due(now, None, 1).await?.is_empty() {
                 return Ok(0);
             }
-            cutoff = match backlog.consumed_before(now).await {
-                Ok(before) => before.min(now),
-                Err(e) => {
-                    // Nothing to go by (NATS away): the clock decides, as
-                    // it would without the wait.
-                    tracing::debug!(error = %e, "cannot tell how far the consumer has got");
-                    now
-                }
-            };
+            cutoff = backlog.cutoff(now).await;
             if cutoff < now {
                 tracing::debug!(
                     behind_ms = now.saturating_sub(cutoff) / 1000,
@@ -335,9 +333,7 @@ impl Coordinator {
         let mut after = None;
         let mut applied = 0;
         loop {
-            let page = store::due(&mut conn, &names, cutoff, after, limit)
-                .await
-                .map_err(db)?;
+            let page = due(cutoff, after, limit).await?;
             let full = i64::try_from(page.len()).unwrap_or(i64::MAX) >= limit;
             after = page.last().map(|(id, at)| (*at, *id));
             for (id, _) in page {

@@ -106,7 +106,14 @@ impl Platform {
     /// Every dead letter with its payload.
     pub async fn dead_letters(&self) -> Result<Vec<(DeadLetterInfo, bytes::Bytes)>, TestError> {
         let mut out = Vec::new();
-        for m in read(&self.bus, DLQ, "dlq.>", StartAt::Beginning).await? {
+        for m in read(
+            &self.bus,
+            DLQ,
+            skein_bus::dlq::DEAD_LETTERS,
+            StartAt::Beginning,
+        )
+        .await?
+        {
             let info = m
                 .headers
                 .as_ref()

@@ -566,14 +566,16 @@ async fn a_coordinator_killed_mid_saga_resumes_and_sends_each_step_once(
 async fn a_coordinator_down_past_its_deadlines_applies_the_replies_that_came_in_time(
     backend: Backend,
 ) -> anyhow::Result<()> {
+    // Authorizations take 300 ms; the deadline leaves room for a slow
+    // machine.
     let config = OrchestratorConfig {
-        payment_deadline: Duration::from_millis(1_500),
+        payment_deadline: Duration::from_secs(4),
         // Deadlines looked at as soon as it is back.
         tick: Duration::from_millis(1),
         ..quick()
     };
     let slow = ProviderConfig {
-        latency: Duration::from_millis(500),
+        latency: Duration::from_millis(300),
         ..ProviderConfig::default()
     };
     let mut shop = Shop::start(backend, config, slow).await?;
@@ -599,7 +601,8 @@ async fn a_coordinator_down_past_its_deadlines_applies_the_replies_that_came_in_
             .await
             .map_err(boxed)?;
     }
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    // Back once every payment deadline has passed.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
     shop.add_orchestrator().await?;
     for order in &orders {
         let saga = shop

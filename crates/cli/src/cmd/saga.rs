@@ -172,7 +172,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             .map_err(explain)?;
             if stuck.more {
                 eprintln!(
-                    "more sagas need attention than the {} listed: deal with these first, or raise --overdue",
+                    "more sagas need attention than the {} listed (live ones first, then failed ones): deal with these first",
                     stuck.items.len()
                 );
             }
