@@ -545,13 +545,20 @@ async fn announce(setup: &Setup, store: &Store, envelope: &Envelope) -> anyhow::
     Ok(())
 }
 
-async fn audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_missed(
-    backend: Backend,
-) -> anyhow::Result<()> {
+/// A fresh system with identity's and the projector's databases, the
+/// projector running.
+async fn with_projector(backend: Backend) -> anyhow::Result<(Setup, Store, Store, Host)> {
     let setup = Setup::start(backend).await?;
     let identity = setup.store("identity").await?;
     let projector = setup.store("projector").await?;
     let host = setup.projector(&projector).await?;
+    Ok((setup, identity, projector, host))
+}
+
+async fn audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_missed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (setup, identity, projector, host) = with_projector(backend).await?;
     let (u1, u2, u3) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     announce(&setup, &identity, &user(u1, 1)?).await?;
     setup.caught_up(EVENTS, "projector").await?;
@@ -743,10 +750,7 @@ backend_tests!(
 async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    let setup = Setup::start(backend).await?;
-    let identity = setup.store("identity").await?;
-    let projector = setup.store("projector").await?;
-    let host = setup.projector(&projector).await?;
+    let (setup, identity, projector, host) = with_projector(backend).await?;
     announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
     setup.caught_up(EVENTS, "projector").await?;
     host.shutdown().await;
