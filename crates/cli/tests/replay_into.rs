@@ -741,23 +741,19 @@ backend_tests!(
     audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_missed,
     audit_leaves_rows_published_just_before_it_to_the_next_one,
     a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed,
+    an_event_redriven_from_the_dlq_is_no_duplicate_for_the_audit,
 );
 
-/// A consumer gave up on an event (dead-lettered, not in its inbox): the
-/// audit counts it as handled. An operator then purges the dead letter: the
-/// purge leaves a record, so the audit still does not take the event for
-/// one the consumer missed (nor suggest replaying what was discarded).
-async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
-    backend: Backend,
+/// As if the projector had given up on identity's first event: not in its
+/// inbox, dead-lettered.
+async fn projector_gave_up_on_the_first_event(
+    setup: &Setup,
+    identity: &Store,
+    projector: &Store,
 ) -> anyhow::Result<()> {
-    let (setup, identity, projector, host) = with_projector(backend).await?;
-    announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
-    setup.caught_up(EVENTS, "projector").await?;
-    host.shutdown().await;
-    let id = outbox_id(&identity, 0).await?;
-    // As if the projector had given up on it.
+    let id = outbox_id(identity, 0).await?;
     execute(
-        &projector,
+        projector,
         &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
     )
     .await?;
@@ -780,6 +776,61 @@ async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
         },
     )
     .await?;
+    Ok(())
+}
+
+/// An event a consumer gave up on is redriven from the DLQ (a second copy
+/// in EVENTS, meant to be there) and applied: the audit is clean, neither
+/// a duplicate nor, while the copy waits, a message the consumer missed.
+async fn an_event_redriven_from_the_dlq_is_no_duplicate_for_the_audit(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (setup, identity, projector, host) = with_projector(backend).await?;
+    announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    host.shutdown().await;
+    projector_gave_up_on_the_first_event(&setup, &identity, &projector).await?;
+    let redrive = setup.skein(&["dlq", "redrive"]).await?;
+    ensure!(
+        stdout(&redrive).contains("redriven to"),
+        "{}{}",
+        stdout(&redrive),
+        stderr(&redrive)
+    );
+    // Not consumed yet: lag, not a miss.
+    let waiting = audit(&setup, "table").await?;
+    ensure!(
+        waiting.status.success() && stdout(&waiting).contains("not yet consumed by projector"),
+        "{}{}",
+        stdout(&waiting),
+        stderr(&waiting)
+    );
+    let host = setup.projector(&projector).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    let applied = audit(&setup, "table").await?;
+    ensure!(
+        applied.status.success()
+            && stdout(&applied).contains("clean: every published message is where it belongs\n"),
+        "{}{}",
+        stdout(&applied),
+        stderr(&applied)
+    );
+    host.shutdown().await;
+    Ok(())
+}
+
+/// A consumer gave up on an event (dead-lettered, not in its inbox): the
+/// audit counts it as handled. An operator then purges the dead letter: the
+/// purge leaves a record, so the audit still does not take the event for
+/// one the consumer missed (nor suggest replaying what was discarded).
+async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (setup, identity, projector, host) = with_projector(backend).await?;
+    announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    host.shutdown().await;
+    projector_gave_up_on_the_first_event(&setup, &identity, &projector).await?;
     let dead_lettered = audit(&setup, "table").await?;
     ensure!(
         dead_lettered.status.success(),

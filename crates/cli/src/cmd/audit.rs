@@ -286,14 +286,22 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let mut lag = consumers(&bus, "EVENTS").await?;
     lag.extend(consumers(&bus, "COMMANDS").await?);
 
-    // What the broker holds, by message id: copies and first sequence.
+    // What the broker holds, by message id: copies (a copy `skein dlq
+    // redrive` published is no duplicate: it is meant to be there) and the
+    // newest copy's sequence (a consumer that dead-lettered the message
+    // takes the redriven copy).
     let mut in_events: HashMap<String, (usize, u64)> = HashMap::new();
     for m in read(&bus, "EVENTS", "events.>", StartAt::Beginning)
         .await
         .context("cannot read EVENTS")?
     {
         if let Some(id) = header(m.headers.as_ref(), headers::ID) {
-            in_events.entry(id.to_owned()).or_insert((0, m.sequence)).0 += 1;
+            let redriven = header(m.headers.as_ref(), super::dlq::REDRIVEN).is_some();
+            let entry = in_events.entry(id.to_owned()).or_insert((0, 0));
+            if !redriven || entry.0 == 0 {
+                entry.0 += 1;
+            }
+            entry.1 = m.sequence;
         }
     }
     let queued: HashMap<String, u64> = read(&bus, "COMMANDS", "commands.>", StartAt::Beginning)
