@@ -822,7 +822,8 @@ async fn an_event_redriven_from_the_dlq_is_no_duplicate_for_the_audit(
 /// A consumer gave up on an event (dead-lettered, not in its inbox): the
 /// audit counts it as handled. An operator then purges the dead letter: the
 /// purge leaves a record, so the audit still does not take the event for
-/// one the consumer missed (nor suggest replaying what was discarded).
+/// one the consumer missed (nor suggest replaying what was discarded). And
+/// the audit changes no schema.
 async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -857,6 +858,20 @@ async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
         "{}{}",
         stdout(&purged),
         stderr(&purged)
+    );
+    // An audit changes no schema either: a database behind this build is
+    // refused, not migrated.
+    let forget = "DELETE FROM skein_migrations WHERE component = 'skein_outbox' AND version = 1";
+    execute(&identity, forget).await?;
+    let behind = audit(&setup, "table").await?;
+    ensure!(
+        !behind.status.success() && stderr(&behind).contains("behind this build"),
+        "{}",
+        stderr(&behind)
+    );
+    ensure!(
+        execute(&identity, forget).await? == 0,
+        "the audit applied a migration"
     );
     Ok(())
 }

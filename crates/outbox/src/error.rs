@@ -29,6 +29,15 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The database's schema is not the one this build expects, and the
+    /// store may not change it (`StoreConfig::migrate` false).
+    #[error("{component}'s tables are {problem}")]
+    Schema {
+        /// The component (crate) whose tables differ.
+        component: String,
+        /// How: behind (migrations missing) or ahead (unknown ones applied).
+        problem: String,
+    },
     /// A query failed.
     #[error("{context}: {source}")]
     Query {

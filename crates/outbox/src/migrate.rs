@@ -147,3 +147,38 @@ async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Re
     }
     Ok(())
 }
+
+/// Checks, changing nothing, that every one of `migrations` of `component`
+/// is applied and no later one is (a newer build's).
+pub(crate) async fn check(store: &Store, component: &str, migrations: &[Migration]) -> Result<()> {
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM skein_migrations WHERE component = $1")
+            .bind(component)
+            .fetch_all(store.pool())
+            .await
+            .map_err(Error::query(
+                "cannot read skein_migrations (is this a skein database?)",
+            ))?;
+    let known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
+    let missing: Vec<String> = migrations
+        .iter()
+        .filter(|m| !applied.contains(&m.version))
+        .map(|m| format!("v{} ({})", m.version, m.description))
+        .collect();
+    let schema = |problem: String| Error::Schema {
+        component: component.to_owned(),
+        problem,
+    };
+    if !missing.is_empty() {
+        return Err(schema(format!(
+            "behind this build (not applied: {}): start the worker of this version first, which applies them, or use the skein its database was made with",
+            missing.join(", ")
+        )));
+    }
+    if let Some(newer) = applied.iter().filter(|v| **v > known).max() {
+        return Err(schema(format!(
+            "ahead of this build (v{newer} applied, this build knows up to v{known}): use a skein at least as new as the workers"
+        )));
+    }
+    Ok(())
+}

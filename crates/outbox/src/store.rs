@@ -70,6 +70,12 @@ pub struct StoreConfig {
     /// smaller one costs a read from the operating system's page cache on
     /// a miss.
     pub sqlite_cache_kib: Option<u32>,
+    /// Whether opening the store and [`Store::migrate`] apply missing
+    /// migrations (the default). Tools that must change nothing (an audit,
+    /// a dry run) set it to `false`: then they check instead that every
+    /// migration is applied, and refuse a database whose schema is behind
+    /// or ahead of this build.
+    pub migrate: bool,
 }
 
 impl StoreConfig {
@@ -83,6 +89,7 @@ impl StoreConfig {
             busy_timeout: Duration::from_secs(10),
             checkpoint_pages: DEFAULT_CHECKPOINT_PAGES,
             sqlite_cache_kib: None,
+            migrate: true,
         }
     }
 }
@@ -104,6 +111,8 @@ struct Inner {
     /// On SQLite, the one connection this process writes with, and the
     /// turn to use it (see `Store::write_permit`).
     writer: Option<Arc<Writer>>,
+    /// `StoreConfig::migrate`.
+    migrates: bool,
 }
 
 /// This process's SQLite writer: one connection, outside the pool, used by
@@ -430,6 +439,7 @@ impl Store {
                 url: config.url.clone(),
                 committed: Notify::new(),
                 writer,
+                migrates: config.migrate,
             }),
         };
         store.migrate("skein_outbox", crate::MIGRATIONS).await?;
@@ -437,9 +447,15 @@ impl Store {
     }
 
     /// Applies `migrations` of `component` that are not applied yet, in
-    /// version order, each in its own transaction.
+    /// version order, each in its own transaction. A store opened with
+    /// `StoreConfig::migrate` false applies none: it checks that all are
+    /// applied, and that none it does not know is ([`Error::Schema`]).
     pub async fn migrate(&self, component: &str, migrations: &[Migration]) -> Result<()> {
-        migrate::run(self, component, migrations).await
+        if self.inner.migrates {
+            migrate::run(self, component, migrations).await
+        } else {
+            migrate::check(self, component, migrations).await
+        }
     }
 
     /// The backend.

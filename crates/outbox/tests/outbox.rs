@@ -1017,6 +1017,61 @@ async fn migrations_run_once_per_component(backend: Backend) -> anyhow::Result<(
     Ok(())
 }
 
+/// A store opened to change nothing (an audit, a dry run) applies no
+/// migration: a schema behind this build (a migration missing) or ahead of
+/// it (one it does not know) is refused, naming it; a current one opens.
+async fn a_store_that_may_not_migrate_checks_the_schema_and_changes_nothing(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let read_only = || {
+        Store::connect_with(skein_outbox::StoreConfig {
+            migrate: false,
+            ..skein_outbox::StoreConfig::new(h.db.url())
+        })
+    };
+    let store = read_only().await?;
+    store.migrate("test_items", ITEMS).await?;
+    let before = h.count("SELECT COUNT(*) FROM skein_migrations").await?;
+    // A newer build's third migration: behind.
+    let newer = [
+        ITEMS[0],
+        ITEMS[1],
+        Migration {
+            version: 3,
+            description: "more items",
+            sqlite: "CREATE TABLE more_items (n BIGINT NOT NULL);",
+            postgres: "CREATE TABLE more_items (n BIGINT NOT NULL);",
+        },
+    ];
+    let behind = store.migrate("test_items", &newer).await;
+    ensure!(
+        matches!(&behind, Err(skein_outbox::Error::Schema { problem, .. })
+            if problem.contains("behind") && problem.contains("v3 (more items)")),
+        "{behind:?}"
+    );
+    // An older build's first migration only: ahead.
+    let ahead = store.migrate("test_items", &ITEMS[..1]).await;
+    ensure!(
+        matches!(&ahead, Err(skein_outbox::Error::Schema { problem, .. }) if problem.contains("ahead")),
+        "{ahead:?}"
+    );
+    ensure!(
+        h.count("SELECT COUNT(*) FROM skein_migrations").await? == before,
+        "a migration was applied"
+    );
+    // The outbox's own tables, checked on opening.
+    sqlx::query("DELETE FROM skein_migrations WHERE component = 'skein_outbox' AND version = 1")
+        .execute(h.store.pool())
+        .await?;
+    let refused = read_only().await;
+    ensure!(
+        matches!(&refused, Err(skein_outbox::Error::Schema { component, .. }) if component == "skein_outbox"),
+        "{refused:?}"
+    );
+    Ok(())
+}
+
 /// Blocks inside its transaction on the first delivery, as a copy that dies
 /// mid-message would; applies normally afterwards.
 struct BlockOnce {
@@ -1653,6 +1708,7 @@ backend_tests!(
     rows_committed_while_nats_is_down_are_published_when_it_returns,
     published_rows_are_kept_for_the_retention_period_then_removed,
     migrations_run_once_per_component,
+    a_store_that_may_not_migrate_checks_the_schema_and_changes_nothing,
     a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
 );
 

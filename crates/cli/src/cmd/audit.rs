@@ -330,9 +330,14 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
     for service in &services {
         let url = template.replace("{service}", service);
-        let store = Store::connect(&url)
-            .await
-            .with_context(|| format!("cannot open the {service} database; check --database-url"))?;
+        // An audit changes nothing, the schema included: one behind or
+        // ahead of this build is refused, not migrated.
+        let store = Store::connect_with(skein_outbox::StoreConfig {
+            migrate: false,
+            ..skein_outbox::StoreConfig::new(&url)
+        })
+        .await
+        .with_context(|| format!("cannot audit the {service} database"))?;
         let ids = skein_outbox::audit::inbox_ids(&store, service)
             .await
             .with_context(|| format!("cannot read the {service} inbox"))?;

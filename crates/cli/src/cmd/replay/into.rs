@@ -123,7 +123,15 @@ pub(super) async fn run(
         (retention > time::Duration::ZERO).then(|| time::OffsetDateTime::now_utc() - retention);
     let service = worker.as_str();
     let url = args.database_url.replace("{service}", service);
-    let store = Store::connect(&url).await.with_context(|| {
+    // A dry run changes nothing, the schema included: one behind or ahead
+    // of this build is refused, not migrated (the worker's own tables too,
+    // when its handlers are bound).
+    let store = Store::connect_with(skein_outbox::StoreConfig {
+        migrate: !args.dry_run,
+        ..skein_outbox::StoreConfig::new(&url)
+    })
+    .await
+    .with_context(|| {
         format!(
             "cannot open the {service} database {}; check --database-url / DATABASE_URL",
             skein_outbox::store::redact(&url)
