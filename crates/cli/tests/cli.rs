@@ -1204,6 +1204,39 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         .context("no pen")?;
     ensure!(pen_now["available"] == 20, "the stock is back: {pen_now}");
 
+    // Two orders, two place_order sagas: a page of one says how to get the
+    // next, and the next is the other one.
+    let page = |cursor: Option<String>| {
+        let nats = NatsAt(nats.0.clone());
+        async move {
+            let mut args = vec!["saga", "list", "--limit", "1", "--format", "json"];
+            if let Some(c) = &cursor {
+                args.extend(["--cursor", c.as_str()]);
+            }
+            let out = skein_at(&nats, &args).await?;
+            let keys: Vec<String> = stdout(&out)
+                .lines()
+                .map(serde_json::from_str::<serde_json::Value>)
+                .collect::<Result<Vec<_>, _>>()?
+                .iter()
+                .map(|v| v["key"].as_str().unwrap_or("").to_owned())
+                .collect();
+            let next = stderr(&out)
+                .split("--cursor ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(|c| c.trim_end_matches('`').to_owned());
+            anyhow::Ok((keys, next))
+        }
+    };
+    let (first, next) = page(None).await?;
+    let next = next.context("a page of one of several names no next page")?;
+    let (second, _) = page(Some(next)).await?;
+    ensure!(
+        first.len() == 1 && second.len() == 1 && first != second,
+        "{first:?} then {second:?}"
+    );
+
     // The audit: clean; then a lost event is found and repaired.
     let db = format!("sqlite:{}/{{service}}.db", data.path().display());
     let audit = |repair: bool| {

@@ -43,6 +43,9 @@ enum SagaCommand {
         /// How many.
         #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
         limit: u32,
+        /// The page after this one: the cursor a previous list printed.
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// One instance and every transition: an instance id or an order id.
     Show {
@@ -83,6 +86,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             status,
             order,
             limit,
+            cursor,
         } => {
             let page = request_with(
                 &bus,
@@ -91,7 +95,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     status,
                     key: order.map(|o| o.to_string()),
                     limit,
-                    cursor: None,
+                    cursor,
                 },
                 None,
                 TIMEOUT,
@@ -99,6 +103,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             .await
             .map_err(explain)?;
             print_list(&page.items, args.format)?;
+            if let Some(next) = &page.next_cursor {
+                eprintln!(
+                    "more: the next page is `skein saga list --cursor {next}` (same filters)"
+                );
+            }
         }
         SagaCommand::Show { id } => {
             let found = request_with(
