@@ -178,8 +178,11 @@ pub(super) async fn run(
             }
             Some(ref envelope) => {
                 let delivery = redelivery.delivery(stream, message.sequence, envelope.clone());
+                // A copy stored later (redriven, repaired) is as old as
+                // its message: the original may have run long before.
+                let first_seen = message.published.min(envelope.time);
                 let forgotten = force.is_none()
-                    && forgotten_before.is_some_and(|before| message.published < before)
+                    && forgotten_before.is_some_and(|before| first_seen < before)
                     && matches!(
                         redelivery
                             .preview(&delivery)
@@ -192,10 +195,9 @@ pub(super) async fn run(
                     (
                         "held_back",
                         Some(format!(
-                            "stored {}, before what the inbox remembers ({}): it may have run \
+                            "from {}, before what the inbox remembers ({}): it may have run \
                              already; --inbox-retention 0s delivers it anyway",
-                            message
-                                .published
+                            first_seen
                                 .format(&time::format_description::well_known::Rfc3339)
                                 .unwrap_or_default(),
                             args.inbox_retention
