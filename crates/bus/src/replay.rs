@@ -63,6 +63,29 @@ pub async fn read(
     filter: &str,
     start: StartAt,
 ) -> Result<Vec<StoredMessage>> {
+    read_with(bus, stream, filter, start, false).await
+}
+
+/// [`read`] without the payloads (each is empty), for readers of headers
+/// only (ids, dead-letter details): the server sends a fraction of the
+/// bytes and they take a fraction of the memory. A work-queue stream is
+/// read whole.
+pub async fn read_headers(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+) -> Result<Vec<StoredMessage>> {
+    read_with(bus, stream, filter, start, true).await
+}
+
+async fn read_with(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+    headers_only: bool,
+) -> Result<Vec<StoredMessage>> {
     let (handle, info) = open(bus, stream).await?;
     if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
         return read_by_sequence(&handle, stream, filter, start, &info.state).await;
@@ -77,6 +100,7 @@ pub async fn read(
             name: Some(reader_name()),
             filter_subject: filter.to_owned(),
             deliver_policy,
+            headers_only,
             ..Default::default()
         })
         .await

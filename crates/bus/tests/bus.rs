@@ -289,6 +289,37 @@ async fn a_published_envelope_reads_back_equal_and_a_repeat_is_stored_once() -> 
     Ok(())
 }
 
+/// A read of headers only gives the same messages, headers and times as a
+/// full read, with empty payloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_of_headers_only_leaves_out_the_payloads_and_nothing_else() -> anyhow::Result<()> {
+    let (_server, bus) = start().await?;
+    for n in 1..=3 {
+        bus.publisher().publish(&happened("h", n)?).await?;
+    }
+    let full = read(&bus, EVENTS, "events.test.>", StartAt::Beginning).await?;
+    let headers =
+        skein_bus::replay::read_headers(&bus, EVENTS, "events.test.>", StartAt::Beginning).await?;
+    ensure!(
+        full.len() == 3 && headers.len() == 3,
+        "{} and {}",
+        full.len(),
+        headers.len()
+    );
+    for (f, h) in full.iter().zip(&headers) {
+        ensure!(
+            f.sequence == h.sequence
+                && f.subject == h.subject
+                && f.published == h.published
+                && header(f, "ce-id").is_some()
+                && header(f, "ce-id") == header(h, "ce-id"),
+            "{f:?} against {h:?}"
+        );
+        ensure!(!f.payload.is_empty() && h.payload.is_empty(), "{h:?}");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_stored_in_input_order() -> anyhow::Result<()> {
     init_tracing();

@@ -40,7 +40,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::Serialize;
 use skein_bus::dlq::DeadLetterInfo;
-use skein_bus::replay::{read, StartAt};
+use skein_bus::replay::{read, read_headers, StartAt};
 use skein_message::envelope::headers;
 use skein_message::subject;
 use skein_outbox::Store;
@@ -291,7 +291,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // newest copy's sequence (a consumer that dead-lettered the message
     // takes the redriven copy).
     let mut in_events: HashMap<String, (usize, u64)> = HashMap::new();
-    for m in read(&bus, "EVENTS", "events.>", StartAt::Beginning)
+    for m in read_headers(&bus, "EVENTS", "events.>", StartAt::Beginning)
         .await
         .context("cannot read EVENTS")?
     {
@@ -314,7 +314,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         .collect();
     // Dead letters by message id, with the handlers that gave up on them.
     let mut dead: HashMap<String, HashSet<String>> = HashMap::new();
-    for m in read(&bus, "DLQ", ">", StartAt::Beginning)
+    for m in read_headers(&bus, "DLQ", ">", StartAt::Beginning)
         .await
         .context("cannot read DLQ")?
     {
