@@ -66,9 +66,9 @@ pub async fn read(
     read_with(bus, stream, filter, start, false).await
 }
 
-/// [`read`] without the payloads (each is empty), for readers of headers
-/// only (ids, dead-letter details): the server sends a fraction of the
-/// bytes and they take a fraction of the memory. A work-queue stream is
+/// [`read`] without the payloads (each is empty; the server adds a
+/// `Nats-Msg-Size` header), for readers of headers only (ids, dead-letter
+/// details): the payloads are neither sent nor kept. A work-queue stream is
 /// read whole.
 pub async fn read_headers(
     bus: &Bus,

@@ -92,8 +92,9 @@ pub enum StartError {
     /// The host (bus, store, migrations) failed.
     #[error(transparent)]
     Host(#[from] skein_service::Error),
-    /// The saga tables could not be created.
-    #[error("cannot migrate the saga tables")]
+    /// The saga tables could not be created (or, on a store that may not
+    /// migrate, are not this build's).
+    #[error("the saga tables are not usable")]
     Migrate(#[source] skein_outbox::Error),
 }
 

@@ -82,9 +82,10 @@ pub(crate) struct Args {
     create_database: bool,
     /// With --into: how long the worker's inbox remembers the messages it
     /// handled (its relay deletes older records; 30 days unless the worker
-    /// was built otherwise). A selected message stored longer ago that the
-    /// inbox does not have may have run already and is held back, not
-    /// delivered; 0s delivers it anyway.
+    /// was built otherwise). A selected message stored longer ago (for a
+    /// copy `dlq redrive` stored, made longer ago) that the inbox does not
+    /// have may have run already and is held back, not delivered; 0s
+    /// delivers it anyway.
     #[arg(long, requires = "into", default_value = "30d")]
     inbox_retention: String,
     /// The database of the worker (--into) or of the projector (--rebuild);

@@ -123,11 +123,12 @@ pub(super) async fn run(
         (retention > time::Duration::ZERO).then(|| time::OffsetDateTime::now_utc() - retention);
     let service = worker.as_str();
     let url = args.database_url.replace("{service}", service);
-    // A dry run changes nothing, the schema included: one behind or ahead
-    // of this build is refused, not migrated (the worker's own tables too,
-    // when its handlers are bound).
+    // A replay changes no schema: one behind or ahead of this build is
+    // refused, not migrated under the workers that run on it (the worker's
+    // own tables too, when its handlers are bound); only a database it
+    // creates (--create-database) is migrated.
     let store = Store::connect_with(skein_outbox::StoreConfig {
-        migrate: !args.dry_run,
+        migrate: args.create_database,
         ..skein_outbox::StoreConfig::new(&url)
     })
     .await
@@ -178,9 +179,18 @@ pub(super) async fn run(
             }
             Some(ref envelope) => {
                 let delivery = redelivery.delivery(stream, message.sequence, envelope.clone());
-                // A copy stored later (redriven, repaired) is as old as
-                // its message: the original may have run long before.
-                let first_seen = message.published.min(envelope.time);
+                // A copy `skein dlq redrive` stored later is as old as its
+                // message: the original may have run long before (in the
+                // other consumers). Its envelope says when it was made.
+                let redriven = message
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get(crate::cmd::dlq::REDRIVEN).is_some());
+                let first_seen = if redriven {
+                    message.published.min(envelope.time)
+                } else {
+                    message.published
+                };
                 let forgotten = force.is_none()
                     && forgotten_before.is_some_and(|before| first_seen < before)
                     && matches!(
@@ -195,7 +205,7 @@ pub(super) async fn run(
                     (
                         "held_back",
                         Some(format!(
-                            "from {}, before what the inbox remembers ({}): it may have run \
+                            "stored {}, before what the inbox remembers ({}): it may have run \
                              already; --inbox-retention 0s delivers it anyway",
                             first_seen
                                 .format(&time::format_description::well_known::Rfc3339)
