@@ -530,6 +530,19 @@ async fn replaying_into_a_stopped_orchestrator_starts_its_saga_once_and_publishe
         .await?
             == 0
     );
+    // A dry run checks the saga tables as well as the outbox's, and
+    // changes nothing: current, it runs; behind this build, it is refused.
+    let dry = setup
+        .skein(&["replay", "--into", "orchestrator", "--dry-run"])
+        .await?;
+    ensure!(
+        dry.status.success() && stdout(&dry).contains("1 skipped"),
+        "{}{}",
+        stdout(&dry),
+        stderr(&dry)
+    );
+    let args = ["replay", "--into", "orchestrator", "--dry-run"];
+    refused_behind(&store, "saga", || setup.skein(&args)).await?;
     Ok(())
 }
 
@@ -798,7 +811,7 @@ async fn a_copy_of_an_old_message_stored_just_now_is_held_back_like_the_message(
     // A replay changes no schema: into a database behind this build, even
     // a real one is refused and applies no migration.
     let args = ["replay", "--into", "projector", "--entity", &order_text];
-    refused_behind(&projector, || setup.skein(&args)).await?;
+    refused_behind(&projector, "skein_outbox", || setup.skein(&args)).await?;
     ensure!(order(&skein_projector::snapshot(&projector).await?, order_id).is_none());
     Ok(())
 }
@@ -914,18 +927,21 @@ async fn a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed(
     );
     // An audit changes no schema either: a database behind this build is
     // refused, not migrated.
-    refused_behind(&identity, || audit(&setup, "table")).await?;
+    refused_behind(&identity, "skein_outbox", || audit(&setup, "table")).await?;
     Ok(())
 }
 
-/// With `store`'s schema made to look behind this build (the outbox's first
-/// migration forgotten), `run` is refused naming it, and applies nothing.
-async fn refused_behind<F, Fut>(store: &Store, run: F) -> anyhow::Result<()>
+/// With `store`'s schema made to look behind this build (`component`'s
+/// first migration forgotten), `run` is refused naming it, and applies
+/// nothing.
+async fn refused_behind<F, Fut>(store: &Store, component: &str, run: F) -> anyhow::Result<()>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Output>>,
 {
-    let forget = "DELETE FROM skein_migrations WHERE component = 'skein_outbox' AND version = 1";
+    let forget =
+        format!("DELETE FROM skein_migrations WHERE component = '{component}' AND version = 1");
+    let forget = forget.as_str();
     execute(store, forget).await?;
     let behind = run().await?;
     ensure!(
