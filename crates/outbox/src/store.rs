@@ -71,8 +71,8 @@ pub struct StoreConfig {
     /// a miss.
     pub sqlite_cache_kib: Option<u32>,
     /// Whether opening the store and [`Store::migrate`] apply missing
-    /// migrations (the default). Tools that must change nothing (an audit,
-    /// a dry run) set it to `false`: then they check instead that every
+    /// migrations (the default). Tools that must change no schema (`skein
+    /// audit`, `skein replay --into`) set it to `false`: then they check instead that every
     /// migration is applied, and refuse a database whose schema is behind
     /// or ahead of this build.
     pub migrate: bool,

@@ -23,6 +23,7 @@
 //! it gave stands (within the same bound).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -46,8 +47,8 @@ pub(crate) struct Backlog {
     consumer: String,
     /// (when, the stream's last sequence then), oldest first.
     samples: Mutex<VecDeque<(i64, u64)>>,
-    /// The last time [`Backlog::consumed_before`] answered.
-    known: Mutex<i64>,
+    /// The latest time [`Backlog::consumed_before`] answered.
+    known: AtomicI64,
 }
 
 impl Backlog {
@@ -57,7 +58,7 @@ impl Backlog {
             stream: stream.to_owned(),
             consumer: consumer.to_owned(),
             samples: Mutex::new(VecDeque::new()),
-            known: Mutex::new(i64::MIN),
+            known: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -65,17 +66,13 @@ impl Backlog {
     /// at `now`: what [`Backlog::consumed_before`] says (or said last, when
     /// NATS cannot answer now), but never earlier than [`MAX_HOLD`] ago.
     pub(crate) async fn cutoff(&self, now: i64) -> i64 {
-        let known = match self.consumed_before(now).await {
+        match self.consumed_before(now).await {
             Ok(before) => {
-                let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-                *known = (*known).max(before);
-                *known
+                self.known.fetch_max(before, Ordering::AcqRel);
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot tell how far the consumer has got");
-                *self.known.lock().unwrap_or_else(|p| p.into_inner())
-            }
-        };
+            Err(e) => tracing::debug!(error = %e, "cannot tell how far the consumer has got"),
+        }
+        let known = self.known.load(Ordering::Acquire);
         let bound = now.saturating_sub(i64::try_from(MAX_HOLD.as_micros()).unwrap_or(i64::MAX));
         known.max(bound).min(now)
     }
@@ -83,7 +80,7 @@ impl Backlog {
     /// A time (µs since the epoch, at most `now`) before which every message
     /// stored in the stream has been acknowledged by the consumer: deadlines
     /// up to it may be applied. `i64::MIN` while nothing can be said yet.
-    pub(crate) async fn consumed_before(&self, now: i64) -> Result<i64, String> {
+    async fn consumed_before(&self, now: i64) -> Result<i64, String> {
         let js = self.bus.jetstream();
         let stream = js
             .get_stream(&self.stream)

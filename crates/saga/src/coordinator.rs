@@ -40,9 +40,6 @@ pub struct Coordinator {
     backlog: Option<Arc<Backlog>>,
 }
 
-/// What a persist that lost a race to another copy says (and only it).
-const CHANGED_MEANWHILE: &str = "changed meanwhile";
-
 fn db(e: sqlx::Error) -> HandlerError {
     HandlerError::transient(format!("saga store: {e}"))
 }
@@ -145,8 +142,8 @@ impl Coordinator {
         }
     }
 
-    /// Stores what an input did to `inst`: its new state (if it changed and
-    /// nobody changed it meanwhile), the commands to send and the transition.
+    /// [`Coordinator::try_persist`], with a lost race as a transient error:
+    /// the message is handled again, on the instance as it is now.
     #[allow(clippy::too_many_arguments)]
     async fn persist(
         &self,
@@ -158,6 +155,35 @@ impl Coordinator {
         now: i64,
         inserted: bool,
     ) -> Result<(), HandlerError> {
+        let id = inst.id;
+        if self
+            .try_persist(tx, inst, from, out, cause, now, inserted)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(HandlerError::transient(format!(
+                "saga {id} changed meanwhile (another coordinator copy); applying again"
+            ))
+            .retry_after(Duration::from_millis(20)))
+        }
+    }
+
+    /// Stores what an input did to `inst`: its new state (if it changed and
+    /// nobody changed it meanwhile), the commands to send and the transition.
+    /// `false` when another copy changed the instance meanwhile (nothing of
+    /// this is stored once the transaction is rolled back).
+    #[allow(clippy::too_many_arguments)]
+    async fn try_persist(
+        &self,
+        tx: &mut Tx,
+        inst: &mut Instance,
+        from: Option<SagaStatus>,
+        out: Outcome,
+        cause: Cause<'_>,
+        now: i64,
+        inserted: bool,
+    ) -> Result<bool, HandlerError> {
         // The instance, the commands' records and the transition: one
         // trip to the database where the backend allows it.
         let mut writes = Statements::new(tx.backend());
@@ -196,13 +222,6 @@ impl Coordinator {
                 at: now,
             },
         );
-        let changed_meanwhile = || {
-            HandlerError::transient(format!(
-                "saga {} {CHANGED_MEANWHILE} (another coordinator copy); applying again",
-                inst.id
-            ))
-            .retry_after(Duration::from_millis(20))
-        };
         let updated = match writes.run(tx).await {
             Ok(rows) => rows,
             // PostgreSQL: the update waited for another copy's change and
@@ -213,15 +232,15 @@ impl Coordinator {
             Err(sqlx::Error::Database(e))
                 if e.is_unique_violation() && e.constraint() == Some("saga_transitions_pkey") =>
             {
-                return Err(changed_meanwhile())
+                return Ok(false)
             }
             Err(e) => return Err(db(e)),
         };
         if check_version && updated.is_empty() {
-            return Err(changed_meanwhile());
+            return Ok(false);
         }
         tracing::debug!(saga = %inst.saga, instance = %inst.id, key = %inst.key, status = inst.status.as_str(), note = %out.note, "saga transition");
-        Ok(())
+        Ok(true)
     }
 
     async fn on_event(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
@@ -381,16 +400,12 @@ impl Coordinator {
             id: None,
             kind: "deadline",
         };
-        match self
-            .persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
-            .await
+        if !self
+            .try_persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
+            .await?
         {
-            Ok(()) => {}
-            Err(e) if e.reason().contains(CHANGED_MEANWHILE) => {
-                tracing::debug!(instance = %id, "deadline raced another change: {}", e.reason());
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
+            tracing::debug!(instance = %id, "deadline raced another change");
+            return Ok(false);
         }
         tx.commit().await.map_err(HandlerError::transient)?;
         Ok(true)
