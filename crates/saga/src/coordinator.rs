@@ -12,7 +12,12 @@
 //!   back and its message is redelivered (a transient error) to be applied
 //!   to the new state.
 //! - Deadlines are stored with the instance, so they survive restarts;
-//!   [`Coordinator::spawn_deadlines`] looks for passed ones every `tick`.
+//!   [`Coordinator::spawn_upkeep`] looks for passed ones every `tick`.
+//! - Instances that ended (`completed`, `compensated`) are kept for a
+//!   retention period ([`DEFAULT_RETENTION`], [`Coordinator::retain_ended_for`])
+//!   with their transitions and the records of what they sent, for `skein
+//!   saga show` and traces; then [`Coordinator::prune`] deletes them.
+//!   `failed` instances wait for an operator and are kept.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +35,21 @@ use crate::definition::{Saga, SagaError};
 use crate::engine::{Engine, Instance, Outcome};
 use crate::store::{self, NewTransition};
 
+/// How long an instance that ended is kept by default: 30 days, as long
+/// as the outbox relay keeps inbox records by default. While the inbox has
+/// the event that started an instance, a replay of it is absorbed there;
+/// while the instance is kept, the saga's key refuses a second instance.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How often [`Coordinator::spawn_upkeep`] deletes what is past its
+/// retention.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Instances [`Coordinator::prune`] deletes per transaction in
+/// [`Coordinator::spawn_upkeep`]: short transactions between the
+/// coordinator's own.
+const PRUNE_BATCH: i64 = 500;
+
 /// Runs a set of sagas on one store.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
@@ -38,6 +58,8 @@ pub struct Coordinator {
     source: String,
     /// The consumer whose backlog deadlines wait for, if any.
     backlog: Option<Arc<Backlog>>,
+    /// How long instances that ended are kept.
+    retention: Duration,
 }
 
 fn db(e: sqlx::Error) -> HandlerError {
@@ -92,7 +114,17 @@ impl Coordinator {
             store,
             source: source.into(),
             backlog: None,
+            retention: DEFAULT_RETENTION,
         })
+    }
+
+    /// Keeps instances that ended for `retention` after their last change
+    /// (default [`DEFAULT_RETENTION`]). Keep it at least as long as the
+    /// inbox keeps its records: an event that started an instance no longer
+    /// kept, replayed after the inbox forgot it too, starts the saga again.
+    pub fn retain_ended_for(mut self, retention: Duration) -> Self {
+        self.retention = retention;
+        self
     }
 
     /// Applies a deadline only once `consumer` (the one that delivers this
@@ -411,10 +443,34 @@ impl Coordinator {
         Ok(true)
     }
 
-    /// Watches deadlines every `tick` until `shutdown`.
-    pub fn spawn_deadlines(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
+    /// Deletes up to `limit` instances that ended more than the retention
+    /// ago (see [`Coordinator::retain_ended_for`]), with their transitions
+    /// and the records of the commands they sent, in one transaction;
+    /// returns how many. `failed` and live instances are never deleted.
+    /// Copies may prune at the same time: each instance goes once.
+    pub async fn prune(&self, limit: i64) -> skein_outbox::Result<usize> {
+        let retention = i64::try_from(self.retention.as_micros()).unwrap_or(i64::MAX);
+        let before = now_micros().saturating_sub(retention);
+        let mut tx = self.store.begin().await?;
+        let pruned = store::prune(&mut tx, before, limit)
+            .await
+            .map_err(|source| skein_outbox::Error::Query {
+                context: "cannot delete saga instances past their retention",
+                source,
+            })?;
+        tx.commit().await?;
+        Ok(pruned.len())
+    }
+
+    /// Until `shutdown`: applies passed deadlines every `tick`, and every
+    /// [`PRUNE_INTERVAL`] (or the retention, if shorter) deletes the
+    /// instances past their retention (in transactions of a few hundred,
+    /// until none is left).
+    pub fn spawn_upkeep(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = self.clone();
+        let prune_every = self.retention.min(PRUNE_INTERVAL);
         tokio::spawn(async move {
+            let mut last_prune = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
@@ -427,8 +483,34 @@ impl Coordinator {
                         tracing::warn!(error = %e.reason(), "cannot apply saga deadlines; trying again")
                     }
                 }
+                if last_prune.elapsed() >= prune_every {
+                    last_prune = tokio::time::Instant::now();
+                    this.prune_all(&shutdown).await;
+                }
             }
         })
+    }
+
+    /// [`Coordinator::prune`] batch after batch until a batch is not full.
+    async fn prune_all(&self, shutdown: &CancellationToken) {
+        let mut total = 0;
+        while !shutdown.is_cancelled() {
+            match self.prune(PRUNE_BATCH).await {
+                Ok(n) => {
+                    total += n;
+                    if i64::try_from(n).unwrap_or(i64::MAX) < PRUNE_BATCH {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete saga instances past their retention; trying again later");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(count = total, "deleted saga instances past their retention");
+        }
     }
 
     fn view(&self, inst: &Instance) -> SagaInstance {

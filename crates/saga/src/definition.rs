@@ -617,6 +617,11 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
                     "step {name:?} comes before the pivot but has no compensation"
                 )));
             }
+            if step.compensation_deadline.is_some_and(|d| d.is_zero()) {
+                return Err(fail(format!(
+                    "step {name:?} has a zero compensation deadline"
+                )));
+            }
             if step.compensation.is_some() && step.compensation_completes.is_empty() {
                 return Err(fail(format!(
                     "step {name:?} has a compensation but no event that completes it"
@@ -730,6 +735,10 @@ mod tests {
             (
                 saga().step("reserve", |s| reserve(s).deadline(Duration::ZERO)).step("pay", pay),
                 "saga shop: step \"reserve\" has no deadline",
+            ),
+            (
+                saga().step("reserve", |s| reserve(s).compensation_deadline(Duration::ZERO)).step("pay", pay),
+                "saga shop: step \"reserve\" has a zero compensation deadline",
             ),
             (
                 saga()

@@ -386,3 +386,50 @@ pub(crate) async fn transitions(
         })
         .collect()
 }
+
+/// Deletes up to `limit` instances that ended (`completed` or
+/// `compensated`: nothing changes them any more) before `before`, with the
+/// records of the commands they sent and their transitions; returns the
+/// instances' ids. A reply that comes after finds no record of its command
+/// and changes nothing, as a reply to an ended instance did before.
+///
+/// Instance ids are UUIDv7s, which sort by creation: an instance that ended
+/// before `before` was created before it, so only the `(status, id)` index
+/// range of instances older than `before` is read, however many younger
+/// ones the table holds.
+pub(crate) async fn prune(
+    conn: &mut AnyConnection,
+    before: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    let millis = u64::try_from(before.div_euclid(1000)).unwrap_or(0);
+    let created_before = uuid::Builder::from_unix_timestamp_millis(millis, &[0; 10])
+        .into_uuid()
+        .to_string();
+    let ids: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM saga_instances WHERE id IN (SELECT id FROM saga_instances \
+         WHERE status IN ('completed', 'compensated') AND id < $1 AND updated_at < $2 LIMIT $3) \
+         RETURNING id",
+    )
+    .bind(created_before)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    if ids.is_empty() {
+        return Ok(ids);
+    }
+    let list = (1..=ids.len())
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    for table in ["saga_sent", "saga_transitions"] {
+        let sql = format!("DELETE FROM {table} WHERE instance_id IN ({list})");
+        let mut query = sqlx::query(&sql);
+        for id in &ids {
+            query = query.bind(id);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(ids)
+}

@@ -193,7 +193,37 @@ backend_tests!(
     instances_this_copy_cannot_advance_are_left_as_they_are_and_hold_up_no_other,
     a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it,
     the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_stops,
+    instances_that_ended_are_deleted_past_their_retention_with_their_records,
 );
+
+impl Shop {
+    /// Runs instance `key` to `completed`: every step answered.
+    async fn complete(&mut self, key: &str) -> anyhow::Result<SagaInstance> {
+        self.deliver(&placed(key)?).await?;
+        let id = || key.to_owned();
+        let reserve = last(&self.instance(key).await?, "shop.reserve.v1")?;
+        self.answer(reserve, &Reserved { id: id() }).await?;
+        let pay = last(&self.instance(key).await?, "shop.pay.v1")?;
+        self.answer(pay, &Paid { id: id() }).await?;
+        let ship = last(&self.instance(key).await?, "shop.ship.v1")?;
+        self.answer(ship, &Shipped { id: id() }).await?;
+        let notify = last(&self.instance(key).await?, "shop.notify.v1")?;
+        self.answer(notify, &Notified { id: id() }).await?;
+        let done = self.instance(key).await?;
+        anyhow::ensure!(done.status == SagaStatus::Completed, "{done:#?}");
+        Ok(done)
+    }
+
+    /// How many rows of `table` belong to `instance`.
+    async fn rows_of(&self, table: &str, instance: Uuid) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM {table} WHERE instance_id = $1"
+        ))
+        .bind(instance.to_string())
+        .fetch_one(self.store.pool())
+        .await?)
+    }
+}
 
 /// What needs attention now comes first: live instances past their
 /// deadline, then failed ones (whatever their deadlines), and a list cut
@@ -595,5 +625,164 @@ async fn postgres_a_step_racing_another_copy_is_retried_as_changed_meanwhile() -
         sent(&after, "shop.pay.v1").len() == 1,
         "the retried reply did not move the saga on: {after:#?}"
     );
+    Ok(())
+}
+
+/// Instances that ended (completed, compensated) are deleted once past the
+/// retention, with the records of what they sent and their transitions,
+/// in batches of the size asked; live and failed ones are kept whatever
+/// their age, younger ended ones until they are old enough. A late reply
+/// to a deleted instance's command then changes nothing and is no error.
+async fn instances_that_ended_are_deleted_past_their_retention_with_their_records(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let mut shop = Shop::start(backend).await?;
+    let completed = shop.complete("old-completed").await?;
+    // Compensated: pay gets no answer, its refund and the release do.
+    shop.deliver(&placed("old-compensated")?).await?;
+    let reserve = last(&shop.instance("old-compensated").await?, "shop.reserve.v1")?;
+    shop.answer(
+        reserve,
+        &Reserved {
+            id: "old-compensated".into(),
+        },
+    )
+    .await?;
+    shop.pass_deadline().await?;
+    let refund = last(&shop.instance("old-compensated").await?, "shop.refund.v1")?;
+    shop.answer(
+        refund,
+        &Refunded {
+            id: "old-compensated".into(),
+        },
+    )
+    .await?;
+    let release = last(&shop.instance("old-compensated").await?, "shop.release.v1")?;
+    shop.answer(
+        release,
+        &Released {
+            id: "old-compensated".into(),
+        },
+    )
+    .await?;
+    let compensated = shop.instance("old-compensated").await?;
+    assert_eq!(
+        compensated.status,
+        SagaStatus::Compensated,
+        "{compensated:#?}"
+    );
+    // Failed: ship gets no answer to either send.
+    shop.deliver(&placed("old-failed")?).await?;
+    let reserve = last(&shop.instance("old-failed").await?, "shop.reserve.v1")?;
+    shop.answer(
+        reserve,
+        &Reserved {
+            id: "old-failed".into(),
+        },
+    )
+    .await?;
+    let pay = last(&shop.instance("old-failed").await?, "shop.pay.v1")?;
+    shop.answer(
+        pay,
+        &Paid {
+            id: "old-failed".into(),
+        },
+    )
+    .await?;
+    shop.pass_deadline().await?;
+    shop.pass_deadline().await?;
+    let failed = shop.instance("old-failed").await?;
+    assert_eq!(failed.status, SagaStatus::Failed, "{failed:#?}");
+    // Live: waits for its reservation.
+    shop.deliver(&placed("old-running")?).await?;
+    let running = shop.instance("old-running").await?;
+
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let young = shop.complete("young-completed").await?;
+    let pruning = shop
+        .coordinator
+        .clone()
+        .retain_ended_for(Duration::from_millis(750));
+
+    assert_eq!(pruning.prune(1).await?, 1, "one per batch of one");
+    assert_eq!(pruning.prune(100).await?, 1, "then the other old one");
+    assert_eq!(pruning.prune(100).await?, 0, "then none");
+    for gone in [&completed, &compensated] {
+        anyhow::ensure!(
+            shop.coordinator.get(gone.id).await?.is_none(),
+            "{} is still there",
+            gone.key
+        );
+        for table in ["saga_sent", "saga_transitions"] {
+            assert_eq!(
+                shop.rows_of(table, gone.id).await?,
+                0,
+                "{table} of {}",
+                gone.key
+            );
+        }
+    }
+    for kept in [&failed, &running, &young] {
+        let now = shop
+            .coordinator
+            .get(kept.id)
+            .await?
+            .with_context(|| format!("{} was deleted", kept.key))?;
+        assert_eq!(
+            now.transitions.len(),
+            kept.transitions.len(),
+            "{}",
+            kept.key
+        );
+        assert!(
+            shop.rows_of("saga_sent", kept.id).await? > 0,
+            "{}",
+            kept.key
+        );
+    }
+
+    // A late answer to the deleted instance's last command: acknowledged,
+    // nothing written, no instance started.
+    let notify = last(&completed, "shop.notify.v1")?;
+    let store = shop.store.clone();
+    let transitions = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM saga_transitions")
+            .fetch_one(store.pool())
+            .await
+    };
+    let before = transitions().await?;
+    let late = shop
+        .answer(
+            notify,
+            &Notified {
+                id: "old-completed".into(),
+            },
+        )
+        .await?;
+    assert_eq!(
+        transitions().await?,
+        before,
+        "the late answer {} wrote a transition",
+        late.id
+    );
+    anyhow::ensure!(shop
+        .coordinator
+        .find("shop", "old-completed")
+        .await?
+        .is_none());
+
+    // With no retention at all, the young one goes too; failed and live
+    // ones stay.
+    let now = shop.coordinator.clone().retain_ended_for(Duration::ZERO);
+    assert_eq!(now.prune(100).await?, 1);
+    anyhow::ensure!(shop.coordinator.get(young.id).await?.is_none());
+    for kept in [&failed, &running] {
+        anyhow::ensure!(
+            shop.coordinator.get(kept.id).await?.is_some(),
+            "{} was deleted",
+            kept.key
+        );
+    }
+    shop.store.close().await;
     Ok(())
 }

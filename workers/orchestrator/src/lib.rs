@@ -68,6 +68,11 @@ pub struct OrchestratorConfig {
     pub forward_attempts: u32,
     /// How often passed deadlines are looked for (default 200 ms).
     pub tick: Duration,
+    /// How long an instance that ended (completed or compensated) is kept,
+    /// with its transitions, for `skein saga show` and traces (default 30
+    /// days, [`skein_saga::coordinator::DEFAULT_RETENTION`]). Failed
+    /// instances are kept until an operator deals with them.
+    pub retention: Duration,
 }
 
 impl Default for OrchestratorConfig {
@@ -78,6 +83,7 @@ impl Default for OrchestratorConfig {
             forward_deadline: Duration::from_secs(5),
             forward_attempts: 10,
             tick: Duration::from_millis(200),
+            retention: skein_saga::coordinator::DEFAULT_RETENTION,
         }
     }
 }
@@ -105,15 +111,7 @@ pub async fn start(
     host: HostConfig,
     config: OrchestratorConfig,
 ) -> Result<Host, StartError> {
-    start_with(
-        bus,
-        store,
-        host,
-        platform_sagas(&config)?,
-        config.tick,
-        |_| {},
-    )
-    .await
+    start_with(bus, store, host, platform_sagas(&config)?, &config, |_| {}).await
 }
 
 /// The platform's sagas (place_order, cancel_order) with `config`'s deadlines.
@@ -127,13 +125,14 @@ pub fn platform_sagas(
 }
 
 /// Runs `sagas` (checked definitions) with deadlines looked at every
-/// `tick`; `tune` adjusts the consumer.
+/// `config.tick` and ended instances kept for `config.retention` (its
+/// deadlines are the sagas'); `tune` adjusts the consumer.
 pub async fn start_with(
     bus: Bus,
     store: Store,
     host: HostConfig,
     sagas: Vec<skein_saga::Saga>,
-    tick: Duration,
+    config: &OrchestratorConfig,
     tune: impl FnOnce(&mut skein_bus::WorkerConfig),
 ) -> Result<Host, StartError> {
     store
@@ -143,12 +142,14 @@ pub async fn start_with(
     // Deadlines wait for replies that came in time but wait in the
     // consumer's backlog (this worker was down, or is behind).
     let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?
-        .deadlines_wait_for(bus.clone(), EVENTS, &host.name);
+        .deadlines_wait_for(bus.clone(), EVENTS, &host.name)
+        .retain_ended_for(config.retention);
     let mut host = Host::start(bus, store, host).await?;
     register_queries(&mut host, Arc::new(coordinator.clone())).await?;
     let watcher = coordinator.clone();
     bind_consumers(&mut host, coordinator, tune).await?;
-    host.spawn_task(move |shutdown| watcher.spawn_deadlines(tick, shutdown));
+    let tick = config.tick;
+    host.spawn_task(move |shutdown| watcher.spawn_upkeep(tick, shutdown));
     Ok(host)
 }
 

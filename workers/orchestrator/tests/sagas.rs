@@ -326,6 +326,7 @@ fn quick() -> OrchestratorConfig {
         forward_deadline: Duration::from_secs(5),
         forward_attempts: 5,
         tick: Duration::from_millis(50),
+        ..OrchestratorConfig::default()
     }
 }
 
@@ -341,6 +342,7 @@ backend_tests!(
     cancelling_a_confirmed_order_refunds_and_releases,
     cancelling_a_pending_order_stops_its_placement_and_gives_everything_back,
     many_concurrent_orders_with_random_failures_keep_every_invariant,
+    a_saga_that_ended_is_deleted_once_past_its_retention,
 );
 
 async fn an_order_with_stock_and_money_is_confirmed_and_holds_both(
@@ -1042,6 +1044,39 @@ async fn many_concurrent_orders_with_random_failures_keep_every_invariant(
         let paid = spent.get(buyer).copied().unwrap_or(0);
         assert_eq!(shop.balance(*buyer).await?, BALANCE - paid);
     }
+    shop.shutdown().await;
+    Ok(())
+}
+
+/// The orchestrator deletes a saga that ended once it is past the
+/// retention, by itself; the order it placed stays as it is.
+async fn a_saga_that_ended_is_deleted_once_past_its_retention(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let config = OrchestratorConfig {
+        retention: Duration::from_secs(2),
+        ..quick()
+    };
+    let shop = Shop::start(backend, config, ProviderConfig::default()).await?;
+    let buyer = shop.customer().await?;
+    let thing = shop.product(1_000, 5).await?;
+    shop.replicas_ready(&[buyer], &[thing]).await?;
+    let order = shop.place(buyer, &[(thing, 1)]).await?;
+    shop.wait_order(order, OrderStatus::Confirmed).await?;
+    shop.wait_saga("place_order", order, SagaStatus::Completed)
+        .await?;
+
+    let gone = eventually(WAIT, || async {
+        matches!(shop.saga("place_order", order).await, Ok(None)).then_some(())
+    })
+    .await;
+    anyhow::ensure!(
+        gone.is_some(),
+        "the saga is still there after {WAIT:?}: {:#?}",
+        shop.saga("place_order", order).await?
+    );
+    shop.wait_order(order, OrderStatus::Confirmed).await?;
+    assert_eq!(shop.available(thing).await?, 4);
     shop.shutdown().await;
     Ok(())
 }
