@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::backlog::Backlog;
 use crate::definition::{Saga, SagaError};
-use crate::engine::{Engine, Instance, Outcome};
+use crate::engine::{Engine, Instance, Outcome, Phase, FINAL};
 use crate::store::{self, NewTransition};
 
 /// How long an instance that ended is kept by default: 30 days, as long
@@ -156,9 +156,23 @@ impl Coordinator {
     /// an instance of a saga, or at a step, this copy's definitions lack is
     /// another version's (a rolling upgrade), and a transient error leaves
     /// the message for a copy that has it instead of dead-lettering it.
-    fn advancing(&self, inst: &Instance, step: usize) -> Result<&Saga, HandlerError> {
+    ///
+    /// The position after the last step is the final command's, where an
+    /// instance waits for its answer, if its saga here awaits one.
+    fn advancing(
+        &self,
+        inst: &Instance,
+        step: usize,
+        phase: Option<Phase>,
+    ) -> Result<&Saga, HandlerError> {
+        let known = |saga: &Saga, at: usize, phase: Option<Phase>| {
+            at < saga.steps.len()
+                || (at == saga.steps.len()
+                    && saga.awaits_final(inst.finish)
+                    && phase.is_none_or(|p| p == Phase::Final))
+        };
         match self.sagas.iter().find(|s| s.name == inst.saga) {
-            Some(saga) if inst.step < saga.steps.len() && step < saga.steps.len() => Ok(saga),
+            Some(saga) if known(saga, inst.step, None) && known(saga, step, phase) => Ok(saga),
             _ => Err(HandlerError::transient(format!(
                 "saga instance {} ({:?} at step {}) is another version's: left for a copy that has its definition",
                 inst.id, inst.saga, inst.step.max(step)
@@ -304,7 +318,7 @@ impl Coordinator {
                     let (key, reason) = key(event).map_err(definition)?;
                     match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
                         Some(mut inst) => {
-                            self.advancing(&inst, inst.step)?;
+                            self.advancing(&inst, inst.step, None)?;
                             let from = inst.status;
                             let out = self
                                 .engine(saga, now)
@@ -325,7 +339,7 @@ impl Coordinator {
                 let mut inst = inst.map_err(|id| {
                     HandlerError::permanent(format!("saga instance {id} of a sent command is gone"))
                 })?;
-                let saga = self.advancing(&inst, step)?;
+                let saga = self.advancing(&inst, step, Some(phase))?;
                 let from = inst.status;
                 let out = self
                     .engine(saga, now)
@@ -417,7 +431,8 @@ impl Coordinator {
             return Ok(false);
         }
         let saga = self.saga(&inst.saga)?;
-        if inst.step >= saga.steps.len() {
+        let at_final = inst.step == saga.steps.len() && saga.awaits_final(inst.finish);
+        if inst.step >= saga.steps.len() && !at_final {
             return Err(HandlerError::permanent(format!(
                 "saga {:?} has no step {} here",
                 saga.name, inst.step
@@ -526,15 +541,20 @@ impl Coordinator {
             status: inst.status,
             step: (live || awaiting)
                 .then(|| {
-                    saga.and_then(|s| s.steps.get(inst.step))
-                        .map(|s| s.name.clone())
+                    saga.and_then(|s| match s.steps.get(inst.step) {
+                        Some(step) => Some(step.name.clone()),
+                        None if inst.step == s.steps.len() => Some(FINAL.to_owned()),
+                        None => None,
+                    })
                 })
                 .flatten(),
             waiting_for: match saga {
-                Some(s) if live => {
-                    s.waiting_for(inst.step, inst.status == SagaStatus::Compensating)
-                }
-                Some(s) if awaiting => s.waiting_for(inst.step, s.undoable(inst.step)),
+                Some(s) if live => s.waiting_for(
+                    inst.step,
+                    inst.status == SagaStatus::Compensating,
+                    inst.finish,
+                ),
+                Some(s) if awaiting => s.waiting_for(inst.step, s.undoable(inst.step), inst.finish),
                 _ => Vec::new(),
             },
             deadline: inst.deadline_at.map(crate::rfc3339),

@@ -114,6 +114,17 @@ pub(crate) type KeyFn = Arc<dyn Fn(&Envelope) -> Result<(String, String), SagaEr
 pub(crate) type FinalFn =
     Arc<dyn Fn(&Value, &MessageContext, &str, &str) -> Result<Envelope, SagaError> + Send + Sync>;
 
+/// The command that ends a saga that compensated (after a failure or a
+/// cancel), and the events that answer it.
+#[derive(Clone)]
+pub(crate) struct FinalDef {
+    pub(crate) make: FinalFn,
+    /// `<service>.<name>` of the command.
+    pub(crate) command_type: String,
+    /// The events that answer it; empty: it is sent and not waited for.
+    pub(crate) completes: Vec<EventType>,
+}
+
 /// An event type a saga reacts to.
 #[derive(Clone)]
 pub(crate) struct EventType {
@@ -330,8 +341,12 @@ pub struct Saga {
     pub(crate) steps: Vec<StepDef>,
     pub(crate) pivot: Option<usize>,
     pub(crate) cancel: Option<(EventType, KeyFn)>,
-    pub(crate) on_compensated: Option<(FinalFn, String)>,
-    pub(crate) on_cancelled: Option<(FinalFn, String)>,
+    pub(crate) on_compensated: Option<FinalDef>,
+    pub(crate) on_cancelled: Option<FinalDef>,
+    /// How long each send of an answered final command may take.
+    pub(crate) final_deadline: Duration,
+    /// Sends of an answered final command before the instance fails.
+    pub(crate) final_attempts: u32,
 }
 
 impl fmt::Debug for Saga {
@@ -356,6 +371,10 @@ impl Saga {
             cancel: None,
             on_compensated: None,
             on_cancelled: None,
+            compensated_on: Vec::new(),
+            cancelled_on: Vec::new(),
+            final_deadline: None,
+            final_attempts: 5,
             known: None,
             problems: Vec::new(),
             _data: PhantomData,
@@ -390,6 +409,22 @@ impl Saga {
                 .is_some_and(|s| s.compensation.is_some())
     }
 
+    /// The final command of an instance that compensated after `finish`.
+    pub(crate) fn final_of(&self, finish: crate::engine::Finish) -> Option<&FinalDef> {
+        match finish {
+            crate::engine::Finish::Failure => self.on_compensated.as_ref(),
+            crate::engine::Finish::Cancel => self.on_cancelled.as_ref(),
+        }
+    }
+
+    /// Whether an instance that compensated after `finish` waits for its
+    /// final command's answer (at the position after the last step) before
+    /// it is `compensated`.
+    pub(crate) fn awaits_final(&self, finish: crate::engine::Finish) -> bool {
+        self.final_of(finish)
+            .is_some_and(|f| !f.completes.is_empty())
+    }
+
     /// Every event type this saga reacts to, as `EVENTS` filter subjects.
     pub fn filter_subjects(&self) -> BTreeSet<String> {
         let mut subjects = BTreeSet::new();
@@ -406,14 +441,32 @@ impl Saga {
                     .map(|e| e.subject.clone()),
             );
         }
+        for last in [&self.on_compensated, &self.on_cancelled]
+            .into_iter()
+            .flatten()
+        {
+            subjects.extend(last.completes.iter().map(|e| e.subject.clone()));
+        }
         subjects
     }
 
     /// The event types the step at `index` waits for, going forward or
     /// compensating.
-    pub(crate) fn waiting_for(&self, index: usize, compensating: bool) -> Vec<String> {
+    /// At the position after the last step, the answers of the final
+    /// command of `finish`.
+    pub(crate) fn waiting_for(
+        &self,
+        index: usize,
+        compensating: bool,
+        finish: crate::engine::Finish,
+    ) -> Vec<String> {
         let Some(step) = self.steps.get(index) else {
-            return Vec::new();
+            return match self.final_of(finish) {
+                Some(last) if index == self.steps.len() => {
+                    last.completes.iter().map(|e| e.name.clone()).collect()
+                }
+                _ => Vec::new(),
+            };
         };
         if compensating {
             step.compensation_completes
@@ -438,6 +491,10 @@ pub struct SagaBuilder<D> {
     cancel: Option<(EventType, KeyFn)>,
     on_compensated: Option<(FinalFn, String)>,
     on_cancelled: Option<(FinalFn, String)>,
+    compensated_on: Vec<EventType>,
+    cancelled_on: Vec<EventType>,
+    final_deadline: Option<Duration>,
+    final_attempts: u32,
     known: Option<HashSet<String>>,
     problems: Vec<String>,
     _data: PhantomData<fn(D)>,
@@ -550,6 +607,42 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
         self
     }
 
+    /// An event that answers [`SagaBuilder::on_compensated`]'s command
+    /// (call again for more). With one, an instance that compensated after
+    /// a failure stays `compensating` until the answer comes, sending the
+    /// command again on [`SagaBuilder::final_deadline`], and fails when its
+    /// attempts run out (a late answer still ends it `compensated`); a
+    /// command the receiving service refused or dead-lettered then shows in
+    /// `skein saga stuck` instead of leaving the saga ended and the work
+    /// half done. Without, the command is sent and the instance is
+    /// `compensated` at once.
+    pub fn compensated_on<E: Event>(mut self) -> Self {
+        self.compensated_on.push(EventType::of::<E>());
+        self
+    }
+
+    /// An event that answers [`SagaBuilder::on_cancelled`]'s command, as
+    /// [`SagaBuilder::compensated_on`] for a failure's.
+    pub fn cancelled_on<E: Event>(mut self) -> Self {
+        self.cancelled_on.push(EventType::of::<E>());
+        self
+    }
+
+    /// How long each send of a final command that is answered
+    /// ([`SagaBuilder::compensated_on`], [`SagaBuilder::cancelled_on`]) may
+    /// take before it is sent again. Required with them.
+    pub fn final_deadline(mut self, deadline: Duration) -> Self {
+        self.final_deadline = Some(deadline);
+        self
+    }
+
+    /// How many times an answered final command is sent before the
+    /// instance fails waiting for its answer (default 5).
+    pub fn final_attempts(mut self, attempts: u32) -> Self {
+        self.final_attempts = attempts.max(1);
+        self
+    }
+
     /// Checks at build time that every awaited event is one of `types`
     /// (`<service>.<name>`, any version), e.g. the platform's contracts.
     pub fn known_types(mut self, types: impl IntoIterator<Item = String>) -> Self {
@@ -655,6 +748,46 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
         if self.cancel.is_some() && self.on_cancelled.is_none() {
             return Err(fail("cancel_on without on_cancelled".into()));
         }
+        let finals = [
+            (
+                "on_compensated",
+                "compensated_on",
+                self.on_compensated,
+                self.compensated_on,
+            ),
+            (
+                "on_cancelled",
+                "cancelled_on",
+                self.on_cancelled,
+                self.cancelled_on,
+            ),
+        ];
+        let mut built = Vec::with_capacity(2);
+        for (command, answers, last, completes) in finals {
+            if last.is_none() && !completes.is_empty() {
+                return Err(fail(format!("{answers} without {command}")));
+            }
+            if !completes.is_empty() && self.final_deadline.is_none_or(|d| d.is_zero()) {
+                return Err(fail(format!(
+                    "{answers} without a final_deadline: an awaited final command needs one"
+                )));
+            }
+            if let Some(known) = &self.known {
+                if let Some(event) = completes.iter().find(|e| !known.contains(&e.name)) {
+                    return Err(fail(format!(
+                        "{command}'s command waits for {}, which is not a declared event type",
+                        event.name
+                    )));
+                }
+            }
+            built.push(last.map(|(make, command_type)| FinalDef {
+                make,
+                command_type,
+                completes,
+            }));
+        }
+        let on_cancelled = built.pop().flatten();
+        let on_compensated = built.pop().flatten();
         Ok(Saga {
             name: self.name,
             trigger,
@@ -662,8 +795,10 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
             steps: self.steps,
             pivot,
             cancel: self.cancel,
-            on_compensated: self.on_compensated,
-            on_cancelled: self.on_cancelled,
+            on_compensated,
+            on_cancelled,
+            final_deadline: self.final_deadline.unwrap_or_default(),
+            final_attempts: self.final_attempts,
         })
     }
 }
@@ -769,6 +904,24 @@ mod tests {
             (
                 saga().step("reserve", reserve).step("pay", pay).cancel_on(|e: &Placed| (e.id.clone(), "stop".into())),
                 "saga shop: cancel_on without on_cancelled",
+            ),
+            (
+                saga().step("reserve", reserve).step("pay", pay).compensated_on::<Released>().final_deadline(Duration::from_secs(1)),
+                "saga shop: compensated_on without on_compensated",
+            ),
+            (
+                saga().step("reserve", reserve).step("pay", pay).on_compensated(|d: &Data, _: &str| Release { id: d.id.clone() }).compensated_on::<Released>(),
+                "saga shop: compensated_on without a final_deadline: an awaited final command needs one",
+            ),
+            (
+                saga()
+                    .step("reserve", reserve)
+                    .step("pay", pay)
+                    .on_compensated(|d: &Data, _: &str| Release { id: d.id.clone() })
+                    .compensated_on::<Refunded>()
+                    .final_deadline(Duration::from_secs(1))
+                    .known_types(["shop.reserved", "shop.refused", "shop.released", "shop.paid"].map(String::from)),
+                "saga shop: on_compensated's command waits for shop.refunded, which is not a declared event type",
             ),
             (
                 Saga::builder::<Data>("shop").step("pay", pay),

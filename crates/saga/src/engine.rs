@@ -15,7 +15,11 @@
 //! - Compensating: compensations run one at a time in reverse order, each
 //!   sent again on its deadline until its attempts run out (then `failed`);
 //!   after the last, the final command (`on_compensated`, or `on_cancelled`
-//!   after a cancel) is sent and the instance is `compensated`.
+//!   after a cancel) is sent. If the saga declares its answers, the
+//!   instance stays `compensating` at the position after the last step
+//!   until one comes, sending the command again on its deadline until its
+//!   attempts run out (then `failed`, waiting for the answer); else it is
+//!   `compensated` at once.
 //! - Failed for want of an answer (a step after the pivot or a compensation
 //!   ran out of attempts): the instance still waits for that answer. When
 //!   it comes, however late, it resumes as if it had come in time: the
@@ -34,7 +38,7 @@ use skein_contracts::orchestrator::SagaStatus;
 use skein_message::{Envelope, MessageContext};
 use uuid::Uuid;
 
-use crate::definition::{Saga, SagaError, StepDef};
+use crate::definition::{FinalDef, Saga, SagaError, StepDef};
 
 /// How an instance that compensated ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,11 +165,21 @@ pub(crate) struct Engine<'a> {
 /// How the note of a transition that resumes a failed instance begins.
 const RESUMED: &str = "resumed on a late reply: ";
 
+/// The name of the position after the last step, where an instance that
+/// compensated waits for its final command's answer.
+pub(crate) const FINAL: &str = "final";
+
 /// Why a compensation failed the instance, as its reason says after the
 /// reason it compensated for (`<first>; then <this> after <n> attempts`):
 /// a late answer finds it there to take it off again.
 fn unanswered_compensation(def: &StepDef) -> String {
     format!("the compensation of {} got no answer", def.name)
+}
+
+/// Why a final command failed the instance, as its reason says after the
+/// reason it compensated for.
+fn unanswered_final(last: &FinalDef) -> String {
+    format!("{} got no answer", last.command_type)
 }
 
 fn micros(d: std::time::Duration) -> i64 {
@@ -174,10 +188,16 @@ fn micros(d: std::time::Duration) -> i64 {
 
 impl Engine<'_> {
     fn step_name(&self, index: usize) -> String {
-        self.saga
-            .steps
-            .get(index)
-            .map_or_else(|| format!("#{index}"), |s| s.name.clone())
+        match self.saga.steps.get(index) {
+            Some(step) => step.name.clone(),
+            None if index == self.saga.steps.len() => FINAL.to_owned(),
+            None => format!("#{index}"),
+        }
+    }
+
+    /// Whether `inst` is at its final command, waiting for its answer.
+    fn at_final(&self, inst: &Instance) -> bool {
+        inst.step == self.saga.steps.len() && self.saga.awaits_final(inst.finish)
     }
 
     /// Starts `inst`: sends the first step.
@@ -247,8 +267,11 @@ impl Engine<'_> {
             step: Some(self.step_name(step)),
             ..Outcome::default()
         };
-        let current = inst.step == step;
+        // A step of this definition (a reply to another version's step
+        // past the last is only noted).
+        let current = inst.step == step && step < self.saga.steps.len();
         let late = current && self.awaited_late(inst) == Some(phase);
+        let at_final = inst.step == step && self.at_final(inst);
         match (phase, inst.status) {
             (Phase::Forward, SagaStatus::Running) if current => {
                 self.forward_reply(inst, step, event, false, &mut out)?;
@@ -261,6 +284,14 @@ impl Engine<'_> {
             }
             (Phase::Compensation, SagaStatus::Failed) if late => {
                 self.compensation_reply(inst, step, event, true, &mut out)?;
+            }
+            (Phase::Final, SagaStatus::Compensating) if at_final => {
+                self.final_reply(inst, event, false, &mut out);
+            }
+            (Phase::Final, SagaStatus::Failed)
+                if at_final && self.awaited_late(inst) == Some(Phase::Final) =>
+            {
+                self.final_reply(inst, event, true, &mut out);
             }
             (Phase::Final, _) => {
                 out.note = format!("{} answered the final command", event.kind);
@@ -291,6 +322,9 @@ impl Engine<'_> {
     fn awaited_late(&self, inst: &Instance) -> Option<Phase> {
         if inst.status != SagaStatus::Failed || inst.attempt == 0 {
             return None;
+        }
+        if self.at_final(inst) {
+            return Some(Phase::Final);
         }
         self.saga.steps.get(inst.step)?;
         if self.saga.undoable(inst.step) {
@@ -391,6 +425,34 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// A reply to the final command the instance waits on; `late` when it
+    /// had failed waiting for it.
+    fn final_reply(&self, inst: &mut Instance, event: &Envelope, late: bool, out: &mut Outcome) {
+        let Some(last) = self.saga.final_of(inst.finish) else {
+            return;
+        };
+        if last.completes.iter().any(|e| e.matches(event)) {
+            out.changed = true;
+            if late {
+                // Back to the reason it compensated for.
+                if let Some(reason) = &mut inst.reason {
+                    if let Some(at) = reason.rfind(&format!("; then {}", unanswered_final(last))) {
+                        reason.truncate(at);
+                    }
+                }
+            }
+            let resumed = if late { RESUMED } else { "" };
+            out.note = format!("{resumed}{} answered {}", event.kind, last.command_type);
+            inst.status = SagaStatus::Compensated;
+            inst.deadline_at = None;
+        } else {
+            out.note = format!(
+                "{} does not answer {}; ignored",
+                event.kind, last.command_type
+            );
+        }
+    }
+
     /// A reply to the current compensation; `late` when the instance had
     /// failed waiting for it.
     fn compensation_reply(
@@ -433,6 +495,9 @@ impl Engine<'_> {
     /// The instance's deadline passed.
     pub(crate) fn deadline(&self, inst: &mut Instance) -> Result<Outcome, SagaError> {
         let context = MessageContext::with_correlation(inst.correlation_id.clone());
+        if self.at_final(inst) {
+            return self.final_deadline(inst, &context);
+        }
         let index = inst.step;
         let def = &self.saga.steps[index];
         let mut out = Outcome {
@@ -499,6 +564,54 @@ impl Engine<'_> {
                 );
                 out.note = format!("{why}; needs attention (a late answer resumes it)");
                 // The first reason is kept: a late answer goes back to it.
+                inst.reason = Some(match inst.reason.take() {
+                    Some(first) => format!("{first}; then {why}"),
+                    None => why,
+                });
+                // `attempt` stays non-zero: the answer is still awaited.
+                inst.status = SagaStatus::Failed;
+                inst.deadline_at = None;
+            }
+            _ => {
+                out.changed = false;
+                out.note = "deadline of a finished instance; ignored".into();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The deadline of the final command's send passed.
+    fn final_deadline(
+        &self,
+        inst: &mut Instance,
+        context: &MessageContext,
+    ) -> Result<Outcome, SagaError> {
+        let mut out = Outcome {
+            changed: true,
+            step: Some(FINAL.to_owned()),
+            ..Outcome::default()
+        };
+        let Some(last) = self.saga.final_of(inst.finish) else {
+            out.changed = false;
+            return Ok(out);
+        };
+        match inst.status {
+            SagaStatus::Compensating if inst.attempt < self.saga.final_attempts => {
+                out.note = format!(
+                    "{} passed its deadline; sending again (attempt {} of {})",
+                    last.command_type,
+                    inst.attempt + 1,
+                    self.saga.final_attempts
+                );
+                self.send_final(inst, context, &mut out)?;
+            }
+            SagaStatus::Compensating => {
+                let why = format!(
+                    "{} after {} attempts",
+                    unanswered_final(last),
+                    self.saga.final_attempts
+                );
+                out.note = format!("{why}; needs attention (a late answer resumes it)");
                 inst.reason = Some(match inst.reason.take() {
                     Some(first) => format!("{first}; then {why}"),
                     None => why,
@@ -593,14 +706,13 @@ impl Engine<'_> {
         out: &mut Outcome,
     ) -> Result<(), SagaError> {
         if inst.compensations.is_empty() {
+            if self.saga.awaits_final(inst.finish) {
+                return self.send_final(inst, context, out);
+            }
             let why = inst.reason.clone().unwrap_or_default();
-            let last = match inst.finish {
-                Finish::Failure => &self.saga.on_compensated,
-                Finish::Cancel => &self.saga.on_cancelled,
-            };
-            if let Some((make, _)) = last {
+            if let Some(last) = self.saga.final_of(inst.finish) {
                 out.sends.push(Sent {
-                    envelope: make(&inst.data, context, self.source, &why)?,
+                    envelope: (last.make)(&inst.data, context, self.source, &why)?,
                     step: inst.step,
                     phase: Phase::Final,
                 });
@@ -612,6 +724,35 @@ impl Engine<'_> {
         let index = inst.compensations.remove(0);
         inst.attempt = 0;
         self.send_compensation(inst, index, context, out)
+    }
+
+    /// Sends the final command the saga waits on, from the position after
+    /// the last step.
+    fn send_final(
+        &self,
+        inst: &mut Instance,
+        context: &MessageContext,
+        out: &mut Outcome,
+    ) -> Result<(), SagaError> {
+        let Some(last) = self.saga.final_of(inst.finish) else {
+            return Err(SagaError::Encode("the saga has no final command".into()));
+        };
+        let index = self.saga.steps.len();
+        if inst.step != index {
+            inst.attempt = 0;
+        }
+        inst.status = SagaStatus::Compensating;
+        inst.step = index;
+        inst.attempt += 1;
+        let why = inst.reason.clone().unwrap_or_default();
+        out.sends.push(Sent {
+            envelope: (last.make)(&inst.data, context, self.source, &why)?,
+            step: index,
+            phase: Phase::Final,
+        });
+        inst.deadline_at = Some(self.now.saturating_add(micros(self.saga.final_deadline)));
+        out.step = Some(FINAL.to_owned());
+        Ok(())
     }
 
     fn send_compensation(
@@ -689,6 +830,22 @@ mod tests {
     /// reserve -> pay (pivot) -> ship (2 sends) -> notify; compensations
     /// are sent twice before the instance fails.
     fn shop() -> Saga {
+        shop_builder().build().expect("a valid definition")
+    }
+
+    /// [`shop`], waiting for its final commands' answers: `rejected` after
+    /// a failure, `stopped` after a cancel; sent twice.
+    fn shop_awaiting_its_end() -> Saga {
+        shop_builder()
+            .compensated_on::<Rejected>()
+            .cancelled_on::<Stopped>()
+            .final_deadline(DEADLINE)
+            .final_attempts(2)
+            .build()
+            .expect("a valid definition")
+    }
+
+    fn shop_builder() -> crate::SagaBuilder<Order> {
         Saga::builder::<Order>("shop")
             .start_on(|e: &Placed| Some((e.id.clone(), Order { id: e.id.clone() })))
             .step("reserve", |s| {
@@ -731,8 +888,6 @@ mod tests {
                 id: o.id.clone(),
                 reason: format!("cancelled: {why}"),
             })
-            .build()
-            .expect("a valid definition")
     }
 
     /// `shop`, but pay (the pivot) has no compensation and is sent twice.
@@ -920,6 +1075,84 @@ mod tests {
             let failed = self.deadline();
             assert_eq!(self.inst.status, SagaStatus::Failed, "{failed:?}");
         }
+    }
+
+    #[test]
+    fn an_awaited_final_command_is_sent_again_then_fails_and_a_late_answer_ends_it() {
+        let mut run = Run::start_of(shop_awaiting_its_end());
+        run.reply_to_reserve();
+        let pay = run.last("shop.pay.v1");
+        run.answer(pay, &Declined { id: "o1".into() });
+        let release = run.last("shop.release.v1");
+        let did = run.answer(release, &Released { id: "o1".into() });
+        assert_eq!(did.sent, ["shop.reject.v1"], "{did:?}");
+        assert_eq!(run.rejected_for(), "rejected: pay: declined");
+        assert_eq!(
+            (run.inst.status, run.inst.step, run.inst.attempt),
+            (SagaStatus::Compensating, 4, 1),
+            "waits at the position after the last step"
+        );
+        assert!(run.inst.deadline_at.is_some());
+        assert_eq!(
+            run.saga.waiting_for(4, true, run.inst.finish),
+            ["shop.rejected"]
+        );
+
+        let again = run.deadline();
+        assert_eq!(again.sent, ["shop.reject.v1"]);
+        assert_eq!(
+            again.note,
+            "shop.reject passed its deadline; sending again (attempt 2 of 2)"
+        );
+        let failed = run.deadline();
+        assert!(failed.sent.is_empty());
+        assert_eq!(run.inst.status, SagaStatus::Failed, "{failed:?}");
+        assert_eq!(run.inst.deadline_at, None);
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some("pay: declined; then shop.reject got no answer after 2 attempts")
+        );
+
+        // The first send's answer comes after all.
+        let first = run.sent("shop.reject.v1")[0];
+        let late = run.answer(first, &Rejected { id: "o1".into() });
+        assert_eq!(run.inst.status, SagaStatus::Compensated, "{late:?}");
+        assert_eq!(
+            late.note,
+            "resumed on a late reply: shop.rejected.v1 answered shop.reject"
+        );
+        assert_eq!(run.inst.reason.as_deref(), Some("pay: declined"));
+        assert_eq!(run.inst.deadline_at, None);
+        let second = run.sent("shop.reject.v1")[1];
+        let twice = run.answer(second, &Rejected { id: "o1".into() });
+        assert!(!twice.changed, "{twice:?}");
+        assert!(!run.deadline().changed);
+    }
+
+    #[test]
+    fn a_cancelled_instance_ends_only_on_its_own_final_answer() {
+        let mut run = Run::start_of(shop_awaiting_its_end());
+        run.cancel();
+        let release = run.last("shop.release.v1");
+        run.answer(release, &Released { id: "o1".into() });
+        assert_eq!(run.rejected_for(), "cancelled: stopped");
+        let reject = run.last("shop.reject.v1");
+        let wrong = run.answer(reject, &Rejected { id: "o1".into() });
+        assert!(!wrong.changed, "{wrong:?}");
+        assert_eq!(
+            wrong.note,
+            "shop.rejected.v1 does not answer shop.reject; ignored"
+        );
+        assert_eq!(
+            run.saga.waiting_for(4, true, run.inst.finish),
+            ["shop.stopped"]
+        );
+        let right = run.answer(reject, &Stopped { id: "o1".into() });
+        assert!(right.changed);
+        assert_eq!(run.inst.status, SagaStatus::Compensated);
+        assert_eq!(right.note, "shop.stopped.v1 answered shop.reject");
+        // A cancel now stops nothing.
+        assert!(!run.cancel().changed);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //! After compensating a failure it sends `orders.reject_order` with the
 //! reason. `orders.order_cancellation_requested` cancels it before its
 //! pivot completes: it compensates what it did, the step in flight
-//! included, and sends `orders.mark_cancelled`. A cancel that comes after
+//! included, and sends `orders.mark_cancelled`. Either final command is
+//! awaited like a forward step (`order_rejected`, `order_cancelled`; sent
+//! again on the forward deadline, failed after the forward attempts): the
+//! instance is `compensated` once orders has ended the order. A cancel that comes after
 //! the pivot lets it confirm the order; orders then requests the
 //! cancellation again as a confirmed order's, which starts cancel_order.
 //!

@@ -6,7 +6,7 @@ use skein_contracts::catalog::{
 };
 use skein_contracts::orders::{
     ConfirmOrder, MarkCancelled, OrderCancellationRequested, OrderCancelled, OrderConfirmed,
-    OrderPlaced, OrderStatus, RejectOrder,
+    OrderPlaced, OrderRejected, OrderStatus, RejectOrder,
 };
 use skein_contracts::payments::{
     AuthorizePayment, PaymentAuthorized, PaymentDeclined, PaymentRefunded, RefundPayment,
@@ -138,6 +138,14 @@ pub fn place_order(config: &OrchestratorConfig) -> Result<Saga, DefinitionError>
             order_id: d.order_id,
             reason: reason.to_owned(),
         })
+        // The order ends rejected or cancelled only when orders says so:
+        // a final command it refused or dead-lettered leaves the saga
+        // failed and listed by `skein saga stuck`, not an order pending
+        // for ever behind a saga that looks done.
+        .compensated_on::<OrderRejected>()
+        .cancelled_on::<OrderCancelled>()
+        .final_deadline(config.forward_deadline)
+        .final_attempts(config.forward_attempts)
         .known_types(platform_events())
         .build()
 }

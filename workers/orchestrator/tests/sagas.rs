@@ -31,7 +31,8 @@ fn boxed(e: TestError) -> anyhow::Error {
 struct Shop {
     p: Platform,
     catalog: Host,
-    orders: Host,
+    /// `None` while a test has orders stopped.
+    orders: Option<Host>,
     payments: Host,
     orchestrators: Vec<Host>,
     config: OrchestratorConfig,
@@ -44,20 +45,13 @@ impl Shop {
         provider: ProviderConfig,
     ) -> anyhow::Result<Self> {
         let p = Platform::start(backend).await.map_err(boxed)?;
-        let fast = |c: &mut skein_bus::WorkerConfig| c.backoff = vec![Duration::from_millis(50)];
         let catalog = skein_catalog::start(
             p.connect("catalog").await.map_err(boxed)?,
             p.store("catalog").await.map_err(boxed)?,
             HostConfig::new("catalog"),
         )
         .await?;
-        let orders = skein_orders::start_with(
-            p.connect("orders").await.map_err(boxed)?,
-            p.store("orders").await.map_err(boxed)?,
-            HostConfig::new("orders"),
-            fast,
-        )
-        .await?;
+        let orders = Some(Self::start_orders(&p).await?);
         let payments = skein_payments::start(
             p.connect("payments").await.map_err(boxed)?,
             p.store("payments").await.map_err(boxed)?,
@@ -78,6 +72,18 @@ impl Shop {
         };
         shop.add_orchestrator().await?;
         Ok(shop)
+    }
+
+    /// Starts orders on its database.
+    async fn start_orders(p: &Platform) -> anyhow::Result<Host> {
+        let fast = |c: &mut skein_bus::WorkerConfig| c.backoff = vec![Duration::from_millis(50)];
+        Ok(skein_orders::start_with(
+            p.connect("orders").await.map_err(boxed)?,
+            p.store("orders").await.map_err(boxed)?,
+            HostConfig::new("orders"),
+            fast,
+        )
+        .await?)
     }
 
     /// Starts one more coordinator copy on the orchestrator's database.
@@ -304,7 +310,9 @@ impl Shop {
             host.shutdown().await;
         }
         self.payments.shutdown().await;
-        self.orders.shutdown().await;
+        if let Some(orders) = self.orders {
+            orders.shutdown().await;
+        }
         self.catalog.shutdown().await;
     }
 }
@@ -343,6 +351,7 @@ backend_tests!(
     cancelling_a_pending_order_stops_its_placement_and_gives_everything_back,
     many_concurrent_orders_with_random_failures_keep_every_invariant,
     a_saga_that_ended_is_deleted_once_past_its_retention,
+    a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answer,
 );
 
 async fn an_order_with_stock_and_money_is_confirmed_and_holds_both(
@@ -1077,6 +1086,97 @@ async fn a_saga_that_ended_is_deleted_once_past_its_retention(
     );
     shop.wait_order(order, OrderStatus::Confirmed).await?;
     assert_eq!(shop.available(thing).await?, 4);
+    shop.shutdown().await;
+    Ok(())
+}
+
+/// The order's final command (reject_order) gets no answer while orders is
+/// down: the saga does not call itself compensated over an order left
+/// pending. It sends the command again on its deadline, then fails and is
+/// listed as stuck, waiting for the answer; when orders comes back and
+/// rejects the order, the late answer ends the saga compensated, with
+/// the first reason, and the order is rejected once.
+async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answer(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let config = OrchestratorConfig {
+        forward_deadline: Duration::from_secs(1),
+        forward_attempts: 2,
+        ..quick()
+    };
+    let declining = ProviderConfig {
+        latency: Duration::from_millis(800),
+        failure_rate: 1.0,
+    };
+    let mut shop = Shop::start(backend, config, declining).await?;
+    let buyer = shop.customer().await?;
+    let thing = shop.product(500, 3).await?;
+    shop.replicas_ready(&[buyer], &[thing]).await?;
+    let order = shop.place(buyer, &[(thing, 1)]).await?;
+    shop.wait_step(order, "authorize_payment").await?;
+    shop.orders
+        .take()
+        .context("orders is not running")?
+        .shutdown()
+        .await;
+
+    let failed = shop
+        .wait_saga("place_order", order, SagaStatus::Failed)
+        .await?;
+    assert_eq!(
+        (failed.step.as_deref(), failed.waiting_for.as_slice()),
+        (
+            Some("final"),
+            ["orders.order_rejected".to_owned()].as_slice()
+        ),
+        "{failed:#?}"
+    );
+    assert_eq!(sent(&failed, "orders.reject_order"), 2, "{failed:#?}");
+    assert_eq!(
+        failed.reason.as_deref(),
+        Some(
+            "authorize_payment: payment declined: provider_declined; \
+             then orders.reject_order got no answer after 2 attempts"
+        )
+    );
+    let stuck = request(
+        &shop.p.bus,
+        &StuckSagas {
+            caller: admin(),
+            min_overdue_ms: Some(0),
+        },
+    )
+    .await?;
+    anyhow::ensure!(
+        stuck.items.iter().any(|s| s.instance.id == failed.id),
+        "saga stuck does not list it: {stuck:#?}"
+    );
+    assert_eq!(shop.available(thing).await?, 3, "the stock is back");
+
+    shop.orders = Some(Shop::start_orders(&shop.p).await?);
+    shop.wait_order(order, OrderStatus::Rejected).await?;
+    let done = shop
+        .wait_saga("place_order", order, SagaStatus::Compensated)
+        .await?;
+    assert_eq!(
+        done.reason.as_deref(),
+        Some("authorize_payment: payment declined: provider_declined"),
+        "{done:#?}"
+    );
+    let resumed = done.transitions.last().context("no transition")?;
+    anyhow::ensure!(
+        resumed
+            .note
+            .starts_with("resumed on a late reply: orders.order_rejected"),
+        "{done:#?}"
+    );
+    let rejected = shop
+        .p
+        .events::<skein_contracts::orders::OrderRejected>(&order.to_string())
+        .await
+        .map_err(boxed)?;
+    assert_eq!(rejected.len(), 1, "rejected once");
+    assert_eq!(shop.balance(buyer).await?, BALANCE);
     shop.shutdown().await;
     Ok(())
 }

@@ -43,3 +43,5 @@ message!(Lost, "lost", Event);
 message!(Notify, "notify", Command);
 message!(Notified, "notified", Event);
 message!(Reject, "reject", Command);
+message!(Rejected, "rejected", Event);
+message!(Stopped, "stopped", Event);
