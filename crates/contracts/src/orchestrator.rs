@@ -21,11 +21,13 @@ pub const SERVICE: &str = "orchestrator";
 pub enum SagaStatus {
     /// Going forward: waiting for the current step's outcome.
     Running,
-    /// Going back: waiting for the current compensation's outcome.
+    /// Going back: waiting for the current compensation's outcome, or, at
+    /// the step `final`, for the answer to the command that ends the saga.
     Compensating,
     /// Every step completed.
     Completed,
-    /// Every completed step was compensated.
+    /// Every completed step was compensated (and the command that ends the
+    /// saga answered, where the saga waits for its answer).
     Compensated,
     /// It could neither go on nor back: a step after the pivot or a
     /// compensation got no answer after its retries, or answered with a
@@ -114,7 +116,8 @@ pub struct SagaInstance {
     pub key: String,
     /// Where it is.
     pub status: SagaStatus,
-    /// The step it runs or compensates (none once over).
+    /// The step it runs or compensates, or `final` while it waits for the
+    /// answer to the command that ends it (none once over).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
     /// Event types it waits for.

@@ -477,36 +477,45 @@ impl Coordinator {
         Ok(pruned.len())
     }
 
-    /// Until `shutdown`: applies passed deadlines every `tick`, and every
-    /// [`PRUNE_INTERVAL`] (or the retention, if shorter) deletes the
-    /// instances past their retention (in transactions of a few hundred,
-    /// until none is left).
+    /// Until `shutdown`: applies passed deadlines every `tick`, and, beside
+    /// that, every [`PRUNE_INTERVAL`] (or the retention, if shorter)
+    /// deletes the instances past their retention, in transactions of a
+    /// few hundred until none is left: a long backlog of them (the first
+    /// start of a version that prunes) holds up no deadline.
     pub fn spawn_upkeep(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = self.clone();
         let prune_every = self.retention.min(PRUNE_INTERVAL);
         tokio::spawn(async move {
-            let mut last_prune = tokio::time::Instant::now();
-            loop {
-                tokio::select! {
-                    () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(tick) => {}
-                }
-                match this.run_deadlines(100).await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(count = n, "applied saga deadlines"),
-                    Err(e) => {
-                        tracing::warn!(error = %e.reason(), "cannot apply saga deadlines; trying again")
+            let deadlines = async {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(tick) => {}
+                    }
+                    match this.run_deadlines(100).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(count = n, "applied saga deadlines"),
+                        Err(e) => {
+                            tracing::warn!(error = %e.reason(), "cannot apply saga deadlines; trying again")
+                        }
                     }
                 }
-                if last_prune.elapsed() >= prune_every {
-                    last_prune = tokio::time::Instant::now();
+            };
+            let pruning = async {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(prune_every) => {}
+                    }
                     this.prune_all(&shutdown).await;
                 }
-            }
+            };
+            tokio::join!(deadlines, pruning);
         })
     }
 
-    /// [`Coordinator::prune`] batch after batch until a batch is not full.
+    /// [`Coordinator::prune`] batch after batch until a batch is not full,
+    /// with a pause between batches for the other writers.
     async fn prune_all(&self, shutdown: &CancellationToken) {
         let mut total = 0;
         while !shutdown.is_cancelled() {
@@ -516,6 +525,7 @@ impl Coordinator {
                     if i64::try_from(n).unwrap_or(i64::MAX) < PRUNE_BATCH {
                         break;
                     }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot delete saga instances past their retention; trying again later");

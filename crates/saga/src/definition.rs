@@ -673,6 +673,12 @@ impl<D: Serialize + DeserializeOwned + Send + Sync + 'static> SagaBuilder<D> {
             if step.name.trim().is_empty() {
                 return Err(fail("a step has an empty name".into()));
             }
+            if step.name == crate::engine::FINAL {
+                return Err(fail(format!(
+                    "a step may not be named {:?}: the name of the final command's place",
+                    crate::engine::FINAL
+                )));
+            }
             if !names.insert(step.name.as_str()) {
                 return Err(fail(format!("step {:?} is declared twice", step.name)));
             }
@@ -880,6 +886,10 @@ mod tests {
                     .step("reserve", |s| s.send(|d: &Data| Reserve { id: d.id.clone() }).completes_on::<Reserved>().deadline(Duration::from_secs(1)))
                     .step("pay", pay),
                 "saga shop: step \"reserve\" comes before the pivot but has no compensation",
+            ),
+            (
+                saga().step("reserve", reserve).step("final", pay),
+                "saga shop: a step may not be named \"final\": the name of the final command's place",
             ),
             (
                 saga().step("reserve", reserve).step("reserve", pay),

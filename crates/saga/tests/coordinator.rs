@@ -697,12 +697,12 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
     shop.deliver(&placed("old-running")?).await?;
     let running = shop.instance("old-running").await?;
 
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let young = shop.complete("young-completed").await?;
     let pruning = shop
         .coordinator
         .clone()
-        .retain_ended_for(Duration::from_millis(750));
+        .retain_ended_for(Duration::from_millis(1_500));
 
     assert_eq!(pruning.prune(1).await?, 1, "one per batch of one");
     assert_eq!(pruning.prune(100).await?, 1, "then the other old one");

@@ -272,7 +272,12 @@ async fn saga_commands(bus: &Bus, entities: &HashSet<String>) -> Result<Vec<Hop>
                 caller: operator.clone(),
                 saga_id: item.id,
             };
-            let saga = request_with(bus, &get, None, timeout).await?;
+            let saga = match request_with(bus, &get, None, timeout).await {
+                Ok(saga) => saga,
+                // Deleted (past its retention) since the list.
+                Err(RequestError::Service(e)) if e.status == 404 => continue,
+                Err(e) => return Err(e),
+            };
             for t in &saga.transitions {
                 let at =
                     OffsetDateTime::parse(&t.at, &time::format_description::well_known::Rfc3339)

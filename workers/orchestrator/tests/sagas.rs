@@ -1104,8 +1104,9 @@ async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answe
         forward_attempts: 2,
         ..quick()
     };
+    // Time to stop orders while the payment is decided.
     let declining = ProviderConfig {
-        latency: Duration::from_millis(800),
+        latency: Duration::from_secs(2),
         failure_rate: 1.0,
     };
     let mut shop = Shop::start(backend, config, declining).await?;

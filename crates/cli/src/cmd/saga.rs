@@ -140,19 +140,16 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     .map_err(explain)?;
                     let mut full = Vec::new();
                     for item in page.items.into_iter().rev() {
-                        full.push(
-                            request_with(
-                                &bus,
-                                &GetSaga {
-                                    caller: Caller::operator(),
-                                    saga_id: item.id,
-                                },
-                                None,
-                                TIMEOUT,
-                            )
-                            .await
-                            .map_err(explain)?,
-                        );
+                        let get = GetSaga {
+                            caller: Caller::operator(),
+                            saga_id: item.id,
+                        };
+                        match request_with(&bus, &get, None, TIMEOUT).await {
+                            Ok(instance) => full.push(instance),
+                            // Deleted (past its retention) since the list.
+                            Err(RequestError::Service(e)) if e.status == 404 => {}
+                            Err(e) => return Err(explain(e)),
+                        }
                     }
                     full
                 }
@@ -160,7 +157,8 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             };
             if instances.is_empty() {
                 anyhow::bail!(
-                    "no saga instance and no order {id}; `skein saga list` shows the instances"
+                    "no saga instance of id or order {id} (one that ended is kept for 30 days); \
+                     `skein saga list` shows the instances"
                 );
             }
             for instance in &instances {
