@@ -106,6 +106,32 @@ impl Instance {
     }
 }
 
+impl Instance {
+    /// Fails the instance for want of an answer after `why` (the last
+    /// send's deadline passed): the first reason is kept before it, for a
+    /// late answer to go back to ([`Instance::resume_reason`]), and
+    /// `attempt` stays non-zero, as the answer is still awaited.
+    fn fail_unanswered(&mut self, why: String, out: &mut Outcome) {
+        out.note = format!("{why}; needs attention (a late answer resumes it)");
+        self.reason = Some(match self.reason.take() {
+            Some(first) => format!("{first}; then {why}"),
+            None => why,
+        });
+        self.status = SagaStatus::Failed;
+        self.deadline_at = None;
+    }
+
+    /// Takes `; then <unanswered>…` off the reason again: the late answer
+    /// came, and the reason it compensated for stands.
+    fn resume_reason(&mut self, unanswered: &str) {
+        if let Some(reason) = &mut self.reason {
+            if let Some(at) = reason.rfind(&format!("; then {unanswered}")) {
+                reason.truncate(at);
+            }
+        }
+    }
+}
+
 /// Whether a sent command goes forward, compensates, or ends the saga.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -434,12 +460,7 @@ impl Engine<'_> {
         if last.completes.iter().any(|e| e.matches(event)) {
             out.changed = true;
             if late {
-                // Back to the reason it compensated for.
-                if let Some(reason) = &mut inst.reason {
-                    if let Some(at) = reason.rfind(&format!("; then {}", unanswered_final(last))) {
-                        reason.truncate(at);
-                    }
-                }
+                inst.resume_reason(&unanswered_final(last));
             }
             let resumed = if late { RESUMED } else { "" };
             out.note = format!("{resumed}{} answered {}", event.kind, last.command_type);
@@ -467,15 +488,8 @@ impl Engine<'_> {
         if def.compensation_completes.iter().any(|e| e.matches(event)) {
             out.changed = true;
             if late {
-                // Back to the reason it compensates for: the final command
-                // carries it.
-                if let Some(reason) = &mut inst.reason {
-                    if let Some(at) =
-                        reason.rfind(&format!("; then {}", unanswered_compensation(def)))
-                    {
-                        reason.truncate(at);
-                    }
-                }
+                // The final command carries the reason it compensates for.
+                inst.resume_reason(&unanswered_compensation(def));
             }
             let resumed = if late { RESUMED } else { "" };
             out.note = format!(
@@ -562,15 +576,7 @@ impl Engine<'_> {
                     unanswered_compensation(def),
                     def.compensation_attempts
                 );
-                out.note = format!("{why}; needs attention (a late answer resumes it)");
-                // The first reason is kept: a late answer goes back to it.
-                inst.reason = Some(match inst.reason.take() {
-                    Some(first) => format!("{first}; then {why}"),
-                    None => why,
-                });
-                // `attempt` stays non-zero: the answer is still awaited.
-                inst.status = SagaStatus::Failed;
-                inst.deadline_at = None;
+                inst.fail_unanswered(why, &mut out);
             }
             _ => {
                 out.changed = false;
@@ -611,14 +617,7 @@ impl Engine<'_> {
                     unanswered_final(last),
                     self.saga.final_attempts
                 );
-                out.note = format!("{why}; needs attention (a late answer resumes it)");
-                inst.reason = Some(match inst.reason.take() {
-                    Some(first) => format!("{first}; then {why}"),
-                    None => why,
-                });
-                // `attempt` stays non-zero: the answer is still awaited.
-                inst.status = SagaStatus::Failed;
-                inst.deadline_at = None;
+                inst.fail_unanswered(why, &mut out);
             }
             _ => {
                 out.changed = false;
