@@ -87,6 +87,16 @@ struct Cause<'a> {
     kind: &'a str,
 }
 
+/// What an input did to an instance, to store.
+struct Change<'a> {
+    /// Its status before; `None` for an instance the input started (just
+    /// inserted, so there is no version to check).
+    from: Option<SagaStatus>,
+    out: Outcome,
+    cause: Cause<'a>,
+    now: i64,
+}
+
 impl Coordinator {
     /// A coordinator of `sagas` keeping its instances in `store` (migrated
     /// with [`crate::MIGRATIONS`]); `source` is the `ce-source` of what it
@@ -190,22 +200,14 @@ impl Coordinator {
 
     /// [`Coordinator::try_persist`], with a lost race as a transient error:
     /// the message is handled again, on the instance as it is now.
-    #[allow(clippy::too_many_arguments)]
     async fn persist(
         &self,
         tx: &mut Tx,
         inst: &mut Instance,
-        from: Option<SagaStatus>,
-        out: Outcome,
-        cause: Cause<'_>,
-        now: i64,
-        inserted: bool,
+        change: Change<'_>,
     ) -> Result<(), HandlerError> {
         let id = inst.id;
-        if self
-            .try_persist(tx, inst, from, out, cause, now, inserted)
-            .await?
-        {
+        if self.try_persist(tx, inst, change).await? {
             Ok(())
         } else {
             Err(HandlerError::transient(format!(
@@ -219,21 +221,22 @@ impl Coordinator {
     /// nobody changed it meanwhile), the commands to send and the transition.
     /// `false` when another copy changed the instance meanwhile (nothing of
     /// this is stored once the transaction is rolled back).
-    #[allow(clippy::too_many_arguments)]
     async fn try_persist(
         &self,
         tx: &mut Tx,
         inst: &mut Instance,
-        from: Option<SagaStatus>,
-        out: Outcome,
-        cause: Cause<'_>,
-        now: i64,
-        inserted: bool,
+        change: Change<'_>,
     ) -> Result<bool, HandlerError> {
+        let Change {
+            from,
+            out,
+            cause,
+            now,
+        } = change;
         // The instance, the commands' records and the transition: one
         // trip to the database where the backend allows it.
         let mut writes = Statements::new(tx.backend());
-        let check_version = out.changed && !inserted;
+        let check_version = out.changed && from.is_some();
         if check_version {
             let expected = inst.version;
             inst.version += 1;
@@ -306,8 +309,13 @@ impl Coordinator {
                         .map_err(definition)?;
                     inst.version = 1;
                     if store::insert(tx, &inst).await.map_err(db)? {
-                        self.persist(tx, &mut inst, None, out, cause(), now, true)
-                            .await?;
+                        let change = Change {
+                            from: None,
+                            out,
+                            cause: cause(),
+                            now,
+                        };
+                        self.persist(tx, &mut inst, change).await?;
                     } else {
                         tracing::debug!(saga = %saga.name, key = %inst.key, "an instance exists for this key; not starting another");
                     }
@@ -324,8 +332,13 @@ impl Coordinator {
                                 .engine(saga, now)
                                 .cancel(&mut inst, reason, event)
                                 .map_err(definition)?;
-                            self.persist(tx, &mut inst, Some(from), out, cause(), now, false)
-                                .await?;
+                            let change = Change {
+                                from: Some(from),
+                                out,
+                                cause: cause(),
+                                now,
+                            };
+                            self.persist(tx, &mut inst, change).await?;
                         }
                         None => {
                             tracing::info!(saga = %saga.name, %key, kind = %event.kind, "cancel for no instance; nothing to stop")
@@ -345,8 +358,13 @@ impl Coordinator {
                     .engine(saga, now)
                     .reply(&mut inst, step, phase, event)
                     .map_err(definition)?;
-                self.persist(tx, &mut inst, Some(from), out, cause(), now, false)
-                    .await?;
+                let change = Change {
+                    from: Some(from),
+                    out,
+                    cause: cause(),
+                    now,
+                };
+                self.persist(tx, &mut inst, change).await?;
             }
         }
         Ok(())
@@ -443,14 +461,16 @@ impl Coordinator {
             .engine(saga, now)
             .deadline(&mut inst)
             .map_err(definition)?;
-        let cause = Cause {
-            id: None,
-            kind: "deadline",
+        let change = Change {
+            from: Some(from),
+            out,
+            cause: Cause {
+                id: None,
+                kind: "deadline",
+            },
+            now,
         };
-        if !self
-            .try_persist(&mut tx, &mut inst, Some(from), out, cause, now, false)
-            .await?
-        {
+        if !self.try_persist(&mut tx, &mut inst, change).await? {
             tracing::debug!(instance = %id, "deadline raced another change");
             return Ok(false);
         }

@@ -15,11 +15,15 @@
 //! in one transaction, correlates replies by the `ce-causationid` that
 //! names the command they answer, and watches stored deadlines. When a step
 //! fails or misses its deadline it compensates in reverse order, each
-//! compensation retried on its own deadline; it ends `compensated`, or
-//! `failed` when it can neither go on nor back, never silently stuck. An
+//! compensation retried on its own deadline, then sends the saga's final
+//! command (awaited like a step when the saga declares its answers); it
+//! ends `compensated`, or `failed` when it can neither go on nor back,
+//! never silently stuck. An
 //! instance failed for want of an answer still takes that answer: coming
 //! late, it resumes the instance as if it had come in time.
 //! Copies of the coordinator share the work with optimistic versioning.
+//! Instances that ended are deleted after a retention period
+//! ([`Coordinator::prune`]).
 //!
 //! # Layout
 //!

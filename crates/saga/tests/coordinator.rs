@@ -200,18 +200,29 @@ impl Shop {
     /// Runs instance `key` to `completed`: every step answered.
     async fn complete(&mut self, key: &str) -> anyhow::Result<SagaInstance> {
         self.deliver(&placed(key)?).await?;
-        let id = || key.to_owned();
-        let reserve = last(&self.instance(key).await?, "shop.reserve.v1")?;
-        self.answer(reserve, &Reserved { id: id() }).await?;
-        let pay = last(&self.instance(key).await?, "shop.pay.v1")?;
-        self.answer(pay, &Paid { id: id() }).await?;
-        let ship = last(&self.instance(key).await?, "shop.ship.v1")?;
-        self.answer(ship, &Shipped { id: id() }).await?;
-        let notify = last(&self.instance(key).await?, "shop.notify.v1")?;
-        self.answer(notify, &Notified { id: id() }).await?;
+        self.answer_last(key, "shop.reserve.v1", |id| Reserved { id })
+            .await?;
+        self.answer_last(key, "shop.pay.v1", |id| Paid { id })
+            .await?;
+        self.answer_last(key, "shop.ship.v1", |id| Shipped { id })
+            .await?;
+        self.answer_last(key, "shop.notify.v1", |id| Notified { id })
+            .await?;
         let done = self.instance(key).await?;
         anyhow::ensure!(done.status == SagaStatus::Completed, "{done:#?}");
         Ok(done)
+    }
+
+    /// Answers the last command of type `kind` instance `key` sent with
+    /// the event `answer` makes of the key.
+    async fn answer_last<E: Event>(
+        &mut self,
+        key: &str,
+        kind: &str,
+        answer: impl FnOnce(String) -> E,
+    ) -> anyhow::Result<Envelope> {
+        let to = last(&self.instance(key).await?, kind)?;
+        self.answer(to, &answer(key.to_owned())).await
     }
 
     /// How many rows of `table` belong to `instance`.
@@ -640,31 +651,13 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
     let completed = shop.complete("old-completed").await?;
     // Compensated: pay gets no answer, its refund and the release do.
     shop.deliver(&placed("old-compensated")?).await?;
-    let reserve = last(&shop.instance("old-compensated").await?, "shop.reserve.v1")?;
-    shop.answer(
-        reserve,
-        &Reserved {
-            id: "old-compensated".into(),
-        },
-    )
-    .await?;
+    shop.answer_last("old-compensated", "shop.reserve.v1", |id| Reserved { id })
+        .await?;
     shop.pass_deadline().await?;
-    let refund = last(&shop.instance("old-compensated").await?, "shop.refund.v1")?;
-    shop.answer(
-        refund,
-        &Refunded {
-            id: "old-compensated".into(),
-        },
-    )
-    .await?;
-    let release = last(&shop.instance("old-compensated").await?, "shop.release.v1")?;
-    shop.answer(
-        release,
-        &Released {
-            id: "old-compensated".into(),
-        },
-    )
-    .await?;
+    shop.answer_last("old-compensated", "shop.refund.v1", |id| Refunded { id })
+        .await?;
+    shop.answer_last("old-compensated", "shop.release.v1", |id| Released { id })
+        .await?;
     let compensated = shop.instance("old-compensated").await?;
     assert_eq!(
         compensated.status,
@@ -673,22 +666,10 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
     );
     // Failed: ship gets no answer to either send.
     shop.deliver(&placed("old-failed")?).await?;
-    let reserve = last(&shop.instance("old-failed").await?, "shop.reserve.v1")?;
-    shop.answer(
-        reserve,
-        &Reserved {
-            id: "old-failed".into(),
-        },
-    )
-    .await?;
-    let pay = last(&shop.instance("old-failed").await?, "shop.pay.v1")?;
-    shop.answer(
-        pay,
-        &Paid {
-            id: "old-failed".into(),
-        },
-    )
-    .await?;
+    shop.answer_last("old-failed", "shop.reserve.v1", |id| Reserved { id })
+        .await?;
+    shop.answer_last("old-failed", "shop.pay.v1", |id| Paid { id })
+        .await?;
     shop.pass_deadline().await?;
     shop.pass_deadline().await?;
     let failed = shop.instance("old-failed").await?;
