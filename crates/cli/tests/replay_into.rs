@@ -511,6 +511,21 @@ async fn replaying_into_a_stopped_orchestrator_starts_its_saga_once_and_publishe
     };
     ensure!(reserve().await? == vec![order_id], "{:?}", reserve().await?);
 
+    // Now it exists: told to create it, the replay refuses (it would
+    // migrate a database workers run on) and applies nothing.
+    let again = setup
+        .skein(&["replay", "--into", "orchestrator", "--create-database"])
+        .await?;
+    ensure!(
+        !again.status.success()
+            && stderr(&again)
+                .contains("exists: --create-database is for a worker that has never run"),
+        "{}{}",
+        stdout(&again),
+        stderr(&again)
+    );
+    ensure!(reserve().await? == vec![order_id]);
+
     let second = setup.skein(&["replay", "--into", "orchestrator"]).await?;
     ensure!(second.status.success(), "{}", stderr(&second));
     ensure!(

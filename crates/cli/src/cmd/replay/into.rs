@@ -60,21 +60,25 @@ pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Re
         }
         model.parse::<ReadModel>()?;
     }
-    if !args.create_database {
-        // The worker's own database, unless told to create one: a dry run
-        // changes nothing, and a real run into a database made by mistake
-        // (a wrong --database-url, the default data/ path from another
-        // directory) would find an empty inbox and apply every event as
-        // new, its handlers sending commands again under new ids.
-        let service = worker.as_str();
-        let (shown, exists) =
-            crate::cmd::select::service_database(&args.database_url, service).await?;
-        if !exists {
-            bail!(
-                "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
-                if args.dry_run { "" } else { "; if the worker has never run, --create-database creates it and applies the history" }
-            );
-        }
+    // The worker's own database must exist, unless told to create one: a
+    // dry run changes nothing, and a real run into a database made by
+    // mistake (a wrong --database-url, the default data/ path from another
+    // directory) would find an empty inbox and apply every event as new,
+    // its handlers sending commands again under new ids. And told to create
+    // one, it must not exist: --create-database migrates, which a database
+    // the workers run on must not be.
+    let service = worker.as_str();
+    let (shown, exists) = crate::cmd::select::service_database(&args.database_url, service).await?;
+    if args.create_database && exists {
+        bail!(
+            "the {service} database at {shown} exists: --create-database is for a worker that has never run; leave it off to replay into this database"
+        );
+    }
+    if !args.create_database && !exists {
+        bail!(
+            "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
+            if args.dry_run { "" } else { "; if the worker has never run, --create-database creates it and applies the history" }
+        );
     }
     Ok(())
 }
