@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 use crate::backlog::Backlog;
 use crate::definition::{Saga, SagaError};
-use crate::engine::{Engine, Instance, Outcome, Phase, FINAL};
+use crate::engine::{Engine, Instance, Outcome, Phase};
 use crate::store::{self, NewTransition};
 
 /// How long an instance that ended is kept by default: 30 days, as long
@@ -177,8 +177,7 @@ impl Coordinator {
     ) -> Result<&Saga, HandlerError> {
         let known = |saga: &Saga, at: usize, phase: Option<Phase>| {
             at < saga.steps.len()
-                || (at == saga.steps.len()
-                    && saga.awaits_final(inst.finish)
+                || (saga.is_final_position(at, inst.finish)
                     && phase.is_none_or(|p| p == Phase::Final))
         };
         match self.sagas.iter().find(|s| s.name == inst.saga) {
@@ -449,8 +448,7 @@ impl Coordinator {
             return Ok(false);
         }
         let saga = self.saga(&inst.saga)?;
-        let at_final = inst.step == saga.steps.len() && saga.awaits_final(inst.finish);
-        if inst.step >= saga.steps.len() && !at_final {
+        if inst.step >= saga.steps.len() && !saga.is_final_position(inst.step, inst.finish) {
             return Err(HandlerError::permanent(format!(
                 "saga {:?} has no step {} here",
                 saga.name, inst.step
@@ -498,13 +496,14 @@ impl Coordinator {
     }
 
     /// Until `shutdown`: applies passed deadlines every `tick`, and, beside
-    /// that, every [`PRUNE_INTERVAL`] (or the retention, if shorter)
+    /// that, every [`PRUNE_INTERVAL`] (or the retention, if shorter, but at most once a second)
     /// deletes the instances past their retention, in transactions of a
     /// few hundred until none is left: a long backlog of them (the first
     /// start of a version that prunes) holds up no deadline.
     pub fn spawn_upkeep(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
         let this = self.clone();
-        let prune_every = self.retention.min(PRUNE_INTERVAL);
+        // Not more often than once a second, whatever the retention.
+        let prune_every = self.retention.clamp(Duration::from_secs(1), PRUNE_INTERVAL);
         tokio::spawn(async move {
             let deadlines = async {
                 loop {
@@ -570,13 +569,7 @@ impl Coordinator {
             key: inst.key.clone(),
             status: inst.status,
             step: (live || awaiting)
-                .then(|| {
-                    saga.and_then(|s| match s.steps.get(inst.step) {
-                        Some(step) => Some(step.name.clone()),
-                        None if inst.step == s.steps.len() => Some(FINAL.to_owned()),
-                        None => None,
-                    })
-                })
+                .then(|| saga.and_then(|s| s.position_name(inst.step)))
                 .flatten(),
             waiting_for: match saga {
                 Some(s) if live => s.waiting_for(

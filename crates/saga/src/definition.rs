@@ -425,6 +425,23 @@ impl Saga {
             .is_some_and(|f| !f.completes.is_empty())
     }
 
+    /// Whether `index` is the position after the last step where an
+    /// instance that compensated after `finish` waits for its final
+    /// command's answer.
+    pub(crate) fn is_final_position(&self, index: usize, finish: crate::engine::Finish) -> bool {
+        index == self.steps.len() && self.awaits_final(finish)
+    }
+
+    /// The name of the step at `index`, or `final` for the position after
+    /// the last; `None` past that.
+    pub(crate) fn position_name(&self, index: usize) -> Option<String> {
+        match self.steps.get(index) {
+            Some(step) => Some(step.name.clone()),
+            None if index == self.steps.len() => Some(crate::engine::FINAL.to_owned()),
+            None => None,
+        }
+    }
+
     /// Every event type this saga reacts to, as `EVENTS` filter subjects.
     pub fn filter_subjects(&self) -> BTreeSet<String> {
         let mut subjects = BTreeSet::new();

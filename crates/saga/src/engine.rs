@@ -214,16 +214,14 @@ fn micros(d: std::time::Duration) -> i64 {
 
 impl Engine<'_> {
     fn step_name(&self, index: usize) -> String {
-        match self.saga.steps.get(index) {
-            Some(step) => step.name.clone(),
-            None if index == self.saga.steps.len() => FINAL.to_owned(),
-            None => format!("#{index}"),
-        }
+        self.saga
+            .position_name(index)
+            .unwrap_or_else(|| format!("#{index}"))
     }
 
     /// Whether `inst` is at its final command, waiting for its answer.
     fn at_final(&self, inst: &Instance) -> bool {
-        inst.step == self.saga.steps.len() && self.saga.awaits_final(inst.finish)
+        self.saga.is_final_position(inst.step, inst.finish)
     }
 
     /// Starts `inst`: sends the first step.
@@ -555,11 +553,8 @@ impl Engine<'_> {
                         def.name, def.attempts
                     )
                 };
-                out.note = format!("{why}; needs attention (a late answer resumes it)");
-                // `attempt` stays non-zero: the answer is still awaited.
-                inst.status = SagaStatus::Failed;
-                inst.reason = Some(why);
-                inst.deadline_at = None;
+                // Going forward there is no earlier reason to keep.
+                inst.fail_unanswered(why, &mut out);
             }
             SagaStatus::Compensating if inst.attempt < def.compensation_attempts => {
                 out.note = format!(

@@ -147,6 +147,14 @@ pub async fn start_with(
     let coordinator = Coordinator::new(sagas, store.clone(), host.name.clone())?
         .deadlines_wait_for(bus.clone(), EVENTS, &host.name)
         .retain_ended_for(config.retention);
+    if config.retention < host.relay.inbox_retention {
+        tracing::warn!(
+            retention = ?config.retention,
+            inbox_retention = ?host.relay.inbox_retention,
+            "sagas that ended are kept for less time than the inbox keeps its records: \
+             a start event replayed after both forgot it starts its saga again"
+        );
+    }
     let mut host = Host::start(bus, store, host).await?;
     register_queries(&mut host, Arc::new(coordinator.clone())).await?;
     let watcher = coordinator.clone();
