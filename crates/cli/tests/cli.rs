@@ -582,6 +582,103 @@ async fn bad_flags_and_a_missing_server_get_errors_that_say_what_to_do() -> anyh
     Ok(())
 }
 
+/// `--outbox-retention` and `--inbox-retention` reach the relay: rows older
+/// than they say go as soon as the worker starts, younger ones stay. A
+/// retention that would make the inbox forget too soon, or one that is not
+/// a duration, is refused before anything is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    for (flags, says) in [
+        (&["--inbox-retention", "30m"][..], "30m is too short"),
+        (&["--outbox-retention", "a week"][..], "--outbox-retention"),
+        (&["--saga-retention", "forever"][..], "--saga-retention"),
+    ] {
+        let mut args = vec!["worker", "catalog", "--database-url", database_url.as_str()];
+        args.extend_from_slice(flags);
+        let refused = skein(&server, &args).await?;
+        ensure!(
+            !refused.status.success() && stderr(&refused).contains(says),
+            "{flags:?}: {}",
+            stderr(&refused)
+        );
+    }
+    ensure!(
+        std::fs::read_dir(dir.path())?.next().is_none(),
+        "a refused start left files behind"
+    );
+
+    let store =
+        skein_outbox::Store::connect(&database_url.replace("{service}", skein_catalog::NAME))
+            .await?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    let hour = 3_600_000_000_i64;
+    for (id, age) in [("old", 2 * hour), ("young", hour / 2)] {
+        sqlx::query(
+            "INSERT INTO skein_outbox (id, subject, headers, payload, created_at, published_at) \
+             VALUES ($1, 'events.catalog.test.kept', '[]', x'', $2, $2)",
+        )
+        .bind(id)
+        .bind(now - age)
+        .execute(store.pool())
+        .await?;
+        sqlx::query(
+            "INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ('catalog', $1, $2)",
+        )
+        .bind(id)
+        .bind(now - age)
+        .execute(store.pool())
+        .await?;
+    }
+    let kept = || async {
+        let outbox: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM skein_outbox WHERE id IN ('old', 'young') ORDER BY id",
+        )
+        .fetch_all(store.pool())
+        .await?;
+        let inbox: Vec<String> = sqlx::query_scalar(
+            "SELECT message_id FROM skein_inbox WHERE message_id IN ('old', 'young') ORDER BY message_id",
+        )
+        .fetch_all(store.pool())
+        .await?;
+        anyhow::Ok((outbox, inbox))
+    };
+
+    let mut child = spawn_worker(
+        &server,
+        &database_url,
+        &[
+            "catalog",
+            "--outbox-retention",
+            "1h",
+            "--inbox-retention",
+            "1h",
+        ],
+    )?;
+    let bus = bus(&server).await?;
+    eventually(Duration::from_secs(20), || async {
+        (service_replies(&bus, "PING", "catalog").await.ok()?.len() == 1).then_some(())
+    })
+    .await
+    .context("the worker never answered $SRV.PING.catalog")?;
+    let young = vec!["young".to_owned()];
+    eventually(Duration::from_secs(20), || async {
+        (kept().await.ok()? == (young.clone(), young.clone())).then_some(())
+    })
+    .await
+    .context("the rows older than an hour were not deleted (or younger ones were)")?;
+    let status = terminate(&mut child, Duration::from_secs(15)).await?;
+    ensure!(status.success(), "exited with {status}");
+    ensure!(kept().await? == (young.clone(), young), "a young row went");
+    Ok(())
+}
+
 /// Answers of every copy of `service` to a service API verb, gathered for a moment.
 async fn service_replies(
     bus: &Bus,

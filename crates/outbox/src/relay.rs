@@ -79,7 +79,8 @@ pub struct RelayConfig {
     /// How long inbox records are kept. Must exceed the longest time a
     /// message can be redelivered or replayed into a live consumer.
     pub inbox_retention: Duration,
-    /// How often old rows are cleaned up.
+    /// How often old rows are cleaned up (first when the relay becomes the
+    /// active one).
     pub cleanup_interval: Duration,
     /// Lease duration on SQLite; standbys retry at this period. The active
     /// relay checks its lock every third of it; on PostgreSQL the server
@@ -701,7 +702,9 @@ impl Relay {
         unmarked: &mut Unmarked,
         shutdown: &CancellationToken,
     ) -> Result<()> {
-        let mut last_cleanup = tokio::time::Instant::now();
+        // The first cleanup right after the first round: a relay restarted
+        // more often than the interval still cleans up.
+        let mut next_cleanup = tokio::time::Instant::now();
         let mut last_lock_check = tokio::time::Instant::now();
         let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
@@ -733,8 +736,8 @@ impl Relay {
                     tracing::warn!(error = %e, "relay round failed");
                 }
             }
-            if last_cleanup.elapsed() >= self.config.cleanup_interval {
-                last_cleanup = tokio::time::Instant::now();
+            if tokio::time::Instant::now() >= next_cleanup {
+                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
                 match self.cleanup().await {
                     Ok((o, i)) if o + i > 0 => {
                         tracing::debug!(outbox = o, inbox = i, "cleaned up old rows")

@@ -496,8 +496,9 @@ impl Coordinator {
     }
 
     /// Until `shutdown`: applies passed deadlines every `tick`, and, beside
-    /// that, every [`PRUNE_INTERVAL`] (or the retention, if shorter, but at most once a second)
-    /// deletes the instances past their retention, in transactions of a
+    /// that, at start and then every [`PRUNE_INTERVAL`] (or the retention,
+    /// if shorter, but at most once a second) deletes the instances past
+    /// their retention, in transactions of a
     /// few hundred until none is left: a long backlog of them (the first
     /// start of a version that prunes) holds up no deadline.
     pub fn spawn_upkeep(&self, tick: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
@@ -520,13 +521,15 @@ impl Coordinator {
                     }
                 }
             };
+            // The first pass at start: a copy restarted more often than the
+            // interval still prunes.
             let pruning = async {
                 loop {
+                    this.prune_all(&shutdown).await;
                     tokio::select! {
                         () = shutdown.cancelled() => break,
                         () = tokio::time::sleep(prune_every) => {}
                     }
-                    this.prune_all(&shutdown).await;
                 }
             };
             tokio::join!(deadlines, pruning);

@@ -12,14 +12,20 @@
 //! ```
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use skein_bus::{provision, Bus, BusConfig};
-use skein_outbox::Store;
+use skein_outbox::{RelayConfig, Store};
 use tokio::net::TcpListener;
 
 use crate::health::{self, HealthServer};
-use crate::Host;
+use crate::{Host, HostConfig};
+
+/// The least inbox retention a worker accepts: the inbox must remember a
+/// message longer than the message can come back (a redelivery after an
+/// outage, a replay), or the message runs again.
+pub const MIN_INBOX_RETENTION: Duration = Duration::from_secs(3600);
 
 /// A worker process's connections.
 pub struct Standalone {
@@ -34,6 +40,10 @@ pub struct Standalone {
     /// Where to serve the health endpoint: `SKEIN_HEALTH_HTTP` (e.g.
     /// `0.0.0.0:9090`), when set.
     pub health: Option<SocketAddr>,
+    /// The worker's name and relay settings, its retentions from
+    /// `SKEIN_OUTBOX_RETENTION` and `SKEIN_INBOX_RETENTION` (see
+    /// [`relay_config`]).
+    pub host: HostConfig,
 }
 
 impl std::fmt::Debug for Standalone {
@@ -46,13 +56,15 @@ impl std::fmt::Debug for Standalone {
                 &skein_outbox::store::redact(&self.database_url),
             )
             .field("health", &self.health)
+            .field("host", &self.host)
             .finish_non_exhaustive()
     }
 }
 
 /// Installs logging (`RUST_LOG`, default `info`), reads `NATS_URL`,
-/// `DATABASE_URL` and `SKEIN_HEALTH_HTTP`, connects, applies the streams and
-/// opens the store.
+/// `DATABASE_URL`, `SKEIN_HEALTH_HTTP`, `SKEIN_OUTBOX_RETENTION` and
+/// `SKEIN_INBOX_RETENTION`, connects, applies the streams and opens the
+/// store.
 pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -63,6 +75,11 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| format!("sqlite:data/{name}.db"));
     let health = health_address()?;
+    let mut host = HostConfig::new(name);
+    host.relay = relay_config(
+        env_setting("SKEIN_OUTBOX_RETENTION")?.as_deref(),
+        env_setting("SKEIN_INBOX_RETENTION")?.as_deref(),
+    )?;
     let bus = Bus::connect(&BusConfig::from_env(&nats_url, name)?).await?;
     provision::ensure_builtin_streams(bus.jetstream())
         .await
@@ -77,16 +94,78 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
         nats_url,
         database_url,
         health,
+        host,
     })
+}
+
+/// The environment variable `name`, when set and not empty; an error when
+/// it is not Unicode.
+pub fn env_setting(name: &str) -> anyhow::Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v.trim().to_owned())),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{name} is not valid Unicode")),
+    }
+}
+
+/// A duration as skein's settings write it: a whole number and a unit, `s`,
+/// `m`, `h` or `d` (`90s`, `15m`, `2h`, `30d`), up to about 100 years.
+pub fn parse_duration(value: &str) -> anyhow::Result<Duration> {
+    let (number, unit) = value.split_at(
+        value
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(value.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .with_context(|| format!("{value:?} is not a duration such as 15m, 2h or 7d"))?;
+    let unit_seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => bail!("{value:?}: a duration ends in s, m, h or d (e.g. 15m)"),
+    };
+    let seconds = n
+        .checked_mul(unit_seconds)
+        .filter(|s| *s <= 100 * 366 * 86_400)
+        .with_context(|| format!("{value:?} is too long a duration"))?;
+    Ok(Duration::from_secs(seconds))
+}
+
+/// Relay settings with the retentions given (durations as
+/// [`parse_duration`] reads them; `None` keeps the default): how long
+/// published outbox rows are kept (default 7 days; `0s` deletes them at the
+/// next cleanup, leaving `skein audit` nothing to compare) and how long
+/// inbox records are (default 30 days, at least [`MIN_INBOX_RETENTION`]).
+pub fn relay_config(outbox: Option<&str>, inbox: Option<&str>) -> anyhow::Result<RelayConfig> {
+    let mut relay = RelayConfig::default();
+    if let Some(value) = outbox {
+        relay.retention = parse_duration(value)
+            .context("the outbox retention (--outbox-retention, SKEIN_OUTBOX_RETENTION)")?;
+    }
+    if let Some(value) = inbox {
+        relay.inbox_retention = parse_duration(value)
+            .context("the inbox retention (--inbox-retention, SKEIN_INBOX_RETENTION)")?;
+        if relay.inbox_retention < MIN_INBOX_RETENTION {
+            bail!(
+                "an inbox retention of {value} is too short: the inbox must remember a message \
+                 longer than it can be redelivered or replayed, or it runs again; give at least 1h \
+                 (the default is 30d)"
+            );
+        }
+    }
+    Ok(relay)
 }
 
 /// `SKEIN_HEALTH_HTTP`, when set and not empty.
 fn health_address() -> anyhow::Result<Option<SocketAddr>> {
-    match std::env::var("SKEIN_HEALTH_HTTP") {
-        Ok(v) if !v.trim().is_empty() => v.trim().parse().map(Some).with_context(|| {
+    match env_setting("SKEIN_HEALTH_HTTP")? {
+        Some(v) => v.parse().map(Some).with_context(|| {
             format!("SKEIN_HEALTH_HTTP={v:?} is not an address and port such as 0.0.0.0:9090")
         }),
-        _ => Ok(None),
+        None => Ok(None),
     }
 }
 
@@ -162,5 +241,66 @@ pub async fn wait_for_stop() -> anyhow::Result<()> {
         tokio::signal::ctrl_c()
             .await
             .context("cannot listen for Ctrl-C")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error<T>(result: anyhow::Result<T>) -> String {
+        result.err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn durations_are_a_number_and_a_unit() -> anyhow::Result<()> {
+        assert_eq!(parse_duration("90s")?, Duration::from_secs(90));
+        assert_eq!(parse_duration("15m")?, Duration::from_secs(900));
+        assert_eq!(parse_duration("2h")?, Duration::from_secs(7200));
+        assert_eq!(parse_duration("30d")?, Duration::from_secs(30 * 86_400));
+        assert_eq!(parse_duration("0s")?, Duration::ZERO);
+        for bad in [
+            "",
+            "15",
+            "m",
+            "-1d",
+            "1.5h",
+            "15 m",
+            "2w",
+            "99999999999999d",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} was accepted");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn retentions_keep_their_defaults_unless_given_and_refuse_a_forgetful_inbox(
+    ) -> anyhow::Result<()> {
+        let default = RelayConfig::default();
+        let relay = relay_config(None, None)?;
+        assert_eq!(relay.retention, default.retention);
+        assert_eq!(relay.inbox_retention, default.inbox_retention);
+
+        let relay = relay_config(Some("0s"), Some("90d"))?;
+        assert_eq!(relay.retention, Duration::ZERO);
+        assert_eq!(relay.inbox_retention, Duration::from_secs(90 * 86_400));
+        assert_eq!(relay.cleanup_interval, default.cleanup_interval);
+
+        assert_eq!(
+            relay_config(None, Some("1h"))?.inbox_retention,
+            MIN_INBOX_RETENTION
+        );
+        let short = error(relay_config(None, Some("59m")));
+        assert!(
+            short.contains("59m is too short") && short.contains("at least 1h"),
+            "{short}"
+        );
+        let bad = error(relay_config(Some("7 days"), None));
+        assert!(
+            bad.contains("--outbox-retention") && bad.contains("\"7 days\""),
+            "{bad}"
+        );
+        Ok(())
     }
 }

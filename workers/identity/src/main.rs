@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use skein_identity::{AdminSeed, IdentityConfig};
-use skein_service::{standalone, HostConfig};
+use skein_service::standalone;
 
 fn secs(var: &str, default: Duration) -> anyhow::Result<Duration> {
     match std::env::var(var) {
@@ -64,13 +64,8 @@ async fn main() -> anyhow::Result<()> {
     let config = config()?;
     let env = standalone::connect(skein_identity::NAME).await?;
     let health = standalone::listen(env.health).await?;
-    let host = skein_identity::start(
-        env.bus,
-        env.store,
-        HostConfig::new(skein_identity::NAME),
-        config,
-    )
-    .await
-    .context("failed to start the identity worker")?;
+    let host = skein_identity::start(env.bus, env.store, env.host, config)
+        .await
+        .context("failed to start the identity worker")?;
     standalone::serve(host, health).await
 }

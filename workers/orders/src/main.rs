@@ -7,13 +7,13 @@
 //! `skein worker orders` runs the same worker from the `skein` command.
 
 use anyhow::Context;
-use skein_service::{standalone, HostConfig};
+use skein_service::standalone;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = standalone::connect(skein_orders::NAME).await?;
     let health = standalone::listen(env.health).await?;
-    let host = skein_orders::start(env.bus, env.store, HostConfig::new(skein_orders::NAME))
+    let host = skein_orders::start(env.bus, env.store, env.host)
         .await
         .context("failed to start the orders worker")?;
     standalone::serve(host, health).await

@@ -11,21 +11,16 @@
 
 use anyhow::Context;
 use skein_payments::{PaymentsConfig, ProviderConfig};
-use skein_service::{standalone, HostConfig};
+use skein_service::standalone;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = config_from_env()?;
     let env = standalone::connect(skein_payments::NAME).await?;
     let health = standalone::listen(env.health).await?;
-    let host = skein_payments::start(
-        env.bus,
-        env.store,
-        HostConfig::new(skein_payments::NAME),
-        config,
-    )
-    .await
-    .context("failed to start the payments worker")?;
+    let host = skein_payments::start(env.bus, env.store, env.host, config)
+        .await
+        .context("failed to start the payments worker")?;
     standalone::serve(host, health).await
 }
 

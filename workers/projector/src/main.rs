@@ -8,7 +8,7 @@
 
 use anyhow::Context;
 use skein_projector::ReadModel;
-use skein_service::{standalone, HostConfig};
+use skein_service::standalone;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let health = standalone::listen(env.health).await?;
-    let host = skein_projector::start(env.bus, env.store, HostConfig::new(skein_projector::NAME))
+    let host = skein_projector::start(env.bus, env.store, env.host)
         .await
         .context("failed to start the projector")?;
     standalone::serve(host, health).await

@@ -81,8 +81,8 @@ pub(crate) struct Args {
     #[arg(long, requires = "into", conflicts_with = "dry_run")]
     create_database: bool,
     /// With --into: how long the worker's inbox remembers the messages it
-    /// handled (its relay deletes older records; 30 days unless the worker
-    /// was built otherwise). A selected message stored longer ago (for a
+    /// handled: the worker's --inbox-retention (SKEIN_INBOX_RETENTION),
+    /// 30 days by default; its relay deletes older records. A selected message stored longer ago (for a
     /// copy `dlq redrive` stored, made longer ago) that the inbox does not
     /// have may have run already and is held back, not delivered; 0s
     /// delivers it anyway.

@@ -22,29 +22,11 @@ pub(crate) fn parse_time(value: &str) -> anyhow::Result<OffsetDateTime> {
     }
 }
 
-/// Parses a duration such as `90s`, `15m`, `2h` or `7d`.
+/// Parses a duration such as `90s`, `15m`, `2h` or `7d` (the syntax of
+/// every duration setting, [`skein_service::standalone::parse_duration`]).
 pub(crate) fn parse_duration(value: &str) -> anyhow::Result<time::Duration> {
-    let (number, unit) = value.split_at(
-        value
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(value.len()),
-    );
-    let n: i64 = number
-        .parse()
-        .with_context(|| format!("{value:?} is not a duration such as 15m, 2h or 7d"))?;
-    let unit_seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("{value:?}: a duration ends in s, m, h or d (e.g. 15m)"),
-    };
-    // Up to about 100 years: further back than any stream keeps.
-    let seconds = n
-        .checked_mul(unit_seconds)
-        .filter(|s| *s <= 100 * 366 * 86_400)
-        .with_context(|| format!("{value:?} is too long a duration"))?;
-    Ok(time::Duration::seconds(seconds))
+    let duration = skein_service::standalone::parse_duration(value)?;
+    time::Duration::try_from(duration).with_context(|| format!("{value:?} is too long a duration"))
 }
 
 /// Parses a sequence range: `A-B`, `A-`, `-B` or `A`.

@@ -83,6 +83,22 @@ pub(crate) struct Settings {
     /// Password of the first admin account.
     #[arg(long, env = "SKEIN_ADMIN_PASSWORD", hide_env_values = true)]
     pub(crate) admin_password: Option<String>,
+    /// How long published outbox rows are kept, such as 7d (the default):
+    /// what `skein audit` can compare. 0s deletes them at the next cleanup.
+    /// Unpublished rows are never deleted.
+    #[arg(long, env = "SKEIN_OUTBOX_RETENTION", value_name = "DURATION")]
+    outbox_retention: Option<String>,
+    /// How long each inbox remembers the messages it handled, such as 30d
+    /// (the default; at least 1h): a message redelivered or replayed later
+    /// than that runs again. Keep it longer than any outage of a worker.
+    #[arg(long, env = "SKEIN_INBOX_RETENTION", value_name = "DURATION")]
+    inbox_retention: Option<String>,
+    /// How long the orchestrator keeps a saga that ended (completed or
+    /// compensated) with its transitions, such as 30d (the default); failed
+    /// sagas are kept until dealt with. Keep it at least as long as the
+    /// inbox retention.
+    #[arg(long, env = "SKEIN_SAGA_RETENTION", value_name = "DURATION")]
+    saga_retention: Option<String>,
 }
 
 impl Settings {
@@ -103,7 +119,27 @@ impl Settings {
         if self.admin_email.is_some() != self.admin_password.is_some() {
             anyhow::bail!("set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither");
         }
+        self.relay()?;
+        self.orchestrator()?;
         Ok(())
+    }
+
+    /// The relay settings of every worker: the outbox and inbox retentions.
+    pub(crate) fn relay(&self) -> anyhow::Result<skein_outbox::RelayConfig> {
+        skein_service::standalone::relay_config(
+            self.outbox_retention.as_deref(),
+            self.inbox_retention.as_deref(),
+        )
+    }
+
+    /// The orchestrator's settings: the saga retention.
+    pub(crate) fn orchestrator(&self) -> anyhow::Result<skein_orchestrator::OrchestratorConfig> {
+        let mut config = skein_orchestrator::OrchestratorConfig::default();
+        if let Some(value) = &self.saga_retention {
+            config.retention = skein_service::standalone::parse_duration(value)
+                .context("the saga retention (--saga-retention, SKEIN_SAGA_RETENTION)")?;
+        }
+        Ok(config)
     }
 
     /// The database URL template: the flag, or SQLite files in `data_dir`.
@@ -268,7 +304,8 @@ async fn start_one(
         let store = Store::connect_with(store_config).await.with_context(|| {
             format!("cannot open the {service} database; check --database-url / DATABASE_URL")
         })?;
-        let config = HostConfig::new(service);
+        let mut config = HostConfig::new(service);
+        config.relay = args.relay()?;
         let host = match name {
             Name::Catalog => skein_catalog::start(bus.clone(), store, config)
                 .await
@@ -288,14 +325,11 @@ async fn start_one(
             Name::Orders => skein_orders::start(bus.clone(), store, config)
                 .await
                 .map_err(anyhow::Error::from),
-            Name::Orchestrator => skein_orchestrator::start(
-                bus.clone(),
-                store,
-                config,
-                skein_orchestrator::OrchestratorConfig::default(),
-            )
-            .await
-            .map_err(anyhow::Error::from),
+            Name::Orchestrator => {
+                skein_orchestrator::start(bus.clone(), store, config, args.orchestrator()?)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
             Name::Projector => skein_projector::start(bus.clone(), store, config)
                 .await
                 .map_err(anyhow::Error::from),
