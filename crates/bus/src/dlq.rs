@@ -31,6 +31,10 @@ pub mod headers {
     pub const TIME: &str = "Skein-Dlq-Time";
     /// On a purge record: when the dead letter was purged, RFC 3339.
     pub const PURGED: &str = "Skein-Dlq-Purged";
+    /// On a message `skein dlq redrive` published back to its origin: how
+    /// many times it was redriven (it keeps its `ce-id`, so an inbox still
+    /// knows it).
+    pub const REDRIVEN: &str = "Skein-Redriven";
 }
 
 /// The dead letters' subjects, `dlq.<stream>.<consumer>`: what is listed,
@@ -40,6 +44,8 @@ pub const DEAD_LETTERS: &str = "dlq.*.*";
 
 /// The token after `dlq.` of a purge record's subject.
 const PURGED_TOKEN: &str = "purged";
+/// What the server adds to a message read without its payload.
+const MESSAGE_SIZE: &str = "Nats-Msg-Size";
 
 /// Why, where and by whom a message was dead-lettered.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,14 +154,25 @@ pub async fn publish_dead_letter(
 /// [`DEAD_LETTERS`]. `skein audit` reads these, so a message an operator
 /// discarded is not taken for one the broker lost (and not published again
 /// by `--repair`). Its `Nats-Msg-Id` is `purged:<dlq sequence>`: a purge
-/// tried again records it once.
+/// tried again records it once. The headers may come from a headers-only
+/// read ([`crate::replay::read_headers`]): the `Nats-Msg-Size` header such
+/// a read adds is not copied.
 pub async fn publish_purge_record(
     publisher: &Publisher,
     dead_letter_subject: &str,
     dead_letter_headers: Option<&HeaderMap>,
     dlq_sequence: u64,
 ) -> Result<PublishAck> {
-    let mut h = dead_letter_headers.cloned().unwrap_or_default();
+    let mut h = HeaderMap::new();
+    for (name, values) in dead_letter_headers.into_iter().flat_map(HeaderMap::iter) {
+        let name_str: &str = name.as_ref();
+        if name_str.eq_ignore_ascii_case(MESSAGE_SIZE) {
+            continue;
+        }
+        for value in values {
+            h.append(name.clone(), value.clone());
+        }
+    }
     h.insert(
         async_nats::header::NATS_MESSAGE_ID,
         format!("{PURGED_TOKEN}:{dlq_sequence}").as_str(),

@@ -506,11 +506,12 @@ async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> 
             ] {
                 headers.insert(name, value);
             }
-            bus.jetstream()
+            let ack = bus
+                .jetstream()
                 .publish_with_headers(dlq_subject, headers, "{}".into())
                 .await?
                 .await?;
-            anyhow::Ok(())
+            anyhow::Ok(ack.sequence)
         }
     };
     forge(
@@ -539,12 +540,63 @@ async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> 
         .state
         .messages;
     ensure!(commands == 0, "{commands} message(s) reached COMMANDS");
-    let purge = skein(&server, &["dlq", "purge"]).await?;
+    // Purge: a range, then the rest, each leaving a record of its headers
+    // (not its payload, nor the size a headers-only read adds).
+    let mut forged = Vec::new();
+    for _ in 0..200 {
+        forged.push(forge("dlq.EVENTS.fragile", "fragile", "events.notes.x.noted").await?);
+    }
+    let range = format!("{}-{}", forged[50], forged[99]);
+    let purge = skein(&server, &["dlq", "purge", "--seq", &range]).await?;
     ensure!(
-        stderr(&purge).contains("3 dead letter(s) purged"),
+        stderr(&purge).contains("50 dead letter(s) purged"),
         "{}",
         stderr(&purge)
     );
+    let left = skein_bus::replay::read_headers(
+        &bus,
+        "DLQ",
+        skein_bus::dlq::DEAD_LETTERS,
+        skein_bus::replay::StartAt::Beginning,
+    )
+    .await?;
+    ensure!(
+        left.len() == 153
+            && left
+                .iter()
+                .all(|m| !(forged[50]..=forged[99]).contains(&m.sequence)),
+        "{} dead letters left after purging {range}",
+        left.len()
+    );
+    let purge = skein(&server, &["dlq", "purge"]).await?;
+    ensure!(
+        stderr(&purge).contains("153 dead letter(s) purged"),
+        "{}",
+        stderr(&purge)
+    );
+    let start = skein_bus::replay::StartAt::Beginning;
+    ensure!(
+        skein_bus::replay::read_headers(&bus, "DLQ", skein_bus::dlq::DEAD_LETTERS, start)
+            .await?
+            .is_empty(),
+        "dead letters left after the purge"
+    );
+    let records = skein_bus::replay::read(&bus, "DLQ", "dlq.purged.>", start).await?;
+    ensure!(records.len() == 203, "{} purge records", records.len());
+    for record in &records {
+        let headers = record
+            .headers
+            .as_ref()
+            .context("a record without headers")?;
+        ensure!(
+            headers.get(skein_bus::dlq::headers::REASON).is_some()
+                && headers.get(skein_bus::dlq::headers::PURGED).is_some()
+                && headers.get("Nats-Msg-Size").is_none()
+                && record.payload.is_empty(),
+            "purge record #{}: {headers:?}",
+            record.sequence
+        );
+    }
     worker.shutdown().await;
     Ok(())
 }

@@ -296,7 +296,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         .context("cannot read EVENTS")?
     {
         if let Some(id) = header(m.headers.as_ref(), headers::ID) {
-            let redriven = header(m.headers.as_ref(), super::dlq::REDRIVEN).is_some();
+            let redriven = header(m.headers.as_ref(), skein_bus::dlq::headers::REDRIVEN).is_some();
             let entry = in_events.entry(id.to_owned()).or_insert((0, 0));
             if !redriven || entry.0 == 0 {
                 entry.0 += 1;

@@ -13,15 +13,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use async_nats::HeaderMap;
+use futures::StreamExt;
+use skein_bus::dlq::headers::REDRIVEN;
 use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::provision::DLQ;
-use skein_bus::replay::{read, StartAt, StoredMessage};
+use skein_bus::replay::{read, read_headers, StartAt, StoredMessage};
 use skein_bus::Outgoing;
 
 use super::select::{cell, parse_range, short_time};
-
-/// Header counting how often a message was redriven.
-pub(crate) const REDRIVEN: &str = "Skein-Redriven";
 
 /// Inspect, redrive or purge dead letters.
 #[derive(Debug, clap::Args)]
@@ -79,18 +78,28 @@ struct Selected {
     info: Option<DeadLetterInfo>,
 }
 
+/// Purge records published and dead letters deleted at a time: a purge of
+/// tens of thousands waits for one round trip per batch, not per message.
+const PURGES_IN_FLIGHT: usize = 64;
+
+/// The dead letters in `seq` whose reason contains `reason`; with
+/// `payloads` false their payloads are left on the server (empty here).
 async fn select(
     bus: &skein_bus::Bus,
     seq: Option<&str>,
     reason: Option<&str>,
+    payloads: bool,
 ) -> anyhow::Result<Vec<Selected>> {
     let range = seq.map(parse_range).transpose()?;
     let start = range
         .as_ref()
         .map_or(StartAt::Beginning, |r| StartAt::Sequence(*r.start()));
-    let messages = read(bus, DLQ, skein_bus::dlq::DEAD_LETTERS, start)
-        .await
-        .context("cannot read the DLQ")?;
+    let messages = if payloads {
+        read(bus, DLQ, skein_bus::dlq::DEAD_LETTERS, start).await
+    } else {
+        read_headers(bus, DLQ, skein_bus::dlq::DEAD_LETTERS, start).await
+    }
+    .context("cannot read the DLQ")?;
     Ok(messages
         .into_iter()
         .filter(|m| range.as_ref().is_none_or(|r| r.contains(&m.sequence)))
@@ -109,7 +118,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let bus = super::connect(nats_url).await?;
     match args.action {
         Action::List { seq, reason } => {
-            let selected = select(&bus, seq.as_deref(), reason.as_deref()).await?;
+            let selected = select(&bus, seq.as_deref(), reason.as_deref(), false).await?;
             println!(
                 "{:>6}  {:<23}  {:<14}  {:>5}  {:<40}  REASON",
                 "SEQ", "TIME", "HANDLER", "TRIES", "ORIGIN"
@@ -178,7 +187,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             if !rate.is_finite() || rate < 0.001 {
                 bail!("--rate takes messages per second, at least 0.001");
             }
-            let selected = select(&bus, seq.as_deref(), reason.as_deref()).await?;
+            let selected = select(&bus, seq.as_deref(), reason.as_deref(), true).await?;
             let stream = bus
                 .jetstream()
                 .get_stream(DLQ)
@@ -246,27 +255,42 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 .await
                 .context("cannot open the DLQ")?;
             // Each dead letter leaves a record first (its headers), so
-            // that `skein audit` knows it was discarded, not lost.
-            let selected = select(&bus, seq.as_deref(), None).await?;
+            // that `skein audit` knows it was discarded, not lost; it is
+            // deleted once its record is stored. Many at a time.
+            let selected = select(&bus, seq.as_deref(), None, false).await?;
             let publisher = bus.publisher();
-            for s in &selected {
-                let sequence = s.message.sequence;
-                skein_bus::dlq::publish_purge_record(
-                    &publisher,
-                    &s.message.subject,
-                    s.message.headers.as_ref(),
-                    sequence,
-                )
-                .await
-                .with_context(|| {
-                    format!("cannot record the purge of #{sequence}; nothing deleted")
-                })?;
-                stream
-                    .delete_message(sequence)
+            let (publisher, stream) = (&publisher, &stream);
+            let mut purges = futures::stream::iter(&selected)
+                .map(|s| async move {
+                    let sequence = s.message.sequence;
+                    skein_bus::dlq::publish_purge_record(
+                        publisher,
+                        &s.message.subject,
+                        s.message.headers.as_ref(),
+                        sequence,
+                    )
                     .await
-                    .with_context(|| format!("cannot delete #{sequence}"))?;
+                    .with_context(|| {
+                        format!("cannot record the purge of #{sequence}; it was not deleted")
+                    })?;
+                    stream.delete_message(sequence).await.with_context(|| {
+                        format!("recorded the purge of #{sequence} but cannot delete it")
+                    })?;
+                    anyhow::Ok(())
+                })
+                .buffer_unordered(PURGES_IN_FLIGHT);
+            let mut purged = 0;
+            while let Some(done) = purges.next().await {
+                if let Err(e) = done {
+                    drop(purges);
+                    eprintln!(
+                        "{purged} dead letter(s) purged before the error; run the purge again"
+                    );
+                    return Err(e);
+                }
+                purged += 1;
             }
-            eprintln!("{} dead letter(s) purged", selected.len());
+            eprintln!("{purged} dead letter(s) purged");
             Ok(())
         }
     }

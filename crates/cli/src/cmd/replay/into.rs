@@ -189,7 +189,7 @@ pub(super) async fn run(
                 let redriven = message
                     .headers
                     .as_ref()
-                    .is_some_and(|h| h.get(crate::cmd::dlq::REDRIVEN).is_some());
+                    .is_some_and(|h| h.get(skein_bus::dlq::headers::REDRIVEN).is_some());
                 let first_seen = if redriven {
                     message.published.min(envelope.time)
                 } else {
