@@ -92,6 +92,11 @@ impl Statements {
         })
     }
 
+    /// The backend the statements are written for.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
     /// Whether no statement was added.
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()

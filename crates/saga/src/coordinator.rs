@@ -268,6 +268,7 @@ impl Coordinator {
                 sent: &sent,
                 note: &out.note,
                 at: now,
+                if_kept: from.is_some() && !check_version,
             },
         );
         let updated = match writes.run(tx).await {

@@ -2,7 +2,7 @@
 //! transitions. Times are microseconds since the epoch.
 
 use skein_contracts::orchestrator::{SagaStatus, SagaTransition, SentMessage};
-use skein_outbox::Statements;
+use skein_outbox::{Backend, Statements};
 use sqlx::{AnyConnection, Row};
 use uuid::Uuid;
 
@@ -323,6 +323,11 @@ pub(crate) struct NewTransition<'a> {
     pub(crate) sent: &'a [SentMessage],
     pub(crate) note: &'a str,
     pub(crate) at: i64,
+    /// Recorded only if the instance is still there: set when the same
+    /// writes neither insert the instance nor update it (a note about an
+    /// input that changed nothing), whose version check would otherwise
+    /// find a deleted one.
+    pub(crate) if_kept: bool,
 }
 
 /// Adds to `writes` a transition appended to its instance's history.
@@ -331,22 +336,38 @@ pub(crate) fn push_transition(writes: &mut Statements, t: &NewTransition<'_>) {
     // Writers that change the instance are serialised by its version check
     // before this; any other collision violates the primary key and the
     // transaction is retried.
-    writes.push(
-        "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
-         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM saga_transitions WHERE instance_id = $1), \
-         $2, $3, $4, $5, $6, $7, $8, $9)",
-        |b| {
-            b.bind(t.instance.to_string())
-                .bind(t.at)
-                .bind(t.from.map(SagaStatus::as_str))
-                .bind(t.to.as_str())
-                .bind(t.step.map(str::to_owned))
-                .bind(t.cause_id.map(|c| c.to_string()))
-                .bind(t.cause.to_owned())
-                .bind(serde_json::to_string(t.sent).unwrap_or_else(|_| "[]".into()))
-                .bind(t.note.to_owned());
-        },
-    );
+    const COLUMNS: &str =
+        "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note)";
+    const VALUES: &str =
+        "$1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM saga_transitions WHERE instance_id = $1), \
+         $2, $3, $4, $5, $6, $7, $8, $9";
+    let sql = if !t.if_kept {
+        format!("{COLUMNS} VALUES ({VALUES})")
+    } else {
+        // Pruning deletes an instance that ended and then its transitions.
+        // On PostgreSQL a note about such an instance, inserted between the
+        // two and committed after, would be left with no instance: the
+        // key-share lock waits for a delete in progress and then finds
+        // nothing to record against (and a delete that comes second waits
+        // for this transaction and then deletes the note too). SQLite has
+        // one writer at a time.
+        let lock = match writes.backend() {
+            Backend::Postgres => " FOR KEY SHARE",
+            Backend::Sqlite => "",
+        };
+        format!("{COLUMNS} SELECT {VALUES} FROM saga_instances WHERE id = $1{lock}")
+    };
+    writes.push(&sql, |b| {
+        b.bind(t.instance.to_string())
+            .bind(t.at)
+            .bind(t.from.map(SagaStatus::as_str))
+            .bind(t.to.as_str())
+            .bind(t.step.map(str::to_owned))
+            .bind(t.cause_id.map(|c| c.to_string()))
+            .bind(t.cause.to_owned())
+            .bind(serde_json::to_string(t.sent).unwrap_or_else(|_| "[]".into()))
+            .bind(t.note.to_owned());
+    });
 }
 
 /// Every transition of `instance`, oldest first.

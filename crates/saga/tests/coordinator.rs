@@ -767,3 +767,44 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
     shop.store.close().await;
     Ok(())
 }
+
+/// PostgreSQL, read committed: a late answer to an instance that ended,
+/// handled while pruning deletes that instance (the instance, its sent
+/// records and its transitions deleted, not yet committed), records
+/// nothing once the delete commits: no transition is left behind without
+/// its instance. (SQLite has one writer: the answer waits for the prune
+/// and then finds no record of its command.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_late_answer_racing_pruning_leaves_no_transition_behind() -> anyhow::Result<()> {
+    let mut shop = Shop::start(Backend::Postgres).await?;
+    let ended = shop.complete("ended").await?;
+    let notify = last(&ended, "shop.notify.v1")?;
+    let store = shop.store.clone();
+    // What pruning does in one transaction, held open.
+    let mut prune = store.pool().begin().await?;
+    for sql in [
+        "DELETE FROM saga_instances WHERE id = $1",
+        "DELETE FROM saga_sent WHERE instance_id = $1",
+        "DELETE FROM saga_transitions WHERE instance_id = $1",
+    ] {
+        sqlx::query(sql)
+            .bind(ended.id.to_string())
+            .execute(&mut *prune)
+            .await?;
+    }
+    let late = tokio::spawn(async move {
+        let answer = Notified { id: "ended".into() };
+        shop.answer(notify, &answer).await.map(|_| shop)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    prune.commit().await?;
+    let shop = late.await??;
+    assert_eq!(
+        shop.rows_of("saga_transitions", ended.id).await?,
+        0,
+        "a transition of the deleted instance was left behind"
+    );
+    anyhow::ensure!(shop.coordinator.get(ended.id).await?.is_none());
+    shop.store.close().await;
+    Ok(())
+}
