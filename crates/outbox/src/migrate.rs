@@ -89,12 +89,9 @@ async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Re
     // to apply (every start but the first of a version) takes no write
     // lock, so it does not wait for another process's transaction. Each
     // version missing here is checked again under the lock.
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM skein_migrations WHERE component = $1")
-            .bind(component)
-            .fetch_all(store.pool())
-            .await
-            .map_err(Error::query("cannot read skein_migrations"))?;
+    let applied = applied(store, component)
+        .await
+        .map_err(Error::query("cannot read skein_migrations"))?;
     for m in migrations.iter().filter(|m| !applied.contains(&m.version)) {
         let failed = |source| Error::Migrate {
             component: component.to_owned(),
@@ -148,17 +145,20 @@ async fn try_run(store: &Store, component: &str, migrations: &[Migration]) -> Re
     Ok(())
 }
 
+/// The versions of `component` applied to `store`.
+async fn applied(store: &Store, component: &str) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar("SELECT version FROM skein_migrations WHERE component = $1")
+        .bind(component)
+        .fetch_all(store.pool())
+        .await
+}
+
 /// Checks, changing nothing, that every one of `migrations` of `component`
 /// is applied and no later one is (a newer build's).
 pub(crate) async fn check(store: &Store, component: &str, migrations: &[Migration]) -> Result<()> {
-    let applied: Vec<i64> =
-        sqlx::query_scalar("SELECT version FROM skein_migrations WHERE component = $1")
-            .bind(component)
-            .fetch_all(store.pool())
-            .await
-            .map_err(Error::query(
-                "cannot read skein_migrations (is this a skein database?)",
-            ))?;
+    let applied = applied(store, component).await.map_err(Error::query(
+        "cannot read skein_migrations (is this a skein database?)",
+    ))?;
     let known = migrations.iter().map(|m| m.version).max().unwrap_or(0);
     let missing: Vec<String> = migrations
         .iter()

@@ -82,3 +82,38 @@ pub async fn request_with<Q: Query>(
         reason: e.to_string(),
     })
 }
+
+/// The newest `limit` saga instances about `key` (an order id, say), with
+/// their transitions, oldest first, asked of the orchestrator as the
+/// operator: a list, then each instance. One deleted between the two
+/// (past its retention) is left out.
+pub async fn sagas_about(
+    bus: &Bus,
+    key: &str,
+    limit: u32,
+    timeout: Duration,
+) -> Result<Vec<skein_contracts::orchestrator::SagaInstance>, RequestError> {
+    use skein_contracts::orchestrator::{GetSaga, ListSagas};
+    use skein_contracts::Caller;
+    let list = ListSagas {
+        caller: Caller::operator(),
+        status: None,
+        key: Some(key.to_owned()),
+        limit,
+        cursor: None,
+    };
+    let page = request_with(bus, &list, None, timeout).await?;
+    let mut instances = Vec::with_capacity(page.items.len());
+    for item in page.items.into_iter().rev() {
+        let get = GetSaga {
+            caller: Caller::operator(),
+            saga_id: item.id,
+        };
+        match request_with(bus, &get, None, timeout).await {
+            Ok(instance) => instances.push(instance),
+            Err(RequestError::Service(e)) if e.status == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(instances)
+}

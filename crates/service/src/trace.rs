@@ -22,13 +22,11 @@ use serde::Serialize;
 use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::replay::{read, StartAt};
 use skein_bus::Bus;
-use skein_contracts::orchestrator::{GetSaga, ListSagas};
-use skein_contracts::Caller;
 use skein_message::Envelope;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::client::{request_with, RequestError};
+use crate::client::RequestError;
 
 /// Why a trace could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -255,29 +253,10 @@ pub async fn trace(
 
 /// Every command the sagas about `entities` sent, as hops.
 async fn saga_commands(bus: &Bus, entities: &HashSet<String>) -> Result<Vec<Hop>, RequestError> {
-    let operator = Caller::operator();
     let timeout = Duration::from_secs(3);
     let mut hops = Vec::new();
     for entity in entities {
-        let list = ListSagas {
-            caller: operator.clone(),
-            status: None,
-            key: Some(entity.clone()),
-            limit: 10,
-            cursor: None,
-        };
-        let page = request_with(bus, &list, None, timeout).await?;
-        for item in page.items {
-            let get = GetSaga {
-                caller: operator.clone(),
-                saga_id: item.id,
-            };
-            let saga = match request_with(bus, &get, None, timeout).await {
-                Ok(saga) => saga,
-                // Deleted (past its retention) since the list.
-                Err(RequestError::Service(e)) if e.status == 404 => continue,
-                Err(e) => return Err(e),
-            };
+        for saga in crate::client::sagas_about(bus, entity, 10, timeout).await? {
             for t in &saga.transitions {
                 let at =
                     OffsetDateTime::parse(&t.at, &time::format_description::well_known::Rfc3339)

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaInstance, SagaStatus, StuckSagas};
 use skein_contracts::Caller;
+use skein_service::client::sagas_about;
 use skein_service::{request_with, RequestError};
 use uuid::Uuid;
 
@@ -122,36 +123,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             .await;
             let instances = match found {
                 Ok(instance) => vec![instance],
+                // Not an instance id: the sagas of that order.
                 Err(RequestError::Service(e)) if e.status == 404 => {
-                    // Not an instance id: the sagas of that order.
-                    let page = request_with(
-                        &bus,
-                        &ListSagas {
-                            caller: Caller::operator(),
-                            status: None,
-                            key: Some(id.to_string()),
-                            limit: 10,
-                            cursor: None,
-                        },
-                        None,
-                        TIMEOUT,
-                    )
-                    .await
-                    .map_err(explain)?;
-                    let mut full = Vec::new();
-                    for item in page.items.into_iter().rev() {
-                        let get = GetSaga {
-                            caller: Caller::operator(),
-                            saga_id: item.id,
-                        };
-                        match request_with(&bus, &get, None, TIMEOUT).await {
-                            Ok(instance) => full.push(instance),
-                            // Deleted (past its retention) since the list.
-                            Err(RequestError::Service(e)) if e.status == 404 => {}
-                            Err(e) => return Err(explain(e)),
-                        }
-                    }
-                    full
+                    sagas_about(&bus, &id.to_string(), 10, TIMEOUT)
+                        .await
+                        .map_err(explain)?
                 }
                 Err(e) => return Err(explain(e)),
             };
