@@ -65,7 +65,7 @@ use tracing::Instrument;
 use crate::connect::Bus;
 use crate::dlq::{publish_dead_letter, DeadLetterInfo};
 use crate::error::{ErrorKind, HandlerError, Result};
-use crate::provision::{apply_consumer, ConsumerSpec};
+use crate::provision::{apply_consumer, ConsumerSpec, Filters};
 use crate::publish::{send_if_connected, Publisher};
 use crate::stats::WorkerStats;
 
@@ -222,7 +222,7 @@ impl Worker {
         stats: Arc<WorkerStats>,
     ) -> Result<RunningWorker> {
         let spec = ConsumerSpec::from(&config);
-        let (consumer, change) = apply_consumer(bus.jetstream(), &spec).await?;
+        let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let shutdown = CancellationToken::new();
         let runtime = Arc::new(Runtime {
@@ -474,7 +474,7 @@ async fn run<H: Handler>(
                                 break 'pull;
                             }
                             backoff = (backoff * 2).min(Duration::from_secs(5));
-                            match apply_consumer(bus.jetstream(), &spec).await {
+                            match apply_consumer(bus.jetstream(), &spec, Filters::Widen).await {
                                 Ok((c, _)) => consumer = c,
                                 Err(e) => {
                                     tracing::warn!(worker = %runtime.config.name, error = %e, "cannot bind consumer")

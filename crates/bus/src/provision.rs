@@ -264,19 +264,33 @@ pub fn consumer_template() -> Result<pull::Config> {
     parse(WORKER_CONSUMER.0, WORKER_CONSUMER.1)
 }
 
-/// Creates the durable consumer of `spec`, or updates it where it differs.
+/// How [`apply_consumer`] treats the subjects an existing consumer takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filters {
+    /// Exactly the spec's: `skein streams apply`, which sets the
+    /// definitions of its version (run once no older copy is left to need
+    /// a subject it drops).
+    Exact,
+    /// At least the spec's, keeping any other subject the consumer takes:
+    /// a worker copy binding at start. During a rolling upgrade copies of
+    /// two versions share the consumer, and an older copy starting again
+    /// must not take away what the newer ones wait for (they would never
+    /// get it: a consumer skips what its filter leaves out).
+    Widen,
+}
+
+/// Creates the durable consumer of `spec`, or updates it where it differs
+/// (its subjects as `filters` says).
 pub async fn apply_consumer(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
+    filters: Filters,
 ) -> Result<(jetstream::consumer::Consumer<pull::Config>, Change)> {
     let mut config = consumer_template()?;
     config.durable_name = Some(spec.durable.clone());
     config.name = Some(spec.durable.clone());
     config.description = Some(format!("skein worker {}", spec.durable));
-    match spec.filter_subjects.as_slice() {
-        [one] => config.filter_subject = one.clone(),
-        many => config.filter_subjects = many.to_vec(),
-    }
+    set_filters(&mut config, spec.filter_subjects.clone());
     if let Some(ack_wait) = spec.ack_wait {
         config.ack_wait = ack_wait;
     }
@@ -310,6 +324,17 @@ pub async fn apply_consumer(
                 })?
                 .config
                 .clone();
+            let taken = filter_set(&current.filter_subject, &current.filter_subjects);
+            // No filter: the consumer takes every subject already.
+            if filters == Filters::Widen && !taken.is_empty() {
+                let mut wider = filter_set(&config.filter_subject, &config.filter_subjects);
+                wider.extend(taken);
+                wider.sort();
+                wider.dedup();
+                set_filters(&mut config, wider);
+            } else if filters == Filters::Widen {
+                set_filters(&mut config, Vec::new());
+            }
             let mut differences = differing_fields(&config, &current);
             // The server keeps one of filter_subject/filter_subjects.
             differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
@@ -341,17 +366,30 @@ pub async fn apply_consumer(
     }
 }
 
+/// Sets `config` to take `subjects` (none: every subject of the stream).
+fn set_filters(config: &mut pull::Config, subjects: Vec<String>) {
+    config.filter_subject = String::new();
+    config.filter_subjects = Vec::new();
+    match <[String; 1]>::try_from(subjects) {
+        Ok([one]) => config.filter_subject = one,
+        Err(many) => config.filter_subjects = many,
+    }
+}
+
+/// A consumer's subjects, sorted, from either of the fields the server
+/// keeps them in.
+fn filter_set(one: &str, many: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = many.to_vec();
+    if !one.is_empty() {
+        v.push(one.to_owned());
+    }
+    v.sort();
+    v
+}
+
 fn same_filters(wanted: &pull::Config, current: &jetstream::consumer::Config) -> bool {
-    let set = |one: &str, many: &[String]| {
-        let mut v: Vec<String> = many.to_vec();
-        if !one.is_empty() {
-            v.push(one.to_owned());
-        }
-        v.sort();
-        v
-    };
-    set(&wanted.filter_subject, &wanted.filter_subjects)
-        == set(&current.filter_subject, &current.filter_subjects)
+    filter_set(&wanted.filter_subject, &wanted.filter_subjects)
+        == filter_set(&current.filter_subject, &current.filter_subjects)
 }
 
 /// The top-level fields `wanted` sets (non-null) whose value differs on the

@@ -235,6 +235,107 @@ async fn provisioning_is_idempotent_and_restores_a_stream_changed_on_the_server(
     Ok(())
 }
 
+/// The test's second event, `events.test.<entity>.answered`: what a newer
+/// version of a worker also takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Answered {
+    entity: String,
+}
+
+impl Contract for Answered {
+    const SERVICE: &'static str = "test";
+    const NAME: &'static str = "answered";
+    const VERSION: u32 = 1;
+}
+
+impl Event for Answered {
+    fn entity_id(&self) -> String {
+        self.entity.clone()
+    }
+}
+
+/// The subjects consumer `name` takes, sorted.
+async fn filters(bus: &Bus, name: &str) -> anyhow::Result<Vec<String>> {
+    let config = consumer_info(bus, name).await?.config;
+    let mut subjects = config.filter_subjects;
+    if !config.filter_subject.is_empty() {
+        subjects.push(config.filter_subject);
+    }
+    subjects.sort();
+    Ok(subjects)
+}
+
+/// A rolling upgrade: a copy of a newer version binds the shared consumer
+/// to more subjects; a copy of the older version starting again keeps them
+/// (it widens, never narrows), so the newer copy still gets what only it
+/// waits for. `skein streams apply` sets the subjects exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_starting_again_keeps_the_subjects_a_newer_copy_takes() -> anyhow::Result<()>
+{
+    use skein_bus::provision::{apply_consumer, ConsumerSpec, Filters};
+    let (_server, bus) = start().await?;
+    let happened_only = vec!["events.test.*.happened".to_owned()];
+    let both = vec![
+        "events.test.*.answered".to_owned(),
+        "events.test.*.happened".to_owned(),
+    ];
+    let config = |subjects: &[String]| {
+        let mut config = fast_worker("upgraded");
+        config.filter_subjects = subjects.to_vec();
+        config
+    };
+    let ignore = || handler(|_| async { Ok(()) });
+    let old = Worker::start(&bus, config(&happened_only), ignore()).await?;
+    assert_eq!(filters(&bus, "upgraded").await?, happened_only);
+
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let seen = answered.clone();
+    let new = Worker::start(
+        &bus,
+        config(&both),
+        handler(move |d: Delivery| {
+            let seen = seen.clone();
+            async move {
+                if d.envelope.is::<Answered>() {
+                    lock_in_handler(&seen)?.push(d.envelope.id);
+                }
+                Ok(())
+            }
+        }),
+    )
+    .await?;
+    assert_eq!(filters(&bus, "upgraded").await?, both);
+
+    // The older copy restarts: the newer one's subject stays.
+    old.shutdown().await;
+    let old = Worker::start(&bus, config(&happened_only), ignore()).await?;
+    assert_eq!(
+        filters(&bus, "upgraded").await?,
+        both,
+        "an older copy narrowed the consumer"
+    );
+    old.shutdown().await;
+    let answer = Envelope::event(
+        "tester",
+        &Answered { entity: "a".into() },
+        &MessageContext::root(),
+    )?;
+    bus.publisher().publish(&answer).await?;
+    eventually(Duration::from_secs(10), || async {
+        lock(&answered).ok()?.contains(&answer.id).then_some(())
+    })
+    .await
+    .context("the newer copy never got the event only it takes")?;
+    new.shutdown().await;
+
+    // Once no older copy is left, the operator's apply sets them exactly.
+    let spec = ConsumerSpec::from(&config(&happened_only));
+    let (_, change) = apply_consumer(bus.jetstream(), &spec, Filters::Exact).await?;
+    assert_eq!(change, Change::Updated(vec!["filter_subjects".into()]));
+    assert_eq!(filters(&bus, "upgraded").await?, happened_only);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_published_envelope_reads_back_equal_and_a_repeat_is_stored_once() -> anyhow::Result<()> {
     init_tracing();

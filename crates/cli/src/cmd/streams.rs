@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::ValueEnum;
 use skein_bus::provision::{
-    apply_consumer, apply_stream, builtin_streams, streams_from_dir, ConsumerSpec, ProvisionOptions,
+    apply_consumer, apply_stream, builtin_streams, streams_from_dir, ConsumerSpec, Filters,
+    ProvisionOptions,
 };
 use skein_service::ConsumerPlan;
 
@@ -72,7 +73,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
             for spec in consumer_specs(&workers).await? {
-                let (_, change) = apply_consumer(bus.jetstream(), &spec).await?;
+                let (_, change) = apply_consumer(bus.jetstream(), &spec, Filters::Exact).await?;
                 let name = format!("{}/{}", spec.stream, spec.durable);
                 println!("{name:<22} {change}");
             }
