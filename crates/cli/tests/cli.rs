@@ -1247,6 +1247,29 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         "{}",
         stdout(&stuck)
     );
+    // Only a failed saga is retried: a completed one is refused, as is an
+    // order id (retry takes an instance id).
+    let saga_id = lines
+        .iter()
+        .find(|l| l["key"] == order_id)
+        .and_then(|l| l["id"].as_str())
+        .context("no saga id in the list")?;
+    let retry = skein_at(&nats, &["saga", "retry", saga_id]).await?;
+    ensure!(
+        !retry.status.success()
+            && stderr(&retry).contains(&format!(
+                "409 saga instance {saga_id} is completed: only a failed one is retried"
+            )),
+        "{}",
+        stderr(&retry)
+    );
+    let by_order = skein_at(&nats, &["saga", "retry", order_id]).await?;
+    ensure!(
+        !by_order.status.success()
+            && stderr(&by_order).contains(&format!("404 no saga instance {order_id}")),
+        "{}",
+        stderr(&by_order)
+    );
     let bad = skein_at(&nats, &["saga", "list", "--status", "lost"]).await?;
     ensure!(
         !bad.status.success() && stderr(&bad).contains("unknown status \"lost\""),

@@ -210,6 +210,24 @@ pub struct StuckSagas {
 }
 contract!(query StuckSagas, "orchestrator", "stuck_sagas", v 1, reply = StuckList);
 
+/// Retries a saga instance that failed waiting for an answer (admin only;
+/// `skein saga retry`): the command it waits on (a forward step, a
+/// compensation or the final command) is sent again with its attempts
+/// counted afresh, as if its deadlines had not run out. For an instance
+/// whose command was dead-lettered or lost, once the cause is fixed. The
+/// reply is the instance after the retry, with its transitions; 409 when
+/// it is not failed or an answer failed it, 404 when there is no such
+/// instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySaga {
+    /// Who asks; must be an admin.
+    pub caller: Caller,
+    /// The instance id.
+    pub saga_id: Uuid,
+}
+contract!(query RetrySaga, "orchestrator", "retry_saga", v 1, reply = SagaInstance);
+
 /// One instance that needs attention.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StuckSaga {

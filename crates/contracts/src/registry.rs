@@ -146,6 +146,7 @@ pub fn all() -> Vec<Entry> {
     entries.extend(query::<orchestrator::GetSaga>());
     entries.extend(query::<orchestrator::ListSagas>());
     entries.extend(query::<orchestrator::StuckSagas>());
+    entries.extend(query::<orchestrator::RetrySaga>());
     entries.sort_by(|a, b| a.file.cmp(&b.file));
     entries
 }

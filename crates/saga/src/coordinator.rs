@@ -17,7 +17,8 @@
 //!   retention period ([`DEFAULT_RETENTION`], [`Coordinator::retain_ended_for`])
 //!   with their transitions and the records of what they sent, for `skein
 //!   saga show` and traces; then [`Coordinator::prune`] deletes them.
-//!   `failed` instances wait for an operator and are kept.
+//!   `failed` instances wait for an operator and are kept; one that
+//!   failed for want of an answer can be retried ([`Coordinator::retry`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -79,6 +80,26 @@ fn stored(e: sqlx::Error) -> HandlerError {
 
 fn definition(e: SagaError) -> HandlerError {
     HandlerError::permanent(e)
+}
+
+/// Why [`Coordinator::retry`] did not retry an instance.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryError {
+    /// There is no such instance (or it was deleted past its retention).
+    #[error("no saga instance {0}")]
+    NotFound(Uuid),
+    /// The instance is not one a retry applies to; the message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The instance could not be read or stored; trying again may work.
+    #[error("cannot retry saga instance {id}: {reason}")]
+    Failed {
+        /// The instance.
+        id: Uuid,
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 /// The cause of a transition.
@@ -604,6 +625,74 @@ impl Coordinator {
         let mut view = self.view(&inst);
         view.transitions = store::transitions(&mut conn, id).await?;
         Ok(Some(view))
+    }
+
+    /// Retries instance `id`, which failed waiting for an answer (`skein
+    /// saga stuck` lists it): the command it waits on (a forward step, a
+    /// compensation or the final command) is sent again, with its attempts
+    /// counted afresh, as its deadlines would have sent it; `by` names who
+    /// asked, in the transition's note. For an instance whose command was
+    /// dead-lettered or lost, once its cause is fixed. Returns the instance
+    /// as it is then.
+    pub async fn retry(&self, id: Uuid, by: &str) -> Result<SagaInstance, RetryError> {
+        let failed = |reason: String| RetryError::Failed { id, reason };
+        let now = now_micros();
+        let mut tx = self
+            .store
+            .begin()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let Some(mut inst) = store::load(&mut tx, id)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+        else {
+            return Err(RetryError::NotFound(id));
+        };
+        if inst.status != SagaStatus::Failed {
+            return Err(RetryError::Refused(format!(
+                "saga instance {id} is {}: only a failed one is retried",
+                inst.status.as_str()
+            )));
+        }
+        let saga = self
+            .advancing(&inst, inst.step, None)
+            .map_err(|e| RetryError::Refused(e.reason().to_owned()))?;
+        let from = inst.status;
+        let Some(out) = self
+            .engine(saga, now)
+            .retry(&mut inst, by)
+            .map_err(|e| failed(e.to_string()))?
+        else {
+            return Err(RetryError::Refused(format!(
+                "saga instance {id} failed on an answer, not for want of one: sending its command \
+                 again would not change that ({}); see its transitions",
+                inst.reason.as_deref().unwrap_or("no reason recorded")
+            )));
+        };
+        let change = Change {
+            from: Some(from),
+            out,
+            cause: Cause {
+                id: None,
+                kind: "retry",
+            },
+            now,
+        };
+        let stored = self
+            .try_persist(&mut tx, &mut inst, change)
+            .await
+            .map_err(|e| failed(e.reason().to_owned()))?;
+        if !stored {
+            return Err(RetryError::Refused(format!(
+                "saga instance {id} changed meanwhile (its answer came?); look at it again"
+            )));
+        }
+        tx.commit().await.map_err(|e| failed(e.to_string()))?;
+        tracing::info!(saga = %inst.saga, instance = %id, by, "saga instance retried");
+        self.get(id)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .ok_or(RetryError::NotFound(id))
     }
 
     /// The instance of `saga` about `key`, with its transitions.

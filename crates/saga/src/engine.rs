@@ -622,6 +622,54 @@ impl Engine<'_> {
         Ok(out)
     }
 
+    /// An operator retries `inst`, which failed waiting for an answer (its
+    /// deadlines ran out): the command it waits on is sent again and its
+    /// attempts are counted afresh, as if they had not run out; `by` names
+    /// who asked. `None` when it waits for no answer: it is not failed, or
+    /// an answer failed it (sending again what was answered would not
+    /// change that).
+    pub(crate) fn retry(
+        &self,
+        inst: &mut Instance,
+        by: &str,
+    ) -> Result<Option<Outcome>, SagaError> {
+        let Some(phase) = self.awaited_late(inst) else {
+            return Ok(None);
+        };
+        let context = MessageContext::with_correlation(inst.correlation_id.clone());
+        let mut out = Outcome {
+            changed: true,
+            ..Outcome::default()
+        };
+        let index = inst.step;
+        inst.attempt = 0;
+        match phase {
+            Phase::Forward => {
+                // Going forward again: no failure holds (its transition
+                // keeps it).
+                inst.reason = None;
+                inst.status = SagaStatus::Running;
+                self.send_forward(inst, index, &context, &mut out)?;
+            }
+            Phase::Compensation => {
+                inst.resume_reason(&unanswered_compensation(&self.saga.steps[index]));
+                self.send_compensation(inst, index, &context, &mut out)?;
+            }
+            Phase::Final => {
+                if let Some(last) = self.saga.final_of(inst.finish) {
+                    inst.resume_reason(&unanswered_final(last));
+                }
+                self.send_final(inst, &context, &mut out)?;
+            }
+        }
+        let sent = out
+            .sends
+            .first()
+            .map_or("nothing", |s| s.envelope.kind.as_str());
+        out.note = format!("retried by {by}: {sent} sent again, its attempts counted afresh");
+        Ok(Some(out))
+    }
+
     /// A cancel event asks the instance to stop.
     pub(crate) fn cancel(
         &self,
@@ -1121,6 +1169,127 @@ mod tests {
         let twice = run.answer(second, &Rejected { id: "o1".into() });
         assert!(!twice.changed, "{twice:?}");
         assert!(!run.deadline().changed);
+    }
+
+    impl Run {
+        fn retry(&mut self) -> Option<Did> {
+            let engine = Engine {
+                saga: &self.saga,
+                source: "orchestrator",
+                now: self.now,
+            };
+            let before = self.inst.clone();
+            let out = engine
+                .retry(&mut self.inst, "admin")
+                .expect("the engine applies the retry");
+            let Some(out) = out else {
+                assert_eq!(self.inst, before, "refused, yet changed");
+                return None;
+            };
+            let did = Did {
+                changed: out.changed,
+                sent: out.sends.iter().map(|s| s.envelope.kind.clone()).collect(),
+                note: out.note,
+            };
+            self.sent.extend(out.sends);
+            Some(did)
+        }
+    }
+
+    #[test]
+    fn a_retry_sends_what_a_failed_instance_waits_for_with_its_attempts_counted_afresh() {
+        // A compensation that got no answer: sent again, twice more on its
+        // deadlines, then failed again; retried once more and answered, the
+        // saga goes on compensating with its first reason.
+        let mut run = Run::start();
+        run.fail_compensating_pay();
+        let retried = run.retry().expect("retried");
+        assert_eq!(retried.sent, ["shop.refund.v1"]);
+        assert_eq!(
+            retried.note,
+            "retried by admin: shop.refund.v1 sent again, its attempts counted afresh"
+        );
+        assert_eq!(
+            (run.inst.status, run.inst.step, run.inst.attempt),
+            (SagaStatus::Compensating, 1, 1)
+        );
+        assert_eq!(run.inst.deadline_at, Some(run.now + 10_000_000));
+        assert_eq!(
+            run.inst.reason.as_deref(),
+            Some("pay got no answer before its deadline")
+        );
+        assert_eq!(run.deadline().sent, ["shop.refund.v1"]);
+        assert!(run.deadline().sent.is_empty());
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert_eq!(run.sent("shop.refund.v1").len(), 4);
+        run.retry().expect("retried again");
+        let refund = run.last("shop.refund.v1");
+        let resumed = run.answer(refund, &Refunded { id: "o1".into() });
+        assert_eq!(resumed.sent, ["shop.release.v1"]);
+        assert_eq!(run.inst.status, SagaStatus::Compensating);
+
+        // A step after the pivot that got no answer: forward again, with
+        // no failure left to report; its answer lets the saga go on.
+        let mut run = Run::start();
+        run.fail_shipping();
+        let retried = run.retry().expect("retried");
+        assert_eq!(retried.sent, ["shop.ship.v1"]);
+        assert_eq!(
+            (run.inst.status, run.inst.step, run.inst.attempt),
+            (SagaStatus::Running, 2, 1)
+        );
+        assert_eq!(run.inst.reason, None);
+        let ship = run.last("shop.ship.v1");
+        assert_eq!(
+            run.answer(ship, &Shipped { id: "o1".into() }).sent,
+            ["shop.notify.v1"]
+        );
+
+        // A final command that got no answer: sent again with the reason it
+        // carries; its answer ends the saga compensated.
+        let mut run = Run::start_of(shop_awaiting_its_end());
+        run.reply_to_reserve();
+        let pay = run.last("shop.pay.v1");
+        run.answer(pay, &Declined { id: "o1".into() });
+        let release = run.last("shop.release.v1");
+        run.answer(release, &Released { id: "o1".into() });
+        run.deadline();
+        run.deadline();
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        let retried = run.retry().expect("retried");
+        assert_eq!(retried.sent, ["shop.reject.v1"]);
+        assert_eq!(run.rejected_for(), "rejected: pay: declined");
+        assert_eq!(
+            (run.inst.status, run.inst.step, run.inst.attempt),
+            (SagaStatus::Compensating, 4, 1)
+        );
+        let reject = run.last("shop.reject.v1");
+        run.answer(reject, &Rejected { id: "o1".into() });
+        assert_eq!(run.inst.status, SagaStatus::Compensated);
+        assert_eq!(run.inst.reason.as_deref(), Some("pay: declined"));
+    }
+
+    #[test]
+    fn only_an_instance_that_failed_for_want_of_an_answer_is_retried() {
+        let mut run = Run::start();
+        assert!(run.retry().is_none(), "a running instance");
+        // A step after the pivot that an answer failed: sending it again
+        // would not change the answer.
+        run.reply_to_reserve();
+        run.reply_to_pay();
+        let ship = run.last("shop.ship.v1");
+        run.answer(ship, &Lost { id: "o1".into() });
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert!(run.retry().is_none(), "failed on an answer");
+        let mut run = Run::start();
+        run.reply_to_reserve();
+        run.reply_to_pay();
+        let ship = run.last("shop.ship.v1");
+        run.answer(ship, &Shipped { id: "o1".into() });
+        let notify = run.last("shop.notify.v1");
+        run.answer(notify, &Notified { id: "o1".into() });
+        assert_eq!(run.inst.status, SagaStatus::Completed);
+        assert!(run.retry().is_none(), "a completed instance");
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! ends `compensated`, or `failed` when it can neither go on nor back,
 //! never silently stuck. An
 //! instance failed for want of an answer still takes that answer: coming
-//! late, it resumes the instance as if it had come in time.
+//! late, it resumes the instance as if it had come in time, and an operator
+//! can send its command again ([`Coordinator::retry`]).
 //! Copies of the coordinator share the work with optimistic versioning.
 //! Instances that ended are deleted after a retention period
 //! ([`Coordinator::prune`]).
@@ -41,7 +42,7 @@ mod store;
 #[path = "../tests/support/shop_messages.rs"]
 mod test_messages;
 
-pub use coordinator::Coordinator;
+pub use coordinator::{Coordinator, RetryError};
 pub use definition::{DefinitionError, Saga, SagaBuilder, SagaError, StepBuilder};
 
 use skein_outbox::Migration;

@@ -31,7 +31,9 @@
 //!
 //! `get_saga` (one instance with its transitions), `list_sagas` (by status
 //! or key, newest first, with a cursor), `stuck_sagas` (live instances
-//! past their deadline, and failed ones, with what they wait for).
+//! past their deadline, and failed ones, with what they wait for), and
+//! `retry_saga`, which sends a failed instance's unanswered command again
+//! (`skein saga retry`).
 
 pub mod sagas;
 
@@ -40,10 +42,12 @@ use std::time::Duration;
 
 use skein_bus::provision::EVENTS;
 use skein_bus::Bus;
-use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaPage, StuckList, StuckSagas};
+use skein_contracts::orchestrator::{
+    GetSaga, ListSagas, RetrySaga, SagaPage, StuckList, StuckSagas,
+};
 use skein_contracts::{Caller, Role, ServiceError, Validate};
 use skein_outbox::Store;
-use skein_saga::Coordinator;
+use skein_saga::{Coordinator, RetryError};
 use skein_service::{Consumers, Host, HostConfig};
 use uuid::Uuid;
 
@@ -247,6 +251,23 @@ async fn register_queries(
             Ok(SagaPage {
                 items,
                 next_cursor: next.map(|n| n.to_string()),
+            })
+        }
+    })
+    .await?;
+    let c = coordinator.clone();
+    host.query(move |q: RetrySaga, _| {
+        let c = c.clone();
+        async move {
+            admin_only(&q.caller)?;
+            let by = format!("admin {}", q.caller.user_id);
+            c.retry(q.saga_id, &by).await.map_err(|e| match e {
+                RetryError::NotFound(_) => ServiceError::not_found(e.to_string()),
+                RetryError::Refused(_) => ServiceError::conflict(e.to_string()),
+                e => {
+                    tracing::error!(error = %e, "saga retry failed");
+                    ServiceError::internal()
+                }
             })
         }
     })

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use skein_contracts::catalog::{AddProduct, GetProduct, StockLine};
 use skein_contracts::identity::UserRegistered;
-use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaInstance, SagaStatus, StuckSagas};
+use skein_contracts::orchestrator::{
+    GetSaga, ListSagas, RetrySaga, SagaInstance, SagaStatus, StuckSagas,
+};
 use skein_contracts::orders::{CancelOrder, GetOrder, Order, OrderStatus, PlaceOrder};
 use skein_contracts::payments::{GetAccount, Ledger, PaymentAuthorized, PaymentRefunded};
 use skein_contracts::Role;
@@ -352,6 +354,7 @@ backend_tests!(
     many_concurrent_orders_with_random_failures_keep_every_invariant,
     a_saga_that_ended_is_deleted_once_past_its_retention,
     a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answer,
+    a_failed_saga_retried_by_an_admin_sends_its_command_again,
 );
 
 async fn an_order_with_stock_and_money_is_confirmed_and_holds_both(
@@ -1096,9 +1099,13 @@ async fn a_saga_that_ended_is_deleted_once_past_its_retention(
 /// listed as stuck, waiting for the answer; when orders comes back and
 /// rejects the order, the late answer ends the saga compensated, with
 /// the first reason, and the order is rejected once.
-async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answer(
+/// A declined payment while orders is stopped: the saga compensates and
+/// sends `reject_order` twice, gets no answer and fails waiting for it.
+/// The shop (orders stopped), the buyer, the product, the order and the
+/// failed instance.
+async fn failed_at_its_final_command(
     backend: Backend,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Shop, Uuid, Uuid, Uuid, SagaInstance)> {
     let config = OrchestratorConfig {
         forward_deadline: Duration::from_secs(1),
         forward_attempts: 2,
@@ -1140,6 +1147,16 @@ async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answe
              then orders.reject_order got no answer after 2 attempts"
         )
     );
+    Ok((shop, buyer, thing, order, failed))
+}
+
+/// The saga fails waiting for orders' answer to its final command; orders
+/// comes back, handles the commands queued for it, and its answer ends the
+/// saga compensated with the first reason.
+async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answer(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (mut shop, buyer, thing, order, failed) = failed_at_its_final_command(backend).await?;
     let stuck = request(
         &shop.p.bus,
         &StuckSagas {
@@ -1178,6 +1195,88 @@ async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answe
         .map_err(boxed)?;
     assert_eq!(rejected.len(), 1, "rejected once");
     assert_eq!(shop.balance(buyer).await?, BALANCE);
+    shop.shutdown().await;
+    Ok(())
+}
+
+/// `retry_saga`: admins only; an unknown instance is 404; the failed
+/// instance sends `reject_order` again with its attempts counted afresh
+/// (a transition caused by the retry says who asked); a second retry while
+/// it waits again is refused (409). Orders back, its answer ends the saga
+/// compensated with the first reason, and the order is rejected once.
+async fn a_failed_saga_retried_by_an_admin_sends_its_command_again(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (mut shop, buyer, _thing, order, failed) = failed_at_its_final_command(backend).await?;
+    let retry = |caller, saga_id| RetrySaga { caller, saga_id };
+    let status = |e: skein_service::RequestError| match e {
+        skein_service::RequestError::Service(e) => Some((e.status, e.message)),
+        _ => None,
+    };
+    let refused = request(&shop.p.bus, &retry(customer(buyer), failed.id))
+        .await
+        .err()
+        .and_then(status);
+    assert_eq!(refused.map(|r| r.0), Some(403));
+    let unknown = Uuid::now_v7();
+    let missing = request(&shop.p.bus, &retry(admin(), unknown))
+        .await
+        .err()
+        .and_then(status);
+    assert_eq!(missing, Some((404, format!("no saga instance {unknown}"))));
+
+    let operator = admin();
+    let retried = request(&shop.p.bus, &retry(operator.clone(), failed.id)).await?;
+    assert_eq!(
+        (retried.status, retried.step.as_deref()),
+        (SagaStatus::Compensating, Some("final")),
+        "{retried:#?}"
+    );
+    assert_eq!(sent(&retried, "orders.reject_order"), 3, "{retried:#?}");
+    let last = retried.transitions.last().context("no transition")?;
+    assert_eq!(last.cause, "retry");
+    assert_eq!(
+        last.note,
+        format!(
+            "retried by admin {}: orders.reject_order.v1 sent again, its attempts counted afresh",
+            operator.user_id
+        )
+    );
+    assert_eq!(
+        retried.reason.as_deref(),
+        Some("authorize_payment: payment declined: provider_declined")
+    );
+    let again = request(&shop.p.bus, &retry(admin(), failed.id))
+        .await
+        .err()
+        .and_then(status);
+    assert_eq!(
+        again,
+        Some((
+            409,
+            format!(
+                "saga instance {} is compensating: only a failed one is retried",
+                failed.id
+            )
+        ))
+    );
+
+    shop.orders = Some(Shop::start_orders(&shop.p).await?);
+    shop.wait_order(order, OrderStatus::Rejected).await?;
+    let done = shop
+        .wait_saga("place_order", order, SagaStatus::Compensated)
+        .await?;
+    assert_eq!(
+        done.reason.as_deref(),
+        Some("authorize_payment: payment declined: provider_declined"),
+        "{done:#?}"
+    );
+    let rejected = shop
+        .p
+        .events::<skein_contracts::orders::OrderRejected>(&order.to_string())
+        .await
+        .map_err(boxed)?;
+    assert_eq!(rejected.len(), 1, "rejected once");
     shop.shutdown().await;
     Ok(())
 }

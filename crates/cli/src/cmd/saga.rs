@@ -1,5 +1,6 @@
-//! `skein saga list | show | stuck`: saga instances, their transitions, and
-//! those waiting past their deadline, from the orchestrator's queries.
+//! `skein saga list | show | stuck | retry`: saga instances, their
+//! transitions, those waiting past their deadline, from the orchestrator's
+//! queries; and a retry of a failed one.
 //!
 //! The orchestrator answers only admins; the command asks as the operator
 //! (an admin caller), which is as much as access to NATS allows anyway.
@@ -7,7 +8,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use skein_contracts::orchestrator::{GetSaga, ListSagas, SagaInstance, SagaStatus, StuckSagas};
+use skein_contracts::orchestrator::{
+    GetSaga, ListSagas, RetrySaga, SagaInstance, SagaStatus, StuckSagas,
+};
 use skein_contracts::Caller;
 use skein_service::client::sagas_about;
 use skein_service::{request_with, RequestError};
@@ -58,6 +61,13 @@ enum SagaCommand {
         /// How far past its deadline an instance must be, in seconds.
         #[arg(long, default_value_t = 5)]
         overdue: u64,
+    },
+    /// Send a failed instance's unanswered command again, its attempts
+    /// counted afresh (once the cause is fixed, e.g. its dead letter
+    /// redriven or the worker back), and show the instance.
+    Retry {
+        /// Saga instance id (`skein saga stuck` lists the failed ones).
+        id: Uuid,
     },
 }
 
@@ -140,6 +150,20 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             for instance in &instances {
                 print_show(instance, args.format)?;
             }
+        }
+        SagaCommand::Retry { id } => {
+            let retried = request_with(
+                &bus,
+                &RetrySaga {
+                    caller: Caller::operator(),
+                    saga_id: id,
+                },
+                None,
+                TIMEOUT,
+            )
+            .await
+            .map_err(explain)?;
+            print_show(&retried, args.format)?;
         }
         SagaCommand::Stuck { overdue } => {
             let stuck = request_with(
