@@ -216,8 +216,9 @@ contract!(query StuckSagas, "orchestrator", "stuck_sagas", v 1, reply = StuckLis
 /// counted afresh, as if its deadlines had not run out. For an instance
 /// whose command was dead-lettered or lost, once the cause is fixed. The
 /// reply is the instance after the retry, with its transitions; 409 when
-/// it is not failed or an answer failed it, 404 when there is no such
-/// instance.
+/// it is not failed, an answer failed it for good, or this orchestrator
+/// copy lacks its definition (another version's), 404 when there is no
+/// such instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySaga {

@@ -92,7 +92,8 @@ pub enum RetryError {
     /// The instance is not one a retry applies to; the message says why.
     #[error("{0}")]
     Refused(String),
-    /// The instance could not be read or stored; trying again may work.
+    /// The instance could not be read, retried or stored (a database
+    /// error, a command that cannot be encoded).
     #[error("cannot retry saga instance {id}: {reason}")]
     Failed {
         /// The instance.
@@ -654,13 +655,32 @@ impl Coordinator {
                 inst.status.as_str()
             )));
         }
+        // What it waits on is what it sent last: the definition here must
+        // agree (another version's may have more or fewer steps).
+        let sent = store::last_sent(&mut tx, id)
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let another_version = || {
+            RetryError::Refused(format!(
+                "saga instance {id} ({:?} at step {}) is another version's: this orchestrator copy \
+                 lacks its definition; ask again (a copy of its version may answer) once the \
+                 upgrade is done",
+                inst.saga, inst.step
+            ))
+        };
+        let Some((step, phase)) = sent.filter(|(step, _)| *step == inst.step) else {
+            return Err(RetryError::Refused(format!(
+                "saga instance {id} sent no command at its step {}: there is nothing to send again",
+                inst.step
+            )));
+        };
         let saga = self
-            .advancing(&inst, inst.step, None)
-            .map_err(|e| RetryError::Refused(e.reason().to_owned()))?;
+            .advancing(&inst, step, Some(phase))
+            .map_err(|_| another_version())?;
         let from = inst.status;
         let Some(out) = self
             .engine(saga, now)
-            .retry(&mut inst, by)
+            .retry(&mut inst, phase, by)
             .map_err(|e| failed(e.to_string()))?
         else {
             return Err(RetryError::Refused(format!(

@@ -26,7 +26,10 @@
 //!   next step (or `completed`), or the next compensation (or the final
 //!   command). A late failing answer to the step keeps it `failed`, now for
 //!   that reason. An instance failed by an answer (a step after the pivot
-//!   failed) waits for nothing and stays `failed`.
+//!   failed) waits for nothing and stays `failed`. An operator may retry an
+//!   instance failed for want of an answer: the command it waits on is sent
+//!   again with its attempts counted afresh (a pivot without a
+//!   compensation counts it as sent more than once).
 //! - A cancel before the pivot completes compensates like a deadline; after
 //!   it (or at a pivot without a compensation), the instance goes on.
 //! - Anything else (a late reply to an earlier step or attempt, a reply to
@@ -622,18 +625,19 @@ impl Engine<'_> {
         Ok(out)
     }
 
-    /// An operator retries `inst`, which failed waiting for an answer (its
-    /// deadlines ran out): the command it waits on is sent again and its
-    /// attempts are counted afresh, as if they had not run out; `by` names
-    /// who asked. `None` when it waits for no answer: it is not failed, or
-    /// an answer failed it (sending again what was answered would not
-    /// change that).
+    /// An operator retries `inst`, which failed waiting for an answer to
+    /// its last command, sent in phase `sent` (its deadlines ran out): the
+    /// command is sent again and its attempts are counted afresh, as if
+    /// they had not run out; `by` names who asked. `None` when it waits for
+    /// no answer (it is not failed, or an answer failed it for good), or
+    /// not for one in `sent` (another version's definition).
     pub(crate) fn retry(
         &self,
         inst: &mut Instance,
+        sent: Phase,
         by: &str,
     ) -> Result<Option<Outcome>, SagaError> {
-        let Some(phase) = self.awaited_late(inst) else {
+        let Some(phase) = self.awaited_late(inst).filter(|p| *p == sent) else {
             return Ok(None);
         };
         let context = MessageContext::with_correlation(inst.correlation_id.clone());
@@ -649,6 +653,14 @@ impl Engine<'_> {
                 // keeps it).
                 inst.reason = None;
                 inst.status = SagaStatus::Running;
+                if self.saga.compensable(index) {
+                    // A pivot without a compensation (a step that fails
+                    // forward before the pivot has one): it was sent
+                    // before, and an earlier send may have taken effect, so
+                    // this one counts as sent again; a failing answer then
+                    // leaves it failed instead of compensating.
+                    inst.attempt = 1;
+                }
                 self.send_forward(inst, index, &context, &mut out)?;
             }
             Phase::Compensation => {
@@ -1179,8 +1191,9 @@ mod tests {
                 now: self.now,
             };
             let before = self.inst.clone();
+            let sent = self.sent.last().expect("sent").phase;
             let out = engine
-                .retry(&mut self.inst, "admin")
+                .retry(&mut self.inst, sent, "admin")
                 .expect("the engine applies the retry");
             let Some(out) = out else {
                 assert_eq!(self.inst, before, "refused, yet changed");
@@ -1267,6 +1280,32 @@ mod tests {
         run.answer(reject, &Rejected { id: "o1".into() });
         assert_eq!(run.inst.status, SagaStatus::Compensated);
         assert_eq!(run.inst.reason.as_deref(), Some("pay: declined"));
+    }
+
+    #[test]
+    fn a_retried_pivot_without_compensation_counts_as_sent_again() {
+        // Pay went out twice unanswered; a retry sends it a third time. A
+        // decline, to that send or late to an earlier one, must not release
+        // what an earlier pay may have paid for: the instance fails again,
+        // waiting, and an earlier pay's success resumes it.
+        let mut run = Run::start_of(shop_with_a_bare_pivot());
+        run.reply_to_reserve();
+        run.deadline();
+        run.deadline();
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        let retried = run.retry().expect("retried");
+        assert_eq!(retried.sent, ["shop.pay.v1"]);
+        assert_eq!(
+            (run.inst.status, run.inst.attempt),
+            (SagaStatus::Running, 2)
+        );
+        let pays = run.sent("shop.pay.v1");
+        let declined = run.answer(pays[2], &Declined { id: "o1".into() });
+        assert!(declined.sent.is_empty(), "{declined:?}");
+        assert_eq!(run.inst.status, SagaStatus::Failed);
+        assert!(run.sent("shop.release.v1").is_empty());
+        let resumed = run.answer(pays[0], &Paid { id: "o1".into() });
+        assert_eq!(resumed.sent, ["shop.ship.v1"], "{resumed:?}");
     }
 
     #[test]

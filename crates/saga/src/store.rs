@@ -311,6 +311,27 @@ pub(crate) async fn sent_by(
     Ok(Some((instance, step, phase)))
 }
 
+/// The step and phase of the last command instance `instance` sent.
+pub(crate) async fn last_sent(
+    conn: &mut AnyConnection,
+    instance: Uuid,
+) -> sqlx::Result<Option<(usize, Phase)>> {
+    let Some(row) = sqlx::query(
+        "SELECT step, phase FROM saga_sent WHERE instance_id = $1 \
+         ORDER BY sent_at DESC, message_id DESC LIMIT 1",
+    )
+    .bind(instance.to_string())
+    .fetch_optional(conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let phase: String = row.try_get("phase")?;
+    let phase =
+        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?;
+    Ok(Some((to_index(row.try_get("step")?)?, phase)))
+}
+
 /// One transition to record.
 #[derive(Debug)]
 pub(crate) struct NewTransition<'a> {

@@ -797,6 +797,10 @@ async fn postgres_a_late_answer_racing_pruning_leaves_no_transition_behind() -> 
         shop.answer(notify, &answer).await.map(|_| shop)
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
+    anyhow::ensure!(
+        !late.is_finished(),
+        "the answer did not wait for the prune in progress"
+    );
     prune.commit().await?;
     let shop = late.await??;
     assert_eq!(

@@ -260,7 +260,12 @@ async fn register_queries(
         let c = c.clone();
         async move {
             admin_only(&q.caller)?;
-            let by = format!("admin {}", q.caller.user_id);
+            // `skein saga retry` asks as the operator (no user id).
+            let by = if q.caller.user_id.is_nil() {
+                "the operator".to_owned()
+            } else {
+                format!("admin {}", q.caller.user_id)
+            };
             c.retry(q.saga_id, &by).await.map_err(|e| match e {
                 RetryError::NotFound(_) => ServiceError::not_found(e.to_string()),
                 RetryError::Refused(_) => ServiceError::conflict(e.to_string()),

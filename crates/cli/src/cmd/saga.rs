@@ -63,8 +63,9 @@ enum SagaCommand {
         overdue: u64,
     },
     /// Send a failed instance's unanswered command again, its attempts
-    /// counted afresh (once the cause is fixed, e.g. its dead letter
-    /// redriven or the worker back), and show the instance.
+    /// counted afresh, and show the instance: once the cause is fixed, for
+    /// a command that will not be answered by itself (its dead letter
+    /// purged, or lost; a redriven dead letter brings its answer anyway).
     Retry {
         /// Saga instance id (`skein saga stuck` lists the failed ones).
         id: Uuid,
