@@ -224,6 +224,21 @@ impl Worker {
         let spec = ConsumerSpec::from(&config);
         let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
+        let taken = &consumer.cached_info().config;
+        let mut besides: Vec<&String> = taken.filter_subjects.iter().collect();
+        if !taken.filter_subject.is_empty() {
+            besides.push(&taken.filter_subject);
+        }
+        besides.retain(|s| !config.filter_subjects.contains(s));
+        if !besides.is_empty() {
+            tracing::info!(
+                worker = %config.name,
+                stream = %config.stream,
+                subjects = ?besides,
+                "the consumer group also takes subjects this copy does not (another version's?); \
+                 `skein streams apply --exact` sets them to one version's once all copies run it"
+            );
+        }
         let shutdown = CancellationToken::new();
         let runtime = Arc::new(Runtime {
             config,

@@ -267,20 +267,28 @@ pub fn consumer_template() -> Result<pull::Config> {
 /// How [`apply_consumer`] treats the subjects an existing consumer takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Filters {
-    /// Exactly the spec's: `skein streams apply`, which sets the
-    /// definitions of its version (run once no older copy is left to need
-    /// a subject it drops).
+    /// Exactly the spec's: `skein streams apply --exact`, once no older
+    /// copy is left to need a subject the new version dropped.
     Exact,
-    /// At least the spec's, keeping any other subject the consumer takes:
-    /// a worker copy binding at start. During a rolling upgrade copies of
-    /// two versions share the consumer, and an older copy starting again
-    /// must not take away what the newer ones wait for (they would never
-    /// get it: a consumer skips what its filter leaves out).
+    /// At least the spec's, keeping any other subject the consumer takes
+    /// (a subject another covers is folded into it: the server refuses
+    /// filters that overlap that way): a worker copy binding at start, and
+    /// `skein streams apply`. During a rolling upgrade copies of two
+    /// versions share the consumer, and an older copy starting again must
+    /// not take away what the newer ones wait for (they would never get it:
+    /// a consumer skips what its filter leaves out). A consumer on a
+    /// work-queue stream always takes exactly its spec's subjects: two of
+    /// its consumers may not overlap.
     Widen,
 }
 
+/// Binds tried before giving up on a consumer others change meanwhile.
+const BIND_TRIES: usize = 5;
+
 /// Creates the durable consumer of `spec`, or updates it where it differs
-/// (its subjects as `filters` says).
+/// (its subjects as `filters` says). Copies binding at once are safe: a
+/// consumer created meanwhile is widened, and an update that another
+/// copy's overwrote is made again.
 pub async fn apply_consumer(
     js: &jetstream::Context,
     spec: &ConsumerSpec,
@@ -298,6 +306,10 @@ pub async fn apply_consumer(
         config.max_ack_pending = max;
     }
     let what = format!("consumer {} on stream {}", spec.durable, spec.stream);
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| Error::Provision {
+        what: what.clone(),
+        source,
+    };
     let stream = js.get_stream(&spec.stream).await.map_err(|e| {
         let what = if matches!(
             e.kind(),
@@ -313,57 +325,133 @@ pub async fn apply_consumer(
             source: e.into(),
         }
     })?;
-    match stream.get_consumer::<pull::Config>(&spec.durable).await {
-        Ok(mut existing) => {
-            let current = existing
-                .info()
-                .await
-                .map_err(|e| Error::Provision {
-                    what: what.clone(),
-                    source: e.into(),
-                })?
-                .config
-                .clone();
-            let taken = filter_set(&current.filter_subject, &current.filter_subjects);
-            // No filter: the consumer takes every subject already.
-            if filters == Filters::Widen && !taken.is_empty() {
-                let mut wider = filter_set(&config.filter_subject, &config.filter_subjects);
-                wider.extend(taken);
-                wider.sort();
-                wider.dedup();
-                set_filters(&mut config, wider);
-            } else if filters == Filters::Widen {
-                set_filters(&mut config, Vec::new());
-            }
-            let mut differences = differing_fields(&config, &current);
-            // The server keeps one of filter_subject/filter_subjects.
-            differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
-            if !same_filters(&config, &current) {
-                differences.push("filter_subjects".into());
-            }
-            if differences.is_empty() {
-                return Ok((existing, Change::Unchanged));
-            }
-            let updated = stream.update_consumer(config).await.map_err(|e| {
-                let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
-                Error::Provision {
-                    what: unanswered(what, timed_out),
-                    source: e.into(),
+    let work_queue =
+        stream.cached_info().config.retention == jetstream::stream::RetentionPolicy::WorkQueue;
+    let filters = if work_queue { Filters::Exact } else { filters };
+    let wanted = filter_set(&config.filter_subject, &config.filter_subjects);
+    let mut changed: Option<Vec<String>> = None;
+    for _ in 0..BIND_TRIES {
+        let current = match stream.consumer_info(&spec.durable).await {
+            Ok(info) => info.config,
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+                use jetstream::stream::ConsumerCreateStrictErrorKind as Kind;
+                match stream.create_consumer_strict(config.clone()).await {
+                    Ok(created) => return Ok((created, Change::Created)),
+                    // Another copy created it meanwhile: widen that one.
+                    Err(e) if e.kind() == Kind::AlreadyExists => continue,
+                    Err(e) => {
+                        let timed_out = e.kind() == Kind::TimedOut;
+                        return Err(Error::Provision {
+                            what: unanswered(what.clone(), timed_out),
+                            source: e.into(),
+                        });
+                    }
                 }
-            })?;
-            Ok((updated, Change::Updated(differences)))
+            }
+            Err(e) => return Err(failed(e.into())),
+        };
+        let taken = filter_set(&current.filter_subject, &current.filter_subjects);
+        if filters == Filters::Widen {
+            if changed.is_some() && covered(&wanted, &taken) {
+                // Updated, and still taking what this copy needs after
+                // whatever others wrote meanwhile.
+                break;
+            }
+            set_filters(&mut config, widened(&wanted, &taken));
         }
-        Err(_) => {
-            let created = stream.create_consumer(config).await.map_err(|e| {
-                let timed_out = e.kind() == jetstream::stream::ConsumerErrorKind::TimedOut;
-                Error::Provision {
-                    what: unanswered(what, timed_out),
-                    source: e.into(),
-                }
-            })?;
-            Ok((created, Change::Created))
+        let mut differences = differing_fields(&config, &current);
+        // The server keeps one of filter_subject/filter_subjects.
+        differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
+        if !same_filters(&config, &current) {
+            differences.push("filter_subjects".into());
+        }
+        if differences.is_empty() {
+            break;
+        }
+        stream.update_consumer(config.clone()).await.map_err(|e| {
+            let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
+            Error::Provision {
+                what: unanswered(what.clone(), timed_out),
+                source: e.into(),
+            }
+        })?;
+        let mut all = changed.take().unwrap_or_default();
+        all.extend(differences);
+        all.sort();
+        all.dedup();
+        changed = Some(all);
+        if filters == Filters::Exact {
+            break;
         }
     }
+    let consumer = stream
+        .get_consumer::<pull::Config>(&spec.durable)
+        .await
+        .map_err(failed)?;
+    if filters == Filters::Widen {
+        let info = consumer.cached_info();
+        let taken = filter_set(&info.config.filter_subject, &info.config.filter_subjects);
+        if !covered(&wanted, &taken) {
+            return Err(failed(
+                format!(
+                    "it takes {taken:?}, not all of {wanted:?}, after {BIND_TRIES} tries: \
+                     others keep changing it"
+                )
+                .into(),
+            ));
+        }
+    }
+    Ok((consumer, changed.map_or(Change::Unchanged, Change::Updated)))
+}
+
+/// The subjects that take both `wanted` and `taken`: their union, with a
+/// subject another one covers left out (none: every subject).
+fn widened(wanted: &[String], taken: &[String]) -> Vec<String> {
+    if wanted.is_empty() || taken.is_empty() {
+        return Vec::new();
+    }
+    let mut all: Vec<String> = wanted.iter().chain(taken).cloned().collect();
+    all.sort();
+    all.dedup();
+    let kept: Vec<String> = all
+        .iter()
+        .filter(|s| !all.iter().any(|o| o != *s && subject_covers(o, s)))
+        .cloned()
+        .collect();
+    kept
+}
+
+/// Whether the filters `taken` take every subject the filters `wanted` do
+/// (no filter takes everything).
+fn covered(wanted: &[String], taken: &[String]) -> bool {
+    taken.is_empty()
+        || (!wanted.is_empty()
+            && wanted
+                .iter()
+                .all(|w| taken.iter().any(|t| subject_covers(t, w))))
+}
+
+/// Whether the filter `wide` matches every subject the filter `narrow`
+/// matches (`*` one token, `>` one or more at the end).
+fn subject_covers(wide: &str, narrow: &str) -> bool {
+    let mut narrow = narrow.split('.');
+    for token in wide.split('.') {
+        match (token, narrow.next()) {
+            (">", Some(_)) => return true,
+            (_, None) => return false,
+            ("*", Some(n)) => {
+                if n == ">" {
+                    return false;
+                }
+            }
+            (literal, Some(n)) => {
+                if literal != n {
+                    return false;
+                }
+            }
+        }
+    }
+    narrow.next().is_none()
 }
 
 /// Sets `config` to take `subjects` (none: every subject of the stream).
@@ -414,6 +502,58 @@ fn differing_fields<A: serde::Serialize, B: serde::Serialize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn subjects(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_filter_covers_what_its_wildcards_match() {
+        for (wide, narrow) in [
+            ("events.orders.>", "events.orders.*.order_placed"),
+            ("events.orders.>", "events.orders.x.y.z"),
+            ("events.*.*.order_placed", "events.orders.*.order_placed"),
+            ("events.>", "events.>"),
+            ("a.*", "a.b"),
+            ("a.b", "a.b"),
+        ] {
+            assert!(subject_covers(wide, narrow), "{wide} covers {narrow}");
+        }
+        for (wide, narrow) in [
+            ("a.*", "a.>"),
+            ("a.b", "a.*"),
+            ("a.b", "a.b.c"),
+            ("a.b.c", "a.b"),
+            ("events.orders.>", "events.orders"),
+            ("events.catalog.>", "events.orders.x.y"),
+        ] {
+            assert!(
+                !subject_covers(wide, narrow),
+                "{wide} does not cover {narrow}"
+            );
+        }
+    }
+
+    #[test]
+    fn widening_keeps_both_sides_and_folds_a_covered_subject_into_its_wildcard() {
+        let placed = subjects(&["events.orders.*.order_placed"]);
+        let both = subjects(&[
+            "events.orders.*.order_placed",
+            "events.orders.*.order_rejected",
+        ]);
+        assert_eq!(widened(&placed, &both), both);
+        assert_eq!(widened(&both, &placed), both);
+        let all_orders = subjects(&["events.orders.>"]);
+        assert_eq!(widened(&both, &all_orders), all_orders);
+        assert_eq!(widened(&all_orders, &both), all_orders);
+        // No filter takes every subject: widening with it takes them all.
+        assert!(widened(&[], &both).is_empty());
+        assert!(widened(&both, &[]).is_empty());
+        assert!(covered(&both, &all_orders));
+        assert!(covered(&both, &[]));
+        assert!(!covered(&all_orders, &both));
+        assert!(!covered(&[], &both));
+    }
 
     #[test]
     fn the_shipped_definitions_parse_with_the_intended_retention() -> Result<()> {

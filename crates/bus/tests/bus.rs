@@ -328,11 +328,54 @@ async fn an_older_copy_starting_again_keeps_the_subjects_a_newer_copy_takes() ->
     .context("the newer copy never got the event only it takes")?;
     new.shutdown().await;
 
-    // Once no older copy is left, the operator's apply sets them exactly.
+    // A version taking a wildcard over both: the subjects it covers fold
+    // into it (the server refuses filters where one covers another), and
+    // an older copy keeps the wildcard.
+    let all = vec!["events.test.>".to_owned()];
+    Worker::start(&bus, config(&all), ignore())
+        .await?
+        .shutdown()
+        .await;
+    assert_eq!(filters(&bus, "upgraded").await?, all);
+    Worker::start(&bus, config(&happened_only), ignore())
+        .await?
+        .shutdown()
+        .await;
+    assert_eq!(filters(&bus, "upgraded").await?, all);
+
+    // Once no older copy is left, the operator's exact apply sets them.
     let spec = ConsumerSpec::from(&config(&happened_only));
     let (_, change) = apply_consumer(bus.jetstream(), &spec, Filters::Exact).await?;
     assert_eq!(change, Change::Updated(vec!["filter_subjects".into()]));
     assert_eq!(filters(&bus, "upgraded").await?, happened_only);
+
+    // On a work queue a consumer takes exactly its spec's subjects, Widen
+    // or not: two consumers of one may not overlap.
+    let commands = |subjects: &[&str]| ConsumerSpec {
+        stream: COMMANDS.into(),
+        durable: "queued".into(),
+        filter_subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        ack_wait: None,
+        max_ack_pending: None,
+    };
+    let both = ["commands.test.a", "commands.test.b"];
+    apply_consumer(bus.jetstream(), &commands(&both), Filters::Widen).await?;
+    apply_consumer(bus.jetstream(), &commands(&both[..1]), Filters::Widen).await?;
+    let mut consumer = bus
+        .jetstream()
+        .get_stream(COMMANDS)
+        .await?
+        .get_consumer::<pull::Config>("queued")
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    let info = consumer.info().await?;
+    assert_eq!(
+        (
+            info.config.filter_subject.as_str(),
+            info.config.filter_subjects.len()
+        ),
+        ("commands.test.a", 0)
+    );
     Ok(())
 }
 

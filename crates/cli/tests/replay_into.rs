@@ -545,13 +545,59 @@ async fn replaying_into_a_stopped_orchestrator_starts_its_saga_once_and_publishe
         .await?
             == 0
     );
+    // The replay's relay only publishes: rows a worker keeps longer than
+    // the default retentions (an inbox record of 40 days, a row published 8
+    // days ago) are still there after a replay that published.
+    let day = 86_400_000_000_i64;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros(),
+    )?;
+    sqlx::query(
+        "INSERT INTO skein_inbox (handler, message_id, processed_at) \
+         VALUES ('orchestrator', 'kept-40d', $1)",
+    )
+    .bind(now - 40 * day)
+    .execute(store.pool())
+    .await?;
+    sqlx::query(
+        "INSERT INTO skein_outbox (id, subject, headers, payload, created_at, published_at) \
+         VALUES ('kept-8d', 'events.orchestrator.test.kept', '[]', $1, $2, $2)",
+    )
+    .bind(Vec::<u8>::new())
+    .bind(now - 8 * day)
+    .execute(store.pool())
+    .await?;
+    setup
+        .publish(&placed(Uuid::now_v7(), customer, 300)?)
+        .await?;
+    let third = setup.skein(&["replay", "--into", "orchestrator"]).await?;
+    ensure!(
+        stdout(&third).contains("1 applied")
+            && stdout(&third).contains("everything the handlers sent is published"),
+        "{}{}",
+        stdout(&third),
+        stderr(&third)
+    );
+    for (table, column, id) in [
+        ("skein_inbox", "message_id", "kept-40d"),
+        ("skein_outbox", "id", "kept-8d"),
+    ] {
+        let kept: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE {column} = $1"))
+                .bind(id)
+                .fetch_one(store.pool())
+                .await?;
+        ensure!(kept == 1, "the replay deleted {id} from {table}");
+    }
     // A dry run checks the saga tables as well as the outbox's, and
     // changes nothing: current, it runs; behind this build, it is refused.
     let dry = setup
         .skein(&["replay", "--into", "orchestrator", "--dry-run"])
         .await?;
     ensure!(
-        dry.status.success() && stdout(&dry).contains("1 skipped"),
+        dry.status.success() && stdout(&dry).contains("2 skipped"),
         "{}{}",
         stdout(&dry),
         stderr(&dry)

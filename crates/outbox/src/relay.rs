@@ -80,8 +80,10 @@ pub struct RelayConfig {
     /// message can be redelivered or replayed into a live consumer.
     pub inbox_retention: Duration,
     /// How often old rows are cleaned up (first when the relay becomes the
-    /// active one).
-    pub cleanup_interval: Duration,
+    /// active one); `None`: never, for a relay that only publishes for a
+    /// tool (`skein replay --into`), which leaves deleting to the worker's
+    /// own relay and its retentions.
+    pub cleanup_interval: Option<Duration>,
     /// Lease duration on SQLite; standbys retry at this period. The active
     /// relay checks its lock every third of it; on PostgreSQL the server
     /// ends a lock session silent for three leases (freeing the lock for a
@@ -100,7 +102,7 @@ impl Default for RelayConfig {
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(7 * 24 * 3600),
             inbox_retention: Duration::from_secs(30 * 24 * 3600),
-            cleanup_interval: Duration::from_secs(60),
+            cleanup_interval: Some(Duration::from_secs(60)),
             lease: Duration::from_secs(10),
             mark_delay: Duration::from_millis(100),
         }
@@ -704,7 +706,10 @@ impl Relay {
     ) -> Result<()> {
         // The first cleanup right after the first round: a relay restarted
         // more often than the interval still cleans up.
-        let mut next_cleanup = tokio::time::Instant::now();
+        let mut next_cleanup = self
+            .config
+            .cleanup_interval
+            .map(|_| tokio::time::Instant::now());
         let mut last_lock_check = tokio::time::Instant::now();
         let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
@@ -736,8 +741,11 @@ impl Relay {
                     tracing::warn!(error = %e, "relay round failed");
                 }
             }
-            if tokio::time::Instant::now() >= next_cleanup {
-                next_cleanup = tokio::time::Instant::now() + self.config.cleanup_interval;
+            if next_cleanup.is_some_and(|due| tokio::time::Instant::now() >= due) {
+                next_cleanup = self
+                    .config
+                    .cleanup_interval
+                    .and_then(|every| tokio::time::Instant::now().checked_add(every));
                 match self.cleanup().await {
                     Ok((o, i)) if o + i > 0 => {
                         tracing::debug!(outbox = o, inbox = i, "cleaned up old rows")

@@ -284,7 +284,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 if let Err(e) = done {
                     drop(purges);
                     eprintln!(
-                        "{purged} dead letter(s) purged before the error; run the purge again"
+                        "at least {purged} dead letter(s) purged before the error; run the purge again"
                     );
                     return Err(e);
                 }

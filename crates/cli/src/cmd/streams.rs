@@ -44,6 +44,14 @@ enum Action {
             conflicts_with = "streams_only"
         )]
         workers: Vec<Name>,
+        /// Set each consumer's subjects to exactly this version's, removing
+        /// any other: after an upgrade that drops a subject, once no copy of
+        /// the older version runs. Without it a consumer's subjects are only
+        /// added to, as every worker copy does at start, so applying a new
+        /// version before its rolling upgrade takes nothing from the older
+        /// copies still running.
+        #[arg(long, conflicts_with = "streams_only")]
+        exact: bool,
     },
 }
 
@@ -54,6 +62,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             replicas,
             streams_only,
             workers,
+            exact,
         } => {
             let bus = super::connect(nats_url).await?;
             let definitions = match dir {
@@ -73,7 +82,16 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 return Ok(());
             }
             for spec in consumer_specs(&workers).await? {
-                let (_, change) = apply_consumer(bus.jetstream(), &spec, Filters::Exact).await?;
+                let (_, change) = apply_consumer(
+                    bus.jetstream(),
+                    &spec,
+                    if exact {
+                        Filters::Exact
+                    } else {
+                        Filters::Widen
+                    },
+                )
+                .await?;
                 let name = format!("{}/{}", spec.stream, spec.durable);
                 println!("{name:<22} {change}");
             }

@@ -270,8 +270,13 @@ pub(super) async fn run(
         total.push_str(&held_back);
     } else if summary.applied > 0 {
         // Handlers may have queued messages: see them published.
-        let relay =
-            Relay::new(store.clone(), bus.publisher(), RelayConfig::default()).for_service(service);
+        // Publishing only: deleting old rows is the worker's relay's, with
+        // the worker's retentions.
+        let config = RelayConfig {
+            cleanup_interval: None,
+            ..RelayConfig::default()
+        };
+        let relay = Relay::new(store.clone(), bus.publisher(), config).for_service(service);
         let left = relay
             .publish_committed(PUBLISH_TIMEOUT)
             .await
