@@ -298,9 +298,7 @@ pub(crate) async fn sent_by(
     else {
         return Ok(None);
     };
-    let phase: String = row.try_get("sent_phase")?;
-    let phase =
-        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?;
+    let phase = phase_at(&row, "sent_phase")?;
     let step = to_index(row.try_get("sent_step")?)?;
     let instance = if row.try_get::<Option<String>, _>("id")?.is_some() {
         Ok(to_instance(&row)?)
@@ -326,10 +324,16 @@ pub(crate) async fn last_sent(
     else {
         return Ok(None);
     };
-    let phase: String = row.try_get("phase")?;
-    let phase =
-        Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))?;
-    Ok(Some((to_index(row.try_get("step")?)?, phase)))
+    Ok(Some((
+        to_index(row.try_get("step")?)?,
+        phase_at(&row, "phase")?,
+    )))
+}
+
+/// The phase in `row`'s column `column`.
+fn phase_at(row: &sqlx::any::AnyRow, column: &str) -> sqlx::Result<Phase> {
+    let phase: String = row.try_get(column)?;
+    Phase::parse(&phase).ok_or_else(|| decode_error(format!("unknown phase {phase:?}")))
 }
 
 /// One transition to record.

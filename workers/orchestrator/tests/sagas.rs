@@ -1150,6 +1150,22 @@ async fn failed_at_its_final_command(
     Ok((shop, buyer, thing, order, failed))
 }
 
+/// Orders starts again after [`failed_at_its_final_command`]: the order is
+/// rejected and the saga ends compensated with the first reason. The saga.
+async fn orders_back_ends_it(shop: &mut Shop, order: Uuid) -> anyhow::Result<SagaInstance> {
+    shop.orders = Some(Shop::start_orders(&shop.p).await?);
+    shop.wait_order(order, OrderStatus::Rejected).await?;
+    let done = shop
+        .wait_saga("place_order", order, SagaStatus::Compensated)
+        .await?;
+    assert_eq!(
+        done.reason.as_deref(),
+        Some("authorize_payment: payment declined: provider_declined"),
+        "{done:#?}"
+    );
+    Ok(done)
+}
+
 /// The saga fails waiting for orders' answer to its final command; orders
 /// comes back, handles the commands queued for it, and its answer ends the
 /// saga compensated with the first reason.
@@ -1171,16 +1187,7 @@ async fn a_final_command_that_gets_no_answer_fails_the_saga_until_its_late_answe
     );
     assert_eq!(shop.available(thing).await?, 3, "the stock is back");
 
-    shop.orders = Some(Shop::start_orders(&shop.p).await?);
-    shop.wait_order(order, OrderStatus::Rejected).await?;
-    let done = shop
-        .wait_saga("place_order", order, SagaStatus::Compensated)
-        .await?;
-    assert_eq!(
-        done.reason.as_deref(),
-        Some("authorize_payment: payment declined: provider_declined"),
-        "{done:#?}"
-    );
+    let done = orders_back_ends_it(&mut shop, order).await?;
     let resumed = done.transitions.last().context("no transition")?;
     anyhow::ensure!(
         resumed
@@ -1261,16 +1268,7 @@ async fn a_failed_saga_retried_by_an_admin_sends_its_command_again(
         ))
     );
 
-    shop.orders = Some(Shop::start_orders(&shop.p).await?);
-    shop.wait_order(order, OrderStatus::Rejected).await?;
-    let done = shop
-        .wait_saga("place_order", order, SagaStatus::Compensated)
-        .await?;
-    assert_eq!(
-        done.reason.as_deref(),
-        Some("authorize_payment: payment declined: provider_declined"),
-        "{done:#?}"
-    );
+    orders_back_ends_it(&mut shop, order).await?;
     let rejected = shop
         .p
         .events::<skein_contracts::orders::OrderRejected>(&order.to_string())
