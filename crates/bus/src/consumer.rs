@@ -65,7 +65,7 @@ use tracing::Instrument;
 use crate::connect::Bus;
 use crate::dlq::{publish_dead_letter, DeadLetterInfo};
 use crate::error::{ErrorKind, HandlerError, Result};
-use crate::provision::{apply_consumer, ConsumerSpec, Filters};
+use crate::provision::{apply_consumer, filter_set, ConsumerSpec, Filters};
 use crate::publish::{send_if_connected, Publisher};
 use crate::stats::WorkerStats;
 
@@ -225,10 +225,7 @@ impl Worker {
         let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let taken = &consumer.cached_info().config;
-        let mut besides: Vec<&String> = taken.filter_subjects.iter().collect();
-        if !taken.filter_subject.is_empty() {
-            besides.push(&taken.filter_subject);
-        }
+        let mut besides = filter_set(&taken.filter_subject, &taken.filter_subjects);
         besides.retain(|s| !config.filter_subjects.contains(s));
         if !besides.is_empty() {
             tracing::info!(

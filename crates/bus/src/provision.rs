@@ -12,6 +12,7 @@
 
 use std::path::Path;
 
+use async_nats::jetstream::consumer::FromConsumer;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use serde_json::Value;
 
@@ -330,9 +331,10 @@ pub async fn apply_consumer(
     let filters = if work_queue { Filters::Exact } else { filters };
     let wanted = filter_set(&config.filter_subject, &config.filter_subjects);
     let mut changed: Option<Vec<String>> = None;
+    let mut bound = None;
     for _ in 0..BIND_TRIES {
-        let current = match stream.consumer_info(&spec.durable).await {
-            Ok(info) => info.config,
+        let info = match stream.consumer_info(&spec.durable).await {
+            Ok(info) => info,
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                 use jetstream::stream::ConsumerCreateStrictErrorKind as Kind;
                 match stream.create_consumer_strict(config.clone()).await {
@@ -350,25 +352,28 @@ pub async fn apply_consumer(
             }
             Err(e) => return Err(failed(e.into())),
         };
-        let taken = filter_set(&current.filter_subject, &current.filter_subjects);
+        let current = &info.config;
         if filters == Filters::Widen {
+            let taken = filter_set(&current.filter_subject, &current.filter_subjects);
             if changed.is_some() && covered(&wanted, &taken) {
                 // Updated, and still taking what this copy needs after
                 // whatever others wrote meanwhile.
+                bound = Some(info);
                 break;
             }
             set_filters(&mut config, widened(&wanted, &taken));
         }
-        let mut differences = differing_fields(&config, &current);
+        let mut differences = differing_fields(&config, current);
         // The server keeps one of filter_subject/filter_subjects.
         differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
-        if !same_filters(&config, &current) {
+        if !same_filters(&config, current) {
             differences.push("filter_subjects".into());
         }
         if differences.is_empty() {
+            bound = Some(info);
             break;
         }
-        stream.update_consumer(config.clone()).await.map_err(|e| {
+        let updated = stream.update_consumer(config.clone()).await.map_err(|e| {
             let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
             Error::Provision {
                 what: unanswered(what.clone(), timed_out),
@@ -379,28 +384,23 @@ pub async fn apply_consumer(
         all.extend(differences);
         all.sort();
         all.dedup();
-        changed = Some(all);
         if filters == Filters::Exact {
-            break;
+            return Ok((updated, Change::Updated(all)));
         }
+        // Widened: read again, in case another copy's update overwrote it.
+        changed = Some(all);
     }
-    let consumer = stream
-        .get_consumer::<pull::Config>(&spec.durable)
-        .await
-        .map_err(failed)?;
-    if filters == Filters::Widen {
-        let info = consumer.cached_info();
-        let taken = filter_set(&info.config.filter_subject, &info.config.filter_subjects);
-        if !covered(&wanted, &taken) {
-            return Err(failed(
-                format!(
-                    "it takes {taken:?}, not all of {wanted:?}, after {BIND_TRIES} tries: \
-                     others keep changing it"
-                )
-                .into(),
-            ));
-        }
-    }
+    let Some(info) = bound else {
+        return Err(failed(
+            format!(
+                "it does not take all of {wanted:?} after {BIND_TRIES} tries: other copies keep \
+                 changing it"
+            )
+            .into(),
+        ));
+    };
+    let config = pull::Config::try_from_consumer_config(info.config.clone()).map_err(failed)?;
+    let consumer = jetstream::consumer::Consumer::new(config, info, js.clone());
     Ok((consumer, changed.map_or(Change::Unchanged, Change::Updated)))
 }
 
@@ -466,7 +466,7 @@ fn set_filters(config: &mut pull::Config, subjects: Vec<String>) {
 
 /// A consumer's subjects, sorted, from either of the fields the server
 /// keeps them in.
-fn filter_set(one: &str, many: &[String]) -> Vec<String> {
+pub(crate) fn filter_set(one: &str, many: &[String]) -> Vec<String> {
     let mut v: Vec<String> = many.to_vec();
     if !one.is_empty() {
         v.push(one.to_owned());

@@ -349,6 +349,28 @@ async fn an_older_copy_starting_again_keeps_the_subjects_a_newer_copy_takes() ->
     assert_eq!(change, Change::Updated(vec!["filter_subjects".into()]));
     assert_eq!(filters(&bus, "upgraded").await?, happened_only);
 
+    // Copies of two versions binding a new consumer at the same moment:
+    // whichever creates it, and whatever order the updates land in, it
+    // takes both versions' subjects.
+    for round in 0..8 {
+        let durable = format!("raced-{round}");
+        let spec = |subjects: &[String]| ConsumerSpec {
+            durable: durable.clone(),
+            ..ConsumerSpec::from(&config(subjects))
+        };
+        let (older, newer) = (
+            spec(&happened_only),
+            spec(&["events.test.*.answered".to_owned()]),
+        );
+        let (a, b) = tokio::join!(
+            apply_consumer(bus.jetstream(), &older, Filters::Widen),
+            apply_consumer(bus.jetstream(), &newer, Filters::Widen),
+        );
+        a?;
+        b?;
+        assert_eq!(filters(&bus, &durable).await?, both, "round {round}");
+    }
+
     // On a work queue a consumer takes exactly its spec's subjects, Widen
     // or not: two consumers of one may not overlap.
     let commands = |subjects: &[&str]| ConsumerSpec {

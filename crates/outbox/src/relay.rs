@@ -67,6 +67,9 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::store::{Backend, Store};
 
+/// How long inbox records are kept by default: 30 days.
+pub const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Relay settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -101,7 +104,7 @@ impl Default for RelayConfig {
             batch_size: 512,
             poll_interval: Duration::from_secs(1),
             retention: Duration::from_secs(7 * 24 * 3600),
-            inbox_retention: Duration::from_secs(30 * 24 * 3600),
+            inbox_retention: DEFAULT_INBOX_RETENTION,
             cleanup_interval: Some(Duration::from_secs(60)),
             lease: Duration::from_secs(10),
             mark_delay: Duration::from_millis(100),

@@ -36,11 +36,12 @@ use crate::definition::{Saga, SagaError};
 use crate::engine::{Engine, Instance, Outcome, Phase};
 use crate::store::{self, NewTransition};
 
-/// How long an instance that ended is kept by default: 30 days, as long
-/// as the outbox relay keeps inbox records by default. While the inbox has
-/// the event that started an instance, a replay of it is absorbed there;
-/// while the instance is kept, the saga's key refuses a second instance.
-pub const DEFAULT_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long an instance that ended is kept by default: as long as the
+/// outbox relay keeps inbox records by default (30 days). While the inbox
+/// has the event that started an instance, a replay of it is absorbed
+/// there; while the instance is kept, the saga's key refuses a second
+/// instance.
+pub const DEFAULT_RETENTION: Duration = skein_outbox::relay::DEFAULT_INBOX_RETENTION;
 
 /// How often [`Coordinator::spawn_upkeep`] deletes what is past its
 /// retention.
@@ -219,6 +220,26 @@ impl Coordinator {
         }
     }
 
+    /// What `input` (an engine function) does to `inst`, a stored instance
+    /// of `saga`, as the change to store.
+    fn apply<'a>(
+        &self,
+        saga: &Saga,
+        inst: &mut Instance,
+        cause: Cause<'a>,
+        now: i64,
+        input: impl FnOnce(&Engine<'_>, &mut Instance) -> Result<Outcome, SagaError>,
+    ) -> Result<Change<'a>, SagaError> {
+        let from = Some(inst.status);
+        let out = input(&self.engine(saga, now), inst)?;
+        Ok(Change {
+            from,
+            out,
+            cause,
+            now,
+        })
+    }
+
     /// [`Coordinator::try_persist`], with a lost race as a transient error:
     /// the message is handled again, on the instance as it is now.
     async fn persist(
@@ -349,17 +370,11 @@ impl Coordinator {
                     match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
                         Some(mut inst) => {
                             self.advancing(&inst, inst.step, None)?;
-                            let from = inst.status;
-                            let out = self
-                                .engine(saga, now)
-                                .cancel(&mut inst, reason, event)
+                            let change = self
+                                .apply(saga, &mut inst, cause(), now, |engine, inst| {
+                                    engine.cancel(inst, reason, event)
+                                })
                                 .map_err(definition)?;
-                            let change = Change {
-                                from: Some(from),
-                                out,
-                                cause: cause(),
-                                now,
-                            };
                             self.persist(tx, &mut inst, change).await?;
                         }
                         None => {
@@ -375,17 +390,11 @@ impl Coordinator {
                     HandlerError::permanent(format!("saga instance {id} of a sent command is gone"))
                 })?;
                 let saga = self.advancing(&inst, step, Some(phase))?;
-                let from = inst.status;
-                let out = self
-                    .engine(saga, now)
-                    .reply(&mut inst, step, phase, event)
+                let change = self
+                    .apply(saga, &mut inst, cause(), now, |engine, inst| {
+                        engine.reply(inst, step, phase, event)
+                    })
                     .map_err(definition)?;
-                let change = Change {
-                    from: Some(from),
-                    out,
-                    cause: cause(),
-                    now,
-                };
                 self.persist(tx, &mut inst, change).await?;
             }
         }
@@ -477,20 +486,15 @@ impl Coordinator {
                 saga.name, inst.step
             )));
         }
-        let from = inst.status;
-        let out = self
-            .engine(saga, now)
-            .deadline(&mut inst)
-            .map_err(definition)?;
-        let change = Change {
-            from: Some(from),
-            out,
-            cause: Cause {
-                id: None,
-                kind: "deadline",
-            },
-            now,
+        let deadline = Cause {
+            id: None,
+            kind: "deadline",
         };
+        let change = self
+            .apply(saga, &mut inst, deadline, now, |engine, inst| {
+                engine.deadline(inst)
+            })
+            .map_err(definition)?;
         if !self.try_persist(&mut tx, &mut inst, change).await? {
             tracing::debug!(instance = %id, "deadline raced another change");
             return Ok(false);

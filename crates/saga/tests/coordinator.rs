@@ -129,6 +129,13 @@ impl Shop {
         Ok(envelope)
     }
 
+    /// How many transitions are stored, of every instance.
+    async fn transitions(&self) -> anyhow::Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM saga_transitions")
+            .fetch_one(self.store.pool())
+            .await?)
+    }
+
     async fn instance(&self, key: &str) -> anyhow::Result<SagaInstance> {
         self.coordinator
             .find("shop", key)
@@ -407,13 +414,7 @@ async fn a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing(
         .bind(placed_instance.id.to_string())
         .execute(shop.store.pool())
         .await?;
-    let store = shop.store.clone();
-    let transitions = || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM saga_transitions")
-            .fetch_one(store.pool())
-            .await
-    };
-    let before = transitions().await?;
+    let before = shop.transitions().await?;
 
     let refused = shop.answer(reserve, &Reserved { id: "o3".into() }).await;
     let reason = match refused {
@@ -425,7 +426,7 @@ async fn a_reply_whose_instance_was_deleted_is_refused_and_changes_nothing(
         "the refusal does not name the deleted instance: {reason}"
     );
     anyhow::ensure!(
-        transitions().await? == before,
+        shop.transitions().await? == before,
         "a refused reply wrote a transition"
     );
     let inbox: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM skein_inbox")
@@ -725,13 +726,7 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
     // A late answer to the deleted instance's last command: acknowledged,
     // nothing written, no instance started.
     let notify = last(&completed, "shop.notify.v1")?;
-    let store = shop.store.clone();
-    let transitions = || async {
-        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM saga_transitions")
-            .fetch_one(store.pool())
-            .await
-    };
-    let before = transitions().await?;
+    let before = shop.transitions().await?;
     let late = shop
         .answer(
             notify,
@@ -741,7 +736,7 @@ async fn instances_that_ended_are_deleted_past_their_retention_with_their_record
         )
         .await?;
     assert_eq!(
-        transitions().await?,
+        shop.transitions().await?,
         before,
         "the late answer {} wrote a transition",
         late.id
