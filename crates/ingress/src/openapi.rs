@@ -82,6 +82,12 @@ fn operation(method: &str, path: &str) -> Operation {
             Some("orchestrator.get_saga.reply.v1"),
             &["404"],
         ),
+        ("POST", "/v1/sagas/{id}/retry") => op(
+            None,
+            "200",
+            Some("orchestrator.retry_saga.reply.v1"),
+            &["404", "409"],
+        ),
         ("GET", "/v1/trace/{id}") => op(None, "200", None, &["404"]),
         _ => op(None, "200", None, &[]),
     }

@@ -1440,6 +1440,31 @@ async fn an_order_waited_for_is_confirmed_by_the_saga_and_admins_see_that_saga(
         .await?;
     ensure!(none.status == 404, "{none:?}");
 
+    // Only a failed saga is retried: by its id a completed one is 409, by
+    // its order there is no failed one to find; customers are refused.
+    let saga_id = saga.body["id"].as_str().context("saga id")?.to_owned();
+    let retry = |id: &str, token: &str| {
+        app.send(Req::new("POST", &format!("/v1/sagas/{id}/retry")).token(token))
+    };
+    let completed = retry(&saga_id, &app.admin).await?;
+    ensure!(
+        completed.status == 409
+            && completed.body["detail"]
+                == format!("saga instance {saga_id} is completed: only a failed one is retried")
+                    .as_str()
+            && completed.header("content-type") == Some("application/problem+json"),
+        "{completed:?}"
+    );
+    let by_order = retry(&order, &app.admin).await?;
+    ensure!(
+        by_order.status == 404
+            && by_order.body["detail"]
+                == format!("no saga {order} and no failed saga about order {order}").as_str(),
+        "{by_order:?}"
+    );
+    let not_admin = retry(&saga_id, &token).await?;
+    ensure!(not_admin.status == 403, "{not_admin:?}");
+
     // The same order as a causal tree: placed, then each saga step.
     let traced = app.get(&format!("/v1/trace/{order}"), &app.admin).await?;
     ensure!(traced.status == 200, "{traced:?}");

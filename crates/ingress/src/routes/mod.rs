@@ -139,6 +139,12 @@ pub const ROUTES: &[Route] = &[
         "A saga instance (by its id or its order id) with its transitions",
     ),
     route(
+        "POST",
+        "/v1/sagas/{id}/retry",
+        Access::Admin,
+        "Send a failed saga's awaited command again (by the instance id or its order id)",
+    ),
+    route(
         "GET",
         "/v1/trace/{id}",
         Access::Admin,
@@ -175,6 +181,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/users/{id}/profile", get(users::profile))
         .route("/v1/dashboard", get(users::dashboard))
         .route("/v1/sagas/{id}", get(sagas::get))
+        .route("/v1/sagas/{id}/retry", post(sagas::retry))
         .route("/v1/trace/{id}", get(trace::get))
         .route_layer(from_fn_with_state(state.clone(), guard));
     Router::new()
