@@ -1444,7 +1444,7 @@ async fn an_order_waited_for_is_confirmed_by_the_saga_and_admins_see_that_saga(
     // its order there is no failed one to find; customers are refused.
     let saga_id = saga.body["id"].as_str().context("saga id")?.to_owned();
     let retry = |id: &str, token: &str| {
-        app.send(Req::new("POST", &format!("/v1/sagas/{id}/retry")).token(token))
+        app.send(Req::new("POST", format!("/v1/sagas/{id}/retry")).token(token))
     };
     let completed = retry(&saga_id, &app.admin).await?;
     ensure!(
