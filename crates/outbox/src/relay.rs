@@ -83,7 +83,8 @@ pub struct RelayConfig {
     /// message can be redelivered or replayed into a live consumer.
     pub inbox_retention: Duration,
     /// How often old rows are cleaned up (first when the relay becomes the
-    /// active one); `None`: never, for a relay that only publishes for a
+    /// active one), [`CLEANUP_BATCH`] rows of each table per round of the
+    /// relay until none past their retention are left; `None`: never, for a relay that only publishes for a
     /// tool (`skein replay --into`), which leaves deleting to the worker's
     /// own relay and its retentions.
     pub cleanup_interval: Option<Duration>,
@@ -97,6 +98,13 @@ pub struct RelayConfig {
     /// write (see the [module docs](self)).
     pub mark_delay: Duration,
 }
+
+/// Rows of each table (outbox, inbox) one cleanup step deletes at most: a
+/// big cleanup (a retention lowered on a full table, a database whose relay
+/// was away) goes in short writes, with the process's own writes and the
+/// relay's publishing in between, instead of one write that holds the
+/// database for seconds.
+pub const CLEANUP_BATCH: i64 = 1_000;
 
 impl Default for RelayConfig {
     fn default() -> Self {
@@ -538,30 +546,64 @@ impl Relay {
         left().await
     }
 
-    /// Deletes published rows and inbox records past their retention.
+    /// Deletes published rows and inbox records past their retention, all
+    /// of them, [`CLEANUP_BATCH`] rows of each table at a time. The active
+    /// relay itself cleans up one batch per round (see
+    /// [`RelayConfig::cleanup_interval`]).
     pub async fn cleanup(&self) -> Result<(u64, u64)> {
+        let (mut outbox, mut inbox) = (0, 0);
+        loop {
+            let (o, i, more) = self.cleanup_batch().await?;
+            outbox += o;
+            inbox += i;
+            if !more {
+                return Ok((outbox, inbox));
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Deletes up to [`CLEANUP_BATCH`] published rows and as many inbox
+    /// records past their retention, each table in a write of its own (the
+    /// process's other writes take their turn in between): the rows
+    /// deleted from each and whether a table may hold more.
+    async fn cleanup_batch(&self) -> Result<(u64, u64, bool)> {
         let now = crate::now_micros();
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
-        let mut permit = self.store.write_permit().await?;
-        let outbox = permit
+        let outbox = self
+            .store
+            .write_permit()
+            .await?
             .execute(|| {
                 sqlx::query(
-                    "DELETE FROM skein_outbox WHERE published_at IS NOT NULL AND published_at < $1",
+                    "DELETE FROM skein_outbox WHERE seq IN (SELECT seq FROM skein_outbox \
+                     WHERE published_at IS NOT NULL AND published_at < $1 \
+                     ORDER BY published_at LIMIT $2)",
                 )
                 .bind(now.saturating_sub(micros(self.config.retention)))
+                .bind(CLEANUP_BATCH)
             })
             .await
             .map_err(Error::query("cannot clean up the outbox"))?
             .rows_affected();
-        let inbox = permit
+        let inbox = self
+            .store
+            .write_permit()
+            .await?
             .execute(|| {
-                sqlx::query("DELETE FROM skein_inbox WHERE processed_at < $1")
-                    .bind(now.saturating_sub(micros(self.config.inbox_retention)))
+                sqlx::query(
+                    "DELETE FROM skein_inbox WHERE (handler, message_id) IN \
+                     (SELECT handler, message_id FROM skein_inbox WHERE processed_at < $1 \
+                     ORDER BY processed_at LIMIT $2)",
+                )
+                .bind(now.saturating_sub(micros(self.config.inbox_retention)))
+                .bind(CLEANUP_BATCH)
             })
             .await
             .map_err(Error::query("cannot clean up the inbox"))?
             .rows_affected();
-        Ok((outbox, inbox))
+        let full = |deleted: u64| i64::try_from(deleted).is_ok_and(|d| d >= CLEANUP_BATCH);
+        Ok((outbox, inbox, full(outbox) || full(inbox)))
     }
 
     async fn run(self, shutdown: CancellationToken) {
@@ -749,11 +791,16 @@ impl Relay {
                     .config
                     .cleanup_interval
                     .and_then(|every| tokio::time::Instant::now().checked_add(every));
-                match self.cleanup().await {
-                    Ok((o, i)) if o + i > 0 => {
-                        tracing::debug!(outbox = o, inbox = i, "cleaned up old rows")
+                match self.cleanup_batch().await {
+                    Ok((o, i, more)) => {
+                        if o + i > 0 {
+                            tracing::debug!(outbox = o, inbox = i, more, "cleaned up old rows");
+                        }
+                        if more {
+                            // The next batch after the next round.
+                            next_cleanup = Some(tokio::time::Instant::now());
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cleanup failed"),
                 }
             }

@@ -1003,6 +1003,86 @@ async fn published_rows_are_kept_for_the_retention_period_then_removed(
     Ok(())
 }
 
+/// Published rows and inbox records, `rows` of each, from long ago (names
+/// starting with `prefix`).
+async fn old_rows(h: &Harness, prefix: &str, rows: i64) -> anyhow::Result<()> {
+    let numbers = "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < $2) ";
+    sqlx::query(&format!(
+        "{numbers}INSERT INTO skein_outbox (id, subject, headers, payload, created_at, published_at) \
+         SELECT $1 || i, 'events.test.old', '[]', $3, 1, 1 FROM n"
+    ))
+    .bind(prefix)
+    .bind(rows)
+    .bind(vec![0_u8])
+    .execute(h.store.pool())
+    .await?;
+    sqlx::query(&format!(
+        "{numbers}INSERT INTO skein_inbox (handler, message_id, processed_at) \
+         SELECT 'test', $1 || i, 1 FROM n"
+    ))
+    .bind(prefix)
+    .bind(rows)
+    .execute(h.store.pool())
+    .await?;
+    Ok(())
+}
+
+/// More rows past their retention than one cleanup step deletes (a
+/// retention lowered on a full table): `cleanup` deletes them all, step by
+/// step, and the active relay goes on step after step without waiting for
+/// its next interval. Younger rows stay.
+async fn a_cleanup_of_many_old_rows_goes_on_until_none_is_left(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let rows = skein_outbox::relay::CLEANUP_BATCH * 5 / 2;
+    let config = RelayConfig {
+        retention: Duration::from_secs(3600),
+        inbox_retention: Duration::from_secs(3600),
+        ..fast_relay()
+    };
+    h.write("young", 1).await?;
+    h.relay(config.clone()).drain().await?;
+    sqlx::query(
+        "INSERT INTO skein_inbox (handler, message_id, processed_at) VALUES ('test', 'young', $1)",
+    )
+    .bind(skein_outbox::now_micros())
+    .execute(h.store.pool())
+    .await?;
+    let left = || async {
+        anyhow::Ok((
+            h.count("SELECT COUNT(*) FROM skein_outbox").await?,
+            h.count("SELECT COUNT(*) FROM skein_inbox").await?,
+        ))
+    };
+
+    old_rows(&h, "first-", rows).await?;
+    let deleted = h.relay(config.clone()).cleanup().await?;
+    ensure!(
+        deleted == (rows.try_into()?, rows.try_into()?),
+        "cleanup deleted {deleted:?} of {rows} old rows in each table"
+    );
+    ensure!(left().await? == (1, 1), "left: {:?}", left().await?);
+
+    // The relay's first cleanup, and no other for a minute.
+    old_rows(&h, "second-", rows).await?;
+    h.relay(RelayConfig {
+        cleanup_interval: Some(Duration::from_secs(60)),
+        ..config
+    })
+    .spawn(h.shutdown.clone());
+    let cleaned = eventually(Duration::from_secs(20), || async {
+        (left().await.ok()? == (1, 1)).then_some(())
+    })
+    .await;
+    ensure!(
+        cleaned.is_some(),
+        "the relay stopped cleaning up with {:?} rows left",
+        left().await?
+    );
+    Ok(())
+}
+
 async fn migrations_run_once_per_component(backend: Backend) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
     // A second open of the same database applies nothing again.
@@ -1707,6 +1787,7 @@ backend_tests!(
     a_backlog_longer_than_a_lease_to_publish_keeps_the_active_relay_its_lock,
     rows_committed_while_nats_is_down_are_published_when_it_returns,
     published_rows_are_kept_for_the_retention_period_then_removed,
+    a_cleanup_of_many_old_rows_goes_on_until_none_is_left,
     migrations_run_once_per_component,
     a_store_that_may_not_migrate_checks_the_schema_and_changes_nothing,
     a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
