@@ -120,6 +120,10 @@ struct Change<'a> {
     now: i64,
 }
 
+/// Reads of an instance a retry makes when inputs keep changing it between
+/// its read and its write.
+const RETRY_READS: usize = 3;
+
 impl Coordinator {
     /// A coordinator of `sagas` keeping its instances in `store` (migrated
     /// with [`crate::MIGRATIONS`]); `source` is the `ce-source` of what it
@@ -641,6 +645,27 @@ impl Coordinator {
     /// as it is then.
     pub async fn retry(&self, id: Uuid, by: &str) -> Result<SagaInstance, RetryError> {
         let failed = |reason: String| RetryError::Failed { id, reason };
+        for _ in 0..RETRY_READS {
+            if let Some(inst) = self.retry_once(id, by).await? {
+                tracing::info!(saga = %inst.saga, instance = %id, by, "saga instance retried");
+                return self
+                    .get(id)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?
+                    .ok_or(RetryError::NotFound(id));
+            }
+        }
+        Err(RetryError::Refused(format!(
+            "saga instance {id} kept changing while it was retried (answers coming in?); \
+             look at it again"
+        )))
+    }
+
+    /// One try of [`Coordinator::retry`] on the instance as it is now: the
+    /// instance retried, or `None` when another input changed it between
+    /// the read and the write (nothing stored).
+    async fn retry_once(&self, id: Uuid, by: &str) -> Result<Option<Instance>, RetryError> {
+        let failed = |reason: String| RetryError::Failed { id, reason };
         let now = now_micros();
         let mut tx = self
             .store
@@ -707,16 +732,12 @@ impl Coordinator {
             .await
             .map_err(|e| failed(e.reason().to_owned()))?;
         if !stored {
-            return Err(RetryError::Refused(format!(
-                "saga instance {id} changed meanwhile (its answer came?); look at it again"
-            )));
+            // Another input changed it between our read and our write (a
+            // late answer, noted or applied): look at it again.
+            return Ok(None);
         }
         tx.commit().await.map_err(|e| failed(e.to_string()))?;
-        tracing::info!(saga = %inst.saga, instance = %id, by, "saga instance retried");
-        self.get(id)
-            .await
-            .map_err(|e| failed(e.to_string()))?
-            .ok_or(RetryError::NotFound(id))
+        Ok(Some(inst))
     }
 
     /// The instance of `saga` about `key`, with its transitions.

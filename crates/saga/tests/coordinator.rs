@@ -640,6 +640,56 @@ async fn postgres_a_step_racing_another_copy_is_retried_as_changed_meanwhile() -
     Ok(())
 }
 
+/// PostgreSQL: an operator retries a failed instance while a late answer's
+/// note about it (a transition, no change) is being committed. The retry's
+/// transition, numbered before the note's commit, collides with it; the
+/// retry reads the instance again and goes through instead of telling the
+/// operator it changed (it did not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_retry_racing_a_note_reads_again_and_goes_through() -> anyhow::Result<()> {
+    let mut shop = Shop::start(Backend::Postgres).await?;
+    shop.deliver(&placed("o5")?).await?;
+    shop.answer_last("o5", "shop.reserve.v1", |id| Reserved { id })
+        .await?;
+    shop.answer_last("o5", "shop.pay.v1", |id| Paid { id })
+        .await?;
+    shop.pass_deadline().await?;
+    shop.pass_deadline().await?;
+    let failed = shop.instance("o5").await?;
+    anyhow::ensure!(failed.status == SagaStatus::Failed, "{failed:#?}");
+
+    // The note, not committed yet.
+    let mut note = shop.store.pool().begin().await?;
+    sqlx::query(
+        "INSERT INTO saga_transitions (instance_id, seq, at, from_status, to_status, step, cause_id, cause, sent, note) \
+         VALUES ($1, (SELECT MAX(seq) + 1 FROM saga_transitions WHERE instance_id = $1), 0, 'failed', 'failed', 'ship', NULL, 'test', '[]', 'a late answer')",
+    )
+    .bind(failed.id.to_string())
+    .execute(&mut *note)
+    .await?;
+    let (retried, committed) =
+        tokio::join!(shop.coordinator.retry(failed.id, "the operator"), async {
+            // Long enough for the retry to reach its statement and wait.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            note.commit().await
+        });
+    committed?;
+    let retried = retried?;
+    anyhow::ensure!(
+        retried.status != SagaStatus::Failed
+            && retried
+                .transitions
+                .iter()
+                .any(|t| t.note == "a late answer")
+            && retried
+                .transitions
+                .last()
+                .is_some_and(|t| t.cause == "retry"),
+        "{retried:#?}"
+    );
+    Ok(())
+}
+
 /// Instances that ended (completed, compensated) are deleted once past the
 /// retention, with the records of what they sent and their transitions,
 /// in batches of the size asked; live and failed ones are kept whatever
