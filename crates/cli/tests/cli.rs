@@ -634,12 +634,13 @@ async fn bad_flags_and_a_missing_server_get_errors_that_say_what_to_do() -> anyh
     Ok(())
 }
 
-/// `--outbox-retention` and `--inbox-retention` reach the relay: rows older
+/// `--outbox-retention` and `--inbox-retention` reach the relay and
+/// `--saga-retention` the orchestrator: rows and sagas that ended older
 /// than they say go as soon as the worker starts, younger ones stay. A
 /// retention that would make the inbox forget too soon, or one that is not
 /// a duration, is refused before anything is opened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow::Result<()> {
+async fn a_worker_keeps_outbox_inbox_and_saga_rows_as_long_as_it_is_told() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
     let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
@@ -688,6 +689,27 @@ async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow:
         .execute(store.pool())
         .await?;
     }
+    // Sagas that ended, one older than an hour, one younger (the keys say
+    // which).
+    let sagas =
+        skein_outbox::Store::connect(&database_url.replace("{service}", skein_orchestrator::NAME))
+            .await?;
+    sagas.migrate("saga", skein_saga::MIGRATIONS).await?;
+    for (key, age) in [("old", 2 * hour), ("young", hour / 2)] {
+        let at = now - age;
+        let id = uuid::Builder::from_unix_timestamp_millis(u64::try_from(at / 1000)?, &[0; 10])
+            .into_uuid();
+        sqlx::query(
+            "INSERT INTO saga_instances (id, saga, saga_key, status, step, attempt, compensations, \
+             finish, data, reason, correlation_id, deadline_at, version, created_at, updated_at) \
+             VALUES ($1, 'place_order', $2, 'completed', 3, 1, '[]', 'failure', '{}', NULL, 'c', NULL, 4, $3, $3)",
+        )
+        .bind(id.to_string())
+        .bind(key)
+        .bind(at)
+        .execute(sagas.pool())
+        .await?;
+    }
     let kept = || async {
         let outbox: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM skein_outbox WHERE id IN ('old', 'young') ORDER BY id",
@@ -699,7 +721,11 @@ async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow:
         )
         .fetch_all(store.pool())
         .await?;
-        anyhow::Ok((outbox, inbox))
+        let sagas: Vec<String> =
+            sqlx::query_scalar("SELECT saga_key FROM saga_instances ORDER BY saga_key")
+                .fetch_all(sagas.pool())
+                .await?;
+        anyhow::Ok((outbox, inbox, sagas))
     };
 
     let mut child = spawn_worker(
@@ -707,9 +733,12 @@ async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow:
         &database_url,
         &[
             "catalog",
+            "orchestrator",
             "--outbox-retention",
             "1h",
             "--inbox-retention",
+            "1h",
+            "--saga-retention",
             "1h",
         ],
     )?;
@@ -720,14 +749,15 @@ async fn a_worker_keeps_outbox_and_inbox_rows_as_long_as_it_is_told() -> anyhow:
     .await
     .context("the worker never answered $SRV.PING.catalog")?;
     let young = vec!["young".to_owned()];
+    let only_young = (young.clone(), young.clone(), young);
     eventually(Duration::from_secs(20), || async {
-        (kept().await.ok()? == (young.clone(), young.clone())).then_some(())
+        (kept().await.ok()? == only_young).then_some(())
     })
     .await
     .context("the rows older than an hour were not deleted (or younger ones were)")?;
     let status = terminate(&mut child, Duration::from_secs(15)).await?;
     ensure!(status.success(), "exited with {status}");
-    ensure!(kept().await? == (young.clone(), young), "a young row went");
+    ensure!(kept().await? == only_young, "a young row went");
     Ok(())
 }
 
