@@ -652,7 +652,8 @@ async fn keep_waiting(client: async_nats::Client, waiting: Weak<Waiting>, period
 
 /// Keeps the gauges `consumer_lag` (messages not yet delivered to the
 /// group), `ack_pending` (delivered, not yet acknowledged) and `dlq_depth`
-/// (dead letters of this consumer in the DLQ stream) up to date.
+/// (dead letters of this consumer in the DLQ stream) of the consumer on
+/// `spec.stream` up to date (a worker's other consumers keep theirs).
 async fn watch_figures(
     bus: Bus,
     spec: ConsumerSpec,
@@ -665,12 +666,14 @@ async fn watch_figures(
         if let Ok(stream) = js.get_stream(&spec.stream).await {
             if let Ok(consumer) = stream.get_consumer::<pull::Config>(&spec.durable).await {
                 if let Ok(info) = consumer.get_info().await {
-                    stats.set_gauge(
+                    stats.set_consumer_gauge(
                         "consumer_lag",
+                        &spec.stream,
                         i64::try_from(info.num_pending).unwrap_or(i64::MAX),
                     );
-                    stats.set_gauge(
+                    stats.set_consumer_gauge(
                         "ack_pending",
+                        &spec.stream,
                         i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX),
                     );
                 }
@@ -688,7 +691,11 @@ async fn watch_figures(
                     .filter_map(|s| async move { s.ok().map(|(_, n)| n) })
                     .fold(0, |a, n| async move { a + n })
                     .await;
-                stats.set_gauge("dlq_depth", i64::try_from(depth).unwrap_or(i64::MAX));
+                stats.set_consumer_gauge(
+                    "dlq_depth",
+                    &spec.stream,
+                    i64::try_from(depth).unwrap_or(i64::MAX),
+                );
             }
         }
         if sleep_or_shutdown(&shutdown, every).await {

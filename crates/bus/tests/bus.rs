@@ -1344,6 +1344,46 @@ async fn the_service_api_answers_ping_stats_and_status() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker that consumes two streams (as orders takes events and
+/// commands) reports each consumer's figures by stream and their sums: the
+/// dead letters of its commands are not hidden by its events' consumer
+/// having none (both used to write one gauge, the last one winning).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_on_two_streams_reports_each_consumer_s_figures() -> anyhow::Result<()> {
+    init_tracing();
+    let (_server, bus) = start().await?;
+    const WORKER: &str = "two-streams";
+    let stats = Arc::new(WorkerStats::default());
+    let ok = || handler(|_d: Delivery| async { Ok(()) });
+    let events = Worker::start_with_stats(&bus, fast_worker(WORKER), ok(), stats.clone()).await?;
+    let mut on_commands = fast_worker(WORKER);
+    on_commands.stream = COMMANDS.into();
+    on_commands.filter_subjects = vec!["commands.two-streams.>".into()];
+    let commands = Worker::start_with_stats(&bus, on_commands, ok(), stats.clone()).await?;
+    bus.publisher().publish(&happened("e-1", 1)?).await?;
+    // Not skein messages: dead letters of the commands' consumer.
+    for n in 0..3 {
+        bus.jetstream()
+            .publish(format!("commands.two-streams.junk{n}"), "junk".into())
+            .await?
+            .await?;
+    }
+    let gauges = eventually(Duration::from_secs(15), || async {
+        let g = stats.snapshot().gauges;
+        (g.get("dlq_depth.COMMANDS") == Some(&3)
+            && g.get("dlq_depth.EVENTS") == Some(&0)
+            && g.get("consumer_lag.EVENTS") == Some(&0))
+        .then_some(g)
+    })
+    .await
+    .with_context(|| format!("gauges: {:?}", stats.snapshot().gauges))?;
+    assert_eq!(gauges.get("dlq_depth"), Some(&3), "{gauges:?}");
+    assert!(gauges.contains_key("consumer_lag.COMMANDS"), "{gauges:?}");
+    events.shutdown().await;
+    commands.shutdown().await;
+    Ok(())
+}
+
 /// A copy of a service answering queries that stops answers the request
 /// it is working on before its stop returns, and once it has returned
 /// every request goes to the copies still running (none waits for an

@@ -6,7 +6,8 @@
 //! clients nothing and is not hammered. Then half-open: exactly one probe
 //! passes; its success closes the breaker, its failure opens it again
 //! (requests let through before the breaker opened, answering late, decide
-//! nothing then, nor does one of them abandoned free the probe's place).
+//! nothing while it is open or half-open, nor does one of them abandoned
+//! free the probe's place).
 //! A business error (4xx) is a success: the service answered.
 
 use std::collections::BTreeMap;
@@ -127,8 +128,11 @@ impl Breakers {
         let Some(state) = services.get_mut(service) else {
             return;
         };
-        if matches!(state, Inner::HalfOpen { .. }) && !probe {
-            // A request from before the breaker opened: the probe decides.
+        if !matches!(state, Inner::Closed { .. }) && !probe {
+            // A request from before the breaker opened, answering late:
+            // while open the breaker stays open for its time (one slow
+            // answer does not make a struggling service healthy), and when
+            // half-open the probe decides.
             return;
         }
         let open = Inner::Open {
@@ -149,7 +153,7 @@ impl Breakers {
                 tracing::warn!(service, "probe failed, circuit breaker open again");
                 open
             }
-            // Another request already opened it: keep its deadline.
+            // Only a probe reports here, and a probe exists only half-open.
             (Inner::Open { until }, false) => Inner::Open { until: *until },
         };
     }
@@ -248,6 +252,29 @@ mod tests {
             p.failure();
         }
         assert_eq!(b.states()["orders"], BreakerState::Open);
+    }
+
+    #[test]
+    fn a_request_from_before_the_breaker_opened_decides_nothing_while_open() {
+        let b = breakers(Duration::from_secs(60));
+        let (slow, failing) = (b.acquire("orders").ok(), b.acquire("orders").ok());
+        for _ in 0..3 {
+            b.acquire("orders").map(Permit::failure).ok();
+        }
+        assert_eq!(b.states()["orders"], BreakerState::Open);
+        if let Some(p) = slow {
+            p.success();
+        }
+        assert_eq!(
+            b.states()["orders"],
+            BreakerState::Open,
+            "a late answer closed it"
+        );
+        if let Some(p) = failing {
+            p.failure();
+        }
+        assert_eq!(b.states()["orders"], BreakerState::Open);
+        assert!(b.acquire("orders").is_err());
     }
 
     #[test]

@@ -106,6 +106,10 @@ pub enum ApiError {
     /// NATS is not reachable: nothing can be accepted or answered.
     #[error("the message bus is unavailable")]
     BusUnavailable,
+    /// A command was sent and JetStream did not confirm it: it may have
+    /// been stored and may still be carried out.
+    #[error("the message bus did not confirm the command")]
+    Unconfirmed,
     /// A service did not answer in time.
     #[error("{0} did not answer in time")]
     Timeout(String),
@@ -134,9 +138,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::ServiceUnavailable { .. } | ApiError::BusUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::ServiceUnavailable { .. }
+            | ApiError::BusUnavailable
+            | ApiError::Unconfirmed => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -161,7 +165,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency-key-reused",
             ApiError::RateLimited { .. } => "rate-limited",
             ApiError::ServiceUnavailable { .. } => "service-unavailable",
-            ApiError::BusUnavailable => "bus-unavailable",
+            ApiError::BusUnavailable | ApiError::Unconfirmed => "bus-unavailable",
             ApiError::Timeout(_) => "timeout",
             ApiError::BadGateway(_) => "bad-gateway",
             ApiError::Internal => "internal",
@@ -185,7 +189,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "Idempotency key reused",
             ApiError::RateLimited { .. } => "Too many requests",
             ApiError::ServiceUnavailable { .. } => "Service unavailable",
-            ApiError::BusUnavailable => "Message bus unavailable",
+            ApiError::BusUnavailable | ApiError::Unconfirmed => "Message bus unavailable",
             ApiError::Timeout(_) => "Service timed out",
             ApiError::BadGateway(_) => "Service failed",
             ApiError::Internal => "Internal error",
@@ -231,6 +235,10 @@ impl ApiError {
             ApiError::BusUnavailable => {
                 "the message bus is unreachable; nothing was accepted".to_owned()
             }
+            ApiError::Unconfirmed => "the message bus did not confirm the command: it may still \
+                be carried out; retry with the same Idempotency-Key (a retry without one may \
+                do it twice)"
+                .to_owned(),
             ApiError::Timeout(service) => format!("{service} did not answer in time"),
             ApiError::BadGateway(service) => format!("{service} failed to answer"),
             ApiError::Internal => "an internal error occurred; quote the request id".to_owned(),
@@ -280,7 +288,7 @@ impl IntoResponse for ApiError {
             | ApiError::ServiceUnavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
             }
-            ApiError::BusUnavailable => {
+            ApiError::BusUnavailable | ApiError::Unconfirmed => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

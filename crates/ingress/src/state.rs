@@ -113,6 +113,14 @@ impl AppState {
                     }
                 })
             }
+            Err(e) if !self.bus_connected() => {
+                // The bus went away under the request: no fault of the
+                // service's, and its breaker must not be open when the bus
+                // is back (the permit goes unreported).
+                drop(permit);
+                tracing::warn!(service, error = %e, "query failed: the message bus is unreachable");
+                Err(ApiError::BusUnavailable)
+            }
             Err(e) => {
                 permit.failure();
                 tracing::warn!(service, error = %e, "query failed");
@@ -122,7 +130,6 @@ impl AppState {
                         service: service.to_owned(),
                         retry_after: std::time::Duration::from_secs(1),
                     },
-                    RequestError::Transport(_) if !self.bus_connected() => ApiError::BusUnavailable,
                     _ => ApiError::BadGateway(service.to_owned()),
                 })
             }
@@ -145,13 +152,15 @@ impl AppState {
                     .command_published(&envelope.kind, ack.duplicate);
                 Ok(())
             }
+            // Sent, perhaps stored: the client must not read "nothing was
+            // accepted" and retry without its key.
             Ok(Err(e)) => {
                 tracing::error!(kind = %envelope.kind, error = %e, "cannot publish a command");
-                Err(ApiError::BusUnavailable)
+                Err(ApiError::Unconfirmed)
             }
             Err(_) => {
                 tracing::error!(kind = %envelope.kind, "publishing a command timed out");
-                Err(ApiError::BusUnavailable)
+                Err(ApiError::Unconfirmed)
             }
         }
     }

@@ -252,7 +252,8 @@ pub(crate) async fn cancel(
     if let Some(done) = settle(
         &state,
         watch,
-        &["order_cancelled"],
+        // A placement saga that rejects the order meanwhile ends it too.
+        &["order_cancelled", "order_rejected"],
         &caller,
         order_id,
         &ctx.request_id,
