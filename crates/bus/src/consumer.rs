@@ -124,6 +124,17 @@ pub struct WorkerConfig {
     pub max_held: usize,
     /// How often the consumer lag and DLQ depth gauges are refreshed.
     pub figures_interval: Duration,
+    /// See [`ConsumerSpec::start_within`]: where a consumer of this worker
+    /// found missing (lost) starts on a stream kept as history, for a
+    /// worker with an inbox its retention. `None`: at the stream's
+    /// beginning.
+    pub start_within: Option<Duration>,
+    /// Whether this worker consumed the stream before (its database says
+    /// so): a consumer missing at its start was lost too, and starts as
+    /// `start_within` says; otherwise the worker is new to the stream and
+    /// a consumer it creates at its start takes the stream from its
+    /// beginning (a new read model is built from the whole history).
+    pub consumed_before: bool,
 }
 
 /// The durable consumer a worker with this configuration binds (what
@@ -137,6 +148,7 @@ impl From<&WorkerConfig> for ConsumerSpec {
             filter_subjects: config.filter_subjects.clone(),
             ack_wait: Some(config.ack_wait),
             max_ack_pending: None,
+            start_within: config.start_within,
         }
     }
 }
@@ -168,6 +180,8 @@ impl WorkerConfig {
             batch: 64,
             max_held: 128,
             figures_interval: Duration::from_secs(5),
+            start_within: None,
+            consumed_before: false,
         }
     }
 
@@ -222,7 +236,13 @@ impl Worker {
         stats: Arc<WorkerStats>,
     ) -> Result<RunningWorker> {
         let spec = ConsumerSpec::from(&config);
-        let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
+        // Missing at the first bind: new to the stream (from its beginning)
+        // unless the worker says it consumed it before; missing later: lost.
+        let first = ConsumerSpec {
+            start_within: spec.start_within.filter(|_| config.consumed_before),
+            ..spec.clone()
+        };
+        let (consumer, change) = apply_consumer(bus.jetstream(), &first, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let taken = &consumer.cached_info().config;
         let mut besides = filter_set(&taken.filter_subject, &taken.filter_subjects);

@@ -258,6 +258,15 @@ pub struct ConsumerSpec {
     pub ack_wait: Option<std::time::Duration>,
     /// Most unacknowledged messages in flight across all copies.
     pub max_ack_pending: Option<i64>,
+    /// Where the consumer starts when it has to be created on a stream kept
+    /// as history (limits retention, as `EVENTS`): at the messages stored
+    /// within this long before now instead of the stream's beginning. A
+    /// worker that consumed the stream before (its consumer was deleted or
+    /// lost) gives its inbox retention: older messages ran already, and
+    /// the inbox, which has forgotten them, would let them run again. Not
+    /// used on a work queue (what is in it has not run) nor for a consumer
+    /// that exists.
+    pub start_within: Option<std::time::Duration>,
 }
 
 /// The consumer template in `nats/consumers/worker.json`.
@@ -337,7 +346,25 @@ pub async fn apply_consumer(
             Ok(info) => info,
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                 use jetstream::stream::ConsumerCreateStrictErrorKind as Kind;
-                match stream.create_consumer_strict(config.clone()).await {
+                let mut create = config.clone();
+                let since = spec
+                    .start_within
+                    .filter(|_| !work_queue)
+                    .and_then(|within| time::Duration::try_from(within).ok())
+                    .and_then(|within| time::OffsetDateTime::now_utc().checked_sub(within));
+                if let Some(since) = since {
+                    create.deliver_policy =
+                        jetstream::consumer::DeliverPolicy::ByStartTime { start_time: since };
+                    tracing::warn!(
+                        consumer = %spec.durable,
+                        stream = %spec.stream,
+                        since = %since,
+                        "the consumer of a worker that consumed this stream before is missing: \
+                         created again at the messages stored since then (its inbox would run \
+                         older ones again); `skein replay --into` delivers older ones if needed"
+                    );
+                }
+                match stream.create_consumer_strict(create).await {
                     Ok(created) => return Ok((created, Change::Created)),
                     // Another copy created it meanwhile: widen that one.
                     Err(e) if e.kind() == Kind::AlreadyExists => continue,
@@ -364,8 +391,18 @@ pub async fn apply_consumer(
             set_filters(&mut config, widened(&wanted, &taken));
         }
         let mut differences = differing_fields(&config, current);
-        // The server keeps one of filter_subject/filter_subjects.
-        differences.retain(|f| f != "filter_subject" && f != "filter_subjects");
+        // The server keeps one of filter_subject/filter_subjects; where a
+        // consumer started is set at its creation only.
+        differences.retain(|f| {
+            !matches!(
+                f.as_str(),
+                "filter_subject"
+                    | "filter_subjects"
+                    | "deliver_policy"
+                    | "opt_start_time"
+                    | "opt_start_seq"
+            )
+        });
         if !same_filters(&config, current) {
             differences.push("filter_subjects".into());
         }

@@ -379,6 +379,7 @@ async fn an_older_copy_starting_again_keeps_the_subjects_a_newer_copy_takes() ->
         filter_subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
         ack_wait: None,
         max_ack_pending: None,
+        start_within: None,
     };
     let both = ["commands.test.a", "commands.test.b"];
     apply_consumer(bus.jetstream(), &commands(&both), Filters::Widen).await?;

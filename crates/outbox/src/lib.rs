@@ -81,6 +81,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/0002_notify_on_insert.sqlite.sql"),
         postgres: include_str!("../migrations/0002_notify_on_insert.postgres.sql"),
     },
+    Migration {
+        version: 3,
+        description: "the consumers each worker has bound",
+        sqlite: include_str!("../migrations/0003_consumers.sqlite.sql"),
+        postgres: include_str!("../migrations/0003_consumers.postgres.sql"),
+    },
 ];
 
 /// Now, in microseconds since the Unix epoch: the time column type of every

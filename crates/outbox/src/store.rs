@@ -509,6 +509,39 @@ impl Store {
         }
     }
 
+    /// Whether worker `name` has bound its consumer on `stream` with this
+    /// database before (see [`Store::record_consumer`]).
+    pub async fn consumed_before(&self, name: &str, stream: &str) -> Result<bool> {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT COUNT(*) FROM skein_consumers WHERE name = $1 AND stream = $2",
+        )
+        .bind(name)
+        .bind(stream)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map(|n| n > 0)
+        .map_err(Error::query("cannot read the consumers bound before"))
+    }
+
+    /// Records that worker `name` bound its consumer on `stream` (kept from
+    /// the first time on).
+    pub async fn record_consumer(&self, name: &str, stream: &str) -> Result<()> {
+        self.write_permit()
+            .await?
+            .execute(|| {
+                sqlx::query(
+                    "INSERT INTO skein_consumers (name, stream, first_bound_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name, stream) DO NOTHING",
+                )
+                .bind(name)
+                .bind(stream)
+                .bind(crate::now_micros())
+            })
+            .await
+            .map(|_| ())
+            .map_err(Error::query("cannot record the consumer bound"))
+    }
+
     /// Runs a trivial query on the pool: whether the database answers.
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1")

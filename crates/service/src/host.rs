@@ -102,9 +102,23 @@ impl Host {
         tune: impl FnOnce(&mut WorkerConfig),
     ) -> Result<()> {
         let mut config = WorkerConfig::new(&self.config.name, stream, filter_subjects);
+        // A consumer of a worker that consumed this stream before and is
+        // missing now was lost: made again where the inbox still knows what
+        // ran, not at the beginning of a year of history.
+        let before = self
+            .store
+            .consumed_before(&self.config.name, stream)
+            .await?;
+        config.start_within = Some(self.config.relay.inbox_retention);
+        config.consumed_before = before;
         tune(&mut config);
         let worker =
             Worker::start_with_stats(&self.bus, config, handler, self.stats.clone()).await?;
+        if !before {
+            self.store
+                .record_consumer(&self.config.name, stream)
+                .await?;
+        }
         self.workers.push(worker);
         Ok(())
     }

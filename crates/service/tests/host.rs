@@ -1,0 +1,166 @@
+//! A worker host on a real nats-server and database: what its consumers
+//! do when the server has lost them.
+//!
+//! ```text
+//! cargo nextest run -p skein-service --test host
+//! ```
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use serde::{Deserialize, Serialize};
+use skein_bus::provision::{apply_builtin_streams, EVENTS};
+use skein_bus::{Bus, BusConfig, Delivery, HandlerError};
+use skein_message::{Contract, Envelope, Event, MessageContext};
+use skein_outbox::{Migration, Store, Tx, TxHandler};
+use skein_service::{Host, HostConfig};
+use skein_testkit::{eventually, Backend, NatsServer, TestDb};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Happened {
+    n: i64,
+}
+
+impl Contract for Happened {
+    const SERVICE: &'static str = "test";
+    const NAME: &'static str = "happened";
+    const VERSION: u32 = 1;
+}
+
+impl Event for Happened {
+    fn entity_id(&self) -> String {
+        self.n.to_string()
+    }
+}
+
+const APPLIED: &[Migration] = &[Migration {
+    version: 1,
+    description: "what each worker applied",
+    sqlite: "CREATE TABLE applied (worker TEXT NOT NULL, n BIGINT NOT NULL);",
+    postgres: "CREATE TABLE applied (worker TEXT NOT NULL, n BIGINT NOT NULL);",
+}];
+
+/// Records each event it is handed, in the inbox's transaction.
+struct Recorder(&'static str);
+
+impl TxHandler for Recorder {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: Happened = delivery.envelope.decode()?;
+        sqlx::query("INSERT INTO applied (worker, n) VALUES ($1, $2)")
+            .bind(self.0)
+            .bind(event.n)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| HandlerError::transient(e.to_string()))?;
+        Ok(())
+    }
+}
+
+async fn host(bus: &Bus, store: &Store, name: &'static str) -> anyhow::Result<Host> {
+    let mut config = HostConfig::new(name);
+    // The inbox remembers 2 s; its cleanup is left to the test.
+    config.relay.inbox_retention = Duration::from_secs(2);
+    config.relay.cleanup_interval = None;
+    let mut host = Host::start(bus.clone(), store.clone(), config).await?;
+    host.consume(EVENTS, vec!["events.test.>".into()], Recorder(name), |_| {})
+        .await?;
+    Ok(host)
+}
+
+async fn applied(store: &Store, worker: &str) -> anyhow::Result<Vec<i64>> {
+    Ok(
+        sqlx::query_scalar("SELECT n FROM applied WHERE worker = $1 ORDER BY n")
+            .bind(worker)
+            .fetch_all(store.pool())
+            .await?,
+    )
+}
+
+async fn applied_becomes(store: &Store, worker: &str, expected: &[i64]) -> anyhow::Result<()> {
+    eventually(Duration::from_secs(15), || async {
+        (applied(store, worker).await.ok()? == expected).then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!("{worker} did not apply {expected:?} (it applied what `applied` holds)")
+    })
+}
+
+/// A worker's consumer on `EVENTS` is deleted (by an operator, or the
+/// server lost its state) while the worker is down, and its inbox has
+/// forgotten the events it handled longer ago than its retention. Started
+/// again, the worker makes its consumer again at the events its inbox
+/// remembers, not at the beginning of the stream: the old event does not
+/// run a second time; nor when the consumer goes while the worker runs. A
+/// worker new to the stream still takes it from its beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "host-test")).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let store = Store::connect(db.url()).await?;
+    store.migrate("test", APPLIED).await?;
+    let publish = |n: i64| {
+        let bus = bus.clone();
+        async move {
+            let envelope = Envelope::event("test", &Happened { n }, &MessageContext::root())?;
+            bus.publisher().publish(&envelope).await?;
+            anyhow::Ok(())
+        }
+    };
+
+    let first = host(&bus, &store, "recorder").await?;
+    publish(1).await?;
+    applied_becomes(&store, "recorder", &[1]).await?;
+    first.shutdown().await;
+
+    // Past the inbox's retention: its cleanup forgets event 1.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("DELETE FROM skein_inbox")
+        .execute(store.pool())
+        .await?;
+    bus.jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .delete_consumer("recorder")
+        .await
+        .context("cannot delete the consumer")?;
+
+    let again = host(&bus, &store, "recorder").await?;
+    publish(2).await?;
+    applied_becomes(&store, "recorder", &[1, 2]).await?;
+    // Time for an old event to come round again, if it were going to.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded = applied(&store, "recorder").await?;
+    ensure!(recorded == [1, 2], "applied {recorded:?}");
+
+    // Lost again while the worker runs: bound again the same way.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("DELETE FROM skein_inbox")
+        .execute(store.pool())
+        .await?;
+    bus.jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .delete_consumer("recorder")
+        .await
+        .context("cannot delete the consumer")?;
+    let bound = eventually(Duration::from_secs(15), || async {
+        let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
+        stream.consumer_info("recorder").await.ok()
+    })
+    .await;
+    ensure!(bound.is_some(), "the running worker did not bind again");
+    publish(3).await?;
+    applied_becomes(&store, "recorder", &[1, 2, 3]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded = applied(&store, "recorder").await?;
+    ensure!(recorded == [1, 2, 3], "applied {recorded:?}");
+    again.shutdown().await;
+
+    let newcomer = host(&bus, &store, "newcomer").await?;
+    applied_becomes(&store, "newcomer", &[1, 2, 3]).await?;
+    newcomer.shutdown().await;
+    Ok(())
+}
