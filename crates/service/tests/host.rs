@@ -86,6 +86,22 @@ async fn applied_becomes(store: &Store, worker: &str, expected: &[i64]) -> anyho
     })
 }
 
+/// Past the inbox's retention (its cleanup forgets what ran), the
+/// recorder's consumer is deleted.
+async fn lose_consumer_and_memory(bus: &Bus, store: &Store) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("DELETE FROM skein_inbox")
+        .execute(store.pool())
+        .await?;
+    bus.jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .delete_consumer("recorder")
+        .await
+        .context("cannot delete the consumer")?;
+    Ok(())
+}
+
 /// A worker's consumer on `EVENTS` is deleted (by an operator, or the
 /// server lost its state) while the worker is down, and its inbox has
 /// forgotten the events it handled longer ago than its retention. Started
@@ -115,17 +131,7 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
     applied_becomes(&store, "recorder", &[1]).await?;
     first.shutdown().await;
 
-    // Past the inbox's retention: its cleanup forgets event 1.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::query("DELETE FROM skein_inbox")
-        .execute(store.pool())
-        .await?;
-    bus.jetstream()
-        .get_stream(EVENTS)
-        .await?
-        .delete_consumer("recorder")
-        .await
-        .context("cannot delete the consumer")?;
+    lose_consumer_and_memory(&bus, &store).await?;
 
     let again = host(&bus, &store, "recorder").await?;
     publish(2).await?;
@@ -136,16 +142,7 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
     ensure!(recorded == [1, 2], "applied {recorded:?}");
 
     // Lost again while the worker runs: bound again the same way.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::query("DELETE FROM skein_inbox")
-        .execute(store.pool())
-        .await?;
-    bus.jetstream()
-        .get_stream(EVENTS)
-        .await?
-        .delete_consumer("recorder")
-        .await
-        .context("cannot delete the consumer")?;
+    lose_consumer_and_memory(&bus, &store).await?;
     let bound = eventually(Duration::from_secs(15), || async {
         let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
         stream.consumer_info("recorder").await.ok()

@@ -4,13 +4,16 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use skein_contracts::orchestrator::{GetSaga, ListSagas, RetrySaga, SagaStatus};
+use skein_contracts::orchestrator::{GetSaga, ListSagas, RetrySaga, SagaInstance, SagaStatus};
+use skein_contracts::Caller;
+use skein_message::Query;
+use uuid::Uuid;
 
 use super::{json, path_id, PathParam};
 use crate::auth::Admin;
 use crate::context::RequestContext;
 use crate::problem::ApiError;
-use crate::state::Shared;
+use crate::state::{AppState, Shared};
 
 /// The instance with id `{id}`, or else the newest saga about the order
 /// `{id}` (sagas are keyed by order id), with every transition.
@@ -21,37 +24,11 @@ pub(crate) async fn get(
     PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "saga")?;
-    let by_id = GetSaga {
+    by_id_or_order(&state, &ctx, &caller, id, None, |saga_id| GetSaga {
         caller: caller.clone(),
-        saga_id: id,
-    };
-    match state.ask(&by_id, &ctx.request_id).await {
-        Ok(saga) => return Ok(json(StatusCode::OK, &saga)),
-        Err(ApiError::NotFound(_)) => {}
-        Err(e) => return Err(e),
-    }
-    let about = ListSagas {
-        caller: caller.clone(),
-        status: None,
-        key: Some(id.to_string()),
-        limit: 1,
-        cursor: None,
-    };
-    let page = state.ask(&about, &ctx.request_id).await?;
-    let newest = page
-        .items
-        .first()
-        .ok_or_else(|| ApiError::NotFound(format!("no saga {id} and none about order {id}")))?;
-    let saga = state
-        .ask(
-            &GetSaga {
-                caller,
-                saga_id: newest.id,
-            },
-            &ctx.request_id,
-        )
-        .await?;
-    Ok(json(StatusCode::OK, &saga))
+        saga_id,
+    })
+    .await
 }
 
 /// Retries the failed instance with id `{id}`, or else the newest failed
@@ -66,34 +43,46 @@ pub(crate) async fn retry(
     PathParam(id): PathParam,
 ) -> Result<Response, ApiError> {
     let id = path_id(&id, "saga")?;
-    let by_id = RetrySaga {
+    let failed = Some(SagaStatus::Failed);
+    by_id_or_order(&state, &ctx, &caller, id, failed, |saga_id| RetrySaga {
         caller: caller.clone(),
-        saga_id: id,
-    };
-    match state.ask(&by_id, &ctx.request_id).await {
+        saga_id,
+    })
+    .await
+}
+
+/// Asks `query` about the instance `id`; when there is none, about the
+/// newest saga about the order `id` (of `status`, when given).
+async fn by_id_or_order<Q: Query<Reply = SagaInstance>>(
+    state: &AppState,
+    ctx: &RequestContext,
+    caller: &Caller,
+    id: Uuid,
+    status: Option<SagaStatus>,
+    query: impl Fn(Uuid) -> Q,
+) -> Result<Response, ApiError> {
+    match state.ask(&query(id), &ctx.request_id).await {
         Ok(saga) => return Ok(json(StatusCode::OK, &saga)),
         Err(ApiError::NotFound(_)) => {}
         Err(e) => return Err(e),
     }
     let about = ListSagas {
         caller: caller.clone(),
-        status: Some(SagaStatus::Failed),
+        status,
         key: Some(id.to_string()),
         limit: 1,
         cursor: None,
     };
     let page = state.ask(&about, &ctx.request_id).await?;
-    let failed = page.items.first().ok_or_else(|| {
-        ApiError::NotFound(format!("no saga {id} and no failed saga about order {id}"))
+    let newest = page.items.first().ok_or_else(|| {
+        ApiError::NotFound(match status {
+            Some(status) => format!(
+                "no saga {id} and no {} saga about order {id}",
+                status.as_str()
+            ),
+            None => format!("no saga {id} and none about order {id}"),
+        })
     })?;
-    let saga = state
-        .ask(
-            &RetrySaga {
-                caller,
-                saga_id: failed.id,
-            },
-            &ctx.request_id,
-        )
-        .await?;
+    let saga = state.ask(&query(newest.id), &ctx.request_id).await?;
     Ok(json(StatusCode::OK, &saga))
 }
