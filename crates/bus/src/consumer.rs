@@ -126,13 +126,13 @@ pub struct WorkerConfig {
     pub figures_interval: Duration,
     /// See [`ConsumerSpec::start_within`]: where a consumer of this worker
     /// found missing (lost) starts on a stream kept as history, for a
-    /// worker with an inbox its retention. `None`: at the stream's
-    /// beginning.
+    /// worker with an inbox its retention, when `consumed_before`. `None`:
+    /// at the stream's beginning.
     pub start_within: Option<Duration>,
-    /// Whether this worker consumed the stream before (its database says
-    /// so): a consumer missing at its start was lost too, and starts as
-    /// `start_within` says; otherwise the worker is new to the stream and
-    /// a consumer it creates at its start takes the stream from its
+    /// Whether this worker consumed the stream before this start (its
+    /// database says so): a consumer found missing was lost, and is made
+    /// again as `start_within` says; otherwise the worker is new to the
+    /// stream and a consumer it creates takes the stream from its
     /// beginning (a new read model is built from the whole history).
     pub consumed_before: bool,
 }
@@ -235,14 +235,13 @@ impl Worker {
         handler: H,
         stats: Arc<WorkerStats>,
     ) -> Result<RunningWorker> {
-        let spec = ConsumerSpec::from(&config);
-        // Missing at the first bind: new to the stream (from its beginning)
-        // unless the worker says it consumed it before; missing later: lost.
-        let first = ConsumerSpec {
-            start_within: spec.start_within.filter(|_| config.consumed_before),
-            ..spec.clone()
-        };
-        let (consumer, change) = apply_consumer(bus.jetstream(), &first, Filters::Widen).await?;
+        // A consumer found missing is made at the beginning of the stream
+        // for a worker new to it (also when lost while it catches up: what
+        // it has not run yet must not be skipped), else as `start_within`
+        // says.
+        let mut spec = ConsumerSpec::from(&config);
+        spec.start_within = spec.start_within.filter(|_| config.consumed_before);
+        let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let taken = &consumer.cached_info().config;
         let mut besides = filter_set(&taken.filter_subject, &taken.filter_subjects);

@@ -410,6 +410,9 @@ pub async fn apply_consumer(
             bound = Some(info);
             break;
         }
+        // The server refuses to change where a consumer started (one made
+        // again at a start time, say): the update keeps it.
+        config.deliver_policy = current.deliver_policy;
         let updated = stream.update_consumer(config.clone()).await.map_err(|e| {
             let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
             Error::Provision {

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context};
-use async_nats::jetstream::consumer::{self, pull};
+use async_nats::jetstream::consumer::{self, pull, DeliverPolicy};
 use serde::{Deserialize, Serialize};
 use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::provision::{apply_builtin_streams, Change, COMMANDS, DLQ, EVENTS};
@@ -263,6 +263,44 @@ async fn filters(bus: &Bus, name: &str) -> anyhow::Result<Vec<String>> {
     }
     subjects.sort();
     Ok(subjects)
+}
+
+/// A consumer made again at a start time (it was lost) is bound later by a
+/// copy that takes another subject, and set exactly: the updates keep
+/// where it started (the server refuses to change that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_made_at_a_start_time_is_updated_later_and_keeps_it() -> anyhow::Result<()> {
+    use skein_bus::provision::{apply_consumer, ConsumerSpec, Filters};
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let spec = |subjects: &[&str], start_within| ConsumerSpec {
+        stream: EVENTS.into(),
+        durable: "made-again".into(),
+        filter_subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        ack_wait: None,
+        max_ack_pending: None,
+        start_within,
+    };
+    let made = spec(&["events.test.a.happened"], Some(Duration::from_secs(60)));
+    apply_consumer(bus.jetstream(), &made, Filters::Widen).await?;
+    let by_time = |p: &DeliverPolicy| matches!(p, DeliverPolicy::ByStartTime { .. });
+    let info = consumer_info(&bus, "made-again").await?;
+    assert!(by_time(&info.config.deliver_policy), "{info:?}");
+
+    let wider = spec(&["events.test.b.happened"], None);
+    apply_consumer(bus.jetstream(), &wider, Filters::Widen).await?;
+    assert_eq!(
+        filters(&bus, "made-again").await?,
+        ["events.test.a.happened", "events.test.b.happened"]
+    );
+    apply_consumer(bus.jetstream(), &wider, Filters::Exact).await?;
+    assert_eq!(
+        filters(&bus, "made-again").await?,
+        ["events.test.b.happened"]
+    );
+    let info = consumer_info(&bus, "made-again").await?;
+    assert!(by_time(&info.config.deliver_policy), "{info:?}");
+    Ok(())
 }
 
 /// A rolling upgrade: a copy of a newer version binds the shared consumer

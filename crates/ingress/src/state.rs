@@ -113,7 +113,7 @@ impl AppState {
                     }
                 })
             }
-            Err(e) if !self.bus_connected() => {
+            Err(e) if !matches!(e, RequestError::Service(_)) && !self.bus_connected() => {
                 // The bus went away under the request: no fault of the
                 // service's, and its breaker must not be open when the bus
                 // is back (the permit goes unreported).

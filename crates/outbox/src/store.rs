@@ -510,10 +510,13 @@ impl Store {
     }
 
     /// Whether worker `name` has bound its consumer on `stream` with this
-    /// database before (see [`Store::record_consumer`]).
+    /// database before (see [`Store::record_consumer`]), or, for a
+    /// database from before that record, its inbox holds anything.
     pub async fn consumed_before(&self, name: &str, stream: &str) -> Result<bool> {
         sqlx::query_scalar::<_, i64>(
-            "SELECT COUNT(*) FROM skein_consumers WHERE name = $1 AND stream = $2",
+            "SELECT (SELECT COUNT(*) FROM skein_consumers WHERE name = $1 AND stream = $2) \
+             + (SELECT COUNT(*) FROM (SELECT 1 FROM skein_inbox WHERE handler = $1 LIMIT 1) AS i \
+             WHERE NOT EXISTS (SELECT 1 FROM skein_consumers WHERE name = $1))",
         )
         .bind(name)
         .bind(stream)

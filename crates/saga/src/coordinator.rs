@@ -120,13 +120,6 @@ struct Change<'a> {
     now: i64,
 }
 
-/// Deliveries of an event that cancels an instance that does not exist
-/// before it is taken as cancelling nothing: the event that starts the
-/// instance may be with another coordinator copy (redelivered after a nak,
-/// or not committed yet). With the consumers' default backoff the first
-/// five wait 0.1 + 0.2 + 0.4 + 0.8 + 1.6 s.
-pub const CANCEL_GRACE_DELIVERIES: u64 = 6;
-
 /// Reads of an instance a retry makes when inputs keep changing it between
 /// its read and its write.
 const RETRY_READS: usize = 3;
@@ -346,12 +339,7 @@ impl Coordinator {
         Ok(true)
     }
 
-    async fn on_event(
-        &self,
-        tx: &mut Tx,
-        event: &Envelope,
-        delivered: u64,
-    ) -> Result<(), HandlerError> {
+    async fn on_event(&self, tx: &mut Tx, event: &Envelope) -> Result<(), HandlerError> {
         let now = now_micros();
         let cause = || Cause {
             id: Some(event.id),
@@ -392,18 +380,6 @@ impl Coordinator {
                                 })
                                 .map_err(definition)?;
                             self.persist(tx, &mut inst, change).await?;
-                        }
-                        // A cancel can overtake the event that starts its
-                        // instance (another copy has that one, waiting for
-                        // its redelivery or its commit): asked again a few
-                        // times before there is nothing to stop.
-                        None if delivered < CANCEL_GRACE_DELIVERIES => {
-                            return Err(HandlerError::transient(format!(
-                                "{kind} cancels {saga} {key}, which has no instance yet (not \
-                                 started yet? delivery {delivered} of {CANCEL_GRACE_DELIVERIES})",
-                                kind = event.kind,
-                                saga = saga.name,
-                            )));
                         }
                         None => {
                             tracing::info!(saga = %saga.name, %key, kind = %event.kind, "cancel for no instance; nothing to stop")
@@ -828,7 +804,6 @@ impl Coordinator {
 
 impl TxHandler for Coordinator {
     async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
-        self.on_event(tx, &delivery.envelope, delivery.info.delivered)
-            .await
+        self.on_event(tx, &delivery.envelope).await
     }
 }

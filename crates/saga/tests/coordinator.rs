@@ -66,9 +66,7 @@ fn shop() -> anyhow::Result<Saga> {
                 .completes_on::<Notified>()
                 .deadline(LONG)
         })
-        .cancel_on(|e: &Stop| (e.id.clone(), "stopped".to_owned()))
         .on_compensated(|o: &Order, _why: &str| Reject { id: o.id.clone() })
-        .on_cancelled(|o: &Order, _why: &str| Reject { id: o.id.clone() })
         .build()?)
 }
 
@@ -106,15 +104,6 @@ impl Shop {
 
     /// [`Shop::deliver`], with the coordinator's own error.
     async fn deliver_raw(&mut self, envelope: &Envelope) -> Result<Processed, HandlerError> {
-        self.deliver_again(envelope, 1).await
-    }
-
-    /// Hands `envelope` over as its `delivered`-th delivery.
-    async fn deliver_again(
-        &mut self,
-        envelope: &Envelope,
-        delivered: u64,
-    ) -> Result<Processed, HandlerError> {
         self.delivered += 1;
         let delivery = Delivery {
             envelope: envelope.clone(),
@@ -122,7 +111,7 @@ impl Shop {
                 stream: "EVENTS".into(),
                 consumer: "orchestrator".into(),
                 stream_sequence: self.delivered,
-                delivered,
+                delivered: 1,
             },
         };
         self.inbox.process(&delivery).await
@@ -212,60 +201,7 @@ backend_tests!(
     a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it,
     the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_stops,
     instances_that_ended_are_deleted_past_their_retention_with_their_records,
-    a_cancel_that_overtakes_its_start_is_handled_again_until_the_instance_exists,
 );
-
-/// The event that cancels an instance comes before the one that starts it
-/// (another coordinator copy has that one): it is refused as transient, and
-/// once the instance exists its redelivery cancels it. A cancel for an
-/// instance that still does not exist after the grace deliveries cancels
-/// nothing and is done with.
-async fn a_cancel_that_overtakes_its_start_is_handled_again_until_the_instance_exists(
-    backend: Backend,
-) -> anyhow::Result<()> {
-    let mut shop = Shop::start(backend).await?;
-    let stop = stop_event("early")?;
-    let early = shop
-        .deliver_raw(&stop)
-        .await
-        .err()
-        .context("a cancel with no instance yet was taken as done")?;
-    anyhow::ensure!(
-        early.kind() == ErrorKind::Transient && early.reason().contains("no instance yet"),
-        "{early:?}"
-    );
-    shop.deliver(&placed("early")?).await?;
-    anyhow::ensure!(
-        shop.deliver_again(&stop, 2)
-            .await
-            .map_err(|e| anyhow::anyhow!(e.reason().to_owned()))?
-            == Processed::Applied,
-    );
-    let cancelled = shop.instance("early").await?;
-    anyhow::ensure!(
-        cancelled.status == SagaStatus::Compensating
-            && sent(&cancelled, "shop.release.v1").len() == 1
-            && sent(&cancelled, "shop.pay.v1").is_empty(),
-        "{cancelled:#?}"
-    );
-
-    let never = stop_event("never")?;
-    let last = shop
-        .deliver_again(&never, skein_saga::coordinator::CANCEL_GRACE_DELIVERIES)
-        .await
-        .map_err(|e| anyhow::anyhow!(e.reason().to_owned()))?;
-    anyhow::ensure!(last == Processed::Applied, "{last:?}");
-    anyhow::ensure!(shop.coordinator.find("shop", "never").await?.is_none());
-    Ok(())
-}
-
-fn stop_event(id: &str) -> anyhow::Result<Envelope> {
-    Ok(Envelope::event(
-        "shop",
-        &Stop { id: id.to_owned() },
-        &MessageContext::root(),
-    )?)
-}
 
 impl Shop {
     /// Runs instance `key` to `completed`: every step answered.
