@@ -667,13 +667,26 @@ async fn postgres_a_retry_racing_a_note_reads_again_and_goes_through() -> anyhow
     .bind(failed.id.to_string())
     .execute(&mut *note)
     .await?;
-    let (retried, committed) =
+    let pool = shop.store.pool().clone();
+    let (retried, (waited, committed)) =
         tokio::join!(shop.coordinator.retry(failed.id, "the operator"), async {
-            // Long enough for the retry to reach its statement and wait.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            note.commit().await
+            // Once the retry's write waits for the note's lock, not after a
+            // fixed time: a retry that read after the commit tests nothing.
+            let waited = skein_testkit::eventually(Duration::from_secs(10), || async {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .fetch_one(&pool)
+                .await
+                .ok()?;
+                (n > 0).then_some(())
+            })
+            .await;
+            (waited, note.commit().await)
         });
     committed?;
+    anyhow::ensure!(waited.is_some(), "the retry never waited for the note");
     let retried = retried?;
     anyhow::ensure!(
         retried.status != SagaStatus::Failed
