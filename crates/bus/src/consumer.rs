@@ -125,16 +125,13 @@ pub struct WorkerConfig {
     /// How often the consumer lag and DLQ depth gauges are refreshed.
     pub figures_interval: Duration,
     /// See [`ConsumerSpec::start_within`]: where a consumer of this worker
-    /// found missing (lost) starts on a stream kept as history, for a
-    /// worker with an inbox its retention, when `consumed_before`. `None`:
-    /// at the stream's beginning.
+    /// found missing (lost) starts on a stream kept as history. A worker
+    /// with an inbox that consumed the stream before this start (its
+    /// database says so) gives its inbox retention; `None`, for a worker
+    /// new to the stream: at its beginning (a new read model is built from
+    /// the whole history, and a consumer lost while it catches up must not
+    /// skip what it has not run yet).
     pub start_within: Option<Duration>,
-    /// Whether this worker consumed the stream before this start (its
-    /// database says so): a consumer found missing was lost, and is made
-    /// again as `start_within` says; otherwise the worker is new to the
-    /// stream and a consumer it creates takes the stream from its
-    /// beginning (a new read model is built from the whole history).
-    pub consumed_before: bool,
 }
 
 /// The durable consumer a worker with this configuration binds (what
@@ -181,7 +178,6 @@ impl WorkerConfig {
             max_held: 128,
             figures_interval: Duration::from_secs(5),
             start_within: None,
-            consumed_before: false,
         }
     }
 
@@ -235,12 +231,7 @@ impl Worker {
         handler: H,
         stats: Arc<WorkerStats>,
     ) -> Result<RunningWorker> {
-        // A consumer found missing is made at the beginning of the stream
-        // for a worker new to it (also when lost while it catches up: what
-        // it has not run yet must not be skipped), else as `start_within`
-        // says.
-        let mut spec = ConsumerSpec::from(&config);
-        spec.start_within = spec.start_within.filter(|_| config.consumed_before);
+        let spec = ConsumerSpec::from(&config);
         let (consumer, change) = apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
         tracing::info!(worker = %config.name, stream = %config.stream, consumer = %change, "worker bound to its consumer group");
         let taken = &consumer.cached_info().config;

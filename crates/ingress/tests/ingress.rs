@@ -1887,6 +1887,47 @@ async fn with_nats_down_the_ingress_answers_503_and_recovers_with_it() -> anyhow
     Ok(())
 }
 
+/// JetStream does not confirm a command within the publish timeout (the
+/// server stalls, as on a slow disk): the ingress says it may still be
+/// carried out, not that nothing was accepted, and once the server goes on
+/// the order is indeed placed.
+#[tokio::test]
+async fn a_command_not_confirmed_in_time_is_answered_as_perhaps_carried_out() -> anyhow::Result<()>
+{
+    let app = App::start_with(|c| c.publish_timeout = Duration::from_millis(500)).await?;
+    let (_, token) = app.customer("ada@example.org").await?;
+    let product = app.product("sku-1", 100, 10).await?;
+    app.p.nats.pause()?;
+    let placed = app
+        .send(
+            Req::new("POST", "/v1/orders")
+                .token(&token)
+                .header("idempotency-key", "checkout-1")
+                .json(&json!({"lines": [{"product_id": product, "quantity": 1}]})),
+        )
+        .await;
+    app.p.nats.resume()?;
+    let placed = placed?;
+    ensure!(
+        placed.status == 503
+            && placed.problem() == "bus-unavailable"
+            && placed.body["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("may still be carried out")),
+        "{placed:?}"
+    );
+    let carried_out = eventually(WAIT, || async {
+        let mine = app.get("/v1/orders", &token).await.ok()?;
+        (mine.body["items"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    ensure!(
+        carried_out.is_some(),
+        "the unconfirmed order was not placed"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn rate_limits_answer_429_with_retry_after_and_log_in_is_limited_harder() -> anyhow::Result<()>
 {

@@ -84,9 +84,9 @@ pub struct RelayConfig {
     pub inbox_retention: Duration,
     /// How often old rows are cleaned up (first when the relay becomes the
     /// active one), [`CLEANUP_BATCH`] rows of each table per round of the
-    /// relay until none past their retention are left; `None`: never, for a relay that only publishes for a
-    /// tool (`skein replay --into`), which leaves deleting to the worker's
-    /// own relay and its retentions.
+    /// relay until none past their retention are left; `None`: never, for
+    /// a relay that only publishes for a tool (`skein replay --into`),
+    /// which leaves deleting to the worker's own relay and its retentions.
     pub cleanup_interval: Option<Duration>,
     /// Lease duration on SQLite; standbys retry at this period. The active
     /// relay checks its lock every third of it; on PostgreSQL the server

@@ -102,22 +102,17 @@ impl Host {
         tune: impl FnOnce(&mut WorkerConfig),
     ) -> Result<()> {
         let mut config = WorkerConfig::new(&self.config.name, stream, filter_subjects);
+        tune(&mut config);
         // A consumer of a worker that consumed this stream before and is
         // missing now was lost: made again where the inbox still knows what
         // ran, not at the beginning of a year of history.
-        let before = self
-            .store
-            .consumed_before(&self.config.name, stream)
-            .await?;
-        config.start_within = Some(self.config.relay.inbox_retention);
-        config.consumed_before = before;
-        tune(&mut config);
+        let (name, stream) = (config.name.clone(), config.stream.clone());
+        let before = self.store.consumed_before(&name, &stream).await?;
+        config.start_within = before.then_some(self.config.relay.inbox_retention);
         let worker =
             Worker::start_with_stats(&self.bus, config, handler, self.stats.clone()).await?;
         if !before {
-            self.store
-                .record_consumer(&self.config.name, stream)
-                .await?;
+            self.store.record_consumer(&name, &stream).await?;
         }
         self.workers.push(worker);
         Ok(())

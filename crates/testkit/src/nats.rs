@@ -184,6 +184,42 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server's process without ending it (SIGSTOP): connections
+    /// stay open and nothing is answered, as a server stalled on its disk
+    /// would be; [`NatsServer::resume`] lets it go on with what it was sent.
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a [`NatsServer::pause`]d server go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> Result<()> {
+        let failed = |source| Error::Io {
+            context: format!("cannot send {signal} to nats-server"),
+            source,
+        };
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| failed(std::io::Error::other("nats-server is not running")))?;
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .map_err(failed)?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(failed(std::io::Error::other(format!(
+                "kill exited with {status}"
+            ))))
+        }
+    }
+
     /// Starts the server again on the same port with the same store, and
     /// waits until JetStream answers.
     pub async fn start_again(&mut self) -> Result<()> {
