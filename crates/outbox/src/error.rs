@@ -61,8 +61,9 @@ pub enum Error {
     /// The relay's lease was taken over by another relay.
     #[error("the relay lease was taken by another relay")]
     LockLost,
-    /// The PostgreSQL relay's lock connection did not answer in time.
-    #[error("the relay lock connection did not answer within {0:?}")]
+    /// The PostgreSQL relay's lock connection, or the SQLite database to
+    /// renew the lease, did not answer in time.
+    #[error("the relay lock was not confirmed within {0:?}")]
     LockUnanswered(std::time::Duration),
     /// An I/O error with context.
     #[error("{context}: {source}")]

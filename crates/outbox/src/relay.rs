@@ -89,9 +89,11 @@ pub struct RelayConfig {
     /// which leaves deleting to the worker's own relay and its retentions.
     pub cleanup_interval: Option<Duration>,
     /// Lease duration on SQLite; standbys retry at this period. The active
-    /// relay checks its lock every third of it; on PostgreSQL the server
-    /// ends a lock session silent for three leases (freeing the lock for a
-    /// standby), and a check unanswered within a lease gives the lock up.
+    /// relay renews its lease (SQLite) or pings its lock session
+    /// (PostgreSQL) every third of it from a task of its own, whatever it
+    /// is publishing meanwhile; on PostgreSQL the server ends a lock session
+    /// silent for three leases (freeing the lock for a standby), and a ping
+    /// unanswered within a lease gives the lock up.
     pub lease: Duration,
     /// SQLite: how long the active relay lets published rows wait before
     /// it marks them published, to mark the rows of many rounds in one
@@ -468,10 +470,9 @@ impl Relay {
     /// One pass of the active relay: the rounds [`Relay::drain`] would
     /// run, on SQLite marking through `unmarked`, but none begun after
     /// `until`; whether it stopped for that with rows left. A backlog takes
-    /// several passes, and the lock is checked between them: a SQLite lease
-    /// not renewed for longer than itself runs out, and a standby would
-    /// take over while this relay still publishes; a PostgreSQL lock
-    /// session found lost ends the term.
+    /// several passes, and the lock is checked between them: a lock found
+    /// lost (a SQLite lease that could not be renewed in time and was taken
+    /// by a standby, a PostgreSQL session ended) ends the term.
     async fn pass(&self, unmarked: &mut Unmarked, until: tokio::time::Instant) -> Result<bool> {
         match self.store.backend() {
             Backend::Sqlite => self.drain_unmarked(unmarked, until).await,
@@ -739,6 +740,8 @@ impl Relay {
                 tracing::debug!(error = %e, "cannot mark the last rows published; the next relay publishes them again");
             }
         }
+        // No renewal after this: `run` gives the lease back next.
+        lock.end().await;
         result
     }
 
@@ -755,10 +758,11 @@ impl Relay {
             .config
             .cleanup_interval
             .map(|_| tokio::time::Instant::now());
-        let mut last_lock_check = tokio::time::Instant::now();
         let mut last_report = tokio::time::Instant::now() - Duration::from_secs(1);
         let mut failures: u32 = 0;
         loop {
+            // Before every pass: a relay that lost its lock publishes no more.
+            lock.check().await?;
             let until = tokio::time::Instant::now() + self.config.lease / 3;
             let mut more = false;
             match self.pass(unmarked, until).await {
@@ -804,10 +808,6 @@ impl Relay {
                     Err(e) => tracing::warn!(error = %e, "cleanup failed"),
                 }
             }
-            if last_lock_check.elapsed() >= self.config.lease / 3 {
-                last_lock_check = tokio::time::Instant::now();
-                self.keep(lock).await?;
-            }
             let wait = if more {
                 // Rows are left: on with them once the lock is checked.
                 Duration::ZERO
@@ -821,9 +821,7 @@ impl Relay {
                 unmarked
                     .due_in(self.config.mark_delay)
                     .map_or(poll, |due| poll.min(due))
-            }
-            // Back in time to renew the lock, whatever the poll.
-            .min((self.config.lease / 3).saturating_sub(last_lock_check.elapsed()));
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     // Publish what is committed before leaving (for a
@@ -838,6 +836,8 @@ impl Relay {
                 // (on PostgreSQL republishing every row it could not mark).
                 _ = self.store.committed(), if failures == 0 => {}
                 _ = wakeups.next(), if failures == 0 => {}
+                // Lost while waiting: the term ends at the top of the loop.
+                _ = lock.lost() => {}
             }
         }
     }
@@ -863,37 +863,44 @@ impl Relay {
                     .await
                     .map_err(Error::query("cannot take the relay lock"))?;
                 if got {
-                    Ok(Some(Lock::Postgres(PgLock::hold(conn, self.config.lease))))
+                    Ok(Some(Lock::keep(ping_session(conn, self.config.lease))))
                 } else {
                     let _ = conn.close().await;
                     Ok(None)
                 }
             }
-            Backend::Sqlite => {
-                let mut permit = self.store.write_permit().await?;
-                let lease = i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
-                let taken = permit
-                    .execute(|| {
-                        // The time of this attempt: one that waited for
-                        // another process's lock must not write a lease that
-                        // ran out while it waited.
-                        let now = crate::now_micros();
-                        let until = now.saturating_add(lease);
-                        sqlx::query(
-                            "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
-                             ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
-                             WHERE skein_relay_lease.owner = excluded.owner OR skein_relay_lease.expires_at < $3",
-                        )
-                        .bind(&self.owner)
-                        .bind(until)
-                        .bind(now)
-                    })
-                    .await
-                .map_err(Error::query("cannot take the relay lease"))?
-                .rows_affected();
-                Ok((taken == 1).then_some(Lock::Lease))
-            }
+            Backend::Sqlite => Ok(self
+                .take_lease()
+                .await?
+                .then(|| Lock::keep(renew_lease(self.clone())))),
         }
+    }
+
+    /// Takes or renews the SQLite relay lease for a lease from now; whether
+    /// this relay holds it (not when another relay's has not run out).
+    async fn take_lease(&self) -> Result<bool> {
+        let mut permit = self.store.write_permit().await?;
+        let lease = i64::try_from(self.config.lease.as_micros()).unwrap_or(i64::MAX / 2);
+        let taken = permit
+            .execute(|| {
+                // The time of this attempt: one that waited for another
+                // process's lock must not write a lease that ran out while
+                // it waited.
+                let now = crate::now_micros();
+                let until = now.saturating_add(lease);
+                sqlx::query(
+                    "INSERT INTO skein_relay_lease (name, owner, expires_at) VALUES ('outbox', $1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at \
+                     WHERE skein_relay_lease.owner = excluded.owner OR skein_relay_lease.expires_at < $3",
+                )
+                .bind(&self.owner)
+                .bind(until)
+                .bind(now)
+            })
+            .await
+            .map_err(Error::query("cannot take the relay lease"))?
+            .rows_affected();
+        Ok(taken == 1)
     }
 
     /// The connection that hears of commits in other processes (`LISTEN`),
@@ -952,17 +959,6 @@ impl Relay {
             Err(e) => {
                 tracing::warn!(error = %e, "cannot set idle_session_timeout on the relay lock session; a silent relay keeps the lock until TCP keepalives end its session");
             }
-        }
-    }
-
-    /// Checks that the lock is still held (renewing the SQLite lease).
-    async fn keep(&self, lock: &mut Lock) -> Result<()> {
-        match lock {
-            Lock::Postgres(held) => held.check().await,
-            Lock::Lease => match self.acquire().await? {
-                Some(_) => Ok(()),
-                None => Err(Error::LockLost),
-            },
         }
     }
 
@@ -1054,58 +1050,114 @@ fn session_name(role: &str, owner: &str) -> String {
 /// Advisory lock key of the relay ("skein" outbox).
 const RELAY_LOCK_KEY: i64 = 0x736b_6569_6e00_0001;
 
-enum Lock {
-    Postgres(PgLock),
-    Lease,
+/// The active relay's lock, kept by a task of its own whatever the relay
+/// is doing (a long cleanup, a round waiting for NATS): on PostgreSQL a
+/// session holding an advisory lock, pinged (the server ends a session
+/// silent for three leases); on SQLite a lease row, renewed (a standby
+/// takes a lease that ran out). Either way every third of a lease. Ended
+/// or dropped, the task stops; a dropped PostgreSQL session frees the lock.
+struct Lock {
+    /// Ends, with why, once the lock is lost.
+    keeper: Option<JoinHandle<Error>>,
+    /// Cancelled when the keeper ends.
+    lost: CancellationToken,
 }
 
-/// The PostgreSQL lock's session, pinged every third of a lease by a task
-/// of its own, whatever the relay is doing (a long cleanup, a round waiting
-/// for NATS): the server ends a session silent for three leases, and must
-/// not end this one while its relay works. Dropped, it closes the session,
-/// which frees the lock.
-struct PgLock {
-    /// Ends, with why, once the session is lost.
-    pinger: JoinHandle<Error>,
+impl Lock {
+    fn keep<F>(keeper: F) -> Self
+    where
+        F: std::future::Future<Output = Error> + Send + 'static,
+    {
+        let lost = CancellationToken::new();
+        let ended = lost.clone().drop_guard();
+        let keeper = tokio::spawn(async move {
+            let _ended = ended;
+            keeper.await
+        });
+        Self {
+            keeper: Some(keeper),
+            lost,
+        }
+    }
+
+    /// Why the lock was lost, once it was.
+    async fn check(&mut self) -> Result<()> {
+        match self.keeper.take_if(|keeper| keeper.is_finished()) {
+            None if self.keeper.is_some() => Ok(()),
+            Some(keeper) => Err(keeper.await.unwrap_or(Error::LockLost)),
+            None => Err(Error::LockLost),
+        }
+    }
+
+    /// Completes once the lock is lost.
+    async fn lost(&self) {
+        self.lost.cancelled().await
+    }
+
+    /// Stops keeping the lock, and returns once the keeper has stopped: a
+    /// lease renewal in flight must not land after the lease is given back.
+    async fn end(&mut self) {
+        if let Some(keeper) = self.keeper.take() {
+            keeper.abort();
+            let _ = keeper.await;
+        }
+    }
 }
 
-impl PgLock {
-    fn hold(mut conn: PgConnection, lease: Duration) -> Self {
-        let pinger = tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(lease / 3);
-            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                // Given up when the server does not answer within a lease:
-                // it may have ended the session already.
-                match tokio::time::timeout(lease, conn.ping()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        return Error::Query {
-                            context: "relay lock connection lost",
-                            source: e,
-                        }
-                    }
-                    Err(_) => return Error::LockUnanswered(lease),
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if let Some(keeper) = &self.keeper {
+            keeper.abort();
+        }
+    }
+}
+
+/// Pings the PostgreSQL lock's session every third of a lease; ends when
+/// it is lost, or unanswered within a lease (the server may have ended it
+/// already).
+async fn ping_session(mut conn: PgConnection, lease: Duration) -> Error {
+    let mut ticks = tokio::time::interval(lease / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match tokio::time::timeout(lease, conn.ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Error::Query {
+                    context: "relay lock connection lost",
+                    source: e,
                 }
             }
-        });
-        Self { pinger }
-    }
-
-    /// Why the session was lost, once it was.
-    async fn check(&mut self) -> Result<()> {
-        if !self.pinger.is_finished() {
-            return Ok(());
+            Err(_) => return Error::LockUnanswered(lease),
         }
-        Err((&mut self.pinger).await.unwrap_or(Error::LockLost))
     }
 }
 
-impl Drop for PgLock {
-    fn drop(&mut self) {
-        self.pinger.abort();
+/// Renews `relay`'s SQLite lease every third of a lease; ends when another
+/// relay holds it, or when it could not be renewed before it ran out (the
+/// database's write lock held by another process all that time): a
+/// standby may take it from then on.
+async fn renew_lease(relay: Relay) -> Error {
+    let lease = relay.config.lease;
+    let mut ticks = tokio::time::interval(lease / 3);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    // Taken just now, by `acquire`.
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        ticks.tick().await;
+        let attempt = tokio::time::Instant::now();
+        let left = lease.saturating_sub(renewed.elapsed());
+        match tokio::time::timeout(left, relay.take_lease()).await {
+            Ok(Ok(true)) => renewed = attempt,
+            Ok(Ok(false)) => return Error::LockLost,
+            Ok(Err(e)) if renewed.elapsed() >= lease => return e,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot renew the relay lease; trying again");
+            }
+            Err(_) => return Error::LockUnanswered(lease),
+        }
     }
 }
 

@@ -887,9 +887,9 @@ async fn a_standby_relay_takes_over_when_the_active_one_stops(
 }
 
 /// A backlog that takes the active relay several leases to publish does
-/// not cost it its lock (the SQLite lease running out: it is renewed
-/// between passes; the PostgreSQL server ending a lock session silent for
-/// three leases: it is pinged by a task of its own): a standby beside it
+/// not cost it its lock (the SQLite lease running out, the PostgreSQL
+/// server ending a lock session silent for three leases: each is kept by a
+/// task of its own): a standby beside it
 /// never takes over mid-drain, so no row goes out twice.
 async fn a_backlog_longer_than_a_lease_to_publish_keeps_the_active_relay_its_lock(
     backend: Backend,
@@ -2300,6 +2300,66 @@ async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Res
             -left / 1000
         );
     }
+    Ok(())
+}
+
+/// An active SQLite relay whose round waits on NATS for longer than its
+/// lease (a stalled server: the publish is neither acknowledged nor failed)
+/// keeps its lease, renewed by a task of its own: a standby beside it does
+/// not take over meanwhile and publish the same rows, and the row goes out
+/// once the server goes on. Before, the lease was renewed between rounds
+/// only, and ran out while a round waited.
+#[tokio::test]
+async fn sqlite_a_relay_waiting_on_nats_longer_than_its_lease_keeps_it() -> anyhow::Result<()> {
+    let h = Harness::start(Backend::Sqlite).await?;
+    let config = RelayConfig {
+        lease: Duration::from_secs(1),
+        ..fast_relay()
+    };
+    let active = h.relay(config.clone());
+    active.clone().spawn(h.shutdown.clone());
+    h.write("a", 0).await?;
+    h.backlog_at_most(0, Duration::from_secs(5))
+        .await
+        .context("the relay did not publish")?;
+    let holder = async || -> anyhow::Result<Option<String>> {
+        Ok(sqlx::query_scalar::<_, String>(
+            "SELECT owner FROM skein_relay_lease WHERE name = 'outbox' AND expires_at >= $1",
+        )
+        .bind(skein_outbox::now_micros())
+        .fetch_optional(h.store.pool())
+        .await?)
+    };
+    let first = holder().await?.context("the active relay holds no lease")?;
+    let standby = Relay::new(
+        Store::connect(h.db.url()).await?,
+        h.bus.publisher(),
+        config.clone(),
+    );
+    standby.clone().spawn(h.shutdown.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    h.nats.pause()?;
+    h.write("a", 1).await?;
+    // Three leases while the active relay's round waits for its ack.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = holder().await?;
+        if now.as_ref() != Some(&first) {
+            h.nats.resume()?;
+            anyhow::bail!("the lease went from {first} to {now:?} while the relay waited on NATS");
+        }
+    }
+    h.nats.resume()?;
+    h.backlog_at_most(0, Duration::from_secs(15))
+        .await
+        .context("the row was not published once NATS went on")?;
+    ensure!(h.stream_messages().await?.len() == 2);
+    let (active, standby) = (active.duplicates(), standby.duplicates());
+    ensure!(
+        active + standby == 0,
+        "rows published twice: {active} by the first relay, {standby} by the standby"
+    );
     Ok(())
 }
 
