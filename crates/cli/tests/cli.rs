@@ -1510,6 +1510,32 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         stdout(&again)
     );
 
+    // The catalog's inbox forgets what it processed (its retention run
+    // out, as with `--inbox-retention 0s`): the commands the orchestrator
+    // sent it are older than it remembers, not lost, and a repair would
+    // have it apply them again.
+    {
+        let catalog = skein_outbox::Store::connect(&db.replace("{service}", "catalog")).await?;
+        let bus = Bus::connect(&BusConfig::new(&nats.0, "audit-test")).await?;
+        let config = skein_outbox::RelayConfig {
+            inbox_retention: Duration::ZERO,
+            ..skein_outbox::RelayConfig::default()
+        };
+        let (_, forgotten) = skein_outbox::Relay::new(catalog.clone(), bus.publisher(), config)
+            .cleanup()
+            .await?;
+        ensure!(forgotten > 0, "the catalog's inbox held nothing");
+        catalog.close().await;
+    }
+    let forgotten = audit(false).await?;
+    ensure!(
+        forgotten.status.success()
+            && stdout(&forgotten).contains("older than the inbox of catalog remembers"),
+        "commands the catalog forgot are not lost: {}{}",
+        stdout(&forgotten),
+        stderr(&forgotten)
+    );
+
     let admin_login = json!({"email": "admin@skein.local", "password": password});
     let (status, admin) = http(
         http_port,

@@ -817,7 +817,88 @@ backend_tests!(
     a_dead_letter_an_operator_purged_is_discarded_for_the_audit_not_missed,
     an_event_redriven_from_the_dlq_is_no_duplicate_for_the_audit,
     a_copy_of_an_old_message_stored_just_now_is_held_back_like_the_message,
+    an_inbox_record_deleted_past_its_retention_is_forgotten_not_missed,
 );
+
+/// Runs the relay's cleanup on `store` with an inbox retention of
+/// `inbox_retention`, as a worker started with that `--inbox-retention`
+/// would.
+async fn forget(setup: &Setup, store: &Store, inbox_retention: Duration) -> anyhow::Result<u64> {
+    let config = RelayConfig {
+        inbox_retention,
+        ..RelayConfig::default()
+    };
+    let (_, inbox) = Relay::new(store.clone(), setup.bus.publisher(), config)
+        .cleanup()
+        .await?;
+    Ok(inbox)
+}
+
+/// An inbox forgets what it processed after its retention, which may be
+/// shorter than the producer's outbox keeps its rows: an event the
+/// consumer applied and then forgot that way is no miss for the audit (it
+/// would fail, and `skein replay --into` apply the event twice). A record
+/// lost otherwise, of an event published after the inbox's horizon, is
+/// still found missed.
+async fn an_inbox_record_deleted_past_its_retention_is_forgotten_not_missed(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (setup, identity, projector, host) = with_projector(backend).await?;
+    announce(&setup, &identity, &user(Uuid::now_v7(), 1)?).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+
+    // A cleanup with two hours' retention forgets nothing of this: a
+    // record deleted by other means is a miss.
+    ensure!(forget(&setup, &projector, Duration::from_secs(7200)).await? == 0);
+    let id = outbox_id(&identity, 0).await?;
+    let record = format!("SELECT COUNT(*) FROM skein_inbox WHERE message_id = '{id}'");
+    let kept: i64 = sqlx::query_scalar(&record)
+        .fetch_one(projector.pool())
+        .await?;
+    ensure!(kept == 1, "the projector has no record of {id}");
+    execute(
+        &projector,
+        &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
+    )
+    .await?;
+    let missed = audit(&setup, "table").await?;
+    ensure!(
+        !missed.status.success() && stdout(&missed).contains(&format!("missed by projector {id}")),
+        "{}{}",
+        stdout(&missed),
+        stderr(&missed)
+    );
+
+    // The same inbox cleaned up with no retention: it may have forgotten
+    // anything published before now, this event too.
+    announce(&setup, &identity, &user(Uuid::now_v7(), 2)?).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    ensure!(forget(&setup, &projector, Duration::ZERO).await? == 1);
+    let forgotten = audit(&setup, "table").await?;
+    let out = stdout(&forgotten);
+    ensure!(
+        forgotten.status.success()
+            && out.contains(
+                "2 older than the inbox of projector remembers, not found there: not checked"
+            )
+            && !out.contains("missed by"),
+        "{out}{}",
+        stderr(&forgotten)
+    );
+    let json = audit(&setup, "json").await?;
+    let report: serde_json::Value = stdout(&json)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["service"] == "identity")
+        .context("no JSON report for identity")?;
+    ensure!(
+        report["forgotten"].as_array().map(Vec::len) == Some(2)
+            && report["missed"].as_array().is_some_and(Vec::is_empty),
+        "{report}"
+    );
+    host.shutdown().await;
+    Ok(())
+}
 
 /// A copy `skein dlq redrive` stored just now of a message two days old is
 /// as old as its message: a day's inbox retention holds it back, since the

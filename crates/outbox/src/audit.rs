@@ -13,6 +13,16 @@ use crate::error::{Error, Result};
 use crate::relay::{decode_row, PendingRow};
 use crate::store::Store;
 
+/// A published row still kept.
+#[derive(Debug, Clone)]
+pub struct PublishedRow {
+    /// The row.
+    pub row: PendingRow,
+    /// When it was marked published (Unix microseconds, the relay's clock):
+    /// at or after its publish was acknowledged.
+    pub published_at: i64,
+}
+
 /// Published rows still kept, marked published before `before` (Unix
 /// microseconds), in commit order, with a sequence above `after`, at most
 /// `limit`.
@@ -21,9 +31,9 @@ pub async fn published_rows(
     after: i64,
     before: i64,
     limit: i64,
-) -> Result<Vec<PendingRow>> {
+) -> Result<Vec<PublishedRow>> {
     let rows = sqlx::query(
-        "SELECT seq, id, subject, headers, payload FROM skein_outbox \
+        "SELECT seq, id, subject, headers, payload, published_at FROM skein_outbox \
          WHERE published_at IS NOT NULL AND published_at < $2 AND seq > $1 ORDER BY seq LIMIT $3",
     )
     .bind(after)
@@ -32,7 +42,26 @@ pub async fn published_rows(
     .fetch_all(store.pool())
     .await
     .map_err(Error::query("cannot read the outbox"))?;
-    rows.iter().map(decode_row).collect()
+    rows.iter()
+        .map(|r| {
+            Ok(PublishedRow {
+                row: decode_row(r)?,
+                published_at: r
+                    .try_get("published_at")
+                    .map_err(Error::query("cannot read an outbox row"))?,
+            })
+        })
+        .collect()
+}
+
+/// Before when the inbox may have forgotten what it processed (Unix
+/// microseconds): its records of messages processed earlier may have been
+/// deleted past their retention; `None` while none has been.
+pub async fn inbox_horizon(store: &Store) -> Result<Option<i64>> {
+    sqlx::query_scalar("SELECT forgotten_before FROM skein_inbox_horizon WHERE name = 'inbox'")
+        .fetch_optional(store.pool())
+        .await
+        .map_err(Error::query("cannot read the inbox's horizon"))
 }
 
 /// Rows marked published at or after `since` (Unix microseconds).

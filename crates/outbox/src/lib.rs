@@ -87,6 +87,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sqlite: include_str!("../migrations/0003_consumers.sqlite.sql"),
         postgres: include_str!("../migrations/0003_consumers.postgres.sql"),
     },
+    Migration {
+        version: 4,
+        description: "how far back the inbox may have forgotten",
+        sqlite: include_str!("../migrations/0004_inbox_horizon.sqlite.sql"),
+        postgres: include_str!("../migrations/0004_inbox_horizon.postgres.sql"),
+    },
 ];
 
 /// Now, in microseconds since the Unix epoch: the time column type of every

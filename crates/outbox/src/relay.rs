@@ -587,6 +587,23 @@ impl Relay {
             .await
             .map_err(Error::query("cannot clean up the outbox"))?
             .rows_affected();
+        let forget_before = now.saturating_sub(micros(self.config.inbox_retention));
+        // Recorded before anything is deleted (a crash in between leaves it
+        // ahead of what is gone, which only makes an audit check less); it
+        // never moves back, as a lengthened retention brings nothing back.
+        self.store
+            .write_permit()
+            .await?
+            .execute(|| {
+                sqlx::query(
+                    "INSERT INTO skein_inbox_horizon (name, forgotten_before) VALUES ('inbox', $1) \
+                     ON CONFLICT (name) DO UPDATE SET forgotten_before = excluded.forgotten_before \
+                     WHERE skein_inbox_horizon.forgotten_before < excluded.forgotten_before",
+                )
+                .bind(forget_before)
+            })
+            .await
+            .map_err(Error::query("cannot record the inbox's horizon"))?;
         let inbox = self
             .store
             .write_permit()
@@ -597,7 +614,7 @@ impl Relay {
                      (SELECT handler, message_id FROM skein_inbox WHERE processed_at < $1 \
                      ORDER BY processed_at LIMIT $2)",
                 )
-                .bind(now.saturating_sub(micros(self.config.inbox_retention)))
+                .bind(forget_before)
                 .bind(CLEANUP_BATCH)
             })
             .await

@@ -33,6 +33,16 @@
 //! A queued command is not yet consumed by the consumer that takes it. The
 //! consumers are read before the inboxes, so a message handled meanwhile is
 //! never taken for missed.
+//!
+//! An inbox forgets what it processed after its retention (30 days by
+//! default; a worker's `--inbox-retention` may be shorter than another
+//! service's outbox retention), and each database records how far back it
+//! may have (`skein_inbox_horizon`). A message published before that
+//! horizon (less [`HORIZON_MARGIN`]) and not found in the inbox of a
+//! service that takes it is *forgotten*: it may have been applied and its
+//! record deleted, so it is neither lost nor missed as far as the audit can
+//! tell, and `--repair` does not publish it again (the inbox would apply it
+//! a second time).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -47,6 +57,13 @@ use skein_outbox::Store;
 
 use super::select::cell;
 use super::worker::{Settings, DEFAULT_DATA_DIR};
+
+/// How much earlier than an inbox's horizon a message must have been marked
+/// published for the audit to trust that a record of it would still be
+/// there: a row is marked after its publish is acknowledged (the relay's
+/// mark delay later, by the relay's clock), and may be processed, by
+/// another host's clock, before that.
+const HORIZON_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every service with a database.
 const SERVICES: [&str; 6] = [
@@ -67,7 +84,8 @@ takes it but has not consumed it yet.\n\n\
 Exit status: non-zero while a message is lost, duplicated in EVENTS, or missed by a consumer \
 (acknowledged, yet neither in its inbox nor dead-lettered; `skein replay --into <worker>` \
 applies it). Messages not yet consumed (consumer lag) and the outbox backlog are reported, \
-not failures: they clear as the workers catch up."
+not failures: they clear as the workers catch up. Neither are messages older than the inbox \
+that takes them remembers (its --inbox-retention), not found there: forgotten, not repaired."
 )]
 pub(crate) struct Args {
     /// Only these services (default: all that have a database).
@@ -118,6 +136,10 @@ struct Report {
     /// Events a consumer acknowledged without recording them in its inbox
     /// or dead-lettering them.
     missed: Vec<Unconsumed>,
+    /// Messages published before the inbox of a service that takes them
+    /// may have forgotten what it processed, not found there: applied and
+    /// forgotten, or not, the audit cannot tell.
+    forgotten: Vec<Unconsumed>,
 }
 
 /// A message one consumer has not applied.
@@ -129,7 +151,7 @@ struct Unconsumed {
     consumer: String,
     /// Its stream.
     stream: String,
-    /// Its sequence there.
+    /// Its sequence there (0: a command no longer in `COMMANDS`).
     sequence: u64,
 }
 
@@ -328,6 +350,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // its target's inbox.
     let mut stores = Vec::new();
     let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
+    // Each inbox's horizon, less the margin: rows marked published before
+    // it may have been forgotten there.
+    let mut horizons: HashMap<String, i64> = HashMap::new();
     for service in &services {
         let url = template.replace("{service}", service);
         // An audit changes nothing, the schema included: one behind or
@@ -342,6 +367,13 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot read the {service} inbox"))?;
         inboxes.insert(service.clone(), ids);
+        if let Some(horizon) = skein_outbox::audit::inbox_horizon(&store)
+            .await
+            .with_context(|| format!("cannot read the {service} inbox's horizon"))?
+        {
+            let margin = i64::try_from(HORIZON_MARGIN.as_micros()).unwrap_or(i64::MAX);
+            horizons.insert(service.clone(), horizon.saturating_add(margin));
+        }
         stores.push((service.clone(), store));
     }
 
@@ -362,8 +394,15 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("cannot read the {service} outbox"))?;
             let Some(last) = rows.last() else { break };
-            after = last.seq;
-            for row in &rows {
+            after = last.row.seq;
+            for published in &rows {
+                let row = &published.row;
+                // Whether `service`'s inbox may have forgotten the row.
+                let forgotten_by = |service: &str| {
+                    horizons
+                        .get(service)
+                        .is_some_and(|&horizon| published.published_at < horizon)
+                };
                 report.checked += 1;
                 let subject = row.message.subject.as_str();
                 let found = if subject.starts_with("events.") {
@@ -391,6 +430,8 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                         };
                         if sequence > c.ack_floor {
                             report.not_yet_consumed.push(gap);
+                        } else if forgotten_by(&c.consumer) {
+                            report.forgotten.push(gap);
                         } else {
                             report.missed.push(gap);
                         }
@@ -411,11 +452,22 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                             sequence: *sequence,
                         });
                     }
-                    queued.contains_key(&row.id)
+                    let found = queued.contains_key(&row.id)
                         || dead.contains_key(&row.id)
                         || inboxes.get(target).is_some_and(|ids| ids.contains(&row.id))
                         // A target we did not audit: cannot tell.
-                        || !inboxes.contains_key(target)
+                        || !inboxes.contains_key(target);
+                    if !found && forgotten_by(target) {
+                        report.forgotten.push(Unconsumed {
+                            id: row.id.clone(),
+                            consumer: target.to_owned(),
+                            stream: "COMMANDS".into(),
+                            sequence: 0,
+                        });
+                        true
+                    } else {
+                        found
+                    }
                 } else {
                     true
                 };
@@ -476,6 +528,17 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     println!(
                         "  {} published just before the audit began: left for the next one",
                         r.recent
+                    );
+                }
+                if !r.forgotten.is_empty() {
+                    let mut by: Vec<&str> =
+                        r.forgotten.iter().map(|u| u.consumer.as_str()).collect();
+                    by.sort_unstable();
+                    by.dedup();
+                    println!(
+                        "  {} older than the inbox of {} remembers, not found there: not checked",
+                        r.forgotten.len(),
+                        by.join(", ")
                     );
                 }
                 for id in &r.lost {
