@@ -767,6 +767,17 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
     usize::try_from(hasher.finish() % lanes as u64).unwrap_or(0)
 }
 
+/// The consumer a copy `skein dlq redrive` published is for, when it is
+/// not `consumer`.
+fn redriven_for_another<'m>(message: &'m jetstream::Message, consumer: &str) -> Option<&'m str> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(crate::dlq::headers::REDRIVEN_FOR))
+        .map(|v| v.as_str())
+        .filter(|owner| *owner != consumer)
+}
+
 impl<H: Handler> Runtime<H> {
     async fn process(&self, message: jetstream::Message) {
         let (stream, stream_sequence, delivered) = match message.info() {
@@ -786,6 +797,14 @@ impl<H: Handler> Runtime<H> {
             stream_sequence,
             delivered,
         };
+        if let Some(owner) = redriven_for_another(&message, &self.config.name) {
+            // The original came to this consumer too, and was handled here.
+            tracing::debug!(worker = %self.config.name, seq = stream_sequence, owner, "a copy redriven for another consumer; acked unhandled");
+            if let Err(e) = message.ack().await {
+                tracing::debug!(error = %e, "ack failed; the copy comes again and is passed over again");
+            }
+            return;
+        }
         let envelope = match Envelope::from_parts(
             &message.subject,
             message.headers.as_ref(),

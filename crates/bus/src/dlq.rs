@@ -35,6 +35,11 @@ pub mod headers {
     /// many times it was redriven (it keeps its `ce-id`, so an inbox still
     /// knows it).
     pub const REDRIVEN: &str = "Skein-Redriven";
+    /// On a message `skein dlq redrive` published back to its origin: the
+    /// consumer (worker) that gave up on it, the only one to handle the
+    /// copy. Every consumer of the stream receives it; the others had the
+    /// original, and ack the copy unhandled.
+    pub const REDRIVEN_FOR: &str = "Skein-Redriven-For";
 }
 
 /// The dead letters' subjects, `dlq.<stream>.<consumer>`: what is listed,

@@ -375,6 +375,17 @@ async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> any
         },
     )
     .await?;
+    // Another consumer of the same events, which handles them.
+    let steady_handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let steady = Worker::start(
+        &bus,
+        WorkerConfig::new("steady", EVENTS, vec!["events.notes.>".into()]),
+        Fragile {
+            broken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            handled: steady_handled.clone(),
+        },
+    )
+    .await?;
     let e = Envelope::event(
         "notes",
         &Noted {
@@ -429,6 +440,28 @@ async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> any
     })
     .await
     .context("the redriven message was not handled")?;
+    // The copy reached the other consumer too, which had the original: it
+    // passes the copy over.
+    eventually(Duration::from_secs(10), || async {
+        let mut consumer = bus
+            .jetstream()
+            .get_stream(EVENTS)
+            .await
+            .ok()?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("steady")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.delivered.stream_sequence == 2 && info.num_ack_pending == 0).then_some(())
+    })
+    .await
+    .context("the other consumer did not take the redriven copy")?;
+    let steady_count = steady_handled.load(std::sync::atomic::Ordering::SeqCst);
+    ensure!(
+        steady_count == 1,
+        "the other consumer handled the event {steady_count} times"
+    );
+    steady.shutdown().await;
     let after = skein(&server, &["dlq", "list"]).await?;
     ensure!(
         stderr(&after).contains("0 dead letter(s)"),

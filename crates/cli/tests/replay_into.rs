@@ -950,6 +950,24 @@ async fn a_copy_of_an_old_message_stored_just_now_is_held_back_like_the_message(
         stdout(&held),
         stderr(&held)
     );
+    // A copy redriven for another worker (orders gave up on it): passed
+    // over, however old, as the projector's consumer passes it over.
+    let mut for_orders = skein_bus::Outgoing::from(&old);
+    for_orders.headers.insert("Skein-Redriven", "1");
+    for_orders.headers.insert("Skein-Redriven-For", "orders");
+    for_orders.headers.insert(
+        "Nats-Msg-Id",
+        format!("{}:redrive-orders-1", old.id).as_str(),
+    );
+    setup.bus.publisher().publish_outgoing(&for_orders).await?;
+    let passed = replay().await?;
+    ensure!(
+        stdout(&passed).contains("1 held back (older than the inbox remembers), 1 passed over (copies redriven for another worker)")
+            && stdout(&passed).contains("a copy redriven for orders, which gave up on it"),
+        "{}{}",
+        stdout(&passed),
+        stderr(&passed)
+    );
     // A replay changes no schema: into a database behind this build, even
     // a real one is refused and applies no migration.
     let args = ["replay", "--into", "projector", "--entity", &order_text];

@@ -4,8 +4,10 @@
 //! original headers (so the same `ce-id`: consumers' inboxes still recognise
 //! it) minus the dead-letter headers, adds `Skein-Redriven: <n>` and a
 //! de-duplication id of its own (`<ce-id>:redrive-<n>`, so a redrive within
-//! the stream's duplicate window is not dropped), and removes it from the DLQ
-//! once the origin stream has stored it. A message already
+//! the stream's duplicate window is not dropped) and `Skein-Redriven-For:
+//! <consumer>` (the consumer that gave up: the stream's other consumers
+//! ack the copy unhandled), and removes it from the DLQ once the origin
+//! stream has stored it. A message already
 //! redriven `--max-redrives` times is refused: it keeps failing, fix the
 //! cause first.
 
@@ -14,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use async_nats::HeaderMap;
 use futures::StreamExt;
-use skein_bus::dlq::headers::REDRIVEN;
+use skein_bus::dlq::headers::{REDRIVEN, REDRIVEN_FOR};
 use skein_bus::dlq::DeadLetterInfo;
 use skein_bus::provision::DLQ;
 use skein_bus::replay::{read, read_headers, StartAt, StoredMessage};
@@ -365,7 +367,7 @@ fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(O
     let mut headers = HeaderMap::new();
     for (name, values) in original.iter() {
         let name_str: &str = name.as_ref();
-        if name_str.starts_with("Skein-Dlq-") || name_str == REDRIVEN {
+        if name_str.starts_with("Skein-Dlq-") || name_str == REDRIVEN || name_str == REDRIVEN_FOR {
             continue;
         }
         for value in values {
@@ -384,6 +386,10 @@ fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(O
         format!("{origin}:redrive-{times}").as_str(),
     );
     headers.insert(REDRIVEN, times.to_string().as_str());
+    // For the consumer that gave up only: the stream's other consumers
+    // handled the original (they may have forgotten it since, and would
+    // apply it again).
+    headers.insert(REDRIVEN_FOR, info.handler.as_str());
     Ok((
         Outgoing {
             subject: info.subject.clone(),

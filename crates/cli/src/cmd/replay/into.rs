@@ -104,6 +104,8 @@ struct Summary {
     not_subscribed: usize,
     failed: usize,
     held_back: usize,
+    /// Copies `skein dlq redrive` published for another worker.
+    passed_over: usize,
     would_apply: usize,
     would_reprocess: usize,
 }
@@ -168,8 +170,25 @@ pub(super) async fn run(
     }
     let mut summary = Summary::default();
     for (message, envelope) in selected {
-        let (outcome, reason) = match envelope {
-            None => {
+        // A copy redriven for the worker that gave up on it: this one had
+        // the original, as its consumer does not take the copy either.
+        let owner = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(skein_bus::dlq::headers::REDRIVEN_FOR))
+            .map(|v| v.as_str().to_owned())
+            .filter(|owner| owner != service);
+        let (outcome, reason) = match (owner, envelope.as_ref()) {
+            (Some(owner), _) => {
+                summary.passed_over += 1;
+                (
+                    "passed_over",
+                    Some(format!(
+                        "a copy redriven for {owner}, which gave up on it; {service} had the original"
+                    )),
+                )
+            }
+            (None, None) => {
                 summary.failed += 1;
                 let reason = Envelope::from_parts(
                     &message.subject,
@@ -181,7 +200,7 @@ pub(super) async fn run(
                 .unwrap_or_else(|| "undecodable".into());
                 ("failed", Some(reason))
             }
-            Some(ref envelope) => {
+            (None, Some(envelope)) => {
                 let delivery = redelivery.delivery(stream, message.sequence, envelope.clone());
                 // A copy `skein dlq redrive` stored later is as old as its
                 // message: the original may have run long before (in the
@@ -258,6 +277,15 @@ pub(super) async fn run(
         summary.held_back
     );
     total.push_str(&held_back);
+    let passed_over = if summary.passed_over > 0 {
+        format!(
+            ", {} passed over (copies redriven for another worker)",
+            summary.passed_over
+        )
+    } else {
+        String::new()
+    };
+    total.push_str(&passed_over);
     if args.dry_run {
         total = format!(
             "dry run, nothing changed: {} would be applied, {} reprocessed, {} skipped (already in the inbox), {} not subscribed, {} undecodable",
@@ -268,6 +296,7 @@ pub(super) async fn run(
             summary.failed
         );
         total.push_str(&held_back);
+        total.push_str(&passed_over);
     } else if summary.applied > 0 {
         // Handlers may have queued messages: see them published.
         // Publishing only: deleting old rows is the worker's relay's, with
