@@ -188,7 +188,21 @@ impl NatsServer {
     /// stay open and nothing is answered, as a server stalled on its disk
     /// would be; [`NatsServer::resume`] lets it go on with what it was sent.
     pub fn pause(&self) -> Result<()> {
-        self.signal("-STOP")
+        self.signal("-STOP")?;
+        // The signal is sent when `kill` returns, not yet acted on by every
+        // thread of the server: until then it may still answer.
+        let pid = self.pid()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !all_threads_stopped(pid) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::Io {
+                    context: "nats-server did not stop within 5 s of SIGSTOP".into(),
+                    source: std::io::Error::other("some of its threads still run"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Lets a [`NatsServer::pause`]d server go on (SIGCONT).
@@ -196,16 +210,19 @@ impl NatsServer {
         self.signal("-CONT")
     }
 
+    fn pid(&self) -> Result<u32> {
+        self.child.as_ref().map(Child::id).ok_or_else(|| Error::Io {
+            context: "nats-server is not running".into(),
+            source: std::io::Error::other("no process"),
+        })
+    }
+
     fn signal(&self, signal: &str) -> Result<()> {
         let failed = |source| Error::Io {
             context: format!("cannot send {signal} to nats-server"),
             source,
         };
-        let pid = self
-            .child
-            .as_ref()
-            .map(Child::id)
-            .ok_or_else(|| failed(std::io::Error::other("nats-server is not running")))?;
+        let pid = self.pid()?;
         let status = Command::new("kill")
             .arg(signal)
             .arg(pid.to_string())
@@ -392,6 +409,22 @@ fn version_of(binary: &Path) -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in
+/// `/proc/<pid>/task/<tid>/stat`); `true` off Linux, where nothing tells.
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return !std::path::Path::new("/proc/self").exists();
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) S ...`: the state follows the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
 
 #[cfg(test)]
