@@ -39,13 +39,13 @@ fn operation(method: &str, path: &str) -> Operation {
             Some("ingress.Login"),
             "200",
             Some("identity.issue_token.reply.v1"),
-            &["422"],
+            &["401", "422"],
         ),
         ("POST", "/v1/auth/refresh") => op(
             Some("ingress.Refresh"),
             "200",
             Some("identity.refresh_token.reply.v1"),
-            &["422"],
+            &["401", "422"],
         ),
         ("GET", "/v1/me") => op(None, "200", Some("identity.get_user.reply.v1"), &[]),
         ("GET", "/v1/products") => op(None, "200", Some("catalog.list_products.reply.v1"), &[]),
@@ -88,7 +88,7 @@ fn operation(method: &str, path: &str) -> Operation {
             Some("orchestrator.retry_saga.reply.v1"),
             &["404", "409"],
         ),
-        ("GET", "/v1/trace/{id}") => op(None, "200", None, &["404"]),
+        ("GET", "/v1/trace/{id}") => op(None, "200", None, &["404", "422"]),
         _ => op(None, "200", None, &[]),
     }
 }
@@ -107,15 +107,18 @@ fn problem(description: &str) -> Value {
 fn error_description(status: &str) -> &'static str {
     match status {
         "400" => "Malformed JSON or header",
-        "401" => "No valid access token (see WWW-Authenticate)",
+        "401" => "No valid access token (see WWW-Authenticate); on /v1/auth/token and /v1/auth/refresh, wrong credentials or refresh token",
         "403" => "The caller's role does not allow this",
         "404" => "Not found, or not the caller's",
+        "408" => "The body came too slowly",
         "409" => "Conflicts with the current state",
         "413" => "Body larger than the limit",
         "415" => "Body is not JSON",
-        "422" => "Invalid input: every violation with its JSON pointer",
+        "422" => "Invalid input: every violation with its JSON pointer (a query parameter's as ?name); or an Idempotency-Key reused with another request",
         "429" => "Rate limited (see Retry-After)",
-        "503" => "Service or message bus unavailable, or circuit breaker open (see Retry-After)",
+        "500" => "Internal error (quote the request id)",
+        "502" => "The service answered with an error of its own",
+        "503" => "Service or message bus unavailable, or circuit breaker open (see Retry-After); for a command, also not confirmed by the message bus: it may still be carried out, retry with the same Idempotency-Key",
         "504" => "The service did not answer in time",
         _ => "Error",
     }
@@ -125,6 +128,10 @@ fn path_item(method: &str, path: &str, summary: &str, access: Access) -> Value {
     let op = operation(method, path);
     let mut responses = Map::new();
     let success = match (op.reply, path) {
+        (None, "/health") => json!({
+            "description": "Everything answers",
+            "content": { "application/json": { "schema": schema_ref("ingress.Health") } }
+        }),
         (Some(reply), _) => json!({
             "description": "Success",
             "content": { "application/json": { "schema": schema_ref(reply) } }
@@ -141,7 +148,7 @@ fn path_item(method: &str, path: &str, summary: &str, access: Access) -> Value {
     responses.insert(op.status.to_owned(), success);
     let mut errors: Vec<&str> = op.errors.to_vec();
     if path.starts_with("/v1/") {
-        errors.extend(["429", "503", "504"]);
+        errors.extend(["429", "500", "502", "503", "504"]);
         if access != Access::Anyone {
             errors.push("401");
         }
@@ -149,11 +156,20 @@ fn path_item(method: &str, path: &str, summary: &str, access: Access) -> Value {
             errors.push("403");
         }
         if op.body.is_some() {
-            errors.extend(["400", "413", "415", "422"]);
+            errors.extend(["400", "408", "413", "415", "422"]);
         }
     }
+    errors.sort_unstable();
+    errors.dedup();
     if path == "/health" {
-        errors.push("503");
+        // Not a problem: the same report as a 200, saying what fails.
+        responses.insert(
+            "503".to_owned(),
+            json!({
+                "description": "Something fails: the same report, with what in `failing`",
+                "content": { "application/json": { "schema": schema_ref("ingress.Health") } }
+            }),
+        );
     }
     for status in errors {
         responses.insert(status.to_owned(), problem(error_description(status)));
@@ -173,7 +189,18 @@ fn path_item(method: &str, path: &str, summary: &str, access: Access) -> Value {
         "responses": responses,
     });
     let mut parameters = Vec::new();
-    if path.contains("{id}") {
+    if path == "/v1/trace/{id}" {
+        parameters.push(json!({
+            "name": "id", "in": "path", "required": true,
+            "description": "A request's id (its x-request-id, the correlation id of what it caused) or an order's id",
+            "schema": { "type": "string", "maxLength": 128, "pattern": "^[A-Za-z0-9._:-]+$" }
+        }));
+        parameters.push(json!({
+            "name": "since", "in": "query", "required": false,
+            "description": "How far back a request id is looked for among all events (an order's are found however old); default 24 hours ago",
+            "schema": { "type": "string", "format": "date-time" }
+        }));
+    } else if path.contains("{id}") {
         parameters.push(json!({
             "name": "id", "in": "path", "required": true,
             "schema": { "type": "string", "format": "uuid" }
@@ -256,6 +283,34 @@ pub fn document() -> Value {
     ] {
         schemas.insert(name, schema);
     }
+    schemas.insert(
+        "ingress.Health".into(),
+        json!({
+            "type": "object",
+            "description": "What /health checked",
+            "required": ["status", "failing", "nats", "streams", "services"],
+            "properties": {
+                "status": { "enum": ["ok", "failing"] },
+                "failing": { "type": "array", "items": { "type": "string" }, "description": "What fails, one line each" },
+                "nats": { "type": "boolean" },
+                "streams": { "type": "object", "additionalProperties": { "type": "boolean" } },
+                "services": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "required": ["alive", "breaker"],
+                        "properties": {
+                            "alive": { "type": "boolean" },
+                            "consumer_lag": { "type": "integer" },
+                            "outbox_backlog": { "type": "integer" },
+                            "dlq_depth": { "type": "integer" },
+                            "breaker": { "type": "string" }
+                        }
+                    }
+                }
+            }
+        }),
+    );
     schemas.insert(
         "ingress.Problem".into(),
         json!({

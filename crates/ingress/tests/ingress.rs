@@ -2251,9 +2251,11 @@ async fn the_openapi_document_lists_every_route_and_every_route_is_served() -> a
         jsonschema::validator_for(schema).map_err(|e| anyhow::anyhow!("schema {name}: {e}"))?;
     }
 
-    // Every documented route exists (no route-not-found, no 405).
-    for (method, path) in &documented {
-        let path = path.replace("{id}", &Uuid::now_v7().to_string());
+    // Every documented route exists (no route-not-found, no 405), and
+    // answers what its document says, as it says: a problem where it lists
+    // one, JSON matching the schema where it lists that.
+    for (method, route) in &documented {
+        let path = route.replace("{id}", &Uuid::now_v7().to_string());
         let method: &'static str = if method == "GET" { "GET" } else { "POST" };
         let a = app
             .send(
@@ -2265,6 +2267,57 @@ async fn the_openapi_document_lists_every_route_and_every_route_is_served() -> a
         ensure!(
             a.problem() != "route-not-found" && a.status != 405,
             "{method} {path}: {a:?}"
+        );
+        let answer = &paths[route][method.to_lowercase()]["responses"][a.status.to_string()];
+        let content = answer["content"].as_object().with_context(|| {
+            format!(
+                "{method} {route} answered {}, undocumented: {a:?}",
+                a.status
+            )
+        })?;
+        let given = a.header("content-type").unwrap_or("").to_owned();
+        let (documented_type, schema) = content
+            .iter()
+            .next()
+            .context("a documented answer without content")?;
+        ensure!(
+            given.starts_with(documented_type.as_str()),
+            "{method} {route} answered {} as {given}, documented as {documented_type}",
+            a.status
+        );
+        if let Some(name) = schema["schema"]["$ref"]
+            .as_str()
+            .and_then(|r| r.strip_prefix("#/components/schemas/"))
+        {
+            let validator = jsonschema::validator_for(&schemas[name])
+                .map_err(|e| anyhow::anyhow!("schema {name}: {e}"))?;
+            ensure!(
+                validator.is_valid(&a.body),
+                "{method} {route} answered {} not as {name}: {}",
+                a.status,
+                a.body
+            );
+        }
+    }
+    // Every problem the ingress answers with is documented somewhere.
+    let documented_statuses: std::collections::BTreeSet<&str> = paths
+        .values()
+        .flat_map(|item| item.as_object().into_iter().flat_map(|ops| ops.values()))
+        .flat_map(|op| {
+            op["responses"]
+                .as_object()
+                .into_iter()
+                .flat_map(|r| r.keys())
+        })
+        .map(String::as_str)
+        .collect();
+    for status in [
+        "400", "401", "403", "404", "408", "409", "413", "415", "422", "429", "500", "502", "503",
+        "504",
+    ] {
+        ensure!(
+            documented_statuses.contains(status),
+            "{status} is documented nowhere"
         );
     }
     Ok(())
