@@ -421,6 +421,7 @@ impl Relay {
         &self,
         unmarked: &mut Unmarked,
         until: tokio::time::Instant,
+        lost: &CancellationToken,
     ) -> Result<bool> {
         let batch = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
         let mut more = false;
@@ -448,7 +449,7 @@ impl Relay {
             if rows.len() < batch {
                 break;
             }
-            if tokio::time::Instant::now() >= until {
+            if tokio::time::Instant::now() >= until || lost.is_cancelled() {
                 more = true;
                 break;
             }
@@ -469,14 +470,20 @@ impl Relay {
 
     /// One pass of the active relay: the rounds [`Relay::drain`] would
     /// run, on SQLite marking through `unmarked`, but none begun after
-    /// `until`; whether it stopped for that with rows left. A backlog takes
-    /// several passes, and the lock is checked between them: a lock found
-    /// lost (a SQLite lease that could not be renewed in time and was taken
-    /// by a standby, a PostgreSQL session ended) ends the term.
-    async fn pass(&self, unmarked: &mut Unmarked, until: tokio::time::Instant) -> Result<bool> {
+    /// `until`, and none after the lock is `lost`; whether it stopped for
+    /// either with rows left. A backlog takes several passes, and the lock
+    /// is checked between them: a lock found lost (a SQLite lease that
+    /// could not be renewed in time, a PostgreSQL session ended) ends the
+    /// term.
+    async fn pass(
+        &self,
+        unmarked: &mut Unmarked,
+        until: tokio::time::Instant,
+        lost: &CancellationToken,
+    ) -> Result<bool> {
         match self.store.backend() {
-            Backend::Sqlite => self.drain_unmarked(unmarked, until).await,
-            Backend::Postgres => Ok(self.drain_until(Some(until)).await?.1),
+            Backend::Sqlite => self.drain_unmarked(unmarked, until, lost).await,
+            Backend::Postgres => Ok(self.drain_until(Some((until, lost))).await?.1),
         }
     }
 
@@ -486,9 +493,13 @@ impl Relay {
         Ok(total)
     }
 
-    /// [`Relay::drain`], beginning no round after `until`; also whether
-    /// it stopped for that with rows left.
-    async fn drain_until(&self, until: Option<tokio::time::Instant>) -> Result<(usize, bool)> {
+    /// [`Relay::drain`], beginning no round after the instant of `stop` or
+    /// once its lock is lost; also whether it stopped for that with rows
+    /// left.
+    async fn drain_until(
+        &self,
+        stop: Option<(tokio::time::Instant, &CancellationToken)>,
+    ) -> Result<(usize, bool)> {
         let mut total = 0;
         loop {
             let (fetched, published) = self.publish_pending_once().await?;
@@ -498,7 +509,9 @@ impl Relay {
             {
                 return Ok((total, false));
             }
-            if until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+            if stop.is_some_and(|(until, lost)| {
+                tokio::time::Instant::now() >= until || lost.is_cancelled()
+            }) {
                 return Ok((total, true));
             }
         }
@@ -588,38 +601,55 @@ impl Relay {
             .map_err(Error::query("cannot clean up the outbox"))?
             .rows_affected();
         let forget_before = now.saturating_sub(micros(self.config.inbox_retention));
-        // Recorded before anything is deleted (a crash in between leaves it
-        // ahead of what is gone, which only makes an audit check less); it
-        // never moves back, as a lengthened retention brings nothing back.
-        self.store
-            .write_permit()
-            .await?
-            .execute(|| {
-                sqlx::query(
-                    "INSERT INTO skein_inbox_horizon (name, forgotten_before) VALUES ('inbox', $1) \
-                     ON CONFLICT (name) DO UPDATE SET forgotten_before = excluded.forgotten_before \
-                     WHERE skein_inbox_horizon.forgotten_before < excluded.forgotten_before",
-                )
-                .bind(forget_before)
-            })
-            .await
-            .map_err(Error::query("cannot record the inbox's horizon"))?;
-        let inbox = self
-            .store
-            .write_permit()
-            .await?
-            .execute(|| {
-                sqlx::query(
-                    "DELETE FROM skein_inbox WHERE (handler, message_id) IN \
-                     (SELECT handler, message_id FROM skein_inbox WHERE processed_at < $1 \
-                     ORDER BY processed_at LIMIT $2)",
-                )
-                .bind(forget_before)
-                .bind(CLEANUP_BATCH)
-            })
-            .await
-            .map_err(Error::query("cannot clean up the inbox"))?
-            .rows_affected();
+        // The batch to delete ends at the newest `processed_at` among the
+        // oldest records past retention; every record processed after it is
+        // kept.
+        let newest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(processed_at) FROM (SELECT processed_at FROM skein_inbox \
+             WHERE processed_at < $1 ORDER BY processed_at LIMIT $2) AS batch",
+        )
+        .bind(forget_before)
+        .bind(CLEANUP_BATCH)
+        .fetch_one(self.store.pool())
+        .await
+        .map_err(Error::query("cannot read the inbox"))?;
+        let inbox = match newest {
+            None => 0,
+            Some(newest) => {
+                let forgotten_before = newest.saturating_add(1);
+                // Recorded before anything is deleted (a crash in between
+                // leaves it ahead of what is gone, which only makes an audit
+                // check less); it never moves back.
+                self.store
+                    .write_permit()
+                    .await?
+                    .execute(|| {
+                        sqlx::query(
+                            "INSERT INTO skein_inbox_horizon (name, forgotten_before) VALUES ('inbox', $1) \
+                             ON CONFLICT (name) DO UPDATE SET forgotten_before = excluded.forgotten_before \
+                             WHERE skein_inbox_horizon.forgotten_before < excluded.forgotten_before",
+                        )
+                        .bind(forgotten_before)
+                    })
+                    .await
+                    .map_err(Error::query("cannot record the inbox's horizon"))?;
+                self.store
+                    .write_permit()
+                    .await?
+                    .execute(|| {
+                        sqlx::query(
+                            "DELETE FROM skein_inbox WHERE (handler, message_id) IN \
+                             (SELECT handler, message_id FROM skein_inbox WHERE processed_at < $1 \
+                             ORDER BY processed_at LIMIT $2)",
+                        )
+                        .bind(forgotten_before)
+                        .bind(CLEANUP_BATCH)
+                    })
+                    .await
+                    .map_err(Error::query("cannot clean up the inbox"))?
+                    .rows_affected()
+            }
+        };
         let full = |deleted: u64| i64::try_from(deleted).is_ok_and(|d| d >= CLEANUP_BATCH);
         Ok((outbox, inbox, full(outbox) || full(inbox)))
     }
@@ -782,7 +812,7 @@ impl Relay {
             lock.check().await?;
             let until = tokio::time::Instant::now() + self.config.lease / 3;
             let mut more = false;
-            match self.pass(unmarked, until).await {
+            match self.pass(unmarked, until, &lock.lost).await {
                 Ok(left) => {
                     more = left;
                     failures = 0;
@@ -844,7 +874,8 @@ impl Relay {
                     // Publish what is committed before leaving (for a
                     // third of a lease at most: the next relay takes the
                     // rest).
-                    let _ = self.pass(unmarked, tokio::time::Instant::now() + self.config.lease / 3).await;
+                    let until = tokio::time::Instant::now() + self.config.lease / 3;
+                    let _ = self.pass(unmarked, until, &lock.lost).await;
                     return Ok(());
                 }
                 _ = tokio::time::sleep(wait) => {}
@@ -886,10 +917,13 @@ impl Relay {
                     Ok(None)
                 }
             }
-            Backend::Sqlite => Ok(self
-                .take_lease()
-                .await?
-                .then(|| Lock::keep(renew_lease(self.clone())))),
+            Backend::Sqlite => {
+                let attempt = tokio::time::Instant::now();
+                Ok(self
+                    .take_lease()
+                    .await?
+                    .then(|| Lock::keep(renew_lease(self.clone(), attempt))))
+            }
         }
     }
 
@@ -1097,10 +1131,13 @@ impl Lock {
         }
     }
 
-    /// Why the lock was lost, once it was.
+    /// Why the lock was lost, once it was (the keeper is ending then, if
+    /// not yet ended).
     async fn check(&mut self) -> Result<()> {
-        match self.keeper.take_if(|keeper| keeper.is_finished()) {
-            None if self.keeper.is_some() => Ok(()),
+        if !self.lost.is_cancelled() {
+            return Ok(());
+        }
+        match self.keeper.take() {
             Some(keeper) => Err(keeper.await.unwrap_or(Error::LockLost)),
             None => Err(Error::LockLost),
         }
@@ -1151,32 +1188,41 @@ async fn ping_session(mut conn: PgConnection, lease: Duration) -> Error {
     }
 }
 
-/// Renews `relay`'s SQLite lease every third of a lease; ends when another
-/// relay holds it, or when it could not be renewed before it ran out (the
-/// database's write lock held by another process all that time): a
-/// standby may take it from then on.
-async fn renew_lease(relay: Relay) -> Error {
+/// Renews `relay`'s SQLite lease every third of a lease, the first time
+/// a third of a lease after `taken` (when the attempt that took it began);
+/// a renewal that fails is tried again after [`RENEW_RETRY`]. Ends when
+/// another relay holds the lease, or when it was not renewed within two
+/// thirds of a lease (the database's write lock held by another process
+/// all that time): the term ends a third of a lease before a standby may
+/// take the lease over.
+async fn renew_lease(relay: Relay, taken: tokio::time::Instant) -> Error {
     let lease = relay.config.lease;
-    let mut ticks = tokio::time::interval(lease / 3);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    // Taken just now, by `acquire`.
-    let mut renewed = tokio::time::Instant::now();
+    let give_up = lease - lease / 3;
+    // When the lease written last began: it runs a lease from then.
+    let mut renewed = taken;
+    let mut next = taken + lease / 3;
     loop {
-        ticks.tick().await;
+        tokio::time::sleep_until(next).await;
         let attempt = tokio::time::Instant::now();
-        let left = lease.saturating_sub(renewed.elapsed());
+        let left = give_up.saturating_sub(renewed.elapsed());
         match tokio::time::timeout(left, relay.take_lease()).await {
-            Ok(Ok(true)) => renewed = attempt,
+            Ok(Ok(true)) => {
+                renewed = attempt;
+                next = attempt + lease / 3;
+            }
             Ok(Ok(false)) => return Error::LockLost,
-            Ok(Err(e)) if renewed.elapsed() >= lease => return e,
+            Ok(Err(e)) if renewed.elapsed() >= give_up => return e,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot renew the relay lease; trying again");
+                next = tokio::time::Instant::now() + RENEW_RETRY;
             }
-            Err(_) => return Error::LockUnanswered(lease),
+            Err(_) => return Error::LockUnanswered(give_up),
         }
     }
 }
+
+/// How soon a SQLite lease renewal that failed is tried again.
+const RENEW_RETRY: Duration = Duration::from_millis(100);
 
 /// How the active relay hears of commits in other processes.
 enum Wakeups {

@@ -37,9 +37,10 @@
 //! An inbox forgets what it processed after its retention (30 days by
 //! default; a worker's `--inbox-retention` may be shorter than another
 //! service's outbox retention), and each database records how far back it
-//! may have (`skein_inbox_horizon`). A message published before that
-//! horizon (less [`HORIZON_MARGIN`]) and not found in the inbox of a
-//! service that takes it is *forgotten*: it may have been applied and its
+//! may have (`skein_inbox_horizon`: the newest record a cleanup deleted).
+//! A message marked published before that horizon, or up to
+//! [`HORIZON_MARGIN`] after it, and not found in the inbox of a service
+//! that takes it is *forgotten*: it may have been applied and its
 //! record deleted, so it is neither lost nor missed as far as the audit can
 //! tell, and `--repair` does not publish it again (the inbox would apply it
 //! a second time).
@@ -58,7 +59,7 @@ use skein_outbox::Store;
 use super::select::cell;
 use super::worker::{Settings, DEFAULT_DATA_DIR};
 
-/// How much earlier than an inbox's horizon a message must have been marked
+/// How much later than an inbox's horizon a message must have been marked
 /// published for the audit to trust that a record of it would still be
 /// there: a row is marked after its publish is acknowledged (the relay's
 /// mark delay later, by the relay's clock), and may be processed, by
@@ -350,8 +351,8 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // its target's inbox.
     let mut stores = Vec::new();
     let mut inboxes: HashMap<String, HashSet<String>> = HashMap::new();
-    // Each inbox's horizon, less the margin: rows marked published before
-    // it may have been forgotten there.
+    // Each inbox's horizon, plus the margin: rows marked published before
+    // that may have been forgotten there.
     let mut horizons: HashMap<String, i64> = HashMap::new();
     for service in &services {
         let url = template.replace("{service}", service);
@@ -622,7 +623,13 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         } else {
             format!("; not audited (no database): {}", skipped.join(", "))
         };
-        println!("clean: every published message is where it belongs{lag}{skipped}");
+        let forgotten: usize = reports.iter().map(|r| r.forgotten.len()).sum();
+        let forgotten = if forgotten > 0 {
+            format!("; {forgotten} not checked (older than an inbox remembers)")
+        } else {
+            String::new()
+        };
+        println!("clean: every published message is where it belongs{lag}{forgotten}{skipped}");
     }
     Ok(())
 }
