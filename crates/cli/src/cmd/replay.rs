@@ -168,10 +168,15 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot follow {stream}"))?
     );
+    // One listener for the whole follow: made again for each message, a
+    // SIGTERM that came while a message was printed reached none, and was
+    // lost (tokio's handler, installed by the first, keeps the default
+    // from ending the process).
+    let mut stop = std::pin::pin!(skein_service::standalone::wait_for_stop());
     loop {
         let next = tokio::select! {
             next = live.next() => next,
-            r = skein_service::standalone::wait_for_stop() => { r?; return Ok(()); }
+            r = &mut stop => { r?; return Ok(()); }
         };
         let Some(message) = next else { return Ok(()) };
         let message = message.with_context(|| format!("lost {stream}"))?;
