@@ -770,12 +770,7 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
 /// The consumer a copy `skein dlq redrive` published is for, when it is
 /// not `consumer`.
 fn redriven_for_another<'m>(message: &'m jetstream::Message, consumer: &str) -> Option<&'m str> {
-    message
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(crate::dlq::headers::REDRIVEN_FOR))
-        .map(|v| v.as_str())
-        .filter(|owner| *owner != consumer)
+    crate::dlq::redriven_for(message.headers.as_ref()).filter(|owner| *owner != consumer)
 }
 
 impl<H: Handler> Runtime<H> {

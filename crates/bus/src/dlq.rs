@@ -42,6 +42,15 @@ pub mod headers {
     pub const REDRIVEN_FOR: &str = "Skein-Redriven-For";
 }
 
+/// The consumer a copy `skein dlq redrive` published is for
+/// ([`headers::REDRIVEN_FOR`]); `None` for any other message, and for a copy
+/// redriven before the header existed (it goes to every consumer).
+pub fn redriven_for(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
+    headers
+        .and_then(|h| h.get(headers::REDRIVEN_FOR))
+        .map(|v| v.as_str())
+}
+
 /// The dead letters' subjects, `dlq.<stream>.<consumer>`: what is listed,
 /// counted and redriven. Purge records (`dlq.purged.<stream>.<consumer>`)
 /// are not among them.

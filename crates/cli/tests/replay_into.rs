@@ -149,6 +149,17 @@ async fn execute(store: &Store, sql: &str) -> anyhow::Result<u64> {
         .rows_affected())
 }
 
+/// Deletes `store`'s inbox record of message `id`, as a database restored
+/// from an older backup would have lost it.
+async fn drop_record(store: &Store, id: &str) -> anyhow::Result<()> {
+    execute(
+        store,
+        &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
+    )
+    .await?;
+    Ok(())
+}
+
 async fn inbox_count(store: &Store, name: &str) -> anyhow::Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT COUNT(*) FROM skein_inbox WHERE handler = $1")
@@ -696,14 +707,7 @@ async fn audit_reports_what_a_stopped_consumer_has_not_consumed_yet_and_what_it_
 
     // Its database loses the record of u2 (restored from a backup, say):
     // acknowledged, yet not applied there. A problem, which replay repairs.
-    execute(
-        &projector,
-        &format!(
-            "DELETE FROM skein_inbox WHERE message_id = '{}'",
-            outbox_id(&identity, 1).await?
-        ),
-    )
-    .await?;
+    drop_record(&projector, &outbox_id(&identity, 1).await?).await?;
     let missed = audit(&setup, "table").await?;
     ensure!(!missed.status.success(), "{}", stdout(&missed));
     ensure!(
@@ -856,11 +860,7 @@ async fn an_inbox_record_deleted_past_its_retention_is_forgotten_not_missed(
         .fetch_one(projector.pool())
         .await?;
     ensure!(kept == 1, "the projector has no record of {id}");
-    execute(
-        &projector,
-        &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
-    )
-    .await?;
+    drop_record(&projector, &id).await?;
     let missed = audit(&setup, "table").await?;
     ensure!(
         !missed.status.success() && stdout(&missed).contains(&format!("missed by projector {id}")),
@@ -986,11 +986,7 @@ async fn a_projector_that_gave_up_on_an_event(
     setup.caught_up(EVENTS, "projector").await?;
     host.shutdown().await;
     let id = outbox_id(&identity, 0).await?;
-    execute(
-        &projector,
-        &format!("DELETE FROM skein_inbox WHERE message_id = '{id}'"),
-    )
-    .await?;
+    drop_record(&projector, &id).await?;
     let event = read(&setup.bus, EVENTS, "events.>", StartAt::Beginning)
         .await?
         .into_iter()

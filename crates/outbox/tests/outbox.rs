@@ -112,6 +112,26 @@ impl Harness {
         .await
     }
 
+    /// The SQLite relay lease's owner and how long it has left (µs;
+    /// negative once run out), if anyone took it.
+    async fn lease(&self) -> anyhow::Result<Option<(String, i64)>> {
+        Ok(sqlx::query_as::<_, (String, i64)>(
+            "SELECT owner, expires_at - $1 FROM skein_relay_lease WHERE name = 'outbox'",
+        )
+        .bind(skein_outbox::now_micros())
+        .fetch_optional(self.store.pool())
+        .await?)
+    }
+
+    /// The owner of a SQLite relay lease that has not run out.
+    async fn holder(&self) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .lease()
+            .await?
+            .filter(|(_, left)| *left >= 0)
+            .map(|(owner, _)| owner))
+    }
+
     async fn count(&self, sql: &str) -> anyhow::Result<i64> {
         Ok(sqlx::query_scalar::<_, i64>(sql)
             .fetch_one(self.store.pool())
@@ -2277,23 +2297,15 @@ async fn sqlite_an_idle_relay_keeps_its_lease_whatever_its_poll() -> anyhow::Res
         ..fast_relay()
     })
     .spawn(h.shutdown.clone());
-    let lease_left = async || -> anyhow::Result<Option<i64>> {
-        Ok(sqlx::query_scalar::<_, i64>(
-            "SELECT expires_at - $1 FROM skein_relay_lease WHERE name = 'outbox'",
-        )
-        .bind(skein_outbox::now_micros())
-        .fetch_optional(h.store.pool())
-        .await?)
-    };
     eventually(Duration::from_secs(5), || async {
-        lease_left().await.ok().flatten()
+        h.lease().await.ok().flatten()
     })
     .await
     .context("the relay did not take its lease")?;
     // Two and a half leases long, nothing committed.
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let left = lease_left().await?.context("the lease row is gone")?;
+        let (_, left) = h.lease().await?.context("the lease row is gone")?;
         ensure!(
             left > 0,
             "the idle relay's lease ran out {} ms ago",
@@ -2322,15 +2334,10 @@ async fn sqlite_a_relay_waiting_on_nats_longer_than_its_lease_keeps_it() -> anyh
     h.backlog_at_most(0, Duration::from_secs(5))
         .await
         .context("the relay did not publish")?;
-    let holder = async || -> anyhow::Result<Option<String>> {
-        Ok(sqlx::query_scalar::<_, String>(
-            "SELECT owner FROM skein_relay_lease WHERE name = 'outbox' AND expires_at >= $1",
-        )
-        .bind(skein_outbox::now_micros())
-        .fetch_optional(h.store.pool())
-        .await?)
-    };
-    let first = holder().await?.context("the active relay holds no lease")?;
+    let first = h
+        .holder()
+        .await?
+        .context("the active relay holds no lease")?;
     let standby = Relay::new(
         Store::connect(h.db.url()).await?,
         h.bus.publisher(),
@@ -2344,7 +2351,7 @@ async fn sqlite_a_relay_waiting_on_nats_longer_than_its_lease_keeps_it() -> anyh
     // Three leases while the active relay's round waits for its ack.
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = holder().await?;
+        let now = h.holder().await?;
         if now.as_ref() != Some(&first) {
             h.nats.resume()?;
             anyhow::bail!("the lease went from {first} to {now:?} while the relay waited on NATS");

@@ -172,12 +172,9 @@ pub(super) async fn run(
     for (message, envelope) in selected {
         // A copy redriven for the worker that gave up on it: this one had
         // the original, as its consumer does not take the copy either.
-        let owner = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(skein_bus::dlq::headers::REDRIVEN_FOR))
-            .map(|v| v.as_str().to_owned())
-            .filter(|owner| owner != service);
+        let owner = skein_bus::dlq::redriven_for(message.headers.as_ref())
+            .filter(|owner| *owner != service)
+            .map(str::to_owned);
         let (outcome, reason) = match (owner, envelope.as_ref()) {
             (Some(owner), _) => {
                 summary.passed_over += 1;
