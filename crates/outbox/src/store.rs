@@ -719,18 +719,71 @@ async fn create_postgres_database_if_missing(url: &str) -> Result<()> {
     Ok(())
 }
 
-/// A URL with its password replaced by `***`.
+/// A database URL with its passwords replaced by `***`: the one in the
+/// user info (`user:password@host`, up to the authority's last `@`, as
+/// sqlx's URL parser reads it) and the query parameters `password` and
+/// `sslpassword`, which sqlx accepts too. Everything else is kept as given.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (url, fragment) = match url.split_once('#') {
+        Some((u, f)) => (u, Some(f)),
+        None => (url, None),
     };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
     };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let end = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(end);
+            let authority = match authority.rsplit_once('@') {
+                Some((userinfo, host)) => match userinfo.split_once(':') {
+                    Some((user, _)) => format!("{user}:***@{host}"),
+                    None => authority.to_owned(),
+                },
+                None => authority.to_owned(),
+            };
+            format!("{scheme}://{authority}{path}")
+        }
+        None => base.to_owned(),
+    };
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_password_parameter(key) => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
     }
+    if let Some(fragment) = fragment {
+        out.push('#');
+        out.push_str(fragment);
+    }
+    out
+}
+
+/// A query parameter that carries a password (`password`, `sslpassword`,
+/// in any case, `+` or percent-encoded letters included).
+fn is_password_parameter(key: &str) -> bool {
+    let mut decoded = String::with_capacity(key.len());
+    let mut bytes = key.bytes();
+    while let Some(b) = bytes.next() {
+        let c = match b {
+            b'%' => {
+                let hex: Vec<u8> = bytes.by_ref().take(2).collect();
+                std::str::from_utf8(&hex)
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .unwrap_or(b'%')
+            }
+            other => other,
+        };
+        decoded.push(char::from(c).to_ascii_lowercase());
+    }
+    matches!(decoded.as_str(), "password" | "sslpassword")
 }
 
 #[cfg(test)]
@@ -742,6 +795,21 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:data/x.db"), "sqlite:data/x.db");
+        // sqlx takes a password from the query too, and reads the user
+        // info up to the authority's last `@`.
+        assert_eq!(
+            redact("postgres://u@h/skein_{service}?password=s3cret&sslmode=disable"),
+            "postgres://u@h/skein_{service}?password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact("postgres://h/db?sslmode=require&SSLPassword=k3y&pass%77ord=x#f"),
+            "postgres://h/db?sslmode=require&SSLPassword=***&pass%77ord=***#f"
+        );
+        assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        assert_eq!(
+            redact("postgres://u:pw@h/db@x?application_name=a"),
+            "postgres://u:***@h/db@x?application_name=a"
+        );
     }
 
     #[test]
