@@ -414,6 +414,21 @@ async fn token_pair(
 async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, ServiceError> {
     let hash = hash_refresh_token(&q.refresh_token);
     let now = now_micros();
+    // A token never issued (anyone may send one) is refused on a read,
+    // without the write lock that log-ins and registrations wait for.
+    let mut conn = state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(internal("open a connection"))?;
+    let known = store::refresh_token_exists(&mut conn, &hash)
+        .await
+        .map_err(internal("look up a refresh token"))?;
+    drop(conn);
+    if !known {
+        return Err(ServiceError::unauthenticated(INVALID_REFRESH));
+    }
     let mut tx = state
         .store
         .begin()

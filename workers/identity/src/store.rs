@@ -148,6 +148,16 @@ pub async fn use_refresh_token(
     .transpose()
 }
 
+/// Whether a refresh token `hash` was ever issued (used, revoked and
+/// expired ones included): a read, before a refresh takes the write lock.
+pub async fn refresh_token_exists(conn: &mut AnyConnection, hash: &str) -> sqlx::Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM refresh_tokens WHERE hash = $1")
+        .bind(hash)
+        .fetch_optional(conn)
+        .await?
+        .is_some())
+}
+
 /// The family and user of the refresh token `hash` if it was already used.
 pub async fn used_refresh_token(
     conn: &mut AnyConnection,

@@ -378,6 +378,28 @@ async fn a_refresh_token_works_once_and_its_reuse_ends_the_login(
     let (status, _) = refused(id.refresh("").await)?;
     ensure!(status == 401);
 
+    // While another transaction holds identity's writes (SQLite's write
+    // lock; on PostgreSQL a lock on the tokens that lets reads through),
+    // made-up tokens are still refused at once: they take no write lock,
+    // which anyone could otherwise keep busy.
+    let store = id.p.store("identity").await.map_err(boxed)?;
+    let mut holder = store.pool().begin().await?;
+    let hold = match backend {
+        Backend::Sqlite => {
+            "INSERT INTO refresh_tokens (hash, family, user_id, created_at, expires_at) \
+                            SELECT 'held', family, user_id, 0, 0 FROM refresh_tokens LIMIT 1"
+        }
+        Backend::Postgres => "LOCK TABLE refresh_tokens IN EXCLUSIVE MODE",
+    };
+    sqlx::query(hold).execute(&mut *holder).await?;
+    let made_up = tokio::time::timeout(Duration::from_secs(3), id.refresh("made-up")).await;
+    holder.rollback().await?;
+    let (status, _) = refused(
+        made_up
+            .map_err(|_| anyhow::anyhow!("a made-up refresh token waited for the write lock"))?,
+    )?;
+    ensure!(status == 401);
+
     // Of concurrent refreshes with one token, exactly one wins.
     let answers = refresh_four_at_once(&id, &other.refresh_token).await;
     let won = answers.iter().filter(|a| a.is_ok()).count();
