@@ -47,6 +47,11 @@ pub const DEFAULT_RETENTION: Duration = skein_outbox::relay::DEFAULT_INBOX_RETEN
 /// retention.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long a message about an instance of another version (a rolling
+/// upgrade: a step or saga this copy's definitions lack) waits before it is
+/// delivered again, to a copy that may have them.
+pub const OTHER_VERSION_RETRY: Duration = Duration::from_secs(30);
+
 /// Instances [`Coordinator::prune`] deletes per transaction in
 /// [`Coordinator::spawn_upkeep`]: short transactions between the
 /// coordinator's own.
@@ -193,6 +198,9 @@ impl Coordinator {
     /// an instance of a saga, or at a step, this copy's definitions lack is
     /// another version's (a rolling upgrade), and a transient error leaves
     /// the message for a copy that has it instead of dead-lettering it.
+    /// It comes back after [`OTHER_VERSION_RETRY`] each time, so that an
+    /// upgrade of several minutes (every delivery a consumer allows, 10 by
+    /// default) does not dead-letter the answers a newer copy awaits.
     ///
     /// The position after the last step is the final command's, where an
     /// instance waits for its answer, if its saga here awaits one.
@@ -212,7 +220,8 @@ impl Coordinator {
             _ => Err(HandlerError::transient(format!(
                 "saga instance {} ({:?} at step {}) is another version's: left for a copy that has its definition",
                 inst.id, inst.saga, inst.step.max(step)
-            ))),
+            ))
+            .retry_after(OTHER_VERSION_RETRY)),
         }
     }
 
@@ -373,7 +382,11 @@ impl Coordinator {
                     let (key, reason) = key(event).map_err(definition)?;
                     match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
                         Some(mut inst) => {
-                            self.advancing(&inst, inst.step, None)?;
+                            // An instance that ended needs no definition
+                            // of its step to note a cancel that comes late.
+                            if inst.status.is_live() {
+                                self.advancing(&inst, inst.step, None)?;
+                            }
                             let change = self
                                 .apply(saga, &mut inst, cause(), now, |engine, inst| {
                                     engine.cancel(inst, reason, event)

@@ -33,7 +33,7 @@ const SHORT: Duration = Duration::from_millis(50);
 /// What they never wait for.
 const LONG: Duration = Duration::from_secs(60);
 
-/// reserve -> pay (pivot) -> ship (2 sends) -> notify; compensations are
+/// reserve -> pay (pivot) -> ship (2 sends) -> notify, cancelled by `stop`; compensations are
 /// sent twice before the instance fails.
 fn shop() -> anyhow::Result<Saga> {
     Ok(Saga::builder::<Order>("shop")
@@ -66,7 +66,9 @@ fn shop() -> anyhow::Result<Saga> {
                 .completes_on::<Notified>()
                 .deadline(LONG)
         })
+        .cancel_on(|e: &Stop| (e.id.clone(), "stopped".to_owned()))
         .on_compensated(|o: &Order, _why: &str| Reject { id: o.id.clone() })
+        .on_cancelled(|o: &Order, _why: &str| Reject { id: o.id.clone() })
         .build()?)
 }
 
@@ -285,8 +287,10 @@ async fn the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_
 
 /// During a rolling upgrade a reply can reach a copy whose definitions lack
 /// its instance's saga or step: it is refused as transient (the message
-/// goes back, for a copy that has them), never dead-lettered, and the
-/// instance is not touched.
+/// goes back, for a copy that has them, after a delay long enough for an
+/// upgrade of minutes), never dead-lettered, and the instance is not
+/// touched. A cancel of such an instance once it has ended needs no
+/// definition and is taken.
 async fn a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -331,11 +335,40 @@ async fn a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it(
         let refused = shop.deliver_raw(reply).await;
         anyhow::ensure!(
             matches!(&refused, Err(e) if e.kind() == ErrorKind::Transient
-                && e.reason().contains("another version's")),
+                && e.reason().contains("another version's")
+                && e.requested_delay() == Some(skein_saga::coordinator::OTHER_VERSION_RETRY)),
             "{refused:?}"
         );
     }
     anyhow::ensure!(rows().await? == before, "an instance was changed");
+
+    // A live instance at an unknown step: a cancel waits for a copy that
+    // knows it, like a reply.
+    let stop = |key: &str| {
+        Envelope::event(
+            "shop",
+            &Stop { id: key.into() },
+            &MessageContext {
+                correlation_id: "request-2".into(),
+                causation_id: None,
+                traceparent: None,
+            },
+        )
+    };
+    let refused = shop.deliver_raw(&stop("shrunk")?).await;
+    anyhow::ensure!(
+        matches!(&refused, Err(e) if e.kind() == ErrorKind::Transient
+            && e.reason().contains("another version's")),
+        "{refused:?}"
+    );
+    // Once it has ended, a late cancel is only noted: it is not refused
+    // (and dead-lettered in the end) for want of the step's definition.
+    sqlx::query("UPDATE saga_instances SET status = 'completed' WHERE saga_key = 'shrunk'")
+        .execute(shop.store.pool())
+        .await?;
+    let ended = rows().await?;
+    shop.deliver(&stop("shrunk")?).await?;
+    anyhow::ensure!(rows().await? == ended, "an ended instance was changed");
     Ok(())
 }
 

@@ -96,7 +96,9 @@ pub fn place_order(config: &OrchestratorConfig) -> Result<Saga, DefinitionError>
                 reason: "order not placed".into(),
             })
             .compensation_completes_on::<StockReleased>()
-            .compensation_deadline(config.forward_deadline)
+            // As long as the reservation may take: what held up the
+            // reservation (catalog slow or down) holds up its release too.
+            .compensation_deadline(config.forward_deadline.max(config.reserve_deadline))
             .deadline(config.reserve_deadline)
         })
         .step("authorize_payment", |s| {
