@@ -5,7 +5,10 @@
 //! run twice. Saga commands (`confirm_order`, `reject_order`,
 //! `mark_cancelled`) arrive late or twice in normal operation, so on an order
 //! that is no longer in the state they expect they change nothing and say so
-//! in the log; they never flip a final order.
+//! in the log; they never flip a final order. A repeat of one on an order
+//! it already moved (a saga's resend, `skein saga retry`) is answered again
+//! with the event it answered first, as every service answers a saga's
+//! repeated command: the first answer may be what the saga lost.
 
 use skein_bus::{Delivery, HandlerError};
 use skein_contracts::orders::{
@@ -205,6 +208,10 @@ async fn confirm(
     context: &MessageContext,
 ) -> Result<(), HandlerError> {
     let order = existing(tx, command.order_id, "confirm_order").await?;
+    if order.status == OrderStatus::Confirmed {
+        tracing::info!(order = %order.id, "confirm_order for a confirmed order; answering again");
+        return emit(tx, &confirmed(&order), context);
+    }
     if order.status != OrderStatus::Pending {
         tracing::info!(order = %order.id, status = order.status.as_str(), "confirm_order for an order that is not pending; nothing to do");
         return Ok(());
@@ -215,15 +222,7 @@ async fn confirm(
     else {
         return Err(changed_meanwhile(order.id));
     };
-    emit(
-        tx,
-        &OrderConfirmed {
-            order_id: order.id,
-            customer_id: order.customer_id,
-            total_cents: order.total_cents,
-        },
-        context,
-    )?;
+    emit(tx, &confirmed(&order), context)?;
     if let Some(requested_by) = cancel_requested_by {
         // The cancellation was asked for while the order was pending but
         // came too late to stop its placement (the payment was already
@@ -249,6 +248,11 @@ async fn reject(
     context: &MessageContext,
 ) -> Result<(), HandlerError> {
     let order = existing(tx, command.order_id, "reject_order").await?;
+    if order.status == OrderStatus::Rejected {
+        tracing::info!(order = %order.id, "reject_order for a rejected order; answering again");
+        let reason = order.reason.clone().unwrap_or(command.reason);
+        return emit(tx, &rejected(&order, reason), context);
+    }
     if order.status != OrderStatus::Pending {
         tracing::info!(order = %order.id, status = order.status.as_str(), reason = %command.reason, "reject_order for an order that is not pending; nothing to do");
         return Ok(());
@@ -266,15 +270,7 @@ async fn reject(
     if !moved {
         return Err(changed_meanwhile(order.id));
     }
-    emit(
-        tx,
-        &OrderRejected {
-            order_id: order.id,
-            customer_id: order.customer_id,
-            reason: command.reason,
-        },
-        context,
-    )
+    emit(tx, &rejected(&order, command.reason), context)
 }
 
 async fn cancel(
@@ -342,8 +338,9 @@ async fn mark_cancelled(
     match order.status {
         OrderStatus::Pending | OrderStatus::Confirmed => {}
         OrderStatus::Cancelled => {
-            tracing::debug!(order = %order.id, "order already cancelled");
-            return Ok(());
+            tracing::info!(order = %order.id, "mark_cancelled for a cancelled order; answering again");
+            let reason = order.reason.clone().unwrap_or(command.reason);
+            return emit(tx, &cancelled(&order, reason), context);
         }
         OrderStatus::Rejected => {
             tracing::warn!(order = %order.id, reason = %command.reason, "mark_cancelled for a rejected order; it stays rejected");
@@ -366,13 +363,29 @@ async fn mark_cancelled(
     if !moved {
         return Err(changed_meanwhile(order.id));
     }
-    emit(
-        tx,
-        &OrderCancelled {
-            order_id: order.id,
-            customer_id: order.customer_id,
-            reason: command.reason,
-        },
-        context,
-    )
+    emit(tx, &cancelled(&order, command.reason), context)
+}
+
+fn confirmed(order: &StoredOrder) -> OrderConfirmed {
+    OrderConfirmed {
+        order_id: order.id,
+        customer_id: order.customer_id,
+        total_cents: order.total_cents,
+    }
+}
+
+fn rejected(order: &StoredOrder, reason: String) -> OrderRejected {
+    OrderRejected {
+        order_id: order.id,
+        customer_id: order.customer_id,
+        reason,
+    }
+}
+
+fn cancelled(order: &StoredOrder, reason: String) -> OrderCancelled {
+    OrderCancelled {
+        order_id: order.id,
+        customer_id: order.customer_id,
+        reason,
+    }
 }

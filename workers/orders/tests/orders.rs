@@ -424,6 +424,9 @@ async fn placing_the_same_order_twice_records_one_order_and_one_event(
     Ok(())
 }
 
+/// Late replies of a saga leave a final order as it is; a repeat of the
+/// command that made it final is answered again with its first answer (the
+/// saga may have lost it, and resends or is retried).
 async fn saga_replies_that_come_late_never_flip_a_final_order(
     backend: Backend,
 ) -> anyhow::Result<()> {
@@ -459,7 +462,12 @@ async fn saga_replies_that_come_late_never_flip_a_final_order(
         order.status == OrderStatus::Confirmed && order.reason.is_none(),
         "{order:?}"
     );
-    ensure!(o.emitted(kept).await? == ["order_placed", "order_confirmed"]);
+    ensure!(o.emitted(kept).await? == ["order_placed", "order_confirmed", "order_confirmed"]);
+    let answers =
+        o.p.wait_events::<OrderConfirmed>(&kept.to_string(), 2)
+            .await
+            .map_err(boxed)?;
+    ensure!(answers[1] == answers[0], "{answers:?}");
 
     let refused = o.placed(c, &[(tea, 1)]).await?;
     o.send(&RejectOrder {
@@ -474,10 +482,25 @@ async fn saga_replies_that_come_late_never_flip_a_final_order(
     ensure!(rejected[0].reason == "insufficient_funds" && rejected[0].customer_id == c);
     let late = o.send(&ConfirmOrder { order_id: refused }).await?;
     o.handled(&late).await?;
+    let twice = o
+        .send(&RejectOrder {
+            order_id: refused,
+            reason: "payment_deadline_passed".into(),
+        })
+        .await?;
+    o.handled(&twice).await?;
     let order = o.order(refused).await?;
     ensure!(order.status == OrderStatus::Rejected, "{order:?}");
     ensure!(order.reason.as_deref() == Some("insufficient_funds"));
-    ensure!(o.emitted(refused).await? == ["order_placed", "order_rejected"]);
+    ensure!(o.emitted(refused).await? == ["order_placed", "order_rejected", "order_rejected"]);
+    let answers =
+        o.p.wait_events::<OrderRejected>(&refused.to_string(), 2)
+            .await
+            .map_err(boxed)?;
+    ensure!(
+        answers[1].reason == "insufficient_funds" && answers[1] == answers[0],
+        "{answers:?}"
+    );
     o.check_schemas().await
 }
 
@@ -623,7 +646,8 @@ async fn owners_and_admins_cancel_pending_and_confirmed_orders_through_the_saga(
         ensure!(order.status == OrderStatus::Cancelled, "{order:?}");
         ensure!(order.reason.as_deref() == Some("cancelled by request"));
     }
-    // Repeated and late saga messages change nothing any more.
+    // Repeated and late saga messages change nothing any more; a repeated
+    // mark_cancelled is answered again, with the first reason.
     let again = o
         .send(&MarkCancelled {
             order_id: pending,
@@ -648,9 +672,15 @@ async fn owners_and_admins_cancel_pending_and_confirmed_orders_through_the_saga(
             == [
                 "order_placed",
                 "order_cancellation_requested",
+                "order_cancelled",
                 "order_cancelled"
             ]
     );
+    let answers =
+        o.p.wait_events::<OrderCancelled>(&pending.to_string(), 2)
+            .await
+            .map_err(boxed)?;
+    ensure!(answers[1] == answers[0], "{answers:?}");
     ensure!(
         o.emitted(confirmed).await?
             == [
