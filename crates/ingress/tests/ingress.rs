@@ -1281,6 +1281,43 @@ async fn prefer_wait_answers_with_the_final_order_or_falls_back_to_202() -> anyh
     );
     ensure!(a.header("preference-applied") == Some("wait=15"), "{a:?}");
 
+    // The key again through another copy, which has not seen it: orders
+    // ignores the repeat and announces nothing; once the wait is over the
+    // order is read: the same request answers with the final order, another
+    // request with the same key is refused, as the first copy does at once.
+    let (other, _stop) = app.another_ingress().await?;
+    let retry = |body: &serde_json::Value| {
+        Req::new("POST", "/v1/orders")
+            .token(&token)
+            .header("idempotency-key", "k1")
+            .header("prefer", "wait=1")
+            .json(body)
+    };
+    let other_body = json!({"lines": [{"product_id": product, "quantity": 2}]});
+    for _ in 0..2 {
+        let a = app.send_to(other, retry(&other_body)).await?;
+        ensure!(
+            a.status == 422 && a.problem() == "idempotency-key-reused",
+            "{a:?}"
+        );
+    }
+    // Refusing the other request kept nothing: the key's own request is
+    // still answered, by the copy that refused, with the final order.
+    let a = app.send_to(other, retry(&body)).await?;
+    ensure!(
+        a.status == 200
+            && a.body["status"] == "confirmed"
+            && a.body["id"] == order.to_string().as_str(),
+        "{a:?}"
+    );
+    let a = app.send(retry(&other_body)).await?;
+    ensure!(
+        a.status == 422 && a.problem() == "idempotency-key-reused",
+        "{a:?}"
+    );
+    let a = app.get(&format!("/v1/orders/{order}"), &token).await?;
+    ensure!(a.body["lines"][0]["quantity"] == 1, "{a:?}");
+
     // Nothing final within the wait: the normal 202, after the wait.
     let started = Instant::now();
     let a = app

@@ -372,7 +372,17 @@ where
                 let Some(run) = run.take() else {
                     return ApiError::Internal.into_response();
                 };
-                let response = run(Some(key.clone())).await.into_response();
+                let response = match run(Some(key.clone())).await {
+                    // Found only by running it (the key was taken with
+                    // another request elsewhere): nothing to keep under
+                    // this request's fingerprint, or the key's own request
+                    // would be refused here next.
+                    Err(ApiError::IdempotencyKeyReused) => {
+                        drop(guard);
+                        return ApiError::IdempotencyKeyReused.into_response();
+                    }
+                    answer => answer.into_response(),
+                };
                 let stored = capture(response).await;
                 guard.complete(stored.clone());
                 return replay(stored, false);

@@ -64,6 +64,14 @@ fn accepted(order_id: Uuid, status: OrderStatus) -> Response {
 
 /// Waits for one of `finals` about the order; then 200 with the order and
 /// `Preference-Applied`, else `None` (answer 202).
+///
+/// `placed`: the lines of a keyed placement, which may repeat one placed
+/// through another ingress copy or before this one's memory (orders keeps
+/// the first and ignores the repeat, announcing nothing). An order whose
+/// lines differ was placed with the same key and another request: 422, as
+/// this copy answers a key it remembers. When no final event came within
+/// the wait, the order is read once: one already final (placed before,
+/// its events long gone) answers 200 too.
 async fn settle(
     state: &AppState,
     watch: Option<(OrderWatch, Duration)>,
@@ -71,26 +79,41 @@ async fn settle(
     caller: &Caller,
     order_id: Uuid,
     correlation: &str,
-) -> Option<Response> {
-    let (watch, wait) = watch?;
-    if !watch.until(finals, wait).await {
-        return None;
+    placed: Option<&[StockLine]>,
+) -> Result<Option<Response>, ApiError> {
+    let Some((watch, wait)) = watch else {
+        return Ok(None);
+    };
+    let came = watch.until(finals, wait).await;
+    if !came && placed.is_none() {
+        return Ok(None);
     }
     let query = GetOrder {
         caller: caller.clone(),
         order_id,
     };
-    let order = state.ask(&query, correlation).await.ok()?;
+    let Ok(order) = state.ask(&query, correlation).await else {
+        return Ok(None);
+    };
+    if let Some(placed) = placed {
+        let asked = placed.iter().map(|l| (l.product_id, l.quantity));
+        if !asked.eq(order.lines.iter().map(|l| (l.product_id, l.quantity))) {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+    }
+    if !came && order.status == OrderStatus::Pending {
+        return Ok(None);
+    }
     let response = with_header(
         json(StatusCode::OK, &order),
         header::LOCATION,
         &location(order_id),
     );
-    Some(with_header(
+    Ok(Some(with_header(
         response,
         header::HeaderName::from_static("preference-applied"),
         &format!("wait={}", wait.as_secs()),
-    ))
+    )))
 }
 
 /// Subscribes to the order's events when the client asked to wait.
@@ -133,6 +156,7 @@ pub(crate) async fn place(
                 ),
                 None => (Uuid::now_v7(), None),
             };
+            let placed = key.is_some().then(|| body.lines.clone());
             let command = PlaceOrder {
                 order_id,
                 customer_id: caller.user_id,
@@ -146,8 +170,16 @@ pub(crate) async fn place(
             let watch = watch_if_asked(state, headers, order_id).await?;
             state.publish(&envelope).await?;
             let finals = ["order_confirmed", "order_rejected", "order_cancelled"];
-            if let Some(done) =
-                settle(state, watch, &finals, &caller, order_id, &ctx.request_id).await
+            if let Some(done) = settle(
+                state,
+                watch,
+                &finals,
+                &caller,
+                order_id,
+                &ctx.request_id,
+                placed.as_deref(),
+            )
+            .await?
             {
                 return Ok(done);
             }
@@ -257,8 +289,9 @@ pub(crate) async fn cancel(
         &caller,
         order_id,
         &ctx.request_id,
+        None,
     )
-    .await
+    .await?
     {
         return Ok(done);
     }
