@@ -334,12 +334,7 @@ async fn issue_token(state: Arc<State>, q: IssueToken) -> Result<TokenPair, Serv
         return Err(ServiceError::unauthenticated(INVALID_LOGIN));
     }
     let email = q.email.trim().to_lowercase();
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(internal("open a connection"))?;
+    let mut conn = read_connection(&state).await?;
     let found = store::user_by_email(&mut conn, &email)
         .await
         .map_err(internal("look up a user"))?;
@@ -411,17 +406,24 @@ async fn token_pair(
     })
 }
 
+/// A connection for reads (on SQLite a reader, not the writer).
+async fn read_connection(
+    state: &State,
+) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, ServiceError> {
+    state
+        .store
+        .pool()
+        .acquire()
+        .await
+        .map_err(internal("open a connection"))
+}
+
 async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, ServiceError> {
     let hash = hash_refresh_token(&q.refresh_token);
     let now = now_micros();
     // A token never issued (anyone may send one) is refused on a read,
     // without the write lock that log-ins and registrations wait for.
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(internal("open a connection"))?;
+    let mut conn = read_connection(&state).await?;
     let known = store::refresh_token_exists(&mut conn, &hash)
         .await
         .map_err(internal("look up a refresh token"))?;
@@ -468,12 +470,7 @@ async fn get_user(state: Arc<State>, q: GetUser) -> Result<User, ServiceError> {
     if !q.caller.may_access(q.user_id) {
         return Err(ServiceError::forbidden("you may only see your own account"));
     }
-    let mut conn = state
-        .store
-        .pool()
-        .acquire()
-        .await
-        .map_err(internal("open a connection"))?;
+    let mut conn = read_connection(&state).await?;
     store::user_by_id(&mut conn, q.user_id)
         .await
         .map_err(internal("look up a user"))?
