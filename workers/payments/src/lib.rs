@@ -27,7 +27,8 @@
 //!   its way, so the authorization is retried (transient error) until its
 //!   [`commands::ACCOUNT_WAIT_DELIVERIES`]th delivery, then declined
 //!   `unknown_account`.
-//! - An amount below 1 cent is dead-lettered with the reason; nothing changes.
+//! - A negative amount is dead-lettered with the reason; nothing changes
+//!   (0 is a free order, authorized as it is).
 //! - `refund_payment` gives an authorized amount back once and answers
 //!   `payment_refunded`; a repeat answers with the same figures. Without an
 //!   authorization it still answers, so a compensating saga always hears
