@@ -203,7 +203,9 @@ impl Coordinator {
     /// default) does not dead-letter the answers a newer copy awaits.
     ///
     /// The position after the last step is the final command's, where an
-    /// instance waits for its answer, if its saga here awaits one.
+    /// instance waits for its answer, if its saga here awaits one. An
+    /// instance that ended (completed or compensated) needs no step of it:
+    /// nothing moves it any more, a late reply or cancel is only noted.
     fn advancing(
         &self,
         inst: &Instance,
@@ -215,8 +217,11 @@ impl Coordinator {
                 || (saga.is_final_position(at, inst.finish)
                     && phase.is_none_or(|p| p == Phase::Final))
         };
+        let ended = matches!(inst.status, SagaStatus::Completed | SagaStatus::Compensated);
         match self.sagas.iter().find(|s| s.name == inst.saga) {
-            Some(saga) if known(saga, inst.step, None) && known(saga, step, phase) => Ok(saga),
+            Some(saga) if ended || (known(saga, inst.step, None) && known(saga, step, phase)) => {
+                Ok(saga)
+            }
             _ => Err(HandlerError::transient(format!(
                 "saga instance {} ({:?} at step {}) is another version's: left for a copy that has its definition",
                 inst.id, inst.saga, inst.step.max(step)
@@ -382,11 +387,7 @@ impl Coordinator {
                     let (key, reason) = key(event).map_err(definition)?;
                     match store::load_by_key(tx, &saga.name, &key).await.map_err(db)? {
                         Some(mut inst) => {
-                            // An instance that ended needs no definition
-                            // of its step to note a cancel that comes late.
-                            if inst.status.is_live() {
-                                self.advancing(&inst, inst.step, None)?;
-                            }
+                            self.advancing(&inst, inst.step, None)?;
                             let change = self
                                 .apply(saga, &mut inst, cause(), now, |engine, inst| {
                                     engine.cancel(inst, reason, event)

@@ -289,7 +289,7 @@ async fn the_stuck_list_puts_live_instances_before_failed_ones_and_says_when_it_
 /// its instance's saga or step: it is refused as transient (the message
 /// goes back, for a copy that has them, after a delay long enough for an
 /// upgrade of minutes), never dead-lettered, and the instance is not
-/// touched. A cancel of such an instance once it has ended needs no
+/// touched. A cancel or reply once such an instance has ended needs no
 /// definition and is taken.
 async fn a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it(
     backend: Backend,
@@ -361,13 +361,15 @@ async fn a_reply_to_another_version_s_instance_is_left_for_a_copy_that_has_it(
             && e.reason().contains("another version's")),
         "{refused:?}"
     );
-    // Once it has ended, a late cancel is only noted: it is not refused
-    // (and dead-lettered in the end) for want of the step's definition.
+    // Once it has ended, a late cancel or reply is only noted: neither is
+    // refused (and dead-lettered in the end) for want of the step's
+    // definition.
     sqlx::query("UPDATE saga_instances SET status = 'completed' WHERE saga_key = 'shrunk'")
         .execute(shop.store.pool())
         .await?;
     let ended = rows().await?;
     shop.deliver(&stop("shrunk")?).await?;
+    shop.deliver(&replies[1]).await?;
     anyhow::ensure!(rows().await? == ended, "an ended instance was changed");
     Ok(())
 }
