@@ -472,6 +472,82 @@ async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> any
     Ok(())
 }
 
+/// One message two consumers gave up on: a redrive publishes a copy for
+/// each (the second is not taken for a repeat of the first and dropped), and
+/// each consumer handles its own copy once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_two_consumers_gave_up_on_is_redriven_to_each() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut workers = Vec::new();
+    for name in ["fragile-a", "fragile-b"] {
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let worker = Worker::start(
+            &bus,
+            WorkerConfig::new(name, EVENTS, vec!["events.notes.>".into()]),
+            Fragile {
+                broken: broken.clone(),
+                handled: handled.clone(),
+            },
+        )
+        .await?;
+        workers.push((name, worker, handled));
+    }
+    let e = Envelope::event(
+        "notes",
+        &Noted {
+            entity: "x".into(),
+            n: 1,
+        },
+        &MessageContext::root(),
+    )?;
+    bus.publisher().publish(&e).await?;
+    eventually(Duration::from_secs(10), || async {
+        workers
+            .iter()
+            .all(|(_, w, _)| w.stats().snapshot().dead_lettered == 1)
+            .then_some(())
+    })
+    .await
+    .context("not dead-lettered by both")?;
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let redrive = skein(&server, &["dlq", "redrive"]).await?;
+    let out = stdout(&redrive);
+    ensure!(
+        redrive.status.success()
+            && out.matches("redriven to events.notes.x.noted").count() == 2
+            && !out.contains("already has this redrive"),
+        "{out}{}",
+        stderr(&redrive)
+    );
+    for (name, _, handled) in &workers {
+        eventually(Duration::from_secs(10), || async {
+            (handled.load(std::sync::atomic::Ordering::SeqCst) == 1).then_some(())
+        })
+        .await
+        .with_context(|| format!("{name} did not handle its copy"))?;
+    }
+    let stored = bus
+        .jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    ensure!(stored == 3, "{stored} messages in EVENTS");
+    // Each handled its copy and passed the other's over: once each, in all.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, worker, handled) in workers {
+        let n = handled.load(std::sync::atomic::Ordering::SeqCst);
+        ensure!(n == 1, "{name} handled it {n} times");
+        worker.shutdown().await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;

@@ -3,8 +3,9 @@
 //! Redrive publishes a dead letter back to its original subject with its
 //! original headers (so the same `ce-id`: consumers' inboxes still recognise
 //! it) minus the dead-letter headers, adds `Skein-Redriven: <n>` and a
-//! de-duplication id of its own (`<ce-id>:redrive-<n>`, so a redrive within
-//! the stream's duplicate window is not dropped) and `Skein-Redriven-For:
+//! de-duplication id of its own (`<ce-id>:<consumer>:redrive-<n>`, so a
+//! redrive within the stream's duplicate window is not dropped, nor the copy
+//! for a second consumer that gave up on the same message) and `Skein-Redriven-For:
 //! <consumer>` (the consumer that gave up: the stream's other consumers
 //! ack the copy unhandled), and removes it from the DLQ once the origin
 //! stream has stored it. A message already
@@ -376,14 +377,17 @@ fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(O
     }
     // A redrive is deliberate, so it must not be dropped as a duplicate of the
     // original publish: it gets its own de-duplication id. Consumers recognise
-    // the message by its unchanged ce-id.
+    // the message by its unchanged ce-id. The id names the handler too: two
+    // consumers that gave up on one message each get their copy (with the
+    // same id, the second would be taken for a redrive already stored and
+    // its dead letter removed unpublished).
     let origin = original
         .get(skein_message::envelope::headers::ID)
         .map(|v| v.as_str().to_owned())
         .unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
     headers.insert(
         async_nats::header::NATS_MESSAGE_ID,
-        format!("{origin}:redrive-{times}").as_str(),
+        format!("{origin}:{}:redrive-{times}", info.handler).as_str(),
     );
     headers.insert(REDRIVEN, times.to_string().as_str());
     // For the consumer that gave up only: the stream's other consumers
