@@ -132,6 +132,14 @@ pub struct WorkerConfig {
     /// the whole history, and a consumer lost while it catches up must not
     /// skip what it has not run yet).
     pub start_within: Option<Duration>,
+    /// How long a message on a subject this copy does not take waits before
+    /// it comes again. The consumer group takes every version's subjects
+    /// during a rolling upgrade (a newer copy widens its filters), so an
+    /// older copy is handed messages only a newer one handles; it leaves
+    /// them for such a copy, 30 s at a time (about five minutes with 10
+    /// deliveries, then the DLQ, from where `skein dlq redrive` brings them
+    /// back once the upgrade is done).
+    pub not_taken_delay: Duration,
 }
 
 /// The durable consumer a worker with this configuration binds (what
@@ -178,6 +186,7 @@ impl WorkerConfig {
             max_held: 128,
             figures_interval: Duration::from_secs(5),
             start_within: None,
+            not_taken_delay: Duration::from_secs(30),
         }
     }
 
@@ -185,6 +194,16 @@ impl WorkerConfig {
     /// third of `ack_wait`, at least 100 ms.
     fn progress_period(&self) -> Duration {
         (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
+    /// Whether this copy handles messages on `subject`: its filters match
+    /// it (no filter: the whole stream).
+    fn takes(&self, subject: &str) -> bool {
+        self.filter_subjects.is_empty()
+            || self
+                .filter_subjects
+                .iter()
+                .any(|filter| skein_message::subject::matches(filter, subject))
     }
 
     fn delay_for(&self, delivered: u64) -> Duration {
@@ -799,6 +818,18 @@ impl<H: Handler> Runtime<H> {
                 tracing::debug!(error = %e, "ack failed; the copy comes again and is passed over again");
             }
             return;
+        }
+        if !self.config.takes(&message.subject) {
+            // Another version's subject, which the group took when a newer
+            // copy bound it: handling (or dead-lettering) it here would
+            // take it from the copies that handle it.
+            let left = HandlerError::transient(format!(
+                "{} is not among the subjects this copy takes (another version's?): left for a \
+                 copy that takes it",
+                message.subject
+            ))
+            .retry_after(self.config.not_taken_delay);
+            return self.settle(&message, &info, Err(left)).await;
         }
         let envelope = match Envelope::from_parts(
             &message.subject,

@@ -303,6 +303,95 @@ async fn a_consumer_made_at_a_start_time_is_updated_later_and_keeps_it() -> anyh
     Ok(())
 }
 
+/// During a rolling upgrade both versions' copies pull from one consumer,
+/// which takes the newer one's subjects too: an older copy handed a message
+/// on a subject it does not take leaves it (it comes again) for a copy that
+/// takes it, instead of handling it as its own or dead-lettering it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_leaves_the_subjects_only_a_newer_copy_takes() -> anyhow::Result<()> {
+    let (_server, bus) = start().await?;
+    let config = |subjects: &[&str]| {
+        let mut config = fast_worker("mixed");
+        config.filter_subjects = subjects.iter().map(|s| (*s).to_owned()).collect();
+        config.not_taken_delay = Duration::from_millis(50);
+        // Each copy pulls a share; a message may land on the older one
+        // several times before the newer one takes it.
+        config.max_deliver = 200;
+        config
+    };
+    let recorder = |kinds: Arc<Mutex<Vec<String>>>| {
+        handler(move |d: Delivery| {
+            let kinds = kinds.clone();
+            async move {
+                lock_in_handler(&kinds)?.push(d.envelope.kind.clone());
+                Ok(())
+            }
+        })
+    };
+    let (old_saw, new_saw) = (Arc::default(), Arc::default());
+    let old = Worker::start(
+        &bus,
+        config(&["events.test.*.happened"]),
+        recorder(Arc::clone(&old_saw)),
+    )
+    .await?;
+    let new = Worker::start(
+        &bus,
+        config(&["events.test.*.answered", "events.test.*.happened"]),
+        recorder(Arc::clone(&new_saw)),
+    )
+    .await?;
+    let publisher = bus.publisher();
+    for i in 0..40u32 {
+        let entity = format!("e{i}");
+        publisher
+            .publish(&Envelope::event(
+                "tester",
+                &Answered {
+                    entity: entity.clone(),
+                },
+                &MessageContext::root(),
+            )?)
+            .await?;
+        publisher
+            .publish(&Envelope::event(
+                "tester",
+                &Happened { entity, n: i },
+                &MessageContext::root(),
+            )?)
+            .await?;
+    }
+    let answered = |saw: &Arc<Mutex<Vec<String>>>| -> anyhow::Result<usize> {
+        Ok(lock(saw)?
+            .iter()
+            .filter(|k| k.starts_with("test.answered"))
+            .count())
+    };
+    eventually(Duration::from_secs(20), || async {
+        (answered(&new_saw).ok()? == 40
+            && lock(&old_saw).ok()?.len() + lock(&new_saw).ok()?.len() == 80)
+            .then_some(())
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the newer copy handled {:?} answered; the older copy {:?}",
+            answered(&new_saw).ok(),
+            answered(&old_saw).ok()
+        )
+    })?;
+    assert_eq!(
+        answered(&old_saw)?,
+        0,
+        "the older copy handled a newer subject"
+    );
+    let stats = old.stats().snapshot();
+    assert_eq!(stats.dead_lettered, 0, "{stats:?}");
+    old.shutdown().await;
+    new.shutdown().await;
+    Ok(())
+}
+
 /// A rolling upgrade: a copy of a newer version binds the shared consumer
 /// to more subjects; a copy of the older version starting again keeps them
 /// (it widens, never narrows), so the newer copy still gets what only it
