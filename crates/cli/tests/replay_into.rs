@@ -896,6 +896,34 @@ async fn an_inbox_record_deleted_past_its_retention_is_forgotten_not_missed(
             && report["missed"].as_array().is_some_and(Vec::is_empty),
         "{report}"
     );
+
+    // A replay into it, told nothing of the worker's retention, goes by the
+    // horizon its relay recorded: both events may have run, and are held
+    // back, not applied again.
+    let replay = || setup.skein(&["replay", "--into", "projector"]);
+    let held = replay().await?;
+    ensure!(
+        !held.status.success()
+            && stdout(&held).contains("0 applied")
+            && stdout(&held).contains("2 held back (older than the inbox remembers)"),
+        "{}{}",
+        stdout(&held),
+        stderr(&held)
+    );
+    // Stored well after the horizon (moved back here, as if time passed):
+    // not forgotten, delivered.
+    execute(
+        &projector,
+        "UPDATE skein_inbox_horizon SET forgotten_before = forgotten_before - 120000000",
+    )
+    .await?;
+    let applied = replay().await?;
+    ensure!(
+        applied.status.success() && stdout(&applied).contains("2 applied"),
+        "{}{}",
+        stdout(&applied),
+        stderr(&applied)
+    );
     host.shutdown().await;
     Ok(())
 }

@@ -80,14 +80,15 @@ pub(crate) struct Args {
     /// (a wrong --database-url would otherwise apply every event as new).
     #[arg(long, requires = "into", conflicts_with = "dry_run")]
     create_database: bool,
-    /// With --into: how long the worker's inbox remembers the messages it
-    /// handled: the worker's --inbox-retention (SKEIN_INBOX_RETENTION),
-    /// 30 days by default; its relay deletes older records. A selected message stored longer ago (for a
-    /// copy `dlq redrive` stored, made longer ago) that the inbox does not
-    /// have may have run already and is held back, not delivered; 0s
-    /// delivers it anyway.
-    #[arg(long, requires = "into", default_value = "30d")]
-    inbox_retention: String,
+    /// With --into: a selected message the worker's inbox does not have
+    /// but may have forgotten (its relay deletes records past the worker's
+    /// --inbox-retention) may have run already, and is held back, not
+    /// delivered. What the inbox has forgotten is read from the worker's
+    /// database (how far back its relay has deleted); with this, a message
+    /// stored longer ago than this (for a copy `dlq redrive` stored, made
+    /// longer ago) is held back too. 0s holds nothing back.
+    #[arg(long, requires = "into", env = "SKEIN_INBOX_RETENTION")]
+    inbox_retention: Option<String>,
     /// The database of the worker (--into) or of the projector (--rebuild);
     /// `{service}` is replaced by the worker's name.
     #[arg(long, env = "DATABASE_URL", default_value = super::worker::DEFAULT_DATABASE_URL)]

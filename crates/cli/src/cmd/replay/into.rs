@@ -31,8 +31,37 @@ use super::super::select::cell;
 use super::super::worker::Name;
 use super::{Args, Format};
 
+/// Messages stored up to this long after the inbox's horizon are held back
+/// too: the stream's clock (when it stored a message) and the worker's
+/// (when its inbox recorded it) may differ by that much.
+const HORIZON_MARGIN: time::Duration = time::Duration::minutes(1);
+
 /// How long the relay may take to publish what the replay queued.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Before when the worker's inbox may have forgotten what it handled: its
+/// horizon (how far back its relay has deleted records, read now: the
+/// running worker's relay moves it) plus [`HORIZON_MARGIN`], or `stated`
+/// (from `--inbox-retention`), whichever is later; `None` while neither
+/// says it has forgotten anything.
+async fn forgotten_before(
+    store: &Store,
+    stated: Option<time::OffsetDateTime>,
+) -> anyhow::Result<Option<time::OffsetDateTime>> {
+    let horizon = skein_outbox::audit::inbox_horizon(store)
+        .await
+        .context("cannot read the inbox's horizon")?
+        .and_then(|micros| {
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).ok()
+        })
+        .map(|at| at + HORIZON_MARGIN);
+    Ok(horizon.max(stated))
+}
+
+fn rfc3339(at: time::OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
 
 /// Refuses what cannot work, before anything is read or opened.
 pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Result<()> {
@@ -122,11 +151,17 @@ pub(super) async fn run(
         .as_deref()
         .map(str::parse)
         .transpose()?;
-    let retention =
-        crate::cmd::select::parse_duration(&args.inbox_retention).context("--inbox-retention")?;
-    // What the inbox may have forgotten: stored before this.
-    let forgotten_before =
-        (retention > time::Duration::ZERO).then(|| time::OffsetDateTime::now_utc() - retention);
+    let retention = args
+        .inbox_retention
+        .as_deref()
+        .map(crate::cmd::select::parse_duration)
+        .transpose()
+        .context("--inbox-retention")?;
+    // 0s: hold nothing back. Otherwise what the inbox may have forgotten
+    // is what was stored before its horizon (read for each message, as the
+    // running worker's relay moves it) or before the stated retention.
+    let hold_back = retention != Some(time::Duration::ZERO);
+    let stated_before = retention.map(|r| time::OffsetDateTime::now_utc() - r);
     let service = worker.as_str();
     let url = args.database_url.replace("{service}", service);
     // A replay changes no schema: one behind or ahead of this build is
@@ -211,26 +246,30 @@ pub(super) async fn run(
                 } else {
                     message.published
                 };
-                let forgotten = force.is_none()
-                    && forgotten_before.is_some_and(|before| first_seen < before)
+                let forgotten = if force.is_none()
+                    && hold_back
                     && matches!(
                         redelivery
                             .preview(&delivery)
                             .await
                             .context("cannot read the inbox")?,
                         Preview::WouldApply
-                    );
-                if forgotten {
+                    ) {
+                    forgotten_before(&store, stated_before)
+                        .await?
+                        .filter(|before| first_seen < *before)
+                } else {
+                    None
+                };
+                if let Some(before) = forgotten {
                     summary.held_back += 1;
                     (
                         "held_back",
                         Some(format!(
                             "stored {}, before what the inbox remembers ({}): it may have run \
                              already; --inbox-retention 0s delivers it anyway",
-                            first_seen
-                                .format(&time::format_description::well_known::Rfc3339)
-                                .unwrap_or_default(),
-                            args.inbox_retention
+                            rfc3339(first_seen),
+                            rfc3339(before)
                         )),
                     )
                 } else if args.dry_run {
