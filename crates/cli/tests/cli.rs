@@ -1118,28 +1118,74 @@ async fn replay_rebuild_builds_a_read_model_from_history_and_reports_what_change
     }
     let dir = tempfile::tempdir()?;
     let url = format!("sqlite:{}/{{service}}.db", dir.path().display());
-    let rebuild = |format: &'static str| {
+    let rebuild = |args: &'static [&'static str]| {
         let url = url.clone();
         let server_url = server.url();
         async move {
             tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
-                .args(["replay", "--rebuild", "users", "--format", format])
+                .args(["replay", "--rebuild", "users"])
+                .args(args)
                 .env("NATS_URL", server_url)
                 .env("DATABASE_URL", url)
                 .output()
                 .await
         }
     };
-    let first = rebuild("table").await?;
+    // No projector database there (a wrong URL, another directory):
+    // refused, nothing created.
+    let missing = rebuild(&[]).await?;
+    ensure!(
+        !missing.status.success()
+            && stderr(&missing).contains("no projector database at")
+            && stderr(&missing).contains("--create-database"),
+        "{}",
+        stderr(&missing)
+    );
+    ensure!(
+        std::fs::read_dir(dir.path())?.next().is_none(),
+        "a refused rebuild created a file"
+    );
+    let first = rebuild(&["--create-database"]).await?;
     let out = stdout(&first);
     ensure!(first.status.success(), "{}", stderr(&first));
     ensure!(
         out.contains("from 3 event(s)") && out.contains("changed") && out.contains("0 -> 3 rows"),
         "{out}"
     );
-    let second = rebuild("json").await?;
+    let again = rebuild(&["--create-database"]).await?;
+    ensure!(
+        !again.status.success() && stderr(&again).contains("exists: --create-database is for"),
+        "{}",
+        stderr(&again)
+    );
+    let second = rebuild(&["--format", "json"]).await?;
     let report: serde_json::Value = serde_json::from_str(stdout(&second).trim())?;
     ensure!(report["changed"] == false, "{report}");
+    // A database whose schema is behind this build (a projector of an
+    // older version runs on it): refused, not migrated under it.
+    let projector = skein_outbox::Store::connect(&url.replace("{service}", "projector")).await?;
+    let forget = "DELETE FROM skein_migrations WHERE component = 'projector' AND version = 1";
+    ensure!(
+        sqlx::query(forget)
+            .execute(projector.pool())
+            .await?
+            .rows_affected()
+            == 1
+    );
+    let behind = rebuild(&[]).await?;
+    ensure!(
+        !behind.status.success() && stderr(&behind).contains("behind this build"),
+        "{}",
+        stderr(&behind)
+    );
+    ensure!(
+        sqlx::query(forget)
+            .execute(projector.pool())
+            .await?
+            .rows_affected()
+            == 0,
+        "a migration was applied"
+    );
     let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
         .args(["replay", "--rebuild", "everything"])
         .env("NATS_URL", server.url())

@@ -75,10 +75,11 @@ pub(crate) struct Args {
     /// changing nothing.
     #[arg(long, requires = "into")]
     dry_run: bool,
-    /// With --into: the worker has never run here; create its database and
-    /// apply the history to it. Without this a missing database is refused
-    /// (a wrong --database-url would otherwise apply every event as new).
-    #[arg(long, requires = "into", conflicts_with = "dry_run")]
+    /// With --into or --rebuild: the worker has never run here; create its
+    /// database and apply the history to it. Without this a missing
+    /// database is refused (a wrong --database-url would otherwise apply
+    /// every event as new, or rebuild a read model no projector reads).
+    #[arg(long, conflicts_with = "dry_run")]
     create_database: bool,
     /// With --into: a selected message the worker's inbox does not have
     /// but may have forgotten (its relay deletes records past the worker's
@@ -111,7 +112,10 @@ enum Format {
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     if let Some(model) = &args.rebuild {
-        return rebuild(nats_url, model, &args.database_url, args.format).await;
+        return rebuild(nats_url, model, &args).await;
+    }
+    if args.create_database && args.into.is_none() {
+        bail!("--create-database goes with --into or --rebuild");
     }
     let stream = args.stream.to_uppercase();
     if !["EVENTS", "COMMANDS", "DLQ"].contains(&stream.as_str()) {
@@ -305,21 +309,34 @@ fn print(
     Ok(())
 }
 
-async fn rebuild(
-    nats_url: &str,
-    model: &str,
-    database_url: &str,
-    format: Format,
-) -> anyhow::Result<()> {
+/// Rebuilds a read model in the projector's database, which must exist
+/// (unless `--create-database`) and have this build's schema: a rebuild
+/// into a database made by mistake would report success and change
+/// nothing the projector reads, and migrating one the projector runs on
+/// would change its schema under it.
+async fn rebuild(nats_url: &str, model: &str, args: &Args) -> anyhow::Result<()> {
     let model: skein_projector::ReadModel = model.parse()?;
-    let url = database_url.replace("{service}", skein_projector::NAME);
+    let service = skein_projector::NAME;
+    let (shown, exists) = super::select::service_database(&args.database_url, service).await?;
+    if args.create_database && exists {
+        bail!(
+            "the {service} database at {shown} exists: --create-database is for a projector that has never run; leave it off to rebuild in this database"
+        );
+    }
+    if !args.create_database && !exists {
+        bail!(
+            "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory); if the projector has never run, --create-database creates it"
+        );
+    }
+    let url = args.database_url.replace("{service}", service);
     let bus = super::connect(nats_url).await?;
-    let store = skein_outbox::Store::connect(&url).await.with_context(|| {
-        format!(
-            "cannot open the projector database {}",
-            skein_outbox::store::redact(&url)
-        )
-    })?;
+    let store = skein_outbox::Store::connect_with(skein_outbox::StoreConfig {
+        migrate: args.create_database,
+        ..skein_outbox::StoreConfig::new(&url)
+    })
+    .await
+    .with_context(|| format!("cannot open the {service} database {shown}"))?;
+    let format = args.format;
     let report = skein_projector::rebuild(&bus, &store, model)
         .await
         .context("rebuild failed; nothing changed")?;
