@@ -548,6 +548,100 @@ async fn a_message_two_consumers_gave_up_on_is_redriven_to_each() -> anyhow::Res
     Ok(())
 }
 
+/// A paced redrive works from the DLQ as it read it at the start: a dead
+/// letter purged meanwhile is not published (the audit has its purge
+/// record), and the run goes on instead of failing on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_purged_during_a_paced_redrive_is_not_redriven() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = Worker::start(
+        &bus,
+        WorkerConfig::new("fragile", EVENTS, vec!["events.notes.>".into()]),
+        Fragile {
+            broken: broken.clone(),
+            handled: handled.clone(),
+        },
+    )
+    .await?;
+    for entity in ["x", "y", "z"] {
+        let e = Envelope::event(
+            "notes",
+            &Noted {
+                entity: entity.into(),
+                n: 1,
+            },
+            &MessageContext::root(),
+        )?;
+        bus.publisher().publish(&e).await?;
+    }
+    eventually(Duration::from_secs(10), || async {
+        (worker.stats().snapshot().dead_lettered == 3).then_some(())
+    })
+    .await
+    .context("not dead-lettered")?;
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // One every 2 s: #3 comes 4 s after #1.
+    let mut redrive = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["dlq", "redrive", "--rate", "0.5"])
+        .env("NATS_URL", server.url())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(redrive.stdout.take().context("no stdout")?).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("the redrive printed nothing")??
+        .unwrap_or_default();
+    ensure!(first.starts_with("#1: redriven to"), "{first}");
+    let purge = skein(&server, &["dlq", "purge", "--seq", "3"]).await?;
+    ensure!(purge.status.success(), "{}", stderr(&purge));
+    let mut rest = Vec::new();
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("the redrive did not finish")??
+    {
+        rest.push(line);
+    }
+    let status = redrive.wait().await?;
+    let mut summary = String::new();
+    if let Some(mut err) = redrive.stderr.take() {
+        tokio::io::AsyncReadExt::read_to_string(&mut err, &mut summary).await?;
+    }
+    ensure!(
+        status.success()
+            && rest.len() == 2
+            && rest[0].starts_with("#2: redriven to")
+            && rest[1].starts_with("#3: gone from the DLQ meanwhile")
+            && summary.contains("2 redriven, 0 not, 1 gone meanwhile"),
+        "{rest:?} {summary}"
+    );
+    eventually(Duration::from_secs(10), || async {
+        (handled.load(std::sync::atomic::Ordering::SeqCst) == 2).then_some(())
+    })
+    .await
+    .context("the two redriven were not handled")?;
+    let stored = bus
+        .jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
+    ensure!(
+        stored == 5,
+        "{stored} messages in EVENTS: the purged one was redriven"
+    );
+    worker.shutdown().await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;

@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::HeaderMap;
 use futures::StreamExt;
 use skein_bus::dlq::headers::{REDRIVEN, REDRIVEN_FOR};
@@ -198,7 +199,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 .context("cannot open the DLQ")?;
             let publisher = bus.publisher();
             let pause = Duration::from_secs_f64(1.0 / rate);
-            let (mut sent, mut refused) = (0, 0);
+            let (mut sent, mut refused, mut gone) = (0, 0, 0);
             for s in selected {
                 let seq = s.message.sequence;
                 let Some(info) = &s.info else {
@@ -224,6 +225,14 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                     );
                     continue;
                 }
+                // The DLQ was read at the start; a purge or another redrive
+                // may have removed this one since (a paced run takes a
+                // while): what is gone is not published.
+                if !still_there(&stream, seq).await? {
+                    println!("#{seq}: gone from the DLQ meanwhile (purged or redriven by another run); not redriven");
+                    gone += 1;
+                    continue;
+                }
                 let ack = publisher
                     .publish_outgoing(&outgoing)
                     .await
@@ -235,9 +244,15 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                         ack.stream
                     );
                 }
-                stream.delete_message(seq).await.with_context(|| {
-                    format!("redriven #{seq}, but cannot remove it from the DLQ")
-                })?;
+                if let Err(e) = stream.delete_message(seq).await {
+                    // Removed by another run between the look and the
+                    // delete: redriven all the same, nothing to remove.
+                    if still_there(&stream, seq).await? {
+                        return Err(e).with_context(|| {
+                            format!("redriven #{seq}, but cannot remove it from the DLQ")
+                        });
+                    }
+                }
                 println!(
                     "#{seq}: redriven to {} ({} #{})",
                     outgoing.subject, ack.stream, ack.sequence
@@ -246,7 +261,12 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(pause).await;
             }
             eprintln!(
-                "{sent} redriven, {refused} not{}",
+                "{sent} redriven, {refused} not{}{}",
+                if gone > 0 {
+                    format!(", {gone} gone meanwhile")
+                } else {
+                    String::new()
+                },
                 if dry_run { " (dry run)" } else { "" }
             );
             Ok(())
@@ -358,6 +378,18 @@ async fn origin_checked(
 }
 
 /// The message to publish for a redrive and which redrive it is (1 = first).
+/// Whether dead letter `seq` is still in the DLQ.
+async fn still_there(
+    stream: &async_nats::jetstream::stream::Stream,
+    seq: u64,
+) -> anyhow::Result<bool> {
+    match stream.get_raw_message(seq).await {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot look for #{seq} in the DLQ")),
+    }
+}
+
 fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(Outgoing, u32)> {
     let original = message.headers.clone().unwrap_or_default();
     let times = original
