@@ -132,6 +132,12 @@ pub struct WorkerConfig {
     /// the whole history, and a consumer lost while it catches up must not
     /// skip what it has not run yet).
     pub start_within: Option<Duration>,
+    /// How long the worker's inbox remembers what it handled (its
+    /// retention), if it has one. A consumer lost after this copy has run
+    /// that long is made again at the messages stored within it, also when
+    /// the worker was new to the stream at start (`start_within` `None`):
+    /// what it handled longer ago may be forgotten, and would run again.
+    pub forgets_after: Option<Duration>,
     /// How long a message on a subject this copy does not take waits before
     /// it comes again. The consumer group takes every version's subjects
     /// during a rolling upgrade (a newer copy widens its filters), so an
@@ -186,6 +192,7 @@ impl WorkerConfig {
             max_held: 128,
             figures_interval: Duration::from_secs(5),
             start_within: None,
+            forgets_after: None,
             not_taken_delay: Duration::from_secs(30),
         }
     }
@@ -194,6 +201,17 @@ impl WorkerConfig {
     /// third of `ack_wait`, at least 100 ms.
     fn progress_period(&self) -> Duration {
         (self.ack_wait / 3).max(Duration::from_millis(100))
+    }
+
+    /// The consumer to bind again once lost, `running` after this copy
+    /// first bound `spec`: past the inbox's retention it starts within it
+    /// (see [`WorkerConfig::forgets_after`]).
+    fn rebinding(&self, spec: &ConsumerSpec, running: Duration) -> ConsumerSpec {
+        let forgotten = self.forgets_after.filter(|after| running >= *after);
+        ConsumerSpec {
+            start_within: spec.start_within.or(forgotten),
+            ..spec.clone()
+        }
     }
 
     /// Whether this copy handles messages on `subject`: its filters match
@@ -445,6 +463,7 @@ async fn run<H: Handler>(
     } = lanes_of;
     let lanes = senders.len();
     let mut backoff = Duration::from_millis(100);
+    let bound_at = tokio::time::Instant::now();
     'pull: while !shutdown.is_cancelled() {
         let messages = consumer
             .stream()
@@ -515,6 +534,7 @@ async fn run<H: Handler>(
                                 break 'pull;
                             }
                             backoff = (backoff * 2).min(Duration::from_secs(5));
+                            let spec = runtime.config.rebinding(&spec, bound_at.elapsed());
                             match apply_consumer(bus.jetstream(), &spec, Filters::Widen).await {
                                 Ok((c, _)) => consumer = c,
                                 Err(e) => {

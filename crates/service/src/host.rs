@@ -109,6 +109,7 @@ impl Host {
         let (name, stream) = (config.name.clone(), config.stream.clone());
         let before = self.store.consumed_before(&name, &stream).await?;
         config.start_within = before.then_some(self.config.relay.inbox_retention);
+        config.forgets_after = Some(self.config.relay.inbox_retention);
         let worker =
             Worker::start_with_stats(&self.bus, config, handler, self.stats.clone()).await?;
         if !before {

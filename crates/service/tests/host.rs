@@ -158,6 +158,33 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
 
     let newcomer = host(&bus, &store, "newcomer").await?;
     applied_becomes(&store, "newcomer", &[1, 2, 3]).await?;
+    // New to the stream when it started, it has now run longer than its
+    // inbox remembers: a consumer lost now is made again within that
+    // retention too, not at the beginning.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sqlx::query("DELETE FROM skein_inbox")
+        .execute(store.pool())
+        .await?;
+    bus.jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .delete_consumer("newcomer")
+        .await
+        .context("cannot delete the newcomer's consumer")?;
+    eventually(Duration::from_secs(15), || async {
+        let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
+        stream.consumer_info("newcomer").await.ok()
+    })
+    .await
+    .context("the newcomer did not bind again")?;
+    publish(4).await?;
+    applied_becomes(&store, "newcomer", &[1, 2, 3, 4]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded = applied(&store, "newcomer").await?;
+    ensure!(
+        recorded == [1, 2, 3, 4],
+        "the newcomer applied {recorded:?}"
+    );
     newcomer.shutdown().await;
     Ok(())
 }
