@@ -642,6 +642,69 @@ async fn a_dead_letter_purged_during_a_paced_redrive_is_not_redriven() -> anyhow
     Ok(())
 }
 
+/// An order with no event yet (orders is down: its place_order waits in
+/// COMMANDS) is traced by its id: the queued command shows, as does a
+/// command about it dead-lettered under another correlation id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_whose_commands_wait_or_were_dead_lettered_is_traced() -> anyhow::Result<()> {
+    use skein_contracts::catalog::StockLine;
+    use skein_contracts::orders::{CancelOrder, PlaceOrder};
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let (order_id, customer) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let place = Envelope::command(
+        "ingress",
+        &PlaceOrder {
+            order_id,
+            customer_id: customer,
+            lines: vec![StockLine {
+                product_id: uuid::Uuid::now_v7(),
+                quantity: 1,
+            }],
+        },
+        &MessageContext::with_correlation("req-place"),
+    )?;
+    bus.publisher().publish(&place).await?;
+    let cancel = Envelope::command(
+        "ingress",
+        &CancelOrder {
+            order_id,
+            caller: skein_contracts::Caller {
+                user_id: customer,
+                role: skein_contracts::Role::Customer,
+            },
+        },
+        &MessageContext::with_correlation("req-cancel"),
+    )?;
+    let outgoing = skein_bus::Outgoing::from(&cancel);
+    skein_bus::dlq::publish_dead_letter(
+        &bus.publisher(),
+        Some(&outgoing.headers),
+        outgoing.payload.clone(),
+        &skein_bus::dlq::DeadLetterInfo {
+            reason: "cancel_order: no order".into(),
+            handler: "orders".into(),
+            deliveries: 3,
+            stream: "COMMANDS".into(),
+            stream_sequence: 2,
+            subject: outgoing.subject.clone(),
+        },
+    )
+    .await?;
+    let order_text = order_id.to_string();
+    let trace = skein(&server, &["trace", &order_text]).await?;
+    let out = stdout(&trace);
+    ensure!(
+        trace.status.success()
+            && out.contains("orders.place_order.v1  (waiting in COMMANDS)")
+            && out
+                .contains("orders.cancel_order.v1  !! dead-lettered by orders after 3 deliveries"),
+        "{out}{}",
+        stderr(&trace)
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;

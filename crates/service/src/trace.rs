@@ -164,7 +164,8 @@ pub async fn trace(
     // An entity first (server-side filter), else a correlation id.
     let mut correlations = HashSet::new();
     let mut entities = HashSet::new();
-    if skein_message::subject::check_token(id).is_ok() {
+    let token = skein_message::subject::check_token(id).is_ok();
+    if token {
         for envelope in envelopes(
             bus,
             "EVENTS",
@@ -185,16 +186,28 @@ pub async fn trace(
                 hops.insert(envelope.id, Hop::of(&envelope, "events"));
             }
         }
-    } else {
+    }
+    // An entity without events yet may still have commands: an order
+    // whose place_order waits in COMMANDS (orders is down) or was
+    // dead-lettered, what an operator traces first.
+    if token {
         entities.insert(id.to_owned());
     }
     entities.extend(hops.values().filter_map(|h| h.entity.clone()));
+    let about_ours = |envelope: &Envelope| {
+        correlations.contains(&envelope.correlation_id)
+            || envelope
+                .subject
+                .as_ref()
+                .is_some_and(|e| entities.contains(e))
+    };
 
-    // Commands still queued, and dead letters.
+    // Commands still queued (also a later one of the entity's, a cancel
+    // under another correlation id), and dead letters.
     match envelopes(bus, "COMMANDS", "commands.>", StartAt::Beginning).await {
         Ok(queued) => {
             for envelope in queued {
-                if correlations.contains(&envelope.correlation_id) {
+                if about_ours(&envelope) {
                     hops.entry(envelope.id)
                         .or_insert_with(|| Hop::of(&envelope, "commands"));
                 }
@@ -217,12 +230,7 @@ pub async fn trace(
         else {
             continue;
         };
-        let ours = correlations.contains(&envelope.correlation_id)
-            || envelope
-                .subject
-                .as_ref()
-                .is_some_and(|e| entities.contains(e));
-        if ours {
+        if about_ours(&envelope) {
             let hop = hops
                 .entry(envelope.id)
                 .or_insert_with(|| Hop::of(&envelope, "dlq"));
