@@ -698,39 +698,45 @@ impl Coordinator {
                 inst.status.as_str()
             )));
         }
-        // What it waits on is what it sent last: the definition here must
-        // agree (another version's may have more or fewer steps).
-        let sent = store::last_sent(&mut tx, id)
-            .await
-            .map_err(|e| failed(e.to_string()))?;
-        let another_version = || {
+        let saga = self.advancing(&inst, inst.step, None).map_err(|_| {
             RetryError::Refused(format!(
                 "saga instance {id} ({:?} at step {}) is another version's: this orchestrator copy \
                  lacks its definition; ask again (a copy of its version may answer) once the \
                  upgrade is done",
                 inst.saga, inst.step
             ))
-        };
-        let Some((step, phase)) = sent.filter(|(step, _)| *step == inst.step) else {
-            return Err(RetryError::Refused(format!(
-                "saga instance {id} sent no command at its step {}: there is nothing to send again",
-                inst.step
-            )));
-        };
-        let saga = self
-            .advancing(&inst, step, Some(phase))
-            .map_err(|_| another_version())?;
-        let from = inst.status;
-        let Some(out) = self
-            .engine(saga, now)
-            .retry(&mut inst, phase, by)
-            .map_err(|e| failed(e.to_string()))?
-        else {
-            return Err(RetryError::Refused(format!(
+        })?;
+        let engine = self.engine(saga, now);
+        let refused_answer = |inst: &Instance| {
+            RetryError::Refused(format!(
                 "saga instance {id} failed on an answer, not for want of one: sending its command \
                  again would not change that ({}); see its transitions",
                 inst.reason.as_deref().unwrap_or("no reason recorded")
+            ))
+        };
+        // What it waits for follows from its state; it must have sent that
+        // command (the definition here must agree: another version's may
+        // differ). Not the command sent last by time: copies' clocks differ.
+        let Some(phase) = engine.awaited_late(&inst) else {
+            return Err(refused_answer(&inst));
+        };
+        if !store::sent_in(&mut tx, id, inst.step, phase)
+            .await
+            .map_err(|e| failed(e.to_string()))?
+        {
+            return Err(RetryError::Refused(format!(
+                "saga instance {id} sent no {} command at its step {}: there is nothing to send \
+                 again",
+                phase.as_str(),
+                inst.step
             )));
+        }
+        let from = inst.status;
+        let Some(out) = engine
+            .retry(&mut inst, phase, by)
+            .map_err(|e| failed(e.to_string()))?
+        else {
+            return Err(refused_answer(&inst));
         };
         let change = Change {
             from: Some(from),

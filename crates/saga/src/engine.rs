@@ -346,7 +346,7 @@ impl Engine<'_> {
     /// forward only at a step it cannot undo (after the pivot, or a pivot
     /// without a compensation), and fails compensating only a step that
     /// has a compensation.
-    fn awaited_late(&self, inst: &Instance) -> Option<Phase> {
+    pub(crate) fn awaited_late(&self, inst: &Instance) -> Option<Phase> {
         if inst.status != SagaStatus::Failed || inst.attempt == 0 {
             return None;
         }

@@ -309,25 +309,23 @@ pub(crate) async fn sent_by(
     Ok(Some((instance, step, phase)))
 }
 
-/// The step and phase of the last command instance `instance` sent.
-pub(crate) async fn last_sent(
+/// Whether instance `instance` sent a command at `step` in `phase`.
+pub(crate) async fn sent_in(
     conn: &mut AnyConnection,
     instance: Uuid,
-) -> sqlx::Result<Option<(usize, Phase)>> {
-    let Some(row) = sqlx::query(
-        "SELECT step, phase FROM saga_sent WHERE instance_id = $1 \
-         ORDER BY sent_at DESC, message_id DESC LIMIT 1",
+    step: usize,
+    phase: Phase,
+) -> sqlx::Result<bool> {
+    let found: Option<String> = sqlx::query_scalar(
+        "SELECT message_id FROM saga_sent WHERE instance_id = $1 AND step = $2 AND phase = $3 \
+         LIMIT 1",
     )
     .bind(instance.to_string())
+    .bind(i64::try_from(step).unwrap_or(i64::MAX))
+    .bind(phase.as_str())
     .fetch_optional(conn)
-    .await?
-    else {
-        return Ok(None);
-    };
-    Ok(Some((
-        to_index(row.try_get("step")?)?,
-        phase_at(&row, "phase")?,
-    )))
+    .await?;
+    Ok(found.is_some())
 }
 
 /// The phase in `row`'s column `column`.

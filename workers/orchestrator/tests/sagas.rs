@@ -1260,6 +1260,17 @@ async fn a_failed_saga_retried_by_an_admin_sends_its_command_again(
         .and_then(status);
     assert_eq!(missing, Some((404, format!("no saga instance {unknown}"))));
 
+    // Copies' clocks differ: the forward commands, sent by a copy whose
+    // clock ran an hour ahead, look later than the final command it waits
+    // for. The retry goes by what the instance waits for, not by time.
+    let orchestrator = shop.p.store("orchestrator").await.map_err(boxed)?;
+    let skewed =
+        sqlx::query("UPDATE saga_sent SET sent_at = sent_at + 3600000000 WHERE phase = 'forward'")
+            .execute(orchestrator.pool())
+            .await?
+            .rows_affected();
+    orchestrator.close().await;
+    assert_eq!(skewed, 2, "reserve_stock and authorize_payment");
     let operator = admin();
     let retried = request(&shop.p.bus, &retry(operator.clone(), failed.id)).await?;
     assert_eq!(
