@@ -365,6 +365,12 @@ async fn replay_one(
     message: &StoredMessage,
     model: ReadModel,
 ) -> Result<Applied, Replayed> {
+    // A copy `skein dlq redrive` published for another consumer: the live
+    // projector passes it over (it had the original), so the rebuild does
+    // too; applied, it would move the order's status_seq to the copy's.
+    if skein_bus::dlq::redriven_for(message.headers.as_ref()).is_some_and(|owner| owner != NAME) {
+        return Ok(Applied::Ignored);
+    }
     let envelope = Envelope::from_parts(
         &message.subject,
         message.headers.as_ref(),

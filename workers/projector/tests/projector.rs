@@ -571,6 +571,39 @@ async fn a_rebuild_from_scratch_equals_the_incremental_result_and_repairs_a_corr
         "the rebuild did not restore the model"
     );
     ensure!(x.dashboard().await? == dashboard);
+
+    // A copy of an order's confirmation that `skein dlq redrive` published
+    // for another consumer (the orchestrator gave up on it): the live
+    // projector passes it over, and the rebuild, like it, changes nothing.
+    let original = read(
+        &x.p.bus,
+        EVENTS,
+        &format!("events.orders.{confirmed}.order_confirmed"),
+        StartAt::Beginning,
+    )
+    .await?
+    .pop()
+    .context("no order_confirmed stored")?;
+    let mut headers = original.headers.clone().unwrap_or_default();
+    headers.insert(skein_bus::dlq::headers::REDRIVEN, "1");
+    headers.insert(skein_bus::dlq::headers::REDRIVEN_FOR, "orchestrator");
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{confirmed}:orchestrator:redrive-1").as_str(),
+    );
+    x.p.bus
+        .publisher()
+        .publish_outgoing(&skein_bus::Outgoing {
+            subject: original.subject.clone(),
+            headers,
+            payload: original.payload.clone(),
+        })
+        .await?;
+    x.settle().await?;
+    ensure!(x.snapshot().await? == live, "the live projector applied it");
+    let report = rebuild(&x.p.bus, &x.store, ReadModel::All).await?;
+    ensure!(!report.changed, "{report}");
+    ensure!(x.snapshot().await? == live);
     Ok(())
 }
 
