@@ -753,6 +753,51 @@ async fn audit(setup: &Setup, format: &str) -> anyhow::Result<Output> {
         .await
 }
 
+/// An event stored twice (its relay published it again after the stream's
+/// duplicate window): the audit names it and says why it is harmless; the
+/// projector applied it once.
+async fn an_event_stored_twice_is_reported_with_what_it_means(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let (setup, identity, projector, host) = with_projector(backend).await?;
+    let registered = user(Uuid::now_v7(), 1)?;
+    announce(&setup, &identity, &registered).await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    // Past the duplicate window the stream takes the same id again.
+    let stored = read(&setup.bus, EVENTS, "events.>", StartAt::Beginning)
+        .await?
+        .pop()
+        .context("the event is not in EVENTS")?;
+    let mut headers = stored.headers.clone().unwrap_or_default();
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("{}:after-the-window", registered.id).as_str(),
+    );
+    setup
+        .bus
+        .publisher()
+        .publish_outgoing(&skein_bus::Outgoing {
+            subject: stored.subject.clone(),
+            headers,
+            payload: stored.payload.clone(),
+        })
+        .await?;
+    setup.caught_up(EVENTS, "projector").await?;
+    let report = audit(&setup, "table").await?;
+    ensure!(
+        !report.status.success()
+            && stdout(&report).contains(&format!("duplicated in EVENTS {}", registered.id))
+            && stderr(&report).contains("inboxes skip the second copy, there is nothing to repair"),
+        "{}{}",
+        stdout(&report),
+        stderr(&report)
+    );
+    ensure!(inbox_count(&projector, "projector").await? == 1);
+    ensure!(skein_projector::snapshot(&projector).await?.users.len() == 1);
+    host.shutdown().await;
+    Ok(())
+}
+
 /// A row marked published just before the audit began may reach the
 /// stream only after the audit read it (a live system): it is left for the
 /// next audit, not reported lost. Checked, it is found lost (here it never
@@ -822,6 +867,7 @@ backend_tests!(
     an_event_redriven_from_the_dlq_is_no_duplicate_for_the_audit,
     a_copy_of_an_old_message_stored_just_now_is_held_back_like_the_message,
     an_inbox_record_deleted_past_its_retention_is_forgotten_not_missed,
+    an_event_stored_twice_is_reported_with_what_it_means,
 );
 
 /// Runs the relay's cleanup on `store` with an inbox retention of

@@ -590,6 +590,15 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         if reports.iter().any(|r| r.lost.len() > r.republished) {
             hints.push("skein audit --repair publishes lost messages again".to_owned());
         }
+        if reports.iter().any(|r| !r.duplicated.is_empty()) {
+            hints.push(
+                "a message duplicated in EVENTS was published again after the stream's duplicate \
+                 window (a relay stopped between publishing a row and marking it): consumers' \
+                 inboxes skip the second copy, there is nothing to repair, and the report \
+                 clears once the outbox row is deleted (--outbox-retention)"
+                    .to_owned(),
+            );
+        }
         let mut missed_by: Vec<&str> = missed.iter().map(|u| u.consumer.as_str()).collect();
         missed_by.sort_unstable();
         missed_by.dedup();
