@@ -11,6 +11,7 @@
 //! request names the filter and the next sequence, and the server skips
 //! what does not match.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -86,9 +87,45 @@ async fn read_with(
     start: StartAt,
     headers_only: bool,
 ) -> Result<Vec<StoredMessage>> {
+    let mut out = Vec::new();
+    read_each_with(bus, stream, filter, start, headers_only, |m| {
+        out.push(m);
+        ControlFlow::Continue(())
+    })
+    .await?;
+    Ok(out)
+}
+
+/// [`read`] one message at a time: `each` gets every message in stream
+/// order and may stop the reading early (`ControlFlow::Break`). What it
+/// does not keep is not held, so a selection from a long stream (a year of
+/// `EVENTS`) takes the memory of what it selects, not of the stream.
+pub async fn read_each(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+    each: impl FnMut(StoredMessage) -> ControlFlow<()>,
+) -> Result<()> {
+    read_each_with(bus, stream, filter, start, false, each).await
+}
+
+async fn read_each_with(
+    bus: &Bus,
+    stream: &str,
+    filter: &str,
+    start: StartAt,
+    headers_only: bool,
+    mut each: impl FnMut(StoredMessage) -> ControlFlow<()>,
+) -> Result<()> {
     let (handle, info) = open(bus, stream).await?;
     if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
-        return read_by_sequence(&handle, stream, filter, start, &info.state).await;
+        for message in read_by_sequence(&handle, stream, filter, start, &info.state).await? {
+            if each(message).is_break() {
+                break;
+            }
+        }
+        return Ok(());
     }
     let deliver_policy = match start {
         StartAt::Beginning => DeliverPolicy::All,
@@ -106,9 +143,8 @@ async fn read_with(
         .await
         .map_err(|e| Error::jetstream(format!("cannot read stream {stream}"), e))?;
     let mut pending = consumer.cached_info().num_pending;
-    let mut out = Vec::new();
     if pending == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let mut messages = consumer
         .messages()
@@ -123,9 +159,11 @@ async fn read_with(
             message.map_err(|e| Error::jetstream(format!("reading stream {stream}"), e))?;
         let (stored, left) = stored(&message)?;
         pending = left;
-        out.push(stored);
+        if each(stored).is_break() {
+            break;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Reads a stream by sequence, without a consumer (for work queues).

@@ -296,6 +296,34 @@ async fn replay_filters_return_exactly_the_matching_events() -> anyhow::Result<(
     ensure!(json_ids(&by_correlation)? == vec![ids[2].clone(), ids[3].clone()]);
     let by_seq = skein(&server, &["replay", "--seq", "2-3", "--format", "json"]).await?;
     ensure!(json_ids(&by_seq)? == vec![ids[1].clone(), ids[2].clone()]);
+    // The first matching ones, and a word that more match; none when
+    // exactly that many do.
+    let limited = skein(
+        &server,
+        &[
+            "replay", "--entity", "e1", "--limit", "1", "--format", "json",
+        ],
+    )
+    .await?;
+    ensure!(
+        json_ids(&limited)? == vec![ids[0].clone()]
+            && stderr(&limited).contains("(stopped at --limit 1)"),
+        "{}{}",
+        stdout(&limited),
+        stderr(&limited)
+    );
+    let all_of_them = skein(
+        &server,
+        &[
+            "replay", "--entity", "e1", "--limit", "2", "--format", "json",
+        ],
+    )
+    .await?;
+    ensure!(
+        json_ids(&all_of_them)?.len() == 2 && !stderr(&all_of_them).contains("stopped at"),
+        "{}",
+        stderr(&all_of_them)
+    );
     // --since still filters when --seq says where to start reading.
     let seq_and_since = skein(
         &server,
@@ -701,6 +729,27 @@ async fn an_order_whose_commands_wait_or_were_dead_lettered_is_traced() -> anyho
                 .contains("orders.cancel_order.v1  !! dead-lettered by orders after 3 deliveries"),
         "{out}{}",
         stderr(&trace)
+    );
+    // A request's events, by its correlation id (read from all of EVENTS).
+    for (n, correlation) in [(1, "req-other"), (2, "req-note"), (3, "req-other")] {
+        let noted = Envelope::event(
+            "notes",
+            &Noted {
+                entity: format!("n{n}"),
+                n,
+            },
+            &MessageContext::with_correlation(correlation),
+        )?;
+        bus.publisher().publish(&noted).await?;
+    }
+    let by_request = skein(&server, &["trace", "req-note", "--format", "json"]).await?;
+    let hops: Vec<serde_json::Value> = stdout(&by_request)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    ensure!(
+        hops.len() == 1 && hops[0]["entity"] == "n2" && hops[0]["type"] == "notes.noted.v1",
+        "{hops:?}"
     );
     Ok(())
 }

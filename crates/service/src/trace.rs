@@ -16,11 +16,12 @@
 //! cause.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use serde::Serialize;
 use skein_bus::dlq::DeadLetterInfo;
-use skein_bus::replay::{read, StartAt};
+use skein_bus::replay::{read, read_each, StartAt};
 use skein_bus::Bus;
 use skein_message::Envelope;
 use time::OffsetDateTime;
@@ -181,11 +182,18 @@ pub async fn trace(
     if hops.is_empty() {
         correlations.insert(id.to_owned());
         let start = since.map_or(StartAt::Beginning, StartAt::Time);
-        for envelope in envelopes(bus, "EVENTS", "events.>", start).await? {
-            if envelope.correlation_id == id {
-                hops.insert(envelope.id, Hop::of(&envelope, "events"));
+        // Every event since `start`, one at a time: only the request's are
+        // kept.
+        read_each(bus, "EVENTS", "events.>", start, |m| {
+            if let Ok(envelope) = Envelope::from_parts(&m.subject, m.headers.as_ref(), m.payload) {
+                if envelope.correlation_id == id {
+                    hops.insert(envelope.id, Hop::of(&envelope, "events"));
+                }
             }
-        }
+            ControlFlow::Continue(())
+        })
+        .await
+        .map_err(stream("EVENTS"))?;
     }
     // An entity without events yet may still have commands: an order
     // whose place_order waits in COMMANDS (orders is down) or was

@@ -4,9 +4,11 @@
 
 mod into;
 
+use std::ops::ControlFlow;
+
 use anyhow::{bail, Context};
 use futures::StreamExt;
-use skein_bus::replay::{follow, last_sequence, read, StartAt, StoredMessage};
+use skein_bus::replay::{follow, last_sequence, read_each, StartAt, StoredMessage};
 use skein_message::Envelope;
 
 use super::select::{cell, parse_range, parse_time, short_time};
@@ -140,10 +142,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     } else {
         0
     };
-    let mut selected = select(&bus, &args, &stream).await?;
     let limit = args.limit.or(args.into.is_none().then_some(1000));
-    if let Some(limit) = limit.filter(|l| selected.len() > *l) {
-        selected.truncate(limit);
+    let (selected, more) = select(&bus, &args, &stream, limit).await?;
+    if let Some(limit) = limit.filter(|_| more) {
         eprintln!("(stopped at --limit {limit})");
     }
     if let Some(worker) = args.into {
@@ -209,11 +210,16 @@ fn server_filter(args: &Args, stream: &str) -> String {
 
 /// The messages of `stream` the selection flags choose, oldest first, each
 /// with its envelope when it decodes.
+/// The messages the flags select, at most `limit` (and whether more
+/// match). The stream is read one message at a time and the reading stops
+/// at the limit or past the end of `--seq`: what is not selected is not
+/// kept.
 async fn select(
     bus: &skein_bus::Bus,
     args: &Args,
     stream: &str,
-) -> anyhow::Result<Vec<(StoredMessage, Option<Envelope>)>> {
+    limit: Option<usize>,
+) -> anyhow::Result<(Vec<(StoredMessage, Option<Envelope>)>, bool)> {
     let range = args.seq.as_deref().map(parse_range).transpose()?;
     let since = args.since.as_deref().map(parse_time).transpose()?;
     let until = args.until.as_deref().map(parse_time).transpose()?;
@@ -229,11 +235,12 @@ async fn select(
         (None, Some(t)) => StartAt::Time(t),
         (None, None) => StartAt::Beginning,
     };
-    let messages = read(bus, stream, &filter, start)
-        .await
-        .with_context(|| format!("cannot read {stream}"))?;
     let mut selected = Vec::new();
-    for message in messages {
+    let mut more = false;
+    read_each(bus, stream, &filter, start, |message| {
+        if range.as_ref().is_some_and(|r| message.sequence > *r.end()) {
+            return ControlFlow::Break(());
+        }
         if range
             .as_ref()
             .is_some_and(|r| !r.contains(&message.sequence))
@@ -241,7 +248,7 @@ async fn select(
             || since.is_some_and(|t| message.published < t)
             || until.is_some_and(|u| message.published > u)
         {
-            continue;
+            return ControlFlow::Continue(());
         }
         let envelope = Envelope::from_parts(
             &message.subject,
@@ -250,10 +257,17 @@ async fn select(
         )
         .ok();
         if matches(args, envelope.as_ref()) {
+            if limit.is_some_and(|l| selected.len() >= l) {
+                more = true;
+                return ControlFlow::Break(());
+            }
             selected.push((message, envelope));
         }
-    }
-    Ok(selected)
+        ControlFlow::Continue(())
+    })
+    .await
+    .with_context(|| format!("cannot read {stream}"))?;
+    Ok((selected, more))
 }
 
 fn matches(args: &Args, envelope: Option<&Envelope>) -> bool {
