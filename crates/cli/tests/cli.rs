@@ -1218,6 +1218,53 @@ async fn terminate(
         .context("cannot wait for it")
 }
 
+/// `skein ingress` stopped by SIGTERM finishes the requests in flight: a
+/// query waiting for its service gets its answer (here the timeout's 504)
+/// before the process exits, cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let _streams = bus(&server).await?;
+    // A catalog that takes queries and never answers.
+    let client = async_nats::connect(server.url()).await?;
+    let _silent = client
+        .queue_subscribe("queries.catalog.>", "catalog".into())
+        .await?;
+    client.flush().await?;
+    let port = free_port()?;
+    let mut ingress = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args([
+            "ingress",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--query-timeout-ms",
+            "1500",
+        ])
+        .env("NATS_URL", server.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(Duration::from_secs(30), || async {
+        http(port, "GET", "/health/live", None, &[], None)
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the ingress never became live")?;
+    let in_flight =
+        tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = terminate(&mut ingress, Duration::from_secs(15)).await?;
+    let (code, body) = in_flight
+        .await?
+        .context("the request in flight got no answer")?;
+    ensure!(code == 504, "{code} {body}");
+    ensure!(status.success(), "exited with {status}");
+    Ok(())
+}
+
 /// `skein worker --health-http`: live and ready while all is well; not
 /// ready (and still live) while NATS is away, ready again once it is back;
 /// a taken address refused at start; SIGTERM stops it cleanly.

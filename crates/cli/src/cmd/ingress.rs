@@ -97,24 +97,27 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         .context("cannot start the ingress")?;
     eprintln!("ingress listening on http://{}", ingress.local_addr());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingress.run_until(async {
+    let mut server = tokio::spawn(ingress.run_until(async {
         let _ = stop_rx.await;
     }));
     let stopped = tokio::select! {
         r = skein_service::standalone::wait_for_stop() => { r?; None }
-        r = server => Some(r),
+        r = &mut server => Some(r),
     };
-    match stopped {
-        // The server ended by itself: that is an error.
-        Some(r) => r
-            .context("the ingress task failed")?
-            .context("the HTTP server failed"),
-        None => {
-            eprintln!("stopping: finishing requests in flight");
-            let _ = stop_tx.send(());
-            Ok(())
-        }
+    if stopped.is_none() {
+        eprintln!("stopping: finishing requests in flight");
+        let _ = stop_tx.send(());
     }
+    // Returning ends the runtime and with it every request still served:
+    // wait for the server to finish them (it closes what is still open
+    // after its shutdown grace).
+    let finished = match stopped {
+        Some(r) => r,
+        None => server.await,
+    };
+    finished
+        .context("the ingress task failed")?
+        .context("the HTTP server failed")
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ async fn run_system(bus: Bus, nats_url: &str, args: &Args, data: &Path) -> anyho
     println!("Ctrl-C stops everything.");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ingress.run_until(async {
+    let mut server = tokio::spawn(ingress.run_until(async {
         let _ = stop_rx.await;
     }));
     // A worker's part that stops on its own (a panic) does not come back:
@@ -189,7 +189,7 @@ async fn run_system(bus: Bus, nats_url: &str, args: &Args, data: &Path) -> anyho
     let mut part_stopped = None;
     let server_result = tokio::select! {
         r = skein_service::standalone::wait_for_stop() => { r?; None }
-        r = server => Some(r),
+        r = &mut server => Some(r),
         stopped = skein_service::health::first_stopped(&probes) => {
             part_stopped = Some(stopped);
             None
@@ -197,16 +197,19 @@ async fn run_system(bus: Bus, nats_url: &str, args: &Args, data: &Path) -> anyho
     };
     eprintln!("stopping: finishing requests and messages in flight");
     let _ = stop_tx.send(());
+    // The requests in flight first (they may wait for the workers'
+    // answers), then the workers.
+    let server_result = match server_result {
+        Some(r) => r,
+        None => server.await,
+    };
     stop_hosts(hosts).await;
     if let Some(stopped) = part_stopped {
         anyhow::bail!("{stopped} on its own; everything stopped, start skein up again");
     }
-    match server_result {
-        Some(r) => r
-            .context("the ingress task failed")?
-            .context("the HTTP server failed"),
-        None => Ok(()),
-    }
+    server_result
+        .context("the ingress task failed")?
+        .context("the HTTP server failed")
 }
 
 async fn stop_hosts(hosts: Vec<Host>) {
