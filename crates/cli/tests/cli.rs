@@ -1536,14 +1536,35 @@ struct Up {
 
 impl Up {
     async fn start(data: &std::path::Path, http_port: u16, nats_port: u16) -> anyhow::Result<Self> {
+        Self::start_with(
+            data,
+            http_port,
+            &["--nats-port", &nats_port.to_string()],
+            None,
+        )
+        .await
+    }
+
+    /// With `args` besides the data directory and the address, and
+    /// `NATS_URL` when given (a server of the operator's).
+    async fn start_with(
+        data: &std::path::Path,
+        http_port: u16,
+        args: &[&str],
+        nats_url: Option<&str>,
+    ) -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"));
+        match nats_url {
+            Some(url) => command.env("NATS_URL", url),
+            None => command.env_remove("NATS_URL"),
+        };
+        let mut child = command
             .args(["up", "--data-dir"])
             .arg(data)
             .args(["--http", &format!("127.0.0.1:{http_port}")])
-            .args(["--nats-port", &nats_port.to_string()])
+            .args(args)
             .env("SKEIN_NATS_SERVER", skein_testkit::nats::find_binary()?)
-            .env_remove("NATS_URL")
             .env_remove("DATABASE_URL")
             .env_remove("SKEIN_ADMIN_EMAIL")
             .env_remove("SKEIN_ADMIN_PASSWORD")
@@ -1991,6 +2012,30 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         "{mine}"
     );
     ensure!(again.stop().await?.success());
+    Ok(())
+}
+
+/// `skein up` on a NATS server of the operator's creates what is missing
+/// and leaves the streams there as they are: an EVENTS kept two years is
+/// not cut back to the built-in year (which would delete the older history).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_up_on_an_operator_s_server_keeps_its_streams() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let two_years = Duration::from_secs(2 * 365 * 24 * 3600);
+    let js = bus.jetstream();
+    let mut events = js.get_stream(EVENTS).await?.info().await?.config.clone();
+    events.max_age = two_years;
+    js.update_stream(events).await?;
+    js.delete_stream("DLQ").await?;
+
+    let data = tempfile::tempdir()?;
+    let up = Up::start_with(data.path(), free_port()?, &[], Some(&server.url())).await?;
+    let kept = js.get_stream(EVENTS).await?.info().await?.config.max_age;
+    let dlq = js.get_stream("DLQ").await.is_ok();
+    ensure!(up.stop().await?.success());
+    ensure!(kept == two_years, "EVENTS keeps {kept:?} now");
+    ensure!(dlq, "the missing DLQ was not created");
     Ok(())
 }
 

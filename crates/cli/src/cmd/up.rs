@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use skein_bus::provision::{apply_builtin_streams, ProvisionOptions};
+use skein_bus::provision::{apply_builtin_streams, ensure_builtin_streams, ProvisionOptions};
 use skein_bus::Bus;
 use skein_contracts::catalog::AddProduct;
 use skein_contracts::Caller;
@@ -118,7 +118,7 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
         super::connect(&url).await
     };
     let result = match bus {
-        Ok(bus) => run_system(bus, &url, &args, &data).await,
+        Ok(bus) => run_system(bus, &url, &args, &data, nats.is_some()).await,
         Err(e) => Err(e),
     };
     if let Some(nats) = nats {
@@ -127,10 +127,27 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
     result
 }
 
-async fn run_system(bus: Bus, nats_url: &str, args: &Args, data: &Path) -> anyhow::Result<()> {
-    apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
-        .await
-        .context("cannot apply the streams")?;
+async fn run_system(
+    bus: Bus,
+    nats_url: &str,
+    args: &Args,
+    data: &Path,
+    own_server: bool,
+) -> anyhow::Result<()> {
+    if own_server {
+        // Its own server's streams are its own: brought to this version's
+        // definitions.
+        apply_builtin_streams(bus.jetstream(), &ProvisionOptions::default())
+            .await
+            .context("cannot apply the streams")?;
+    } else {
+        // An operator's server: what is missing is created, existing streams
+        // are left as they are (their definitions may be the operator's
+        // own, `skein streams apply --dir`), as every service does.
+        ensure_builtin_streams(bus.jetstream())
+            .await
+            .context("cannot create the streams")?;
+    }
 
     let (admin, generated) = admin(&args.workers, data);
     let mut workers = args.workers.clone();
