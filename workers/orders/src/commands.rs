@@ -27,12 +27,15 @@ use crate::NAME;
 /// replicas yet before the order is rejected: the `user_registered` or
 /// `product_added` event may still be on its way (the replicas and the
 /// commands are different consumers, with no order between them). With the
-/// consumer's default backoff the first five wait 0.1 + 0.2 + 0.4 + 0.8 +
-/// 1.6 s: about 3 s for the replica to catch up (3 deliveries, 0.3 s, were
-/// too few for a replica consumer a moment behind, and a new customer's
-/// first order was rejected for good), leaving four of the ten deliveries
-/// for other transient failures.
-pub const REPLICA_GRACE_DELIVERIES: u64 = 6;
+/// consumer's default backoff the first seven wait 0.1 + 0.2 + 0.4 + 0.8 +
+/// 1.6 + 3.2 + 5 s: about 11 s for the replica to catch up, leaving two of
+/// the ten deliveries for other transient failures. (3 deliveries, 0.3 s,
+/// were too few for a replica consumer a moment behind; 6, about 3 s, too
+/// few for a producer's relay cut off from NATS for a few seconds: a new
+/// customer's first order, or an order of a product just added, was
+/// rejected for good, and a retry with its Idempotency-Key got the same
+/// rejection back.)
+pub const REPLICA_GRACE_DELIVERIES: u64 = 8;
 
 /// Handles `commands.orders.*`.
 #[derive(Debug)]

@@ -964,17 +964,21 @@ async fn an_order_of_an_unknown_customer_is_retried_then_rejected(
 async fn an_order_placed_before_its_customer_is_replicated_waits_for_them(
     backend: Backend,
 ) -> anyhow::Result<()> {
-    // Redeliveries half a second apart leave time to register in between.
-    let o = Orders::start_with_backoff(backend, Duration::from_millis(500)).await?;
+    // Redeliveries a second apart leave time to register in between.
+    let o = Orders::start_with_backoff(backend, Duration::from_secs(1)).await?;
     let tea = o.product("TEA", 450).await?;
     let late = Uuid::now_v7();
     let (id, _) = o.place(late, &[(tea, 2)]).await?;
+    // The customer comes late: after six tries (a grace of six deliveries,
+    // about 3 s with the default backoff, had rejected the order by then;
+    // now seven tries with the default backoff take about 11 s).
+    let late_by = 6;
     eventually(WAIT, || async {
         let failures = o.host().ok()?.stats().snapshot().transient_failures;
-        (failures >= 1).then_some(())
+        (failures >= late_by).then_some(())
     })
     .await
-    .context("the order was never retried")?;
+    .with_context(|| format!("the order was not retried {late_by} times"))?;
     o.announce_customer(late, Role::Customer).await?;
     let placed =
         o.p.wait_events::<OrderPlaced>(&id.to_string(), 1)
