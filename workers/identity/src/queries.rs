@@ -91,6 +91,9 @@ pub enum CreateUserError {
     /// A user with this email (in any case) exists.
     #[error("email already registered")]
     EmailTaken,
+    /// The id asked for is another email's user.
+    #[error("user id {0} is taken by another email")]
+    IdTaken(Uuid),
     /// The database, hashing or the outbox failed.
     #[error("cannot {context}")]
     Internal {
@@ -134,6 +137,7 @@ fn to_service_error(e: CreateUserError) -> ServiceError {
     match e {
         CreateUserError::Invalid(violations) => ServiceError::invalid(&violations),
         CreateUserError::EmailTaken => ServiceError::conflict("email already registered"),
+        e @ CreateUserError::IdTaken(_) => ServiceError::conflict(e.to_string()),
         e @ CreateUserError::Internal { .. } => {
             tracing::error!(error = %chain(&e), "identity failed to register a user");
             ServiceError::internal()
@@ -235,7 +239,11 @@ pub async fn create_user(
         drop(tx);
         return match registered(state, &user.email).await? {
             Some(existing) => again(state, existing, q.user_id, &user.name, role, q.password).await,
-            None => Err(CreateUserError::EmailTaken),
+            // Not the email: the id asked for is taken (a sender choosing
+            // ids badly; the ingress derives them from the email).
+            None => Err(q
+                .user_id
+                .map_or(CreateUserError::EmailTaken, CreateUserError::IdTaken)),
         };
     }
     let event = UserRegistered {

@@ -34,11 +34,11 @@ pub struct NewUser<'a> {
     pub created_at: i64,
 }
 
-/// Inserts `user` unless its email is taken; `false` when it was.
+/// Inserts `user` unless its email or its id is taken; `false` when one was.
 pub async fn insert_user(conn: &mut AnyConnection, user: &NewUser<'_>) -> sqlx::Result<bool> {
     let inserted = sqlx::query(
         "INSERT INTO users (id, email, name, role, password_hash, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (email) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
     )
     .bind(user.id.to_string())
     .bind(user.email)

@@ -216,6 +216,22 @@ async fn a_registration_asked_again_with_its_id_answers_the_same_user(
             "{other:?}: {status} {message}"
         );
     }
+    // Another email asking for the same id: refused as a conflict, not a
+    // failure, and nothing stored.
+    let (status, message) = refused(
+        request(
+            &id.p.bus,
+            &Register {
+                email: "someone@example.org".into(),
+                ..registration.clone()
+            },
+        )
+        .await,
+    )?;
+    ensure!(
+        status == 409 && message == format!("user id {user_id} is taken by another email"),
+        "{status} {message}"
+    );
     let registered = id.registrations_settled().await?;
     ensure!(
         registered.len() == 1 && registered[0].user_id == user_id,
