@@ -59,7 +59,7 @@ impl Validate for Register {
         Checker::default()
             .check(is_email(&self.email), "/email", "must be an email address")
             .check(
-                self.password.chars().count() >= MIN_PASSWORD_LEN && self.password.len() <= 1024,
+                (MIN_PASSWORD_LEN..=1024).contains(&self.password.chars().count()),
                 "/password",
                 format!("must be {MIN_PASSWORD_LEN} to 1024 characters"),
             )
@@ -165,3 +165,29 @@ pub struct UserRegistered {
     pub role: Role,
 }
 contract!(event UserRegistered, "identity", "user_registered", v 1, entity = user_id);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(password: String) -> Register {
+        Register {
+            email: "ada@example.org".into(),
+            password,
+            name: "Ada".into(),
+            user_id: None,
+        }
+    }
+
+    /// The password's limits count characters, as the schema's do (a
+    /// multi-byte character is one).
+    #[test]
+    fn a_password_s_length_is_counted_in_characters() {
+        assert!(register("é".repeat(600)).violations().is_empty());
+        assert!(register("é".repeat(1024)).violations().is_empty());
+        let long = register("é".repeat(1025)).violations();
+        assert_eq!(long.len(), 1, "{long:?}");
+        assert_eq!(long[0].field, "/password");
+        assert_eq!(register("é".repeat(9)).violations().len(), 1);
+    }
+}

@@ -73,7 +73,7 @@ impl Validate for Login {
         Checker::default()
             .check(is_text(&self.email, 254), "/email", "must not be empty")
             .check(
-                !self.password.is_empty() && self.password.len() <= 1024,
+                (1..=1024).contains(&self.password.chars().count()),
                 "/password",
                 "must be 1 to 1024 characters",
             )
