@@ -2087,6 +2087,37 @@ async fn skein_up_says_what_to_do_when_its_port_is_taken_or_its_data_dir_unusabl
     Ok(())
 }
 
+/// Several workers in one process given one database (a `DATABASE_URL`
+/// without `{service}`): refused before anything is created, naming what
+/// to give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_one_database_are_refused() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let shared = format!("sqlite:{}/one.db", dir.path().display());
+    for args in [
+        &["worker", "catalog", "orders"][..],
+        &["up", "--data-dir", &dir.path().display().to_string()][..],
+    ] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+            .args(args)
+            .env("NATS_URL", server.url())
+            .env("DATABASE_URL", &shared)
+            .output()
+            .await?;
+        ensure!(
+            !out.status.success() && stderr(&out).contains("has no {service}: the"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    ensure!(
+        !dir.path().join("one.db").exists(),
+        "the shared database was created"
+    );
+    Ok(())
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Note {
     entity: String,

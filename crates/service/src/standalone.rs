@@ -72,8 +72,11 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
         )
         .try_init();
     let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let database_url =
-        std::env::var("DATABASE_URL").unwrap_or_else(|_| format!("sqlite:data/{name}.db"));
+    // A template (`…/skein_{service}`, as `skein worker` takes) names this
+    // worker's own database.
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| format!("sqlite:data/{name}.db"))
+        .replace("{service}", name);
     let health = health_address()?;
     let mut host = HostConfig::new(name);
     host.relay = relay_config(

@@ -81,3 +81,39 @@ async fn the_binary_serves_its_health_endpoint_and_stops_on_sigterm() -> anyhow:
     ensure!(status.success(), "exited with {status}");
     Ok(())
 }
+
+/// `DATABASE_URL` as a template, as `skein worker` takes it (compose.yaml's
+/// `…/skein_{service}`): the binary opens its own database, `catalog.db`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_a_database_url_template() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
+        .env("NATS_URL", nats.url())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite:{}/{{service}}.db", dir.path().display()),
+        )
+        .env("SKEIN_HEALTH_HTTP", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(Duration::from_secs(30), || async {
+        get(port, "/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the binary never became ready")?;
+    let files: Vec<String> = std::fs::read_dir(dir.path())?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".db"))
+        .collect();
+    ensure!(files == ["catalog.db"], "databases: {files:?}");
+    worker.kill().await?;
+    Ok(())
+}

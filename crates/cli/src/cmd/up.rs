@@ -94,6 +94,7 @@ impl NatsChild {
 
 pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()> {
     args.workers.check()?;
+    args.workers.check_one_database_each(WORKERS.len())?;
     super::ingress::config(&args.ingress)?;
     let data = prepare_data_dir(&args.data_dir)?;
     if TcpListener::bind(args.ingress.http).is_err() {

@@ -124,6 +124,22 @@ impl Settings {
         Ok(())
     }
 
+    /// Several workers in one process each need a database of their own:
+    /// a `--database-url` without `{service}` would put them all in one
+    /// (an application's `DATABASE_URL` left in the environment, say).
+    pub(crate) fn check_one_database_each(&self, workers: usize) -> anyhow::Result<()> {
+        match &self.database_url {
+            Some(url) if workers > 1 && !url.contains("{service}") => anyhow::bail!(
+                "--database-url / DATABASE_URL {} has no {{service}}: the {workers} workers would \
+                 share one database; give a template with {{service}} where each worker's name \
+                 goes (postgres://user@host/skein_{{service}}, sqlite:data/{{service}}.db), or \
+                 run one worker per process",
+                skein_outbox::store::redact(url)
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// The relay settings of every worker: the outbox and inbox retentions.
     pub(crate) fn relay(&self) -> anyhow::Result<skein_outbox::RelayConfig> {
         skein_service::standalone::relay_config(
@@ -247,6 +263,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         seen.push(*n);
         first
     });
+    args.settings.check_one_database_each(names.len())?;
     let listener = match args.health_http {
         Some(addr) => Some(skein_service::health::bind(addr).await?),
         None => None,
