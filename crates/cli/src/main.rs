@@ -121,9 +121,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
-    let nats_url = cli.nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL);
+    // Set but empty (`NATS_URL=` from an .env template) is not set.
+    let given_nats_url = empty(cli.nats_url);
+    let nats_url = given_nats_url.as_deref().unwrap_or(DEFAULT_NATS_URL);
     let result = match cli.command {
-        Command::Up(args) => cmd::up::run(cli.nats_url.as_deref(), args).await,
+        Command::Up(args) => cmd::up::run(given_nats_url.as_deref(), args).await,
         Command::Streams(args) => cmd::streams::run(nats_url, args).await,
         Command::Replay(args) => cmd::replay::run(nats_url, args).await,
         Command::Dlq(args) => cmd::dlq::run(nats_url, args).await,

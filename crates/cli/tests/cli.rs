@@ -2015,6 +2015,28 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
     Ok(())
 }
 
+/// `NATS_URL` set but empty (an .env template) is not set: `skein up`
+/// starts its own server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skein_up_with_an_empty_nats_url_starts_its_own_server() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let nats_port = free_port()?.to_string();
+    let up = Up::start_with(
+        data.path(),
+        free_port()?,
+        &["--nats-port", &nats_port],
+        Some(""),
+    )
+    .await?;
+    let printed = up.printed.clone();
+    ensure!(up.stop().await?.success());
+    ensure!(
+        printed.contains(&format!("NATS at nats://127.0.0.1:{nats_port}")),
+        "{printed}"
+    );
+    Ok(())
+}
+
 /// `skein up` on a NATS server of the operator's creates what is missing
 /// and leaves the streams there as they are: an EVENTS kept two years is
 /// not cut back to the built-in year (which would delete the older history).
