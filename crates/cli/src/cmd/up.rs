@@ -38,6 +38,11 @@ const WORKERS: [Name; 6] = [
 const GENERATED_ADMIN_EMAIL: &str = "admin@skein.local";
 /// Marks a data directory whose admin exists.
 const ADMIN_MARKER: &str = "admin-created";
+/// The generated admin's password until it has been shown (readable by the
+/// owner only): a start that fails after identity created the admin, before
+/// the password was printed, shows the same one the next time (a new one
+/// would not work: the admin exists).
+const PENDING_ADMIN_PASSWORD: &str = "admin-password.pending";
 /// Marks a data directory whose demo catalog was added.
 const DEMO_MARKER: &str = "demo-seeded";
 /// The SQLite page cache of each connection unless `--sqlite-cache-kib`
@@ -150,7 +155,7 @@ async fn run_system(
             .context("cannot create the streams")?;
     }
 
-    let (admin, generated) = admin(&args.workers, data);
+    let (admin, generated) = admin(&args.workers, data)?;
     let mut workers = args.workers.clone();
     workers.sqlite_cache_kib.get_or_insert(UP_SQLITE_CACHE_KIB);
     let hosts = worker::start(&bus, &WORKERS, &workers, data, admin.clone()).await?;
@@ -165,7 +170,7 @@ async fn run_system(
         }
     };
     let http = ingress.local_addr();
-    if let Some(seed) = &admin {
+    if let Some(seed) = admin.as_ref().filter(|_| !generated) {
         std::fs::write(data.join(ADMIN_MARKER), &seed.email)
             .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
     }
@@ -186,6 +191,19 @@ async fn run_system(
             "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
             seed.email, seed.password
         );
+        // Shown: the admin is marked created and its password forgotten.
+        std::fs::write(data.join(ADMIN_MARKER), &seed.email)
+            .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
+        if let Err(e) = std::fs::remove_file(data.join(PENDING_ADMIN_PASSWORD)) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot remove {}",
+                        data.join(PENDING_ADMIN_PASSWORD).display()
+                    )
+                });
+            }
+        }
     }
     if demo > 0 {
         println!("  demo catalog: {demo} products (--no-demo to skip)");
@@ -258,19 +276,46 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
 
 /// The admin identity creates: configured, or generated on the first
 /// start (then `true`: its password is printed once).
-fn admin(settings: &worker::Settings, data: &Path) -> (Option<skein_identity::AdminSeed>, bool) {
+fn admin(
+    settings: &worker::Settings,
+    data: &Path,
+) -> anyhow::Result<(Option<skein_identity::AdminSeed>, bool)> {
     if let Some(seed) = worker::admin_seed(settings) {
-        return (Some(seed), false);
+        return Ok((Some(seed), false));
     }
     if data.join(ADMIN_MARKER).exists() {
-        return (None, false);
+        return Ok((None, false));
     }
+    let pending = data.join(PENDING_ADMIN_PASSWORD);
+    let password = match std::fs::read_to_string(&pending) {
+        Ok(kept) if !kept.trim().is_empty() => kept.trim().to_owned(),
+        _ => {
+            let password = skein_identity::generated_admin_password();
+            write_private(&pending, &password)
+                .with_context(|| format!("cannot write {}", pending.display()))?;
+            password
+        }
+    };
     let seed = skein_identity::AdminSeed {
         email: GENERATED_ADMIN_EMAIL.into(),
-        password: skein_identity::generated_admin_password(),
+        password,
         name: "Admin".into(),
     };
-    (Some(seed), true)
+    Ok((Some(seed), true))
+}
+
+/// Writes `text` to `path`, readable and writable by the owner only.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Adds a small catalog once per data directory; returns how many products.
