@@ -2015,6 +2015,66 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
     Ok(())
 }
 
+/// The state letter of process `pid`, if it exists.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// A second `skein up` on a data directory in use is refused, the first
+/// untouched. A nats-server that outlives its `skein up` (killed with
+/// SIGKILL) is stopped by the next start on that data directory before it
+/// starts its own: two servers on one store would corrupt it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_left_by_a_killed_skein_up_is_stopped_by_the_next_start() -> anyhow::Result<()>
+{
+    let data = tempfile::tempdir()?;
+    let (http_port, nats_port) = (free_port()?, free_port()?);
+    let mut first = Up::start(data.path(), http_port, nats_port).await?;
+    let nats: u32 = std::fs::read_to_string(data.path().join("nats-server.pid"))?
+        .trim()
+        .parse()?;
+
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["up", "--data-dir"])
+        .arg(data.path())
+        .args(["--http", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--nats-port", &free_port()?.to_string()])
+        .env("SKEIN_NATS_SERVER", skein_testkit::nats::find_binary()?)
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let second = tokio::time::timeout(Duration::from_secs(30), second.wait_with_output())
+        .await
+        .context("a second skein up on the data directory in use started")??;
+    ensure!(
+        !second.status.success() && stderr(&second).contains("another skein up"),
+        "{}",
+        stderr(&second)
+    );
+    let (status, _) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    ensure!(status == 200, "the first one stopped serving: {status}");
+
+    first.child.kill().await?;
+    ensure!(
+        process_state(nats).is_some_and(|s| s != 'Z'),
+        "nats-server did not outlive skein up"
+    );
+    let again = Up::start(data.path(), http_port, nats_port).await?;
+    let left = process_state(nats);
+    let (status, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    ensure!(again.stop().await?.success());
+    ensure!(
+        left.is_none_or(|s| s == 'Z'),
+        "the old nats-server still runs ({left:?})"
+    );
+    ensure!(status == 200, "{status} {products}");
+    Ok(())
+}
+
 /// The generated admin password of a start that stopped after identity
 /// created the admin and before the password was shown (the state such a
 /// start leaves: no marker, the password pending) is shown by the next

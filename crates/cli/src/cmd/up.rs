@@ -43,6 +43,8 @@ const ADMIN_MARKER: &str = "admin-created";
 /// the password was printed, shows the same one the next time (a new one
 /// would not work: the admin exists).
 const PENDING_ADMIN_PASSWORD: &str = "admin-password.pending";
+/// The pid of the nats-server `skein up` runs, in the data directory.
+const NATS_PID_FILE: &str = "nats-server.pid";
 /// Marks a data directory whose demo catalog was added.
 const DEMO_MARKER: &str = "demo-seeded";
 /// The SQLite page cache of each connection unless `--sqlite-cache-kib`
@@ -372,6 +374,8 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
     };
     let store = data.join("nats");
     let log = data.join("nats-server.log");
+    let pid_file = data.join(NATS_PID_FILE);
+    stop_leftover_nats(&pid_file, &store).await?;
     let mut command = Command::new(&binary);
     if let Some(conf) = find_repo_file("nats/server.conf") {
         command.arg("-c").arg(conf);
@@ -382,9 +386,15 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
         .arg(&store)
         .arg("-l")
         .arg(&log)
+        .arg("-P")
+        .arg(&pid_file)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        // Its own process group: a Ctrl-C in the terminal reaches skein,
+        // which stops the workers first and the server last, not the
+        // server at once under them.
+        .process_group(0)
         .kill_on_drop(true);
     let mut child = command
         .spawn()
@@ -413,6 +423,73 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
         "nats-server did not start listening on {addr} within 10 s; see {}",
         log.display()
     )
+}
+
+/// Stops the nats-server an earlier `skein up` on this data directory left
+/// running on `store` (it was killed, or its terminal closed, and the
+/// server outlived it), as its pid file tells: two servers on one store
+/// would corrupt it. One whose `skein up` still runs is left alone, and
+/// this start refused.
+async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()> {
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+    else {
+        return Ok(());
+    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    // Gone, or the number is another process's now.
+    let Ok(cmdline) = std::fs::read(proc.join("cmdline")) else {
+        return Ok(());
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let store_arg = store.as_os_str().as_encoded_bytes();
+    let ours =
+        args.first().is_some_and(|a| a.ends_with(b"nats-server")) && args.contains(&store_arg);
+    if !ours {
+        return Ok(());
+    }
+    if let Some((_, parent)) = process_state(&proc) {
+        let comm = std::fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
+        if comm.trim() == "skein" {
+            bail!(
+                "another skein up (pid {parent}) runs on this data directory; stop it first, or \
+                 pass another --data-dir"
+            );
+        }
+    }
+    eprintln!(
+        "stopping nats-server (pid {pid}) left running on {} by an earlier skein up",
+        store.display()
+    );
+    for signal in ["-TERM", "-KILL"] {
+        let _ = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .await;
+        for _ in 0..100 {
+            // Gone, or ended and not reaped yet (a zombie holds nothing).
+            if process_state(&proc).is_none_or(|(state, _)| state == 'Z') {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    bail!(
+        "cannot stop nats-server (pid {pid}), which runs on {}",
+        store.display()
+    )
+}
+
+/// The state letter and parent pid of the process at `proc`
+/// (`/proc/<pid>`), if it exists.
+fn process_state(proc: &Path) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(proc.join("stat")).ok()?;
+    // `pid (comm) state ppid …`; comm may hold spaces and brackets.
+    let mut after = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = after.next()?.chars().next()?;
+    let parent = after.next()?.parse().ok()?;
+    Some((state, parent))
 }
 
 /// `nats/…` of the checkout `skein` runs from, if any.
