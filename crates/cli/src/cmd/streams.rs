@@ -29,7 +29,9 @@ enum Action {
         /// Read the definitions from this directory instead of the built-in ones (nats/streams).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Replicas per stream (3 on a 3-node cluster).
+        /// Replicas per stream (3 on a 3-node cluster). Without it an
+        /// existing stream keeps its replicas (a definition's
+        /// `num_replicas` is used when a stream is created).
         #[arg(long, env = "SKEIN_STREAM_REPLICAS")]
         replicas: Option<usize>,
         /// Only the streams, not the workers' consumers.
