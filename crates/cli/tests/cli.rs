@@ -388,21 +388,47 @@ impl Handler for Fragile {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> anyhow::Result<()> {
-    let server = NatsServer::start().await?;
-    let bus = bus(&server).await?;
-    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+/// A worker `name` on the notes events that fails while `broken` is set,
+/// and how many it handled.
+async fn fragile(
+    bus: &Bus,
+    name: &str,
+    broken: &Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<(
+    skein_bus::RunningWorker,
+    Arc<std::sync::atomic::AtomicUsize>,
+)> {
     let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = Worker::start(
-        &bus,
-        WorkerConfig::new("fragile", EVENTS, vec!["events.notes.>".into()]),
+        bus,
+        WorkerConfig::new(name, EVENTS, vec!["events.notes.>".into()]),
         Fragile {
             broken: broken.clone(),
             handled: handled.clone(),
         },
     )
     .await?;
+    Ok((worker, handled))
+}
+
+/// A note about `entity`, as the notes service would announce it.
+fn noted(entity: &str) -> anyhow::Result<Envelope> {
+    Ok(Envelope::event(
+        "notes",
+        &Noted {
+            entity: entity.into(),
+            n: 1,
+        },
+        &MessageContext::root(),
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (worker, handled) = fragile(&bus, "fragile", &broken).await?;
     // Another consumer of the same events, which handles them.
     let steady_handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let steady = Worker::start(
@@ -414,14 +440,7 @@ async fn a_dead_letter_is_listed_and_redriven_once_the_handler_is_fixed() -> any
         },
     )
     .await?;
-    let e = Envelope::event(
-        "notes",
-        &Noted {
-            entity: "x".into(),
-            n: 1,
-        },
-        &MessageContext::root(),
-    )?;
+    let e = noted("x")?;
     bus.publisher().publish(&e).await?;
     eventually(Duration::from_secs(10), || async {
         (worker.stats().snapshot().dead_lettered == 1).then_some(())
@@ -510,26 +529,10 @@ async fn a_message_two_consumers_gave_up_on_is_redriven_to_each() -> anyhow::Res
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut workers = Vec::new();
     for name in ["fragile-a", "fragile-b"] {
-        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let worker = Worker::start(
-            &bus,
-            WorkerConfig::new(name, EVENTS, vec!["events.notes.>".into()]),
-            Fragile {
-                broken: broken.clone(),
-                handled: handled.clone(),
-            },
-        )
-        .await?;
+        let (worker, handled) = fragile(&bus, name, &broken).await?;
         workers.push((name, worker, handled));
     }
-    let e = Envelope::event(
-        "notes",
-        &Noted {
-            entity: "x".into(),
-            n: 1,
-        },
-        &MessageContext::root(),
-    )?;
+    let e = noted("x")?;
     bus.publisher().publish(&e).await?;
     eventually(Duration::from_secs(10), || async {
         workers
@@ -585,25 +588,9 @@ async fn a_dead_letter_purged_during_a_paced_redrive_is_not_redriven() -> anyhow
     let server = NatsServer::start().await?;
     let bus = bus(&server).await?;
     let broken = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let worker = Worker::start(
-        &bus,
-        WorkerConfig::new("fragile", EVENTS, vec!["events.notes.>".into()]),
-        Fragile {
-            broken: broken.clone(),
-            handled: handled.clone(),
-        },
-    )
-    .await?;
+    let (worker, handled) = fragile(&bus, "fragile", &broken).await?;
     for entity in ["x", "y", "z"] {
-        let e = Envelope::event(
-            "notes",
-            &Noted {
-                entity: entity.into(),
-                n: 1,
-            },
-            &MessageContext::root(),
-        )?;
+        let e = noted(entity)?;
         bus.publisher().publish(&e).await?;
     }
     eventually(Duration::from_secs(10), || async {
@@ -767,14 +754,7 @@ async fn a_message_redriven_too_often_is_refused_and_purge_empties_the_dlq() -> 
         },
     )
     .await?;
-    let e = Envelope::event(
-        "notes",
-        &Noted {
-            entity: "x".into(),
-            n: 1,
-        },
-        &MessageContext::root(),
-    )?;
+    let e = noted("x")?;
     bus.publisher().publish(&e).await?;
     // Redrive it into the still-broken handler until the limit.
     // A rate a pause cannot be made of is refused, not a panic.

@@ -86,9 +86,9 @@ async fn applied_becomes(store: &Store, worker: &str, expected: &[i64]) -> anyho
     })
 }
 
-/// Past the inbox's retention (its cleanup forgets what ran), the
-/// recorder's consumer is deleted.
-async fn lose_consumer_and_memory(bus: &Bus, store: &Store) -> anyhow::Result<()> {
+/// Past the inbox's retention (its cleanup forgets what ran), `worker`'s
+/// consumer is deleted.
+async fn lose_consumer_and_memory(bus: &Bus, store: &Store, worker: &str) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     sqlx::query("DELETE FROM skein_inbox")
         .execute(store.pool())
@@ -96,9 +96,9 @@ async fn lose_consumer_and_memory(bus: &Bus, store: &Store) -> anyhow::Result<()
     bus.jetstream()
         .get_stream(EVENTS)
         .await?
-        .delete_consumer("recorder")
+        .delete_consumer(worker)
         .await
-        .context("cannot delete the consumer")?;
+        .with_context(|| format!("cannot delete {worker}'s consumer"))?;
     Ok(())
 }
 
@@ -131,7 +131,7 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
     applied_becomes(&store, "recorder", &[1]).await?;
     first.shutdown().await;
 
-    lose_consumer_and_memory(&bus, &store).await?;
+    lose_consumer_and_memory(&bus, &store, "recorder").await?;
 
     let again = host(&bus, &store, "recorder").await?;
     publish(2).await?;
@@ -142,7 +142,7 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
     ensure!(recorded == [1, 2], "applied {recorded:?}");
 
     // Lost again while the worker runs: bound again the same way.
-    lose_consumer_and_memory(&bus, &store).await?;
+    lose_consumer_and_memory(&bus, &store, "recorder").await?;
     let bound = eventually(Duration::from_secs(15), || async {
         let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
         stream.consumer_info("recorder").await.ok()
@@ -161,16 +161,7 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
     // New to the stream when it started, it has now run longer than its
     // inbox remembers: a consumer lost now is made again within that
     // retention too, not at the beginning.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    sqlx::query("DELETE FROM skein_inbox")
-        .execute(store.pool())
-        .await?;
-    bus.jetstream()
-        .get_stream(EVENTS)
-        .await?
-        .delete_consumer("newcomer")
-        .await
-        .context("cannot delete the newcomer's consumer")?;
+    lose_consumer_and_memory(&bus, &store, "newcomer").await?;
     eventually(Duration::from_secs(15), || async {
         let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
         stream.consumer_info("newcomer").await.ok()
