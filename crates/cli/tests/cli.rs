@@ -411,6 +411,18 @@ async fn fragile(
     Ok((worker, handled))
 }
 
+/// How many messages `stream` holds.
+async fn stored_in(bus: &Bus, stream: &str) -> anyhow::Result<u64> {
+    Ok(bus
+        .jetstream()
+        .get_stream(stream)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages)
+}
+
 /// A note about `entity`, as the notes service would announce it.
 fn noted(entity: &str) -> anyhow::Result<Envelope> {
     Ok(Envelope::event(
@@ -560,14 +572,7 @@ async fn a_message_two_consumers_gave_up_on_is_redriven_to_each() -> anyhow::Res
         .await
         .with_context(|| format!("{name} did not handle its copy"))?;
     }
-    let stored = bus
-        .jetstream()
-        .get_stream(EVENTS)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let stored = stored_in(&bus, EVENTS).await?;
     ensure!(stored == 3, "{stored} messages in EVENTS");
     // Each handled its copy and passed the other's over: once each, in all.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -641,14 +646,7 @@ async fn a_dead_letter_purged_during_a_paced_redrive_is_not_redriven() -> anyhow
     })
     .await
     .context("the two redriven were not handled")?;
-    let stored = bus
-        .jetstream()
-        .get_stream(EVENTS)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let stored = stored_in(&bus, EVENTS).await?;
     ensure!(
         stored == 5,
         "{stored} messages in EVENTS: the purged one was redriven"
