@@ -324,6 +324,19 @@ async fn replay_filters_return_exactly_the_matching_events() -> anyhow::Result<(
         "{}",
         stderr(&all_of_them)
     );
+    // A worker's setting in the operator's environment (for `--into`)
+    // does not get in the way of other replays.
+    let with_worker_env = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["replay", "--entity", "e1", "--format", "json"])
+        .env("NATS_URL", server.url())
+        .env("SKEIN_INBOX_RETENTION", "7d")
+        .output()
+        .await?;
+    ensure!(
+        with_worker_env.status.success() && json_ids(&with_worker_env)?.len() == 2,
+        "{}",
+        stderr(&with_worker_env)
+    );
     // --since still filters when --seq says where to start reading.
     let seq_and_since = skein(
         &server,

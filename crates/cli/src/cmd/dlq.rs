@@ -377,7 +377,6 @@ async fn origin_checked(
     }
 }
 
-/// The message to publish for a redrive and which redrive it is (1 = first).
 /// Whether dead letter `seq` is still in the DLQ.
 async fn still_there(
     stream: &async_nats::jetstream::stream::Stream,
@@ -390,6 +389,7 @@ async fn still_there(
     }
 }
 
+/// The message to publish for a redrive and which redrive it is (1 = first).
 fn redriven(message: &StoredMessage, info: &DeadLetterInfo) -> anyhow::Result<(Outgoing, u32)> {
     let original = message.headers.clone().unwrap_or_default();
     let times = original

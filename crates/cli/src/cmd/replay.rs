@@ -90,7 +90,10 @@ pub(crate) struct Args {
     /// database (how far back its relay has deleted); with this, a message
     /// stored longer ago than this (for a copy `dlq redrive` stored, made
     /// longer ago) is held back too. 0s holds nothing back.
-    #[arg(long, requires = "into", env = "SKEIN_INBOX_RETENTION")]
+    /// Without the flag, SKEIN_INBOX_RETENTION (the worker's setting) if set
+    /// (read with --into only: it does not make other replays ask for
+    /// --into).
+    #[arg(long, requires = "into")]
     inbox_retention: Option<String>,
     /// The database of the worker (--into) or of the projector (--rebuild);
     /// `{service}` is replaced by the worker's name.

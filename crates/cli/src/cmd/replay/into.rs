@@ -153,10 +153,16 @@ pub(super) async fn run(
         .transpose()?;
     let retention = args
         .inbox_retention
+        .clone()
+        .or_else(|| {
+            std::env::var("SKEIN_INBOX_RETENTION")
+                .ok()
+                .filter(|v| !v.is_empty())
+        })
         .as_deref()
         .map(crate::cmd::select::parse_duration)
         .transpose()
-        .context("--inbox-retention")?;
+        .context("--inbox-retention / SKEIN_INBOX_RETENTION")?;
     // 0s: hold nothing back. Otherwise what the inbox may have forgotten
     // is what was stored before its horizon (read for each message, as the
     // running worker's relay moves it) or before the stated retention.
