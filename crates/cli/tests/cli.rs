@@ -2057,12 +2057,69 @@ async fn a_nats_server_left_by_a_killed_skein_up_is_stopped_by_the_next_start() 
     let again = Up::start(data.path(), http_port, nats_port).await?;
     let left = process_state(nats);
     let (status, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
+    let printed = again.printed.clone();
     ensure!(again.stop().await?.success());
     ensure!(
         left.is_none_or(|s| s == 'Z'),
         "the old nats-server still runs ({left:?})"
     );
     ensure!(status == 200, "{status} {products}");
+    // On its own port again: the leftover was stopped before the port was
+    // chosen.
+    ensure!(
+        printed.contains(&format!("NATS at nats://127.0.0.1:{nats_port}")),
+        "{printed}"
+    );
+    Ok(())
+}
+
+/// A Ctrl-C while `skein up` is still starting (here its nats-server takes
+/// 2 s to start) stops everything once it is up, nats-server too: it does
+/// not kill skein up and leave the server running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ctrl_c_during_the_start_stops_everything_once_up() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir()?;
+    let slow = data.path().join("slow-nats-server");
+    std::fs::write(
+        &slow,
+        format!(
+            "#!/bin/sh\nsleep 2\nexec {} \"$@\"\n",
+            skein_testkit::nats::find_binary()?.display()
+        ),
+    )?;
+    std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755))?;
+    let mut up = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args(["up", "--data-dir"])
+        .arg(data.path())
+        .args(["--http", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--nats-port", &free_port()?.to_string()])
+        .env("SKEIN_NATS_SERVER", &slow)
+        .env_remove("NATS_URL")
+        .env_remove("DATABASE_URL")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = up.id().context("skein up exited early")?;
+    tokio::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .await?;
+    let status = tokio::time::timeout(Duration::from_secs(60), up.wait())
+        .await
+        .context("skein up did not stop")??;
+    let nats: u32 = std::fs::read_to_string(data.path().join("nats-server.pid"))
+        .context("nats-server never started")?
+        .trim()
+        .parse()?;
+    let left = eventually(Duration::from_secs(5), || async {
+        process_state(nats).is_none_or(|s| s == 'Z').then_some(())
+    })
+    .await;
+    ensure!(left.is_some(), "nats-server (pid {nats}) still runs");
+    ensure!(status.success(), "exited with {status}");
     Ok(())
 }
 

@@ -43,6 +43,8 @@ const ADMIN_MARKER: &str = "admin-created";
 /// the password was printed, shows the same one the next time (a new one
 /// would not work: the admin exists).
 const PENDING_ADMIN_PASSWORD: &str = "admin-password.pending";
+/// Locked by the `skein up` running on a data directory.
+const LOCK_FILE: &str = "skein-up.lock";
 /// The pid of the nats-server `skein up` runs, in the data directory.
 const NATS_PID_FILE: &str = "nats-server.pid";
 /// Marks a data directory whose demo catalog was added.
@@ -104,6 +106,17 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
     args.workers.check_one_database_each(WORKERS.len())?;
     super::ingress::config(&args.ingress)?;
     let data = prepare_data_dir(&args.data_dir)?;
+    // Held while this process runs (released by the system however it
+    // ends): one skein up per data directory.
+    let _in_use = lock_data_dir(&data)?;
+    // Listening from here: a Ctrl-C or SIGTERM during the start (which may
+    // take seconds) stops everything once it is up, instead of killing
+    // this process and leaving its nats-server running.
+    let stop = skein_service::standalone::wait_for_stop();
+    tokio::pin!(stop);
+    if let Some(stopped) = futures::FutureExt::now_or_never(stop.as_mut()) {
+        return stopped;
+    }
     if TcpListener::bind(args.ingress.http).is_err() {
         bail!(
             "{} is taken (another skein up or another server?); pass --http 127.0.0.1:PORT",
@@ -126,7 +139,7 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
         super::connect(&url).await
     };
     let result = match bus {
-        Ok(bus) => run_system(bus, &url, &args, &data, nats.is_some()).await,
+        Ok(bus) => run_system(bus, &url, &args, &data, nats.is_some(), stop).await,
         Err(e) => Err(e),
     };
     if let Some(nats) = nats {
@@ -141,6 +154,7 @@ async fn run_system(
     args: &Args,
     data: &Path,
     own_server: bool,
+    mut stop: std::pin::Pin<&mut impl std::future::Future<Output = anyhow::Result<()>>>,
 ) -> anyhow::Result<()> {
     if own_server {
         // Its own server's streams are its own: brought to this version's
@@ -226,7 +240,7 @@ async fn run_system(
     let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
     let mut part_stopped = None;
     let server_result = tokio::select! {
-        r = skein_service::standalone::wait_for_stop() => { r?; None }
+        r = &mut stop => { r?; None }
         r = &mut server => Some(r),
         stopped = skein_service::health::first_stopped(&probes) => {
             part_stopped = Some(stopped);
@@ -257,6 +271,28 @@ async fn stop_hosts(hosts: Vec<Host>) {
 }
 
 /// Creates the data directory and checks that it is writable.
+/// Locks `data` for this process (`data/skein-up.lock`), or says that
+/// another skein up runs on it.
+fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
+    let path = data.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another skein up runs on {}; stop it first, or pass another --data-dir",
+            data.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+}
+
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
@@ -309,13 +345,14 @@ fn admin(
 /// Writes `text` to `path`, readable and writable by the owner only.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
@@ -360,6 +397,10 @@ async fn seed_demo(bus: &skein_bus::Bus, data: &Path) -> anyhow::Result<usize> {
 /// `port` or, when that is taken, on a free one.
 async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
     let binary = find_nats_server().await?;
+    let store = data.join("nats");
+    let pid_file = data.join(NATS_PID_FILE);
+    // First: a leftover server holds the port this one should have.
+    stop_leftover_nats(&pid_file, &store).await?;
     let port = if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
         port
     } else {
@@ -372,10 +413,7 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
         );
         free
     };
-    let store = data.join("nats");
     let log = data.join("nats-server.log");
-    let pid_file = data.join(NATS_PID_FILE);
-    stop_leftover_nats(&pid_file, &store).await?;
     let mut command = Command::new(&binary);
     if let Some(conf) = find_repo_file("nats/server.conf") {
         command.arg("-c").arg(conf);
@@ -391,11 +429,12 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        // Its own process group: a Ctrl-C in the terminal reaches skein,
-        // which stops the workers first and the server last, not the
-        // server at once under them.
-        .process_group(0)
         .kill_on_drop(true);
+    // Its own process group: a Ctrl-C in the terminal reaches skein, which
+    // stops the workers first and the server last, not the server at once
+    // under them.
+    #[cfg(unix)]
+    command.process_group(0);
     let mut child = command
         .spawn()
         .with_context(|| format!("cannot run {}", binary.display()))?;
@@ -428,8 +467,9 @@ async fn start_nats(data: &Path, port: u16) -> anyhow::Result<NatsChild> {
 /// Stops the nats-server an earlier `skein up` on this data directory left
 /// running on `store` (it was killed, or its terminal closed, and the
 /// server outlived it), as its pid file tells: two servers on one store
-/// would corrupt it. One whose `skein up` still runs is left alone, and
-/// this start refused.
+/// would corrupt it. (This process holds the data directory's lock, so no
+/// other skein up runs on it; `/proc` tells whether the pid is still that
+/// server: on a system without it, nothing is stopped.)
 async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()> {
     let Some(pid) = std::fs::read_to_string(pid_file)
         .ok()
@@ -449,15 +489,6 @@ async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()>
     if !ours {
         return Ok(());
     }
-    if let Some((_, parent)) = process_state(&proc) {
-        let comm = std::fs::read_to_string(format!("/proc/{parent}/comm")).unwrap_or_default();
-        if comm.trim() == "skein" {
-            bail!(
-                "another skein up (pid {parent}) runs on this data directory; stop it first, or \
-                 pass another --data-dir"
-            );
-        }
-    }
     eprintln!(
         "stopping nats-server (pid {pid}) left running on {} by an earlier skein up",
         store.display()
@@ -469,7 +500,7 @@ async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()>
             .await;
         for _ in 0..100 {
             // Gone, or ended and not reaped yet (a zombie holds nothing).
-            if process_state(&proc).is_none_or(|(state, _)| state == 'Z') {
+            if process_state(&proc).is_none_or(|state| state == 'Z') {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -481,15 +512,12 @@ async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()>
     )
 }
 
-/// The state letter and parent pid of the process at `proc`
-/// (`/proc/<pid>`), if it exists.
-fn process_state(proc: &Path) -> Option<(char, u32)> {
+/// The state letter of the process at `proc` (`/proc/<pid>`), if it
+/// exists.
+fn process_state(proc: &Path) -> Option<char> {
     let stat = std::fs::read_to_string(proc.join("stat")).ok()?;
-    // `pid (comm) state ppid …`; comm may hold spaces and brackets.
-    let mut after = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = after.next()?.chars().next()?;
-    let parent = after.next()?.parse().ok()?;
-    Some((state, parent))
+    // `pid (comm) state …`; comm may hold spaces and brackets.
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 /// `nats/…` of the checkout `skein` runs from, if any.
