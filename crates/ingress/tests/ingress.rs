@@ -2079,6 +2079,33 @@ async fn anonymous_requests_from_a_shared_address_do_not_lock_out_its_users_new_
     Ok(())
 }
 
+/// A keyed registration retried from another address (a phone that moved
+/// networks, behind a proxy that tells clients apart) gets the same account;
+/// the same key with another password is still refused.
+#[tokio::test]
+async fn a_keyed_registration_retried_from_another_address_gets_the_same_account(
+) -> anyhow::Result<()> {
+    let app = App::start_with(|c| c.trust_forwarded_for = true).await?;
+    let register = |from: &'static str, password: &'static str| {
+        app.send(
+            Req::new("POST", "/v1/auth/register")
+                .header("x-forwarded-for", from)
+                .header("idempotency-key", "sign-up")
+                .json(&json!({"email": "ada@example.org", "password": password, "name": "Ada"})),
+        )
+    };
+    let first = register("203.0.113.7", PASSWORD).await?;
+    ensure!(first.status == 201, "{first:?}");
+    let again = register("198.51.100.20", PASSWORD).await?;
+    ensure!(
+        again.status == 201 && again.body["id"] == first.body["id"],
+        "{again:?}"
+    );
+    let other = register("198.51.100.21", "another long password").await?;
+    ensure!(other.status == 409, "{other:?}");
+    Ok(())
+}
+
 /// Behind a proxy (`trust_forwarded_for`), a client's log-ins are limited
 /// by the address the proxy appended to `X-Forwarded-For`, whatever the
 /// client put before it; clients the proxy tells apart have their own

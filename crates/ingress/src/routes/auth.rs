@@ -112,15 +112,17 @@ pub(crate) async fn register(
     Json(body, raw): Json<Registration>,
 ) -> Response {
     idempotent(&state, &headers, &client, "register", &raw, |key| async {
-        // With a key the new user's id is derived from it (and the email,
-        // so that clients behind one address using the same key do not
-        // meet): a retry through another ingress copy, which has not seen
-        // the key, gets the same account instead of `email already
-        // registered`.
+        // With a key the new user's id is derived from it and the email
+        // (not from the client's address, which a retry may not share: a
+        // phone moving networks): a retry through another ingress copy,
+        // which has not seen the key, gets the same account instead of
+        // `email already registered`. Identity answers a repeat with the
+        // account only when name and password match too, so knowing an
+        // email and a key gives nothing a log-in would not.
         let user_id = key.map(|key| {
             derived_id(
                 &format!("user {}", body.email.to_lowercase()),
-                &client,
+                "any client",
                 &key,
             )
         });
