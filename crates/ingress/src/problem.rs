@@ -113,6 +113,10 @@ pub enum ApiError {
     /// A service did not answer in time.
     #[error("{0} did not answer in time")]
     Timeout(String),
+    /// What was asked for exists but a read model does not show it yet
+    /// (it follows events): ask again in a moment.
+    #[error("not there yet: {0}")]
+    NotYet(String),
     /// A service failed or answered something unreadable.
     #[error("{0} failed")]
     BadGateway(String),
@@ -140,7 +144,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ServiceUnavailable { .. }
             | ApiError::BusUnavailable
-            | ApiError::Unconfirmed => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::Unconfirmed
+            | ApiError::NotYet(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -167,6 +172,7 @@ impl ApiError {
             ApiError::ServiceUnavailable { .. } => "service-unavailable",
             ApiError::BusUnavailable | ApiError::Unconfirmed => "bus-unavailable",
             ApiError::Timeout(_) => "timeout",
+            ApiError::NotYet(_) => "not-yet",
             ApiError::BadGateway(_) => "bad-gateway",
             ApiError::Internal => "internal",
         }
@@ -191,6 +197,7 @@ impl ApiError {
             ApiError::ServiceUnavailable { .. } => "Service unavailable",
             ApiError::BusUnavailable | ApiError::Unconfirmed => "Message bus unavailable",
             ApiError::Timeout(_) => "Service timed out",
+            ApiError::NotYet(_) => "Not there yet",
             ApiError::BadGateway(_) => "Service failed",
             ApiError::Internal => "Internal error",
         }
@@ -207,7 +214,8 @@ impl ApiError {
             ApiError::BadRequest(why)
             | ApiError::Forbidden(why)
             | ApiError::NotFound(why)
-            | ApiError::Conflict(why) => why.clone(),
+            | ApiError::Conflict(why)
+            | ApiError::NotYet(why) => why.clone(),
             ApiError::PayloadTooLarge(limit) => {
                 format!("the body must be at most {limit} bytes")
             }
@@ -288,7 +296,7 @@ impl IntoResponse for ApiError {
             | ApiError::ServiceUnavailable { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_secs(*retry_after).into());
             }
-            ApiError::BusUnavailable | ApiError::Unconfirmed => {
+            ApiError::BusUnavailable | ApiError::Unconfirmed | ApiError::NotYet(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}

@@ -2079,6 +2079,34 @@ async fn anonymous_requests_from_a_shared_address_do_not_lock_out_its_users_new_
     Ok(())
 }
 
+/// A user's own profile before the projector has their registration (here
+/// a user it will never hear of, with a token identity would sign): 503
+/// `not-yet` with `Retry-After`, not 404; an admin asking for that id is
+/// told there is no such user.
+#[tokio::test]
+async fn an_own_profile_not_built_yet_is_503_not_yet() -> anyhow::Result<()> {
+    let app = App::start().await?;
+    let user = Uuid::now_v7();
+    let token = app.key.issue(&Claims::new(
+        user,
+        Role::Customer,
+        "skein",
+        "skein-api",
+        Duration::from_secs(600),
+    ))?;
+    let path = format!("/v1/users/{user}/profile");
+    let own = app.get(&path, &token).await?;
+    ensure!(
+        own.status == 503
+            && own.header("retry-after") == Some("1")
+            && own.body["type"] == "urn:skein:problem:not-yet",
+        "{own:?}"
+    );
+    let admin = app.get(&path, &app.admin).await?;
+    ensure!(admin.status == 404, "{admin:?}");
+    Ok(())
+}
+
 /// A keyed registration retried from another address (a phone that moved
 /// networks, behind a proxy that tells clients apart) gets the same account;
 /// the same key with another password is still refused.

@@ -22,9 +22,21 @@ pub(crate) async fn profile(
     if !caller.may_access(user_id) {
         return Err(ApiError::NotFound(format!("no user {user_id}")));
     }
-    let profile = state
+    let own = caller.user_id == user_id;
+    let profile = match state
         .ask(&GetProfile { caller, user_id }, &ctx.request_id)
-        .await?;
+        .await
+    {
+        // The caller's token says the user exists: the projector has not
+        // applied the registration yet (a moment after registering).
+        Err(ApiError::NotFound(_)) if own => {
+            return Err(ApiError::NotYet(format!(
+                "the profile of user {user_id} is not built yet (read models follow a \
+                 registration within moments); retry"
+            )))
+        }
+        answer => answer?,
+    };
     Ok(json(StatusCode::OK, &profile))
 }
 
