@@ -160,6 +160,7 @@ impl From<&WorkerConfig> for ConsumerSpec {
             ack_wait: Some(config.ack_wait),
             max_ack_pending: None,
             start_within: config.start_within,
+            start_sequence: None,
         }
     }
 }
@@ -204,12 +205,25 @@ impl WorkerConfig {
     }
 
     /// The consumer to bind again once lost, `running` after this copy
-    /// first bound `spec`: past the inbox's retention it starts within it
-    /// (see [`WorkerConfig::forgets_after`]).
-    fn rebinding(&self, spec: &ConsumerSpec, running: Duration) -> ConsumerSpec {
+    /// first bound `spec`. After what it last saw acknowledged
+    /// (`unacknowledged`: the first sequence not acknowledged, and how long
+    /// ago it looked), unless it looked longer ago than the inbox
+    /// remembers (what was acknowledged since may be forgotten); else past
+    /// the inbox's retention within it (see
+    /// [`WorkerConfig::forgets_after`]).
+    fn rebinding(
+        &self,
+        spec: &ConsumerSpec,
+        running: Duration,
+        unacknowledged: Option<(u64, Duration)>,
+    ) -> ConsumerSpec {
         let forgotten = self.forgets_after.filter(|after| running >= *after);
+        let start_sequence = unacknowledged
+            .filter(|(_, ago)| self.forgets_after.is_none_or(|after| *ago < after))
+            .map(|(sequence, _)| sequence);
         ConsumerSpec {
             start_within: spec.start_within.or(forgotten),
+            start_sequence,
             ..spec.clone()
         }
     }
@@ -284,11 +298,16 @@ impl Worker {
             );
         }
         let shutdown = CancellationToken::new();
+        let unacknowledged = Arc::new(std::sync::Mutex::new((
+            consumer.cached_info().ack_floor.stream_sequence + 1,
+            tokio::time::Instant::now(),
+        )));
         let runtime = Arc::new(Runtime {
             config,
             handler,
             publisher: bus.publisher(),
             stats: stats.clone(),
+            unacknowledged: unacknowledged.clone(),
         });
         let name = runtime.config.name.clone();
         let stream = runtime.config.stream.clone();
@@ -335,6 +354,7 @@ impl Worker {
             spec.clone(),
             runtime.config.figures_interval,
             stats.clone(),
+            unacknowledged,
             shutdown.clone(),
         ));
         aborts.push(figures.abort_handle());
@@ -423,6 +443,20 @@ struct Runtime<H> {
     handler: H,
     publisher: Publisher,
     stats: Arc<WorkerStats>,
+    /// The first stream sequence the consumer had not acknowledged when
+    /// this copy last looked (its acknowledgement floor + 1), and when it
+    /// looked: where a lost consumer is made again.
+    unacknowledged: Unacknowledged,
+}
+
+/// See [`Runtime::unacknowledged`].
+type Unacknowledged = Arc<std::sync::Mutex<(u64, tokio::time::Instant)>>;
+
+/// What `unacknowledged` says now: the sequence and how long ago it was
+/// read.
+fn last_unacknowledged(unacknowledged: &Unacknowledged) -> Option<(u64, Duration)> {
+    let (sequence, at) = *unacknowledged.lock().ok()?;
+    Some((sequence, at.elapsed()))
 }
 
 /// A worker copy's lanes: where messages go, the tasks that run them, the
@@ -534,7 +568,11 @@ async fn run<H: Handler>(
                                 break 'pull;
                             }
                             backoff = (backoff * 2).min(Duration::from_secs(5));
-                            let spec = runtime.config.rebinding(&spec, bound_at.elapsed());
+                            let spec = runtime.config.rebinding(
+                                &spec,
+                                bound_at.elapsed(),
+                                last_unacknowledged(&runtime.unacknowledged),
+                            );
                             match apply_consumer(bus.jetstream(), &spec, Filters::Widen).await {
                                 Ok((c, _)) => consumer = c,
                                 Err(e) => {
@@ -708,6 +746,7 @@ async fn watch_figures(
     spec: ConsumerSpec,
     every: Duration,
     stats: Arc<WorkerStats>,
+    unacknowledged: Unacknowledged,
     shutdown: CancellationToken,
 ) {
     let js = bus.jetstream();
@@ -715,6 +754,12 @@ async fn watch_figures(
         if let Ok(stream) = js.get_stream(&spec.stream).await {
             if let Ok(consumer) = stream.get_consumer::<pull::Config>(&spec.durable).await {
                 if let Ok(info) = consumer.get_info().await {
+                    if let Ok(mut last) = unacknowledged.lock() {
+                        *last = (
+                            info.ack_floor.stream_sequence + 1,
+                            tokio::time::Instant::now(),
+                        );
+                    }
                     stats.set_consumer_gauge(
                         "consumer_lag",
                         &spec.stream,

@@ -267,6 +267,13 @@ pub struct ConsumerSpec {
     /// used on a work queue (what is in it has not run) nor for a consumer
     /// that exists.
     pub start_within: Option<std::time::Duration>,
+    /// Where the consumer starts when it has to be created again and the
+    /// lost one's acknowledgement floor is known (a copy that was bound to
+    /// it read it): the stream sequence after the floor. Everything below
+    /// was handled; what is above was not, or recently enough for the
+    /// inbox to know it. Before `start_within`, which guesses by time; same
+    /// limits.
+    pub start_sequence: Option<u64>,
 }
 
 /// The consumer template in `nats/consumers/worker.json`.
@@ -352,7 +359,17 @@ pub async fn apply_consumer(
                     .filter(|_| !work_queue)
                     .and_then(|within| time::Duration::try_from(within).ok())
                     .and_then(|within| time::OffsetDateTime::now_utc().checked_sub(within));
-                if let Some(since) = since {
+                if let Some(start_sequence) = spec.start_sequence.filter(|_| !work_queue) {
+                    create.deliver_policy =
+                        jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence };
+                    tracing::warn!(
+                        consumer = %spec.durable,
+                        stream = %spec.stream,
+                        start_sequence,
+                        "the consumer is missing: created again after what it had acknowledged \
+                         (everything before ran)"
+                    );
+                } else if let Some(since) = since {
                     create.deliver_policy =
                         jetstream::consumer::DeliverPolicy::ByStartTime { start_time: since };
                     tracing::warn!(

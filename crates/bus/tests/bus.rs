@@ -280,6 +280,7 @@ async fn a_consumer_made_at_a_start_time_is_updated_later_and_keeps_it() -> anyh
         ack_wait: None,
         max_ack_pending: None,
         start_within,
+        start_sequence: None,
     };
     let made = spec(&["events.test.a.happened"], Some(Duration::from_secs(60)));
     apply_consumer(bus.jetstream(), &made, Filters::Widen).await?;
@@ -507,6 +508,7 @@ async fn an_older_copy_starting_again_keeps_the_subjects_a_newer_copy_takes() ->
         ack_wait: None,
         max_ack_pending: None,
         start_within: None,
+        start_sequence: None,
     };
     let both = ["commands.test.a", "commands.test.b"];
     apply_consumer(bus.jetstream(), &commands(&both), Filters::Widen).await?;

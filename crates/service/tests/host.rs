@@ -5,6 +5,8 @@
 //! cargo nextest run -p skein-service --test host
 //! ```
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
@@ -177,5 +179,82 @@ async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Re
         "the newcomer applied {recorded:?}"
     );
     newcomer.shutdown().await;
+    Ok(())
+}
+
+/// Records each event it is handed once `open` is set; the first (n = 1)
+/// at once.
+struct Gated {
+    open: Arc<AtomicBool>,
+    inner: Recorder,
+}
+
+impl TxHandler for Gated {
+    async fn handle(&self, tx: &mut Tx, delivery: &Delivery) -> Result<(), HandlerError> {
+        let event: Happened = delivery.envelope.decode()?;
+        while event.n > 1 && !self.open.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.inner.handle(tx, delivery).await
+    }
+}
+
+/// A worker new to the stream is still working through it after more than
+/// its inbox retention when its consumer is lost: it is made again after
+/// what the consumer had acknowledged, not within the retention (which
+/// would skip the events it has not reached) nor at the beginning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_lost_while_catching_up_is_made_again_after_what_it_acknowledged(
+) -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "host-test")).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let store = Store::connect(db.url()).await?;
+    store.migrate("test", APPLIED).await?;
+    for n in 1..=3 {
+        let envelope = Envelope::event("test", &Happened { n }, &MessageContext::root())?;
+        bus.publisher().publish(&envelope).await?;
+    }
+    let open = Arc::new(AtomicBool::new(false));
+    let mut config = HostConfig::new("slowpoke");
+    config.relay.inbox_retention = Duration::from_secs(2);
+    config.relay.cleanup_interval = None;
+    let mut host = Host::start(bus.clone(), store.clone(), config).await?;
+    let gated = Gated {
+        open: open.clone(),
+        inner: Recorder("slowpoke"),
+    };
+    // One message at a time: the third is not pulled while the second waits.
+    host.consume(EVENTS, vec!["events.test.>".into()], gated, |c| {
+        c.lanes = 1;
+        c.batch = 1;
+        c.max_held = 1;
+        c.figures_interval = Duration::from_millis(100);
+    })
+    .await?;
+    applied_becomes(&store, "slowpoke", &[1]).await?;
+    // Past the retention: all three were stored longer ago than that.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    bus.jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .delete_consumer("slowpoke")
+        .await
+        .context("cannot delete the consumer")?;
+    // The second finishes (its ack finds no consumer); the copy, with room
+    // to pull again, finds its consumer gone and binds it again.
+    open.store(true, Ordering::SeqCst);
+    eventually(Duration::from_secs(15), || async {
+        let stream = bus.jetstream().get_stream(EVENTS).await.ok()?;
+        stream.consumer_info("slowpoke").await.ok()
+    })
+    .await
+    .context("the worker did not bind again")?;
+    applied_becomes(&store, "slowpoke", &[1, 2, 3]).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let recorded = applied(&store, "slowpoke").await?;
+    ensure!(recorded == [1, 2, 3], "applied {recorded:?}");
+    host.shutdown().await;
     Ok(())
 }
