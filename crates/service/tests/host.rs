@@ -42,6 +42,18 @@ const APPLIED: &[Migration] = &[Migration {
     postgres: "CREATE TABLE applied (worker TEXT NOT NULL, n BIGINT NOT NULL);",
 }];
 
+/// A nats-server with the streams, and a SQLite database with the
+/// `applied` table (both kept while the caller holds them).
+async fn set_up() -> anyhow::Result<(NatsServer, Bus, TestDb, Store)> {
+    let nats = NatsServer::start().await?;
+    let bus = Bus::connect(&BusConfig::new(nats.url(), "host-test")).await?;
+    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+    let db = TestDb::new(Backend::Sqlite).await?;
+    let store = Store::connect(db.url()).await?;
+    store.migrate("test", APPLIED).await?;
+    Ok((nats, bus, db, store))
+}
+
 /// Records each event it is handed, in the inbox's transaction.
 struct Recorder(&'static str);
 
@@ -113,12 +125,7 @@ async fn lose_consumer_and_memory(bus: &Bus, store: &Store, worker: &str) -> any
 /// worker new to the stream still takes it from its beginning.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_consumer_is_made_again_where_the_inbox_remembers() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let bus = Bus::connect(&BusConfig::new(nats.url(), "host-test")).await?;
-    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
-    let db = TestDb::new(Backend::Sqlite).await?;
-    let store = Store::connect(db.url()).await?;
-    store.migrate("test", APPLIED).await?;
+    let (_nats, bus, _db, store) = set_up().await?;
     let publish = |n: i64| {
         let bus = bus.clone();
         async move {
@@ -206,12 +213,7 @@ impl TxHandler for Gated {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_lost_while_catching_up_is_made_again_after_what_it_acknowledged(
 ) -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let bus = Bus::connect(&BusConfig::new(nats.url(), "host-test")).await?;
-    apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
-    let db = TestDb::new(Backend::Sqlite).await?;
-    let store = Store::connect(db.url()).await?;
-    store.migrate("test", APPLIED).await?;
+    let (_nats, bus, _db, store) = set_up().await?;
     for n in 1..=3 {
         let envelope = Envelope::event("test", &Happened { n }, &MessageContext::root())?;
         bus.publisher().publish(&envelope).await?;
