@@ -120,12 +120,7 @@ async fn read_each_with(
 ) -> Result<()> {
     let (handle, info) = open(bus, stream).await?;
     if info.config.retention == async_nats::jetstream::stream::RetentionPolicy::WorkQueue {
-        for message in read_by_sequence(&handle, stream, filter, start, &info.state).await? {
-            if each(message).is_break() {
-                break;
-            }
-        }
-        return Ok(());
+        return read_by_sequence(&handle, stream, filter, start, &info.state, each).await;
     }
     let deliver_policy = match start {
         StartAt::Beginning => DeliverPolicy::All,
@@ -166,21 +161,22 @@ async fn read_each_with(
     Ok(())
 }
 
-/// Reads a stream by sequence, without a consumer (for work queues).
+/// Reads a stream by sequence, without a consumer (for work queues),
+/// handing each message to `each` as [`read_each`] does.
 async fn read_by_sequence(
     handle: &async_nats::jetstream::stream::Stream,
     stream: &str,
     filter: &str,
     start: StartAt,
     state: &async_nats::jetstream::stream::State,
-) -> Result<Vec<StoredMessage>> {
+    mut each: impl FnMut(StoredMessage) -> ControlFlow<()>,
+) -> Result<()> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind as Kind;
     let last = state.last_sequence;
     let mut next = match start {
         StartAt::Sequence(s) => s.max(state.first_sequence),
         StartAt::Beginning | StartAt::Time(_) => state.first_sequence,
     };
-    let mut out = Vec::new();
     while next <= last && state.messages > 0 {
         let message = match handle.get_first_raw_message_by_subject(filter, next).await {
             Ok(m) => m,
@@ -197,15 +193,18 @@ async fn read_by_sequence(
                 continue;
             }
         }
-        out.push(StoredMessage {
+        let stored = StoredMessage {
             sequence: message.sequence,
             subject: message.subject.to_string(),
             headers: Some(message.headers),
             payload: message.payload,
             published: message.time,
-        });
+        };
+        if each(stored).is_break() {
+            break;
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The messages of `stream` matching `filter` with a sequence above

@@ -2357,6 +2357,20 @@ async fn replay_reads_the_commands_work_queue_beside_its_worker_and_consumes_not
     )
     .await?;
     ensure!(stdout(&one).lines().count() == 1, "{}", stdout(&one));
+    let limited = skein(
+        &server,
+        &[
+            "replay", "--stream", "COMMANDS", "--limit", "2", "--format", "json",
+        ],
+    )
+    .await?;
+    ensure!(
+        stdout(&limited).lines().count() == 2
+            && stderr(&limited).contains("(stopped at --limit 2)"),
+        "{}{}",
+        stdout(&limited),
+        stderr(&limited)
+    );
     Ok(())
 }
 

@@ -244,6 +244,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                         ack.stream
                     );
                 }
+                let mut meanwhile = "";
                 if let Err(e) = stream.delete_message(seq).await {
                     // Removed by another run between the look and the
                     // delete: redriven all the same, nothing to remove.
@@ -252,9 +253,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
                             format!("redriven #{seq}, but cannot remove it from the DLQ")
                         });
                     }
+                    meanwhile = "; another run removed it from the DLQ meanwhile (a purge?): \
+                                 check that it should have run";
                 }
                 println!(
-                    "#{seq}: redriven to {} ({} #{})",
+                    "#{seq}: redriven to {} ({} #{}){meanwhile}",
                     outgoing.subject, ack.stream, ack.sequence
                 );
                 sent += 1;
