@@ -149,13 +149,25 @@ impl Keys {
             }
         }
         *last = Some(Instant::now());
-        let keys = match state.ask(&GetVerificationKeys {}, correlation).await {
+        let keys = match state
+            .ask(
+                &GetVerificationKeys {},
+                &skein_message::MessageContext::with_correlation(correlation),
+            )
+            .await
+        {
             Ok(set) => set.keys,
             // Nobody answers that query: an identity from before key sets,
             // which has the one key. (Any other failure is no reason to
             // drop the keys held for one.)
             Err(e @ ApiError::ServiceUnavailable { .. }) => {
-                match state.ask(&GetVerificationKey {}, correlation).await {
+                match state
+                    .ask(
+                        &GetVerificationKey {},
+                        &skein_message::MessageContext::with_correlation(correlation),
+                    )
+                    .await
+                {
                     Ok(key) => vec![key],
                     Err(_) => {
                         tracing::warn!(error = %e, "cannot fetch the verification keys");

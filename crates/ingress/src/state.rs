@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_nats::connection::State as ConnectionState;
 use skein_bus::{Bus, Publisher};
-use skein_message::{Envelope, Query};
+use skein_message::{Envelope, MessageContext, Query};
 use skein_service::RequestError;
 
 use crate::auth::Keys;
@@ -72,7 +72,7 @@ impl AppState {
     pub(crate) async fn ask<Q: Query>(
         &self,
         query: &Q,
-        correlation: &str,
+        context: &MessageContext,
     ) -> Result<Q::Reply, ApiError> {
         if !self.bus_connected() {
             return Err(ApiError::BusUnavailable);
@@ -86,8 +86,7 @@ impl AppState {
                     retry_after,
                 })?;
         let timeout = self.config.timeout_of(service);
-        let result =
-            skein_service::request_with(&self.bus, query, Some(correlation), timeout).await;
+        let result = skein_service::request_in(&self.bus, query, Some(context), timeout).await;
         match result {
             Ok(reply) => {
                 permit.success();

@@ -1408,6 +1408,47 @@ async fn the_request_id_is_kept_when_well_formed_and_becomes_the_correlation_id(
         "{trace}"
     );
 
+    // A request answered by a service (a registration, request-reply):
+    // the event it causes carries the request id and the trace too.
+    let a = app
+        .send(
+            Req::new("POST", "/v1/auth/register")
+                .header("x-request-id", "signup-9c1d")
+                .header(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )
+                .json(
+                    &json!({"email": "grace@example.org", "password": PASSWORD, "name": "Grace"}),
+                ),
+        )
+        .await?;
+    ensure!(a.status == 201, "{a:?}");
+    let user = a.body["id"].as_str().context("no user id")?.to_owned();
+    let registered = eventually(Duration::from_secs(10), || async {
+        skein_bus::replay::read(
+            &app.p.bus,
+            "EVENTS",
+            &format!("events.identity.{user}.>"),
+            skein_bus::replay::StartAt::Beginning,
+        )
+        .await
+        .ok()?
+        .pop()
+    })
+    .await
+    .context("no user_registered stored")?;
+    let headers = registered.headers.context("no headers")?;
+    ensure!(headers.get("ce-correlationid").map(|v| v.as_str()) == Some("signup-9c1d"));
+    let trace = headers
+        .get("traceparent")
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    ensure!(
+        trace.starts_with("00-0af7651916cd43dd8448eb211c80319c-"),
+        "{trace}"
+    );
+
     let a = app
         .send(Req::new("GET", "/v1/products").header("x-request-id", "bad id with spaces"))
         .await?;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use skein_bus::Bus;
 use skein_contracts::ServiceError;
-use skein_message::{envelope::headers, Query};
+use skein_message::{envelope::headers, MessageContext, Query};
 
 /// Why a query got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +44,28 @@ pub async fn request_with<Q: Query>(
     correlation_id: Option<&str>,
     timeout: Duration,
 ) -> Result<Q::Reply, RequestError> {
+    let context = correlation_id.map(MessageContext::with_correlation);
+    request_in(bus, query, context.as_ref(), timeout).await
+}
+
+/// Sends `query` as part of `context` (its correlation id and W3C
+/// `traceparent`, which the service's handler continues in what it sends)
+/// with a timeout.
+pub async fn request_in<Q: Query>(
+    bus: &Bus,
+    query: &Q,
+    context: Option<&MessageContext>,
+    timeout: Duration,
+) -> Result<Q::Reply, RequestError> {
     let subject = skein_message::subject::query(Q::SERVICE, Q::NAME);
     let payload = serde_json::to_vec(query).map_err(|e| RequestError::Transport(e.to_string()))?;
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::TYPE, Q::type_name().to_string().as_str());
-    if let Some(id) = correlation_id {
-        h.insert(headers::CORRELATION_ID, id);
+    if let Some(context) = context {
+        h.insert(headers::CORRELATION_ID, context.correlation_id.as_str());
+        if let Some(traceparent) = &context.traceparent {
+            h.insert(headers::TRACEPARENT, traceparent.as_str());
+        }
     }
     let request = async_nats::Request::new()
         .payload(payload.into())

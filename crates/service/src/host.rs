@@ -145,12 +145,19 @@ impl Host {
                 async move {
                     let query: Q = serde_json::from_slice(&message.payload)
                         .map_err(|e| (400, format!("invalid {} request: {e}", Q::type_name())))?;
-                    let context = message
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get(headers::CORRELATION_ID))
-                        .map(|v| MessageContext::with_correlation(v.as_str()))
+                    let header = |name: &str| {
+                        message
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(name))
+                            .map(|v| v.as_str().to_owned())
+                    };
+                    let mut context = header(headers::CORRELATION_ID)
+                        .map(MessageContext::with_correlation)
                         .unwrap_or_else(MessageContext::root);
+                    // What the request continues (an HTTP request's trace),
+                    // continued in the messages the handler sends.
+                    context.traceparent = header(headers::TRACEPARENT);
                     let reply = handler(query, context)
                         .await
                         .map_err(|e| (e.status, e.message))?;

@@ -40,7 +40,7 @@ pub mod redeliver;
 pub mod standalone;
 pub mod trace;
 
-pub use client::{request, request_with, RequestError};
+pub use client::{request, request_in, request_with, RequestError};
 pub use consumers::{ConsumerPlan, Consumers};
 pub use host::{Host, HostConfig, HostProbe};
 pub use redeliver::{Outcome, Preview, Redelivery};

@@ -127,7 +127,7 @@ pub(crate) async fn register(
             )
         });
         let user = state
-            .ask(&body.into_request(user_id), &ctx.request_id)
+            .ask(&body.into_request(user_id), &ctx.message_context())
             .await?;
         let location = format!("/v1/users/{}/profile", user.id);
         Ok(with_header(
@@ -148,7 +148,7 @@ pub(crate) async fn token(
         email: body.email,
         password: body.password,
     };
-    let pair = state.ask(&query, &ctx.request_id).await?;
+    let pair = state.ask(&query, &ctx.message_context()).await?;
     Ok(with_header(
         json(StatusCode::OK, &pair),
         header::CACHE_CONTROL,
@@ -164,7 +164,7 @@ pub(crate) async fn refresh(
     let query = RefreshToken {
         refresh_token: body.refresh_token,
     };
-    let pair = state.ask(&query, &ctx.request_id).await?;
+    let pair = state.ask(&query, &ctx.message_context()).await?;
     Ok(with_header(
         json(StatusCode::OK, &pair),
         header::CACHE_CONTROL,
@@ -181,6 +181,6 @@ pub(crate) async fn me(
         user_id: caller.user_id,
         caller,
     };
-    let user = state.ask(&query, &ctx.request_id).await?;
+    let user = state.ask(&query, &ctx.message_context()).await?;
     Ok(json(StatusCode::OK, &user))
 }

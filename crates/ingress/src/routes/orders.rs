@@ -11,7 +11,7 @@ use skein_contracts::catalog::{lines_violations, StockLine};
 use skein_contracts::orders::{CancelOrder, GetOrder, ListOrders, OrderStatus, PlaceOrder};
 use skein_contracts::validate::{Validate, Violation};
 use skein_contracts::Caller;
-use skein_message::Envelope;
+use skein_message::{Envelope, MessageContext};
 use uuid::Uuid;
 
 use super::{idempotent, json, path_id, query_params, with_header, PathParam, QueryParams};
@@ -78,7 +78,7 @@ async fn settle(
     finals: &[&str],
     caller: &Caller,
     order_id: Uuid,
-    correlation: &str,
+    context: &MessageContext,
     placed: Option<&[StockLine]>,
 ) -> Result<Option<Response>, ApiError> {
     let Some((watch, wait)) = watch else {
@@ -92,7 +92,7 @@ async fn settle(
         caller: caller.clone(),
         order_id,
     };
-    let Ok(order) = state.ask(&query, correlation).await else {
+    let Ok(order) = state.ask(&query, context).await else {
         return Ok(None);
     };
     if let Some(placed) = placed {
@@ -176,7 +176,7 @@ pub(crate) async fn place(
                 &finals,
                 &caller,
                 order_id,
-                &ctx.request_id,
+                &ctx.message_context(),
                 placed.as_deref(),
             )
             .await?
@@ -197,7 +197,7 @@ pub(crate) async fn get(
 ) -> Result<Response, ApiError> {
     let order_id = path_id(&id, "order")?;
     let order = state
-        .ask(&GetOrder { caller, order_id }, &ctx.request_id)
+        .ask(&GetOrder { caller, order_id }, &ctx.message_context())
         .await?;
     Ok(json(StatusCode::OK, &order))
 }
@@ -236,7 +236,7 @@ pub(crate) async fn list(
     if !violations.is_empty() {
         return Err(ApiError::Invalid(violations));
     }
-    let page = state.ask(&query, &ctx.request_id).await?;
+    let page = state.ask(&query, &ctx.message_context()).await?;
     Ok(json(StatusCode::OK, &page))
 }
 
@@ -254,7 +254,7 @@ pub(crate) async fn cancel(
         caller: caller.clone(),
         order_id,
     };
-    let status = match state.ask(&check, &ctx.request_id).await {
+    let status = match state.ask(&check, &ctx.message_context()).await {
         Ok(order) => match order.status {
             OrderStatus::Rejected | OrderStatus::Cancelled => {
                 return Err(ApiError::Conflict(format!(
@@ -288,7 +288,7 @@ pub(crate) async fn cancel(
         &["order_cancelled", "order_rejected"],
         &caller,
         order_id,
-        &ctx.request_id,
+        &ctx.message_context(),
         None,
     )
     .await?

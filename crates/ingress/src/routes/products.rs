@@ -97,7 +97,7 @@ pub(crate) async fn list(
     State(state): State<Shared>,
     ctx: RequestContext,
 ) -> Result<Response, ApiError> {
-    let products = state.ask(&ListProducts {}, &ctx.request_id).await?;
+    let products = state.ask(&ListProducts {}, &ctx.message_context()).await?;
     Ok(json(StatusCode::OK, &products))
 }
 
@@ -116,7 +116,10 @@ pub(crate) async fn add(
         // again.
         let product_id = key.map(|key| derived_id("product", &scope, &key));
         let product = state
-            .ask(&body.into_request(caller, product_id), &ctx.request_id)
+            .ask(
+                &body.into_request(caller, product_id),
+                &ctx.message_context(),
+            )
             .await?;
         Ok(json(StatusCode::CREATED, &product))
     })
@@ -153,7 +156,7 @@ pub(crate) async fn restock(
             quantity: body.quantity,
             request_id,
         };
-        let product = state.ask(&request, &ctx.request_id).await?;
+        let product = state.ask(&request, &ctx.message_context()).await?;
         Ok(json(StatusCode::OK, &product))
     })
     .await

@@ -61,7 +61,7 @@ async fn by_id_or_order<Q: Query<Reply = SagaInstance>>(
     status: Option<SagaStatus>,
     query: impl Fn(Uuid) -> Q,
 ) -> Result<Response, ApiError> {
-    match state.ask(&query(id), &ctx.request_id).await {
+    match state.ask(&query(id), &ctx.message_context()).await {
         Ok(saga) => return Ok(json(StatusCode::OK, &saga)),
         Err(ApiError::NotFound(_)) => {}
         Err(e) => return Err(e),
@@ -73,7 +73,7 @@ async fn by_id_or_order<Q: Query<Reply = SagaInstance>>(
         limit: 1,
         cursor: None,
     };
-    let page = state.ask(&about, &ctx.request_id).await?;
+    let page = state.ask(&about, &ctx.message_context()).await?;
     let newest = page.items.first().ok_or_else(|| {
         ApiError::NotFound(match status {
             Some(status) => format!(
@@ -83,6 +83,6 @@ async fn by_id_or_order<Q: Query<Reply = SagaInstance>>(
             None => format!("no saga {id} and none about order {id}"),
         })
     })?;
-    let saga = state.ask(&query(newest.id), &ctx.request_id).await?;
+    let saga = state.ask(&query(newest.id), &ctx.message_context()).await?;
     Ok(json(StatusCode::OK, &saga))
 }

@@ -24,7 +24,7 @@ pub(crate) async fn profile(
     }
     let own = caller.user_id == user_id;
     let profile = match state
-        .ask(&GetProfile { caller, user_id }, &ctx.request_id)
+        .ask(&GetProfile { caller, user_id }, &ctx.message_context())
         .await
     {
         // The caller's token says the user exists: the projector has not
@@ -45,6 +45,8 @@ pub(crate) async fn dashboard(
     ctx: RequestContext,
     Admin(caller): Admin,
 ) -> Result<Response, ApiError> {
-    let dashboard = state.ask(&GetDashboard { caller }, &ctx.request_id).await?;
+    let dashboard = state
+        .ask(&GetDashboard { caller }, &ctx.message_context())
+        .await?;
     Ok(json(StatusCode::OK, &dashboard))
 }
