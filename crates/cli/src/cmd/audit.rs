@@ -64,7 +64,7 @@ use super::worker::{Settings, DEFAULT_DATA_DIR};
 /// there: a row is marked after its publish is acknowledged (the relay's
 /// mark delay later, by the relay's clock), and may be processed, by
 /// another host's clock, before that.
-const HORIZON_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const HORIZON_MARGIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Every service with a database.
 const SERVICES: [&str; 6] = [

@@ -212,9 +212,8 @@ fn server_filter(args: &Args, stream: &str) -> String {
 }
 
 /// The messages of `stream` the selection flags choose, oldest first, each
-/// with its envelope when it decodes.
-/// The messages the flags select, at most `limit` (and whether more
-/// match). The stream is read one message at a time and the reading stops
+/// with its envelope when it decodes: at most `limit`, and whether more
+/// match. The stream is read one message at a time and the reading stops
 /// at the limit or past the end of `--seq`: what is not selected is not
 /// kept.
 async fn select(
@@ -326,6 +325,26 @@ fn print(
     Ok(())
 }
 
+/// Checks that `service`'s database exists, unless `--create-database`
+/// (then that it does not: it is migrated, which a database a worker runs
+/// on must not be); its URL as shown. `doing` names what the command would
+/// do in it.
+async fn existing_database(args: &Args, service: &str, doing: &str) -> anyhow::Result<String> {
+    let (shown, exists) = super::select::service_database(&args.database_url, service).await?;
+    if args.create_database && exists {
+        bail!(
+            "the {service} database at {shown} exists: --create-database is for a worker that has never run; leave it off to {doing} this database"
+        );
+    }
+    if !args.create_database && !exists {
+        bail!(
+            "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
+            if args.dry_run { "" } else { "; if the worker has never run, --create-database creates it" }
+        );
+    }
+    Ok(shown)
+}
+
 /// Rebuilds a read model in the projector's database, which must exist
 /// (unless `--create-database`) and have this build's schema: a rebuild
 /// into a database made by mistake would report success and change
@@ -334,17 +353,7 @@ fn print(
 async fn rebuild(nats_url: &str, model: &str, args: &Args) -> anyhow::Result<()> {
     let model: skein_projector::ReadModel = model.parse()?;
     let service = skein_projector::NAME;
-    let (shown, exists) = super::select::service_database(&args.database_url, service).await?;
-    if args.create_database && exists {
-        bail!(
-            "the {service} database at {shown} exists: --create-database is for a projector that has never run; leave it off to rebuild in this database"
-        );
-    }
-    if !args.create_database && !exists {
-        bail!(
-            "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory); if the projector has never run, --create-database creates it"
-        );
-    }
+    let shown = existing_database(args, service, "rebuild in").await?;
     let url = args.database_url.replace("{service}", service);
     let bus = super::connect(nats_url).await?;
     let store = skein_outbox::Store::connect_with(skein_outbox::StoreConfig {

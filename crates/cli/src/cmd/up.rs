@@ -86,10 +86,7 @@ impl NatsChild {
     async fn stop(mut self) {
         if let Some(pid) = self.child.id() {
             // SIGTERM lets nats-server flush its store; SIGKILL only if it hangs.
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .await;
+            signal(pid, "-TERM").await;
             if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
                 .await
                 .is_ok()
@@ -186,10 +183,6 @@ async fn run_system(
         }
     };
     let http = ingress.local_addr();
-    if let Some(seed) = admin.as_ref().filter(|_| !generated) {
-        std::fs::write(data.join(ADMIN_MARKER), &seed.email)
-            .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
-    }
     let demo = if args.no_demo || data.join(DEMO_MARKER).exists() {
         0
     } else {
@@ -207,9 +200,14 @@ async fn run_system(
             "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
             seed.email, seed.password
         );
-        // Shown: the admin is marked created and its password forgotten.
+    }
+    // The admin exists (and a generated password has been shown, so it is
+    // forgotten).
+    if let Some(seed) = &admin {
         std::fs::write(data.join(ADMIN_MARKER), &seed.email)
             .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
+    }
+    if generated {
         if let Err(e) = std::fs::remove_file(data.join(PENDING_ADMIN_PASSWORD)) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 return Err(e).with_context(|| {
@@ -270,7 +268,6 @@ async fn stop_hosts(hosts: Vec<Host>) {
     }
 }
 
-/// Creates the data directory and checks that it is writable.
 /// Locks `data` for this process (`data/skein-up.lock`), or says that
 /// another skein up runs on it.
 fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
@@ -293,6 +290,7 @@ fn lock_data_dir(data: &Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
+/// Creates the data directory and checks that it is writable.
 fn prepare_data_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| {
         format!(
@@ -493,11 +491,8 @@ async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()>
         "stopping nats-server (pid {pid}) left running on {} by an earlier skein up",
         store.display()
     );
-    for signal in ["-TERM", "-KILL"] {
-        let _ = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .await;
+    for name in ["-TERM", "-KILL"] {
+        signal(pid, name).await;
         for _ in 0..100 {
             // Gone, or ended and not reaped yet (a zombie holds nothing).
             if process_state(&proc).is_none_or(|state| state == 'Z') {
@@ -510,6 +505,14 @@ async fn stop_leftover_nats(pid_file: &Path, store: &Path) -> anyhow::Result<()>
         "cannot stop nats-server (pid {pid}), which runs on {}",
         store.display()
     )
+}
+
+/// Sends signal `name` (`-TERM`, `-KILL`) to process `pid`.
+async fn signal(pid: u32, name: &str) {
+    let _ = Command::new("kill")
+        .args([name, &pid.to_string()])
+        .status()
+        .await;
 }
 
 /// The state letter of the process at `proc` (`/proc/<pid>`), if it

@@ -21,6 +21,7 @@ use anyhow::{bail, Context};
 use serde::Serialize;
 use skein_bus::replay::StoredMessage;
 use skein_bus::Bus;
+use skein_message::envelope::format_time;
 use skein_message::Envelope;
 use skein_outbox::{Relay, RelayConfig, Store};
 use skein_projector::projection::Applied;
@@ -31,17 +32,13 @@ use super::super::select::cell;
 use super::super::worker::Name;
 use super::{Args, Format};
 
-/// Messages stored up to this long after the inbox's horizon are held back
-/// too: the stream's clock (when it stored a message) and the worker's
-/// (when its inbox recorded it) may differ by that much.
-const HORIZON_MARGIN: time::Duration = time::Duration::minutes(1);
-
 /// How long the relay may take to publish what the replay queued.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Before when the worker's inbox may have forgotten what it handled: its
 /// horizon (how far back its relay has deleted records, read now: the
-/// running worker's relay moves it) plus [`HORIZON_MARGIN`], or `stated`
+/// running worker's relay moves it) plus the audit's margin for clocks
+/// ([`crate::cmd::audit::HORIZON_MARGIN`]), or `stated`
 /// (from `--inbox-retention`), whichever is later; `None` while neither
 /// says it has forgotten anything.
 async fn forgotten_before(
@@ -54,13 +51,8 @@ async fn forgotten_before(
         .and_then(|micros| {
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000).ok()
         })
-        .map(|at| at + HORIZON_MARGIN);
+        .map(|at| at + crate::cmd::audit::HORIZON_MARGIN);
     Ok(horizon.max(stated))
-}
-
-fn rfc3339(at: time::OffsetDateTime) -> String {
-    at.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }
 
 /// Refuses what cannot work, before anything is read or opened.
@@ -90,26 +82,12 @@ pub(super) async fn check(worker: Name, stream: &str, args: &Args) -> anyhow::Re
         model.parse::<ReadModel>()?;
     }
     // The worker's own database must exist, unless told to create one: a
-    // dry run changes nothing, and a real run into a database made by
-    // mistake (a wrong --database-url, the default data/ path from another
-    // directory) would find an empty inbox and apply every event as new,
-    // its handlers sending commands again under new ids. And told to create
-    // one, it must not exist: --create-database migrates, which a database
-    // the workers run on must not be.
-    let service = worker.as_str();
-    let (shown, exists) = crate::cmd::select::service_database(&args.database_url, service).await?;
-    if args.create_database && exists {
-        bail!(
-            "the {service} database at {shown} exists: --create-database is for a worker that has never run; leave it off to replay into this database"
-        );
-    }
-    if !args.create_database && !exists {
-        bail!(
-            "no {service} database at {shown}: check --database-url / DATABASE_URL (the default is data/{{service}}.db under the current directory){}",
-            if args.dry_run { "" } else { "; if the worker has never run, --create-database creates it and applies the history" }
-        );
-    }
-    Ok(())
+    // real run into a database made by mistake would find an empty inbox
+    // and apply every event as new, its handlers sending commands again
+    // under new ids.
+    super::existing_database(args, worker.as_str(), "replay into")
+        .await
+        .map(drop)
 }
 
 /// What happened to one message.
@@ -274,8 +252,8 @@ pub(super) async fn run(
                         Some(format!(
                             "stored {}, before what the inbox remembers ({}): it may have run \
                              already; --inbox-retention 0s delivers it anyway",
-                            rfc3339(first_seen),
-                            rfc3339(before)
+                            format_time(first_seen),
+                            format_time(before)
                         )),
                     )
                 } else if args.dry_run {
