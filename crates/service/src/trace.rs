@@ -179,7 +179,8 @@ pub async fn trace(
             hops.insert(envelope.id, Hop::of(&envelope, "events"));
         }
     }
-    if hops.is_empty() {
+    let entity_events = !hops.is_empty();
+    if !entity_events {
         correlations.insert(id.to_owned());
         let start = since.map_or(StartAt::Beginning, StartAt::Time);
         // Every event since `start`, one at a time: only the request's are
@@ -197,8 +198,9 @@ pub async fn trace(
     }
     // An entity without events yet may still have commands: an order
     // whose place_order waits in COMMANDS (orders is down) or was
-    // dead-lettered, what an operator traces first.
-    if token {
+    // dead-lettered, what an operator traces first. (A request's id whose
+    // events were found is no entity: no saga is asked about it.)
+    if token && (entity_events || hops.is_empty()) {
         entities.insert(id.to_owned());
     }
     entities.extend(hops.values().filter_map(|h| h.entity.clone()));
