@@ -118,7 +118,7 @@ fn error_description(status: &str) -> &'static str {
         "429" => "Rate limited (see Retry-After)",
         "500" => "Internal error (quote the request id)",
         "502" => "The service answered with an error of its own",
-        "503" => "Service or message bus unavailable, or circuit breaker open (see Retry-After); for a command, also not confirmed by the message bus: it may still be carried out, retry with the same Idempotency-Key; for a read model (your own profile), not built yet: retry",
+        "503" => "Service or message bus unavailable, or circuit breaker open (see Retry-After); for a command, also not confirmed by the message bus: it may still be carried out, retry with the same Idempotency-Key; for your own profile or an order placed moments ago, not stored yet: retry",
         "504" => "The service did not answer in time",
         _ => "Error",
     }

@@ -1183,7 +1183,8 @@ async fn place(
         .await
         {
             Ok(a) if a.status == 200 => Some(a),
-            // 404: orders has not handled the command yet.
+            // 503 `not-yet` (404 for a keyed id): orders has not handled
+            // the command yet.
             Ok(a) => {
                 if a.status == 429 {
                     Counters::add(&counters.rate_limited);

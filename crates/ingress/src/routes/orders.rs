@@ -26,6 +26,46 @@ use crate::state::{AppState, Shared};
 /// The `ce-source` of what the ingress sends.
 const SOURCE: &str = "ingress";
 
+/// How long an order id minted by an ingress (a UUIDv7, which carries the
+/// time it was made) is taken for an order whose `place_order` orders may
+/// not have handled yet, when orders does not know it.
+const PLACING: Duration = Duration::from_secs(30);
+
+/// How far ahead of this copy's clock another copy's may be.
+const CLOCK_SKEW: Duration = Duration::from_secs(5);
+
+/// Whether an order orders does not know may be one still being placed:
+/// its id is a UUIDv7 minted within [`PLACING`] (the ids of unkeyed
+/// placements; a keyed placement's id follows from its key and carries no
+/// time). Its `GET` and cancel are then 503 `not-yet` instead of 404: the
+/// client that just got its 202 retries, and nothing is published.
+fn may_be_placing(order_id: Uuid, now: std::time::SystemTime) -> bool {
+    if order_id.get_version() != Some(uuid::Version::SortRand) {
+        return false;
+    }
+    let Some((secs, nanos)) = order_id.get_timestamp().map(|t| t.to_unix()) else {
+        return false;
+    };
+    let minted = std::time::UNIX_EPOCH + Duration::new(secs, nanos);
+    match now.duration_since(minted) {
+        Ok(age) => age <= PLACING,
+        Err(ahead) => ahead.duration() <= CLOCK_SKEW,
+    }
+}
+
+/// `NotFound` for an order that [`may_be_placing`] becomes `NotYet`.
+fn not_yet_if_placing(e: ApiError, order_id: Uuid) -> ApiError {
+    match e {
+        ApiError::NotFound(_) if may_be_placing(order_id, std::time::SystemTime::now()) => {
+            ApiError::NotYet(format!(
+                "order {order_id} is not stored yet (orders takes an order within moments of its \
+                 202); retry"
+            ))
+        }
+        e => e,
+    }
+}
+
 /// A new order.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -198,7 +238,8 @@ pub(crate) async fn get(
     let order_id = path_id(&id, "order")?;
     let order = state
         .ask(&GetOrder { caller, order_id }, &ctx.message_context())
-        .await?;
+        .await
+        .map_err(|e| not_yet_if_placing(e, order_id))?;
     Ok(json(StatusCode::OK, &order))
 }
 
@@ -267,7 +308,7 @@ pub(crate) async fn cancel(
         Err(e @ (ApiError::NotFound(_) | ApiError::Forbidden(_))) => {
             return Err(match e {
                 ApiError::Forbidden(_) => ApiError::NotFound(format!("no order {order_id}")),
-                e => e,
+                e => not_yet_if_placing(e, order_id),
             })
         }
         Err(ApiError::BusUnavailable) => return Err(ApiError::BusUnavailable),
@@ -296,4 +337,30 @@ pub(crate) async fn cancel(
         return Ok(done);
     }
     Ok(accepted(order_id, status).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use super::*;
+
+    fn minted_at(at: SystemTime) -> Uuid {
+        let millis = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        uuid::Builder::from_unix_timestamp_millis(millis as u64, &[1; 10]).into_uuid()
+    }
+
+    #[test]
+    fn only_a_recent_uuidv7_may_be_an_order_still_being_placed() {
+        let now = SystemTime::now();
+        let s = Duration::from_secs;
+        assert!(may_be_placing(minted_at(now), now));
+        assert!(may_be_placing(minted_at(now - s(29)), now));
+        assert!(!may_be_placing(minted_at(now - s(31)), now));
+        // Another copy's clock a little ahead; not a made-up future.
+        assert!(may_be_placing(minted_at(now + s(4)), now));
+        assert!(!may_be_placing(minted_at(now + s(6)), now));
+        assert!(!may_be_placing(Uuid::new_v4(), now));
+        assert!(!may_be_placing(derived_id("order", "user:u", "k"), now));
+    }
 }
