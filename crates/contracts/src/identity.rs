@@ -92,6 +92,31 @@ pub struct RefreshToken {
 }
 contract!(query RefreshToken, "identity", "refresh_token", v 1, reply = TokenPair);
 
+/// Logs out: revokes the login a refresh token belongs to (that token and
+/// every token refreshed from the same log-in), or with `everywhere` every
+/// login of its user. Access tokens already issued stay valid until they
+/// expire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeToken {
+    /// A refresh token of the login to end; for `everywhere`, the newest of
+    /// its login (not exchanged for another, not expired).
+    pub refresh_token: String,
+    /// End every login of the token's user, not only this one.
+    #[serde(default)]
+    pub everywhere: bool,
+}
+contract!(query RevokeToken, "identity", "revoke_token", v 1, reply = Revoked);
+
+/// What a log-out revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Revoked {
+    /// Refresh tokens that stopped working (0 for a token unknown, or one
+    /// whose login had ended already).
+    pub revoked: u64,
+}
+
 /// An access token and a refresh token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TokenPair {

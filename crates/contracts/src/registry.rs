@@ -129,6 +129,7 @@ pub fn all() -> Vec<Entry> {
     entries.extend(query::<identity::Register>());
     entries.extend(query::<identity::IssueToken>());
     entries.extend(query::<identity::RefreshToken>());
+    entries.extend(query::<identity::RevokeToken>());
     entries.extend(query::<identity::GetUser>());
     entries.extend(query::<identity::GetVerificationKey>());
     entries.extend(query::<identity::GetVerificationKeys>());

@@ -47,6 +47,12 @@ fn operation(method: &str, path: &str) -> Operation {
             Some("identity.refresh_token.reply.v1"),
             &["401", "422"],
         ),
+        ("POST", "/v1/auth/logout") => op(
+            Some("ingress.Logout"),
+            "200",
+            Some("identity.revoke_token.reply.v1"),
+            &["401", "422"],
+        ),
         ("GET", "/v1/me") => op(None, "200", Some("identity.get_user.reply.v1"), &[]),
         ("GET", "/v1/products") => op(None, "200", Some("catalog.list_products.reply.v1"), &[]),
         ("POST", "/v1/products") => op(
@@ -107,7 +113,7 @@ fn problem(description: &str) -> Value {
 fn error_description(status: &str) -> &'static str {
     match status {
         "400" => "Malformed JSON or header",
-        "401" => "No valid access token (see WWW-Authenticate); on /v1/auth/token and /v1/auth/refresh, wrong credentials or refresh token",
+        "401" => "No valid access token (see WWW-Authenticate); on /v1/auth/token and /v1/auth/refresh, wrong credentials or refresh token; on /v1/auth/logout with everywhere, a refresh token that no longer works",
         "403" => "The caller's role does not allow this",
         "404" => "Not found, or not the caller's",
         "408" => "The body came too slowly",
@@ -276,6 +282,7 @@ pub fn document() -> Value {
         local::<auth::Registration>("ingress.Register"),
         local::<auth::Login>("ingress.Login"),
         local::<auth::Refresh>("ingress.Refresh"),
+        local::<auth::Logout>("ingress.Logout"),
         local::<products::NewProduct>("ingress.NewProduct"),
         local::<products::RestockBody>("ingress.Restock"),
         local::<orders::NewOrder>("ingress.NewOrder"),

@@ -509,6 +509,27 @@ async fn a_customer_registers_logs_in_refreshes_and_reads_themselves() -> anyhow
         reused.status == 401,
         "the old refresh token must stop working: {reused:?}"
     );
+
+    // Log out: the login's refresh token stops working.
+    let login = |password: &'static str| {
+        app.send(
+            Req::new("POST", "/v1/auth/token")
+                .json(&json!({"email": "ada@example.org", "password": password})),
+        )
+    };
+    let pair = login(PASSWORD).await?;
+    let refresh = pair.body["refresh_token"].as_str().context("refresh")?;
+    let logout = |body: Value| app.send(Req::new("POST", "/v1/auth/logout").json(&body));
+    let out = logout(json!({"refresh_token": refresh})).await?;
+    ensure!(out.status == 200 && out.body["revoked"] == 1, "{out:?}");
+    let after = app
+        .send(Req::new("POST", "/v1/auth/refresh").json(&json!({"refresh_token": refresh})))
+        .await?;
+    ensure!(after.status == 401, "{after:?}");
+    let bad = logout(json!({"refresh_token": ""})).await?;
+    ensure!(bad.status == 422, "{bad:?}");
+    let bad = logout(json!({"refresh_token": refresh, "all": true})).await?;
+    ensure!(bad.status == 422, "{bad:?}");
     Ok(())
 }
 

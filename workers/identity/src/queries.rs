@@ -8,7 +8,7 @@ use skein_auth::{
 };
 use skein_contracts::identity::{
     GetUser, GetVerificationKey, GetVerificationKeys, IssueToken, RefreshToken, Register,
-    TokenPair, User, UserRegistered, VerificationKey, VerificationKeys,
+    RevokeToken, Revoked, TokenPair, User, UserRegistered, VerificationKey, VerificationKeys,
 };
 use skein_contracts::validate::describe;
 use skein_contracts::{Role, ServiceError, Validate, Violation};
@@ -162,6 +162,9 @@ pub async fn register(host: &mut Host, state: Arc<State>) -> skein_service::Resu
         .await?;
     let s = state.clone();
     host.query(move |q: RefreshToken, _| refresh_token(s.clone(), q))
+        .await?;
+    let s = state.clone();
+    host.query(move |q: RevokeToken, _| revoke_token(s.clone(), q))
         .await?;
     let s = state.clone();
     host.query(move |q: GetUser, _| get_user(s.clone(), q))
@@ -472,6 +475,52 @@ async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, 
     let pair = token_pair(&state, &mut tx, user_id, user.user.role, family, now).await?;
     tx.commit().await.map_err(internal("commit a refresh"))?;
     Ok(pair)
+}
+
+/// Logs out: revokes the token's login, or with `everywhere` every login of
+/// its user. `everywhere` takes the newest token of a login only (revoked
+/// or not, so that a repeat is answered as done): a copy already exchanged
+/// for a newer one, which may be a stolen one, does not end its owner's
+/// other logins. A token never issued revokes nothing and is not an
+/// error, as a log-out repeated is not.
+async fn revoke_token(state: Arc<State>, q: RevokeToken) -> Result<Revoked, ServiceError> {
+    let hash = hash_refresh_token(&q.refresh_token);
+    let now = now_micros();
+    // Made-up tokens are answered on a read, without the write lock.
+    let mut conn = read_connection(&state).await?;
+    let known = store::refresh_token_exists(&mut conn, &hash)
+        .await
+        .map_err(internal("look up a refresh token"))?;
+    drop(conn);
+    if !known {
+        return Ok(Revoked { revoked: 0 });
+    }
+    let mut tx = state
+        .store
+        .begin()
+        .await
+        .map_err(internal("begin a transaction"))?;
+    let Some((user_id, family, newest)) = store::refresh_token_owner(&mut tx, &hash, now)
+        .await
+        .map_err(internal("look up a refresh token"))?
+    else {
+        return Ok(Revoked { revoked: 0 });
+    };
+    if q.everywhere && !newest {
+        return Err(ServiceError::unauthenticated(
+            "to log out everywhere, present the last refresh token issued to you (this one was \
+             exchanged for a newer one, or expired)",
+        ));
+    }
+    let revoked = if q.everywhere {
+        store::revoke_user(&mut tx, user_id, now).await
+    } else {
+        store::revoke_family(&mut tx, family, now).await
+    }
+    .map_err(internal("revoke refresh tokens"))?;
+    tx.commit().await.map_err(internal("commit a revocation"))?;
+    tracing::info!(%user_id, %family, everywhere = q.everywhere, revoked, "logged out");
+    Ok(Revoked { revoked })
 }
 
 async fn get_user(state: Arc<State>, q: GetUser) -> Result<User, ServiceError> {

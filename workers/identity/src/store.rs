@@ -177,13 +177,53 @@ pub async fn used_refresh_token(
     .transpose()
 }
 
-/// Revokes every live token of `family`; returns how many.
+/// Revokes every live token of `family` (unused, unexpired); returns how
+/// many.
 pub async fn revoke_family(conn: &mut AnyConnection, family: Uuid, now: i64) -> sqlx::Result<u64> {
     Ok(sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL",
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1",
     )
     .bind(now)
     .bind(family.to_string())
+    .execute(conn)
+    .await?
+    .rows_affected())
+}
+
+/// The user and family of the refresh token `hash`, and whether it is the
+/// newest of its login at `now`: not exchanged for a newer one and not
+/// expired (revoked or not); `None` for a token never issued or deleted
+/// since.
+pub async fn refresh_token_owner(
+    conn: &mut AnyConnection,
+    hash: &str,
+    now: i64,
+) -> sqlx::Result<Option<(Uuid, Uuid, bool)>> {
+    let row = sqlx::query(
+        "SELECT user_id, family, used_at, expires_at FROM refresh_tokens WHERE hash = $1",
+    )
+    .bind(hash)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| {
+        let user: String = r.try_get("user_id")?;
+        let family: String = r.try_get("family")?;
+        let used: Option<i64> = r.try_get("used_at")?;
+        let expires: i64 = r.try_get("expires_at")?;
+        let newest = used.is_none() && expires > now;
+        Ok((parse_uuid(&user)?, parse_uuid(&family)?, newest))
+    })
+    .transpose()
+}
+
+/// Revokes every live token of `user` (unused, unexpired); returns how
+/// many.
+pub async fn revoke_user(conn: &mut AnyConnection, user: Uuid, now: i64) -> sqlx::Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(user.to_string())
     .execute(conn)
     .await?
     .rows_affected())

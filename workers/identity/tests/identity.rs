@@ -71,6 +71,17 @@ impl Identity {
         .await
     }
 
+    async fn logout(&self, token: &str, everywhere: bool) -> Result<Revoked, RequestError> {
+        request(
+            &self.p.bus,
+            &RevokeToken {
+                refresh_token: token.into(),
+                everywhere,
+            },
+        )
+        .await
+    }
+
     async fn refresh(&self, token: &str) -> Result<TokenPair, RequestError> {
         request(
             &self.p.bus,
@@ -429,6 +440,56 @@ async fn a_refresh_token_works_once_and_its_reuse_ends_the_login(
     Ok(())
 }
 
+/// A log-out ends its login (the token presented, and the newer token
+/// refreshed from it) and no other; with `everywhere`, every login of the
+/// user, and only from a token that still works; another user's logins and
+/// made-up tokens are left alone.
+async fn a_logout_ends_its_login_and_everywhere_ends_every_login(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    id.register("cy@example.org").await?;
+    id.register("di@example.org").await?;
+    let phone = id.login("cy@example.org", PASSWORD).await?;
+    let laptop = id.login("cy@example.org", PASSWORD).await?;
+    let tablet = id.login("cy@example.org", PASSWORD).await?;
+    let di = id.login("di@example.org", PASSWORD).await?;
+
+    // The phone logs out with a token it has since refreshed: its login
+    // (both tokens) ends, the laptop's does not.
+    let newer = id.refresh(&phone.refresh_token).await?;
+    let out = id.logout(&phone.refresh_token, false).await?;
+    ensure!(out.revoked == 1, "{out:?}");
+    ensure!(refused(id.refresh(&newer.refresh_token).await)?.0 == 401);
+    let laptop = id.refresh(&laptop.refresh_token).await?;
+    // Done again, or with a token never issued: nothing more, no error.
+    ensure!(id.logout(&phone.refresh_token, false).await?.revoked == 0);
+    ensure!(id.logout("made-up", false).await?.revoked == 0);
+
+    // A token exchanged for a newer one does not log its user out
+    // everywhere.
+    let (status, message) = refused(id.logout(&phone.refresh_token, true).await)?;
+    ensure!(
+        status == 401 && message.contains("exchanged for a newer one"),
+        "{message}"
+    );
+    let stale = laptop.refresh_token.clone();
+    let laptop = id.refresh(&laptop.refresh_token).await?;
+    ensure!(refused(id.logout(&stale, true).await)?.0 == 401);
+
+    // Everywhere: the laptop's and the tablet's logins end, di's does not;
+    // a repeat (its answer lost, say) is answered as done.
+    let out = id.logout(&laptop.refresh_token, true).await?;
+    ensure!(out.revoked == 2, "{out:?}");
+    ensure!(refused(id.refresh(&laptop.refresh_token).await)?.0 == 401);
+    ensure!(refused(id.refresh(&tablet.refresh_token).await)?.0 == 401);
+    ensure!(id.logout(&laptop.refresh_token, true).await?.revoked == 0);
+    id.refresh(&di.refresh_token).await?;
+    // Logging in again works.
+    id.login("cy@example.org", PASSWORD).await?;
+    Ok(())
+}
+
 /// Four refreshes with the same token at once.
 async fn refresh_four_at_once(id: &Identity, token: &str) -> Vec<Result<TokenPair, RequestError>> {
     let (a, b, c, d) = tokio::join!(
@@ -621,6 +682,7 @@ backend_tests!(
     invalid_registrations_name_every_bad_field_and_store_nothing,
     a_login_token_verifies_with_the_published_key_and_bad_logins_look_alike,
     a_refresh_token_works_once_and_its_reuse_ends_the_login,
+    a_logout_ends_its_login_and_everywhere_ends_every_login,
     users_see_themselves_and_admins_see_everyone,
     the_admin_is_seeded_once_and_the_key_survives_a_restart,
     a_configured_key_is_used_and_bad_settings_refuse_to_start,

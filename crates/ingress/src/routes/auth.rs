@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use skein_contracts::identity::{GetUser, IssueToken, RefreshToken, Register};
+use skein_contracts::identity::{GetUser, IssueToken, RefreshToken, Register, RevokeToken};
 use skein_contracts::validate::{is_text, Checker, Validate, Violation};
 use uuid::Uuid;
 
@@ -102,7 +102,32 @@ impl Validate for Refresh {
     }
 }
 
-body!(Registration, Login, Refresh);
+/// Log-out body.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Logout {
+    /// A refresh token of the login to end (for `everywhere`, the newest of
+    /// its login: not exchanged for another, not expired).
+    #[schemars(length(min = 1, max = 1024))]
+    pub refresh_token: String,
+    /// End every login of the token's user, not only this one.
+    #[serde(default)]
+    pub everywhere: bool,
+}
+
+impl Validate for Logout {
+    fn violations(&self) -> Vec<Violation> {
+        Checker::default()
+            .check(
+                is_text(&self.refresh_token, 1024),
+                "/refresh_token",
+                "must not be empty",
+            )
+            .finish()
+    }
+}
+
+body!(Registration, Login, Refresh, Logout);
 
 pub(crate) async fn register(
     State(state): State<Shared>,
@@ -170,6 +195,19 @@ pub(crate) async fn refresh(
         header::CACHE_CONTROL,
         "no-store",
     ))
+}
+
+pub(crate) async fn logout(
+    State(state): State<Shared>,
+    ctx: RequestContext,
+    Json(body, _): Json<Logout>,
+) -> Result<Response, ApiError> {
+    let query = RevokeToken {
+        refresh_token: body.refresh_token,
+        everywhere: body.everywhere,
+    };
+    let revoked = state.ask(&query, &ctx.message_context()).await?;
+    Ok(json(StatusCode::OK, &revoked))
 }
 
 pub(crate) async fn me(

@@ -82,6 +82,12 @@ pub const ROUTES: &[Route] = &[
         Access::Anyone,
         "Exchange a refresh token for a new pair",
     ),
+    route(
+        "POST",
+        "/v1/auth/logout",
+        Access::Anyone,
+        "Log out: end a refresh token's login, or every login of its user",
+    ),
     route("GET", "/v1/me", Access::User, "The caller"),
     route(
         "GET",
@@ -172,6 +178,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/auth/register", post(auth::register))
         .route("/v1/auth/token", post(auth::token))
         .route("/v1/auth/refresh", post(auth::refresh))
+        .route("/v1/auth/logout", post(auth::logout))
         .route("/v1/me", get(auth::me))
         .route("/v1/products", get(products::list).post(products::add))
         .route("/v1/products/{id}/restock", post(products::restock))
