@@ -8,7 +8,8 @@
 //! Definitions use the server's own JSON (the `nats stream add --config`
 //! format). Applying compares each field a definition sets with what the
 //! server has and updates only on a difference, so start-up can apply them
-//! every time.
+//! every time; an update changes those fields and keeps the others as the
+//! server has them.
 
 use std::path::Path;
 
@@ -196,7 +197,15 @@ pub async fn apply_stream(
             if options.keep_existing {
                 return Ok(Change::Differs(differences));
             }
-            js.update_stream(&config)
+            // The fields the definition sets over what the server has: an
+            // update replaces the whole configuration, and one built from
+            // the definition alone would reset what an operator set beside
+            // it (compression, metadata, sources, deny_delete ...).
+            let update = overlaid(&config, &current).map_err(|e| Error::Provision {
+                what: what.clone(),
+                source: e.into(),
+            })?;
+            js.update_stream(&update)
                 .await
                 .map_err(|e| stream_change_failed(what, e))?;
             Ok(Change::Updated(differences))
@@ -556,9 +565,53 @@ fn differing_fields<A: serde::Serialize, B: serde::Serialize>(
         .collect()
 }
 
+/// `current` with the top-level fields `wanted` sets (non-null; what
+/// [`differing_fields`] compares) taken from `wanted`.
+fn overlaid<T: serde::Serialize + serde::de::DeserializeOwned>(
+    wanted: &T,
+    current: &T,
+) -> serde_json::Result<T> {
+    let mut merged = serde_json::to_value(current)?;
+    if let (Value::Object(merged), Value::Object(wanted)) =
+        (&mut merged, serde_json::to_value(wanted)?)
+    {
+        for (key, value) in wanted {
+            if !value.is_null() {
+                merged.insert(key, value);
+            }
+        }
+    }
+    serde_json::from_value(merged)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_update_keeps_what_the_definition_leaves_out() -> serde_json::Result<()> {
+        let wanted: stream::Config = serde_json::from_str(
+            r#"{"name": "EVENTS", "subjects": ["events.>"], "max_age": 86400000000000,
+                "retention": "limits", "discard": "old", "storage": "file",
+                "description": "ours", "num_replicas": 3}"#,
+        )?;
+        let current: stream::Config = serde_json::from_str(
+            r#"{"name": "EVENTS", "subjects": ["events.>"], "max_age": 1000000000,
+                "retention": "limits", "discard": "old", "storage": "file", "num_replicas": 1, "compression": "s2", "deny_delete": true,
+                "metadata": {"owner": "ops"}}"#,
+        )?;
+        let update = overlaid(&wanted, &current)?;
+        assert_eq!(update.max_age, std::time::Duration::from_secs(86_400));
+        assert_eq!(update.description.as_deref(), Some("ours"));
+        assert_eq!(update.num_replicas, 3);
+        assert_eq!(update.compression, Some(stream::Compression::S2));
+        assert!(update.deny_delete);
+        assert_eq!(
+            update.metadata.get("owner").map(String::as_str),
+            Some("ops")
+        );
+        Ok(())
+    }
 
     fn subjects(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| (*s).to_owned()).collect()

@@ -207,6 +207,9 @@ async fn provisioning_is_idempotent_and_restores_a_stream_changed_on_the_server(
     let mut changed = defined.clone();
     changed.max_age = Duration::from_secs(3600);
     changed.description = Some("changed by hand".into());
+    // ... and sets what the definitions leave out, which stays.
+    changed.compression = Some(async_nats::jetstream::stream::Compression::S2);
+    changed.metadata.insert("owner".into(), "operations".into());
     js.update_stream(&changed).await?;
     assert_eq!(
         js.get_stream(EVENTS).await?.info().await?.config.max_age,
@@ -229,6 +232,14 @@ async fn provisioning_is_idempotent_and_restores_a_stream_changed_on_the_server(
     assert_eq!(restored.max_age, defined.max_age);
     assert_eq!(restored.max_age, Duration::from_secs(365 * 24 * 3600));
     assert_eq!(restored.description, defined.description);
+    assert_eq!(
+        restored.compression,
+        Some(async_nats::jetstream::stream::Compression::S2)
+    );
+    assert_eq!(
+        restored.metadata.get("owner").map(String::as_str),
+        Some("operations")
+    );
 
     let fourth = apply_builtin_streams(js, &Default::default()).await?;
     assert_eq!(fourth, all(Change::Unchanged));
