@@ -324,6 +324,16 @@ async fn replay_filters_return_exactly_the_matching_events() -> anyhow::Result<(
         "{}",
         stderr(&all_of_them)
     );
+    // An entity id that is not one subject token is refused, not turned
+    // into a wider or broken filter.
+    for bad in ["*", ">", "e1.x", "e 1"] {
+        let refused = skein(&server, &["replay", "--entity", bad]).await?;
+        ensure!(
+            refused.status.code() == Some(2) && stderr(&refused).contains("an entity id"),
+            "{bad}: {}",
+            stderr(&refused)
+        );
+    }
     // A worker's setting in the operator's environment (for `--into`)
     // does not get in the way of other replays.
     let with_worker_env = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))

@@ -49,8 +49,9 @@ pub struct StockLine {
 pub struct AddProduct {
     /// Who asks; must be an admin.
     pub caller: Caller,
-    /// Unique stock-keeping unit, 1 to 64 characters.
+    /// Unique stock-keeping unit, 1 to 64 characters, no white space.
     #[validate(length(min = 1, max = 64))]
+    #[schemars(regex(pattern = r"^\S+$"))]
     pub sku: String,
     /// Display name, 1 to 200 characters.
     #[validate(length(min = 1, max = 200))]

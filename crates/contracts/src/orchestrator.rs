@@ -167,6 +167,7 @@ pub struct ListSagas {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
     /// Page size, 1 to 500.
+    #[validate(range(min = 1, max = 500))]
     pub limit: u32,
     /// Cursor from the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -85,8 +85,11 @@ impl TypeName {
         else {
             return Err(malformed());
         };
+        // Canonical only (`v1`, not `v01` or `v+1`): a type is compared
+        // and filtered by its text.
         let version = version
             .strip_prefix('v')
+            .filter(|v| !v.starts_with(['0', '+']))
             .and_then(|v| v.parse::<u32>().ok())
             .filter(|v| *v > 0)
             .ok_or_else(malformed)?;
@@ -140,6 +143,8 @@ mod tests {
             "orders.x.1",
             "orders.x.v",
             "orders.x.v0",
+            "orders.x.v01",
+            "orders.x.v+1",
             "a.b.v1.c",
             ".x.v1",
         ] {

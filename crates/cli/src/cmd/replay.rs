@@ -23,7 +23,7 @@ pub(crate) struct Args {
     #[arg(long)]
     subject: Option<String>,
     /// Only messages about this entity (its id, e.g. an order id).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_entity)]
     entity: Option<String>,
     /// Only messages of this correlation id (one request and all it caused).
     #[arg(long)]
@@ -113,6 +113,14 @@ pub(crate) struct Args {
 enum Format {
     Table,
     Json,
+}
+
+/// An entity id is one subject token: no '.', '*', '>' or white space
+/// (which would widen or break the server's filter).
+fn parse_entity(text: &str) -> Result<String, String> {
+    skein_message::subject::check_token(text)
+        .map(|()| text.to_owned())
+        .map_err(|why| format!("an entity id {why} (give the id itself, e.g. an order id)"))
 }
 
 pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {

@@ -22,8 +22,8 @@ use crate::state::Shared;
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProduct {
-    /// Unique stock-keeping unit, 1 to 64 characters, no spaces.
-    #[schemars(length(min = 1, max = 64))]
+    /// Unique stock-keeping unit, 1 to 64 characters, no white space.
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^\S+$"))]
     pub sku: String,
     /// Display name, 1 to 200 characters.
     #[schemars(length(min = 1, max = 200))]
