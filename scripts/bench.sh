@@ -55,11 +55,25 @@ export SKEIN_ADMIN_EMAIL="$ADMIN_EMAIL" SKEIN_ADMIN_PASSWORD="$ADMIN_PASSWORD" S
 
 log() { printf '==> %s\n' "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# One field of a report (a.b for nested ones); fails when it is missing.
 field() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); v=r
 for k in sys.argv[2].split("."): v=v[k]
 print(v if not isinstance(v,float) else f"{v:.1f}")' "$1" "$2"; }
+# The fields of a report joined as table cells, in one command (so that
+# `set -e` sees it fail on a missing field); machine_cpu.* is "-" where the
+# report has none (not Linux).
+cells() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); out=[]
+for path in sys.argv[2:]:
+    v=r
+    for k in path.split("."):
+        if k not in v and path.startswith("machine_cpu."): v="-"; break
+        v=v[k]
+    out.append(v if not isinstance(v,float) else f"{v:.1f}")
+print(" | ".join(str(x) for x in out))' "$@"; }
 
 mkdir -p "$OUT"
+# This run's reports only: none of an earlier run's backends or copies.
+rm -f "$OUT"/*.json
 : > "$OUT/cpu.txt"
 log "building (release)"
 cargo build --release --locked -q -p skein-cli
@@ -88,8 +102,7 @@ EOF
 
 cleanup() {
   local status=$?
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_all
   drop_databases
   if [ -n "$work" ]; then
     if [ "$status" -eq 0 ]; then
@@ -101,9 +114,21 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Stops every component: SIGTERM, 30 s to finish, then SIGKILL (a
+# component stuck in its shutdown must not hang the benchmark).
 stop_all() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  local pid
+  for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  for _ in $(seq 300); do
+    local alive=0
+    for pid in ${pids[@]+"${pids[@]}"}; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    [ "$alive" = 0 ] && break
+    sleep 0.1
+  done
+  for pid in ${pids[@]+"${pids[@]}"}; do
+    kill -0 "$pid" 2>/dev/null && { log "process $pid did not stop in 30 s; killing it"; kill -9 "$pid" 2>/dev/null || true; }
+    wait "$pid" 2>/dev/null || true
+  done
   pids=()
 }
 
@@ -146,7 +171,7 @@ load() { # name, extra args...
   local name="$1"; shift
   "$skein" load --url "http://127.0.0.1:$http_port" --orders "$ORDERS" --concurrency "$CONCURRENCY" \
     --customers "$CUSTOMERS" --settle-timeout 300 --json "$@" > "$OUT/$name.json" || {
-      echo "error: skein load failed; report in $OUT/$name.json" >&2; exit 1; }
+      echo "error: skein load failed (its messages above; its report, if it got that far, in $OUT/$name.json; the components' logs in $work)" >&2; exit 1; }
 }
 
 rows=()
@@ -196,7 +221,7 @@ for backend in $backends; do
     # worker hashing the customers' passwords).
     {
       echo "CPU seconds per process, $backend, $copies cop(y/ies), after the maximum-rate run:"
-      for pid in "${pids[@]}"; do
+      for pid in ${pids[@]+"${pids[@]}"}; do
         [ -r "/proc/$pid/stat" ] || continue
         # utime + stime, in clock ticks (1/100 s), from /proc/<pid>/stat.
         ticks="$(cut -d')' -f2- "/proc/$pid/stat" | awk '{print $12 + $13}')"
@@ -212,7 +237,9 @@ for backend in $backends; do
       offered=""
       [ "$r" = half ] && offered=", $half/s offered"
       [ "$r" = low ] && offered=", $LOW_RATE/s offered"
-      rows+=("| $backend | $copies | $r ($(field "$f" concurrency) in flight$offered) | $(field "$f" throughput) | $(field "$f" latency_ms.p50) | $(field "$f" latency_ms.p99) | $(field "$f" machine_cpu.busy_percent) % | $(field "$f" machine_cpu.cpu_ms_per_order) | $(field "$f" ok) |")
+      inflight="$(field "$f" concurrency)"
+      measured="$(cells "$f" throughput latency_ms.p50 latency_ms.p99 machine_cpu.busy_percent machine_cpu.cpu_ms_per_order ok)"
+      rows+=("| $backend | $copies | $r ($inflight in flight$offered) | $measured |")
     done
     stop_all
     drop_databases
@@ -223,7 +250,7 @@ done
 echo
 # machine busy, CPU ms/order: the whole machine (every process) while the
 # orders were placed, as skein load reads it from /proc/stat.
-echo "| backend | copies | rate | sagas/s | p50 ms | p99 ms | machine busy | CPU ms/order | invariants |"
+echo "| backend | copies | rate | sagas/s | p50 ms | p99 ms | machine busy % | CPU ms/order | invariants |"
 echo "|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 

@@ -42,7 +42,12 @@
 //!    less the balance now equals their confirmed orders' totals). The
 //!    reads are retried after transient errors and repeated while they
 //!    disagree, for `--settle-timeout` (at least 30 s): compensations may be
-//!    in flight when an order is already final. The exit status is non-zero
+//!    in flight when an order is already final. Once they agree, they are
+//!    read once more after the workers have gone quiet (no consumer of
+//!    `EVENTS` or `COMMANDS` holds a message delivered and not acknowledged,
+//!    or one not delivered yet; at most [`QUIET_WITHIN`]): a message a
+//!    killed copy left unacknowledged comes back after `ack_wait`, and were
+//!    it applied twice, that read would see it. The exit status is non-zero
 //!    when one fails.
 //!
 //! The global money check assumes no other orders are placed during the
@@ -496,11 +501,11 @@ fn problem(answer: &Answer) -> String {
 }
 
 /// How long to wait before trying again after `answer` (or a transport
-/// error): what `Retry-After` asks, up to a minute, else a doubling pause
-/// up to 5 s.
+/// error): what `Retry-After` asks, at least 50 ms and up to a minute,
+/// else a doubling pause from 50 ms up to 1.6 s.
 fn backoff(answer: Option<&Answer>, attempt: u32) -> Duration {
     match answer.and_then(|a| a.retry_after) {
-        Some(asked) => asked.min(MAX_RETRY_AFTER),
+        Some(asked) => asked.clamp(Duration::from_millis(50), MAX_RETRY_AFTER),
         None => Duration::from_millis(50u64 << attempt.min(5)).min(Duration::from_secs(5)),
     }
 }
@@ -1138,6 +1143,8 @@ async fn place(
     };
     // Follow it: the answer, then GET until final.
     let mut poll = Duration::from_millis(10);
+    // The last GET that did not answer 200: what a stuck order reports.
+    let mut last_refusal: Option<String> = None;
     loop {
         if let Some(a) = &answer {
             let id = a.body.get("id").or_else(|| a.body.get("order_id"));
@@ -1158,8 +1165,12 @@ async fn place(
         }
         if Instant::now() + poll > deadline {
             outcome.error = Some(format!(
-                "not final after {settle:?} (last seen {})",
-                outcome.status
+                "not final after {settle:?} (last seen {}{})",
+                outcome.status,
+                last_refusal
+                    .as_deref()
+                    .map(|r| format!("; last GET: {r}"))
+                    .unwrap_or_default()
             ));
             return outcome;
         }
@@ -1188,11 +1199,19 @@ async fn place(
             Ok(a) => {
                 if a.status == 429 {
                     Counters::add(&counters.rate_limited);
-                    tokio::time::sleep(backoff(Some(&a), 0)).await;
+                    let pause = backoff(Some(&a), 0);
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
+                last_refusal = Some(problem(&a));
                 None
             }
-            Err(_) => None,
+            Err(e) => {
+                last_refusal = Some(format!("{e:#}"));
+                None
+            }
         };
     }
 }
@@ -1735,8 +1754,9 @@ async fn observe(
 
 /// Runs every invariant check. What the services report is read again
 /// while a check fails, for `window`: compensations may still be in
-/// flight when an order is already final. A read that keeps failing fails
-/// its checks.
+/// flight when an order is already final; and once more when they agree,
+/// after the workers have gone quiet ([`until_quiet`]). A read that keeps
+/// failing fails its checks.
 #[allow(clippy::too_many_arguments)]
 async fn check(
     http: &mut Http,
@@ -1752,6 +1772,7 @@ async fn check(
     let mut checks = check_outcomes(outcomes, catalog).to_vec();
     let expected = expected(catalog, outcomes);
     let deadline = Instant::now() + window;
+    let mut quiet = false;
     loop {
         let seen = observe(http, admin, bus, customers, deadline).await;
         let listed = match &seen.listed {
@@ -1771,11 +1792,68 @@ async fn check(
             (Err(e), _) | (_, Err(e)) => Check::unreadable(invariant::CUSTOMER_MONEY, e),
         };
         let later = [listed, stock, money, customer_money];
-        if later.iter().all(|c| c.ok) || Instant::now() >= deadline {
+        let agree = later.iter().all(|c| c.ok);
+        if agree && !quiet {
+            // Agreeing now is not yet final: read again once nothing is in
+            // flight.
+            quiet = true;
+            if let Err(e) = until_quiet(bus, QUIET_WITHIN).await {
+                eprintln!("the workers did not go quiet ({e:#}); reading once more anyway");
+            }
+            continue;
+        }
+        if agree || Instant::now() >= deadline {
             checks.extend(later);
             return checks;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// How long the checks wait for the workers to go quiet before their last
+/// read: more than a consumer's `ack_wait` (10 s), after which the server
+/// delivers again what a killed copy held.
+const QUIET_WITHIN: Duration = Duration::from_secs(25);
+
+/// Waits until no consumer of `EVENTS` or `COMMANDS` has a message
+/// delivered and not acknowledged, or (one a copy pulls from) a message
+/// not delivered yet; an error when that does not happen `within`, or the
+/// consumers cannot be read.
+async fn until_quiet(bus: &Bus, within: Duration) -> anyhow::Result<()> {
+    use futures::TryStreamExt;
+    let deadline = Instant::now() + within;
+    loop {
+        let mut busy = Vec::new();
+        for name in [skein_bus::provision::EVENTS, skein_bus::provision::COMMANDS] {
+            let stream = bus
+                .jetstream()
+                .get_stream(name)
+                .await
+                .with_context(|| format!("cannot read stream {name}"))?;
+            let mut consumers = stream.consumers();
+            while let Some(info) = consumers
+                .try_next()
+                .await
+                .with_context(|| format!("cannot list the consumers of {name}"))?
+            {
+                // Messages not delivered count only where a copy pulls: a
+                // worker that is not running changes nothing meanwhile.
+                let pulled = info.num_waiting > 0;
+                if info.num_ack_pending > 0 || (pulled && info.num_pending > 0) {
+                    busy.push(format!(
+                        "{name}/{}: {} unacknowledged, {} not delivered",
+                        info.name, info.num_ack_pending, info.num_pending
+                    ));
+                }
+            }
+        }
+        if busy.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("after {within:?}: {}", busy.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -2190,6 +2268,7 @@ mod tests {
         };
         assert_eq!(backoff(Some(&asked(6)), 0), Duration::from_secs(6));
         assert_eq!(backoff(Some(&asked(3600)), 0), MAX_RETRY_AFTER);
+        assert_eq!(backoff(Some(&asked(0)), 0), Duration::from_millis(50));
         assert_eq!(backoff(None, 0), Duration::from_millis(50));
         // Without Retry-After: doubling from 50 ms, the sixth pause on.
         assert_eq!(backoff(None, 30), Duration::from_millis(1600));
@@ -2599,6 +2678,48 @@ mod tests {
             format!("{e:#}").contains("cannot connect to localhost"),
             "{e:#}"
         );
+    }
+
+    /// Quiet: nothing held unacknowledged, nothing undelivered where a copy
+    /// pulls; a consumer nobody pulls from does not count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn workers_are_quiet_once_nothing_is_held_or_waiting_for_a_puller() -> anyhow::Result<()>
+    {
+        use async_nats::jetstream::consumer::pull;
+        use futures::StreamExt;
+        let server = skein_testkit::NatsServer::start().await?;
+        let bus = Bus::connect(&skein_bus::BusConfig::new(server.url(), "load-test")).await?;
+        skein_bus::provision::apply_builtin_streams(bus.jetstream(), &Default::default()).await?;
+        let events = bus.jetstream().get_stream("EVENTS").await?;
+        let consumer = |name: &str| pull::Config {
+            durable_name: Some(name.into()),
+            ..Default::default()
+        };
+        let held = events.create_consumer(consumer("held")).await?;
+        events.create_consumer(consumer("idle")).await?;
+        bus.jetstream()
+            .publish("events.test.e1.happened", "{}".into())
+            .await?
+            .await?;
+        // "idle" has the message undelivered and nobody pulling: quiet.
+        until_quiet(&bus, Duration::from_secs(1)).await?;
+
+        let mut batch = held.fetch().max_messages(1).messages().await?;
+        let message = batch
+            .next()
+            .await
+            .context("no message")?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let busy = until_quiet(&bus, Duration::from_millis(500))
+            .await
+            .expect_err("a message is held unacknowledged");
+        assert!(
+            format!("{busy:#}").contains("EVENTS/held: 1 unacknowledged"),
+            "{busy:#}"
+        );
+        message.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+        until_quiet(&bus, Duration::from_secs(5)).await?;
+        Ok(())
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
