@@ -3,7 +3,9 @@
 //! Regenerates every schema and the index from the types and compares them
 //! with the files. After a deliberate contract change, rewrite the files with
 //! `SKEIN_BLESS_SCHEMAS=1 cargo nextest run -p skein-contracts` and review
-//! the diff (a breaking change needs a new version instead).
+//! the diff (a breaking change needs a new version instead). The schema of
+//! a version a type has moved past stays in `schemas/` as history: readers
+//! still upcast from it, and blessing never removes it.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +17,44 @@ fn schemas_dir() -> PathBuf {
 
 fn pretty(value: &impl serde::Serialize) -> anyhow::Result<String> {
     Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+/// `<name>.v<k>.json` and a version `<name>.v<n>.json` (n > k) among
+/// `known`: the schema of a version the type no longer is, which readers
+/// still upcast from (a year of stored events): history, kept as it is and
+/// never removed by blessing.
+fn superseded(path: &Path, known: &std::collections::HashSet<PathBuf>) -> bool {
+    let Some((base, version)) = versioned(path) else {
+        return false;
+    };
+    known
+        .iter()
+        .any(|k| versioned(k).is_some_and(|(other, newer)| other == base && newer > version))
+}
+
+/// `dir/name.reply` and 3 of `dir/name.reply.v3.json`.
+fn versioned(path: &Path) -> Option<(PathBuf, u32)> {
+    let stem = path.to_str()?.strip_suffix(".json")?;
+    let (base, version) = stem.rsplit_once(".v")?;
+    Some((PathBuf::from(base), version.parse().ok().filter(|v| *v > 0)?))
+}
+
+#[test]
+fn an_older_version_s_schema_is_history_not_drift() {
+    let known: std::collections::HashSet<PathBuf> = [
+        "s/orders/order_placed.v2.json",
+        "s/orders/get_order.reply.v1.json",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect();
+    let kept = |p: &str| superseded(Path::new(p), &known);
+    assert!(kept("s/orders/order_placed.v1.json"));
+    assert!(!kept("s/orders/order_placed.v2.json"));
+    assert!(!kept("s/orders/order_placed.v3.json"));
+    assert!(!kept("s/orders/order_placed_old.v1.json"));
+    assert!(!kept("s/orders/get_order.v1.json"));
+    assert!(!kept("s/orders/get_order.reply.v0.json"));
 }
 
 #[test]
@@ -57,7 +97,10 @@ fn schemas_match_the_types() -> anyhow::Result<()> {
             let path = entry?.path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "json") && !known.contains(&path) {
+            } else if path.extension().is_some_and(|e| e == "json")
+                && !known.contains(&path)
+                && !superseded(&path, &known)
+            {
                 if bless {
                     std::fs::remove_file(&path)?;
                 } else {
