@@ -256,6 +256,13 @@ pub async fn last_sequence(bus: &Bus, stream: &str) -> Result<u64> {
     Ok(open(bus, stream).await?.1.state.last_sequence)
 }
 
+/// The first sequence `stream` still holds: 1 (or 0, empty) for a stream
+/// that has lost nothing; more once its limits (`max_age`, `max_bytes`)
+/// have removed its oldest messages, which no reader gets back.
+pub async fn first_sequence(bus: &Bus, stream: &str) -> Result<u64> {
+    Ok(open(bus, stream).await?.1.state.first_sequence)
+}
+
 /// The stream `name` and its current info.
 async fn open(
     bus: &Bus,

@@ -36,7 +36,10 @@ fn superseded(path: &Path, known: &std::collections::HashSet<PathBuf>) -> bool {
 fn versioned(path: &Path) -> Option<(PathBuf, u32)> {
     let stem = path.to_str()?.strip_suffix(".json")?;
     let (base, version) = stem.rsplit_once(".v")?;
-    Some((PathBuf::from(base), version.parse().ok().filter(|v| *v > 0)?))
+    Some((
+        PathBuf::from(base),
+        version.parse().ok().filter(|v| *v > 0)?,
+    ))
 }
 
 #[test]

@@ -132,6 +132,21 @@ pub enum RebuildError {
     /// A query on the projector's database failed.
     #[error("projector database: {0}")]
     Database(#[from] sqlx::Error),
+    /// `EVENTS` no longer holds its oldest messages (its `max_age` or
+    /// `max_bytes` removed them), and the rebuild would change the model:
+    /// it would drop what was built from them. Nothing changed.
+    #[error(
+        "EVENTS no longer holds its first {lost} message(s) (its max_age or max_bytes removed \
+         them), and rebuilding from what is left changes the model ({changes}): users and \
+         orders from before would be lost; nothing changed. Accept a model built from the \
+         history left with --partial-history (skein replay)"
+    )]
+    HistoryCut {
+        /// Messages the stream no longer holds (its first sequence less 1).
+        lost: u64,
+        /// What the rebuild would have changed.
+        changes: String,
+    },
     /// An event could not be applied for a reason that may pass; run the
     /// rebuild again.
     #[error("event {sequence} could not be applied: {reason}")]
@@ -194,6 +209,11 @@ pub struct RebuildReport {
     /// Whether any table's contents changed; `false` means the read model
     /// was exactly what the events say.
     pub changed: bool,
+    /// The first sequence `EVENTS` still held, when it no longer held its
+    /// oldest messages (a rebuild accepted with
+    /// [`History::accept_partial`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_from: Option<u64>,
 }
 
 impl fmt::Display for RebuildReport {
@@ -226,6 +246,13 @@ impl fmt::Display for RebuildReport {
         for s in &self.skipped {
             writeln!(f, "  skipped #{} {}: {}", s.sequence, s.subject, s.reason)?;
         }
+        if let Some(first) = self.history_from {
+            writeln!(
+                f,
+                "  from EVENTS #{first} on: its first {} message(s) are gone (max_age or max_bytes)",
+                first - 1
+            )?;
+        }
         Ok(())
     }
 }
@@ -251,9 +278,20 @@ pub struct History {
     messages: Vec<StoredMessage>,
     /// Per filter, where reading resumes (`None`: nothing read yet).
     resume: Vec<(String, Option<u64>)>,
+    /// Whether a model built from a stream that lost its oldest messages
+    /// is wanted anyway.
+    partial: bool,
 }
 
 impl History {
+    /// Accepts a model built from what `EVENTS` still holds when it no
+    /// longer holds its oldest messages; without this the rebuild refuses
+    /// to change the model then ([`RebuildError::HistoryCut`]).
+    pub fn accept_partial(mut self) -> Self {
+        self.partial = true;
+        self
+    }
+
     /// The model.
     pub fn model(&self) -> ReadModel {
         self.model
@@ -291,6 +329,7 @@ pub async fn read_history(bus: &Bus, model: ReadModel) -> Result<History, Rebuil
         model,
         messages: Vec::new(),
         resume: model.filters().into_iter().map(|f| (f, None)).collect(),
+        partial: false,
     };
     history.catch_up(bus).await?;
     Ok(history)
@@ -313,7 +352,7 @@ pub async fn rebuild_from(
     let before = store::dump(&mut tx, model).await?;
     // Every event a live handler committed is in the stream by now.
     history.catch_up(bus).await?;
-    let messages = history.messages;
+    let messages = std::mem::take(&mut history.messages);
 
     store::clear(&mut tx, model).await?;
     let mut applied = 0;
@@ -339,10 +378,31 @@ pub async fn rebuild_from(
         }
     }
     let after = store::dump(&mut tx, model).await?;
-    tx.commit().await?;
-
     let tables = compare(model, &before, &after);
     let changed = tables.iter().any(TableReport::changed);
+    // Read after the catch-up: what the stream has lost by now, the
+    // history read may lack.
+    let first = skein_bus::replay::first_sequence(bus, EVENTS).await?;
+    let history_from = (first > 1).then_some(first);
+    if history_from.is_some() && changed && !history.partial {
+        // Dropped: rolled back.
+        return Err(RebuildError::HistoryCut {
+            lost: first - 1,
+            changes: tables
+                .iter()
+                .filter(|t| t.changed())
+                .map(|t| {
+                    format!(
+                        "{}: {} added, {} removed, {} modified",
+                        t.table, t.added, t.removed, t.modified
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        });
+    }
+    tx.commit().await?;
+
     let report = RebuildReport {
         model,
         events_read: messages.len(),
@@ -350,6 +410,7 @@ pub async fn rebuild_from(
         skipped,
         tables,
         changed,
+        history_from,
     };
     tracing::info!(model = %model, events = report.events_read, changed, "read model rebuilt");
     Ok(report)

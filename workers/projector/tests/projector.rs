@@ -685,6 +685,74 @@ async fn a_rebuild_also_applies_the_events_handled_live_after_it_read_the_histor
     Ok(())
 }
 
+/// `EVENTS` without its oldest messages (its `max_age` removed them): a
+/// rebuild that would drop what was built from them is refused and changes
+/// nothing; accepted with `accept_partial`, it reports where the history
+/// starts. A rebuild the loss does not change goes ahead.
+async fn a_rebuild_from_a_stream_that_lost_its_oldest_events_is_refused_unless_accepted(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let x = Projector::start(backend).await?;
+    let (gus, _) = x.register("Gus", Role::Customer).await?;
+    let old = x.place(gus, 500).await?;
+    let (hal, _) = x.register("Hal", Role::Customer).await?;
+    x.settle().await?;
+    let live = x.snapshot().await?;
+    // Gus's registration and order are gone from the stream (as max_age
+    // removes them: from the front).
+    let cut = read(&x.p.bus, EVENTS, ">", StartAt::Beginning).await?[2].sequence;
+    x.p.bus
+        .jetstream()
+        .get_stream(EVENTS)
+        .await?
+        .purge()
+        .sequence(cut)
+        .await?;
+
+    let refused = rebuild(&x.p.bus, &x.store, ReadModel::All)
+        .await
+        .expect_err("a rebuild dropping gus was carried out");
+    ensure!(
+        matches!(
+            refused,
+            skein_projector::RebuildError::HistoryCut { lost: 2, .. }
+        ),
+        "{refused}"
+    );
+    ensure!(
+        refused.to_string().contains("users: 0 added, 1 removed"),
+        "{refused}"
+    );
+    ensure!(
+        x.snapshot().await? == live,
+        "a refused rebuild changed the model"
+    );
+
+    let history = read_history(&x.p.bus, ReadModel::All)
+        .await?
+        .accept_partial();
+    let report = rebuild_from(&x.p.bus, &x.store, history).await?;
+    ensure!(
+        report.changed && report.history_from == Some(cut),
+        "{report}"
+    );
+    ensure!(
+        report.to_string().contains("first 2 message(s) are gone"),
+        "{report}"
+    );
+    let profile = x.profile(admin(), hal).await?;
+    ensure!(profile.user.id == hal, "{profile:?}");
+    let gone = x.profile(admin(), gus).await;
+    ensure!(
+        matches!(&gone, Err(RequestError::Service(e)) if e.status == 404),
+        "{gone:?} (order {old})"
+    );
+    // Nothing left to change: the rebuild goes ahead, cut or not.
+    let again = rebuild(&x.p.bus, &x.store, ReadModel::All).await?;
+    ensure!(!again.changed && again.history_from == Some(cut), "{again}");
+    Ok(())
+}
+
 /// Orders placed while rebuilds run (half confirmed, half cancelled).
 const RACING_ORDERS: i64 = 24;
 
@@ -799,6 +867,7 @@ backend_tests!(
     a_timeline_lists_an_orders_events_in_order_to_its_owner_or_an_admin,
     orders_that_arrive_before_their_customer_count_and_show_once_the_user_registers,
     a_rebuild_from_scratch_equals_the_incremental_result_and_repairs_a_corrupted_model,
+    a_rebuild_from_a_stream_that_lost_its_oldest_events_is_refused_unless_accepted,
     applying_the_same_events_again_in_any_order_changes_nothing,
     a_rebuild_also_applies_the_events_handled_live_after_it_read_the_history,
     a_rebuild_racing_the_live_consumer_converges,

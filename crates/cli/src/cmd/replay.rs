@@ -54,6 +54,12 @@ pub(crate) struct Args {
     /// timeline or all) from the whole EVENTS stream and report what changed.
     #[arg(long, value_name = "READ_MODEL", conflicts_with_all = ["subject", "entity", "correlation", "kind", "since", "until", "seq"])]
     rebuild: Option<String>,
+    /// With --rebuild: rebuild even when EVENTS no longer holds its oldest
+    /// messages (its max_age or max_bytes removed them) and the model
+    /// changes, dropping what was built from them. Without it such a
+    /// rebuild is refused, and nothing changes.
+    #[arg(long, requires = "rebuild")]
+    partial_history: bool,
     /// Instead of printing: re-deliver the selected messages (EVENTS or
     /// COMMANDS) to this worker's handlers, through its inbox in its own
     /// database, as its consumer would. Each is applied once: what the
@@ -371,7 +377,13 @@ async fn rebuild(nats_url: &str, model: &str, args: &Args) -> anyhow::Result<()>
     .await
     .with_context(|| format!("cannot open the {service} database {shown}"))?;
     let format = args.format;
-    let report = skein_projector::rebuild(&bus, &store, model)
+    let mut history = skein_projector::read_history(&bus, model)
+        .await
+        .context("rebuild failed; nothing changed")?;
+    if args.partial_history {
+        history = history.accept_partial();
+    }
+    let report = skein_projector::rebuild_from(&bus, &store, history)
         .await
         .context("rebuild failed; nothing changed")?;
     match format {
