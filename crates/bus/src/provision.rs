@@ -308,6 +308,9 @@ pub enum Filters {
     Widen,
 }
 
+/// Consumer settings the server does not change on an existing consumer.
+const IMMUTABLE: &[&str] = &["ack_policy", "max_waiting", "replay_policy"];
+
 /// Binds tried before giving up on a consumer others change meanwhile.
 const BIND_TRIES: usize = 5;
 
@@ -429,6 +432,22 @@ pub async fn apply_consumer(
                     | "opt_start_seq"
             )
         });
+        // What the server refuses to change on an existing consumer: an
+        // update asking for it would fail every copy's start. Said, and
+        // left as it is (a new durable name, or deleting the consumer,
+        // changes it).
+        let (fixed, changeable): (Vec<String>, Vec<String>) = differences
+            .into_iter()
+            .partition(|f| IMMUTABLE.contains(&f.as_str()));
+        if !fixed.is_empty() {
+            tracing::warn!(
+                consumer = %spec.durable,
+                fields = %fixed.join(", "),
+                "the consumer differs from the template in settings the server cannot change on \
+                 an existing consumer; left as they are"
+            );
+        }
+        let mut differences = changeable;
         if !same_filters(&config, current) {
             differences.push("filter_subjects".into());
         }
@@ -439,6 +458,9 @@ pub async fn apply_consumer(
         // The server refuses to change where a consumer started (one made
         // again at a start time, say): the update keeps it.
         config.deliver_policy = current.deliver_policy;
+        config.ack_policy = current.ack_policy;
+        config.replay_policy = current.replay_policy;
+        config.max_waiting = current.max_waiting;
         let updated = stream.update_consumer(config.clone()).await.map_err(|e| {
             let timed_out = e.kind() == jetstream::stream::ConsumerUpdateErrorKind::TimedOut;
             Error::Provision {

@@ -315,6 +315,41 @@ async fn a_consumer_made_at_a_start_time_is_updated_later_and_keeps_it() -> anyh
     Ok(())
 }
 
+/// A consumer whose settings the server cannot change (made by an older
+/// template, or by hand) is bound, not refused, and keeps them, while the
+/// rest is updated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_differing_in_fixed_settings_is_bound_and_keeps_them() -> anyhow::Result<()> {
+    use async_nats::jetstream::consumer::pull;
+    use skein_bus::provision::{apply_consumer, ConsumerSpec, Filters};
+    init_tracing();
+    let (_server, bus) = start().await?;
+    let stream = bus.jetstream().get_stream(EVENTS).await?;
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("older".into()),
+            filter_subject: "events.test.a.happened".into(),
+            max_waiting: 64,
+            max_ack_pending: 10,
+            ..Default::default()
+        })
+        .await?;
+    let spec = ConsumerSpec {
+        stream: EVENTS.into(),
+        durable: "older".into(),
+        filter_subjects: vec!["events.test.a.happened".into()],
+        ack_wait: None,
+        max_ack_pending: None,
+        start_within: None,
+        start_sequence: None,
+    };
+    apply_consumer(bus.jetstream(), &spec, Filters::Widen).await?;
+    let info = consumer_info(&bus, "older").await?;
+    assert_eq!(info.config.max_waiting, 64);
+    assert_eq!(info.config.max_ack_pending, 1000);
+    Ok(())
+}
+
 /// During a rolling upgrade both versions' copies pull from one consumer,
 /// which takes the newer one's subjects too: an older copy handed a message
 /// on a subject it does not take leaves it (it comes again) for a copy that
