@@ -75,26 +75,9 @@ fn hex(n: usize) -> String {
 /// Continues `incoming` (`00-<trace>-<parent>-<flags>`) with a new span id,
 /// or starts a new trace.
 fn traceparent(incoming: Option<&str>) -> String {
-    let parsed = incoming.and_then(|v| {
-        let mut parts = v.split('-');
-        let (Some(ver), Some(trace), Some(parent), Some(flags)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return None;
-        };
-        let is_hex = |s: &str, n: usize| {
-            s.len() == n
-                && s.bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        };
-        (is_hex(ver, 2)
-            && ver != "ff"
-            && is_hex(trace, 32)
-            && trace.bytes().any(|b| b != b'0')
-            && is_hex(parent, 16)
-            && is_hex(flags, 2))
-        .then(|| (trace.to_owned(), flags.to_owned()))
-    });
+    let parsed = incoming
+        .and_then(skein_message::envelope::trace_and_flags)
+        .map(|(trace, flags)| (trace.to_owned(), flags.to_owned()));
     let (trace, flags) = parsed.unwrap_or_else(|| (hex(32), "01".to_owned()));
     format!("00-{trace}-{}-{flags}", hex(16))
 }

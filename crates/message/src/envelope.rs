@@ -261,6 +261,7 @@ impl Envelope {
     }
 
     /// Reads an envelope from a received message's subject, headers and payload.
+    /// A malformed `traceparent` is left out, as if there were none.
     ///
     /// Fails with a precise [`DecodeError`] when a required attribute is
     /// missing or malformed; the payload is not parsed here (see [`Envelope::decode`]).
@@ -310,7 +311,11 @@ impl Envelope {
             subject: get(headers::SUBJECT).map(str::to_owned),
             correlation_id: correlation_id.to_owned(),
             causation_id,
-            traceparent: get(headers::TRACEPARENT).map(str::to_owned),
+            // A malformed one (a message published by hand) is not carried
+            // on into everything the message causes.
+            traceparent: get(headers::TRACEPARENT)
+                .filter(|v| trace_and_flags(v).is_some())
+                .map(str::to_owned),
             nats_subject: nats_subject.to_owned(),
             data,
         })
@@ -354,6 +359,33 @@ fn invalid(header: &'static str, reason: impl Into<String>) -> DecodeError {
 
 fn parse_uuid(header: &'static str, value: &str) -> Result<Uuid, DecodeError> {
     Uuid::parse_str(value).map_err(|e| invalid(header, format!("not a UUID: {e}")))
+}
+
+/// The trace id and flags of a well-formed W3C `traceparent`
+/// (`<version>-<trace id>-<parent id>-<flags>`, lower-case hex, version
+/// not `ff`, trace id not all zeros), else `None`.
+pub fn trace_and_flags(traceparent: &str) -> Option<(&str, &str)> {
+    let mut parts = traceparent.split('-');
+    let (Some(version), Some(trace), Some(parent), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let is_hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    // Version 00 has exactly four parts; a later version may add some.
+    let more = parts.next().is_some();
+    (is_hex(version, 2)
+        && version != "ff"
+        && !(version == "00" && more)
+        && is_hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && is_hex(parent, 16)
+        && is_hex(flags, 2))
+    .then_some((trace, flags))
 }
 
 #[cfg(test)]
@@ -438,6 +470,38 @@ mod tests {
             Some(e.id.to_string().as_str())
         );
         assert_eq!(back.decode::<Placed>()?, placed());
+        Ok(())
+    }
+
+    #[test]
+    fn a_malformed_traceparent_is_not_carried_on() -> Result<(), Box<dyn std::error::Error>> {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        for (sent, kept) in [
+            (good, Some(good)),
+            ("foo", None),
+            (
+                "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x",
+                None,
+            ),
+        ] {
+            let e = Envelope::event("orders", &placed(), &MessageContext::root())?;
+            let mut h = e.headers();
+            h.insert(headers::TRACEPARENT, sent);
+            let back = Envelope::from_parts(&e.nats_subject, Some(&h), e.data.clone())?;
+            assert_eq!(back.traceparent.as_deref(), kept, "{sent}");
+        }
         Ok(())
     }
 
