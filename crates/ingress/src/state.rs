@@ -135,8 +135,10 @@ impl AppState {
         }
     }
 
-    /// Publishes a command and waits until JetStream has stored it.
-    pub(crate) async fn publish(&self, envelope: &Envelope) -> Result<(), ApiError> {
+    /// Publishes a command and waits until JetStream has stored it; `true`
+    /// when JetStream already had its id (within its duplicate window: a
+    /// keyed request repeated) and stored nothing.
+    pub(crate) async fn publish(&self, envelope: &Envelope) -> Result<bool, ApiError> {
         if !self.bus_connected() {
             return Err(ApiError::BusUnavailable);
         }
@@ -149,7 +151,7 @@ impl AppState {
             Ok(Ok(ack)) => {
                 self.metrics
                     .command_published(&envelope.kind, ack.duplicate);
-                Ok(())
+                Ok(ack.duplicate)
             }
             // Sent, perhaps stored: the client must not read "nothing was
             // accepted" and retry without its key.

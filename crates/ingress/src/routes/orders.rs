@@ -111,7 +111,11 @@ fn accepted(order_id: Uuid, status: OrderStatus) -> Response {
 /// lines differ was placed with the same key and another request: 422, as
 /// this copy answers a key it remembers. When no final event came within
 /// the wait, the order is read once: one already final (placed before,
-/// its events long gone) answers 200 too.
+/// its events long gone) answers 200 too. `repeated` (JetStream already had
+/// the placement: the same key within its duplicate window) reads it
+/// first, so a repeat of an order already final is answered at once
+/// instead of after the whole wait.
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     state: &AppState,
     watch: Option<(OrderWatch, Duration)>,
@@ -120,14 +124,36 @@ async fn settle(
     order_id: Uuid,
     context: &MessageContext,
     placed: Option<&[StockLine]>,
+    repeated: bool,
 ) -> Result<Option<Response>, ApiError> {
     let Some((watch, wait)) = watch else {
         return Ok(None);
     };
+    if repeated && placed.is_some() {
+        if let Some(done) =
+            read_final(state, caller, order_id, context, placed, false, wait).await?
+        {
+            return Ok(Some(done));
+        }
+    }
     let came = watch.until(finals, wait).await;
     if !came && placed.is_none() {
         return Ok(None);
     }
+    read_final(state, caller, order_id, context, placed, came, wait).await
+}
+
+/// The order as `settle` answers it: 200 when a final event `came` or it
+/// reads final, 422 when a keyed placement's lines differ, else `None`.
+async fn read_final(
+    state: &AppState,
+    caller: &Caller,
+    order_id: Uuid,
+    context: &MessageContext,
+    placed: Option<&[StockLine]>,
+    came: bool,
+    wait: Duration,
+) -> Result<Option<Response>, ApiError> {
     let query = GetOrder {
         caller: caller.clone(),
         order_id,
@@ -208,7 +234,7 @@ pub(crate) async fn place(
                 envelope.id = id;
             }
             let watch = watch_if_asked(state, headers, order_id).await?;
-            state.publish(&envelope).await?;
+            let repeated = state.publish(&envelope).await?;
             let finals = ["order_confirmed", "order_rejected", "order_cancelled"];
             if let Some(done) = settle(
                 state,
@@ -218,6 +244,7 @@ pub(crate) async fn place(
                 order_id,
                 &ctx.message_context(),
                 placed.as_deref(),
+                repeated,
             )
             .await?
             {
@@ -331,6 +358,7 @@ pub(crate) async fn cancel(
         order_id,
         &ctx.message_context(),
         None,
+        false,
     )
     .await?
     {
