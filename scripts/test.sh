@@ -11,7 +11,7 @@
 # - nats-server >= 2.10: nats/find-nats-server.sh (PATH, .tools/bin, or installs it)
 # - cargo-nextest: cargo install
 # - PostgreSQL: uses $SKEIN_TEST_POSTGRES_URL (or a postgres $DATABASE_URL), else a server on 127.0.0.1:5432
-#   (user postgres, trust auth), else starts a throw-away cluster with initdb
+#   (user postgres, trust auth, TLS on as Debian sets it up), else starts a throw-away cluster with initdb
 #   in a temporary directory (installing Debian's postgresql package if there
 #   are no server binaries), stopped and removed on exit. SKEIN_TEST_POSTGRES_TEMP=1
 #   forces the throw-away cluster.
@@ -104,8 +104,13 @@ if [ -z "${SKEIN_TEST_POSTGRES_URL:-}" ]; then
     pg_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
     log "starting a temporary PostgreSQL on 127.0.0.1:$pg_port ($pg_bin)"
     $pg_as "$pg_bin/initdb" -D "$pg_tmp/data" -U postgres --auth=trust -E UTF8 >/dev/null
+    # TLS as Debian's own server has it (a test connects with
+    # sslmode=require): a throw-away self-signed certificate.
+    $pg_as openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
+      -keyout "$pg_tmp/data/server.key" -out "$pg_tmp/data/server.crt" >/dev/null 2>&1
+    $pg_as chmod 600 "$pg_tmp/data/server.key"
     $pg_as "$pg_bin/pg_ctl" -D "$pg_tmp/data" -l "$pg_tmp/log" -w \
-      -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_tmp -c fsync=off -c max_connections=300" start >/dev/null
+      -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_tmp -c fsync=off -c max_connections=300 -c ssl=on" start >/dev/null
     export SKEIN_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
   fi
 fi

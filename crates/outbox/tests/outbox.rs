@@ -1881,6 +1881,26 @@ backend_tests!(
     a_copy_killed_mid_transaction_leaves_no_effect_and_the_other_applies_once,
 );
 
+/// `sslmode=require` in the URL (what a managed PostgreSQL asks for):
+/// the store's connections are encrypted.
+#[tokio::test]
+async fn postgres_a_store_reaches_its_server_over_tls_when_the_url_asks_for_it(
+) -> anyhow::Result<()> {
+    let db = TestDb::new(Backend::Postgres).await?;
+    let separator = if db.url().contains('?') { '&' } else { '?' };
+    let url = format!("{}{separator}sslmode=require", db.url());
+    let store = Store::connect(&url).await.context(
+        "connecting with sslmode=require failed: the test PostgreSQL must accept TLS \
+         (Debian's server does; scripts/test.sh's temporary one is started with ssl=on)",
+    )?;
+    let encrypted: bool =
+        sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(store.pool())
+            .await?;
+    ensure!(encrypted, "the connection is not encrypted");
+    Ok(())
+}
+
 /// A relay whose marks keep failing (here a trigger refuses them; in life a
 /// revoked privilege, say) backs off between rounds instead of running one
 /// per commit: on PostgreSQL every such round publishes again each row it
