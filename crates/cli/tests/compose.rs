@@ -789,3 +789,145 @@ async fn compose_s_nats_nodes_form_a_cluster_that_refuses_a_node_without_the_rou
     ensure!(!intruder.log().contains("aGuess42"), "{}", intruder.log());
     Ok(())
 }
+
+/// The workers compose.yaml runs, with the variable of each one's
+/// PostgreSQL password.
+const DATABASE_SERVICES: [&str; 6] = [
+    "identity",
+    "catalog",
+    "orders",
+    "payments",
+    "orchestrator",
+    "projector",
+];
+
+/// Every worker connects to PostgreSQL as its own role, to its own
+/// database, with the password the postgres service hands to
+/// deploy/postgres/init-databases.sh, which that service runs on its first
+/// start; no worker uses the superuser.
+#[test]
+fn compose_yaml_gives_each_worker_its_own_postgres_role() -> anyhow::Result<()> {
+    let compose = compose_yaml()?;
+    let postgres = &compose["services"]["postgres"];
+    let mounts = postgres["volumes"].to_string();
+    ensure!(
+        mounts.contains("./deploy/postgres:/docker-entrypoint-initdb.d"),
+        "postgres does not run deploy/postgres at its first start: {mounts}"
+    );
+    for service in DATABASE_SERVICES {
+        let variable = format!("POSTGRES_PASSWORD_{}", service.to_uppercase());
+        let handed = postgres["environment"][variable.as_str()].as_str();
+        ensure!(
+            handed == Some(&format!("${{{variable}:?set {variable}}}")[..]),
+            "postgres does not hand {variable} to the script: {handed:?}"
+        );
+        let url = compose["services"][service]["environment"]["DATABASE_URL"]
+            .as_str()
+            .with_context(|| format!("{service} sets no DATABASE_URL"))?;
+        let expected = format!(
+            "postgres://skein_{service}:${{{variable}:?set {variable}}}@postgres:5432/skein_{service}"
+        );
+        ensure!(url == expected, "{service}: {url}, not {expected}");
+    }
+    ensure!(
+        compose["x-worker-environment"]["DATABASE_URL"].is_null(),
+        "a DATABASE_URL shared by every worker"
+    );
+    Ok(())
+}
+
+/// `postgres://<user>@<host:port>/<database>`, on the test server.
+fn postgres_url(user: &str, database: &str) -> String {
+    let admin = skein_testkit::db::postgres_admin_url();
+    let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
+    let rest = base.split_once("://").map_or(base, |(_, rest)| rest);
+    let host_and_path = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let host = host_and_path.split('/').next().unwrap_or(host_and_path);
+    let query = if query.is_empty() {
+        String::new()
+    } else {
+        format!("?{query}")
+    };
+    format!("postgres://{user}@{host}/{database}{query}")
+}
+
+/// The roles and databases a run of the script made, dropped on the way out.
+struct Made {
+    prefix: String,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for service in DATABASE_SERVICES {
+            let name = format!("{}{service}", self.prefix);
+            for sql in [
+                format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+                format!("DROP ROLE IF EXISTS \"{name}\""),
+            ] {
+                let _ = std::process::Command::new("psql")
+                    .args([
+                        "-qX",
+                        "-d",
+                        &skein_testkit::db::postgres_admin_url(),
+                        "-c",
+                        &sql,
+                    ])
+                    .output();
+            }
+        }
+    }
+}
+
+/// The script on a real server: each role owns its database, runs its
+/// worker's migrations there (tables, the outbox's trigger), and may not
+/// connect to another service's.
+#[tokio::test]
+async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_database(
+) -> anyhow::Result<()> {
+    let made = Made {
+        prefix: format!("skein_t{}_", uuid::Uuid::now_v7().simple()),
+    };
+    let mut script = std::process::Command::new("sh");
+    script
+        .arg(repo_file("deploy/postgres/init-databases.sh"))
+        .env("SKEIN_ADMIN_URL", skein_testkit::db::postgres_admin_url())
+        .env("SKEIN_DATABASE_PREFIX", &made.prefix);
+    for service in DATABASE_SERVICES {
+        script.env(
+            format!("POSTGRES_PASSWORD_{}", service.to_uppercase()),
+            format!("pw{service}"),
+        );
+    }
+    let out = script
+        .output()
+        .context("cannot run deploy/postgres/init-databases.sh (sh and psql)")?;
+    ensure!(
+        out.status.success(),
+        "the script failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let orders = format!("{}orders", made.prefix);
+    let store = skein_outbox::Store::connect(&postgres_url(&orders, &orders))
+        .await
+        .context("the orders role cannot open its database")?;
+    store
+        .migrate(skein_orders::NAME, skein_orders::MIGRATIONS)
+        .await
+        .context("the orders role cannot migrate its database")?;
+    let user: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(store.pool())
+        .await?;
+    ensure!(user == orders, "connected as {user}");
+
+    let catalog = format!("{}catalog", made.prefix);
+    let refused = sqlx::PgPool::connect(&postgres_url(&orders, &catalog)).await;
+    match refused {
+        Err(e) => ensure!(
+            e.to_string().contains("permission denied for database"),
+            "refused for another reason: {e}"
+        ),
+        Ok(_) => bail!("the orders role reached the catalog's database"),
+    }
+    Ok(())
+}
