@@ -62,21 +62,27 @@ impl std::fmt::Debug for Standalone {
 }
 
 /// Installs logging (`RUST_LOG`, default `info`), reads `NATS_URL`,
-/// `DATABASE_URL`, `SKEIN_HEALTH_HTTP`, `SKEIN_OUTBOX_RETENTION` and
-/// `SKEIN_INBOX_RETENTION`, connects, applies the streams and opens the
-/// store.
+/// `DATABASE_URL`, `SKEIN_DATABASE_POOL`, `SKEIN_SQLITE_CACHE_KIB`,
+/// `SKEIN_HEALTH_HTTP`, `SKEIN_OUTBOX_RETENTION` and
+/// `SKEIN_INBOX_RETENTION` (each empty one as unset, as `skein worker`
+/// reads them), connects, applies the streams and opens the store.
 pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .try_init();
-    let nats_url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let nats_url = env_setting("NATS_URL")?.unwrap_or_else(|| "nats://127.0.0.1:4222".into());
     // A template (`…/skein_{service}`, as `skein worker` takes) names this
     // worker's own database.
-    let database_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| format!("sqlite:data/{name}.db"))
+    let database_url = env_setting("DATABASE_URL")?
+        .unwrap_or_else(|| format!("sqlite:data/{name}.db"))
         .replace("{service}", name);
+    let mut store_config = skein_outbox::StoreConfig::new(database_url.as_str());
+    if let Some(pool) = positive("SKEIN_DATABASE_POOL")? {
+        store_config.max_connections = pool;
+    }
+    store_config.sqlite_cache_kib = positive("SKEIN_SQLITE_CACHE_KIB")?;
     let health = health_address()?;
     let mut host = HostConfig::new(name);
     host.relay = relay_config(
@@ -87,7 +93,7 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     provision::ensure_builtin_streams(bus.jetstream())
         .await
         .context("failed to create the streams")?;
-    let store = Store::connect(&database_url)
+    let store = Store::connect_with(store_config)
         .await
         .with_context(|| format!("failed to open the {name} database; check DATABASE_URL"))?;
     tracing::info!(nats = %skein_bus::redact_url(&nats_url), db = %skein_outbox::store::redact(&database_url), "{name} connected");
@@ -99,6 +105,17 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
         health,
         host,
     })
+}
+
+/// The environment variable `name` as a whole number of at least 1, when
+/// set; an error saying so otherwise.
+fn positive(name: &str) -> anyhow::Result<Option<u32>> {
+    env_setting(name)?
+        .map(|v| match v.parse::<u32>() {
+            Ok(n) if n >= 1 => Ok(n),
+            _ => bail!("{name}={v:?}: give a whole number of at least 1"),
+        })
+        .transpose()
 }
 
 /// The environment variable `name`, when set and not empty; an error when

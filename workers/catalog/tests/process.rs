@@ -117,3 +117,57 @@ async fn the_binary_takes_a_database_url_template() -> anyhow::Result<()> {
     worker.kill().await?;
     Ok(())
 }
+
+/// `SKEIN_DATABASE_POOL` and `SKEIN_SQLITE_CACHE_KIB` are read as `skein
+/// worker` reads them: a value that is not a whole number of at least 1
+/// fails the start with a message naming the variable; a good one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_reads_its_database_settings() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let db = TestDb::new(Backend::Sqlite).await?;
+    for (variable, value) in [
+        ("SKEIN_DATABASE_POOL", "0"),
+        ("SKEIN_SQLITE_CACHE_KIB", "a lot"),
+    ] {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"));
+        command
+            .env("NATS_URL", nats.url())
+            .env("DATABASE_URL", db.url())
+            .env("RUST_LOG", "warn")
+            .env(variable, value)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let failed = tokio::time::timeout(Duration::from_secs(30), command.output())
+            .await
+            .with_context(|| format!("{variable}={value} did not fail the start"))??;
+        let stderr = String::from_utf8_lossy(&failed.stderr);
+        ensure!(
+            !failed.status.success() && stderr.contains(variable),
+            "{variable}={value}: {}, {stderr}",
+            failed.status
+        );
+    }
+    let port = free_port()?;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
+        .env("NATS_URL", nats.url())
+        .env("DATABASE_URL", db.url())
+        .env("SKEIN_HEALTH_HTTP", format!("127.0.0.1:{port}"))
+        .env("SKEIN_DATABASE_POOL", "2")
+        .env("SKEIN_SQLITE_CACHE_KIB", "512")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(Duration::from_secs(30), || async {
+        get(port, "/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the binary with both settings never became ready")?;
+    worker.kill().await?;
+    Ok(())
+}
