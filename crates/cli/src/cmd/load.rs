@@ -1175,7 +1175,9 @@ async fn place(
             return outcome;
         }
         tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(Duration::from_millis(500));
+        // At most 100 ms apart: a polled order's latency (a 202, a retried
+        // request, --wait 0) is then overstated by at most that.
+        poll = (poll * 2).min(Duration::from_millis(100));
         let Some(id) = outcome.order_id else {
             outcome.error = Some("the order was accepted without an id".to_owned());
             return outcome;
