@@ -11,16 +11,38 @@ async fn get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     Ok(skein_testkit::http::request(port, "GET", path, &[], None).await?)
 }
 
-fn spawn(nats: &NatsServer, db: &TestDb, health: &str) -> std::io::Result<tokio::process::Child> {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
+/// `skein-catalog` on `nats` and the database `database_url`, its errors
+/// piped; more settings go on top.
+fn worker(nats: &NatsServer, database_url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"));
+    command
         .env("NATS_URL", nats.url())
-        .env("DATABASE_URL", db.url())
-        .env("SKEIN_HEALTH_HTTP", health)
+        .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    command
+}
+
+fn spawn(nats: &NatsServer, db: &TestDb, health: &str) -> std::io::Result<tokio::process::Child> {
+    worker(nats, db.url())
+        .env("SKEIN_HEALTH_HTTP", health)
         .spawn()
+}
+
+/// Waits until the worker on `port` answers 200 on `/health/ready`; its
+/// answer.
+async fn until_ready(port: u16) -> anyhow::Result<String> {
+    let (_, ready) = eventually(Duration::from_secs(30), || async {
+        get(port, "/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the binary never answered 200 on /health/ready")?;
+    Ok(ready)
 }
 
 /// `SKEIN_HEALTH_HTTP` gives the binary the health endpoint `skein worker
@@ -34,15 +56,7 @@ async fn the_binary_serves_its_health_endpoint_and_stops_on_sigterm() -> anyhow:
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let mut worker = spawn(&nats, &db, &addr)?;
-    let (_, ready) = eventually(Duration::from_secs(30), || async {
-        get(port, "/health/ready")
-            .await
-            .ok()
-            .filter(|(code, _)| *code == 200)
-    })
-    .await
-    .context("the binary never answered 200 on /health/ready")?;
-    let ready: serde_json::Value = serde_json::from_str(&ready)?;
+    let ready: serde_json::Value = serde_json::from_str(&until_ready(port).await?)?;
     ensure!(
         ready["status"] == "ok" && ready["workers"]["catalog"]["database"] == true,
         "ready: {ready}"
@@ -89,26 +103,11 @@ async fn the_binary_takes_a_database_url_template() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
     let port = free_port()?;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
-        .env("NATS_URL", nats.url())
-        .env(
-            "DATABASE_URL",
-            format!("sqlite:{}/{{service}}.db", dir.path().display()),
-        )
+    let template = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let mut worker = worker(&nats, &template)
         .env("SKEIN_HEALTH_HTTP", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()?;
-    eventually(Duration::from_secs(30), || async {
-        get(port, "/health/ready")
-            .await
-            .ok()
-            .filter(|(code, _)| *code == 200)
-    })
-    .await
-    .context("the binary never became ready")?;
+    until_ready(port).await?;
     let files: Vec<String> = std::fs::read_dir(dir.path())?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|name| name.ends_with(".db"))
@@ -129,16 +128,8 @@ async fn the_binary_reads_its_database_settings() -> anyhow::Result<()> {
         ("SKEIN_DATABASE_POOL", "0"),
         ("SKEIN_SQLITE_CACHE_KIB", "a lot"),
     ] {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"));
-        command
-            .env("NATS_URL", nats.url())
-            .env("DATABASE_URL", db.url())
-            .env("RUST_LOG", "warn")
-            .env(variable, value)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        let failed = tokio::time::timeout(Duration::from_secs(30), command.output())
+        let output = worker(&nats, db.url()).env(variable, value).output();
+        let failed = tokio::time::timeout(Duration::from_secs(30), output)
             .await
             .with_context(|| format!("{variable}={value} did not fail the start"))??;
         let stderr = String::from_utf8_lossy(&failed.stderr);
@@ -149,25 +140,12 @@ async fn the_binary_reads_its_database_settings() -> anyhow::Result<()> {
         );
     }
     let port = free_port()?;
-    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-catalog"))
-        .env("NATS_URL", nats.url())
-        .env("DATABASE_URL", db.url())
+    let mut worker = worker(&nats, db.url())
         .env("SKEIN_HEALTH_HTTP", format!("127.0.0.1:{port}"))
         .env("SKEIN_DATABASE_POOL", "2")
         .env("SKEIN_SQLITE_CACHE_KIB", "512")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()?;
-    eventually(Duration::from_secs(30), || async {
-        get(port, "/health/ready")
-            .await
-            .ok()
-            .filter(|(code, _)| *code == 200)
-    })
-    .await
-    .context("the binary with both settings never became ready")?;
+    until_ready(port).await?;
     worker.kill().await?;
     Ok(())
 }

@@ -429,17 +429,20 @@ async fn read_connection(
         .map_err(internal("open a connection"))
 }
 
+/// Whether the refresh token `hash` was ever issued. A token never issued
+/// (anyone may send one) is answered on a read, without the write lock
+/// that log-ins and registrations wait for.
+async fn issued(state: &State, hash: &str) -> Result<bool, ServiceError> {
+    let mut conn = read_connection(state).await?;
+    store::refresh_token_exists(&mut conn, hash)
+        .await
+        .map_err(internal("look up a refresh token"))
+}
+
 async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, ServiceError> {
     let hash = hash_refresh_token(&q.refresh_token);
     let now = now_micros();
-    // A token never issued (anyone may send one) is refused on a read,
-    // without the write lock that log-ins and registrations wait for.
-    let mut conn = read_connection(&state).await?;
-    let known = store::refresh_token_exists(&mut conn, &hash)
-        .await
-        .map_err(internal("look up a refresh token"))?;
-    drop(conn);
-    if !known {
+    if !issued(&state, &hash).await? {
         return Err(ServiceError::unauthenticated(INVALID_REFRESH));
     }
     let mut tx = state
@@ -486,13 +489,7 @@ async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, 
 async fn revoke_token(state: Arc<State>, q: RevokeToken) -> Result<Revoked, ServiceError> {
     let hash = hash_refresh_token(&q.refresh_token);
     let now = now_micros();
-    // Made-up tokens are answered on a read, without the write lock.
-    let mut conn = read_connection(&state).await?;
-    let known = store::refresh_token_exists(&mut conn, &hash)
-        .await
-        .map_err(internal("look up a refresh token"))?;
-    drop(conn);
-    if !known {
+    if !issued(&state, &hash).await? {
         return Ok(Revoked { revoked: 0 });
     }
     let mut tx = state

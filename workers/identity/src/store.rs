@@ -180,14 +180,27 @@ pub async fn used_refresh_token(
 /// Revokes every live token of `family` (unused, unexpired); returns how
 /// many.
 pub async fn revoke_family(conn: &mut AnyConnection, family: Uuid, now: i64) -> sqlx::Result<u64> {
-    Ok(sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1",
-    )
-    .bind(now)
-    .bind(family.to_string())
-    .execute(conn)
-    .await?
-    .rows_affected())
+    revoke_where(conn, "family", family, now).await
+}
+
+/// Revokes every live token whose `column` (`family` or `user_id`) is
+/// `value`; returns how many.
+async fn revoke_where(
+    conn: &mut AnyConnection,
+    column: &'static str,
+    value: Uuid,
+    now: i64,
+) -> sqlx::Result<u64> {
+    let sql = format!(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE {column} = $2 \
+         AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1"
+    );
+    Ok(sqlx::query(&sql)
+        .bind(now)
+        .bind(value.to_string())
+        .execute(conn)
+        .await?
+        .rows_affected())
 }
 
 /// The user and family of the refresh token `hash`, and whether it is the
@@ -219,14 +232,7 @@ pub async fn refresh_token_owner(
 /// Revokes every live token of `user` (unused, unexpired); returns how
 /// many.
 pub async fn revoke_user(conn: &mut AnyConnection, user: Uuid, now: i64) -> sqlx::Result<u64> {
-    Ok(sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1",
-    )
-    .bind(now)
-    .bind(user.to_string())
-    .execute(conn)
-    .await?
-    .rows_affected())
+    revoke_where(conn, "user_id", user, now).await
 }
 
 /// Deletes refresh tokens expired before `now` (of `user`, or of everyone).

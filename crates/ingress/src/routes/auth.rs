@@ -92,14 +92,15 @@ pub struct Refresh {
 
 impl Validate for Refresh {
     fn violations(&self) -> Vec<Violation> {
-        Checker::default()
-            .check(
-                is_text(&self.refresh_token, 1024),
-                "/refresh_token",
-                "must not be empty",
-            )
-            .finish()
+        refresh_token_violations(&self.refresh_token)
     }
+}
+
+/// A refresh token's rule, in a refresh and a log-out alike.
+fn refresh_token_violations(token: &str) -> Vec<Violation> {
+    Checker::default()
+        .check(is_text(token, 1024), "/refresh_token", "must not be empty")
+        .finish()
 }
 
 /// Log-out body.
@@ -117,13 +118,7 @@ pub struct Logout {
 
 impl Validate for Logout {
     fn violations(&self) -> Vec<Violation> {
-        Checker::default()
-            .check(
-                is_text(&self.refresh_token, 1024),
-                "/refresh_token",
-                "must not be empty",
-            )
-            .finish()
+        refresh_token_violations(&self.refresh_token)
     }
 }
 
