@@ -790,8 +790,9 @@ async fn compose_s_nats_nodes_form_a_cluster_that_refuses_a_node_without_the_rou
     Ok(())
 }
 
-/// The workers compose.yaml runs, with the variable of each one's
-/// PostgreSQL password.
+/// The workers with a database: each has its own PostgreSQL role and
+/// password variable (`POSTGRES_PASSWORD_<WORKER>`), as
+/// deploy/postgres/init-databases.sh lists them.
 const DATABASE_SERVICES: [&str; 6] = [
     "identity",
     "catalog",
