@@ -23,8 +23,10 @@
 //! - `revoke_token` (log out): a refresh token -> how many tokens stopped
 //!   working: every token of its login, or with `everywhere` every login of
 //!   its user (then from the newest token of a login only: 401 for one
-//!   exchanged for a newer one or expired). An unknown
-//!   token revokes nothing. Access tokens stay valid until they expire.
+//!   exchanged for a newer one or expired). An unknown token, or one whose
+//!   log-in has ended already, revokes nothing (a copy of a revoked token
+//!   does not end the log-ins made since). Access tokens stay valid until
+//!   they expire.
 //! - `get_user`: the caller itself, or anyone for an admin; 403 for another
 //!   customer (checked before existence, so nothing leaks), 404 unknown.
 //! - `verification_keys`: every public key, with its key id, issuer and

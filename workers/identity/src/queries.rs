@@ -461,7 +461,7 @@ async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, 
         {
             // A used token again: someone kept a copy. End that login
             // everywhere; its owner logs in again.
-            let revoked = store::revoke_family(&mut tx, family, now)
+            let revoked = store::revoke_family(&mut tx, state.store.backend(), family, now)
                 .await
                 .map_err(internal("revoke refresh tokens"))?;
             tx.commit().await.map_err(internal("commit a revocation"))?;
@@ -481,11 +481,12 @@ async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, 
 }
 
 /// Logs out: revokes the token's login, or with `everywhere` every login of
-/// its user. `everywhere` takes the newest token of a login only (revoked
-/// or not, so that a repeat is answered as done): a copy already exchanged
-/// for a newer one, which may be a stolen one, does not end its owner's
-/// other logins. A token never issued revokes nothing and is not an
-/// error, as a log-out repeated is not.
+/// its user. `everywhere` takes the newest token of a login only: a copy
+/// already exchanged for a newer one, which may be a stolen one, does not
+/// end its owner's other logins. A token whose log-in has ended already (a
+/// repeat, a log-out elsewhere, a reused token's log-in ended for theft)
+/// and a token never issued revoke nothing and are not an error: a copy
+/// of a revoked token must not end the log-ins its owner made since.
 async fn revoke_token(state: Arc<State>, q: RevokeToken) -> Result<Revoked, ServiceError> {
     let hash = hash_refresh_token(&q.refresh_token);
     let now = now_micros();
@@ -497,25 +498,30 @@ async fn revoke_token(state: Arc<State>, q: RevokeToken) -> Result<Revoked, Serv
         .begin()
         .await
         .map_err(internal("begin a transaction"))?;
-    let Some((user_id, family, newest)) = store::refresh_token_owner(&mut tx, &hash, now)
+    let Some(token) = store::refresh_token_state(&mut tx, &hash, now)
         .await
         .map_err(internal("look up a refresh token"))?
     else {
         return Ok(Revoked { revoked: 0 });
     };
-    if q.everywhere && !newest {
+    if token.revoked {
+        return Ok(Revoked { revoked: 0 });
+    }
+    if q.everywhere && (token.used || token.expired) {
         return Err(ServiceError::unauthenticated(
             "to log out everywhere, present the last refresh token issued to you (this one was \
              exchanged for a newer one, or expired)",
         ));
     }
+    let backend = state.store.backend();
     let revoked = if q.everywhere {
-        store::revoke_user(&mut tx, user_id, now).await
+        store::revoke_user(&mut tx, backend, token.user_id, now).await
     } else {
-        store::revoke_family(&mut tx, family, now).await
+        store::revoke_family(&mut tx, backend, token.family, now).await
     }
     .map_err(internal("revoke refresh tokens"))?;
     tx.commit().await.map_err(internal("commit a revocation"))?;
+    let (user_id, family) = (token.user_id, token.family);
     tracing::info!(%user_id, %family, everywhere = q.everywhere, revoked, "logged out");
     Ok(Revoked { revoked })
 }

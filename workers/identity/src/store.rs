@@ -4,6 +4,7 @@
 
 use skein_contracts::identity::User;
 use skein_contracts::Role;
+use skein_outbox::Backend;
 use sqlx::{AnyConnection, Row};
 use time::format_description::well_known::Rfc3339;
 use uuid::Uuid;
@@ -179,18 +180,38 @@ pub async fn used_refresh_token(
 
 /// Revokes every live token of `family` (unused, unexpired); returns how
 /// many.
-pub async fn revoke_family(conn: &mut AnyConnection, family: Uuid, now: i64) -> sqlx::Result<u64> {
-    revoke_where(conn, "family", family, now).await
+pub async fn revoke_family(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    family: Uuid,
+    now: i64,
+) -> sqlx::Result<u64> {
+    revoke_where(conn, backend, "family", family, now).await
 }
 
 /// Revokes every live token whose `column` (`family` or `user_id`) is
 /// `value`; returns how many.
+///
+/// On PostgreSQL the tokens are locked first, by a statement of their own:
+/// a refresh of the same log-in in flight is waited for, and the `UPDATE`
+/// after it (read committed: a snapshot per statement) sees the token that
+/// refresh made, which it would miss otherwise and leave working. A refresh
+/// that comes after waits for this one and finds its token revoked.
+/// (SQLite writes one transaction at a time.)
 async fn revoke_where(
     conn: &mut AnyConnection,
+    backend: Backend,
     column: &'static str,
     value: Uuid,
     now: i64,
 ) -> sqlx::Result<u64> {
+    if backend == Backend::Postgres {
+        let lock = format!("SELECT 1 FROM refresh_tokens WHERE {column} = $1 FOR UPDATE");
+        sqlx::query(&lock)
+            .bind(value.to_string())
+            .fetch_all(&mut *conn)
+            .await?;
+    }
     let sql = format!(
         "UPDATE refresh_tokens SET revoked_at = $1 WHERE {column} = $2 \
          AND revoked_at IS NULL AND used_at IS NULL AND expires_at > $1"
@@ -203,17 +224,31 @@ async fn revoke_where(
         .rows_affected())
 }
 
-/// The user and family of the refresh token `hash`, and whether it is the
-/// newest of its login at `now`: not exchanged for a newer one and not
-/// expired (revoked or not); `None` for a token never issued or deleted
-/// since.
-pub async fn refresh_token_owner(
+/// A refresh token as a log-out sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenState {
+    /// Whose.
+    pub user_id: Uuid,
+    /// Its log-in.
+    pub family: Uuid,
+    /// Exchanged for a newer one.
+    pub used: bool,
+    /// Its log-in was ended (a log-out, or a used token presented again).
+    pub revoked: bool,
+    /// Past its lifetime at the time asked.
+    pub expired: bool,
+}
+
+/// The refresh token `hash` at `now`; `None` for a token never issued or
+/// deleted since.
+pub async fn refresh_token_state(
     conn: &mut AnyConnection,
     hash: &str,
     now: i64,
-) -> sqlx::Result<Option<(Uuid, Uuid, bool)>> {
+) -> sqlx::Result<Option<TokenState>> {
     let row = sqlx::query(
-        "SELECT user_id, family, used_at, expires_at FROM refresh_tokens WHERE hash = $1",
+        "SELECT user_id, family, used_at, revoked_at, expires_at FROM refresh_tokens \
+         WHERE hash = $1",
     )
     .bind(hash)
     .fetch_optional(conn)
@@ -222,17 +257,28 @@ pub async fn refresh_token_owner(
         let user: String = r.try_get("user_id")?;
         let family: String = r.try_get("family")?;
         let used: Option<i64> = r.try_get("used_at")?;
+        let revoked: Option<i64> = r.try_get("revoked_at")?;
         let expires: i64 = r.try_get("expires_at")?;
-        let newest = used.is_none() && expires > now;
-        Ok((parse_uuid(&user)?, parse_uuid(&family)?, newest))
+        Ok(TokenState {
+            user_id: parse_uuid(&user)?,
+            family: parse_uuid(&family)?,
+            used: used.is_some(),
+            revoked: revoked.is_some(),
+            expired: expires <= now,
+        })
     })
     .transpose()
 }
 
 /// Revokes every live token of `user` (unused, unexpired); returns how
 /// many.
-pub async fn revoke_user(conn: &mut AnyConnection, user: Uuid, now: i64) -> sqlx::Result<u64> {
-    revoke_where(conn, "user_id", user, now).await
+pub async fn revoke_user(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    user: Uuid,
+    now: i64,
+) -> sqlx::Result<u64> {
+    revoke_where(conn, backend, "user_id", user, now).await
 }
 
 /// Deletes refresh tokens expired before `now` (of `user`, or of everyone).

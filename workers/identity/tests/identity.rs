@@ -485,8 +485,35 @@ async fn a_logout_ends_its_login_and_everywhere_ends_every_login(
     ensure!(refused(id.refresh(&tablet.refresh_token).await)?.0 == 401);
     ensure!(id.logout(&laptop.refresh_token, true).await?.revoked == 0);
     id.refresh(&di.refresh_token).await?;
-    // Logging in again works.
-    id.login("cy@example.org", PASSWORD).await?;
+    // Logging in again works, and a copy of a revoked token (left on a
+    // shared computer, or a thief's whose theft ended its log-in) does not
+    // end the log-ins made since.
+    let again = id.login("cy@example.org", PASSWORD).await?;
+    ensure!(id.logout(&laptop.refresh_token, true).await?.revoked == 0);
+    ensure!(id.logout(&tablet.refresh_token, false).await?.revoked == 0);
+    id.refresh(&again.refresh_token).await?;
+    Ok(())
+}
+
+/// A log-out and a refresh of the same log-in at once: whichever comes
+/// first, no token of that log-in works afterwards.
+async fn a_logout_racing_a_refresh_leaves_no_working_token(backend: Backend) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    id.register("eve@example.org").await?;
+    for round in 0..20 {
+        let pair = id.login("eve@example.org", PASSWORD).await?;
+        let (refreshed, out) = tokio::join!(
+            id.refresh(&pair.refresh_token),
+            id.logout(&pair.refresh_token, false)
+        );
+        out?;
+        if let Ok(newer) = refreshed {
+            ensure!(
+                refused(id.refresh(&newer.refresh_token).await)?.0 == 401,
+                "round {round}: the token of a refresh racing the log-out still works"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -683,6 +710,7 @@ backend_tests!(
     a_login_token_verifies_with_the_published_key_and_bad_logins_look_alike,
     a_refresh_token_works_once_and_its_reuse_ends_the_login,
     a_logout_ends_its_login_and_everywhere_ends_every_login,
+    a_logout_racing_a_refresh_leaves_no_working_token,
     users_see_themselves_and_admins_see_everyone,
     the_admin_is_seeded_once_and_the_key_survives_a_restart,
     a_configured_key_is_used_and_bad_settings_refuse_to_start,
