@@ -133,12 +133,12 @@ pub enum RebuildError {
     #[error("projector database: {0}")]
     Database(#[from] sqlx::Error),
     /// `EVENTS` no longer holds its oldest messages (its `max_age` or
-    /// `max_bytes` removed them), and the rebuild would change the model:
-    /// it would drop what was built from them. Nothing changed.
+    /// `max_bytes` removed them), and the rebuild would remove or change
+    /// rows of the model: what was built from them. Nothing changed.
     #[error(
         "EVENTS no longer holds its first {lost} message(s) (its max_age or max_bytes removed \
-         them), and rebuilding from what is left changes the model ({changes}): users and \
-         orders from before would be lost; nothing changed. Accept a model built from the \
+         them), and rebuilding from what is left removes or changes rows of the model \
+         ({changes}): users and orders from before would be lost; nothing changed. Accept a model built from the \
          history left with --partial-history (skein replay)"
     )]
     HistoryCut {
@@ -384,7 +384,9 @@ pub async fn rebuild_from(
     // history read may lack.
     let first = skein_bus::replay::first_sequence(bus, EVENTS).await?;
     let history_from = (first > 1).then_some(first);
-    if history_from.is_some() && changed && !history.partial {
+    // Rows only added (a model rebuilt into a new database) lose nothing.
+    let loses = tables.iter().any(|t| t.removed + t.modified > 0);
+    if history_from.is_some() && loses && !history.partial {
         // Dropped: rolled back.
         return Err(RebuildError::HistoryCut {
             lost: first - 1,

@@ -750,6 +750,16 @@ async fn a_rebuild_from_a_stream_that_lost_its_oldest_events_is_refused_unless_a
     // Nothing left to change: the rebuild goes ahead, cut or not.
     let again = rebuild(&x.p.bus, &x.store, ReadModel::All).await?;
     ensure!(!again.changed && again.history_from == Some(cut), "{again}");
+    // Into an empty model (a new database) it only adds rows, losing
+    // nothing: it goes ahead too.
+    let fresh = x.p.store("projector-fresh").await.map_err(boxed)?;
+    let added = rebuild(&x.p.bus, &fresh, ReadModel::All).await?;
+    ensure!(
+        added.changed
+            && added.history_from == Some(cut)
+            && added.tables.iter().all(|t| t.removed + t.modified == 0),
+        "{added}"
+    );
     Ok(())
 }
 
