@@ -80,8 +80,9 @@ for path in sys.argv[2:]:
 print(" | ".join(str(x) for x in out))' "$@"; }
 
 mkdir -p "$OUT"
-# This run's reports only: none of an earlier run's backends or copies.
-rm -f "$OUT"/*.json
+# This run's reports only: none of an earlier run's backends or copies
+# (the names it writes, nothing else of $OUT).
+rm -f "$OUT"/sqlite-*.json "$OUT"/postgres-*.json "$OUT"/up-memory.json
 : > "$OUT/cpu.txt"
 log "building (release)"
 cargo build --release --locked -q -p skein-cli

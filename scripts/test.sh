@@ -106,6 +106,7 @@ if [ -z "${SKEIN_TEST_POSTGRES_URL:-}" ]; then
     $pg_as "$pg_bin/initdb" -D "$pg_tmp/data" -U postgres --auth=trust -E UTF8 >/dev/null
     # TLS as Debian's own server has it (a test connects with
     # sslmode=require): a throw-away self-signed certificate.
+    command -v openssl >/dev/null || { echo "error: openssl is needed for the temporary PostgreSQL's TLS certificate; install it (Debian: openssl)" >&2; exit 1; }
     $pg_as openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1 \
       -keyout "$pg_tmp/data/server.key" -out "$pg_tmp/data/server.crt" >/dev/null 2>&1
     $pg_as chmod 600 "$pg_tmp/data/server.key"

@@ -837,8 +837,9 @@ fn compose_yaml_gives_each_worker_its_own_postgres_role() -> anyhow::Result<()> 
     Ok(())
 }
 
-/// `postgres://<user>@<host:port>/<database>`, on the test server.
-fn postgres_url(user: &str, database: &str) -> String {
+/// `postgres://<user>:<password>@<host:port>/<database>`, on the test
+/// server.
+fn postgres_url(user: &str, password: &str, database: &str) -> String {
     let admin = skein_testkit::db::postgres_admin_url();
     let (base, query) = admin.split_once('?').unwrap_or((&admin, ""));
     let rest = base.split_once("://").map_or(base, |(_, rest)| rest);
@@ -849,7 +850,7 @@ fn postgres_url(user: &str, database: &str) -> String {
     } else {
         format!("?{query}")
     };
-    format!("postgres://{user}@{host}/{database}{query}")
+    format!("postgres://{user}:{password}@{host}/{database}{query}")
 }
 
 /// The roles and databases a run of the script made, dropped on the way out.
@@ -909,7 +910,7 @@ async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_data
     );
 
     let orders = format!("{}orders", made.prefix);
-    let store = skein_outbox::Store::connect(&postgres_url(&orders, &orders))
+    let store = skein_outbox::Store::connect(&postgres_url(&orders, "pworders", &orders))
         .await
         .context("the orders role cannot open its database")?;
     store
@@ -922,7 +923,7 @@ async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_data
     ensure!(user == orders, "connected as {user}");
 
     let catalog = format!("{}catalog", made.prefix);
-    let refused = sqlx::PgPool::connect(&postgres_url(&orders, &catalog)).await;
+    let refused = sqlx::PgPool::connect(&postgres_url(&orders, "pworders", &catalog)).await;
     match refused {
         Err(e) => ensure!(
             e.to_string().contains("permission denied for database"),

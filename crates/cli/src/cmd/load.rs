@@ -1824,6 +1824,9 @@ const QUIET_WITHIN: Duration = Duration::from_secs(25);
 async fn until_quiet(bus: &Bus, within: Duration) -> anyhow::Result<()> {
     use futures::TryStreamExt;
     let deadline = Instant::now() + within;
+    // Quiet twice, half a second apart: a copy between two pull requests
+    // shows no puller for a moment.
+    let mut quiet_once = false;
     loop {
         let mut busy = Vec::new();
         for name in [skein_bus::provision::EVENTS, skein_bus::provision::COMMANDS] {
@@ -1849,13 +1852,15 @@ async fn until_quiet(bus: &Bus, within: Duration) -> anyhow::Result<()> {
                 }
             }
         }
-        if busy.is_empty() {
+        if busy.is_empty() && quiet_once {
             return Ok(());
         }
+        quiet_once = busy.is_empty();
         if Instant::now() >= deadline {
             bail!("after {within:?}: {}", busy.join("; "));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pause = if quiet_once { 500 } else { 200 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
 }
 

@@ -129,14 +129,19 @@ async fn settle(
     let Some((watch, wait)) = watch else {
         return Ok(None);
     };
+    let started = std::time::Instant::now();
     if repeated && placed.is_some() {
-        if let Some(done) =
-            read_final(state, caller, order_id, context, placed, false, wait).await?
-        {
-            return Ok(Some(done));
+        // Within the wait: orders not answering must not make it longer.
+        let read = read_final(state, caller, order_id, context, placed, false, wait);
+        if let Ok(answer) = tokio::time::timeout(wait, read).await {
+            if let Some(done) = answer? {
+                return Ok(Some(done));
+            }
         }
     }
-    let came = watch.until(finals, wait).await;
+    let came = watch
+        .until(finals, wait.saturating_sub(started.elapsed()))
+        .await;
     if !came && placed.is_none() {
         return Ok(None);
     }
