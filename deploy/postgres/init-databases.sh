@@ -8,6 +8,13 @@
 # postgres image runs it once, when its volume is first initialised, as
 # POSTGRES_USER. The passwords come from POSTGRES_PASSWORD_<SERVICE>.
 # SKEIN_DATABASE_PREFIX (default skein_) names the roles and databases.
+#
+# It may run again: it creates what is missing, sets each role's password
+# (a change of password is a run with the new ones), and hands each
+# database and what is in it to its role. So it also converts an install
+# from before roles per service, whose databases and tables the superuser
+# owns: run it once, with the workers stopped,
+#   docker compose exec -T postgres sh /docker-entrypoint-initdb.d/init-databases.sh
 # Run it by hand to set up a server of your own the same way, with
 # SKEIN_ADMIN_URL (postgres://user@host:port/postgres, a user that may create
 # roles and databases) or psql's PGHOST, PGPORT and PGUSER.
@@ -29,9 +36,23 @@ for service in identity catalog orders payments orchestrator projector; do
   fi
   psql -v ON_ERROR_STOP=1 --no-psqlrc --quiet "$@" \
     -v name="${prefix}${service}" -v password="$password" <<'SQL'
-CREATE ROLE :"name" LOGIN PASSWORD :'password';
-CREATE DATABASE :"name" OWNER :"name";
+SELECT format('CREATE ROLE %I', :'name')
+  WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'name') \gexec
+ALTER ROLE :"name" WITH LOGIN PASSWORD :'password';
+SELECT format('CREATE DATABASE %I OWNER %I', :'name', :'name')
+  WHERE NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = :'name') \gexec
+ALTER DATABASE :"name" OWNER TO :"name";
 REVOKE ALL ON DATABASE :"name" FROM PUBLIC;
+\connect :"name"
+-- What another user made in it (the superuser, before roles per service):
+-- the role's. A table's own sequences and indexes follow the table.
+SELECT format('ALTER TABLE %I.%I OWNER TO %I', schemaname, tablename, :'name')
+  FROM pg_tables WHERE schemaname = 'public' AND tableowner <> :'name' \gexec
+SELECT format('ALTER SEQUENCE %I.%I OWNER TO %I', schemaname, sequencename, :'name')
+  FROM pg_sequences WHERE schemaname = 'public' AND sequenceowner <> :'name' \gexec
+SELECT format('ALTER FUNCTION %s OWNER TO %I', p.oid::regprocedure, :'name')
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+  WHERE n.nspname = 'public' AND pg_get_userbyid(p.proowner) <> :'name' \gexec
 SQL
   echo "init-databases: role and database ${prefix}${service}"
 done

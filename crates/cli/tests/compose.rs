@@ -880,20 +880,13 @@ impl Drop for Made {
     }
 }
 
-/// The script on a real server: each role owns its database, runs its
-/// worker's migrations there (tables, the outbox's trigger), and may not
-/// connect to another service's.
-#[tokio::test]
-async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_database(
-) -> anyhow::Result<()> {
-    let made = Made {
-        prefix: format!("skein_t{}_", uuid::Uuid::now_v7().simple()),
-    };
+/// Runs deploy/postgres/init-databases.sh against the test server.
+fn run_init_script(prefix: &str) -> anyhow::Result<()> {
     let mut script = std::process::Command::new("sh");
     script
         .arg(repo_file("deploy/postgres/init-databases.sh"))
         .env("SKEIN_ADMIN_URL", skein_testkit::db::postgres_admin_url())
-        .env("SKEIN_DATABASE_PREFIX", &made.prefix);
+        .env("SKEIN_DATABASE_PREFIX", prefix);
     for service in DATABASE_SERVICES {
         script.env(
             format!("POSTGRES_PASSWORD_{}", service.to_uppercase()),
@@ -908,6 +901,58 @@ async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_data
         "the script failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// The script on a real server: each role owns its database, runs its
+/// worker's migrations there (tables, the outbox's trigger), and may not
+/// connect to another service's. An install from before roles per service
+/// (catalog's database and tables the superuser's) is handed over, and a
+/// second run changes nothing that works.
+#[tokio::test]
+async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_database(
+) -> anyhow::Result<()> {
+    let made = Made {
+        prefix: format!("skein_t{}_", uuid::Uuid::now_v7().simple()),
+    };
+    let catalog = format!("{}catalog", made.prefix);
+    let admin = skein_testkit::db::postgres_admin_url();
+    let admin_base = admin.split('?').next().unwrap_or(&admin);
+    let old_url = format!(
+        "{}/{catalog}",
+        admin_base
+            .rsplit_once('/')
+            .map_or(admin_base, |(server, _)| server)
+    );
+    {
+        // As compose.yaml set it up before: the superuser's database.
+        let old = skein_outbox::Store::connect(&old_url).await?;
+        old.migrate(skein_catalog::NAME, skein_catalog::MIGRATIONS)
+            .await?;
+        old.close().await;
+    }
+    run_init_script(&made.prefix)?;
+    run_init_script(&made.prefix).context("a second run")?;
+
+    let handed = skein_outbox::Store::connect(&postgres_url(&catalog, "pwcatalog", &catalog))
+        .await
+        .context("the catalog role cannot open its database")?;
+    handed
+        .migrate(skein_catalog::NAME, skein_catalog::MIGRATIONS)
+        .await?;
+    let mut tx = handed.begin().await?;
+    tx.publish(&skein_message::Envelope::event(
+        "catalog",
+        &skein_contracts::catalog::Restocked {
+            product_id: uuid::Uuid::now_v7(),
+            quantity: 1,
+            available: 1,
+        },
+        &skein_message::MessageContext::root(),
+    )?);
+    tx.commit()
+        .await
+        .context("the catalog role cannot write the outbox the superuser made")?;
 
     let orders = format!("{}orders", made.prefix);
     let store = skein_outbox::Store::connect(&postgres_url(&orders, "pworders", &orders))
@@ -922,7 +967,6 @@ async fn the_postgres_init_script_gives_each_service_a_role_owning_only_its_data
         .await?;
     ensure!(user == orders, "connected as {user}");
 
-    let catalog = format!("{}catalog", made.prefix);
     let refused = sqlx::PgPool::connect(&postgres_url(&orders, "pworders", &catalog)).await;
     match refused {
         Err(e) => ensure!(
