@@ -654,7 +654,7 @@ impl LoopbackNode {
                 "listen: 0.0.0.0:4222",
                 format!("listen: 127.0.0.1:{client}"),
             ),
-            ("http: 0.0.0.0:8222", format!("http: 127.0.0.1:{http}")),
+            ("http: 127.0.0.1:8222", format!("http: 127.0.0.1:{http}")),
             ("listen: 0.0.0.0:6222", format!("listen: 127.0.0.1:{route}")),
             (
                 "store_dir: /data",
