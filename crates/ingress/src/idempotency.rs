@@ -1,7 +1,10 @@
 //! `Idempotency-Key`: the same key from the same caller gets the same answer.
 //!
 //! Responses are kept in memory, bounded (`idempotency_capacity`, oldest
-//! dropped first) and for `idempotency_ttl`. A duplicate that arrives while the
+//! dropped first) and for `idempotency_ttl`. One caller keeps at most a
+//! hundredth of the capacity (at least 1): past that its own oldest answers
+//! go first, so a caller keying request after request at its rate limit
+//! does not push everyone else's answers out. A duplicate that arrives while the
 //! first request is still running waits for its answer instead of running
 //! again. A key reused with a different request (method, path or body) is
 //! refused with 422. Answers that say "try again" (429, 5xx) are not kept.
@@ -107,6 +110,25 @@ impl Guard<'_> {
                 },
             );
             inner.order.push_back((self.key.clone(), at));
+            let share = self.store.per_caller;
+            let scope = scope_of(&self.key).to_owned();
+            let own = inner.by_caller.entry(scope.clone()).or_default();
+            own.push_back((self.key.clone(), at));
+            let mut over = Vec::new();
+            while own.len() > share {
+                over.extend(own.pop_front());
+            }
+            for (key, at) in over {
+                inner.forget(&key, at);
+            }
+            // `order` keeps the entries of what a share dropped until they
+            // come to its front: when they outnumber what is kept, they go.
+            if inner.order.len() > 2 * inner.slots.len() + 1024 {
+                let Inner { slots, order, .. } = &mut *inner;
+                order.retain(|(key, at)| {
+                    matches!(slots.get(key), Some(Slot::Done { at: done, .. }) if done == at)
+                });
+            }
         } else {
             inner.slots.remove(&self.key);
         }
@@ -130,7 +152,26 @@ impl Drop for Guard<'_> {
 #[derive(Debug, Default)]
 struct Inner {
     slots: HashMap<String, Slot>,
+    /// Completed answers, oldest first (some already forgotten).
     order: VecDeque<(String, Instant)>,
+    /// Per caller (the key's scope), its completed answers, oldest first.
+    by_caller: HashMap<String, VecDeque<(String, Instant)>>,
+}
+
+impl Inner {
+    /// Drops the answer completed at `at` under `key`, if it is still the
+    /// one kept (the key may have run again since).
+    fn forget(&mut self, key: &str, at: Instant) {
+        if matches!(self.slots.get(key), Some(Slot::Done { at: done, .. }) if *done == at) {
+            self.slots.remove(key);
+        }
+    }
+}
+
+/// The caller a scoped key belongs to: what comes before its first newline
+/// (`<scope>\n<key>`, as [`crate::routes`] makes them).
+fn scope_of(key: &str) -> &str {
+    key.split_once('\n').map_or("", |(scope, _)| scope)
 }
 
 /// Keys and their answers.
@@ -138,6 +179,8 @@ struct Inner {
 pub(crate) struct IdempotencyStore {
     ttl: Duration,
     capacity: usize,
+    /// Answers one caller keeps at most.
+    per_caller: usize,
     inner: Mutex<Inner>,
 }
 
@@ -146,6 +189,7 @@ impl IdempotencyStore {
         Self {
             ttl,
             capacity,
+            per_caller: (capacity / 100).max(1),
             inner: Mutex::new(Inner::default()),
         }
     }
@@ -159,14 +203,28 @@ impl IdempotencyStore {
     pub(crate) fn claim(&self, key: &str, fingerprint: [u8; 32]) -> Result<Claim<'_>, ApiError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        // Expire from the front: `order` lists completed answers oldest first.
+        // Expire from the front: `order` lists completed answers oldest
+        // first, and drops them while more than the capacity are kept
+        // (entries of answers a caller's share dropped already go by).
         while let Some((k, at)) = inner.order.front().cloned() {
-            if now.duration_since(at) < self.ttl && inner.order.len() < self.capacity {
+            if now.duration_since(at) < self.ttl && inner.slots.len() < self.capacity {
                 break;
             }
             inner.order.pop_front();
-            if matches!(inner.slots.get(&k), Some(Slot::Done { at: done, .. }) if *done == at) {
-                inner.slots.remove(&k);
+            inner.forget(&k, at);
+            // Its caller's oldest too (both lists are in completion order);
+            // a caller with nothing left is forgotten.
+            let scope = scope_of(&k).to_owned();
+            if let Some(own) = inner.by_caller.get_mut(&scope) {
+                if own
+                    .front()
+                    .is_some_and(|(key, when)| *key == k && *when == at)
+                {
+                    own.pop_front();
+                }
+                if own.is_empty() {
+                    inner.by_caller.remove(&scope);
+                }
             }
         }
         match inner.slots.get(key) {
@@ -249,16 +307,68 @@ mod tests {
         assert!(matches!(s.claim("k", [1; 32]), Ok(Claim::Run(_))));
     }
 
+    /// One caller keying request after request loses its own oldest
+    /// answers, not the others'.
+    #[test]
+    fn a_caller_keeps_at_most_its_share_and_leaves_the_others_theirs() {
+        let s = IdempotencyStore::new(Duration::from_secs(60), 300);
+        let run = |key: &str| {
+            if let Ok(Claim::Run(g)) = s.claim(key, [0; 32]) {
+                g.complete(stored(StatusCode::OK));
+            }
+        };
+        run("user:b\nmine");
+        for n in 0..250 {
+            run(&format!("user:a\nk{n}"));
+        }
+        // a's share is 3: its last three are kept, its older ones gone.
+        for n in 247..250 {
+            let kept = s.claim(&format!("user:a\nk{n}"), [0; 32]);
+            assert!(matches!(kept, Ok(Claim::Replay(_))), "k{n}");
+        }
+        assert!(matches!(
+            s.claim("user:a\nk246", [0; 32]),
+            Ok(Claim::Run(_))
+        ));
+        assert!(matches!(
+            s.claim("user:b\nmine", [0; 32]),
+            Ok(Claim::Replay(_))
+        ));
+        // Nothing of a's forgotten answers is held on to.
+        {
+            let inner = s.lock();
+            assert_eq!(inner.by_caller.get("user:a").map(VecDeque::len), Some(3));
+            assert!(inner.slots.len() <= 5, "{} slots", inner.slots.len());
+        }
+        // However long a goes on, b's answer stays (the capacity counts
+        // answers kept, not what a's share dropped), and what is listed
+        // stays bounded.
+        for n in 250..5000 {
+            run(&format!("user:a\nk{n}"));
+        }
+        assert!(matches!(
+            s.claim("user:b\nmine", [0; 32]),
+            Ok(Claim::Replay(_))
+        ));
+        let inner = s.lock();
+        assert!(
+            inner.order.len() <= 2 * inner.slots.len() + 1025,
+            "{}",
+            inner.order.len()
+        );
+    }
+
     #[test]
     fn the_oldest_keys_go_when_full() {
+        // Three callers, one answer each, room for two.
         let s = IdempotencyStore::new(Duration::from_secs(60), 2);
-        for k in ["a", "b", "c"] {
+        for k in ["x\na", "y\nb", "z\nc"] {
             if let Ok(Claim::Run(g)) = s.claim(k, [0; 32]) {
                 g.complete(stored(StatusCode::OK));
             }
         }
-        assert!(matches!(s.claim("a", [0; 32]), Ok(Claim::Run(_))));
-        assert!(matches!(s.claim("c", [0; 32]), Ok(Claim::Replay(_))));
+        assert!(matches!(s.claim("x\na", [0; 32]), Ok(Claim::Run(_))));
+        assert!(matches!(s.claim("z\nc", [0; 32]), Ok(Claim::Replay(_))));
     }
 
     #[test]
