@@ -597,6 +597,7 @@ async fn call_as(
         return Ok(answer);
     }
     let token = session.renew(http, &token, counters).await?;
+    Counters::add(&counters.requests);
     http.call(method, path, Some(&token), headers, body, timeout)
         .await
 }
@@ -1244,8 +1245,15 @@ fn transient_request(e: &RequestError) -> bool {
 }
 
 fn payments_error(e: RequestError) -> anyhow::Error {
-    anyhow::Error::new(e)
-        .context("payments does not answer its queries: is the payments worker running?")
+    let why = match &e {
+        RequestError::NoResponders(_) | RequestError::Timeout(..) | RequestError::Transport(_) => {
+            "payments does not answer its queries: is the payments worker running?"
+        }
+        // It answered: a refusal (the NATS user's rights, say) or an
+        // answer this build cannot read.
+        _ => "payments refused or garbled its answer to a query",
+    };
+    anyhow::Error::new(e).context(why)
 }
 
 /// Waits until payments has opened every customer's account
