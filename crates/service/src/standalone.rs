@@ -67,6 +67,16 @@ impl std::fmt::Debug for Standalone {
 /// `SKEIN_INBOX_RETENTION` (each empty one as unset, as `skein worker`
 /// reads them), connects, applies the streams and opens the store.
 pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
+    connect_with(name, |url: &str| skein_outbox::StoreConfig::new(url)).await
+}
+
+/// [`connect`], with the worker's own store settings for a URL (the
+/// projector's longer SQLite busy timeout, say); the environment's pool and
+/// cache settings go on top.
+pub async fn connect_with(
+    name: &str,
+    store_config: impl FnOnce(&str) -> skein_outbox::StoreConfig,
+) -> anyhow::Result<Standalone> {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -78,7 +88,7 @@ pub async fn connect(name: &str) -> anyhow::Result<Standalone> {
     let database_url = env_setting("DATABASE_URL")?
         .unwrap_or_else(|| format!("sqlite:data/{name}.db"))
         .replace("{service}", name);
-    let mut store_config = skein_outbox::StoreConfig::new(database_url.as_str());
+    let mut store_config = store_config(database_url.as_str());
     if let Some(pool) = positive("SKEIN_DATABASE_POOL")? {
         store_config.max_connections = pool;
     }

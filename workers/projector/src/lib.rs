@@ -65,6 +65,21 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
     postgres: include_str!("../migrations/0001_projector.sql"),
 }];
 
+/// How long a projector write waits for SQLite's write lock held by
+/// another process: long enough for `skein replay --rebuild`, whose one
+/// transaction holds it while it applies the whole history. The live
+/// projector's events wait (reported in progress, so neither redelivered
+/// nor counted towards the dead-letter limit) instead of failing after the
+/// 10 s other workers wait and reaching the DLQ after about two minutes.
+pub const SQLITE_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The projector's store settings for `url`: [`SQLITE_BUSY_TIMEOUT`].
+pub fn store_config(url: &str) -> skein_outbox::StoreConfig {
+    let mut config = skein_outbox::StoreConfig::new(url);
+    config.busy_timeout = SQLITE_BUSY_TIMEOUT;
+    config
+}
+
 /// The `EVENTS` subjects the projector reads, live and when rebuilding.
 pub fn event_filters() -> Vec<String> {
     ReadModel::All.filters()

@@ -18,7 +18,8 @@ async fn main() -> anyhow::Result<()> {
         [command, model] if command == "rebuild" => Some(model.parse::<ReadModel>()?),
         _ => anyhow::bail!("usage: skein-projector [rebuild users|orders|timeline|all]"),
     };
-    let env = standalone::connect(skein_projector::NAME).await?;
+    let env =
+        standalone::connect_with(skein_projector::NAME, skein_projector::store_config).await?;
     if let Some(model) = rebuild {
         let report = skein_projector::rebuild(&env.bus, &env.store, model)
             .await

@@ -763,6 +763,64 @@ async fn a_rebuild_from_a_stream_that_lost_its_oldest_events_is_refused_unless_a
     Ok(())
 }
 
+/// SQLite: another process holding the projector database's write lock
+/// longer than other workers wait for it (a `replay --rebuild` of a long
+/// history, 15 s here): the live projector's event waits for it, reported
+/// in progress, and is applied once, without failing or being delivered
+/// again (each failure counts towards the dead-letter limit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_live_event_waits_out_a_rebuild_s_write_lock() -> anyhow::Result<()> {
+    let p = Platform::start(Backend::Sqlite).await.map_err(boxed)?;
+    let url = p.db.sibling_url("projector");
+    let store = Store::connect_with(skein_projector::store_config(&url)).await?;
+    let host = skein_projector::start(
+        p.connect("projector").await.map_err(boxed)?,
+        store.clone(),
+        HostConfig::new("projector"),
+    )
+    .await?;
+    // The rebuild's connection, as its own process has.
+    let rebuild = Store::connect(&url).await?;
+    let mut held = rebuild.begin().await?;
+    sqlx::query("DELETE FROM users WHERE id = 'none'")
+        .execute(&mut *held)
+        .await?;
+    let user_id = Uuid::now_v7();
+    let envelope = Envelope::event(
+        "identity",
+        &UserRegistered {
+            user_id,
+            email: "lock@example.com".into(),
+            name: "Lock".into(),
+            role: Role::Customer,
+        },
+        &MessageContext::root(),
+    )?;
+    p.bus.publisher().publish(&envelope).await?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    held.rollback().await?;
+    skein_testkit::eventually(Duration::from_secs(20), || async {
+        (host.stats().snapshot().handled >= 1).then_some(())
+    })
+    .await
+    .context("the event was not applied after the lock was released")?;
+    let stats = host.stats().snapshot();
+    ensure!(
+        stats.handled == 1 && stats.transient_failures == 0 && stats.dead_lettered == 0,
+        "{stats:?}"
+    );
+    let profile = request(
+        &p.bus,
+        &GetProfile {
+            caller: admin(),
+            user_id,
+        },
+    )
+    .await?;
+    ensure!(profile.user.id == user_id, "{profile:?}");
+    Ok(())
+}
+
 /// Orders placed while rebuilds run (half confirmed, half cancelled).
 const RACING_ORDERS: i64 = 24;
 

@@ -313,7 +313,10 @@ async fn start_one(
     {
         let service = name.as_str();
         let url = args.database_url(data_dir).replace("{service}", service);
-        let mut store_config = StoreConfig::new(url.as_str());
+        let mut store_config = match name {
+            Name::Projector => skein_projector::store_config(&url),
+            _ => StoreConfig::new(url.as_str()),
+        };
         if let Some(pool) = args.database_pool {
             store_config.max_connections = pool;
         }
