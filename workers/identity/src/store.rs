@@ -206,9 +206,16 @@ async fn revoke_where(
     now: i64,
 ) -> sqlx::Result<u64> {
     if backend == Backend::Postgres {
-        let lock = format!("SELECT 1 FROM refresh_tokens WHERE {column} = $1 FOR UPDATE");
+        // The live tokens only, in one order whatever index finds them: a
+        // log-out of one log-in and one of all of a user's take them alike,
+        // and the clean-up of expired rows at log-in takes none of them.
+        let lock = format!(
+            "SELECT 1 FROM refresh_tokens WHERE {column} = $1 AND revoked_at IS NULL \
+             AND used_at IS NULL AND expires_at > $2 ORDER BY hash FOR UPDATE"
+        );
         sqlx::query(&lock)
             .bind(value.to_string())
+            .bind(now)
             .fetch_all(&mut *conn)
             .await?;
     }

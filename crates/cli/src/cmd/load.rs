@@ -1246,12 +1246,14 @@ fn transient_request(e: &RequestError) -> bool {
 
 fn payments_error(e: RequestError) -> anyhow::Error {
     let why = match &e {
-        RequestError::NoResponders(_) | RequestError::Timeout(..) | RequestError::Transport(_) => {
-            "payments does not answer its queries: is the payments worker running?"
+        RequestError::NoResponders(_) => "no payments worker answers its queries: is one running?",
+        // A NATS user that may not ask gets no answer either.
+        RequestError::Timeout(..) | RequestError::Transport(_) => {
+            "payments did not answer a query in time: is a payments worker running, and may \
+             this NATS user ask it (--nats-url, NATS_USER)?"
         }
-        // It answered: a refusal (the NATS user's rights, say) or an
-        // answer this build cannot read.
-        _ => "payments refused or garbled its answer to a query",
+        RequestError::Service(_) => "payments refused a query",
+        _ => "payments' answer could not be read: is it the same version as this skein?",
     };
     anyhow::Error::new(e).context(why)
 }
