@@ -158,23 +158,23 @@ struct Unconsumed {
 
 /// One durable consumer and its lag.
 #[derive(Debug, Clone, Serialize)]
-struct ConsumerReport {
+pub(crate) struct ConsumerReport {
     /// Its name: the worker's.
-    consumer: String,
+    pub(crate) consumer: String,
     /// Its stream.
-    stream: String,
+    pub(crate) stream: String,
     /// The subjects it takes.
-    filter_subjects: Vec<String>,
+    pub(crate) filter_subjects: Vec<String>,
     /// Messages not yet delivered to it (`num_pending`).
-    pending: u64,
+    pub(crate) pending: u64,
     /// Messages delivered and not yet acknowledged (`num_ack_pending`).
-    ack_pending: usize,
+    pub(crate) ack_pending: usize,
     /// Messages delivered again after their ack wait (`num_redelivered`).
-    redelivered: usize,
+    pub(crate) redelivered: usize,
     /// Pull requests waiting (0: no copy of the worker is pulling now).
-    waiting_pulls: usize,
+    pub(crate) waiting_pulls: usize,
     /// Every message up to this stream sequence is acknowledged.
-    ack_floor: u64,
+    pub(crate) ack_floor: u64,
 }
 
 impl ConsumerReport {
@@ -185,8 +185,12 @@ impl ConsumerReport {
     }
 }
 
-/// The durable consumers of `stream`, sorted by name.
-async fn consumers(bus: &skein_bus::Bus, stream: &str) -> anyhow::Result<Vec<ConsumerReport>> {
+/// The durable consumers of `stream`, sorted by name (also what `skein
+/// load` waits on before its last read).
+pub(crate) async fn consumers(
+    bus: &skein_bus::Bus,
+    stream: &str,
+) -> anyhow::Result<Vec<ConsumerReport>> {
     use futures::TryStreamExt;
     let handle = bus
         .jetstream()

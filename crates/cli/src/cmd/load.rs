@@ -1832,7 +1832,6 @@ const QUIET_WITHIN: Duration = Duration::from_secs(25);
 /// not delivered yet; an error when that does not happen `within`, or the
 /// consumers cannot be read.
 async fn until_quiet(bus: &Bus, within: Duration) -> anyhow::Result<()> {
-    use futures::TryStreamExt;
     let deadline = Instant::now() + within;
     // Quiet twice, half a second apart: a copy between two pull requests
     // shows no puller for a moment.
@@ -1840,24 +1839,13 @@ async fn until_quiet(bus: &Bus, within: Duration) -> anyhow::Result<()> {
     loop {
         let mut busy = Vec::new();
         for name in [skein_bus::provision::EVENTS, skein_bus::provision::COMMANDS] {
-            let stream = bus
-                .jetstream()
-                .get_stream(name)
-                .await
-                .with_context(|| format!("cannot read stream {name}"))?;
-            let mut consumers = stream.consumers();
-            while let Some(info) = consumers
-                .try_next()
-                .await
-                .with_context(|| format!("cannot list the consumers of {name}"))?
-            {
+            for c in super::audit::consumers(bus, name).await? {
                 // Messages not delivered count only where a copy pulls: a
                 // worker that is not running changes nothing meanwhile.
-                let pulled = info.num_waiting > 0;
-                if info.num_ack_pending > 0 || (pulled && info.num_pending > 0) {
+                if c.ack_pending > 0 || (c.waiting_pulls > 0 && c.pending > 0) {
                     busy.push(format!(
                         "{name}/{}: {} unacknowledged, {} not delivered",
-                        info.name, info.num_ack_pending, info.num_pending
+                        c.consumer, c.ack_pending, c.pending
                     ));
                 }
             }
