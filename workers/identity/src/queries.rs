@@ -455,9 +455,12 @@ async fn refresh_token(state: Arc<State>, q: RefreshToken) -> Result<TokenPair, 
         .await
         .map_err(internal("use a refresh token"))?
     else {
-        if let Some((user_id, family)) = store::used_refresh_token(&mut tx, &hash)
+        if let Some(store::TokenState {
+            user_id, family, ..
+        }) = store::refresh_token_state(&mut tx, &hash, now)
             .await
             .map_err(internal("look up a refresh token"))?
+            .filter(|t| t.used)
         {
             // A used token again: someone kept a copy. End that login
             // everywhere; its owner logs in again.

@@ -159,25 +159,6 @@ pub async fn refresh_token_exists(conn: &mut AnyConnection, hash: &str) -> sqlx:
         .is_some())
 }
 
-/// The family and user of the refresh token `hash` if it was already used.
-pub async fn used_refresh_token(
-    conn: &mut AnyConnection,
-    hash: &str,
-) -> sqlx::Result<Option<(Uuid, Uuid)>> {
-    let row = sqlx::query(
-        "SELECT user_id, family FROM refresh_tokens WHERE hash = $1 AND used_at IS NOT NULL",
-    )
-    .bind(hash)
-    .fetch_optional(conn)
-    .await?;
-    row.map(|r| {
-        let user: String = r.try_get("user_id")?;
-        let family: String = r.try_get("family")?;
-        Ok((parse_uuid(&user)?, parse_uuid(&family)?))
-    })
-    .transpose()
-}
-
 /// Revokes every live token of `family` (unused, unexpired); returns how
 /// many.
 pub async fn revoke_family(
