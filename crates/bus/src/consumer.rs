@@ -854,7 +854,7 @@ fn lane_of(message: &jetstream::Message, lanes: usize) -> usize {
 /// The consumer a copy `skein dlq redrive` published is for, when it is
 /// not `consumer`.
 fn redriven_for_another<'m>(message: &'m jetstream::Message, consumer: &str) -> Option<&'m str> {
-    crate::dlq::redriven_for(message.headers.as_ref()).filter(|owner| *owner != consumer)
+    crate::dlq::redriven_for_another(message.headers.as_ref(), consumer)
 }
 
 impl<H: Handler> Runtime<H> {

@@ -51,6 +51,15 @@ pub fn redriven_for(headers: Option<&async_nats::HeaderMap>) -> Option<&str> {
         .map(|v| v.as_str())
 }
 
+/// The consumer a copy redriven for *another* consumer than `consumer` was
+/// meant for: what `consumer` passes over (it had the original).
+pub fn redriven_for_another<'h>(
+    headers: Option<&'h async_nats::HeaderMap>,
+    consumer: &str,
+) -> Option<&'h str> {
+    redriven_for(headers).filter(|owner| *owner != consumer)
+}
+
 /// The dead letters' subjects, `dlq.<stream>.<consumer>`: what is listed,
 /// counted and redriven. Purge records (`dlq.purged.<stream>.<consumer>`)
 /// are not among them.

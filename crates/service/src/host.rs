@@ -157,7 +157,10 @@ impl Host {
                         .unwrap_or_else(MessageContext::root);
                     // What the request continues (an HTTP request's trace),
                     // continued in the messages the handler sends.
-                    context.traceparent = header(headers::TRACEPARENT);
+                    // A malformed one (a request sent by hand) is not
+                    // carried on, as `Envelope::from_parts` does not.
+                    context.traceparent = header(headers::TRACEPARENT)
+                        .filter(|v| skein_message::envelope::trace_and_flags(v).is_some());
                     let reply = handler(query, context)
                         .await
                         .map_err(|e| (e.status, e.message))?;

@@ -517,6 +517,60 @@ async fn a_logout_racing_a_refresh_leaves_no_working_token(backend: Backend) -> 
     Ok(())
 }
 
+/// A registration asked over NATS with a malformed `traceparent` (a
+/// request sent by hand): its `user_registered` carries none, and a
+/// well-formed one is continued.
+async fn a_query_s_malformed_traceparent_is_not_carried_into_its_events(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let id = Identity::start(backend, IdentityConfig::default()).await?;
+    let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    for (email, sent, kept) in [
+        ("bad@example.org", "not-a-trace", None),
+        ("good@example.org", good, Some(good)),
+    ] {
+        let mut context = skein_message::MessageContext::with_correlation("req-1".to_owned());
+        context.traceparent = Some(sent.into());
+        let user = skein_service::request_in(
+            &id.p.bus,
+            &Register {
+                email: email.into(),
+                password: PASSWORD.into(),
+                name: "Tracy".into(),
+                user_id: None,
+            },
+            Some(&context),
+            Duration::from_secs(5),
+        )
+        .await?;
+        id.p.wait_events::<UserRegistered>(&user.id.to_string(), 1)
+            .await
+            .map_err(boxed)?;
+        // The header as stored (reading an envelope would drop a bad one).
+        let stored = skein_bus::replay::read(
+            &id.p.bus,
+            skein_bus::provision::EVENTS,
+            &format!("events.identity.{}.>", user.id),
+            skein_bus::replay::StartAt::Beginning,
+        )
+        .await?;
+        let traceparents: Vec<Option<String>> = stored
+            .iter()
+            .map(|m| {
+                m.headers
+                    .as_ref()
+                    .and_then(|h| h.get("traceparent"))
+                    .map(|v| v.as_str().to_owned())
+            })
+            .collect();
+        ensure!(
+            traceparents == [kept.map(str::to_owned)],
+            "{sent}: {traceparents:?}"
+        );
+    }
+    Ok(())
+}
+
 /// Four refreshes with the same token at once.
 async fn refresh_four_at_once(id: &Identity, token: &str) -> Vec<Result<TokenPair, RequestError>> {
     let (a, b, c, d) = tokio::join!(
@@ -711,6 +765,7 @@ backend_tests!(
     a_refresh_token_works_once_and_its_reuse_ends_the_login,
     a_logout_ends_its_login_and_everywhere_ends_every_login,
     a_logout_racing_a_refresh_leaves_no_working_token,
+    a_query_s_malformed_traceparent_is_not_carried_into_its_events,
     users_see_themselves_and_admins_see_everyone,
     the_admin_is_seeded_once_and_the_key_survives_a_restart,
     a_configured_key_is_used_and_bad_settings_refuse_to_start,

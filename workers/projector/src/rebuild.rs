@@ -431,7 +431,7 @@ async fn replay_one(
     // A copy `skein dlq redrive` published for another consumer: the live
     // projector passes it over (it had the original), so the rebuild does
     // too; applied, it would move the order's status_seq to the copy's.
-    if skein_bus::dlq::redriven_for(message.headers.as_ref()).is_some_and(|owner| owner != NAME) {
+    if skein_bus::dlq::redriven_for_another(message.headers.as_ref(), NAME).is_some() {
         return Ok(Applied::Ignored);
     }
     let envelope = Envelope::from_parts(

@@ -320,6 +320,9 @@ fn admin(
         return Ok((Some(seed), false));
     }
     if data.join(ADMIN_MARKER).exists() {
+        // Printed already: a start stopped between the marker and this
+        // clean-up left the password behind.
+        let _ = std::fs::remove_file(data.join(PENDING_ADMIN_PASSWORD));
         return Ok((None, false));
     }
     let pending = data.join(PENDING_ADMIN_PASSWORD);
@@ -340,11 +343,17 @@ fn admin(
     Ok((Some(seed), true))
 }
 
-/// Writes `text` to `path`, readable and writable by the owner only.
+/// Writes `text` to a new file at `path`, readable and writable by the
+/// owner only (a file already there, whatever its mode, is replaced, not
+/// written into).
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

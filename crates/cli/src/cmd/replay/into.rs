@@ -129,14 +129,11 @@ pub(super) async fn run(
         .as_deref()
         .map(str::parse)
         .transpose()?;
-    let retention = args
-        .inbox_retention
-        .clone()
-        .or_else(|| {
-            std::env::var("SKEIN_INBOX_RETENTION")
-                .ok()
-                .filter(|v| !v.is_empty())
-        })
+    let retention = match &args.inbox_retention {
+        Some(value) => Some(value.clone()),
+        None => skein_service::standalone::env_setting("SKEIN_INBOX_RETENTION")?,
+    };
+    let retention = retention
         .as_deref()
         .map(crate::cmd::select::parse_duration)
         .transpose()
@@ -191,8 +188,7 @@ pub(super) async fn run(
     for (message, envelope) in selected {
         // A copy redriven for the worker that gave up on it: this one had
         // the original, as its consumer does not take the copy either.
-        let owner = skein_bus::dlq::redriven_for(message.headers.as_ref())
-            .filter(|owner| *owner != service)
+        let owner = skein_bus::dlq::redriven_for_another(message.headers.as_ref(), service)
             .map(str::to_owned);
         let (outcome, reason) = match (owner, envelope.as_ref()) {
             (Some(owner), _) => {
