@@ -272,9 +272,11 @@ pub struct ConsumerSpec {
     /// within this long before now instead of the stream's beginning. A
     /// worker that consumed the stream before (its consumer was deleted or
     /// lost) gives its inbox retention: older messages ran already, and
-    /// the inbox, which has forgotten them, would let them run again. Not
-    /// used on a work queue (what is in it has not run) nor for a consumer
-    /// that exists.
+    /// the inbox, which has forgotten them, would let them run again; so
+    /// does `skein streams apply`, which cannot tell. A stream with no
+    /// message older than that is read from its beginning all the same.
+    /// Not used on a work queue (what is in it has not run) nor for a
+    /// consumer that exists.
     pub start_within: Option<std::time::Duration>,
     /// Where the consumer starts when it has to be created again and the
     /// lost one's acknowledgement floor is known (a copy that was bound to
@@ -366,11 +368,16 @@ pub async fn apply_consumer(
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                 use jetstream::stream::ConsumerCreateStrictErrorKind as Kind;
                 let mut create = config.clone();
+                // A stream whose oldest message is within the window: every
+                // message is one the worker has not handled or its inbox
+                // still knows, so the consumer starts at the beginning.
+                let oldest = stream.cached_info().state.first_timestamp;
                 let since = spec
                     .start_within
                     .filter(|_| !work_queue)
                     .and_then(|within| time::Duration::try_from(within).ok())
-                    .and_then(|within| time::OffsetDateTime::now_utc().checked_sub(within));
+                    .and_then(|within| time::OffsetDateTime::now_utc().checked_sub(within))
+                    .filter(|since| stream.cached_info().state.messages > 0 && oldest < *since);
                 if let Some(start_sequence) = spec.start_sequence.filter(|_| !work_queue) {
                     create.deliver_policy =
                         jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence };
@@ -388,9 +395,12 @@ pub async fn apply_consumer(
                         consumer = %spec.durable,
                         stream = %spec.stream,
                         since = %since,
-                        "the consumer of a worker that consumed this stream before is missing: \
-                         created again at the messages stored since then (its inbox would run \
-                         older ones again); `skein replay --into` delivers older ones if needed"
+                        "the consumer is missing and the stream holds messages older than the \
+                         worker's inbox retention: created at the messages stored since then (a \
+                         worker that consumed the stream before has forgotten older ones and \
+                         would run them again); `skein replay --into` delivers older ones if \
+                         needed, and `skein streams apply --from-beginning` creates a new \
+                         worker's consumer at the beginning"
                     );
                 }
                 match stream.create_consumer_strict(create).await {

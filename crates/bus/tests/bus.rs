@@ -276,28 +276,43 @@ async fn filters(bus: &Bus, name: &str) -> anyhow::Result<Vec<String>> {
     Ok(subjects)
 }
 
-/// A consumer made again at a start time (it was lost) is bound later by a
-/// copy that takes another subject, and set exactly: the updates keep
-/// where it started (the server refuses to change that).
+/// A consumer made again at a start time (it was lost) starts at the
+/// messages stored within it, and only when the stream holds older ones.
+/// It is bound later by a copy that takes another subject, and set
+/// exactly: the updates keep where it started (the server refuses to
+/// change that).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_made_at_a_start_time_is_updated_later_and_keeps_it() -> anyhow::Result<()> {
     use skein_bus::provision::{apply_consumer, ConsumerSpec, Filters};
     init_tracing();
     let (_server, bus) = start().await?;
-    let spec = |subjects: &[&str], start_within| ConsumerSpec {
+    let spec = |durable: &str, subjects: &[&str], start_within| ConsumerSpec {
         stream: EVENTS.into(),
-        durable: "made-again".into(),
+        durable: durable.into(),
         filter_subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
         ack_wait: None,
         max_ack_pending: None,
         start_within,
         start_sequence: None,
     };
-    let made = spec(&["events.test.a.happened"], Some(Duration::from_secs(60)));
-    apply_consumer(bus.jetstream(), &made, Filters::Widen).await?;
     let by_time = |p: &DeliverPolicy| matches!(p, DeliverPolicy::ByStartTime { .. });
+    let a = "events.test.a.happened";
+    bus.publisher().publish(&happened("a", 1)?).await?;
+    // Every message within the window: from the beginning.
+    let young = spec("young", &[a], Some(Duration::from_secs(60)));
+    apply_consumer(bus.jetstream(), &young, Filters::Widen).await?;
+    let info = consumer_info(&bus, "young").await?;
+    assert_eq!(info.config.deliver_policy, DeliverPolicy::All, "{info:?}");
+    assert_eq!(info.num_pending, 1);
+
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    bus.publisher().publish(&happened("a", 2)?).await?;
+    let made = spec("made-again", &[a], Some(Duration::from_secs(1)));
+    apply_consumer(bus.jetstream(), &made, Filters::Widen).await?;
     let info = consumer_info(&bus, "made-again").await?;
     assert!(by_time(&info.config.deliver_policy), "{info:?}");
+    assert_eq!(info.num_pending, 1, "the older message is skipped");
+    let spec = |subjects: &[&str], start_within| spec("made-again", subjects, start_within);
 
     let wider = spec(&["events.test.b.happened"], None);
     apply_consumer(bus.jetstream(), &wider, Filters::Widen).await?;

@@ -114,6 +114,27 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An inbox retention too short to create a lost consumer by is refused
+/// before anything is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_apply_refuses_a_bad_inbox_retention_and_changes_nothing() -> anyhow::Result<()> {
+    let server = NatsServer::start().await?;
+    for (value, says) in [("10m", "give at least 1h"), ("soon", "soon")] {
+        let out = skein(&server, &["streams", "apply", "--inbox-retention", value]).await?;
+        ensure!(!out.status.success(), "{value}: {}", stdout(&out));
+        ensure!(stderr(&out).contains(says), "{value}: {}", stderr(&out));
+        ensure!(stdout(&out).is_empty(), "{}", stdout(&out));
+    }
+    let bus = Bus::connect(&BusConfig::new(server.url(), "cli-test")).await?;
+    ensure!(
+        bus.jetstream().get_stream(EVENTS).await.is_err(),
+        "a refused apply created the streams"
+    );
+    let out = skein(&server, &["streams", "apply", "--inbox-retention", "2h"]).await?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    Ok(())
+}
+
 /// The variables of NATS credentials and TLS.
 const NATS_SECURITY: [&str; 6] = [
     "NATS_USER",

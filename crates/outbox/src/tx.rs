@@ -181,7 +181,10 @@ impl Tx {
         self.outgoing.push(Outgoing::from(envelope));
     }
 
-    /// Queues an arbitrary message (its headers must carry `Nats-Msg-Id`).
+    /// Queues an arbitrary message. Its `Nats-Msg-Id` header is its outbox
+    /// row id (and so its id for `skein audit` and the broker's duplicate
+    /// window); a message without one gets a new UUIDv7 there, written
+    /// with the row, so a re-publish after a crash carries the same id.
     pub fn publish_outgoing(&mut self, message: Outgoing) {
         self.outgoing.push(message);
     }
@@ -388,12 +391,17 @@ struct OutboxRow {
 }
 
 impl OutboxRow {
-    fn of(message: Outgoing) -> Result<Self> {
-        let id = message
-            .headers
-            .get(async_nats::header::NATS_MESSAGE_ID)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_else(|| Uuid::now_v7().to_string());
+    fn of(mut message: Outgoing) -> Result<Self> {
+        let id = match message.headers.get(async_nats::header::NATS_MESSAGE_ID) {
+            Some(id) => id.as_str().to_owned(),
+            None => {
+                let id = Uuid::now_v7().to_string();
+                message
+                    .headers
+                    .insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+                id
+            }
+        };
         let headers: Vec<(String, String)> = message
             .headers
             .iter()

@@ -494,6 +494,50 @@ async fn a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_no
     Ok(())
 }
 
+/// A message queued without `Nats-Msg-Id` gets its outbox row id as one,
+/// kept with the row: published again after a relay died before marking
+/// it, it is still stored once.
+async fn a_message_queued_without_an_id_is_stored_once_under_its_row_id(
+    backend: Backend,
+) -> anyhow::Result<()> {
+    let h = Harness::start(backend).await?;
+    let mut message = Outgoing::from(&happened("plain", 1)?);
+    message.headers = async_nats::HeaderMap::new();
+    message.headers.insert("x-kind", "plain");
+    let mut tx = h.store.begin().await?;
+    tx.publish_outgoing(message);
+    tx.commit().await?;
+
+    let first = h.relay(fast_relay());
+    let rows = first.fetch_pending().await?;
+    ensure!(rows.len() == 1);
+    ensure!(first.publish(&rows).await.len() == 1);
+    drop(first);
+    let second = h.relay(fast_relay());
+    ensure!(second.drain().await? == 1);
+
+    let stored = h.stream_messages().await?;
+    ensure!(
+        stored.len() == 1,
+        "a message published twice is stored {} times",
+        stored.len()
+    );
+    let headers = stored[0].headers.clone().unwrap_or_default();
+    let id = headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .map(|v| v.as_str().to_owned());
+    ensure!(
+        id.as_deref() == Some(rows[0].id.as_str()),
+        "stored with Nats-Msg-Id {id:?}, the row's id is {}",
+        rows[0].id
+    );
+    ensure!(
+        headers.get("x-kind").map(|v| v.as_str()) == Some("plain"),
+        "the message's own headers were not kept"
+    );
+    Ok(())
+}
+
 /// The active relay publishes every row once, round after round, however
 /// late it marks them: on SQLite it marks them together (many rounds, few
 /// marks), remembering meanwhile how far it has published.
@@ -1863,6 +1907,7 @@ backend_tests!(
     the_relay_publishes_in_commit_order,
     concurrent_writers_events_reach_the_stream_in_each_entity_s_commit_order,
     a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_nothing,
+    a_message_queued_without_an_id_is_stored_once_under_its_row_id,
     the_active_relay_publishes_each_row_once_and_on_sqlite_marks_rows_together,
     a_row_that_cannot_be_published_holds_back_only_itself,
     a_batch_of_rows_that_cannot_be_published_holds_back_none_behind_it,

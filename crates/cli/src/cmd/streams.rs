@@ -54,6 +54,24 @@ enum Action {
         /// copies still running.
         #[arg(long, conflicts_with = "streams_only")]
         exact: bool,
+        /// How long the workers' inboxes remember what they handled (their
+        /// --inbox-retention; default 30d). A consumer missing on a stream
+        /// kept as history (EVENTS) is created at the messages stored
+        /// within this long: a worker whose consumer was lost has run older
+        /// ones and forgotten them, and would run them again.
+        #[arg(
+            long,
+            env = "SKEIN_INBOX_RETENTION",
+            value_name = "DURATION",
+            conflicts_with = "streams_only"
+        )]
+        inbox_retention: Option<String>,
+        /// Create a missing consumer at the stream's beginning however old
+        /// its messages: for a worker new to a stream kept longer than its
+        /// inbox retention, never for one whose consumer was lost. Any
+        /// --inbox-retention is then not used.
+        #[arg(long, conflicts_with = "streams_only")]
+        from_beginning: bool,
     },
 }
 
@@ -65,7 +83,19 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             streams_only,
             workers,
             exact,
+            inbox_retention,
+            from_beginning,
         } => {
+            // Read before anything changes: a bad value changes nothing.
+            let start_within = if from_beginning {
+                None
+            } else {
+                let retention = inbox_retention.filter(|v| !v.is_empty());
+                Some(
+                    skein_service::standalone::relay_config(None, retention.as_deref())?
+                        .inbox_retention,
+                )
+            };
             let bus = super::connect(nats_url).await?;
             let definitions = match dir {
                 Some(dir) => streams_from_dir(&dir)?,
@@ -83,7 +113,8 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             if streams_only {
                 return Ok(());
             }
-            for spec in consumer_specs(&workers).await? {
+            for mut spec in consumer_specs(&workers).await? {
+                spec.start_within = start_within;
                 let (_, change) = apply_consumer(
                     bus.jetstream(),
                     &spec,
