@@ -1287,6 +1287,97 @@ async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Res
     Ok(())
 }
 
+/// A worker stopping gracefully waits for the message in flight; a second
+/// SIGTERM stops it at once, saying so, where it used to be swallowed and
+/// the process waited on (here the projector, waiting up to 10 minutes for
+/// a SQLite write lock held elsewhere).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow::Result<()> {
+    use skein_contracts::identity::UserRegistered;
+    use sqlx::Connection;
+    let server = NatsServer::start().await?;
+    let bus = bus(&server).await?;
+    let dir = tempfile::tempdir()?;
+    let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let port = free_port()?;
+    let mut worker = spawn_worker(
+        &server,
+        &database_url,
+        &["projector", "--health-http", &format!("127.0.0.1:{port}")],
+    )?;
+    eventually(Duration::from_secs(30), || async {
+        http(port, "GET", "/health/ready", None, &[], None)
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the projector never became ready")?;
+
+    // Another process's write lock on the projector's database.
+    let mut lock =
+        sqlx::SqliteConnection::connect(&format!("sqlite:{}/projector.db", dir.path().display()))
+            .await?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await?;
+    let registered = Envelope::event(
+        "identity",
+        &UserRegistered {
+            user_id: uuid::Uuid::now_v7(),
+            email: "waiting@example.org".into(),
+            name: "Waiting".into(),
+            role: skein_contracts::Role::Customer,
+        },
+        &MessageContext::root(),
+    )?;
+    bus.publisher().publish(&registered).await?;
+    eventually(Duration::from_secs(10), || async {
+        let mut consumer = bus
+            .jetstream()
+            .get_stream(EVENTS)
+            .await
+            .ok()?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("projector")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 1).then_some(())
+    })
+    .await
+    .context("the projector did not take the event")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let pid = worker.id().context("the worker exited")?.to_string();
+    let term = || async {
+        tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+    };
+    term().await?;
+    ensure!(
+        tokio::time::timeout(Duration::from_secs(3), worker.wait())
+            .await
+            .is_err(),
+        "the first SIGTERM did not wait for the message in flight"
+    );
+    term().await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
+        .await
+        .context("a second SIGTERM did not stop the worker")??;
+    let mut said = String::new();
+    if let Some(mut stderr) = worker.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        stderr.read_to_string(&mut said).await?;
+    }
+    ensure!(!status.success(), "exited with {status}: {said}");
+    ensure!(
+        said.contains("Ctrl-C again stops at once") && said.contains("stopped at once"),
+        "{said}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut lock).await?;
+    Ok(())
+}
+
 /// `skein worker --health-http`: live and ready while all is well; not
 /// ready (and still live) while NATS is away, ready again once it is back;
 /// a taken address refused at start; SIGTERM stops it cleanly.
@@ -1646,6 +1737,13 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         .and_then(|rest| rest.split_whitespace().next())
         .context("no generated admin password printed")?
         .to_owned();
+    // Printed once, then forgotten: the file that kept it until the admin
+    // existed is gone.
+    ensure!(
+        data.path().join("admin-created").exists()
+            && !data.path().join("admin-password.pending").exists(),
+        "the generated password is left in the data directory"
+    );
 
     let (status, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
     ensure!(status == 200, "{products}");

@@ -11,6 +11,7 @@
 //! # }
 //! ```
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -235,7 +236,7 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
     let failed = tokio::select! {
         stop = wait_for_stop() => {
             stop?;
-            eprintln!("stopping: finishing messages in flight");
+            eprintln!("stopping: finishing messages in flight (Ctrl-C again stops at once)");
             if let Some(health) = &health {
                 health.stopping();
             }
@@ -243,15 +244,38 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
         }
         stopped = health::first_stopped(&probes) => Some(stopped),
     };
-    for host in hosts.into_iter().rev() {
-        host.shutdown().await;
-    }
+    or_stop_at_once(async {
+        for host in hosts.into_iter().rev() {
+            host.shutdown().await;
+        }
+    })
+    .await?;
     if let Some(health) = health {
         health.stop();
     }
     match failed {
         Some(stopped) => anyhow::bail!("{stopped} on its own; the process stopped, restart it"),
         None => Ok(()),
+    }
+}
+
+/// Runs `stopping`, a graceful stop that waits for the work in flight,
+/// unless Ctrl-C or SIGTERM comes again first: then gives it up at once
+/// with an error that says so. What was in flight is then handled again
+/// (by another copy once its `ack_wait` has passed, or after the next
+/// start), as after a crash: a handler that cannot finish (a database
+/// that does not answer, a lock held elsewhere) does not keep the process
+/// from stopping.
+pub async fn or_stop_at_once<T>(stopping: impl Future<Output = T>) -> anyhow::Result<T> {
+    tokio::select! {
+        done = stopping => Ok(done),
+        again = wait_for_stop() => {
+            again?;
+            anyhow::bail!(
+                "stopped at once on a second signal, without waiting for the work in flight: \
+                 what was unfinished is delivered again (to another copy, or after the next start)"
+            )
+        }
     }
 }
 

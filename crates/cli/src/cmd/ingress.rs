@@ -105,7 +105,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
         r = &mut server => Some(r),
     };
     if stopped.is_none() {
-        eprintln!("stopping: finishing requests in flight");
+        eprintln!("stopping: finishing requests in flight (Ctrl-C again stops at once)");
         let _ = stop_tx.send(());
     }
     // Returning ends the runtime and with it every request still served:
@@ -113,7 +113,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // after its shutdown grace).
     let finished = match stopped {
         Some(r) => r,
-        None => server.await,
+        None => skein_service::standalone::or_stop_at_once(server).await?,
     };
     finished
         .context("the ingress task failed")?

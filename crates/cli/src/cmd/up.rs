@@ -245,15 +245,19 @@ async fn run_system(
             None
         }
     };
-    eprintln!("stopping: finishing requests and messages in flight");
+    eprintln!("stopping: finishing requests and messages in flight (Ctrl-C again stops at once)");
     let _ = stop_tx.send(());
     // The requests in flight first (they may wait for the workers'
     // answers), then the workers.
-    let server_result = match server_result {
-        Some(r) => r,
-        None => server.await,
-    };
-    stop_hosts(hosts).await;
+    let server_result = skein_service::standalone::or_stop_at_once(async {
+        let server_result = match server_result {
+            Some(r) => r,
+            None => server.await,
+        };
+        stop_hosts(hosts).await;
+        server_result
+    })
+    .await?;
     if let Some(stopped) = part_stopped {
         anyhow::bail!("{stopped} on its own; everything stopped, start skein up again");
     }

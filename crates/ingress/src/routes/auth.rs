@@ -217,3 +217,26 @@ pub(crate) async fn me(
     let user = state.ask(&query, &ctx.message_context()).await?;
     Ok(json(StatusCode::OK, &user))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn login(password: String) -> Login {
+        Login {
+            email: "ada@example.org".into(),
+            password,
+        }
+    }
+
+    /// A log-in's password limit counts characters, as the schema's does (a
+    /// multi-byte character is one), the same as registration's.
+    #[test]
+    fn a_log_in_password_s_length_is_counted_in_characters() {
+        assert!(login("é".repeat(1024)).violations().is_empty());
+        let long = login("é".repeat(1025)).violations();
+        assert_eq!(long.len(), 1, "{long:?}");
+        assert_eq!(long[0].field, "/password");
+        assert_eq!(login(String::new()).violations().len(), 1);
+    }
+}
