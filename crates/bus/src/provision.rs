@@ -368,9 +368,10 @@ pub async fn apply_consumer(
             Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
                 use jetstream::stream::ConsumerCreateStrictErrorKind as Kind;
                 let mut create = config.clone();
-                // A stream whose oldest message is within the window: every
-                // message is one the worker has not handled or its inbox
-                // still knows, so the consumer starts at the beginning.
+                // A stream whose oldest message is within the window (a new
+                // deployment, say): starting at the beginning delivers what
+                // starting at the window would, and nothing was skipped, so
+                // no warning.
                 let oldest = stream.cached_info().state.first_timestamp;
                 let since = spec
                     .start_within

@@ -119,10 +119,37 @@ async fn streams_apply_creates_then_reports_unchanged() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_apply_refuses_a_bad_inbox_retention_and_changes_nothing() -> anyhow::Result<()> {
     let server = NatsServer::start().await?;
-    for (value, says) in [("10m", "give at least 1h"), ("soon", "soon")] {
-        let out = skein(&server, &["streams", "apply", "--inbox-retention", value]).await?;
-        ensure!(!out.status.success(), "{value}: {}", stdout(&out));
-        ensure!(stderr(&out).contains(says), "{value}: {}", stderr(&out));
+    let apply = |args: &'static [&'static str], retention: Option<&'static str>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"));
+        command
+            .args(["streams", "apply"])
+            .args(args)
+            .env("NATS_URL", server.url());
+        match retention {
+            Some(value) => command.env("SKEIN_INBOX_RETENTION", value),
+            None => command.env_remove("SKEIN_INBOX_RETENTION"),
+        };
+        async move { command.output().await.context("cannot run skein") }
+    };
+    let refused: [(&'static [&'static str], _, _); 4] = [
+        (&["--inbox-retention", "10m"], None, "give at least 1h"),
+        (&["--inbox-retention", "soon"], None, "is not a duration"),
+        (&[], Some("10m"), "give at least 1h"),
+        // The flag before the workers' variable.
+        (&["--inbox-retention", "0h"], Some("2h"), "give at least 1h"),
+    ];
+    for (args, variable, says) in refused {
+        let out = apply(args, variable).await?;
+        ensure!(
+            !out.status.success(),
+            "{args:?} {variable:?}: {}",
+            stdout(&out)
+        );
+        ensure!(
+            stderr(&out).contains(says),
+            "{args:?} {variable:?}: {}",
+            stderr(&out)
+        );
         ensure!(stdout(&out).is_empty(), "{}", stdout(&out));
     }
     let bus = Bus::connect(&BusConfig::new(server.url(), "cli-test")).await?;
@@ -130,7 +157,13 @@ async fn streams_apply_refuses_a_bad_inbox_retention_and_changes_nothing() -> an
         bus.jetstream().get_stream(EVENTS).await.is_err(),
         "a refused apply created the streams"
     );
-    let out = skein(&server, &["streams", "apply", "--inbox-retention", "2h"]).await?;
+    // The streams alone take no retention, whatever the environment says;
+    // the workers' variable is read as they read it.
+    let out = apply(&["--streams-only"], Some("10m")).await?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let out = apply(&[], Some(" 2h ")).await?;
+    ensure!(out.status.success(), "{}", stderr(&out));
+    let out = apply(&["--from-beginning"], Some("10m")).await?;
     ensure!(out.status.success(), "{}", stderr(&out));
     Ok(())
 }
@@ -1224,16 +1257,23 @@ fn spawn_worker(
         .spawn()
 }
 
+/// Sends `child` SIGTERM.
+async fn sigterm(child: &tokio::process::Child) -> anyhow::Result<()> {
+    let pid = child.id().context("already exited")?;
+    let sent = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
+    ensure!(sent.success(), "kill -TERM {pid}: {sent}");
+    Ok(())
+}
+
 /// Sends `child` SIGTERM and waits up to `within` for its exit status.
 async fn terminate(
     child: &mut tokio::process::Child,
     within: Duration,
 ) -> anyhow::Result<std::process::ExitStatus> {
-    let pid = child.id().context("already exited")?;
-    tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .await?;
+    sigterm(child).await?;
     tokio::time::timeout(within, child.wait())
         .await
         .context("did not stop on SIGTERM")?
@@ -1346,21 +1386,14 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
     .context("the projector did not take the event")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let pid = worker.id().context("the worker exited")?.to_string();
-    let term = || async {
-        tokio::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-    };
-    term().await?;
+    sigterm(&worker).await?;
     ensure!(
         tokio::time::timeout(Duration::from_secs(3), worker.wait())
             .await
             .is_err(),
         "the first SIGTERM did not wait for the message in flight"
     );
-    term().await?;
+    sigterm(&worker).await?;
     let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
         .await
         .context("a second SIGTERM did not stop the worker")??;
@@ -1371,10 +1404,70 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
     }
     ensure!(!status.success(), "exited with {status}: {said}");
     ensure!(
-        said.contains("Ctrl-C again stops at once") && said.contains("stopped at once"),
+        said.contains("Ctrl-C or SIGTERM now stops at once") && said.contains("stopped at once"),
         "{said}"
     );
     sqlx::query("ROLLBACK").execute(&mut lock).await?;
+    Ok(())
+}
+
+/// A second SIGTERM stops the ingress at once while a request in flight
+/// still waits for its service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -> anyhow::Result<()>
+{
+    let server = NatsServer::start().await?;
+    let _streams = bus(&server).await?;
+    let client = async_nats::connect(server.url()).await?;
+    let _silent = client
+        .queue_subscribe("queries.catalog.>", "catalog".into())
+        .await?;
+    client.flush().await?;
+    let port = free_port()?;
+    let mut ingress = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+        .args([
+            "ingress",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--query-timeout-ms",
+            "60000",
+        ])
+        .env("NATS_URL", server.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    eventually(Duration::from_secs(30), || async {
+        http(port, "GET", "/health/live", None, &[], None)
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the ingress never became live")?;
+    let _in_flight =
+        tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&ingress).await?;
+    ensure!(
+        tokio::time::timeout(Duration::from_secs(2), ingress.wait())
+            .await
+            .is_err(),
+        "the first SIGTERM did not wait for the request in flight"
+    );
+    sigterm(&ingress).await?;
+    let status = tokio::time::timeout(Duration::from_secs(10), ingress.wait())
+        .await
+        .context("a second SIGTERM did not stop the ingress")??;
+    let mut said = String::new();
+    if let Some(mut stderr) = ingress.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        stderr.read_to_string(&mut said).await?;
+    }
+    ensure!(
+        !status.success() && said.contains("stopped at once"),
+        "exited with {status}: {said}"
+    );
     Ok(())
 }
 
@@ -1647,6 +1740,25 @@ struct Up {
     printed: String,
 }
 
+/// A test that fails with its `skein up` running stops it gracefully (the
+/// SIGKILL of `kill_on_drop` would leave its nats-server running).
+impl Drop for Up {
+    fn drop(&mut self) {
+        let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) else {
+            return;
+        };
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        for _ in 0..150 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 impl Up {
     async fn start(data: &std::path::Path, http_port: u16, nats_port: u16) -> anyhow::Result<Self> {
         Self::start_with(
@@ -1737,13 +1849,6 @@ async fn skein_up_runs_the_whole_system_and_a_second_start_reuses_its_data() -> 
         .and_then(|rest| rest.split_whitespace().next())
         .context("no generated admin password printed")?
         .to_owned();
-    // Printed once, then forgotten: the file that kept it until the admin
-    // existed is gone.
-    ensure!(
-        data.path().join("admin-created").exists()
-            && !data.path().join("admin-password.pending").exists(),
-        "the generated password is left in the data directory"
-    );
 
     let (status, products) = http(http_port, "GET", "/v1/products", None, &[], None).await?;
     ensure!(status == 200, "{products}");

@@ -392,7 +392,12 @@ struct OutboxRow {
 
 impl OutboxRow {
     fn of(mut message: Outgoing) -> Result<Self> {
-        let id = match message.headers.get(async_nats::header::NATS_MESSAGE_ID) {
+        // An empty id is none (NATS treats it so).
+        let id = match message
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .filter(|id| !id.as_str().is_empty())
+        {
             Some(id) => id.as_str().to_owned(),
             None => {
                 let id = Uuid::now_v7().to_string();

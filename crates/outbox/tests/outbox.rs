@@ -494,47 +494,56 @@ async fn a_relay_killed_between_publish_and_mark_loses_nothing_and_duplicates_no
     Ok(())
 }
 
-/// A message queued without `Nats-Msg-Id` gets its outbox row id as one,
-/// kept with the row: published again after a relay died before marking
-/// it, it is still stored once.
+/// A message queued without `Nats-Msg-Id` (or with an empty one) gets its
+/// outbox row id as one, kept with the row: published again after a relay
+/// died before marking it, it is still stored once.
 async fn a_message_queued_without_an_id_is_stored_once_under_its_row_id(
     backend: Backend,
 ) -> anyhow::Result<()> {
     let h = Harness::start(backend).await?;
-    let mut message = Outgoing::from(&happened("plain", 1)?);
-    message.headers = async_nats::HeaderMap::new();
-    message.headers.insert("x-kind", "plain");
     let mut tx = h.store.begin().await?;
-    tx.publish_outgoing(message);
+    for (n, id) in [(1, None), (2, Some(""))] {
+        let mut message = Outgoing::from(&happened("plain", n)?);
+        message.headers = async_nats::HeaderMap::new();
+        message.headers.insert("x-kind", "plain");
+        if let Some(id) = id {
+            message
+                .headers
+                .insert(async_nats::header::NATS_MESSAGE_ID, id);
+        }
+        tx.publish_outgoing(message);
+    }
     tx.commit().await?;
 
     let first = h.relay(fast_relay());
     let rows = first.fetch_pending().await?;
-    ensure!(rows.len() == 1);
-    ensure!(first.publish(&rows).await.len() == 1);
+    ensure!(rows.len() == 2);
+    ensure!(first.publish(&rows).await.len() == 2);
     drop(first);
     let second = h.relay(fast_relay());
-    ensure!(second.drain().await? == 1);
+    ensure!(second.drain().await? == 2);
 
     let stored = h.stream_messages().await?;
     ensure!(
-        stored.len() == 1,
-        "a message published twice is stored {} times",
+        stored.len() == 2,
+        "two messages published twice are stored {} times",
         stored.len()
     );
-    let headers = stored[0].headers.clone().unwrap_or_default();
-    let id = headers
-        .get(async_nats::header::NATS_MESSAGE_ID)
-        .map(|v| v.as_str().to_owned());
-    ensure!(
-        id.as_deref() == Some(rows[0].id.as_str()),
-        "stored with Nats-Msg-Id {id:?}, the row's id is {}",
-        rows[0].id
-    );
-    ensure!(
-        headers.get("x-kind").map(|v| v.as_str()) == Some("plain"),
-        "the message's own headers were not kept"
-    );
+    for (message, row) in stored.iter().zip(&rows) {
+        let headers = message.headers.clone().unwrap_or_default();
+        let id = headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_owned());
+        ensure!(
+            !row.id.is_empty() && id.as_deref() == Some(row.id.as_str()),
+            "stored with Nats-Msg-Id {id:?}, the row's id is {:?}",
+            row.id
+        );
+        ensure!(
+            headers.get("x-kind").map(|v| v.as_str()) == Some("plain"),
+            "the message's own headers were not kept"
+        );
+    }
     Ok(())
 }
 

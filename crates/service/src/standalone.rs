@@ -218,12 +218,14 @@ pub async fn serve(host: Host, health: Option<TcpListener>) -> anyhow::Result<()
 
 /// Runs `hosts` until Ctrl-C or SIGTERM, then shuts them down gracefully
 /// (in reverse order), answering on `health` meanwhile (the NATS
-/// connection it reports is the first host's).
+/// connection it reports is the first host's). A second Ctrl-C or SIGTERM
+/// while they stop stops the process at once ([`StopSignals::or_at_once`]).
 ///
 /// A part of a host that stops on its own (a panic) does not come back: the
 /// others are then shut down too and the error names it, so that the
 /// process exits with it and its supervisor restarts it.
 pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Result<()> {
+    let mut signals = StopSignals::listen()?;
     let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
     let health = match (health, hosts.first()) {
         (Some(listener), Some(first)) => Some(HealthServer::start(
@@ -234,9 +236,8 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
         _ => None,
     };
     let failed = tokio::select! {
-        stop = wait_for_stop() => {
+        stop = signals.next() => {
             stop?;
-            eprintln!("stopping: finishing messages in flight (Ctrl-C again stops at once)");
             if let Some(health) = &health {
                 health.stopping();
             }
@@ -244,58 +245,105 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
         }
         stopped = health::first_stopped(&probes) => Some(stopped),
     };
-    or_stop_at_once(async {
-        for host in hosts.into_iter().rev() {
-            host.shutdown().await;
-        }
-    })
-    .await?;
+    eprintln!("stopping: finishing messages in flight ({AT_ONCE})");
+    let stopping = signals
+        .or_at_once(async {
+            for host in hosts.into_iter().rev() {
+                host.shutdown().await;
+            }
+        })
+        .await;
     if let Some(health) = health {
         health.stop();
     }
-    match failed {
-        Some(stopped) => anyhow::bail!("{stopped} on its own; the process stopped, restart it"),
-        None => Ok(()),
-    }
-}
-
-/// Runs `stopping`, a graceful stop that waits for the work in flight,
-/// unless Ctrl-C or SIGTERM comes again first: then gives it up at once
-/// with an error that says so. What was in flight is then handled again
-/// (by another copy once its `ack_wait` has passed, or after the next
-/// start), as after a crash: a handler that cannot finish (a database
-/// that does not answer, a lock held elsewhere) does not keep the process
-/// from stopping.
-pub async fn or_stop_at_once<T>(stopping: impl Future<Output = T>) -> anyhow::Result<T> {
-    tokio::select! {
-        done = stopping => Ok(done),
-        again = wait_for_stop() => {
-            again?;
-            anyhow::bail!(
-                "stopped at once on a second signal, without waiting for the work in flight: \
-                 what was unfinished is delivered again (to another copy, or after the next start)"
-            )
+    match (failed, stopping) {
+        (Some(stopped), Err(at_once)) => {
+            anyhow::bail!("{stopped} on its own; the process stopped, restart it ({at_once:#})")
         }
+        (Some(stopped), Ok(())) => {
+            anyhow::bail!("{stopped} on its own; the process stopped, restart it")
+        }
+        (None, stopping) => stopping,
     }
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn wait_for_stop() -> anyhow::Result<()> {
+/// What a process stopping gracefully says about a second signal.
+pub const AT_ONCE: &str = "Ctrl-C or SIGTERM now stops at once";
+
+/// Ctrl-C and SIGTERM, listened for from when this is made until it is
+/// dropped, so that none is lost in between (a signal that comes while no
+/// listener exists reaches none, and once tokio has listened the default,
+/// ending the process, is gone for good). Signals that come before the
+/// next [`StopSignals::next`] count as one.
+#[derive(Debug)]
+pub struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("cannot listen for Ctrl-C"),
-            _ = term.recv() => Ok(()),
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening.
+    pub fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c()
-            .await
-            .context("cannot listen for Ctrl-C")
+
+    /// Waits for the next Ctrl-C or SIGTERM (one that came since the last
+    /// call, or since listening began, at once).
+    pub async fn next(&mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.interrupt.recv() => {}
+                _ = self.terminate.recv() => {}
+            }
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c()
+                .await
+                .context("cannot listen for Ctrl-C")
+        }
     }
+
+    /// Runs `stopping`, a graceful stop that waits for the work in flight,
+    /// unless Ctrl-C or SIGTERM comes again first: then gives it up at once
+    /// with an error that says so. What was in flight is then handled
+    /// again (by another copy once its `ack_wait` has passed, or after the
+    /// next start), as after a crash: a handler that cannot finish (a
+    /// database that does not answer, a lock held elsewhere) does not keep
+    /// the process from stopping.
+    pub async fn or_at_once<T>(&mut self, stopping: impl Future<Output = T>) -> anyhow::Result<T> {
+        tokio::select! {
+            done = stopping => Ok(done),
+            again = self.next() => {
+                again?;
+                anyhow::bail!(
+                    "stopped at once on a second signal, without waiting for the work in flight: \
+                     what was unfinished is delivered again (to another copy, or after the next \
+                     start)"
+                )
+            }
+        }
+    }
+}
+
+/// Waits for Ctrl-C or SIGTERM, listening from this call on.
+pub async fn wait_for_stop() -> anyhow::Result<()> {
+    StopSignals::listen()?.next().await
 }
 
 #[cfg(test)]

@@ -95,17 +95,22 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     let ingress = Ingress::build(config, bus)
         .await
         .context("cannot start the ingress")?;
+    // Until here a signal ends the process at once, as it did nothing yet.
+    let mut signals = skein_service::standalone::StopSignals::listen()?;
     eprintln!("ingress listening on http://{}", ingress.local_addr());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(ingress.run_until(async {
         let _ = stop_rx.await;
     }));
     let stopped = tokio::select! {
-        r = skein_service::standalone::wait_for_stop() => { r?; None }
+        r = signals.next() => { r?; None }
         r = &mut server => Some(r),
     };
     if stopped.is_none() {
-        eprintln!("stopping: finishing requests in flight (Ctrl-C again stops at once)");
+        eprintln!(
+            "stopping: finishing requests in flight ({})",
+            skein_service::standalone::AT_ONCE
+        );
         let _ = stop_tx.send(());
     }
     // Returning ends the runtime and with it every request still served:
@@ -113,7 +118,7 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // after its shutdown grace).
     let finished = match stopped {
         Some(r) => r,
-        None => skein_service::standalone::or_stop_at_once(server).await?,
+        None => signals.or_at_once(server).await?,
     };
     finished
         .context("the ingress task failed")?

@@ -195,11 +195,11 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     // SIGTERM that came while a message was printed reached none, and was
     // lost (tokio's handler, installed by the first, keeps the default
     // from ending the process).
-    let mut stop = std::pin::pin!(skein_service::standalone::wait_for_stop());
+    let mut signals = skein_service::standalone::StopSignals::listen()?;
     loop {
         let next = tokio::select! {
             next = live.next() => next,
-            r = &mut stop => { r?; return Ok(()); }
+            r = signals.next() => { r?; return Ok(()); }
         };
         let Some(message) = next else { return Ok(()) };
         let message = message.with_context(|| format!("lost {stream}"))?;

@@ -55,16 +55,14 @@ enum Action {
         #[arg(long, conflicts_with = "streams_only")]
         exact: bool,
         /// How long the workers' inboxes remember what they handled (their
-        /// --inbox-retention; default 30d). A consumer missing on a stream
-        /// kept as history (EVENTS) is created at the messages stored
-        /// within this long: a worker whose consumer was lost has run older
-        /// ones and forgotten them, and would run them again.
-        #[arg(
-            long,
-            env = "SKEIN_INBOX_RETENTION",
-            value_name = "DURATION",
-            conflicts_with = "streams_only"
-        )]
+        /// --inbox-retention, the same variable; default 30d). A consumer
+        /// missing on a stream kept as history (EVENTS) is created at the
+        /// messages stored within this long: a worker whose consumer was
+        /// lost has run older ones and forgotten them, and would run them
+        /// again. Not read with --streams-only or --from-beginning.
+        // No `conflicts_with`: clap counts the variable as given, and the
+        // workers' environment may well hold it.
+        #[arg(long, env = "SKEIN_INBOX_RETENTION", value_name = "DURATION")]
         inbox_retention: Option<String>,
         /// Create a missing consumer at the stream's beginning however old
         /// its messages: for a worker new to a stream kept longer than its
@@ -86,15 +84,17 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             inbox_retention,
             from_beginning,
         } => {
-            // Read before anything changes: a bad value changes nothing.
-            let start_within = if from_beginning {
+            // Read before anything changes: a bad value changes nothing. As
+            // the workers read it (trimmed, an empty one unset), and not with
+            // --streams-only, which creates no consumer.
+            let start_within = if from_beginning || streams_only {
                 None
             } else {
-                let retention = inbox_retention.filter(|v| !v.is_empty());
-                Some(
-                    skein_service::standalone::relay_config(None, retention.as_deref())?
-                        .inbox_retention,
-                )
+                let retention = inbox_retention
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty());
+                Some(skein_service::standalone::relay_config(None, retention)?.inbox_retention)
             };
             let bus = super::connect(nats_url).await?;
             let definitions = match dir {

@@ -19,6 +19,7 @@ use skein_bus::Bus;
 use skein_contracts::catalog::AddProduct;
 use skein_contracts::Caller;
 use skein_ingress::Ingress;
+use skein_service::standalone::{StopSignals, AT_ONCE};
 use skein_service::{request, Host};
 use tokio::process::{Child, Command};
 
@@ -109,11 +110,7 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
     // Listening from here: a Ctrl-C or SIGTERM during the start (which may
     // take seconds) stops everything once it is up, instead of killing
     // this process and leaving its nats-server running.
-    let stop = skein_service::standalone::wait_for_stop();
-    tokio::pin!(stop);
-    if let Some(stopped) = futures::FutureExt::now_or_never(stop.as_mut()) {
-        return stopped;
-    }
+    let mut signals = StopSignals::listen()?;
     if TcpListener::bind(args.ingress.http).is_err() {
         bail!(
             "{} is taken (another skein up or another server?); pass --http 127.0.0.1:PORT",
@@ -136,7 +133,7 @@ pub(crate) async fn run(nats_url: Option<&str>, args: Args) -> anyhow::Result<()
         super::connect(&url).await
     };
     let result = match bus {
-        Ok(bus) => run_system(bus, &url, &args, &data, nats.is_some(), stop).await,
+        Ok(bus) => run_system(bus, &url, &args, &data, nats.is_some(), &mut signals).await,
         Err(e) => Err(e),
     };
     if let Some(nats) = nats {
@@ -151,7 +148,7 @@ async fn run_system(
     args: &Args,
     data: &Path,
     own_server: bool,
-    mut stop: std::pin::Pin<&mut impl std::future::Future<Output = anyhow::Result<()>>>,
+    signals: &mut StopSignals,
 ) -> anyhow::Result<()> {
     if own_server {
         // Its own server's streams are its own: brought to this version's
@@ -238,29 +235,37 @@ async fn run_system(
     let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
     let mut part_stopped = None;
     let server_result = tokio::select! {
-        r = &mut stop => { r?; None }
+        r = signals.next() => { r?; None }
         r = &mut server => Some(r),
         stopped = skein_service::health::first_stopped(&probes) => {
             part_stopped = Some(stopped);
             None
         }
     };
-    eprintln!("stopping: finishing requests and messages in flight (Ctrl-C again stops at once)");
+    eprintln!("stopping: finishing requests and messages in flight ({AT_ONCE})");
     let _ = stop_tx.send(());
     // The requests in flight first (they may wait for the workers'
     // answers), then the workers.
-    let server_result = skein_service::standalone::or_stop_at_once(async {
-        let server_result = match server_result {
-            Some(r) => r,
-            None => server.await,
-        };
-        stop_hosts(hosts).await;
-        server_result
-    })
-    .await?;
-    if let Some(stopped) = part_stopped {
-        anyhow::bail!("{stopped} on its own; everything stopped, start skein up again");
-    }
+    let stopping = signals
+        .or_at_once(async {
+            let server_result = match server_result {
+                Some(r) => r,
+                None => server.await,
+            };
+            stop_hosts(hosts).await;
+            server_result
+        })
+        .await;
+    let server_result = match (stopping, part_stopped) {
+        (Err(at_once), Some(stopped)) => {
+            bail!("{stopped} on its own; everything stopped, start skein up again ({at_once:#})")
+        }
+        (Err(at_once), None) => return Err(at_once),
+        (Ok(_), Some(stopped)) => {
+            bail!("{stopped} on its own; everything stopped, start skein up again")
+        }
+        (Ok(r), None) => r,
+    };
     server_result
         .context("the ingress task failed")?
         .context("the HTTP server failed")
