@@ -12,7 +12,7 @@ use skein_outbox::{Inbox, Relay, RelayConfig, Store, TxHandler};
 use std::time::Duration;
 
 use tokio::task::{AbortHandle, JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::Result;
 
@@ -51,6 +51,11 @@ pub struct Host {
     relay: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
     shutdown: CancellationToken,
+    /// A host dropped without [`Host::shutdown`] (a start that failed after
+    /// it, say) stops its relay and background tasks instead of leaving
+    /// them running, the relay holding its lock or lease. (Its consumers
+    /// stop when dropped.)
+    _stop_when_dropped: DropGuard,
 }
 
 impl Host {
@@ -72,6 +77,7 @@ impl Host {
             workers: Vec::new(),
             relay,
             tasks: Vec::new(),
+            _stop_when_dropped: shutdown.clone().drop_guard(),
             shutdown,
         })
     }
@@ -219,20 +225,36 @@ impl Host {
         }
     }
 
-    /// Stops consuming (finishing in-flight messages), publishes what is
-    /// committed, stops answering queries (answering those that reached
-    /// this copy; once this returns the server sends its queries to the
-    /// other copies).
+    /// Tells every consumer to stop pulling, without waiting: what
+    /// [`Host::shutdown`] does first. Stopping several hosts, call this on
+    /// each before shutting any down, so that none takes new messages
+    /// while another finishes its own.
+    pub fn stop_pulling(&self) {
+        for worker in &self.workers {
+            worker.shutdown_token().cancel();
+        }
+    }
+
+    /// Stops consuming (finishing in-flight messages, every consumer at
+    /// once), stops answering queries (answering those that reached this
+    /// copy, some of which write messages; once this returns the server
+    /// sends its queries to the other copies), stops the background tasks,
+    /// and last publishes what is committed.
     pub async fn shutdown(self) {
+        self.stop_pulling();
         for worker in self.workers {
             worker.shutdown().await;
         }
+        self.service.stop().await;
         self.shutdown.cancel();
         for task in self.tasks {
-            let _ = task.await;
+            if let Err(e) = task.await {
+                tracing::error!(worker = %self.config.name, error = %e, "a background task failed");
+            }
         }
-        let _ = self.relay.await;
-        self.service.stop().await;
+        if let Err(e) = self.relay.await {
+            tracing::error!(worker = %self.config.name, error = %e, "the outbox relay failed");
+        }
     }
 
     /// Stops everything at once, as a crash would.
@@ -245,6 +267,17 @@ impl Host {
         }
         self.relay.abort();
         drop(self.service);
+    }
+}
+
+/// Shuts `hosts` down: every consumer of every host stops pulling at once,
+/// then each host shuts down ([`Host::shutdown`]), the last started first.
+pub async fn shutdown_all(hosts: Vec<Host>) {
+    for host in &hosts {
+        host.stop_pulling();
+    }
+    for host in hosts.into_iter().rev() {
+        host.shutdown().await;
     }
 }
 

@@ -246,13 +246,7 @@ pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Resul
         stopped = health::first_stopped(&probes) => Some(stopped),
     };
     eprintln!("stopping: finishing messages in flight ({AT_ONCE})");
-    let stopping = signals
-        .or_at_once(async {
-            for host in hosts.into_iter().rev() {
-                host.shutdown().await;
-            }
-        })
-        .await;
+    let stopping = signals.or_at_once(crate::host::shutdown_all(hosts)).await;
     if let Some(health) = health {
         health.stop();
     }

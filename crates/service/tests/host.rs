@@ -260,3 +260,78 @@ async fn a_consumer_lost_while_catching_up_is_made_again_after_what_it_acknowled
     host.shutdown().await;
     Ok(())
 }
+
+/// A query that writes a message: it records `n` and announces it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Note {
+    n: i64,
+}
+
+impl Contract for Note {
+    const SERVICE: &'static str = "notes";
+    const NAME: &'static str = "note";
+    const VERSION: u32 = 1;
+}
+
+impl skein_message::Query for Note {
+    type Reply = i64;
+}
+
+/// A query in flight when the host shuts down is answered, and the message
+/// it committed is published before the shutdown returns: queries stop
+/// before the relay's last pass, not after it (its message waited for the
+/// next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_answered_during_shutdown_has_its_message_published() -> anyhow::Result<()> {
+    let (_nats, bus, _db, store) = set_up().await?;
+    let mut host = Host::start(bus.clone(), store.clone(), HostConfig::new("notes")).await?;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let handler_store = store.clone();
+    let handler_started = started.clone();
+    host.query(move |note: Note, context: MessageContext| {
+        let (store, started) = (handler_store.clone(), handler_started.clone());
+        async move {
+            started.notify_one();
+            // Long enough for the rest of the shutdown to be over.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let fail = |e: skein_outbox::Error| skein_service::ServiceError {
+                status: 500,
+                message: e.to_string(),
+            };
+            let mut tx = store.begin().await.map_err(fail)?;
+            let event =
+                Envelope::event("notes", &Happened { n: note.n }, &context).map_err(|e| {
+                    skein_service::ServiceError {
+                        status: 500,
+                        message: e.to_string(),
+                    }
+                })?;
+            tx.publish(&event);
+            tx.commit().await.map_err(fail)?;
+            Ok(note.n)
+        }
+    })
+    .await?;
+
+    let asking = bus.clone();
+    let answer = tokio::spawn(async move { skein_service::request(&asking, &Note { n: 7 }).await });
+    tokio::time::timeout(Duration::from_secs(5), started.notified())
+        .await
+        .context("the query never reached the handler")?;
+    host.shutdown().await;
+    let answered = answer.await?.context("the query in flight got no answer")?;
+    ensure!(answered == 7, "answered {answered}");
+    ensure!(
+        store.outbox_backlog().await? == 0,
+        "the query's message was left in the outbox at shutdown"
+    );
+    let stored = skein_bus::replay::read(
+        &bus,
+        EVENTS,
+        "events.test.>",
+        skein_bus::replay::StartAt::Beginning,
+    )
+    .await?;
+    ensure!(stored.len() == 1, "{} events stored", stored.len());
+    Ok(())
+}

@@ -172,7 +172,7 @@ async fn run_system(
     let ingress = match Ingress::build(super::ingress::config(&args.ingress)?, bus.clone()).await {
         Ok(ingress) => ingress,
         Err(e) => {
-            stop_hosts(hosts).await;
+            skein_service::host::shutdown_all(hosts).await;
             return Err(anyhow::Error::from(e).context(format!(
                 "cannot start the HTTP ingress on {}; pass --http 127.0.0.1:PORT",
                 args.ingress.http
@@ -180,51 +180,60 @@ async fn run_system(
         }
     };
     let http = ingress.local_addr();
-    let demo = if args.no_demo || data.join(DEMO_MARKER).exists() {
-        0
-    } else {
-        seed_demo(&bus, data).await?
-    };
+    // Stopped gracefully when a step of the start that follows fails.
+    let greeted = async {
+        let demo = if args.no_demo || data.join(DEMO_MARKER).exists() {
+            0
+        } else {
+            seed_demo(&bus, data).await?
+        };
 
-    println!("skein is up: http://{http}");
-    println!(
-        "  data in {}, NATS at {}",
-        data.display(),
-        skein_bus::redact_url(nats_url)
-    );
-    if let Some(seed) = admin.as_ref().filter(|_| generated) {
+        println!("skein is up: http://{http}");
         println!(
-            "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
-            seed.email, seed.password
+            "  data in {}, NATS at {}",
+            data.display(),
+            skein_bus::redact_url(nats_url)
         );
-    }
-    // The admin exists (and a generated password has been shown, so it is
-    // forgotten).
-    if let Some(seed) = &admin {
-        std::fs::write(data.join(ADMIN_MARKER), &seed.email)
-            .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
-    }
-    if generated {
-        if let Err(e) = std::fs::remove_file(data.join(PENDING_ADMIN_PASSWORD)) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(e).with_context(|| {
-                    format!(
-                        "cannot remove {}",
-                        data.join(PENDING_ADMIN_PASSWORD).display()
-                    )
-                });
+        if let Some(seed) = admin.as_ref().filter(|_| generated) {
+            println!(
+                "  admin: {} / {}  (shown once; set SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD to choose)",
+                seed.email, seed.password
+            );
+        }
+        // The admin exists (and a generated password has been shown, so it is
+        // forgotten).
+        if let Some(seed) = &admin {
+            std::fs::write(data.join(ADMIN_MARKER), &seed.email)
+                .with_context(|| format!("cannot write {}", data.join(ADMIN_MARKER).display()))?;
+        }
+        if generated {
+            if let Err(e) = std::fs::remove_file(data.join(PENDING_ADMIN_PASSWORD)) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot remove {}",
+                            data.join(PENDING_ADMIN_PASSWORD).display()
+                        )
+                    });
+                }
             }
         }
+        if demo > 0 {
+            println!("  demo catalog: {demo} products (--no-demo to skip)");
+        }
+        println!("try:");
+        println!("  curl -s http://{http}/v1/products");
+        println!(
+            "  curl -s -X POST http://{http}/v1/auth/register -H 'content-type: application/json' \\\n    -d '{{\"email\":\"me@example.org\",\"password\":\"a long password\",\"name\":\"Me\"}}'"
+        );
+        println!("Ctrl-C stops everything.");
+        anyhow::Ok(())
     }
-    if demo > 0 {
-        println!("  demo catalog: {demo} products (--no-demo to skip)");
+    .await;
+    if let Err(e) = greeted {
+        skein_service::host::shutdown_all(hosts).await;
+        return Err(e);
     }
-    println!("try:");
-    println!("  curl -s http://{http}/v1/products");
-    println!(
-        "  curl -s -X POST http://{http}/v1/auth/register -H 'content-type: application/json' \\\n    -d '{{\"email\":\"me@example.org\",\"password\":\"a long password\",\"name\":\"Me\"}}'"
-    );
-    println!("Ctrl-C stops everything.");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(ingress.run_until(async {
@@ -252,7 +261,7 @@ async fn run_system(
                 Some(r) => r,
                 None => server.await,
             };
-            stop_hosts(hosts).await;
+            skein_service::host::shutdown_all(hosts).await;
             server_result
         })
         .await;
@@ -269,12 +278,6 @@ async fn run_system(
     server_result
         .context("the ingress task failed")?
         .context("the HTTP server failed")
-}
-
-async fn stop_hosts(hosts: Vec<Host>) {
-    for host in hosts.into_iter().rev() {
-        host.shutdown().await;
-    }
 }
 
 /// Locks `data` for this process (`data/skein-up.lock`), or says that

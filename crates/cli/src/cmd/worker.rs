@@ -292,9 +292,7 @@ pub(crate) async fn start(
         match start_one(bus, name, settings, data_dir, admin.clone()).await {
             Ok(host) => hosts.push(host),
             Err(e) => {
-                for host in hosts.into_iter().rev() {
-                    host.shutdown().await;
-                }
+                skein_service::host::shutdown_all(hosts).await;
                 return Err(e);
             }
         }
