@@ -214,42 +214,54 @@ pub async fn trace(
 
     // Commands still queued (also a later one of the entity's, a cancel
     // under another correlation id), and dead letters.
-    match envelopes(bus, "COMMANDS", "commands.>", StartAt::Beginning).await {
-        Ok(queued) => {
-            for envelope in queued {
-                if about_ours(&envelope) {
-                    hops.entry(envelope.id)
-                        .or_insert_with(|| Hop::of(&envelope, "commands"));
-                }
+    // Each read one message at a time, keeping only ours: a backlog or a
+    // month of dead letters is not held in memory.
+    let queued = read_each(bus, "COMMANDS", "commands.>", StartAt::Beginning, |m| {
+        if let Ok(envelope) = Envelope::from_parts(&m.subject, m.headers.as_ref(), m.payload) {
+            if about_ours(&envelope) {
+                hops.entry(envelope.id)
+                    .or_insert_with(|| Hop::of(&envelope, "commands"));
             }
         }
-        Err(e) => gaps.push(format!("commands still queued are not shown: {e}")),
+        ControlFlow::Continue(())
+    })
+    .await;
+    if let Err(e) = queued {
+        gaps.push(format!(
+            "commands still queued are not shown: cannot read COMMANDS: {e}"
+        ));
     }
-    for message in read(bus, "DLQ", skein_bus::dlq::DEAD_LETTERS, StartAt::Beginning)
-        .await
-        .map_err(stream("DLQ"))?
-    {
-        let Some(headers) = message.headers.as_ref() else {
-            continue;
-        };
-        let Some(info) = DeadLetterInfo::from_headers(headers) else {
-            continue;
-        };
-        let Ok(envelope) =
-            Envelope::from_parts(&info.subject, Some(headers), message.payload.clone())
-        else {
-            continue;
-        };
-        if about_ours(&envelope) {
-            let hop = hops
-                .entry(envelope.id)
-                .or_insert_with(|| Hop::of(&envelope, "dlq"));
-            hop.failure = Some(format!(
-                "dead-lettered by {} after {} deliveries: {}",
-                info.handler, info.deliveries, info.reason
-            ));
-        }
-    }
+    read_each(
+        bus,
+        "DLQ",
+        skein_bus::dlq::DEAD_LETTERS,
+        StartAt::Beginning,
+        |message| {
+            let Some(headers) = message.headers.as_ref() else {
+                return ControlFlow::Continue(());
+            };
+            let Some(info) = DeadLetterInfo::from_headers(headers) else {
+                return ControlFlow::Continue(());
+            };
+            let Ok(envelope) =
+                Envelope::from_parts(&info.subject, Some(headers), message.payload.clone())
+            else {
+                return ControlFlow::Continue(());
+            };
+            if about_ours(&envelope) {
+                let hop = hops
+                    .entry(envelope.id)
+                    .or_insert_with(|| Hop::of(&envelope, "dlq"));
+                hop.failure = Some(format!(
+                    "dead-lettered by {} after {} deliveries: {}",
+                    info.handler, info.deliveries, info.reason
+                ));
+            }
+            ControlFlow::Continue(())
+        },
+    )
+    .await
+    .map_err(stream("DLQ"))?;
 
     // The commands sagas sent (consumed from COMMANDS long ago).
     match saga_commands(bus, &entities).await {
