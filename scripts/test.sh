@@ -10,11 +10,16 @@
 # What it provides when missing:
 # - nats-server >= 2.10: nats/find-nats-server.sh (PATH, .tools/bin, or installs it)
 # - cargo-nextest: cargo install
-# - PostgreSQL: uses $SKEIN_TEST_POSTGRES_URL (or a postgres $DATABASE_URL), else a server on 127.0.0.1:5432
-#   (user postgres, trust auth, TLS on as Debian sets it up), else starts a throw-away cluster with initdb
-#   in a temporary directory (installing Debian's postgresql package if there
-#   are no server binaries), stopped and removed on exit. SKEIN_TEST_POSTGRES_TEMP=1
-#   forces the throw-away cluster.
+# - PostgreSQL: uses $SKEIN_TEST_POSTGRES_URL, else a server on 127.0.0.1:5432 that psql
+#   reaches as user postgres without a password (TLS on as Debian sets it up), else starts a
+#   throw-away cluster with initdb in a temporary directory (installing Debian's postgresql
+#   package if there are no server binaries), stopped and removed on exit, also when the run
+#   is interrupted (one left by a run that was killed is removed by the next).
+#   SKEIN_TEST_POSTGRES_TEMP=1 forces the throw-away cluster.
+#
+# The tests get no NATS_* or SKEIN_* setting of the caller's environment
+# (credentials, replicas, retentions would change what they test), nor
+# DATABASE_URL; SKEIN_BLESS_SCHEMAS is honoured with `--` only.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +32,15 @@ if [ "${1:-}" = "--" ]; then
 fi
 
 log() { printf '==> %s\n' "$*" >&2; }
+
+# --- The caller's environment ----------------------------------------------
+for var in $(compgen -e); do
+  case "$var" in
+    SKEIN_TEST_POSTGRES_URL|SKEIN_TEST_POSTGRES_TEMP|SKEIN_TEST_KEEP_DB|SKEIN_NATS_SERVER) ;;
+    SKEIN_BLESS_SCHEMAS) [ "$only_tests" -eq 1 ] || unset "$var" ;;
+    NATS_*|SKEIN_*|DATABASE_URL) unset "$var" ;;
+  esac
+done
 
 # --- Rust tools -------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1; then
@@ -45,6 +59,8 @@ log "nats-server: $SKEIN_NATS_SERVER ($("$SKEIN_NATS_SERVER" --version))"
 
 # --- PostgreSQL -------------------------------------------------------------
 pg_tmp=""
+pg_as=""
+child=""
 cleanup() {
   if [ -n "$pg_tmp" ]; then
     log "stopping the temporary PostgreSQL"
@@ -53,15 +69,34 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+# Interrupted (Ctrl-C, CI cancelling): the step running stops first, then
+# the cluster (bash runs an EXIT trap at once, under a step still running).
+interrupted() {
+  trap - INT TERM HUP
+  if [ -n "$child" ]; then
+    kill -TERM "$child" 2>/dev/null || true
+    wait "$child" 2>/dev/null || true
+  fi
+  exit 130
+}
+trap interrupted INT TERM HUP
+# Runs a step in the background and waits for it, so that a signal reaches
+# `interrupted` while it runs.
+step() {
+  "$@" &
+  child=$!
+  local status=0
+  wait "$child" || status=$?
+  child=""
+  return "$status"
+}
 
 pg_answers() {
-  # $1: URL. Uses psql when present, else a bash TCP probe.
-  if command -v psql >/dev/null 2>&1; then
-    psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
-  else
-    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null
-  fi
+  # $1: URL. Only psql can tell a server this user reaches without a
+  # password from any other that listens.
+  command -v psql >/dev/null 2>&1 && psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
 }
+
 
 find_pg_bin() {
   local d
@@ -74,9 +109,23 @@ find_pg_bin() {
   return 1
 }
 
-case "${DATABASE_URL:-}" in
-  postgres://*|postgresql://*) : "${SKEIN_TEST_POSTGRES_URL:=$DATABASE_URL}" ;;
-esac
+# Throw-away clusters of runs that were killed (their run is gone).
+for dir in /tmp/skein-pg.*; do
+  [ -f "$dir/owner" ] || continue
+  owner="$(cat "$dir/owner" 2>/dev/null || true)"
+  if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then
+    log "removing the temporary PostgreSQL of a run that was killed ($dir)"
+    if bin="$(find_pg_bin 2>/dev/null)"; then
+      if [ "$(id -u)" -eq 0 ] && id skein-pg >/dev/null 2>&1; then
+        runuser -u skein-pg -- "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+      else
+        "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+      fi
+    fi
+    rm -rf "$dir"
+  fi
+done
+
 if [ -z "${SKEIN_TEST_POSTGRES_URL:-}" ]; then
   local_url="postgres://postgres@127.0.0.1:5432/postgres"
   if [ "${SKEIN_TEST_POSTGRES_TEMP:-}" != "1" ] && pg_answers "$local_url"; then
@@ -94,7 +143,7 @@ if [ -z "${SKEIN_TEST_POSTGRES_URL:-}" ]; then
       pg_bin="$(find_pg_bin)" || { echo "error: postgresql installed but initdb not found" >&2; exit 1; }
     fi
     pg_tmp="$(mktemp -d /tmp/skein-pg.XXXXXX)"
-    pg_as=""
+    echo "$$" > "$pg_tmp/owner"
     if [ "$(id -u)" -eq 0 ]; then
       # initdb refuses to run as root.
       id skein-pg >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin skein-pg
@@ -122,19 +171,19 @@ if [ "$only_tests" -eq 1 ]; then
   # With no arguments, every package; with some (-p NAME, a filter ...),
   # exactly what they select.
   [ "$#" -eq 0 ] && set -- --workspace
-  cargo nextest run "$@"
+  step cargo nextest run "$@"
   exit 0
 fi
 
 log "cargo fmt --check"
-cargo fmt --all -- --check
+step cargo fmt --all -- --check
 log "cargo clippy (warnings denied)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+step cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo doc (warnings denied)"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+step env RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log "doc tests"
-cargo test --workspace --doc --locked --quiet
+step cargo test --workspace --doc --locked --quiet
 log "tests (nextest), SQLite and PostgreSQL"
 profile=default
 [ "${CI:-}" = "true" ] && profile=ci
-cargo nextest run --workspace --locked --profile "$profile"
+step cargo nextest run --workspace --locked --profile "$profile"

@@ -1467,7 +1467,14 @@ async fn a_copy_holds_no_more_than_max_held_messages() -> anyhow::Result<()> {
     })
     .await
     .context("no handler started")?;
-    // Time for the copy to take all it would.
+    // The copy takes what it holds (however slow the machine), then has
+    // time to take more, if it would.
+    eventually(Duration::from_secs(10), || async {
+        let info = consumer_info(&bus, WORKER).await.ok()?;
+        (info.num_ack_pending >= 6).then_some(())
+    })
+    .await
+    .context("the copy did not take what it may hold")?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let info = consumer_info(&bus, WORKER).await?;
     // Held (6) plus at most two pull requests in the client's buffer.

@@ -1289,7 +1289,7 @@ async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Res
     let _streams = bus(&server).await?;
     // A catalog that takes queries and never answers.
     let client = async_nats::connect(server.url()).await?;
-    let _silent = client
+    let mut silent = client
         .queue_subscribe("queries.catalog.>", "catalog".into())
         .await?;
     client.flush().await?;
@@ -1317,7 +1317,13 @@ async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Res
     .context("the ingress never became live")?;
     let in_flight =
         tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight once the catalog has the query.
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut silent),
+    )
+    .await
+    .context("the query never reached the catalog")?;
     let status = terminate(&mut ingress, Duration::from_secs(15)).await?;
     let (code, body) = in_flight
         .await?
@@ -1419,7 +1425,7 @@ async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -
     let server = NatsServer::start().await?;
     let _streams = bus(&server).await?;
     let client = async_nats::connect(server.url()).await?;
-    let _silent = client
+    let mut silent = client
         .queue_subscribe("queries.catalog.>", "catalog".into())
         .await?;
     client.flush().await?;
@@ -1447,7 +1453,12 @@ async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -
     .context("the ingress never became live")?;
     let _in_flight =
         tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut silent),
+    )
+    .await
+    .context("the query never reached the catalog")?;
     sigterm(&ingress).await?;
     ensure!(
         tokio::time::timeout(Duration::from_secs(2), ingress.wait())
@@ -1738,23 +1749,38 @@ async fn http(
 struct Up {
     child: tokio::process::Child,
     printed: String,
+    data: std::path::PathBuf,
 }
 
-/// A test that fails with its `skein up` running stops it gracefully (the
-/// SIGKILL of `kill_on_drop` would leave its nats-server running).
+/// A test that fails with its `skein up` running (or not yet up) stops it
+/// gracefully (the SIGKILL of `kill_on_drop` would leave its nats-server
+/// running, in a process group of its own); a nats-server that outlived a
+/// `skein up` that did not stop cleanly is killed.
 impl Drop for Up {
     fn drop(&mut self) {
-        let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) else {
-            return;
-        };
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        for _ in 0..150 {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
+        if let (Ok(None), Some(pid)) = (self.child.try_wait(), self.child.id()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+            for _ in 0..150 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.child.start_kill();
+            let _ = self.child.try_wait();
+        }
+        if matches!(self.child.try_wait(), Ok(Some(status)) if status.success()) {
+            return;
+        }
+        let nats = std::fs::read_to_string(self.data.join("nats-server.pid"))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<u32>().ok());
+        if let Some(nats) = nats.filter(|pid| process_state(*pid).is_some_and(|s| s != 'Z')) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &nats.to_string()])
+                .status();
         }
     }
 }
@@ -1784,7 +1810,7 @@ impl Up {
             Some(url) => command.env("NATS_URL", url),
             None => command.env_remove("NATS_URL"),
         };
-        let mut child = command
+        let child = command
             .args(["up", "--data-dir"])
             .arg(data)
             .args(["--http", &format!("127.0.0.1:{http_port}")])
@@ -1798,7 +1824,13 @@ impl Up {
             .kill_on_drop(true)
             .spawn()
             .context("cannot run skein up")?;
-        let stdout = child.stdout.take().context("no stdout")?;
+        // Held from here, so that a start that fails is stopped.
+        let mut up = Self {
+            child,
+            printed: String::new(),
+            data: data.to_owned(),
+        };
+        let stdout = up.child.stdout.take().context("no stdout")?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let mut printed = String::new();
         let ready = tokio::time::timeout(Duration::from_secs(60), async {
@@ -1818,7 +1850,8 @@ impl Up {
         );
         // Keep reading so a full pipe never blocks it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Ok(Self { child, printed })
+        up.printed = printed;
+        Ok(up)
     }
 
     /// SIGTERM, then the exit status.

@@ -145,9 +145,11 @@ impl Drop for TestDb {
         let Some(admin) = self.admin_url.clone() else {
             return;
         };
-        if std::thread::panicking() {
+        // Removed after a failed test too (tests leave nothing behind),
+        // unless asked to keep them for a look.
+        if std::thread::panicking() && std::env::var_os("SKEIN_TEST_KEEP_DB").is_some() {
             eprintln!(
-                "test failed: keeping PostgreSQL database {} for inspection",
+                "test failed: keeping PostgreSQL database {} for inspection (SKEIN_TEST_KEEP_DB)",
                 self.name
             );
             return;
