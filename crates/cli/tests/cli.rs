@@ -1482,6 +1482,59 @@ async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -
     Ok(())
 }
 
+/// While a worker starts (here its migrations wait for another process's
+/// lock on its database), its health endpoint answers already: live, not
+/// ready, both saying `starting`; ready once it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_worker_answers_live_and_not_ready() -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let server = NatsServer::start().await?;
+    let dir = tempfile::tempdir()?;
+    let mut lock = sqlx::SqliteConnection::connect(&format!(
+        "sqlite:{}/projector.db?mode=rwc",
+        dir.path().display()
+    ))
+    .await?;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut lock)
+        .await?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await?;
+    let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
+    let port = free_port()?;
+    let mut worker = spawn_worker(
+        &server,
+        &database_url,
+        &["projector", "--health-http", &format!("127.0.0.1:{port}")],
+    )?;
+    let get = |path: &'static str| http(port, "GET", path, None, &[], None);
+    let (code, live) = eventually(Duration::from_secs(30), || async {
+        get("/health/live").await.ok()
+    })
+    .await
+    .context("the starting worker's health endpoint never answered")?;
+    ensure!(
+        code == 200 && live["status"] == "starting",
+        "live: {code} {live}"
+    );
+    let (code, ready) = get("/health/ready").await?;
+    ensure!(
+        code == 503 && ready["failing"] == serde_json::json!(["starting"]),
+        "ready: {code} {ready}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut lock).await?;
+    eventually(Duration::from_secs(30), || async {
+        get("/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .context("the worker never became ready")?;
+    let status = terminate(&mut worker, Duration::from_secs(15)).await?;
+    ensure!(status.success(), "exited with {status}");
+    Ok(())
+}
+
 /// `skein worker --health-http`: live and ready while all is well; not
 /// ready (and still live) while NATS is away, ready again once it is back;
 /// a taken address refused at start; SIGTERM stops it cleanly.

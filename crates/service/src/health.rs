@@ -37,10 +37,10 @@ use tokio::task::JoinHandle;
 /// How long a database has to answer the readiness check.
 const DATABASE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The health endpoint of a running worker process.
+/// The health endpoint of a worker process, from before its workers start.
 #[derive(Debug)]
 pub struct HealthServer {
-    stopping: Arc<AtomicBool>,
+    state: Arc<Endpoint>,
     task: JoinHandle<()>,
 }
 
@@ -55,30 +55,37 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
 }
 
 impl HealthServer {
-    /// Answers on `listener` for `probes` until [`HealthServer::stop`].
-    pub fn start(listener: tokio::net::TcpListener, bus: Bus, probes: Vec<HostProbe>) -> Self {
-        let stopping = Arc::new(AtomicBool::new(false));
-        let state = Arc::new(Checked {
-            bus,
-            probes,
-            stopping: stopping.clone(),
+    /// Answers on `listener` until [`HealthServer::stop`]: while the
+    /// process starts (connects, migrates its databases, binds its
+    /// consumers), `/health/live` 200 and `/health/ready` 503, each with
+    /// `starting`; once [`HealthServer::running`] is called, the checks.
+    pub fn start(listener: tokio::net::TcpListener) -> Self {
+        let state = Arc::new(Endpoint {
+            checked: std::sync::OnceLock::new(),
+            stopping: AtomicBool::new(false),
         });
         let app = axum::Router::new()
             .route("/health/live", get(live))
             .route("/health/ready", get(ready))
-            .with_state(state);
+            .with_state(state.clone());
         let task = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the health endpoint stopped");
             }
         });
-        Self { stopping, task }
+        Self { state, task }
+    }
+
+    /// The workers have started: from now on the endpoint checks `probes`
+    /// and the NATS connection of `bus`.
+    pub fn running(&self, bus: Bus, probes: Vec<HostProbe>) {
+        let _ = self.state.checked.set(Checked { bus, probes });
     }
 
     /// From now on `/health/ready` answers 503 (`stopping`): the process is
     /// finishing its messages and takes no more work.
     pub fn stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.state.stopping.store(true, Ordering::Relaxed);
     }
 
     /// Stops answering.
@@ -87,11 +94,18 @@ impl HealthServer {
     }
 }
 
+/// What the endpoint answers from.
+#[derive(Debug)]
+struct Endpoint {
+    /// Set once the workers run.
+    checked: std::sync::OnceLock<Checked>,
+    stopping: AtomicBool,
+}
+
 #[derive(Debug)]
 struct Checked {
     bus: Bus,
     probes: Vec<HostProbe>,
-    stopping: Arc<AtomicBool>,
 }
 
 /// One worker as the checks see it.
@@ -152,11 +166,15 @@ impl Health {
     }
 }
 
-async fn live(State(checked): State<Arc<Checked>>) -> Response {
+async fn live(State(endpoint): State<Arc<Endpoint>>) -> Response {
     let mut health = Health::new();
+    let Some(checked) = endpoint.checked.get() else {
+        health.status = "starting";
+        return health.into_response();
+    };
     // Parts stop one by one as the process stops: that is no failure.
-    if !checked.stopping.load(Ordering::Relaxed) {
-        health.liveness(&checked);
+    if !endpoint.stopping.load(Ordering::Relaxed) {
+        health.liveness(checked);
     }
     health.into_response()
 }
@@ -174,12 +192,16 @@ pub async fn first_stopped(probes: &[HostProbe]) -> String {
     }
 }
 
-async fn ready(State(checked): State<Arc<Checked>>) -> Response {
+async fn ready(State(endpoint): State<Arc<Endpoint>>) -> Response {
     let mut health = Health::new();
-    if checked.stopping.load(Ordering::Relaxed) {
+    if endpoint.stopping.load(Ordering::Relaxed) {
         health.failing.push("stopping".into());
     }
-    health.liveness(&checked);
+    let Some(checked) = endpoint.checked.get() else {
+        health.failing.push("starting".into());
+        return health.into_response();
+    };
+    health.liveness(checked);
     let connected =
         checked.bus.client().connection_state() == async_nats::connection::State::Connected;
     if !connected {

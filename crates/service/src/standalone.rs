@@ -18,7 +18,6 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use skein_bus::{provision, Bus, BusConfig};
 use skein_outbox::{RelayConfig, Store};
-use tokio::net::TcpListener;
 
 use crate::health::{self, HealthServer};
 use crate::{Host, HostConfig};
@@ -202,16 +201,16 @@ fn health_address() -> anyhow::Result<Option<SocketAddr>> {
 
 /// Binds the health endpoint's address ([`Standalone::health`]), if any:
 /// before the worker starts, so that a taken one fails at once.
-pub async fn listen(health: Option<SocketAddr>) -> anyhow::Result<Option<TcpListener>> {
+pub async fn listen(health: Option<SocketAddr>) -> anyhow::Result<Option<HealthServer>> {
     match health {
-        Some(addr) => Ok(Some(health::bind(addr).await?)),
+        Some(addr) => Ok(Some(HealthServer::start(health::bind(addr).await?))),
         None => Ok(None),
     }
 }
 
 /// Runs `host` as [`run`] does, with the health endpoint on `health` (from
 /// [`listen`]).
-pub async fn serve(host: Host, health: Option<TcpListener>) -> anyhow::Result<()> {
+pub async fn serve(host: Host, health: Option<HealthServer>) -> anyhow::Result<()> {
     tracing::info!(worker = host.name(), "running; Ctrl-C or SIGTERM stops");
     run(vec![host], health).await
 }
@@ -224,17 +223,12 @@ pub async fn serve(host: Host, health: Option<TcpListener>) -> anyhow::Result<()
 /// A part of a host that stops on its own (a panic) does not come back: the
 /// others are then shut down too and the error names it, so that the
 /// process exits with it and its supervisor restarts it.
-pub async fn run(hosts: Vec<Host>, health: Option<TcpListener>) -> anyhow::Result<()> {
+pub async fn run(hosts: Vec<Host>, health: Option<HealthServer>) -> anyhow::Result<()> {
     let mut signals = StopSignals::listen()?;
     let probes: Vec<_> = hosts.iter().map(Host::probe).collect();
-    let health = match (health, hosts.first()) {
-        (Some(listener), Some(first)) => Some(HealthServer::start(
-            listener,
-            first.bus().clone(),
-            probes.clone(),
-        )),
-        _ => None,
-    };
+    if let (Some(health), Some(first)) = (&health, hosts.first()) {
+        health.running(first.bus().clone(), probes.clone());
+    }
     let failed = tokio::select! {
         stop = signals.next() => {
             stop?;

@@ -265,7 +265,9 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
     });
     args.settings.check_one_database_each(names.len())?;
     let listener = match args.health_http {
-        Some(addr) => Some(skein_service::health::bind(addr).await?),
+        Some(addr) => Some(skein_service::health::HealthServer::start(
+            skein_service::health::bind(addr).await?,
+        )),
         None => None,
     };
     let bus = super::connect(nats_url).await?;
