@@ -92,7 +92,9 @@ pub async fn connect_with(
     if let Some(pool) = positive("SKEIN_DATABASE_POOL")? {
         store_config.max_connections = pool;
     }
-    store_config.sqlite_cache_kib = positive("SKEIN_SQLITE_CACHE_KIB")?;
+    if let Some(kib) = positive("SKEIN_SQLITE_CACHE_KIB")? {
+        store_config.sqlite_cache_kib = Some(kib);
+    }
     let health = health_address()?;
     let mut host = HostConfig::new(name);
     host.relay = relay_config(

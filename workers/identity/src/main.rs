@@ -20,21 +20,37 @@ use anyhow::Context;
 use skein_identity::{AdminSeed, IdentityConfig};
 use skein_service::standalone;
 
+/// A setting as every skein process reads it: trimmed, an empty one unset.
+fn setting(name: &str) -> anyhow::Result<Option<String>> {
+    standalone::env_setting(name)
+}
+
+/// A password or a key: as given (white space is part of a password), an
+/// empty one unset.
+fn secret(name: &str) -> anyhow::Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(v) if v.is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{name} is not valid Unicode")),
+    }
+}
+
 fn secs(var: &str, default: Duration) -> anyhow::Result<Duration> {
-    match std::env::var(var) {
-        Ok(text) => text
+    match setting(var)? {
+        Some(text) => text
             .parse()
             .map(Duration::from_secs)
             .with_context(|| format!("{var} must be a number of seconds")),
-        Err(_) => Ok(default),
+        None => Ok(default),
     }
 }
 
 fn config() -> anyhow::Result<IdentityConfig> {
     let defaults = IdentityConfig::default();
     let admin = match (
-        std::env::var("SKEIN_ADMIN_EMAIL").ok(),
-        std::env::var("SKEIN_ADMIN_PASSWORD").ok(),
+        setting("SKEIN_ADMIN_EMAIL")?,
+        secret("SKEIN_ADMIN_PASSWORD")?,
     ) {
         (Some(email), Some(password)) => Some(AdminSeed {
             email,
@@ -47,10 +63,10 @@ fn config() -> anyhow::Result<IdentityConfig> {
     Ok(IdentityConfig {
         access_ttl: secs("SKEIN_ACCESS_TTL_SECS", defaults.access_ttl)?,
         refresh_ttl: secs("SKEIN_REFRESH_TTL_SECS", defaults.refresh_ttl)?,
-        signing_key_pem: std::env::var("SKEIN_SIGNING_KEY_PEM").ok(),
-        verification_keys_pem: std::env::var("SKEIN_VERIFICATION_KEYS_PEM").ok(),
+        signing_key_pem: secret("SKEIN_SIGNING_KEY_PEM")?,
+        verification_keys_pem: secret("SKEIN_VERIFICATION_KEYS_PEM")?,
         key_dir: Some(
-            std::env::var_os("SKEIN_KEY_DIR")
+            setting("SKEIN_KEY_DIR")?
                 .unwrap_or_else(|| "data".into())
                 .into(),
         ),

@@ -770,3 +770,33 @@ backend_tests!(
     the_admin_is_seeded_once_and_the_key_survives_a_restart,
     a_configured_key_is_used_and_bad_settings_refuse_to_start,
 );
+
+/// `skein-identity` reads its settings as every skein process does: an
+/// empty one is unset (an empty admin password is no password, and the
+/// admin's e-mail alone is refused before anything starts), white space
+/// around a number is ignored.
+#[tokio::test]
+async fn the_binary_takes_an_empty_setting_as_unset() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-identity"))
+        .env("NATS_URL", "nats://127.0.0.1:1")
+        .env(
+            "DATABASE_URL",
+            format!("sqlite:{}/identity.db", dir.path().display()),
+        )
+        .env("SKEIN_KEY_DIR", dir.path())
+        .env("SKEIN_ACCESS_TTL_SECS", " 900 ")
+        .env("SKEIN_ADMIN_EMAIL", "admin@example.org")
+        .env("SKEIN_ADMIN_PASSWORD", "")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output).await??;
+    let said = String::from_utf8_lossy(&output.stderr);
+    ensure!(
+        !output.status.success()
+            && said.contains("set both SKEIN_ADMIN_EMAIL and SKEIN_ADMIN_PASSWORD, or neither"),
+        "{}: {said}",
+        output.status
+    );
+    Ok(())
+}

@@ -26,12 +26,11 @@ async fn main() -> anyhow::Result<()> {
 
 fn config_from_env() -> anyhow::Result<PaymentsConfig> {
     fn var<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
-        match std::env::var(name) {
-            Ok(v) => v
-                .trim()
+        match standalone::env_setting(name)? {
+            Some(v) => v
                 .parse()
                 .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
-            Err(_) => Ok(default),
+            None => Ok(default),
         }
     }
     let config = PaymentsConfig {

@@ -320,7 +320,9 @@ async fn start_one(
         if let Some(pool) = args.database_pool {
             store_config.max_connections = pool;
         }
-        store_config.sqlite_cache_kib = args.sqlite_cache_kib;
+        if let Some(kib) = args.sqlite_cache_kib {
+            store_config.sqlite_cache_kib = Some(kib);
+        }
         let store = Store::connect_with(store_config).await.with_context(|| {
             format!("cannot open the {service} database; check --database-url / DATABASE_URL")
         })?;
