@@ -265,12 +265,13 @@ pub async fn trace(
 
     // The commands sagas sent (consumed from COMMANDS long ago).
     match saga_commands(bus, &entities).await {
-        Ok(sent) => {
+        Ok((sent, unreadable)) => {
             for hop in sent {
                 if correlations.contains(&hop.correlation_id) {
                     hops.entry(hop.id).or_insert(hop);
                 }
             }
+            gaps.extend(unreadable);
         }
         Err(e) => gaps.push(format!("commands sent by sagas are not shown: {e}")),
     }
@@ -281,16 +282,30 @@ pub async fn trace(
     Ok(arrange(id, hops, gaps))
 }
 
-/// Every command the sagas about `entities` sent, as hops.
-async fn saga_commands(bus: &Bus, entities: &HashSet<String>) -> Result<Vec<Hop>, RequestError> {
+/// Every command the sagas about `entities` sent, as hops, and what could
+/// not be shown.
+async fn saga_commands(
+    bus: &Bus,
+    entities: &HashSet<String>,
+) -> Result<(Vec<Hop>, Vec<String>), RequestError> {
     let timeout = Duration::from_secs(3);
     let mut hops = Vec::new();
+    let mut unreadable = Vec::new();
     for entity in entities {
         for saga in crate::client::sagas_about(bus, entity, 10, timeout).await? {
             for t in &saga.transitions {
-                let at =
+                // A time that does not read would put the hop in 1970 and
+                // every offset of the tree with it: such a transition's
+                // commands are left out, said as a gap.
+                let Ok(at) =
                     OffsetDateTime::parse(&t.at, &time::format_description::well_known::Rfc3339)
-                        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+                else {
+                    unreadable.push(format!(
+                        "commands saga {} sent at {:?} are not shown: that is no RFC 3339 time",
+                        saga.id, t.at
+                    ));
+                    continue;
+                };
                 for sent in &t.sent {
                     let name = sent
                         .kind
@@ -312,7 +327,7 @@ async fn saga_commands(bus: &Bus, entities: &HashSet<String>) -> Result<Vec<Hop>
             }
         }
     }
-    Ok(hops)
+    Ok((hops, unreadable))
 }
 
 /// Puts `hops` in tree order: chains in the order they start, each
