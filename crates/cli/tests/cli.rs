@@ -1280,31 +1280,38 @@ async fn terminate(
         .context("cannot wait for it")
 }
 
-/// `skein ingress` stopped by SIGTERM finishes the requests in flight: a
-/// query waiting for its service gets its answer (here the timeout's 504)
-/// before the process exits, cleanly.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Result<()> {
+/// A `skein ingress` (its stderr kept) whose catalog takes queries and
+/// never answers, with a request to the catalog in flight through it
+/// (answered once the ingress gives up after `query_timeout_ms`).
+struct IngressInFlight {
+    ingress: tokio::process::Child,
+    request: tokio::task::JoinHandle<anyhow::Result<(u16, serde_json::Value)>>,
+    _server: NatsServer,
+    _catalog: async_nats::Subscriber,
+}
+
+async fn ingress_with_a_request_in_flight(
+    query_timeout_ms: u32,
+) -> anyhow::Result<IngressInFlight> {
     let server = NatsServer::start().await?;
     let _streams = bus(&server).await?;
-    // A catalog that takes queries and never answers.
     let client = async_nats::connect(server.url()).await?;
-    let mut silent = client
+    let mut catalog = client
         .queue_subscribe("queries.catalog.>", "catalog".into())
         .await?;
     client.flush().await?;
     let port = free_port()?;
-    let mut ingress = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
+    let ingress = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
         .args([
             "ingress",
             "--http",
             &format!("127.0.0.1:{port}"),
             "--query-timeout-ms",
-            "1500",
+            &query_timeout_ms.to_string(),
         ])
         .env("NATS_URL", server.url())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()?;
     eventually(Duration::from_secs(30), || async {
@@ -1315,16 +1322,32 @@ async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Res
     })
     .await
     .context("the ingress never became live")?;
-    let in_flight =
+    let request =
         tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
     // In flight once the catalog has the query.
     tokio::time::timeout(
         Duration::from_secs(10),
-        futures::StreamExt::next(&mut silent),
+        futures::StreamExt::next(&mut catalog),
     )
     .await
     .context("the query never reached the catalog")?;
-    let status = terminate(&mut ingress, Duration::from_secs(15)).await?;
+    Ok(IngressInFlight {
+        ingress,
+        request,
+        _server: server,
+        _catalog: catalog,
+    })
+}
+
+/// `skein ingress` stopped by SIGTERM finishes the requests in flight: a
+/// query waiting for its service gets its answer (here the timeout's 504)
+/// before the process exits, cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Result<()> {
+    // Bound whole: its server and catalog live as long as the test.
+    let mut setup = ingress_with_a_request_in_flight(1500).await?;
+    let (ingress, in_flight) = (&mut setup.ingress, &mut setup.request);
+    let status = terminate(ingress, Duration::from_secs(15)).await?;
     let (code, body) = in_flight
         .await?
         .context("the request in flight got no answer")?;
@@ -1422,51 +1445,16 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -> anyhow::Result<()>
 {
-    let server = NatsServer::start().await?;
-    let _streams = bus(&server).await?;
-    let client = async_nats::connect(server.url()).await?;
-    let mut silent = client
-        .queue_subscribe("queries.catalog.>", "catalog".into())
-        .await?;
-    client.flush().await?;
-    let port = free_port()?;
-    let mut ingress = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"))
-        .args([
-            "ingress",
-            "--http",
-            &format!("127.0.0.1:{port}"),
-            "--query-timeout-ms",
-            "60000",
-        ])
-        .env("NATS_URL", server.url())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    eventually(Duration::from_secs(30), || async {
-        http(port, "GET", "/health/live", None, &[], None)
-            .await
-            .ok()
-            .filter(|(code, _)| *code == 200)
-    })
-    .await
-    .context("the ingress never became live")?;
-    let _in_flight =
-        tokio::spawn(async move { http(port, "GET", "/v1/products", None, &[], None).await });
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        futures::StreamExt::next(&mut silent),
-    )
-    .await
-    .context("the query never reached the catalog")?;
-    sigterm(&ingress).await?;
+    let mut setup = ingress_with_a_request_in_flight(60_000).await?;
+    let ingress = &mut setup.ingress;
+    sigterm(ingress).await?;
     ensure!(
         tokio::time::timeout(Duration::from_secs(2), ingress.wait())
             .await
             .is_err(),
         "the first SIGTERM did not wait for the request in flight"
     );
-    sigterm(&ingress).await?;
+    sigterm(ingress).await?;
     let status = tokio::time::timeout(Duration::from_secs(10), ingress.wait())
         .await
         .context("a second SIGTERM did not stop the ingress")??;
