@@ -34,11 +34,13 @@ fi
 log() { printf '==> %s\n' "$*" >&2; }
 
 # --- The caller's environment ----------------------------------------------
-for var in $(compgen -e); do
+# Kept: what this script and the test harness read themselves.
+for var in ${!NATS_@} ${!SKEIN_@} DATABASE_URL; do
   case "$var" in
-    SKEIN_TEST_POSTGRES_URL|SKEIN_TEST_POSTGRES_TEMP|SKEIN_TEST_KEEP_DB|SKEIN_NATS_SERVER) ;;
+    SKEIN_TEST_POSTGRES_URL|SKEIN_TEST_POSTGRES_TEMP|SKEIN_TEST_KEEP_DB|SKEIN_TEST_SEED) ;;
+    SKEIN_NATS_SERVER|SKEIN_NATS_VERSION|SKEIN_TOOLS_DIR) ;;
     SKEIN_BLESS_SCHEMAS) [ "$only_tests" -eq 1 ] || unset "$var" ;;
-    NATS_*|SKEIN_*|DATABASE_URL) unset "$var" ;;
+    *) unset "$var" ;;
   esac
 done
 
@@ -69,17 +71,21 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
-# Interrupted (Ctrl-C, CI cancelling): the step running stops first, then
-# the cluster (bash runs an EXIT trap at once, under a step still running).
+# Interrupted (Ctrl-C, CI cancelling): the step running stops first, all of
+# it (cargo, nextest, the tests: this script's process group; a background
+# step ignores Ctrl-C itself), then the cluster (bash would run the EXIT
+# trap at once, under a step still running).
 interrupted() {
-  trap - INT TERM HUP
+  trap '' INT TERM HUP
   if [ -n "$child" ]; then
-    kill -TERM "$child" 2>/dev/null || true
+    kill -TERM 0 2>/dev/null || true
     wait "$child" 2>/dev/null || true
   fi
-  exit 130
+  exit "$1"
 }
-trap interrupted INT TERM HUP
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
+trap 'interrupted 129' HUP
 # Runs a step in the background and waits for it, so that a signal reaches
 # `interrupted` while it runs.
 step() {
@@ -109,20 +115,32 @@ find_pg_bin() {
   return 1
 }
 
-# Throw-away clusters of runs that were killed (their run is gone).
+# A run as "pid start-time" (the start time tells a reused pid apart).
+run_id() { # pid
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+  echo "$1 $(echo "${stat##*)}" | awk '{print $20}')"
+}
+# Throw-away clusters of runs that were killed (their run is gone): stopped
+# as the user that owns them, removed once stopped.
 for dir in /tmp/skein-pg.*; do
   [ -f "$dir/owner" ] || continue
   owner="$(cat "$dir/owner" 2>/dev/null || true)"
-  if [ -n "$owner" ] && ! kill -0 "$owner" 2>/dev/null; then
-    log "removing the temporary PostgreSQL of a run that was killed ($dir)"
-    if bin="$(find_pg_bin 2>/dev/null)"; then
-      if [ "$(id -u)" -eq 0 ] && id skein-pg >/dev/null 2>&1; then
-        runuser -u skein-pg -- "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-      else
-        "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
-      fi
-    fi
+  [ -n "$owner" ] || continue
+  [ "$(run_id "${owner%% *}" || true)" = "$owner" ] && continue
+  bin="$(find_pg_bin 2>/dev/null)" || continue
+  as=""
+  user="$(stat -c %U "$dir/data" 2>/dev/null || echo root)"
+  [ "$(id -u)" -eq 0 ] && [ "$user" != root ] && as="runuser -u $user --"
+  log "removing the temporary PostgreSQL of a run that was killed ($dir)"
+  $as "$bin/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+  # pg_ctl status: 3 when no server runs there.
+  status=0
+  $as "$bin/pg_ctl" -D "$dir/data" status >/dev/null 2>&1 || status=$?
+  if [ "$status" -eq 3 ] || [ ! -d "$dir/data" ]; then
     rm -rf "$dir"
+  else
+    log "cannot stop the server of $dir; left in place"
   fi
 done
 
@@ -143,7 +161,7 @@ if [ -z "${SKEIN_TEST_POSTGRES_URL:-}" ]; then
       pg_bin="$(find_pg_bin)" || { echo "error: postgresql installed but initdb not found" >&2; exit 1; }
     fi
     pg_tmp="$(mktemp -d /tmp/skein-pg.XXXXXX)"
-    echo "$$" > "$pg_tmp/owner"
+    run_id "$$" > "$pg_tmp/owner"
     if [ "$(id -u)" -eq 0 ]; then
       # initdb refuses to run as root.
       id skein-pg >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin skein-pg

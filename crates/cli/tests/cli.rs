@@ -1818,7 +1818,21 @@ impl Drop for Up {
         let nats = std::fs::read_to_string(self.data.join("nats-server.pid"))
             .ok()
             .and_then(|pid| pid.trim().parse::<u32>().ok());
-        if let Some(nats) = nats.filter(|pid| process_state(*pid).is_some_and(|s| s != 'Z')) {
+        // Only the nats-server on this data directory's store (as skein up
+        // itself checks a leftover): the number may be another process's now.
+        let store = std::fs::canonicalize(&self.data)
+            .map(|dir| dir.join("nats"))
+            .unwrap_or_default();
+        let ours = |pid: &u32| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"nats-server"))
+                && args.contains(&store.as_os_str().as_encoded_bytes())
+                && process_state(*pid).is_some_and(|s| s != 'Z')
+        };
+        if let Some(nats) = nats.filter(ours) {
             let _ = std::process::Command::new("kill")
                 .args(["-KILL", &nats.to_string()])
                 .status();

@@ -4,10 +4,9 @@
 //! ```no_run
 //! # async fn run() -> anyhow::Result<()> {
 //! let env = skein_service::standalone::connect("catalog").await?;
-//! let health = skein_service::standalone::listen(env.health).await?;
 //! # let start = |bus, store, config| async move { skein_service::Host::start(bus, store, config).await };
 //! let host = start(env.bus.clone(), env.store.clone(), skein_service::HostConfig::new("catalog")).await?;
-//! skein_service::standalone::serve(host, health).await
+//! skein_service::standalone::serve(host, env.health).await
 //! # }
 //! ```
 
@@ -37,9 +36,10 @@ pub struct Standalone {
     pub nats_url: String,
     /// `DATABASE_URL` (default `sqlite:data/<name>.db`).
     pub database_url: String,
-    /// Where to serve the health endpoint: `SKEIN_HEALTH_HTTP` (e.g.
-    /// `0.0.0.0:9090`), when set.
-    pub health: Option<SocketAddr>,
+    /// The health endpoint on `SKEIN_HEALTH_HTTP` (e.g. `0.0.0.0:9090`),
+    /// when set: answering (`starting`) from before NATS is reached; hand
+    /// it to [`serve`].
+    pub health: Option<HealthServer>,
     /// The worker's name and relay settings, its retentions from
     /// `SKEIN_OUTBOX_RETENTION` and `SKEIN_INBOX_RETENTION` (see
     /// [`relay_config`]).
@@ -95,7 +95,13 @@ pub async fn connect_with(
     if let Some(kib) = positive("SKEIN_SQLITE_CACHE_KIB")? {
         store_config.sqlite_cache_kib = Some(kib);
     }
-    let health = health_address()?;
+    // Taken and answered on first: a taken address fails at once, and a
+    // start that takes long (NATS not reachable yet, a long migration)
+    // answers `starting`.
+    let health = match health_address()? {
+        Some(addr) => Some(HealthServer::start(health::bind(addr).await?)),
+        None => None,
+    };
     let mut host = HostConfig::new(name);
     host.relay = relay_config(
         env_setting("SKEIN_OUTBOX_RETENTION")?.as_deref(),
@@ -201,17 +207,8 @@ fn health_address() -> anyhow::Result<Option<SocketAddr>> {
     }
 }
 
-/// Binds the health endpoint's address ([`Standalone::health`]), if any:
-/// before the worker starts, so that a taken one fails at once.
-pub async fn listen(health: Option<SocketAddr>) -> anyhow::Result<Option<HealthServer>> {
-    match health {
-        Some(addr) => Ok(Some(HealthServer::start(health::bind(addr).await?))),
-        None => Ok(None),
-    }
-}
-
-/// Runs `host` as [`run`] does, with the health endpoint on `health` (from
-/// [`listen`]).
+/// Runs `host` as [`run`] does, with the health endpoint `health` (from
+/// [`connect`]).
 pub async fn serve(host: Host, health: Option<HealthServer>) -> anyhow::Result<()> {
     tracing::info!(worker = host.name(), "running; Ctrl-C or SIGTERM stops");
     run(vec![host], health).await

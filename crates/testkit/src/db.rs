@@ -147,9 +147,9 @@ impl Drop for TestDb {
         };
         // Removed after a failed test too (tests leave nothing behind),
         // unless asked to keep them for a look.
-        if std::thread::panicking() && std::env::var_os("SKEIN_TEST_KEEP_DB").is_some() {
+        if std::env::var("SKEIN_TEST_KEEP_DB").is_ok_and(|v| v == "1") {
             eprintln!(
-                "test failed: keeping PostgreSQL database {} for inspection (SKEIN_TEST_KEEP_DB)",
+                "keeping PostgreSQL database {} for inspection (SKEIN_TEST_KEEP_DB=1)",
                 self.name
             );
             return;

@@ -65,8 +65,10 @@ fn config() -> anyhow::Result<IdentityConfig> {
         refresh_ttl: secs("SKEIN_REFRESH_TTL_SECS", defaults.refresh_ttl)?,
         signing_key_pem: secret("SKEIN_SIGNING_KEY_PEM")?,
         verification_keys_pem: secret("SKEIN_VERIFICATION_KEYS_PEM")?,
+        // A path as given (it need not be Unicode), an empty one unset.
         key_dir: Some(
-            setting("SKEIN_KEY_DIR")?
+            std::env::var_os("SKEIN_KEY_DIR")
+                .filter(|dir| !dir.is_empty())
                 .unwrap_or_else(|| "data".into())
                 .into(),
         ),
@@ -79,9 +81,8 @@ fn config() -> anyhow::Result<IdentityConfig> {
 async fn main() -> anyhow::Result<()> {
     let config = config()?;
     let env = standalone::connect(skein_identity::NAME).await?;
-    let health = standalone::listen(env.health).await?;
     let host = skein_identity::start(env.bus, env.store, env.host, config)
         .await
         .context("failed to start the identity worker")?;
-    standalone::serve(host, health).await
+    standalone::serve(host, env.health).await
 }

@@ -773,8 +773,8 @@ backend_tests!(
 
 /// `skein-identity` reads its settings as every skein process does: an
 /// empty one is unset (an empty admin password is no password, and the
-/// admin's e-mail alone is refused before anything starts), white space
-/// around a number is ignored.
+/// admin's e-mail alone is refused before anything starts). (White space
+/// around a number: the next test.)
 #[tokio::test]
 async fn the_binary_takes_an_empty_setting_as_unset() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -785,7 +785,6 @@ async fn the_binary_takes_an_empty_setting_as_unset() -> anyhow::Result<()> {
             format!("sqlite:{}/identity.db", dir.path().display()),
         )
         .env("SKEIN_KEY_DIR", dir.path())
-        .env("SKEIN_ACCESS_TTL_SECS", " 900 ")
         .env("SKEIN_ADMIN_EMAIL", "admin@example.org")
         .env("SKEIN_ADMIN_PASSWORD", "")
         .kill_on_drop(true)
@@ -798,5 +797,78 @@ async fn the_binary_takes_an_empty_setting_as_unset() -> anyhow::Result<()> {
         "{}: {said}",
         output.status
     );
+    Ok(())
+}
+
+/// One HTTP/1.1 GET on a fresh connection: the status and the body.
+async fn get(port: u16, path: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok((status, serde_json::from_str(body).unwrap_or_default()))
+}
+
+/// The worker's own binary answers its health endpoint from before it
+/// reaches NATS: live and not ready (`starting`) while the server does not
+/// answer, ready once it does and the worker runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_answers_its_health_endpoint_while_it_starts() -> anyhow::Result<()> {
+    let nats = skein_testkit::NatsServer::start().await?;
+    nats.pause()?;
+    let dir = tempfile::tempdir()?;
+    let port = skein_testkit::free_port()?;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein-identity"))
+        .env("NATS_URL", nats.url())
+        .env(
+            "DATABASE_URL",
+            format!("sqlite:{}/identity.db", dir.path().display()),
+        )
+        .env("SKEIN_KEY_DIR", dir.path())
+        .env("SKEIN_HEALTH_HTTP", format!("127.0.0.1:{port}"))
+        // White space around a number is no error.
+        .env("SKEIN_ACCESS_TTL_SECS", " 900 ")
+        .env_remove("SKEIN_ADMIN_EMAIL")
+        .env_remove("SKEIN_ADMIN_PASSWORD")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let live = skein_testkit::eventually(Duration::from_secs(20), || async {
+        get(port, "/health/live").await.ok()
+    })
+    .await;
+    let ready = get(port, "/health/ready").await;
+    nats.resume()?;
+    let (code, live) = live.ok_or_else(|| anyhow::anyhow!("no answer while starting"))?;
+    ensure!(
+        code == 200 && live["status"] == "starting",
+        "live: {code} {live}"
+    );
+    let (code, ready) = ready?;
+    ensure!(
+        code == 503 && ready["failing"] == serde_json::json!(["starting"]),
+        "ready: {code} {ready}"
+    );
+    skein_testkit::eventually(Duration::from_secs(30), || async {
+        get(port, "/health/ready")
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await
+    .ok_or_else(|| anyhow::anyhow!("the worker never became ready"))?;
+    worker.start_kill()?;
     Ok(())
 }

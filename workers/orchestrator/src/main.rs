@@ -22,9 +22,8 @@ async fn main() -> anyhow::Result<()> {
         config.retention = standalone::parse_duration(&value).context("SKEIN_SAGA_RETENTION")?;
     }
     let env = standalone::connect(skein_orchestrator::NAME).await?;
-    let health = standalone::listen(env.health).await?;
     let host = skein_orchestrator::start(env.bus, env.store, env.host, config)
         .await
         .context("failed to start the orchestrator")?;
-    standalone::serve(host, health).await
+    standalone::serve(host, env.health).await
 }

@@ -12,9 +12,8 @@ use skein_service::standalone;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env = standalone::connect(skein_orders::NAME).await?;
-    let health = standalone::listen(env.health).await?;
     let host = skein_orders::start(env.bus, env.store, env.host)
         .await
         .context("failed to start the orders worker")?;
-    standalone::serve(host, health).await
+    standalone::serve(host, env.health).await
 }

@@ -17,11 +17,10 @@ use skein_service::standalone;
 async fn main() -> anyhow::Result<()> {
     let config = config_from_env()?;
     let env = standalone::connect(skein_payments::NAME).await?;
-    let health = standalone::listen(env.health).await?;
     let host = skein_payments::start(env.bus, env.store, env.host, config)
         .await
         .context("failed to start the payments worker")?;
-    standalone::serve(host, health).await
+    standalone::serve(host, env.health).await
 }
 
 fn config_from_env() -> anyhow::Result<PaymentsConfig> {

@@ -27,9 +27,8 @@ async fn main() -> anyhow::Result<()> {
         print!("{report}");
         return Ok(());
     }
-    let health = standalone::listen(env.health).await?;
     let host = skein_projector::start(env.bus, env.store, env.host)
         .await
         .context("failed to start the projector")?;
-    standalone::serve(host, health).await
+    standalone::serve(host, env.health).await
 }

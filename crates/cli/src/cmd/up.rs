@@ -172,7 +172,10 @@ async fn run_system(
     let ingress = match Ingress::build(super::ingress::config(&args.ingress)?, bus.clone()).await {
         Ok(ingress) => ingress,
         Err(e) => {
-            skein_service::host::shutdown_all(hosts).await;
+            // A second Ctrl-C may cut it short, as any stop.
+            let _ = signals
+                .or_at_once(skein_service::host::shutdown_all(hosts))
+                .await;
             return Err(anyhow::Error::from(e).context(format!(
                 "cannot start the HTTP ingress on {}; pass --http 127.0.0.1:PORT",
                 args.ingress.http
@@ -231,7 +234,9 @@ async fn run_system(
     }
     .await;
     if let Err(e) = greeted {
-        skein_service::host::shutdown_all(hosts).await;
+        let _ = signals
+            .or_at_once(skein_service::host::shutdown_all(hosts))
+            .await;
         return Err(e);
     }
 
