@@ -274,15 +274,20 @@ impl NatsServer {
 
         let url = self.url();
         let name = self.name.clone();
+        let pid = self.child.as_ref().map(std::process::Child::id);
         // Ready when JetStream answers, and it is this server that does: if
         // another test's server took the port first, this one exits, and the
-        // one answering has another name (the port is tried again).
+        // one answering has another name (the port is tried again). One that
+        // exited (the port held by something else) is not waited for.
         let ready = crate::eventually(Duration::from_secs(10), || {
             let (url, name) = (url.clone(), name.clone());
             let options = self.secured.client(
                 async_nats::ConnectOptions::new().connection_timeout(Duration::from_millis(500)),
             );
             async move {
+                if pid.is_some_and(exited) {
+                    return Some(false);
+                }
                 let client = options.connect(&url).await.ok()?;
                 if client.server_info().server_name != name {
                     return Some(false);
@@ -409,6 +414,19 @@ fn version_of(binary: &Path) -> Option<(u32, u32)> {
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
     Some((major, minor))
+}
+
+/// Whether process `pid` (a child of this one) has exited: gone, or a
+/// zombie not yet reaped (Linux; elsewhere nothing tells, so `false`).
+fn exited(pid: u32) -> bool {
+    if !std::path::Path::new("/proc/self").exists() {
+        return false;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    })
 }
 
 /// Whether every thread of process `pid` is stopped (state `T` in
