@@ -328,11 +328,6 @@ impl StopSignals {
     }
 }
 
-/// Waits for Ctrl-C or SIGTERM, listening from this call on.
-pub async fn wait_for_stop() -> anyhow::Result<()> {
-    StopSignals::listen()?.next().await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
