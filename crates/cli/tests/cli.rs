@@ -1860,6 +1860,8 @@ impl Up {
         nats_url: Option<&str>,
     ) -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
+        // What it says on stderr, to tell why a start failed.
+        let errors = tempfile::NamedTempFile::new().context("cannot create the error log")?;
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_skein"));
         match nats_url {
             Some(url) => command.env("NATS_URL", url),
@@ -1875,7 +1877,7 @@ impl Up {
             .env_remove("SKEIN_ADMIN_EMAIL")
             .env_remove("SKEIN_ADMIN_PASSWORD")
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
+            .stderr(errors.reopen().context("cannot open the error log")?)
             .kill_on_drop(true)
             .spawn()
             .context("cannot run skein up")?;
@@ -1901,7 +1903,8 @@ impl Up {
         .await;
         ensure!(
             matches!(ready, Ok(Ok(true))),
-            "skein up did not come up: {ready:?}\n{printed}"
+            "skein up did not come up: {ready:?}\n{printed}{}",
+            std::fs::read_to_string(errors.path()).unwrap_or_default()
         );
         // Keep reading so a full pipe never blocks it.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
