@@ -1363,7 +1363,6 @@ async fn the_ingress_finishes_the_requests_in_flight_on_sigterm() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow::Result<()> {
     use skein_contracts::identity::UserRegistered;
-    use sqlx::Connection;
     let server = NatsServer::start().await?;
     let bus = bus(&server).await?;
     let dir = tempfile::tempdir()?;
@@ -1384,10 +1383,7 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
     .context("the projector never became ready")?;
 
     // Another process's write lock on the projector's database.
-    let mut lock =
-        sqlx::SqliteConnection::connect(&format!("sqlite:{}/projector.db", dir.path().display()))
-            .await?;
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await?;
+    let mut lock = write_lock(&dir.path().join("projector.db")).await?;
     let registered = Envelope::event(
         "identity",
         &UserRegistered {
@@ -1426,11 +1422,7 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
     let status = tokio::time::timeout(Duration::from_secs(10), worker.wait())
         .await
         .context("a second SIGTERM did not stop the worker")??;
-    let mut said = String::new();
-    if let Some(mut stderr) = worker.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        stderr.read_to_string(&mut said).await?;
-    }
+    let said = said(&mut worker).await?;
     ensure!(!status.success(), "exited with {status}: {said}");
     ensure!(
         said.contains("Ctrl-C or SIGTERM now stops at once") && said.contains("stopped at once"),
@@ -1438,6 +1430,30 @@ async fn a_second_sigterm_stops_a_worker_whose_message_cannot_finish() -> anyhow
     );
     sqlx::query("ROLLBACK").execute(&mut lock).await?;
     Ok(())
+}
+
+/// A connection holding the write lock of the SQLite database at `path`
+/// (made if missing, in WAL mode as the workers keep it), as another
+/// process would: `ROLLBACK` on it lets go.
+async fn write_lock(path: &std::path::Path) -> anyhow::Result<sqlx::SqliteConnection> {
+    use sqlx::Connection;
+    let mut lock =
+        sqlx::SqliteConnection::connect(&format!("sqlite:{}?mode=rwc", path.display())).await?;
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut lock)
+        .await?;
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await?;
+    Ok(lock)
+}
+
+/// What `child` (its stderr piped) said on stderr, once it has exited.
+async fn said(child: &mut tokio::process::Child) -> anyhow::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut said = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        stderr.read_to_string(&mut said).await?;
+    }
+    Ok(said)
 }
 
 /// A second SIGTERM stops the ingress at once while a request in flight
@@ -1458,11 +1474,7 @@ async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -
     let status = tokio::time::timeout(Duration::from_secs(10), ingress.wait())
         .await
         .context("a second SIGTERM did not stop the ingress")??;
-    let mut said = String::new();
-    if let Some(mut stderr) = ingress.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        stderr.read_to_string(&mut said).await?;
-    }
+    let said = said(ingress).await?;
     ensure!(
         !status.success() && said.contains("stopped at once"),
         "exited with {status}: {said}"
@@ -1475,18 +1487,9 @@ async fn a_second_sigterm_stops_the_ingress_without_waiting_for_its_requests() -
 /// ready, both saying `starting`; ready once it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_starting_worker_answers_live_and_not_ready() -> anyhow::Result<()> {
-    use sqlx::Connection;
     let server = NatsServer::start().await?;
     let dir = tempfile::tempdir()?;
-    let mut lock = sqlx::SqliteConnection::connect(&format!(
-        "sqlite:{}/projector.db?mode=rwc",
-        dir.path().display()
-    ))
-    .await?;
-    sqlx::query("PRAGMA journal_mode = WAL")
-        .execute(&mut lock)
-        .await?;
-    sqlx::query("BEGIN IMMEDIATE").execute(&mut lock).await?;
+    let mut lock = write_lock(&dir.path().join("projector.db")).await?;
     let database_url = format!("sqlite:{}/{{service}}.db", dir.path().display());
     let port = free_port()?;
     let mut worker = spawn_worker(

@@ -173,11 +173,17 @@ pub fn parse_duration(value: &str) -> anyhow::Result<Duration> {
 }
 
 /// Relay settings with the retentions given (durations as
-/// [`parse_duration`] reads them; `None` keeps the default): how long
+/// [`parse_duration`] reads them, trimmed; `None` or an empty one keeps
+/// the default): how long
 /// published outbox rows are kept (default 7 days; `0s` deletes them at the
 /// next cleanup, leaving `skein audit` nothing to compare) and how long
 /// inbox records are (default 30 days, at least [`MIN_INBOX_RETENTION`]).
 pub fn relay_config(outbox: Option<&str>, inbox: Option<&str>) -> anyhow::Result<RelayConfig> {
+    // As settings are read everywhere: trimmed, an empty one unset.
+    fn given(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim).filter(|v| !v.is_empty())
+    }
+    let (outbox, inbox) = (given(outbox), given(inbox));
     let mut relay = RelayConfig::default();
     if let Some(value) = outbox {
         relay.retention = parse_duration(value)
@@ -243,13 +249,20 @@ pub async fn run(hosts: Vec<Host>, health: Option<HealthServer>) -> anyhow::Resu
     if let Some(health) = health {
         health.stop();
     }
-    match (failed, stopping) {
-        (Some(stopped), Err(at_once)) => {
-            anyhow::bail!("{stopped} on its own; the process stopped, restart it ({at_once:#})")
-        }
-        (Some(stopped), Ok(())) => {
-            anyhow::bail!("{stopped} on its own; the process stopped, restart it")
-        }
+    outcome(failed, stopping, "the process stopped, restart it")
+}
+
+/// How a stop ended: `stopping` (an error when a second signal cut it
+/// short), after `part` of a worker stopped on its own, if one did (then
+/// an error naming it, and `restart`, what to do).
+pub fn outcome<T>(
+    part: Option<String>,
+    stopping: anyhow::Result<T>,
+    restart: &str,
+) -> anyhow::Result<T> {
+    match (part, stopping) {
+        (Some(part), Err(at_once)) => bail!("{part} on its own; {restart} ({at_once:#})"),
+        (Some(part), Ok(_)) => bail!("{part} on its own; {restart}"),
         (None, stopping) => stopping,
     }
 }
@@ -358,6 +371,34 @@ mod tests {
         Ok(())
     }
 
+    /// A stop after a part stopped on its own is an error naming it, and
+    /// says so too when a second signal cut it short.
+    #[test]
+    fn a_stop_s_outcome_names_the_part_that_stopped() {
+        let part = || Some("catalog: the outbox relay stopped".to_owned());
+        assert!(outcome(None, Ok(7), "restart it").is_ok_and(|n| n == 7));
+        let stopped = error(outcome(part(), Ok(()), "restart it"));
+        assert_eq!(
+            stopped,
+            "catalog: the outbox relay stopped on its own; restart it"
+        );
+        let both = error(outcome(
+            part(),
+            Err::<(), _>(anyhow::anyhow!("stopped at once")),
+            "restart it",
+        ));
+        assert_eq!(
+            both,
+            "catalog: the outbox relay stopped on its own; restart it (stopped at once)"
+        );
+        let at_once = error(outcome(
+            None,
+            Err::<(), _>(anyhow::anyhow!("stopped at once")),
+            "x",
+        ));
+        assert_eq!(at_once, "stopped at once");
+    }
+
     #[test]
     fn retentions_keep_their_defaults_unless_given_and_refuse_a_forgetful_inbox(
     ) -> anyhow::Result<()> {
@@ -375,6 +416,10 @@ mod tests {
             relay_config(None, Some("1h"))?.inbox_retention,
             MIN_INBOX_RETENTION
         );
+        // As every setting is read: trimmed, an empty one unset.
+        let padded = relay_config(Some(""), Some(" 2h "))?;
+        assert_eq!(padded.retention, default.retention);
+        assert_eq!(padded.inbox_retention, Duration::from_secs(7_200));
         let short = error(relay_config(None, Some("59m")));
         assert!(
             short.contains("59m is too short") && short.contains("at least 1h"),

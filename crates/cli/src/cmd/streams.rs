@@ -85,15 +85,12 @@ pub(crate) async fn run(nats_url: &str, args: Args) -> anyhow::Result<()> {
             from_beginning,
         } => {
             // Read before anything changes: a bad value changes nothing. As
-            // the workers read it (trimmed, an empty one unset), and not with
-            // --streams-only, which creates no consumer.
+            // the workers read it, and not with --streams-only, which
+            // creates no consumer.
             let start_within = if from_beginning || streams_only {
                 None
             } else {
-                let retention = inbox_retention
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|v| !v.is_empty());
+                let retention = inbox_retention.as_deref();
                 Some(skein_service::standalone::relay_config(None, retention)?.inbox_retention)
             };
             let bus = super::connect(nats_url).await?;

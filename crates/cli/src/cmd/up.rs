@@ -270,19 +270,13 @@ async fn run_system(
             server_result
         })
         .await;
-    let server_result = match (stopping, part_stopped) {
-        (Err(at_once), Some(stopped)) => {
-            bail!("{stopped} on its own; everything stopped, start skein up again ({at_once:#})")
-        }
-        (Err(at_once), None) => return Err(at_once),
-        (Ok(_), Some(stopped)) => {
-            bail!("{stopped} on its own; everything stopped, start skein up again")
-        }
-        (Ok(r), None) => r,
-    };
-    server_result
-        .context("the ingress task failed")?
-        .context("the HTTP server failed")
+    skein_service::standalone::outcome(
+        part_stopped,
+        stopping,
+        "everything stopped, start skein up again",
+    )?
+    .context("the ingress task failed")?
+    .context("the HTTP server failed")
 }
 
 /// Locks `data` for this process (`data/skein-up.lock`), or says that
