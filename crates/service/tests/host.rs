@@ -220,7 +220,10 @@ async fn a_consumer_lost_while_catching_up_is_made_again_after_what_it_acknowled
     }
     let open = Arc::new(AtomicBool::new(false));
     let mut config = HostConfig::new("slowpoke");
-    config.relay.inbox_retention = Duration::from_secs(2);
+    // Long enough that a reading of the floor delayed by a loaded machine
+    // (the figures come every 100 ms) is still trusted: with 2 s, one full
+    // run's floor reading was stale and the consumer was made by time.
+    config.relay.inbox_retention = Duration::from_secs(5);
     config.relay.cleanup_interval = None;
     let mut host = Host::start(bus.clone(), store.clone(), config).await?;
     let gated = Gated {
@@ -237,7 +240,7 @@ async fn a_consumer_lost_while_catching_up_is_made_again_after_what_it_acknowled
     .await?;
     applied_becomes(&store, "slowpoke", &[1]).await?;
     // Past the retention: all three were stored longer ago than that.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(5500)).await;
     bus.jetstream()
         .get_stream(EVENTS)
         .await?
